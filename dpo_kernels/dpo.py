@@ -1,0 +1,496 @@
+"""``fused_dpo_loss``: preference objectives from logits or hidden states, never building a ``[N, V]`` tensor on the
+fused paths. Rows ``0..B-1`` of every batched input are the chosen responses, rows ``B..2B-1`` the rejected ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import losses
+from .options import TokenOptions
+from .ops.common import LinearHead
+from .primitives import (
+    check_agree,
+    check_head,
+    check_logits,
+    run_linear_token_logprobs,
+    run_linear_token_logprobs_and_kl,
+    run_token_logprobs,
+    run_token_logprobs_and_kl,
+)
+from .validation import require_float, require_labels, require_labels_in_vocab, require_positive, require_same_device
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    """Every non-tensor option of :func:`fused_dpo_loss`, validated once at construction.
+
+    ``loss_type`` may be one name or a sequence of names combined as ``sum_k loss_weights[k] * loss_k`` (weights
+    default to 1). The other fields are documented on :func:`fused_dpo_loss`.
+    """
+
+    loss_type: str | Sequence[str] = "sigmoid"
+    loss_weights: Sequence[float] | None = None
+    beta: float = 0.1
+    alpha: float = 0.5
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    reference_free: bool = False
+    average_log_prob: bool = False
+    ignore_index: int = -100
+    shift: bool = False
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    backend: str = "auto"
+    token_chunk_size: int | None = None
+    vocab_chunk_size: int | None = None
+    loss_types: tuple[str, ...] = field(init=False)
+    weights: tuple[float, ...] = field(init=False)
+    objective: losses.ObjectiveConfig = field(init=False)
+    token_options: TokenOptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        if not names:
+            raise ValueError("loss_type must name at least one objective, got an empty sequence")
+        for name in names:
+            losses.objective(name)
+        weights = (1.0,) * len(names) if self.loss_weights is None else tuple(self.loss_weights)
+        if len(weights) != len(names) or not all(_finite(w) for w in weights):
+            raise ValueError(
+                f"loss_weights must be {len(names)} finite number(s), one per loss_type {list(names)}, "
+                f"got {self.loss_weights!r}"
+            )
+        require_positive("beta", self.beta)
+        require_positive("discopop_tau", self.discopop_tau)
+        for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing"):
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        objectives = {name: losses.objective(name) for name in names}
+        self._check_label_smoothing(objectives)
+        if self.f_divergence_type not in losses.F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {losses.F_DIVERGENCES}, got {self.f_divergence_type!r}")
+        if self.f_divergence_type != "reverse_kl":
+            unsupported = [n for n, o in objectives.items() if not o.f_divergence]
+            if unsupported:
+                supported = sorted(n for n, o in losses.OBJECTIVES.items() if o.f_divergence)
+                raise ValueError(
+                    f"f_divergence_type={self.f_divergence_type!r} applies to loss_type in {supported}; "
+                    f"{unsupported} must use f_divergence_type='reverse_kl'"
+                )
+        if self.reference_free and any(o.uses_token_kl for o in objectives.values()):
+            raise ValueError("reference_free=True cannot be used with a TDPO loss_type: the token-level KL needs a reference")
+        set_ = object.__setattr__
+        set_(self, "loss_types", names)
+        set_(self, "weights", tuple(float(w) for w in weights))
+        set_(
+            self,
+            "objective",
+            losses.ObjectiveConfig(
+                beta=float(self.beta),
+                alpha=float(self.alpha),
+                label_smoothing=float(self.label_smoothing),
+                simpo_gamma=float(self.simpo_gamma),
+                discopop_tau=float(self.discopop_tau),
+                f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=float(self.f_alpha_divergence_coef),
+            ),
+        )
+        set_(
+            self,
+            "token_options",
+            TokenOptions(
+                ignore_index=self.ignore_index,
+                temperature=self.temperature,
+                softcap=self.softcap,
+                logit_scale=self.logit_scale,
+                token_chunk_size=self.token_chunk_size,
+                vocab_chunk_size=self.vocab_chunk_size,
+            ),
+        )
+
+    def _check_label_smoothing(self, objectives: dict[str, losses.Objective]) -> None:
+        eps = self.label_smoothing
+        users = {n: o.smoothing for n, o in objectives.items() if o.smoothing is not None}
+        if not users and eps != 0:
+            takers = sorted(n for n, o in losses.OBJECTIVES.items() if o.smoothing is not None)
+            raise ValueError(f"label_smoothing={eps} is not used by loss_type {list(objectives)}; it applies to {takers}")
+        for name, allowed in users.items():
+            if not allowed.contains(eps):
+                raise ValueError(f"label_smoothing must be in {allowed.describe()} for loss_type {name!r}, got {eps}")
+
+    @property
+    def uses_token_kl(self) -> bool:
+        return any(losses.objective(n).uses_token_kl for n in self.loss_types)
+
+    @property
+    def uses_reference(self) -> bool:
+        return not self.reference_free and any(losses.objective(n).uses_reference for n in self.loss_types)
+
+
+@dataclass
+class DPOLossOutput:
+    """What :func:`fused_dpo_loss` returns. Per-pair tensors are ``[B]``.
+
+    ``loss`` is the differentiable scalar. ``chosen_logps`` / ``rejected_logps`` are the policy's sequence log-probs
+    (sum, or mean with ``average_log_prob``) and stay differentiable, so callers can add terms of their own.
+    Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the summed token-level KLs, ``None`` unless a TDPO loss
+    is used. ``metrics`` holds detached floats named as TRL logs them.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_kl: torch.Tensor | None
+    rejected_kl: torch.Tensor | None
+    metrics: dict[str, float]
+
+
+def fused_dpo_loss(
+    *,
+    labels: torch.Tensor,
+    policy_logits: torch.Tensor | None = None,
+    policy_hidden: torch.Tensor | None = None,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_lm_head_weight: torch.Tensor | None = None,
+    ref_lm_head_bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    reference_free: bool = False,
+    average_log_prob: bool = False,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> DPOLossOutput:
+    """A preference-optimisation loss over ``B`` pairs stacked as ``2B`` rows (chosen first, then rejected).
+
+    Policy, one of:
+        ``policy_logits [2B, T, V]``; or ``policy_hidden [2B, T, D]`` with ``lm_head_weight [V, D]`` (and
+        ``lm_head_bias [V]``): the fused path, which never builds the logits.
+    Reference, at most one of (none when ``reference_free`` or every loss is reference-free):
+        ``ref_logits [2B, T, V]``; ``ref_hidden [2B, T, D_ref]`` with ``ref_lm_head_weight [V, D_ref]`` (and
+        ``ref_lm_head_bias``); or precomputed ``ref_logps``: ``[2B]`` sequence log-probs aggregated as the policy's
+        (sums, or means with ``average_log_prob``) or ``[2B, T]`` per-token log-probs. TDPO needs logits or hidden
+        states, in the same form as the policy, because it reads both distributions.
+    ``labels [2B, T]`` score the logits at the same position; ``shift=True`` applies the causal shift instead
+    (position ``t`` scores ``labels[:, t+1]``). Positions equal to ``ignore_index`` are masked.
+
+    Options: ``loss_type`` (a name or a list, see ``losses.OBJECTIVES``) with ``loss_weights``; ``beta`` (> 0);
+    ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo); ``simpo_gamma``;
+    ``discopop_tau``; ``f_divergence_type`` and ``f_alpha_divergence_coef`` (f-DPO); ``reference_free``;
+    ``average_log_prob``; the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
+    and reference alike); ``backend`` and the ``torch`` backend's tile sizes.
+    """
+    config = DPOLossConfig(
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        beta=beta,
+        alpha=alpha,
+        label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma,
+        discopop_tau=discopop_tau,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        reference_free=reference_free,
+        average_log_prob=average_log_prob,
+        ignore_index=ignore_index,
+        shift=shift,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        backend=backend,
+        token_chunk_size=token_chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+    inputs = PreferenceInputs(
+        labels=labels,
+        policy_logits=policy_logits,
+        policy_hidden=policy_hidden,
+        lm_head_weight=lm_head_weight,
+        lm_head_bias=lm_head_bias,
+        ref_logits=ref_logits,
+        ref_hidden=ref_hidden,
+        ref_lm_head_weight=ref_lm_head_weight,
+        ref_lm_head_bias=ref_lm_head_bias,
+        ref_logps=ref_logps,
+    )
+    return compute_dpo_loss(config, inputs)
+
+
+@dataclass(frozen=True)
+class PreferenceInputs:
+    """The tensors of one call of :func:`fused_dpo_loss` (see there for shapes)."""
+
+    labels: torch.Tensor
+    policy_logits: torch.Tensor | None = None
+    policy_hidden: torch.Tensor | None = None
+    lm_head_weight: torch.Tensor | None = None
+    lm_head_bias: torch.Tensor | None = None
+    ref_logits: torch.Tensor | None = None
+    ref_hidden: torch.Tensor | None = None
+    ref_lm_head_weight: torch.Tensor | None = None
+    ref_lm_head_bias: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+    def validate(self, config: DPOLossConfig) -> None:
+        """Every check that does not need the primitives (which check shapes, dtypes and label ranges)."""
+        labels = require_labels("labels", self.labels)
+        if labels.dim() != 2:
+            raise ValueError(f"labels must be [2B, T] (chosen rows, then rejected rows), got shape {list(labels.shape)}")
+        if labels.shape[0] == 0 or labels.shape[0] % 2:
+            raise ValueError(
+                f"labels must have an even, non-zero number of rows (B chosen then B rejected), got {labels.shape[0]}"
+            )
+        if config.shift and labels.shape[1] < 2:
+            raise ValueError(f"shift=True needs at least 2 positions per row, labels has {labels.shape[1]}")
+        if (self.policy_logits is None) == (self.policy_hidden is None):
+            raise ValueError("give the policy exactly once: policy_logits, or policy_hidden with lm_head_weight")
+        if self.policy_hidden is not None and self.lm_head_weight is None:
+            raise ValueError("policy_hidden needs lm_head_weight [V, D] (and optionally lm_head_bias)")
+        if self.policy_logits is not None and (self.lm_head_weight is not None or self.lm_head_bias is not None):
+            raise ValueError("lm_head_weight / lm_head_bias go with policy_hidden; they are not used with policy_logits")
+        given = [n for n in ("ref_logits", "ref_hidden", "ref_logps") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the reference at most once; got {', '.join(given)}")
+        if self.ref_hidden is not None and self.ref_lm_head_weight is None:
+            raise ValueError("ref_hidden needs ref_lm_head_weight [V, D_ref] (and optionally ref_lm_head_bias)")
+        if self.ref_hidden is None and (self.ref_lm_head_weight is not None or self.ref_lm_head_bias is not None):
+            raise ValueError("ref_lm_head_weight / ref_lm_head_bias go with ref_hidden")
+        if config.uses_reference and not given:
+            raise ValueError(
+                f"loss_type {list(config.loss_types)} needs a reference: pass ref_logits, ref_hidden with "
+                "ref_lm_head_weight, or ref_logps, or set reference_free=True"
+            )
+        if not config.uses_reference and given:
+            why = "reference_free=True" if config.reference_free else f"loss_type {list(config.loss_types)}"
+            raise ValueError(f"{why} uses no reference, but {given[0]} was given; drop it")
+        if config.uses_token_kl:
+            if self.ref_logps is not None:
+                raise ValueError(
+                    "TDPO (loss_type tdpo1/tdpo2) needs the reference distribution for its token-level KL: pass "
+                    "ref_logits or ref_hidden, not precomputed ref_logps"
+                )
+            if (self.policy_logits is None) != (self.ref_logits is None):
+                raise ValueError(
+                    "TDPO reads policy and reference in one pass: give both as logits (policy_logits, ref_logits) or "
+                    "both as hidden states (policy_hidden, ref_hidden)"
+                )
+        self._check_tensors(labels, config)
+
+    def _check_tensors(self, labels: torch.Tensor, config: DPOLossConfig) -> None:
+        """Shapes, dtypes and devices of every tensor against each other, and the label range, checked once."""
+        if self.policy_logits is not None:
+            check_logits("policy_logits", self.policy_logits, labels)
+            vocab = self.policy_logits.shape[-1]
+        else:
+            check_head(
+                ("policy_hidden", self.policy_hidden),
+                ("lm_head_weight", self.lm_head_weight),
+                ("lm_head_bias", self.lm_head_bias),
+                labels,
+            )
+            vocab = self.lm_head_weight.shape[0]
+        policy = self.policy_logits if self.policy_logits is not None else self.policy_hidden
+        if self.ref_logits is not None:
+            check_logits("ref_logits", self.ref_logits, labels)
+            reference, ref_vocab = self.ref_logits, self.ref_logits.shape[-1]
+        elif self.ref_hidden is not None:
+            check_head(
+                ("ref_hidden", self.ref_hidden),
+                ("ref_lm_head_weight", self.ref_lm_head_weight),
+                ("ref_lm_head_bias", self.ref_lm_head_bias),
+                labels,
+            )
+            reference, ref_vocab = self.ref_hidden, self.ref_lm_head_weight.shape[0]
+        else:
+            reference, ref_vocab = None, vocab
+        if ref_vocab != vocab:
+            raise ValueError(f"the reference must have the policy's vocabulary size {vocab}, got {ref_vocab}")
+        if reference is not None:
+            policy_name = "policy_logits" if self.policy_logits is not None else "policy_hidden"
+            ref_name = "ref_logits" if self.ref_logits is not None else "ref_hidden"
+            check_agree(**{policy_name: policy, ref_name: reference})
+        if self.ref_logps is not None:
+            ref = require_float("ref_logps", self.ref_logps)
+            rows, seq = labels.shape[0], labels.shape[1] - (1 if config.shift else 0)
+            if tuple(ref.shape) not in ((rows,), (rows, seq), (rows, labels.shape[1])):
+                raise ValueError(
+                    f"ref_logps must be [2B]={[rows]} sequence log-probs or [2B, T]={[rows, seq]} per-token "
+                    f"log-probs, got {list(ref.shape)}"
+                )
+            require_same_device(labels=labels, ref_logps=ref)
+        scored = labels[:, 1:] if config.shift else labels
+        require_labels_in_vocab(scored, vocab, config.ignore_index)
+
+
+def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLossOutput:
+    """The body of :func:`fused_dpo_loss` for an already validated ``config``."""
+    inputs.validate(config)
+    labels = _shifted_labels(inputs.labels, config)
+    token_logps, token_ref_logps, token_kl = _token_statistics(config, inputs)
+    mask = labels != config.ignore_index
+    lengths = mask.sum(dim=1).to(token_logps.dtype)
+
+    def aggregate(per_token: torch.Tensor) -> torch.Tensor:
+        total = per_token.sum(dim=1)
+        return total / lengths.clamp(min=1) if config.average_log_prob else total
+
+    logps = aggregate(token_logps)
+    if token_ref_logps is not None:
+        ref_logps = aggregate(token_ref_logps.to(logps.dtype))
+    elif inputs.ref_logps is not None:
+        ref = inputs.ref_logps.detach().to(logps.dtype)
+        ref_logps = ref if ref.dim() == 1 else aggregate(_align_per_token(ref, labels, config) * mask)
+    else:
+        ref_logps = torch.zeros_like(logps)
+    kl = token_kl.sum(dim=1) if token_kl is not None else None
+
+    (chosen_logps, rejected_logps), (chosen_ref, rejected_ref) = _pairs(logps), _pairs(ref_logps)
+    (chosen_len, rejected_len), (chosen_kl, rejected_kl) = _pairs(lengths), _pairs(kl)
+    stats = losses.PairStatistics(
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_ref_logps=chosen_ref,
+        rejected_ref_logps=rejected_ref,
+        chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len,
+        average_log_prob=config.average_log_prob,
+        chosen_kl=chosen_kl,
+        rejected_kl=rejected_kl,
+    )
+    loss, _ = losses.combined_loss(stats, config.objective, config.loss_types, config.weights)
+    chosen_rewards, rejected_rewards = losses.rewards(stats, config.objective)
+    return DPOLossOutput(
+        loss=loss,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_kl=chosen_kl,
+        rejected_kl=rejected_kl,
+        metrics=_metrics(stats, chosen_rewards, rejected_rewards),
+    )
+
+
+def _pairs(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``[2B]`` -> ``([B] chosen, [B] rejected)``."""
+    return (None, None) if x is None else x.chunk(2)
+
+
+def _align_per_token(ref: torch.Tensor, labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:
+    """Per-token reference log-probs given before the shift are shifted like the labels."""
+    return ref[:, 1:] if config.shift and ref.shape[1] == labels.shape[1] + 1 else ref
+
+
+def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs):
+    """Per-token ``(logps, ref_logps or None, kl or None)``, each ``[2B, T]``, via the primitives."""
+    opts, backend = config.token_options, config.backend
+    labels = _shifted_labels(inputs.labels, config)
+    policy_logits = _shifted_states(inputs.policy_logits, config)
+    ref_logits = _shifted_states(inputs.ref_logits, config)
+    policy_head = _head(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias, config)
+    ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
+
+    if config.uses_token_kl:
+        if policy_logits is not None:
+            return run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend)
+        return run_linear_token_logprobs_and_kl(policy_head, ref_head, labels, opts, backend)
+
+    if policy_logits is not None:
+        logps = run_token_logprobs(policy_logits, labels, opts, backend)
+    else:
+        logps = run_linear_token_logprobs(policy_head, labels, opts, backend)
+    ref_logps = None
+    with torch.no_grad():
+        if ref_logits is not None:
+            ref_logps = run_token_logprobs(ref_logits, labels, opts, backend)
+        elif ref_head is not None:
+            ref_logps = run_linear_token_logprobs(ref_head, labels, opts, backend)
+    return logps, ref_logps, None
+
+
+def _shifted_labels(labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:
+    """With ``shift``, position ``t`` scores the next token: drop the first label."""
+    return labels[:, 1:] if config.shift else labels
+
+
+def _shifted_states(x: torch.Tensor | None, config: DPOLossConfig) -> torch.Tensor | None:
+    """With ``shift``, the last position scores nothing: drop it (a view, never a copy)."""
+    return x[:, :-1] if config.shift and x is not None else x
+
+
+def _head(hidden, weight, bias, config: DPOLossConfig) -> LinearHead | None:
+    return None if hidden is None else LinearHead(_shifted_states(hidden, config), weight, bias)
+
+
+def _metrics(
+    stats: losses.PairStatistics, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> dict[str, float]:
+    """Batch means named as TRL logs them, plus ``logps/accuracies`` and (TDPO) ``kl/*``; one host sync."""
+    values = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": stats.chosen_logps.detach().mean(),
+        "logps/rejected": stats.rejected_logps.detach().mean(),
+        "logps/accuracies": (stats.chosen_logps > stats.rejected_logps).float().mean(),
+    }
+    if stats.chosen_kl is not None:
+        values["kl/chosen"] = stats.chosen_kl.detach().mean()
+        values["kl/rejected"] = stats.rejected_kl.detach().mean()
+    floats = torch.stack([v.to(torch.float64) for v in values.values()]).tolist()
+    return dict(zip(values, floats, strict=True))
+
+
+class FusedDPOLoss(nn.Module):
+    """``nn.Module`` holding the options of :func:`fused_dpo_loss`; ``forward`` takes its tensor arguments.
+
+    Example::
+
+        criterion = FusedDPOLoss(loss_type="tdpo2", beta=0.1, alpha=0.5)
+        out = criterion(labels=labels, policy_hidden=h, lm_head_weight=w, ref_hidden=h_ref, ref_lm_head_weight=w_ref)
+        out.loss.backward()
+    """
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.config = DPOLossConfig(**options)
+
+    def forward(self, *, labels: torch.Tensor, **tensors: torch.Tensor | None) -> DPOLossOutput:
+        return compute_dpo_loss(self.config, PreferenceInputs(labels=labels, **tensors))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"loss_type={list(c.loss_types)}, beta={c.beta}, backend={c.backend!r}"
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

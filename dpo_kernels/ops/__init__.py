@@ -1,0 +1,19 @@
+"""Per-token primitives, one module per backend, behind the dispatcher in ``registry``."""
+
+from .common import LinearHead
+from .registry import (
+    BackendStatus,
+    BackendUnavailableError,
+    available_backends,
+    backend_names,
+    resolve_backend,
+)
+
+__all__ = [
+    "BackendStatus",
+    "BackendUnavailableError",
+    "LinearHead",
+    "available_backends",
+    "backend_names",
+    "resolve_backend",
+]

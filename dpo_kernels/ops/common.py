@@ -1,0 +1,29 @@
+"""Small pieces every backend uses: the reference head bundle and label masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """Hidden states and the output head that turns them into logits: ``z = hidden @ weight.T (+ bias)``.
+
+    Used for the reference side of the fused KL primitive. It is passed to autograd functions as a plain object, not
+    as tensors, because the reference receives no gradient (FORMULAS.md §1).
+
+    Shapes: ``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None``.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def split_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(index, mask)``: labels usable for gathering (ignored positions point at 0) and the bool mask."""
+    mask = labels != ignore_index
+    index = torch.where(mask, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
+    return index, mask

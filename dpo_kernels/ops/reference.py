@@ -1,0 +1,84 @@
+"""The ``reference`` backend: the naive PyTorch oracle every other backend is tested against.
+
+It materialises everything (full ``[N, V]`` logits, their fp32 log-softmax and, through autograd, their gradients),
+so it is for tests and tiny inputs only; ``backend="auto"`` never picks it. Gradients come from autograd, which
+makes it independent of the hand-written backward passes of the other backends.
+
+Every function takes ``[R, T, ...]`` inputs (leading dimensions collapsed by the caller) and returns ``[R, T]``
+statistics in fp32 (fp64 for fp64 inputs), 0 at positions whose label is ``opts.ignore_index``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..options import TokenOptions, statistics_dtype
+from .common import LinearHead, split_labels
+from .transform import transform_logits
+
+
+def _log_softmax(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    z = transform_logits(logits.to(statistics_dtype(logits.dtype)), opts)
+    return torch.log_softmax(z, dim=-1)
+
+
+def _gather_masked(logprobs: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    index, mask = split_labels(labels, opts.ignore_index)
+    picked = logprobs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+
+def _forward_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, labels: torch.Tensor, opts: TokenOptions):
+    """``sum_v q_v (log q_v - log p_v)`` with ``q = exp(ref_logprobs)``; an underflowed ``q_v = 0`` adds 0."""
+    q = ref_logprobs.exp()
+    terms = torch.where(q > 0, q * (ref_logprobs - logprobs), torch.zeros((), dtype=q.dtype, device=q.device))
+    kl = terms.sum(-1)
+    mask = labels != opts.ignore_index
+    return torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """``logits [R, T, V]``, ``labels [R, T]`` -> ``logp [R, T]``."""
+    return _gather_masked(_log_softmax(logits, opts), labels, opts)
+
+
+def token_logprobs_and_kl(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(logp, ref_logp, kl)``, each ``[R, T]``; the reference side is detached."""
+    logprobs = _log_softmax(logits, opts)
+    ref_logprobs = _log_softmax(ref_logits.detach(), opts)
+    return (
+        _gather_masked(logprobs, labels, opts),
+        _gather_masked(ref_logprobs, labels, opts),
+        _forward_kl(ref_logprobs, logprobs, labels, opts),
+    )
+
+
+def _head_logits(head: LinearHead) -> torch.Tensor:
+    logits = head.hidden @ head.weight.T
+    return logits + head.bias if head.bias is not None else logits
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions
+) -> torch.Tensor:
+    """``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` -> ``logp [R, T]``; builds the full logits."""
+    return token_logprobs(_head_logits(LinearHead(hidden, weight, bias)), labels, opts)
+
+
+def linear_token_logprobs_and_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref: LinearHead,
+    labels: torch.Tensor,
+    opts: TokenOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy head and reference head -> ``(logp, ref_logp, kl)``; builds both full logits tensors."""
+    ref_logits = _head_logits(LinearHead(ref.hidden.detach(), ref.weight.detach(), _detach(ref.bias)))
+    return token_logprobs_and_kl(_head_logits(LinearHead(hidden, weight, bias)), ref_logits, labels, opts)
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

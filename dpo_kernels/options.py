@@ -1,0 +1,65 @@
+"""Options shared by every per-token primitive and every backend.
+
+One frozen dataclass travels from the public functions to the backends, so that no backend takes a long list of
+positional arguments and adding an option touches one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    """How logits become log-probabilities (FORMULAS.md §1) and how the chunked backend tiles the work.
+
+    Attributes:
+        ignore_index: label value of positions that contribute 0 and receive 0 gradient.
+        temperature: logits are divided by it after scaling and softcapping; must be > 0.
+        softcap: when set, ``z = softcap * tanh(z / softcap)`` after scaling (Gemma 2 style); must be > 0.
+        logit_scale: logits are multiplied by it first (Cohere/Granite style); must be finite and non-zero.
+        token_chunk_size: tokens per tile of the ``torch`` backend; ``None`` picks a size from the vocabulary.
+        vocab_chunk_size: vocabulary entries per tile of the ``torch`` backend's linear path; ``None`` picks one.
+    """
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    token_chunk_size: int | None = None
+    vocab_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not _is_positive_finite(self.temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.softcap is not None and not _is_positive_finite(self.softcap):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {self.softcap!r}")
+        if not _is_finite_number(self.logit_scale) or self.logit_scale == 0:
+            raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale!r}")
+        for name in ("token_chunk_size", "vocab_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+
+    @property
+    def is_identity_transform(self) -> bool:
+        """True when logits are used as given (no scale, softcap or temperature)."""
+        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+
+def _is_finite_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_positive_finite(x: object) -> bool:
+    return _is_finite_number(x) and x > 0
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the statistics are computed and returned in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

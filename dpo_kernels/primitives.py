@@ -1,0 +1,236 @@
+"""The four public per-token primitives: validation, shape handling and dispatch to a backend.
+
+Each is differentiable with respect to the policy inputs (logits, or hidden states, head weight and bias); the
+reference inputs never receive a gradient. Statistics are fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs,
+and exactly 0 at positions whose label is ``ignore_index``.
+
+Shapes: ``labels [..., T]`` with any leading dimensions; logits ``[..., T, V]``; hidden states ``[..., T, D]``;
+head weight ``[V, D]``; bias ``[V]``. Outputs have the shape of ``labels``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ops.common import LinearHead
+from .ops.registry import resolve_backend
+from .options import TokenOptions
+from .validation import (
+    require_float,
+    require_labels,
+    require_labels_in_vocab,
+    require_same_device,
+    require_same_dtype,
+    require_shape,
+)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+    token_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probabilities ``log softmax(z)[label]`` from logits ``[..., T, V]``; returns ``[..., T]``.
+
+    With the ``torch`` backend the extra memory is ``O(N)`` plus one tile of ``token_chunk_size`` rows; the backward
+    writes the ``[..., T, V]`` gradient of the logits, nothing else of that size.
+    """
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None)
+    check_logits("logits", logits, labels)
+    require_labels_in_vocab(labels, logits.shape[-1], opts.ignore_index)
+    return run_token_logprobs(logits, labels, opts, backend)
+
+
+def token_logprobs_and_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+    token_chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy log-probs, reference log-probs and the per-token ``KL(ref || policy)``, in one pass over both rows.
+
+    ``logits`` and ``ref_logits`` are ``[..., T, V]`` of one dtype and device; the same post-processing
+    (scale, softcap, temperature) applies to both. Returns ``(logps, ref_logps, kl)``, each ``[..., T]``;
+    ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient.
+    """
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None)
+    check_logits("logits", logits, labels)
+    check_logits("ref_logits", ref_logits, labels)
+    check_agree(logits=logits, ref_logits=ref_logits)
+    if ref_logits.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"ref_logits must have the vocabulary size of logits ({logits.shape[-1]}), got {ref_logits.shape[-1]}")
+    require_labels_in_vocab(labels, logits.shape[-1], opts.ignore_index)
+    return run_token_logprobs_and_kl(logits, ref_logits, labels, opts, backend)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
+
+    ``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` (all one dtype and device). Returns ``[..., T]``.
+    Gradients flow to ``hidden``, ``weight`` and ``bias``; the weight and bias gradients are accumulated in fp32.
+    """
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size)
+    check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
+    require_labels_in_vocab(labels, weight.shape[0], opts.ignore_index)
+    return run_linear_token_logprobs(LinearHead(hidden, weight, bias), labels, opts, backend)
+
+
+def linear_token_logprobs_and_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+    token_chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy log-probs, reference log-probs and ``KL(ref || policy)`` per token from two heads, in one pass.
+
+    ``hidden [..., T, D]`` with ``weight [V, D]`` is the policy; ``ref_hidden [..., T, D_ref]`` with
+    ``ref_weight [V, D_ref]`` the reference (``D_ref`` may differ from ``D``; ``ref_weight`` may be ``weight``).
+    Returns ``(logps, ref_logps, kl)``, each ``[..., T]``; only the policy side receives gradients.
+    """
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size)
+    check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
+    check_head(("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), labels)
+    check_agree(hidden=hidden, ref_hidden=ref_hidden)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got {ref_weight.shape[0]}"
+        )
+    require_labels_in_vocab(labels, weight.shape[0], opts.ignore_index)
+    policy, ref = LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias)
+    return run_linear_token_logprobs_and_kl(policy, ref, labels, opts, backend)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+# The run_* functions skip validation: they are for callers that have run the checks below themselves.
+
+
+def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
+    rows = _rows_shape(labels)
+    _, impl = resolve_backend(backend, logits.device)
+    return impl.token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts).view(labels.shape)
+
+
+def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str):
+    rows = _rows_shape(labels)
+    _, impl = resolve_backend(backend, logits.device)
+    outs = impl.token_logprobs_and_kl(_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
+    return tuple(o.view(labels.shape) for o in outs)
+
+
+def run_linear_token_logprobs(policy: LinearHead, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
+    rows = _rows_shape(labels)
+    _, impl = resolve_backend(backend, policy.hidden.device)
+    hidden = _as_rows(policy.hidden, rows)
+    return impl.linear_token_logprobs(hidden, policy.weight, policy.bias, labels.reshape(rows), opts).view(labels.shape)
+
+
+def run_linear_token_logprobs_and_kl(policy: LinearHead, ref: LinearHead, labels, opts: TokenOptions, backend: str):
+    rows = _rows_shape(labels)
+    _, impl = resolve_backend(backend, policy.hidden.device)
+    ref_rows = LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
+    outs = impl.linear_token_logprobs_and_kl(
+        _as_rows(policy.hidden, rows), policy.weight, policy.bias, ref_rows, labels.reshape(rows), opts
+    )
+    return tuple(o.view(labels.shape) for o in outs)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_logits(name: str, logits: object, labels: object) -> None:
+    """``logits [..., T, V]`` float, matching integer ``labels [..., T]`` on the same device."""
+    logits = require_float(name, logits)
+    labels = require_labels("labels", labels)
+    if logits.dim() != labels.dim() + 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"{name} must have shape [..., T, V] matching labels [..., T]; got {name} {list(logits.shape)} "
+            f"and labels {list(labels.shape)}"
+        )
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension of at least 1, got {list(logits.shape)}")
+    require_same_device(**{name: logits, "labels": labels})
+
+
+def check_head(hidden: tuple[str, object], weight: tuple[str, object], bias: tuple[str, object], labels) -> None:
+    """``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None``: one dtype and device, matching labels."""
+    (h_name, h), (w_name, w), (b_name, b) = hidden, weight, bias
+    h, w = require_float(h_name, h), require_float(w_name, w)
+    labels = require_labels("labels", labels)
+    if w.dim() != 2:
+        raise ValueError(f"{w_name} must be a 2-D head weight [V, D], got shape {list(w.shape)}")
+    if h.dim() != labels.dim() + 1 or tuple(h.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"{h_name} must have shape [..., T, D] matching labels [..., T]; got {h_name} {list(h.shape)} "
+            f"and labels {list(labels.shape)}"
+        )
+    if h.shape[-1] != w.shape[1]:
+        raise ValueError(f"{w_name} must have shape [V, {h.shape[-1]}] to match {h_name}, got {list(w.shape)}")
+    if b is not None:
+        require_float(b_name, b)
+        require_shape(b_name, b, (w.shape[0],), f"one entry per row of {w_name}")
+    require_same_device(**{h_name: h, w_name: w, b_name: b, "labels": labels})
+    require_same_dtype(**{h_name: h, w_name: w, b_name: b})
+
+
+def check_agree(**tensors: torch.Tensor | None) -> None:
+    """The policy and reference tensors share one device and one dtype."""
+    require_same_device(**tensors)
+    require_same_dtype(**tensors)
+
+
+def _options(ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk) -> TokenOptions:
+    return TokenOptions(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        token_chunk_size=token_chunk,
+        vocab_chunk_size=vocab_chunk,
+    )
+
+
+def _as_rows(x: torch.Tensor, rows_shape: torch.Size) -> torch.Tensor:
+    """``[..., T, K]`` -> ``[R, T, K]``: a view whenever the leading dimensions merge (e.g. ``[B, T, K]`` as is)."""
+    return x.reshape(*rows_shape, x.shape[-1])
+
+
+def _rows_shape(labels: torch.Tensor) -> torch.Size:
+    return torch.Size((math.prod(labels.shape[:-1]), labels.shape[-1]))

@@ -1,0 +1,70 @@
+"""Checks run before any kernel launches. Every message names the argument and says what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def require_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_float(name: str, t: object) -> torch.Tensor:
+    t = require_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def require_labels(name: str, t: object) -> torch.Tensor:
+    t = require_tensor(name, t)
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of token ids (e.g. torch.long), got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension [..., T], got a scalar")
+    return t
+
+
+def require_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+
+
+def require_same_dtype(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    dtypes = {k: v.dtype for k, v in present.items()}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{k} is {d}" for k, d in dtypes.items())
+        raise TypeError(f"these tensors must share one dtype; got {listing}")
+
+
+def require_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(t.shape)}")
+
+
+def require_labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
+    """Every label is ``ignore_index`` or in ``[0, vocab)``; one reduction (a host sync on GPU)."""
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
+            f"({int(bad.sum())} bad position(s))"
+        )
+
+
+def require_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)

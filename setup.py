@@ -1,0 +1,69 @@
+"""Build and install dpo_kernels.
+
+The pure-Python package always installs. ``dpo_kernels._C`` is built from ``csrc/`` when there are C++ sources,
+torch is importable in the build environment (install with ``pip install --no-build-isolation``, after torch, so
+that pip never resolves a torch of its own) and a C++ compiler exists; CUDA sources are added when ``nvcc`` and a
+CUDA build of torch are present. ``DPO_KERNELS_NO_EXTENSION=1`` skips the extension. Without ``_C`` the ``cpu`` and
+``cuda`` backends report themselves unavailable and everything else works.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extension_modules():
+    """The ``_C`` extension and its build command, or ``([], {})`` with the reason printed."""
+    if os.environ.get("DPO_KERNELS_NO_EXTENSION", "0") == "1":
+        print("dpo_kernels: DPO_KERNELS_NO_EXTENSION=1, not building dpo_kernels._C")
+        return [], {}
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not cpp_sources:
+        print("dpo_kernels: no C++ sources under csrc/, building the pure-Python package only")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        raise RuntimeError(
+            "dpo_kernels: building dpo_kernels._C needs torch in the build environment; install torch first, then "
+            "`pip install --no-build-isolation .` (or set DPO_KERNELS_NO_EXTENSION=1 to skip the extension)"
+        ) from exc
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise RuntimeError("dpo_kernels: no C++ compiler found (set CXX, or DPO_KERNELS_NO_EXTENSION=1 to skip)")
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    extension_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
+    ext = extension_cls(
+        name="dpo_kernels._C",
+        sources=cpp_sources + (cuda_sources if use_cuda else []),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=["-fopenmp"],
+        define_macros=[("DPO_KERNELS_WITH_CUDA", "1")] if use_cuda else [],
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extension_modules()
+
+setup(
+    name="dpo_kernels",
+    version="0.1.0",
+    description="Fused kernels for DPO-family preference optimisation without materialising [batch, seq, vocab]",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dpo_kernels", "dpo_kernels.*"]),
+    # torch is required but never resolved here on a machine that has one: install torch first (see README).
+    install_requires=["torch>=2.1"],
+    extras_require={"test": ["pytest>=7", "numpy"], "bench": ["pytest-benchmark>=4"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
