@@ -457,11 +457,11 @@ def _metrics(
     values = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": stats.chosen_logps.detach().mean(),
         "logps/rejected": stats.rejected_logps.detach().mean(),
-        "logps/accuracies": (stats.chosen_logps > stats.rejected_logps).float().mean(),
+        "logps/accuracies": (stats.chosen_logps > stats.rejected_logps).double().mean(),
     }
     if stats.chosen_kl is not None:
         values["kl/chosen"] = stats.chosen_kl.detach().mean()

@@ -1,0 +1,66 @@
+"""The dispatcher: availability report, explicit requests never fall back, ``auto`` logs its choice."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpo_kernels import BackendUnavailableError, available_backends
+from dpo_kernels.ops import registry
+
+
+def test_report_lists_every_backend_with_a_reason():
+    report = available_backends()
+    assert {"reference", "torch"} <= set(report)
+    for status in report.values():
+        assert status.reason and status.summary
+        assert status.available == (status.reason == "available")
+
+
+def test_auto_picks_torch_on_cpu_and_logs_it(caplog):
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        name, module = registry.resolve_backend("auto", torch.device("cpu"))
+    assert name == "torch" and module.__name__ == "dpo_kernels.ops.torch_chunked"
+    assert "backend='auto' chose 'torch' for device cpu" in caplog.text
+
+
+def test_auto_never_picks_the_reference():
+    for device in ("cpu", "cuda", "meta"):
+        assert registry.resolve_backend("auto", torch.device(device))[0] != "reference"
+
+
+def test_unavailable_backend_raises_with_reason(monkeypatch):
+    spec = registry.BackendSpec(
+        name="fake",
+        module="dpo_kernels.ops.torch_chunked",
+        device_types=("cuda",),
+        auto_rank=1,
+        check=lambda: "the fake toolkit is not installed",
+        summary="test double",
+    )
+    monkeypatch.setitem(registry._BACKENDS, "fake", spec)
+    with pytest.raises(BackendUnavailableError, match="backend='fake' is not available: the fake toolkit"):
+        registry.resolve_backend("fake", torch.device("cuda"))
+    # auto skips it silently (it is unavailable), an explicit request never does
+    assert registry.resolve_backend("auto", torch.device("cuda"))[0] == "torch"
+    assert available_backends()["fake"].reason == "the fake toolkit is not installed"
+
+
+def test_backend_on_wrong_device_raises(monkeypatch):
+    spec = registry.BackendSpec("gpuonly", "dpo_kernels.ops.torch_chunked", ("cuda",), 1, lambda: None, "test double")
+    monkeypatch.setitem(registry._BACKENDS, "gpuonly", spec)
+    with pytest.raises(BackendUnavailableError, match="runs on cuda tensors, but the inputs are on cpu"):
+        registry.resolve_backend("gpuonly", torch.device("cpu"))
+
+
+def test_python_m_dpo_kernels_reports_and_self_checks():
+    result = subprocess.run([sys.executable, "-m", "dpo_kernels"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backend='auto' on cpu: torch" in result.stdout
+    assert "self-check passed" in result.stdout
+    verdicts = [line.split()[-1] for line in result.stdout.splitlines() if line.split()[-1:] in (["ok"], ["FAIL"])]
+    assert verdicts == ["ok"] * 6, result.stdout
