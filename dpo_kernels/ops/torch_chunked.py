@@ -32,7 +32,7 @@ from .transform import transform_backward, transform_logits
 _TILE_ELEMENTS = 1 << 23
 # Tokens per tile on the linear path; the vocabulary width is then chosen to fill the tile budget.
 _LINEAR_TOKEN_CHUNK = 1024
-_LINEAR_TILE_ELEMENTS = 1 << 22
+_LINEAR_TILE_ELEMENTS = 1 << 21
 
 
 def default_token_chunk(vocab: int) -> int:
