@@ -26,33 +26,38 @@ from .primitives import (
 from .validation import require_float, require_labels, require_labels_in_vocab, require_positive, require_same_device
 
 
+_OBJECTIVE_DEFAULTS = losses.ObjectiveConfig()
+_TOKEN_DEFAULTS = TokenOptions()
+
+
 @dataclass(frozen=True)
 class DPOLossConfig:
     """Every non-tensor option of :func:`fused_dpo_loss`, validated once at construction.
 
     ``loss_type`` may be one name or a sequence of names combined as ``sum_k loss_weights[k] * loss_k`` (weights
-    default to 1). The other fields are documented on :func:`fused_dpo_loss`.
+    default to 1). The other fields are documented on :func:`fused_dpo_loss`; their defaults come from
+    ``losses.ObjectiveConfig`` and ``TokenOptions`` (a test keeps the public signatures in agreement).
     """
 
     loss_type: str | Sequence[str] = "sigmoid"
     loss_weights: Sequence[float] | None = None
-    beta: float = 0.1
-    alpha: float = 0.5
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    discopop_tau: float = 0.05
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
+    beta: float = _OBJECTIVE_DEFAULTS.beta
+    alpha: float = _OBJECTIVE_DEFAULTS.alpha
+    label_smoothing: float = _OBJECTIVE_DEFAULTS.label_smoothing
+    simpo_gamma: float = _OBJECTIVE_DEFAULTS.simpo_gamma
+    discopop_tau: float = _OBJECTIVE_DEFAULTS.discopop_tau
+    f_divergence_type: str = _OBJECTIVE_DEFAULTS.f_divergence_type
+    f_alpha_divergence_coef: float = _OBJECTIVE_DEFAULTS.f_alpha_divergence_coef
     reference_free: bool = False
     average_log_prob: bool = False
-    ignore_index: int = -100
+    ignore_index: int = _TOKEN_DEFAULTS.ignore_index
     shift: bool = False
-    temperature: float = 1.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
+    temperature: float = _TOKEN_DEFAULTS.temperature
+    softcap: float | None = _TOKEN_DEFAULTS.softcap
+    logit_scale: float = _TOKEN_DEFAULTS.logit_scale
     backend: str = "auto"
-    token_chunk_size: int | None = None
-    vocab_chunk_size: int | None = None
+    token_chunk_size: int | None = _TOKEN_DEFAULTS.token_chunk_size
+    vocab_chunk_size: int | None = _TOKEN_DEFAULTS.vocab_chunk_size
     loss_types: tuple[str, ...] = field(init=False)
     weights: tuple[float, ...] = field(init=False)
     objective: losses.ObjectiveConfig = field(init=False)
@@ -385,8 +390,9 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
         chosen_kl=chosen_kl,
         rejected_kl=rejected_kl,
     )
-    loss, _ = losses.combined_loss(stats, config.objective, config.loss_types, config.weights)
+    loss, parts = losses.combined_loss(stats, config.objective, config.loss_types, config.weights)
     chosen_rewards, rejected_rewards = losses.rewards(stats, config.objective)
+    metrics = _metrics(stats, chosen_rewards, rejected_rewards, parts if len(parts) > 1 else {})
     return DPOLossOutput(
         loss=loss,
         chosen_rewards=chosen_rewards,
@@ -395,7 +401,7 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
         rejected_logps=rejected_logps,
         chosen_kl=chosen_kl,
         rejected_kl=rejected_kl,
-        metrics=_metrics(stats, chosen_rewards, rejected_rewards),
+        metrics=metrics,
     )
 
 
@@ -451,9 +457,13 @@ def _head(hidden, weight, bias, config: DPOLossConfig) -> LinearHead | None:
 
 
 def _metrics(
-    stats: losses.PairStatistics, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+    stats: losses.PairStatistics,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    loss_parts: dict[str, torch.Tensor],
 ) -> dict[str, float]:
-    """Batch means named as TRL logs them, plus ``logps/accuracies`` and (TDPO) ``kl/*``; one host sync."""
+    """Batch means named as TRL logs them, plus ``logps/accuracies``, (TDPO) ``kl/*`` and, when several losses are
+    combined, each one's unweighted value as ``loss/<loss_type>``; one host sync."""
     values = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -466,6 +476,7 @@ def _metrics(
     if stats.chosen_kl is not None:
         values["kl/chosen"] = stats.chosen_kl.detach().mean()
         values["kl/rejected"] = stats.rejected_kl.detach().mean()
+    values.update({f"loss/{name}": part.detach() for name, part in loss_parts.items()})
     floats = torch.stack([v.to(torch.float64) for v in values.values()]).tolist()
     return dict(zip(values, floats, strict=True))
 

@@ -9,8 +9,8 @@ from dpo_kernels import available_backends
 
 # Relative tolerance per dtype, against the reference backend. fp64 and fp32 are the bounds. bf16/fp16:
 # both backends compute fp32 statistics from the same rounded inputs, but the linear path's products round
-# differently (the reference multiplies in bf16, the torch backend upcasts), so 2e-2 of the largest magnitude.
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+# differently (the reference multiplies in bf16, the torch backend upcasts). Worst seen: bf16 6.5e-3, fp16 8.8e-4.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def backends_under_test() -> list[str]:

@@ -250,3 +250,33 @@ def test_module_wrapper_equals_function():
     assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
     with pytest.raises(ValueError, match="beta"):
         FusedDPOLoss(beta=0)
+
+
+def test_public_defaults_agree_with_the_option_dataclasses():
+    """One place per default: every keyword default of the public functions equals its dataclass field."""
+    import dataclasses
+    import inspect
+
+    import dpo_kernels
+    from dpo_kernels import DPOLossConfig, TokenOptions
+
+    config_defaults = {f.name: f.default for f in dataclasses.fields(DPOLossConfig) if f.init}
+    token_defaults = {f.name: f.default for f in dataclasses.fields(TokenOptions)}
+    params = inspect.signature(fused_dpo_loss).parameters
+    for name, default in config_defaults.items():
+        assert params[name].default == default, name
+    for fn in (dpo_kernels.token_logprobs, dpo_kernels.token_logprobs_and_kl, dpo_kernels.linear_token_logprobs,
+               dpo_kernels.linear_token_logprobs_and_kl):
+        for name, param in inspect.signature(fn).parameters.items():
+            if name in token_defaults:
+                assert param.default == token_defaults[name], f"{fn.__name__}.{name}"
+            elif name == "backend":
+                assert param.default == DPOLossConfig.backend
+
+
+def test_combined_losses_are_logged_each():
+    d = _data()
+    out = _call(d, "hidden", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    single = _call(d, "hidden", loss_type="sigmoid")
+    assert out.metrics["loss/sigmoid"] == pytest.approx(single.loss.item(), rel=1e-12)
+    assert "loss/sigmoid" not in single.metrics
