@@ -58,6 +58,8 @@ class DPOLossConfig:
     backend: str = "auto"
     token_chunk_size: int | None = _TOKEN_DEFAULTS.token_chunk_size
     vocab_chunk_size: int | None = _TOKEN_DEFAULTS.vocab_chunk_size
+    inplace_backward: bool = _TOKEN_DEFAULTS.inplace_backward
+    grad_filter_eps: float | None = _TOKEN_DEFAULTS.grad_filter_eps
     loss_types: tuple[str, ...] = field(init=False)
     weights: tuple[float, ...] = field(init=False)
     objective: losses.ObjectiveConfig = field(init=False)
@@ -120,6 +122,8 @@ class DPOLossConfig:
                 logit_scale=self.logit_scale,
                 token_chunk_size=self.token_chunk_size,
                 vocab_chunk_size=self.vocab_chunk_size,
+                inplace_backward=self.inplace_backward,
+                grad_filter_eps=self.grad_filter_eps,
             ),
         )
 
@@ -193,6 +197,8 @@ def fused_dpo_loss(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    inplace_backward: bool = False,
+    grad_filter_eps: float | None = None,
 ) -> DPOLossOutput:
     """A preference-optimisation loss over ``B`` pairs stacked as ``2B`` rows (chosen first, then rejected).
 
@@ -211,7 +217,9 @@ def fused_dpo_loss(
     ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo); ``simpo_gamma``;
     ``discopop_tau``; ``f_divergence_type`` and ``f_alpha_divergence_coef`` (f-DPO); ``reference_free``;
     ``average_log_prob``; the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
-    and reference alike); ``backend`` and the ``torch`` backend's tile sizes.
+    and reference alike); ``backend`` and the ``torch`` backend's tile sizes; ``inplace_backward`` (policy logits:
+    their gradient overwrites them) and ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on
+    the primitives.
     """
     config = DPOLossConfig(
         loss_type=loss_type,
@@ -233,6 +241,8 @@ def fused_dpo_loss(
         backend=backend,
         token_chunk_size=token_chunk_size,
         vocab_chunk_size=vocab_chunk_size,
+        inplace_backward=inplace_backward,
+        grad_filter_eps=grad_filter_eps,
     )
     inputs = PreferenceInputs(
         labels=labels,

@@ -23,6 +23,9 @@ class TokenOptions:
         logit_scale: logits are multiplied by it first (Cohere/Granite style); must be finite and non-zero.
         token_chunk_size: tokens per tile of the ``torch`` backend; ``None`` picks a size from the vocabulary.
         vocab_chunk_size: vocabulary entries per tile of the ``torch`` backend's linear path; ``None`` picks one.
+        inplace_backward: from logits only: write the logits' gradient into their own storage (see ``ops.inplace``).
+        grad_filter_eps: from hidden states only: skip a backward tile whose every ``|softmax - onehot|`` (and
+            ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients.
     """
 
     ignore_index: int = -100
@@ -31,6 +34,8 @@ class TokenOptions:
     logit_scale: float = 1.0
     token_chunk_size: int | None = None
     vocab_chunk_size: int | None = None
+    inplace_backward: bool = False
+    grad_filter_eps: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
@@ -45,6 +50,10 @@ class TokenOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if not isinstance(self.inplace_backward, bool):
+            raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
+        if self.grad_filter_eps is not None and not (_is_finite_number(self.grad_filter_eps) and self.grad_filter_eps >= 0):
+            raise ValueError(f"grad_filter_eps must be None or a finite number >= 0, got {self.grad_filter_eps!r}")
 
     @property
     def is_identity_transform(self) -> bool:

@@ -37,13 +37,16 @@ def token_logprobs(
     logit_scale: float = 1.0,
     backend: str = "auto",
     token_chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probabilities ``log softmax(z)[label]`` from logits ``[..., T, V]``; returns ``[..., T]``.
 
-    With the ``torch`` backend the extra memory is ``O(N)`` plus one tile of ``token_chunk_size`` rows; the backward
-    writes the ``[..., T, V]`` gradient of the logits, nothing else of that size.
+    The extra memory is ``O(N)`` plus one tile; the backward writes the ``[..., T, V]`` gradient of the logits and
+    nothing else of that size. ``inplace_backward=True`` writes that gradient into the logits' own storage (when the
+    caller no longer needs them, e.g. they come out of the LM head); refused for a leaf that requires grad, and any
+    other autograd use of the overwritten logits then raises PyTorch's in-place modification error.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None)
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward)
     check_logits("logits", logits, labels)
     require_labels_in_vocab(labels, logits.shape[-1], opts.ignore_index)
     return run_token_logprobs(logits, labels, opts, backend)
@@ -60,14 +63,16 @@ def token_logprobs_and_kl(
     logit_scale: float = 1.0,
     backend: str = "auto",
     token_chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and the per-token ``KL(ref || policy)``, in one pass over both rows.
 
     ``logits`` and ``ref_logits`` are ``[..., T, V]`` of one dtype and device; the same post-processing
     (scale, softcap, temperature) applies to both. Returns ``(logps, ref_logps, kl)``, each ``[..., T]``;
-    ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient.
+    ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient. ``inplace_backward`` as in
+    :func:`token_logprobs`.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None)
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward)
     check_logits("logits", logits, labels)
     check_logits("ref_logits", ref_logits, labels)
     check_agree(logits=logits, ref_logits=ref_logits)
@@ -90,13 +95,17 @@ def linear_token_logprobs(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
 
     ``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` (all one dtype and device). Returns ``[..., T]``.
     Gradients flow to ``hidden``, ``weight`` and ``bias``; the weight and bias gradients are accumulated in fp32.
+    ``grad_filter_eps`` (off by default) skips backward tiles whose every ``|softmax - onehot|`` is below it; each
+    skipped gradient entry of the logits is then at most ``eps * |upstream grad|`` (before the transform's factor).
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size)
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
+                    filter_eps=grad_filter_eps)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     require_labels_in_vocab(labels, weight.shape[0], opts.ignore_index)
     return run_linear_token_logprobs(LinearHead(hidden, weight, bias), labels, opts, backend)
@@ -118,14 +127,17 @@ def linear_token_logprobs_and_kl(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    grad_filter_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and ``KL(ref || policy)`` per token from two heads, in one pass.
 
     ``hidden [..., T, D]`` with ``weight [V, D]`` is the policy; ``ref_hidden [..., T, D_ref]`` with
     ``ref_weight [V, D_ref]`` the reference (``D_ref`` may differ from ``D``; ``ref_weight`` may be ``weight``).
     Returns ``(logps, ref_logps, kl)``, each ``[..., T]``; only the policy side receives gradients.
+    ``grad_filter_eps`` as in :func:`linear_token_logprobs`, also requiring every ``|softmax - q|`` below it.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size)
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
+                    filter_eps=grad_filter_eps)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     check_head(("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), labels)
     check_agree(hidden=hidden, ref_hidden=ref_hidden)
@@ -144,27 +156,27 @@ def linear_token_logprobs_and_kl(
 
 def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, logits.device)
+    _, impl = resolve_backend(backend, logits.device, logits.dtype)
     return impl.token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts).view(labels.shape)
 
 
 def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str):
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, logits.device)
+    _, impl = resolve_backend(backend, logits.device, logits.dtype)
     outs = impl.token_logprobs_and_kl(_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
     return tuple(o.view(labels.shape) for o in outs)
 
 
 def run_linear_token_logprobs(policy: LinearHead, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, policy.hidden.device)
+    _, impl = resolve_backend(backend, policy.hidden.device, policy.hidden.dtype)
     hidden = _as_rows(policy.hidden, rows)
     return impl.linear_token_logprobs(hidden, policy.weight, policy.bias, labels.reshape(rows), opts).view(labels.shape)
 
 
 def run_linear_token_logprobs_and_kl(policy: LinearHead, ref: LinearHead, labels, opts: TokenOptions, backend: str):
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, policy.hidden.device)
+    _, impl = resolve_backend(backend, policy.hidden.device, policy.hidden.dtype)
     ref_rows = LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
     outs = impl.linear_token_logprobs_and_kl(
         _as_rows(policy.hidden, rows), policy.weight, policy.bias, ref_rows, labels.reshape(rows), opts
@@ -216,7 +228,9 @@ def check_agree(**tensors: torch.Tensor | None) -> None:
     require_same_dtype(**tensors)
 
 
-def _options(ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk) -> TokenOptions:
+def _options(
+    ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk, *, inplace=False, filter_eps=None
+) -> TokenOptions:
     return TokenOptions(
         ignore_index=ignore_index,
         temperature=temperature,
@@ -224,6 +238,8 @@ def _options(ignore_index, temperature, softcap, logit_scale, token_chunk, vocab
         logit_scale=logit_scale,
         token_chunk_size=token_chunk,
         vocab_chunk_size=vocab_chunk,
+        inplace_backward=inplace,
+        grad_filter_eps=filter_eps,
     )
 
 

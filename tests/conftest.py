@@ -1,11 +1,22 @@
-"""Shared fixtures: which backends are under test, tolerances per dtype, and comparison helpers."""
+"""Shared fixtures: which backends are under test, tolerances per dtype, and comparison helpers.
+
+Without a GPU the Triton kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` is set here, before anything
+imports Triton, unless the environment already says otherwise.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from dpo_kernels import available_backends
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from dpo_kernels import available_backends  # noqa: E402
+from dpo_kernels.ops import registry  # noqa: E402
 
 # Relative tolerance per dtype, against the reference backend. fp64 and fp32 are the issue's bounds. bf16/fp16:
 # both backends compute fp32 statistics from the same rounded inputs, but the linear path's products round
@@ -25,6 +36,12 @@ def backends_under_test() -> list[str]:
 @pytest.fixture(params=backends_under_test())
 def backend(request) -> str:
     return request.param
+
+
+def skip_if_unsupported(backend: str, dtype: torch.dtype) -> None:
+    spec = registry._BACKENDS[backend]
+    if not spec.takes(dtype):
+        pytest.skip(f"backend {backend!r} does not take {dtype} inputs (it raises a clear error instead)")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:

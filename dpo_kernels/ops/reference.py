@@ -14,7 +14,36 @@ import torch
 
 from ..options import TokenOptions, statistics_dtype
 from .common import LinearHead, split_labels
+from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .transform import transform_logits
+
+
+class _GradIntoStorage(torch.autograd.Function):
+    """Identity whose backward copies the incoming gradient into the input's storage (``inplace_backward``)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        refuse_leaf_logits(logits)
+        ctx.logits = logits
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        logits = ctx.logits
+        logits.copy_(grad)
+        mark_logits_overwritten(logits)
+        return logits
+
+
+def _policy_logits(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    return _GradIntoStorage.apply(logits) if opts.inplace_backward else logits
+
+
+def _require_exact_gradients(opts: TokenOptions) -> None:
+    if opts.grad_filter_eps is not None:
+        raise ValueError(
+            "backend='reference' is the exact oracle; grad_filter_eps applies to the torch and triton backends"
+        )
 
 
 def _log_softmax(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
@@ -39,14 +68,14 @@ def _forward_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, labels: torc
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
     """``logits [R, T, V]``, ``labels [R, T]`` -> ``logp [R, T]``."""
-    return _gather_masked(_log_softmax(logits, opts), labels, opts)
+    return _gather_masked(_log_softmax(_policy_logits(logits, opts), opts), labels, opts)
 
 
 def token_logprobs_and_kl(
     logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(logp, ref_logp, kl)``, each ``[R, T]``; the reference side is detached."""
-    logprobs = _log_softmax(logits, opts)
+    logprobs = _log_softmax(_policy_logits(logits, opts), opts)
     ref_logprobs = _log_softmax(ref_logits.detach(), opts)
     return (
         _gather_masked(logprobs, labels, opts),
@@ -64,6 +93,7 @@ def linear_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions
 ) -> torch.Tensor:
     """``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` -> ``logp [R, T]``; builds the full logits."""
+    _require_exact_gradients(opts)
     return token_logprobs(_head_logits(LinearHead(hidden, weight, bias)), labels, opts)
 
 
@@ -76,6 +106,7 @@ def linear_token_logprobs_and_kl(
     opts: TokenOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy head and reference head -> ``(logp, ref_logp, kl)``; builds both full logits tensors."""
+    _require_exact_gradients(opts)
     ref_logits = _head_logits(LinearHead(ref.hidden.detach(), ref.weight.detach(), _detach(ref.bias)))
     return token_logprobs_and_kl(_head_logits(LinearHead(hidden, weight, bias)), ref_logits, labels, opts)
 

@@ -3,17 +3,19 @@
 A backend is a module exposing the four primitives with one signature each (see ``reference.py``):
 ``token_logprobs``, ``token_logprobs_and_kl``, ``linear_token_logprobs``, ``linear_token_logprobs_and_kl``, all on
 ``[R, T, ...]`` inputs. Adding a backend is one ``BackendSpec`` row in ``_BACKENDS``: its module, the device types
-it runs on, how it checks its own availability, and its rank for ``backend="auto"``.
+and dtypes it runs on, how it checks its own availability, and where ``backend="auto"`` may pick it.
 
-``backend="auto"`` picks the available backend with the best rank for the input's device type and logs the choice
-at debug level. Naming a backend explicitly never falls back: an unavailable one raises ``BackendUnavailableError``
-with the reason.
+``backend="auto"`` picks the available backend with the best rank for the input's device type and dtype and logs
+the choice at debug level. Naming a backend explicitly never falls back: an unavailable one, or one that cannot take
+the inputs' device or dtype, raises ``BackendUnavailableError`` with the reason.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,21 +38,28 @@ class BackendSpec:
     Attributes:
         name: the value of ``backend=`` that selects it.
         module: import path of the module implementing the four primitives.
-        device_types: ``torch.device.type`` values it runs on, or ``("*",)`` for any.
-        auto_rank: lower is preferred by ``backend="auto"``; ``None`` means auto never picks it.
+        devices: returns the ``torch.device.type`` values it runs on now (``"*"``: any).
+        auto_devices: device types on which ``backend="auto"`` may pick it (``"*"``: any; empty: never).
+        auto_rank: lower is preferred by ``backend="auto"``.
+        dtypes: input dtypes it takes; ``None`` means every float dtype.
         check: returns ``None`` when usable here, else the reason it is not.
         summary: one line for the report.
     """
 
     name: str
     module: str
-    device_types: tuple[str, ...]
-    auto_rank: int | None
+    devices: Callable[[], tuple[str, ...]]
+    auto_devices: tuple[str, ...]
+    auto_rank: int
+    dtypes: tuple[torch.dtype, ...] | None
     check: Callable[[], str | None]
     summary: str
 
     def runs_on(self, device_type: str) -> bool:
-        return ANY_DEVICE in self.device_types or device_type in self.device_types
+        return _matches(self.devices(), device_type)
+
+    def takes(self, dtype: torch.dtype | None) -> bool:
+        return dtype is None or self.dtypes is None or dtype in self.dtypes
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,36 @@ class BackendStatus:
     summary: str
 
 
+def _matches(device_types: tuple[str, ...], device_type: str) -> bool:
+    return ANY_DEVICE in device_types or device_type in device_types
+
+
 def _always() -> str | None:
     return None
 
+
+def _any_device() -> tuple[str, ...]:
+    return (ANY_DEVICE,)
+
+
+def triton_interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through Triton's interpreter (slow; for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_devices() -> tuple[str, ...]:
+    return ("cuda", "cpu") if triton_interpreting() else ("cuda",)
+
+
+def _triton_check() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (it ships with CUDA builds of torch on Linux; or pip install triton)"
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors through Triton's interpreter)"
+    return None
+
+
+_HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 _BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
@@ -74,18 +110,32 @@ _BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             name="reference",
             module="dpo_kernels.ops.reference",
-            device_types=(ANY_DEVICE,),
-            auto_rank=None,
+            devices=_any_device,
+            auto_devices=(),
+            auto_rank=1000,
+            dtypes=None,
             check=_always,
             summary="naive PyTorch oracle; materialises [N, V] (tests and tiny inputs only)",
         ),
         BackendSpec(
             name="torch",
             module="dpo_kernels.ops.torch_chunked",
-            device_types=(ANY_DEVICE,),
+            devices=_any_device,
+            auto_devices=(ANY_DEVICE,),
             auto_rank=100,
+            dtypes=None,
             check=_always,
             summary="chunked PyTorch, memory-bounded, any device (the fallback)",
+        ),
+        BackendSpec(
+            name="triton",
+            module="dpo_kernels.ops.triton_kernels",
+            devices=_triton_devices,
+            auto_devices=("cuda",),
+            auto_rank=10,
+            dtypes=_HALF_AND_SINGLE,
+            check=_triton_check,
+            summary="Triton kernels: one pass over the vocabulary, logits never written from hidden states",
         ),
     )
 }
@@ -113,23 +163,23 @@ def available_backends() -> dict[str, BackendStatus]:
             name=spec.name,
             available=reason is None,
             reason=reason or "available",
-            device_types=spec.device_types,
+            device_types=spec.devices(),
             summary=spec.summary,
         )
     return report
 
 
-def resolve_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
-    """Return ``(name, module)`` of the backend to run for tensors on ``device``.
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, ModuleType]:
+    """Return ``(name, module)`` of the backend to run for ``dtype`` tensors on ``device``.
 
     Raises:
         ValueError: ``name`` is not ``"auto"`` nor a registered backend.
-        BackendUnavailableError: the named backend is unavailable here or does not run on ``device``.
+        BackendUnavailableError: the named backend is unavailable here or cannot take the device or dtype.
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        chosen = _choose_auto(device)
+        chosen = _choose_auto(device, dtype)
         logger.debug("dpo_kernels: backend='auto' chose %r for device %s", chosen.name, device)
         return chosen.name, importlib.import_module(chosen.module)
     spec = _spec(name)
@@ -138,17 +188,23 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
         raise BackendUnavailableError(f"backend={name!r} is not available: {reason}")
     if not spec.runs_on(device.type):
         raise BackendUnavailableError(
-            f"backend={name!r} runs on {', '.join(spec.device_types)} tensors, but the inputs are on {device}"
+            f"backend={name!r} runs on {', '.join(spec.devices())} tensors, but the inputs are on {device}"
         )
+    if not spec.takes(dtype):
+        takes = ", ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
+        raise BackendUnavailableError(f"backend={name!r} takes {takes} inputs, got {dtype}; use backend='torch'")
     return spec.name, importlib.import_module(spec.module)
 
 
-def _choose_auto(device: torch.device) -> BackendSpec:
+def _choose_auto(device: torch.device, dtype: torch.dtype | None) -> BackendSpec:
     candidates = [
         spec
         for spec in _BACKENDS.values()
-        if spec.auto_rank is not None and spec.runs_on(device.type) and spec.check() is None
+        if _matches(spec.auto_devices, device.type)
+        and spec.runs_on(device.type)
+        and spec.takes(dtype)
+        and spec.check() is None
     ]
-    if not candidates:  # unreachable while the torch backend (any device, always available) is registered
-        raise BackendUnavailableError(f"no backend is available for device {device}")
+    if not candidates:  # unreachable while the torch backend (any device and dtype, always available) is registered
+        raise BackendUnavailableError(f"no backend is available for {dtype} tensors on {device}")
     return min(candidates, key=lambda spec: spec.auto_rank)

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from ..options import TokenOptions, statistics_dtype
 from .common import LinearHead, split_labels
+from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .transform import transform_backward, transform_logits
 
 # Elements of one fp32 working tile (32 MiB); a few such temporaries are alive at once.
@@ -91,20 +92,28 @@ def _logit_grad(
     g_kl: torch.Tensor | None = None,
     ref_z: torch.Tensor | None = None,
     ref_lse: torch.Tensor | None = None,
-) -> torch.Tensor:
+    filter_eps: float | None = None,
+) -> torch.Tensor | None:
     """``dL/dz = g (onehot - p) + g_kl (p - q)`` for one tile, with ``p = exp(z - lse)``, ``q = exp(ref_z - ref_lse)``.
 
     ``label_col [n]`` is the label's column inside the tile and ``label_hit [n]`` says whether the label falls in it
-    (``None``: always). ``g`` and ``g_kl`` are 0 at masked tokens, which makes their rows exactly 0.
+    (``None``: always). ``g`` and ``g_kl`` are 0 at masked tokens, which makes their rows exactly 0. With
+    ``filter_eps``, returns ``None`` when every ``|p - onehot|`` (and ``|p - q|``) of the tile is below it.
     """
     p = torch.exp(z - lse.unsqueeze(1))
+    hit = torch.ones_like(g) if label_hit is None else label_hit.to(g.dtype)
+    q = torch.exp(ref_z - ref_lse.unsqueeze(1)) if g_kl is not None else None
+    if filter_eps is not None:
+        deviation = p.scatter_add(1, label_col.unsqueeze(1), -hit.unsqueeze(1)).abs_().amax()
+        if q is not None:
+            deviation = torch.maximum(deviation, (p - q).abs_().amax())
+        if deviation.item() < filter_eps:
+            return None
     coeff = g if g_kl is None else g - g_kl
     grad = p.mul_(-coeff.unsqueeze(1))
-    if g_kl is not None:
-        q = torch.exp(ref_z - ref_lse.unsqueeze(1))
+    if q is not None:
         grad.sub_(q.mul_(g_kl.unsqueeze(1)))
-    hit_g = g if label_hit is None else _zeros_where_masked(g, label_hit)
-    grad.scatter_add_(1, label_col.unsqueeze(1), hit_g.unsqueeze(1))
+    grad.scatter_add_(1, label_col.unsqueeze(1), (g * hit).unsqueeze(1))
     return grad
 
 
@@ -117,6 +126,19 @@ def _kl_terms(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------------------------- from logits
 
 
+def _logits_grad_buffer(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """Where the logits' gradient goes: the logits themselves with ``inplace_backward``, else a new tensor."""
+    if opts.inplace_backward:
+        return logits
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _finish_logits_grad(grad: torch.Tensor, logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    if opts.inplace_backward:
+        mark_logits_overwritten(logits)
+    return grad
+
+
 def _forward_logits_tile(x: torch.Tensor, index: torch.Tensor, opts: TokenOptions, sdt: torch.dtype):
     z = transform_logits(x.to(sdt), opts)
     lse = torch.logsumexp(z, dim=-1)
@@ -126,6 +148,8 @@ def _forward_logits_tile(x: torch.Tensor, index: torch.Tensor, opts: TokenOption
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+        if opts.inplace_backward:
+            refuse_leaf_logits(logits)
         shape, sdt = logits.shape, statistics_dtype(logits.dtype)
         index, mask = split_labels(labels.reshape(-1), opts.ignore_index)
         rows = TokenRows(logits)
@@ -144,18 +168,20 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, index, mask, lse = ctx.saved_tensors
         opts, shape, sdt = ctx.opts, logits.shape, lse.dtype
         g = _zeros_where_masked(grad_logp.reshape(-1).to(sdt), mask)
-        grad = torch.empty(shape, dtype=logits.dtype, device=logits.device)
+        grad = _logits_grad_buffer(logits, opts)
         rows, grad_rows = TokenRows(logits), TokenRows(grad)
         for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1]), rows):
             x = rows.rows(s, e).to(sdt)
             dz = _logit_grad(transform_logits(x, opts), lse[s:e], g[s:e], index[s:e], None)
             grad_rows.rows(s, e).copy_(transform_backward(x, dz, opts))
-        return grad, None, None
+        return _finish_logits_grad(grad, logits, opts), None, None
 
 
 class _TokenLogprobsAndKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, opts: TokenOptions):
+        if opts.inplace_backward:
+            refuse_leaf_logits(logits)
         shape, sdt = logits.shape, statistics_dtype(logits.dtype)
         index, mask = split_labels(labels.reshape(-1), opts.ignore_index)
         rows, ref_rows = TokenRows(logits), TokenRows(ref_logits)
@@ -182,7 +208,7 @@ class _TokenLogprobsAndKL(torch.autograd.Function):
         opts, shape, sdt = ctx.opts, logits.shape, lse.dtype
         g = _zeros_where_masked(grad_logp.reshape(-1).to(sdt), mask)
         g_kl = _zeros_where_masked(grad_kl.reshape(-1).to(sdt), mask)
-        grad = torch.empty(shape, dtype=logits.dtype, device=logits.device)
+        grad = _logits_grad_buffer(logits, opts)
         rows, ref_rows, grad_rows = TokenRows(logits), TokenRows(ref_logits), TokenRows(grad)
         for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1]), rows, ref_rows):
             x = rows.rows(s, e).to(sdt)
@@ -191,7 +217,7 @@ class _TokenLogprobsAndKL(torch.autograd.Function):
                 transform_logits(x, opts), lse[s:e], g[s:e], index[s:e], None, g_kl[s:e], ref_z, ref_lse[s:e]
             )
             grad_rows.rows(s, e).copy_(transform_backward(x, dz, opts))
-        return grad, None, None, None
+        return _finish_logits_grad(grad, logits, opts), None, None, None
 
 
 # --------------------------------------------------------------------------------------------- from hidden states
@@ -319,7 +345,10 @@ def _linear_backward(ctx, g: torch.Tensor, g_kl: torch.Tensor | None):
                 None if g_kl is None else g_kl[s:e],
                 ref_z,
                 None if ref_lse is None else ref_lse[s:e],
+                opts.grad_filter_eps,
             )
+            if dz is None:  # every |p - onehot| (and |p - q|) of this tile is below grad_filter_eps
+                continue
             dx = transform_backward(x, dz, opts)
             if need_h:
                 dh.addmm_(dx, weight[v0:v1].to(sdt))

@@ -37,8 +37,10 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
     spec = registry.BackendSpec(
         name="fake",
         module="dpo_kernels.ops.torch_chunked",
-        device_types=("cuda",),
+        devices=lambda: ("cuda",),
+        auto_devices=("cuda",),
         auto_rank=1,
+        dtypes=None,
         check=lambda: "the fake toolkit is not installed",
         summary="test double",
     )
@@ -51,10 +53,30 @@ def test_unavailable_backend_raises_with_reason(monkeypatch):
 
 
 def test_backend_on_wrong_device_raises(monkeypatch):
-    spec = registry.BackendSpec("gpuonly", "dpo_kernels.ops.torch_chunked", ("cuda",), 1, lambda: None, "test double")
+    spec = registry.BackendSpec(
+        "gpuonly", "dpo_kernels.ops.torch_chunked", lambda: ("cuda",), ("cuda",), 1, None, lambda: None, "test double"
+    )
     monkeypatch.setitem(registry._BACKENDS, "gpuonly", spec)
     with pytest.raises(BackendUnavailableError, match="runs on cuda tensors, but the inputs are on cpu"):
         registry.resolve_backend("gpuonly", torch.device("cpu"))
+
+
+def test_dtype_routing(monkeypatch):
+    """auto skips a backend that cannot take the dtype; an explicit request for it raises."""
+    spec = registry.BackendSpec(
+        "halfonly", "dpo_kernels.ops.torch_chunked", lambda: ("*",), ("*",), 1, (torch.bfloat16,), lambda: None, "t"
+    )
+    monkeypatch.setitem(registry._BACKENDS, "halfonly", spec)
+    assert registry.resolve_backend("auto", torch.device("cpu"), torch.bfloat16)[0] == "halfonly"
+    assert registry.resolve_backend("auto", torch.device("cpu"), torch.float64)[0] == "torch"
+    with pytest.raises(BackendUnavailableError, match="takes bfloat16 inputs, got torch.float64"):
+        registry.resolve_backend("halfonly", torch.device("cpu"), torch.float64)
+
+
+def test_triton_is_never_auto_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "cpu" in registry._BACKENDS["triton"].devices()
+    assert registry.resolve_backend("auto", torch.device("cpu"), torch.float32)[0] == "torch"
 
 
 def test_python_m_dpo_kernels_reports_and_self_checks():

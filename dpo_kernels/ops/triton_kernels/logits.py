@@ -1,0 +1,208 @@
+"""Triton kernels from logits: ``token_logprobs`` and ``token_logprobs_and_kl``.
+
+Forward: one program per token reads its logits row once in ``BLOCK_V`` steps, keeping the online log-sum-exp
+(running max ``m`` and rescaled sum ``s``) and, with a reference row, the reference's ``m_r``, ``s_r`` and the
+weighted sum ``w = sum_v e^{zr_v - m_r} (zr_v - z_v)`` (FORMULAS.md §1). It writes ``O(N)`` statistics only. A
+masked token skips its row entirely.
+
+Backward: one program per token recomputes the softmax from the saved ``lse`` and writes
+``g (onehot - p) + g_kl (p - q)`` through the transform's derivative; with ``inplace_backward`` it writes into the
+logits' own storage, so the step allocates no ``[N, V]`` gradient at all.
+
+Design goal (GPU benchmarks, not tests): at least 80% of the device's memory bandwidth, i.e. each logits element
+read once in the forward and read once plus written once in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...options import TokenOptions
+from ..inplace import mark_logits_overwritten, refuse_leaf_logits
+from .config import row_config
+from .jit_helpers import transform, transform_grad
+from .launch import upstream_grad, transform_args
+
+
+@triton.jit
+def _logits_forward_kernel(
+    x_ptr, x_stride_r, x_stride_t, x_stride_v,
+    ref_ptr, ref_stride_r, ref_stride_t, ref_stride_v,
+    labels_ptr, logp_ptr, lse_ptr, ref_logp_ptr, ref_lse_ptr, kl_ptr,
+    seq_len, vocab, ignore_index,
+    logit_scale, softcap, inv_temperature,
+    HAS_REF: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    r, t = row // seq_len, row % seq_len
+    x_row = x_ptr + r * x_stride_r + t * x_stride_t
+    ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    end = tl.where(valid, vocab, 0)  # a masked token reads nothing
+
+    m = -float("inf")
+    s = 0.0
+    m_r = -float("inf")
+    s_r = 0.0
+    w = 0.0
+    for start in range(0, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < vocab
+        x = tl.load(x_row + cols * x_stride_v, mask=inside, other=0.0).to(tl.float32)
+        z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        z_masked = tl.where(inside, z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(z_masked, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_masked - m_new), axis=0)
+        m = m_new
+        if HAS_REF:
+            xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)
+            zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+            log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is ever formed
+            zr = tl.where(inside, zr, -float("inf"))
+            m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
+            rescale = tl.exp(m_r - m_r_new)
+            e_r = tl.exp(zr - m_r_new)
+            s_r = s_r * rescale + tl.sum(e_r, axis=0)
+            # an underflowed reference probability contributes exactly 0, even against a -inf policy logit
+            w = w * rescale + tl.sum(tl.where(e_r > 0, e_r * log_ratio, 0.0), axis=0)
+            m_r = m_r_new
+
+    # a masked token read nothing: give it neutral statistics so log(0) and 0/0 are never formed
+    m = tl.where(valid, m, 0.0)
+    s = tl.where(valid, s, 1.0)
+    m_r = tl.where(valid, m_r, 0.0)
+    s_r = tl.where(valid, s_r, 1.0)
+    x_label = tl.load(x_row + safe_label * x_stride_v).to(tl.float32)
+    z_label = transform(x_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+    lse = m + tl.log(s)
+    tl.store(logp_ptr + row, tl.where(valid, z_label - lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if HAS_REF:
+        xr_label = tl.load(ref_row + safe_label * ref_stride_v).to(tl.float32)
+        zr_label = transform(xr_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        lse_r = m_r + tl.log(s_r)
+        tl.store(ref_logp_ptr + row, tl.where(valid, zr_label - lse_r, 0.0))
+        tl.store(ref_lse_ptr + row, tl.where(valid, lse_r, 0.0))
+        tl.store(kl_ptr + row, tl.where(valid, w / s_r - lse_r + lse, 0.0))
+
+
+@triton.jit
+def _logits_backward_kernel(
+    x_ptr, x_stride_r, x_stride_t, x_stride_v,
+    ref_ptr, ref_stride_r, ref_stride_t, ref_stride_v,
+    grad_ptr, grad_stride_r, grad_stride_t, grad_stride_v,
+    labels_ptr, lse_ptr, ref_lse_ptr, g_ptr, g_kl_ptr,
+    seq_len, vocab, ignore_index,
+    logit_scale, softcap, inv_temperature,
+    HAS_KL_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    r, t = row // seq_len, row % seq_len
+    x_row = x_ptr + r * x_stride_r + t * x_stride_t
+    ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
+    grad_row = grad_ptr + r * grad_stride_r + t * grad_stride_t
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = label != ignore_index
+    g = tl.load(g_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    if HAS_KL_GRAD:
+        g_kl = tl.load(g_kl_ptr + row)
+        lse_r = tl.load(ref_lse_ptr + row)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < vocab
+        x = tl.load(x_row + cols * x_stride_v, mask=inside, other=0.0).to(tl.float32)
+        z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        p = tl.exp(z - lse)
+        dz = tl.where(cols == label, g, 0.0) - g * p
+        if HAS_KL_GRAD:
+            xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)
+            zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+            dz += g_kl * (p - tl.exp(zr - lse_r))
+        dx = transform_grad(x, dz, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        dx = tl.where(valid, dx, 0.0)  # a select, so a masked row's unused statistics cannot leak NaN
+        tl.store(grad_row + cols * grad_stride_v, dx.to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+def _forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions):
+    n = labels.numel()
+    out = {k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("logp", "lse")}
+    if ref_logits is not None:
+        out.update({k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("ref_logp", "ref_lse", "kl")})
+    cfg = row_config(logits.shape[-1], logits.dtype, ref_logits is not None)
+    ref = ref_logits if ref_logits is not None else logits
+    if n:
+        _logits_forward_kernel[(n,)](
+            logits, *logits.stride(), ref, *ref.stride(), labels,
+            out["logp"], out["lse"], out.get("ref_logp", out["logp"]), out.get("ref_lse", out["lse"]),
+            out.get("kl", out["logp"]),
+            logits.shape[1], logits.shape[2], opts.ignore_index,
+            **transform_args(opts), HAS_REF=ref_logits is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        )
+    return out
+
+
+def _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions):
+    grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    cfg = row_config(logits.shape[-1], logits.dtype, g_kl is not None)
+    ref = ref_logits if g_kl is not None else logits
+    if labels.numel():
+        _logits_backward_kernel[(labels.numel(),)](
+            logits, *logits.stride(), ref, *ref.stride(), grad, *grad.stride(),
+            labels, lse, ref_lse if g_kl is not None else lse, g, g_kl if g_kl is not None else g,
+            logits.shape[1], logits.shape[2], opts.ignore_index,
+            **transform_args(opts), HAS_KL_GRAD=g_kl is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        )
+    if opts.inplace_backward:
+        mark_logits_overwritten(logits)
+    return grad
+
+
+class TritonTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, opts: TokenOptions):
+        if opts.inplace_backward:
+            refuse_leaf_logits(logits)
+        labels_flat = labels.reshape(-1).contiguous()
+        out = _forward(logits, None, labels_flat, opts)
+        ctx.save_for_backward(logits, labels_flat, out["lse"])
+        ctx.opts = opts
+        return out["logp"].view(labels.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        logits, labels, lse = ctx.saved_tensors
+        g = upstream_grad(grad_logp, labels, ctx.opts.ignore_index)
+        grad = _backward(logits, None, labels, lse, None, g, None, ctx.opts)
+        return grad, None, None
+
+
+class TritonTokenLogprobsAndKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ref_logits, opts: TokenOptions):
+        if opts.inplace_backward:
+            refuse_leaf_logits(logits)
+        labels_flat = labels.reshape(-1).contiguous()
+        out = _forward(logits, ref_logits, labels_flat, opts)
+        ctx.save_for_backward(logits, ref_logits, labels_flat, out["lse"], out["ref_lse"])
+        ctx.opts = opts
+        shape = labels.shape
+        ref_logp = out["ref_logp"].view(shape)
+        ctx.mark_non_differentiable(ref_logp)
+        return out["logp"].view(shape), ref_logp, out["kl"].view(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
+        logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
+        g = upstream_grad(grad_logp, labels, ctx.opts.ignore_index)
+        g_kl = upstream_grad(grad_kl, labels, ctx.opts.ignore_index) if grad_kl is not None else None
+        grad = _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, ctx.opts)
+        return grad, None, None, None
