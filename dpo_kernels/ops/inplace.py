@@ -14,8 +14,10 @@ import torch
 
 
 def refuse_leaf_logits(logits: torch.Tensor) -> None:
-    """Called in ``forward``: refuse logits whose storage the caller still owns as a differentiable leaf."""
-    if logits.is_leaf and logits.requires_grad:
+    """Called in ``forward``: refuse logits whose storage the caller still owns as a differentiable leaf (directly,
+    or through a view such as the reshape the primitives apply)."""
+    owner = logits if logits._base is None else logits._base
+    if owner.is_leaf and owner.requires_grad:
         raise ValueError(
             "inplace_backward=True would write the gradient into logits, but logits is a leaf tensor that requires "
             "grad (its .grad would alias its own values); pass the output of the LM head, or inplace_backward=False"

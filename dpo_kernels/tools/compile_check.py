@@ -1,0 +1,193 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90, with no GPU, and report its resources.
+
+    python -m dpo_kernels.tools.compile_check            # every variant, fp32 / bf16 / fp16, sm_80 and sm_90
+    python -m dpo_kernels.tools.compile_check --arch 90 --dtype bf16 --filter linear
+
+Each row is one kernel variant: the constexpr flags the dispatcher can launch, at the launch configuration the
+heuristics choose for a Llama-3-sized problem (V=128256, D=4096). Registers, spill bytes and shared memory come
+from ``ptxas -v`` (the same ptxas Triton uses for that architecture) run on the PTX Triton generated. Exit status 1
+if any compile fails or any default configuration spills.
+
+The transform flags (``HAS_SCALE``, ``HAS_SOFTCAP``, ``HAS_TEMPERATURE``) add only elementwise arithmetic; every
+kernel is compiled with none of them and with all three, which bounds the register use of the subsets between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter replaces @triton.jit functions with Python ones: there would be nothing to compile.
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ..ops.triton_kernels import config  # noqa: E402
+from ..ops.triton_kernels.linear import _linear_backward_kernel, _linear_forward_kernel  # noqa: E402
+from ..ops.triton_kernels.logits import _logits_backward_kernel, _logits_forward_kernel  # noqa: E402
+
+VOCAB, HIDDEN = 128256, 4096
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Pointer arguments that carry the input dtype; every other pointer is fp32 statistics or int64 labels.
+INPUT_POINTERS = {"x_ptr", "ref_ptr", "grad_ptr", "h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr"}
+FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature", "filter_eps"}
+# Innermost strides are 1 in practice; Triton specialises an argument equal to 1 into a constant, and so do we.
+UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v", "h_stride_d", "rh_stride_d", "w_stride_d", "rw_stride_d"}
+TRANSFORMS = {
+    "plain": dict(HAS_SCALE=False, HAS_SOFTCAP=False, HAS_TEMPERATURE=False),
+    "transformed": dict(HAS_SCALE=True, HAS_SOFTCAP=True, HAS_TEMPERATURE=True),
+}
+
+
+@dataclass
+class Variant:
+    kernel: str
+    fn: object
+    flags: dict
+    num_warps: int
+    num_stages: int = 3
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _variants(dtype: torch.dtype) -> list[Variant]:
+    out = []
+    for (tname, tflags), with_ref in itertools.product(TRANSFORMS.items(), (False, True)):
+        row = config.row_config(VOCAB, dtype, with_ref)
+        tag = f"{'kl' if with_ref else 'logp'},{tname}"
+        out.append(Variant("logits_forward", _logits_forward_kernel, dict(HAS_REF=with_ref, BLOCK_V=row.block_v, **tflags),
+                           row.num_warps, label=tag))
+        out.append(Variant("logits_backward", _logits_backward_kernel,
+                           dict(HAS_KL_GRAD=with_ref, BLOCK_V=row.block_v, **tflags), row.num_warps, label=tag))
+    heads = [(False, False, False), (True, False, False), (False, True, False), (True, True, True)]
+    for (tname, tflags), (bias, ref, ref_bias) in itertools.product(TRANSFORMS.items(), heads):
+        tile = config.tile_config(HIDDEN, dtype, ref, backward=False)
+        tag = f"{'bias,' if bias else ''}{'kl,' if ref else ''}{tname}"
+        out.append(Variant("linear_forward", _linear_forward_kernel,
+                           dict(HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=ref_bias, **tflags, **_tile_flags(tile, dtype)),
+                           tile.num_warps, tile.num_stages, label=tag))
+        tile = config.tile_config(HIDDEN, dtype, ref, backward=True)
+        for filtered, need_dw in ((False, True), (True, True), (False, False)):
+            out.append(Variant(
+                "linear_backward", _linear_backward_kernel,
+                dict(HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=ref_bias, NEED_DH=True, NEED_DW=need_dw,
+                     NEED_DB=bias and need_dw, FILTER=filtered, **tflags, **_tile_flags(tile, dtype)),
+                tile.num_warps, tile.num_stages,
+                label=tag + (",filter" if filtered else "") + ("" if need_dw else ",frozen-head"),
+            ))
+    return out
+
+
+def _tile_flags(tile: config.TileConfig, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d, UPCAST_DOT=False,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in INPUT_POINTERS:
+            sig[name] = "*" + TRITON_TYPE[dtype]
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _ptxas_path(arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def _resources(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and shared memory of the one kernel in ``ptx``, from ``ptxas -v``."""
+    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+                                capture_output=True, text=True, check=True)
+    log = result.stderr + result.stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    stores = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    loads = int(re.search(r"(\d+) bytes spill loads", log).group(1))
+    return {"registers": regs, "spill_bytes": stores + loads}
+
+
+def _compile_one(job: tuple[str, int, int, int]) -> str:
+    """Compile variant ``index`` of ``dtype_name`` for ``arch``; returns its report row (prefixed ``!`` on failure)."""
+    dtype_name, index, arch, _ = job
+    dtype = DTYPES[dtype_name]
+    variant = _variants(dtype)[index]
+    constexprs = {**variant.flags, **{s: 1 for s in UNIT_STRIDES if s in variant.fn.arg_names}}
+    head = f"{variant.kernel:<16} {variant.label:<36} {dtype_name:<5} sm_{arch:<3}"
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=variant.fn, signature=_signature(variant.fn, constexprs, dtype), constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+        )
+        res = _resources(compiled.asm["ptx"], arch)
+    except Exception as exc:  # a compile error is a result to report, not a crash
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"!{head} FAILED: {first}"
+    verdict = "ok" if res["spill_bytes"] == 0 else "SPILLS"
+    row = (f"{head} {variant.num_warps:>5} {res['registers']:>5} {res['spill_bytes']:>8} "
+           f"{compiled.metadata.shared:>7}  {verdict}")
+    return row if verdict == "ok" else "!" + row
+
+
+def check(archs: list[int], dtypes: list[str], name_filter: str | None, jobs: int) -> int:
+    print(f"{'kernel':<16} {'variant':<36} {'dtype':<5} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
+          f"{'smem B':>7}  result", flush=True)
+    work = [
+        (dtype_name, i, arch, 0)
+        for dtype_name in dtypes
+        for i, variant in enumerate(_variants(DTYPES[dtype_name]))
+        if not name_filter or name_filter in variant.kernel
+        for arch in archs
+    ]
+    failures = 0
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        for row in pool.map(_compile_one, work):
+            failures += row.startswith("!")
+            print(row.removeprefix("!"), flush=True)
+    print(f"\n{failures} failure(s) in {len(work)} compiles" if failures
+          else f"\nall {len(work)} compiles succeeded without spills")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpo_kernels.tools.compile_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, action="append", choices=(80, 90), help="default: 80 and 90")
+    parser.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="default: all three")
+    parser.add_argument("--filter", default=None, help="only kernels whose name contains this")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
+    args = parser.parse_args(argv)
+    return check(args.arch or [80, 90], args.dtype or list(DTYPES), args.filter, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
