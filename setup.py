@@ -63,7 +63,11 @@ setup(
     packages=find_packages(include=["dpo_kernels", "dpo_kernels.*"]),
     # torch is required but never resolved here on a machine that has one: install torch first (see README).
     install_requires=["torch>=2.1"],
-    extras_require={"test": ["pytest>=7", "numpy"], "bench": ["pytest-benchmark>=4"]},
+    # triton: CUDA builds of torch already ship it; on a CPU machine the tests run its kernels in the interpreter.
+    extras_require={
+        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'"],
+        "bench": ["pytest-benchmark>=4"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
