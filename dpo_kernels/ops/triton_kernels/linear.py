@@ -234,15 +234,15 @@ def _forward(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, o
     hidden, weight = policy.hidden, policy.weight
     n, vocab = labels.numel(), weight.shape[0]
     device = hidden.device
-    cfg = tile_config(hidden.shape[-1], hidden.dtype, ref is not None, backward=False)
-    splits = _vocab_splits(n, vocab, cfg, device)
-    per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(vocab, per_split)
     names = ("m", "s", "label") + (("mr", "sr", "label_r", "w") if ref is not None else ())
-    parts = {k: torch.empty((splits, n), dtype=torch.float32, device=device) for k in names}
-    dummy = parts["m"]
     ref_head = ref if ref is not None else policy
-    if n:
+
+    def launch(cfg: TileConfig) -> dict[str, torch.Tensor]:
+        splits = _vocab_splits(n, vocab, cfg, device)
+        per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
+        splits = triton.cdiv(vocab, per_split)
+        parts = {k: torch.empty((splits, n), dtype=torch.float32, device=device) for k in names}
+        dummy = parts["m"]
         _linear_forward_kernel[(triton.cdiv(n, cfg.block_n), splits)](
             *_head_args(policy), *_head_args(ref_head), labels,
             parts["m"], parts["s"], parts["label"],
@@ -254,7 +254,14 @@ def _forward(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, o
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return _combine(parts, labels, opts)
+        return parts
+
+    if not n:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return {k: empty for k in ("lse", "logp", "ref_lse", "ref_logp", "kl")}
+    base = tile_config(hidden.shape[-1], hidden.dtype, ref is not None, backward=False)
+    cfg = _tuned(("fwd", n, vocab, hidden.shape[-1], hidden.dtype, ref is not None), base, device, launch)
+    return _combine(launch(cfg), labels, opts)
 
 
 def _merge_lse(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
