@@ -27,3 +27,11 @@ def split_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor,
     mask = labels != ignore_index
     index = torch.where(mask, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
     return index, mask
+
+
+def kl_outputs(ctx, logp: torch.Tensor, ref_logp: torch.Tensor, kl: torch.Tensor, shape: torch.Size):
+    """The ``(logp, ref_logp, kl)`` outputs of a KL autograd function, viewed as ``shape``; ``ref_logp`` is marked
+    non-differentiable because the reference receives no gradient."""
+    ref_logp = ref_logp.view(shape)
+    ctx.mark_non_differentiable(ref_logp)
+    return logp.view(shape), ref_logp, kl.view(shape)

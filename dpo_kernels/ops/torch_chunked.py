@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..options import TokenOptions, statistics_dtype
-from .common import LinearHead, split_labels
+from .common import LinearHead, kl_outputs, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .transform import transform_backward, transform_logits
 
@@ -193,13 +193,8 @@ class _TokenLogprobsAndKL(torch.autograd.Function):
             kl[s:e] = _kl_terms(ref_z - ref_lse[s:e].unsqueeze(1), z - lse[s:e].unsqueeze(1)).sum(-1)
         ctx.save_for_backward(logits, ref_logits, index, mask, lse, ref_lse)
         ctx.opts = opts
-        ref_out = _zeros_where_masked(ref_logp, mask).view(shape[:2])
-        ctx.mark_non_differentiable(ref_out)
-        return (
-            _zeros_where_masked(logp, mask).view(shape[:2]),
-            ref_out,
-            _zeros_where_masked(kl, mask).view(shape[:2]),
-        )
+        masked = (_zeros_where_masked(x, mask) for x in (logp, ref_logp, kl))
+        return kl_outputs(ctx, *masked, shape[:2])
 
     @staticmethod
     @once_differentiable
@@ -387,10 +382,8 @@ class _LinearTokenLogprobsAndKL(torch.autograd.Function):
         logp, lse, ref_logp, ref_lse, kl, index, mask = _linear_forward(hidden, weight, bias, labels, opts, ref)
         ctx.save_for_backward(hidden, weight, bias, index, mask, lse, ref_lse)
         ctx.opts, ctx.ref = opts, ref
-        shape = hidden.shape[:2]
-        ref_out = _zeros_where_masked(ref_logp, mask).view(shape)
-        ctx.mark_non_differentiable(ref_out)
-        return _zeros_where_masked(logp, mask).view(shape), ref_out, _zeros_where_masked(kl, mask).view(shape)
+        masked = (_zeros_where_masked(x, mask) for x in (logp, ref_logp, kl))
+        return kl_outputs(ctx, *masked, hidden.shape[:2])
 
     @staticmethod
     @once_differentiable

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import LinearHead
+from ..common import LinearHead, kl_outputs
 from .config import TileConfig, autotune_enabled, tile_candidates, tile_config
 from .jit_helpers import transform, transform_grad
 from .launch import dot_precision, transform_args, upcast_dot, upstream_grad
@@ -364,10 +364,7 @@ class TritonLinearTokenLogprobsAndKL(torch.autograd.Function):
         out = _forward(LinearHead(hidden, weight, bias), ref, labels_flat, opts)
         ctx.save_for_backward(hidden, weight, bias, labels_flat, out["lse"], out["ref_lse"])
         ctx.opts, ctx.ref = opts, ref
-        shape = labels.shape
-        ref_logp = out["ref_logp"].view(shape)
-        ctx.mark_non_differentiable(ref_logp)
-        return out["logp"].view(shape), ref_logp, out["kl"].view(shape)
+        return kl_outputs(ctx, out["logp"], out["ref_logp"], out["kl"], labels.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
+from ..common import kl_outputs
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
 from .jit_helpers import transform, transform_grad
@@ -193,10 +194,7 @@ class TritonTokenLogprobsAndKL(torch.autograd.Function):
         out = _forward(logits, ref_logits, labels_flat, opts)
         ctx.save_for_backward(logits, ref_logits, labels_flat, out["lse"], out["ref_lse"])
         ctx.opts = opts
-        shape = labels.shape
-        ref_logp = out["ref_logp"].view(shape)
-        ctx.mark_non_differentiable(ref_logp)
-        return out["logp"].view(shape), ref_logp, out["kl"].view(shape)
+        return kl_outputs(ctx, out["logp"], out["ref_logp"], out["kl"], labels.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
