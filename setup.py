@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import find_packages, setup
@@ -40,11 +41,15 @@ def _extension_modules():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     extension_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
+    cxx_flags = ["-O3", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # at::vec's AVX2 implementation; dpo_kernels refuses the cpu backend on a CPU without AVX2 at run time.
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     ext = extension_cls(
         name="dpo_kernels._C",
         sources=cpp_sources + (cuda_sources if use_cuda else []),
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=["-fopenmp"],
         define_macros=[("DPO_KERNELS_WITH_CUDA", "1")] if use_cuda else [],
     )

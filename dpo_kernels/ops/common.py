@@ -35,3 +35,12 @@ def kl_outputs(ctx, logp: torch.Tensor, ref_logp: torch.Tensor, kl: torch.Tensor
     ref_logp = ref_logp.view(shape)
     ctx.mark_non_differentiable(ref_logp)
     return logp.view(shape), ref_logp, kl.view(shape)
+
+
+def upstream_grad(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
+    """The incoming gradient of a per-token output as a contiguous ``[N]`` vector (fp32 unless told), 0 at ignored
+    tokens (and everywhere when the output is unused), so masked tokens receive exactly zero gradient."""
+    if grad is None:
+        return torch.zeros(labels.numel(), dtype=dtype, device=labels.device)
+    g = grad.reshape(-1).to(dtype)
+    return torch.where(labels.reshape(-1) != ignore_index, g, torch.zeros((), dtype=dtype, device=g.device)).contiguous()

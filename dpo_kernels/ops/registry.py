@@ -102,6 +102,18 @@ def _triton_check() -> str | None:
     return None
 
 
+def _extension_cpu_check() -> str | None:
+    from . import extension  # imports torch only; _C itself is imported on first use
+
+    return extension.cpu_unavailable_reason()
+
+
+def _extension_cuda_check() -> str | None:
+    from . import extension
+
+    return extension.cuda_unavailable_reason()
+
+
 _HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 _BACKENDS: dict[str, BackendSpec] = {
@@ -126,6 +138,26 @@ _BACKENDS: dict[str, BackendSpec] = {
             dtypes=None,
             check=_always,
             summary="chunked PyTorch, memory-bounded, any device (the fallback)",
+        ),
+        BackendSpec(
+            name="cpu",
+            module="dpo_kernels.ops.cpp_backend",
+            devices=lambda: ("cpu",),
+            auto_devices=("cpu",),
+            auto_rank=50,
+            dtypes=None,
+            check=_extension_cpu_check,
+            summary="C++ kernels of dpo_kernels._C: OpenMP over rows, AVX2 inner loops (the fast CPU path)",
+        ),
+        BackendSpec(
+            name="cuda",
+            module="dpo_kernels.ops.cpp_backend",
+            devices=lambda: ("cuda",),
+            auto_devices=("cuda",),
+            auto_rank=20,
+            dtypes=_HALF_AND_SINGLE,
+            check=_extension_cuda_check,
+            summary="CUDA C++ kernels of dpo_kernels._C, cuBLAS tiles for the head",
         ),
         BackendSpec(
             name="triton",

@@ -43,11 +43,3 @@ def require_supported_dtype(*tensors: torch.Tensor | None) -> None:
                 "use backend='torch' for float64"
             )
 
-
-def upstream_grad(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The incoming gradient of a per-token output as a contiguous fp32 ``[N]`` vector, 0 at ignored tokens (and
-    everywhere when the output is unused), so masked tokens receive exactly zero gradient."""
-    if grad is None:
-        return torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
-    g = grad.reshape(-1).to(torch.float32)
-    return torch.where(labels != ignore_index, g, torch.zeros((), dtype=g.dtype, device=g.device)).contiguous()

@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import LinearHead, kl_outputs
+from ..common import LinearHead, kl_outputs, upstream_grad
 from .config import TileConfig, autotune_enabled, tile_candidates, tile_config
 from .jit_helpers import transform, transform_grad
-from .launch import dot_precision, transform_args, upcast_dot, upstream_grad
+from .launch import dot_precision, transform_args, upcast_dot
 
 
 @triton.jit

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import kl_outputs
+from ..common import kl_outputs, upstream_grad
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
 from .jit_helpers import transform, transform_grad
-from .launch import upstream_grad, transform_args
+from .launch import transform_args
 
 
 @triton.jit

@@ -1,0 +1,247 @@
+// CPU implementations of the dpo_kernels ops: OpenMP over rows (at::parallel_for), at::vec inner loops, one pass
+// over each logits row with an online log-sum-exp, fp32 statistics for fp16/bf16/fp32 inputs (fp64 for fp64).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "row_kernels.h"
+
+namespace dpo_kernels {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+TransformParams make_transform(double logit_scale, double softcap, double inv_temperature) {
+  return TransformParams{logit_scale, softcap, inv_temperature};
+}
+
+at::ScalarType stats_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Row n of a [R, T, V] tensor.
+template <typename scalar_t>
+struct Rows {
+  scalar_t* base;
+  int64_t stride_r, stride_t, stride_v, seq_len;
+
+  explicit Rows(const Tensor& x)
+      : base(x.data_ptr<scalar_t>()), stride_r(x.stride(0)), stride_t(x.stride(1)), stride_v(x.stride(2)),
+        seq_len(x.size(1)) {}
+
+  scalar_t* row(int64_t n) const { return base + (n / seq_len) * stride_r + (n % seq_len) * stride_t; }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& logits, const Tensor& labels,
+                                                                  const c10::optional<Tensor>& ref_logits,
+                                                                  int64_t ignore_index, double logit_scale,
+                                                                  double softcap, double inv_temperature) {
+  TORCH_CHECK(logits.dim() == 3, "dpo_kernels::logits_forward: logits must be [R, T, V]");
+  const bool with_ref = ref_logits.has_value() && ref_logits->defined();
+  const int64_t n = logits.size(0) * logits.size(1), vocab = logits.size(2);
+  const auto opts = logits.options().dtype(stats_type(logits.scalar_type()));
+  Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  Tensor ref_logp = with_ref ? at::empty({n}, opts) : at::empty({0}, opts);
+  Tensor ref_lse = with_ref ? at::empty({n}, opts) : at::empty({0}, opts);
+  Tensor kl = with_ref ? at::empty({n}, opts) : at::empty({0}, opts);
+  const Tensor labels_flat = labels.reshape({-1}).to(at::kLong).contiguous();
+  const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dpo_logits_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<scalar_t> rows(logits);
+    const Rows<scalar_t> ref_rows(with_ref ? *ref_logits : logits);
+    const int64_t* y = labels_flat.data_ptr<int64_t>();
+    acc_t *out_logp = logp.data_ptr<acc_t>(), *out_lse = lse.data_ptr<acc_t>();
+    acc_t* out_ref_logp = with_ref ? ref_logp.data_ptr<acc_t>() : nullptr;
+    acc_t* out_ref_lse = with_ref ? ref_lse.data_ptr<acc_t>() : nullptr;
+    acc_t* out_kl = with_ref ? kl.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(kChunk), zr(kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t label = y[i];
+        if (label == ignore_index) {  // a masked token reads nothing
+          out_logp[i] = out_lse[i] = 0;
+          if (with_ref) out_ref_logp[i] = out_ref_lse[i] = out_kl[i] = 0;
+          continue;
+        }
+        const scalar_t* x = rows.row(i);
+        const scalar_t* xr = ref_rows.row(i);
+        OnlineLse<acc_t> policy;
+        OnlineKl<acc_t> ref;
+        for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
+          const int64_t len = std::min(kChunk, vocab - v0);
+          load_chunk(x + v0 * rows.stride_v, rows.stride_v, len, z.data());
+          transform_chunk(t, z.data(), z.data(), len);
+          policy.fold(z.data(), len);
+          if (with_ref) {
+            load_chunk(xr + v0 * ref_rows.stride_v, ref_rows.stride_v, len, zr.data());
+            transform_chunk(t, zr.data(), zr.data(), len);
+            ref.fold(z.data(), zr.data(), len);
+          }
+        }
+        const acc_t policy_lse = policy.lse();
+        out_lse[i] = policy_lse;
+        out_logp[i] = t.apply<acc_t>(static_cast<acc_t>(x[label * rows.stride_v])) - policy_lse;
+        if (with_ref) {
+          const acc_t lse_r = ref.ref.lse();
+          out_ref_lse[i] = lse_r;
+          out_ref_logp[i] = t.apply<acc_t>(static_cast<acc_t>(xr[label * ref_rows.stride_v])) - lse_r;
+          out_kl[i] = ref.kl(policy_lse);
+        }
+      }
+    });
+  });
+  return {logp, lse, ref_logp, ref_lse, kl};
+}
+
+void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& g,
+                     const c10::optional<Tensor>& ref_logits, const c10::optional<Tensor>& ref_lse,
+                     const c10::optional<Tensor>& g_kl, const Tensor& grad, int64_t ignore_index, double logit_scale,
+                     double softcap, double inv_temperature) {
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type(),
+              "dpo_kernels::logits_backward: grad must match logits");
+  const bool with_kl = g_kl.has_value() && g_kl->defined();
+  const int64_t n = logits.size(0) * logits.size(1), vocab = logits.size(2);
+  const Tensor labels_flat = labels.reshape({-1}).to(at::kLong).contiguous();
+  const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dpo_logits_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<scalar_t> rows(logits), grad_rows(grad);
+    const Rows<scalar_t> ref_rows(with_kl ? *ref_logits : logits);
+    const int64_t* y = labels_flat.data_ptr<int64_t>();
+    const acc_t* lse_p = lse.data_ptr<acc_t>();
+    const acc_t* g_p = g.data_ptr<acc_t>();
+    const acc_t* ref_lse_p = with_kl ? ref_lse->data_ptr<acc_t>() : nullptr;
+    const acc_t* g_kl_p = with_kl ? g_kl->data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> x(kChunk), z(kChunk), zr(kChunk), dz(kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t label = y[i];
+        const bool valid = label != ignore_index;
+        const scalar_t* xrow = rows.row(i);
+        scalar_t* grow = grad_rows.row(i);
+        for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
+          const int64_t len = std::min(kChunk, vocab - v0);
+          if (valid) {
+            load_chunk(xrow + v0 * rows.stride_v, rows.stride_v, len, x.data());
+            transform_chunk(t, x.data(), z.data(), len);
+            if (with_kl) {
+              load_chunk(ref_rows.row(i) + v0 * ref_rows.stride_v, ref_rows.stride_v, len, zr.data());
+              transform_chunk(t, zr.data(), zr.data(), len);
+            }
+            const int64_t col = (label >= v0 && label < v0 + len) ? label - v0 : -1;
+            chunk_grad(z.data(), zr.data(), len, lse_p[i], with_kl ? ref_lse_p[i] : acc_t(0), g_p[i],
+                       with_kl ? g_kl_p[i] : acc_t(0), with_kl, col, dz.data());
+            transform_grad_chunk(t, x.data(), dz.data(), dz.data(), len);
+          } else {
+            std::fill(dz.begin(), dz.begin() + len, acc_t(0));
+          }
+          // written after the chunk was read, so grad may be the logits themselves (inplace_backward)
+          scalar_t* out = grow + v0 * grad_rows.stride_v;
+          for (int64_t k = 0; k < len; ++k) out[k * grad_rows.stride_v] = static_cast<scalar_t>(dz[k]);
+        }
+      }
+    });
+  });
+}
+
+// Linear path, one tile: fold raw logits x [n, vt] (columns v0..v0+vt) into per-token statistics.
+// stats [3, n]: running max, running sum, label logit. ref_stats [4, n]: the reference's max, sum, label logit
+// and the KL's weighted sum w.
+void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& stats, const c10::optional<Tensor>& xr,
+               const c10::optional<Tensor>& ref_stats, double logit_scale, double softcap, double inv_temperature) {
+  const bool with_ref = xr.has_value() && xr->defined();
+  const int64_t rows = x.size(0), width = x.size(1);
+  const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_fold_tile", [&] {
+    using acc_t = scalar_t;
+    const acc_t* xp = x.data_ptr<acc_t>();
+    const acc_t* xrp = with_ref ? xr->data_ptr<acc_t>() : nullptr;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    acc_t* st = stats.data_ptr<acc_t>();
+    acc_t* rst = with_ref ? ref_stats->data_ptr<acc_t>() : nullptr;
+    const int64_t ss = stats.stride(0), rss = with_ref ? ref_stats->stride(0) : 0;
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(width), zr(width);
+      for (int64_t i = begin; i < end; ++i) {
+        transform_chunk(t, xp + i * x.stride(0), z.data(), width);
+        OnlineLse<acc_t> policy{st[i], st[ss + i]};
+        policy.fold(z.data(), width);
+        st[i] = policy.m;
+        st[ss + i] = policy.s;
+        const int64_t col = y[i] - v0;
+        const bool hit = col >= 0 && col < width;
+        if (hit) st[2 * ss + i] = z[col];
+        if (with_ref) {
+          transform_chunk(t, xrp + i * xr->stride(0), zr.data(), width);
+          OnlineKl<acc_t> ref{OnlineLse<acc_t>{rst[i], rst[rss + i]}, rst[3 * rss + i]};
+          ref.fold(z.data(), zr.data(), width);
+          rst[i] = ref.ref.m;
+          rst[rss + i] = ref.ref.s;
+          rst[3 * rss + i] = ref.w;
+          if (hit) rst[2 * rss + i] = zr[col];
+        }
+      }
+    });
+  });
+}
+
+// Linear path, one tile: overwrite raw logits x [n, vt] with dL/dx. Returns 0 when grad_filter_eps >= 0 and every
+// |p - onehot| (and |p - q|) of the tile is below it (the caller then skips the tile), else 1.
+int64_t grad_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& lse, const Tensor& g,
+                  const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_lse,
+                  const c10::optional<Tensor>& g_kl, double filter_eps, double logit_scale, double softcap,
+                  double inv_temperature) {
+  const bool with_kl = g_kl.has_value() && g_kl->defined();
+  const bool filter = filter_eps >= 0;
+  const int64_t rows = x.size(0), width = x.size(1);
+  const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+  double deviation = 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_grad_tile", [&] {
+    using acc_t = scalar_t;
+    acc_t* xp = x.data_ptr<acc_t>();
+    const acc_t* xrp = with_kl ? xr->data_ptr<acc_t>() : nullptr;
+    const int64_t* y = labels.data_ptr<int64_t>();
+    const acc_t *lse_p = lse.data_ptr<acc_t>(), *g_p = g.data_ptr<acc_t>();
+    const acc_t* ref_lse_p = with_kl ? ref_lse->data_ptr<acc_t>() : nullptr;
+    const acc_t* g_kl_p = with_kl ? g_kl->data_ptr<acc_t>() : nullptr;
+    const int64_t threads = at::get_num_threads();
+    std::vector<acc_t> worst(threads, acc_t(0));
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(width), zr(width), dz(width);
+      acc_t& dev = worst[at::get_thread_num()];
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* xi = xp + i * x.stride(0);
+        transform_chunk(t, xi, z.data(), width);
+        if (with_kl) transform_chunk(t, xrp + i * xr->stride(0), zr.data(), width);
+        const int64_t col = (y[i] >= v0 && y[i] < v0 + width) ? y[i] - v0 : -1;
+        const acc_t ref_lse_i = with_kl ? ref_lse_p[i] : acc_t(0);
+        if (filter) dev = std::max(dev, chunk_deviation(z.data(), zr.data(), width, lse_p[i], ref_lse_i, with_kl, col));
+        chunk_grad(z.data(), zr.data(), width, lse_p[i], ref_lse_i, g_p[i], with_kl ? g_kl_p[i] : acc_t(0), with_kl,
+                   col, dz.data());
+        transform_grad_chunk(t, xi, dz.data(), xi, width);
+      }
+    });
+    for (acc_t d : worst) deviation = std::max(deviation, static_cast<double>(d));
+  });
+  return (filter && deviation < filter_eps) ? 0 : 1;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
+  m.impl("logits_forward", &logits_forward);
+  m.impl("logits_backward", &logits_backward);
+  m.impl("fold_tile", &fold_tile);
+  m.impl("grad_tile", &grad_tile);
+}
+
+}  // namespace cpu
+}  // namespace dpo_kernels

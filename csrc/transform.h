@@ -1,0 +1,42 @@
+// The logit post-processing of FORMULAS.md section 1, shared by the CPU and CUDA kernels (no torch headers):
+// z = logit_scale * x, then softcap * tanh(z / softcap) when softcap > 0, then z * inv_temperature.
+#pragma once
+
+#if defined(__CUDACC__)
+#define DPO_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DPO_HOST_DEVICE inline
+#endif
+
+#include <cmath>
+
+namespace dpo_kernels {
+
+// Held in double so that fp64 inputs keep full precision; fp32 kernels convert once per use.
+struct TransformParams {
+  double logit_scale;      // 1 when unused
+  double softcap;          // <= 0 when unused
+  double inv_temperature;  // 1 when unused
+
+  DPO_HOST_DEVICE bool has_softcap() const { return softcap > 0.0; }
+
+  template <typename acc_t>
+  DPO_HOST_DEVICE acc_t apply(acc_t x) const {
+    acc_t z = x * static_cast<acc_t>(logit_scale);
+    if (has_softcap()) z = static_cast<acc_t>(softcap) * tanh(z / static_cast<acc_t>(softcap));
+    return z * static_cast<acc_t>(inv_temperature);
+  }
+
+  // dL/dx from dL/dz at raw logit x.
+  template <typename acc_t>
+  DPO_HOST_DEVICE acc_t grad(acc_t x, acc_t grad_z) const {
+    acc_t factor = static_cast<acc_t>(logit_scale) * static_cast<acc_t>(inv_temperature);
+    if (has_softcap()) {
+      acc_t t = tanh(x * static_cast<acc_t>(logit_scale) / static_cast<acc_t>(softcap));
+      factor *= acc_t(1) - t * t;
+    }
+    return grad_z * factor;
+  }
+};
+
+}  // namespace dpo_kernels
