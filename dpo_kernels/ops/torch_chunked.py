@@ -29,16 +29,18 @@ from .common import LinearHead, kl_outputs, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .transform import transform_backward, transform_logits
 
-# Elements of one fp32 working tile (32 MiB); a few such temporaries are alive at once.
-_TILE_ELEMENTS = 1 << 23
+# Elements of one fp32 working tile; a few such temporaries are alive at once. 8 MiB on CPU (cache-sized); 32 MiB on
+# accelerators, where fewer, larger tiles mean fewer kernel launches.
+_TILE_ELEMENTS = {"cpu": 1 << 21}
+_DEFAULT_TILE_ELEMENTS = 1 << 23
 # Tokens per tile on the linear path; the vocabulary width is then chosen to fill the tile budget.
 _LINEAR_TOKEN_CHUNK = 1024
 _LINEAR_TILE_ELEMENTS = 1 << 21
 
 
-def default_token_chunk(vocab: int) -> int:
-    """Tokens per tile from logits: as many rows of ``vocab`` fp32 values as fit the tile budget."""
-    return max(1, _TILE_ELEMENTS // vocab)
+def default_token_chunk(vocab: int, device: torch.device) -> int:
+    """Tokens per tile from logits: as many rows of ``vocab`` fp32 values as fit the device's tile budget."""
+    return max(1, _TILE_ELEMENTS.get(device.type, _DEFAULT_TILE_ELEMENTS) // vocab)
 
 
 def default_linear_chunks(num_tokens: int, vocab: int) -> tuple[int, int]:
@@ -153,7 +155,7 @@ class _TokenLogprobs(torch.autograd.Function):
         shape, sdt = logits.shape, statistics_dtype(logits.dtype)
         index, mask = split_labels(labels.reshape(-1), opts.ignore_index)
         rows = TokenRows(logits)
-        chunk = opts.token_chunk_size or default_token_chunk(shape[-1])
+        chunk = opts.token_chunk_size or default_token_chunk(shape[-1], logits.device)
         logp = torch.empty(index.numel(), dtype=sdt, device=logits.device)
         lse = torch.empty_like(logp)
         for s, e in token_ranges(shape, chunk, rows):
@@ -170,7 +172,7 @@ class _TokenLogprobs(torch.autograd.Function):
         g = _zeros_where_masked(grad_logp.reshape(-1).to(sdt), mask)
         grad = _logits_grad_buffer(logits, opts)
         rows, grad_rows = TokenRows(logits), TokenRows(grad)
-        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1]), rows):
+        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1], logits.device), rows):
             x = rows.rows(s, e).to(sdt)
             dz = _logit_grad(transform_logits(x, opts), lse[s:e], g[s:e], index[s:e], None)
             grad_rows.rows(s, e).copy_(transform_backward(x, dz, opts))
@@ -187,7 +189,7 @@ class _TokenLogprobsAndKL(torch.autograd.Function):
         rows, ref_rows = TokenRows(logits), TokenRows(ref_logits)
         n = index.numel()
         logp, lse, ref_logp, ref_lse, kl = (torch.empty(n, dtype=sdt, device=logits.device) for _ in range(5))
-        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1]), rows, ref_rows):
+        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1], logits.device), rows, ref_rows):
             z, lse[s:e], logp[s:e] = _forward_logits_tile(rows.rows(s, e), index[s:e], opts, sdt)
             ref_z, ref_lse[s:e], ref_logp[s:e] = _forward_logits_tile(ref_rows.rows(s, e), index[s:e], opts, sdt)
             kl[s:e] = _kl_terms(ref_z - ref_lse[s:e].unsqueeze(1), z - lse[s:e].unsqueeze(1)).sum(-1)
@@ -205,7 +207,7 @@ class _TokenLogprobsAndKL(torch.autograd.Function):
         g_kl = _zeros_where_masked(grad_kl.reshape(-1).to(sdt), mask)
         grad = _logits_grad_buffer(logits, opts)
         rows, ref_rows, grad_rows = TokenRows(logits), TokenRows(ref_logits), TokenRows(grad)
-        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1]), rows, ref_rows):
+        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1], logits.device), rows, ref_rows):
             x = rows.rows(s, e).to(sdt)
             ref_z = transform_logits(ref_rows.rows(s, e).to(sdt), opts)
             dz = _logit_grad(

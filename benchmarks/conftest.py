@@ -1,0 +1,1 @@
+"""Benchmarks run only when asked: ``pytest benchmarks --benchmark-only`` (the default test run is ``tests/``)."""
