@@ -1,7 +1,8 @@
-"""Compile every Triton kernel ahead of time for sm_80 and sm_90, with no GPU, and report its resources.
+"""Compile every kernel ahead of time for sm_80 and sm_90, with no GPU, and report its resources.
 
-    python -m dpo_kernels.tools.compile_check            # every variant, fp32 / bf16 / fp16, sm_80 and sm_90
+    python -m dpo_kernels.tools.compile_check            # Triton: every variant, fp32 / bf16 / fp16, sm_80, sm_90
     python -m dpo_kernels.tools.compile_check --arch 90 --dtype bf16 --filter linear
+    python -m dpo_kernels.tools.compile_check --cuda     # csrc/**/*.cu with nvcc and ptxas -v (see cuda_check.py)
 
 Each row is one kernel variant: the constexpr flags the dispatcher can launch, at the launch configuration the
 heuristics choose for a Llama-3-sized problem (V=128256, D=4096). Registers, spill bytes and shared memory come
@@ -185,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="default: all three")
     parser.add_argument("--filter", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
+    parser.add_argument("--cuda", action="store_true", help="check the CUDA C++ kernels of csrc/ instead")
     args = parser.parse_args(argv)
+    if args.cuda:
+        from . import cuda_check
+
+        return cuda_check.check()
     return check(args.arch or [80, 90], args.dtype or list(DTYPES), args.filter, args.jobs)
 
 

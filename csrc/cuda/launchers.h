@@ -1,0 +1,46 @@
+// Host entry points of the CUDA kernels. Plain C: raw pointers, element strides and the CUDA stream as an integer,
+// so that the kernels compile and link without torch (csrc/cuda_bindings.cpp is the only torch-facing caller).
+// Every function returns a cudaError_t value (0 on success).
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes of the logits / tiles
+enum DpoDtype { DPO_FLOAT32 = 0, DPO_FLOAT16 = 1, DPO_BFLOAT16 = 2, DPO_FLOAT64 = 3 };
+
+// Logits [R, T, V] with strides (stride_r, stride_t, stride_v); labels [R*T] int64; outputs [R*T] fp32.
+// ref_logits may be NULL (then ref_logp, ref_lse, kl are not written).
+int dpo_logits_forward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
+                       const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t, int64_t ref_stride_v,
+                       const int64_t* labels, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
+                       double logit_scale, double softcap, double inv_temperature, float* logp, float* lse,
+                       float* ref_logp, float* ref_lse, float* kl, intptr_t stream);
+
+// Writes g (onehot - p) + g_kl (p - q) through the transform into grad (may equal logits: in-place backward).
+// ref_logits, ref_lse, g_kl may be NULL (no KL gradient). g, g_kl are 0 at masked tokens.
+int dpo_logits_backward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
+                        const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t, int64_t ref_stride_v,
+                        void* grad, int64_t grad_stride_r, int64_t grad_stride_t, int64_t grad_stride_v,
+                        const int64_t* labels, const float* lse, const float* ref_lse, const float* g,
+                        const float* g_kl, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
+                        double logit_scale, double softcap, double inv_temperature, intptr_t stream);
+
+// Tiles of the linear path: x, xr are contiguous [n, width] raw logits (fp32 or fp64, dtype code) of columns
+// v0..v0+width. stats rows (stride stats_stride): max, sum, label logit; ref_stats rows: max, sum, label logit, w.
+int dpo_fold_tile(int dtype, const void* x, const void* xr, int64_t n, int64_t width, int64_t v0,
+                  const int64_t* labels, void* stats, int64_t stats_stride, void* ref_stats, int64_t ref_stats_stride,
+                  double logit_scale, double softcap, double inv_temperature, intptr_t stream);
+
+// Overwrites x with dL/dx. With filter_eps >= 0, *kept (host) is set to 0 when every |p - onehot| (and |p - q|)
+// of the tile is below filter_eps (this synchronises the stream); otherwise *kept = 1 without synchronising.
+int dpo_grad_tile(int dtype, void* x, const void* xr, int64_t n, int64_t width, int64_t v0, const int64_t* labels,
+                  const void* lse, const void* ref_lse, const void* g, const void* g_kl, double filter_eps,
+                  double logit_scale, double softcap, double inv_temperature, int* kept, intptr_t stream);
+
+#ifdef __cplusplus
+}
+#endif

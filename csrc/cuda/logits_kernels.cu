@@ -1,0 +1,286 @@
+// CUDA kernels from logits: per-token log-probs, and with reference logits the reference log-probs and
+// KL(ref || policy), in one pass over each row (online log-sum-exp); the backward writes
+// g (onehot - p) + g_kl (p - q) through the logit transform, in place when grad == logits.
+//
+// Mapping: a warp per row when V <= kWarpRowMaxVocab (several rows per block), else a block of kBlockThreads per
+// row. Loads are VEC-wide 16-byte packets when the rows are contiguous and aligned, scalar otherwise. Statistics
+// are fp32 for fp32 / fp16 / bf16 inputs. No __launch_bounds__: with it ptxas aimed below the register budget
+// and spilled; blocks are at most 256 threads, so any register count up to 255 fits an SM. No torch headers.
+#include "device_utils.cuh"
+#include "launchers.h"
+
+namespace dpo_kernels {
+namespace cuda {
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarpRowMaxVocab = 4096;
+constexpr int kWarpRowsPerBlock = 4;
+
+struct RowLayout {
+  int64_t stride_r, stride_t, stride_v;
+  __device__ __forceinline__ int64_t offset(int64_t row, int64_t seq_len) const {
+    return (row / seq_len) * stride_r + (row % seq_len) * stride_t;
+  }
+};
+
+// Folds one policy logit z (and reference logit zr) into the thread's running states.
+template <bool WITH_REF>
+__device__ __forceinline__ void fold(float z, float zr, Lse& state, KlState& ref) {
+  if (z > state.m) {
+    state.s = state.s * __expf(state.m - z) + 1.f;
+    state.m = z;
+  } else {
+    state.s += __expf(z - state.m);
+  }
+  if constexpr (WITH_REF) {
+    if (zr > ref.ref.m) {
+      const float f = __expf(ref.ref.m - zr);
+      ref.ref.s = ref.ref.s * f + 1.f;
+      ref.w = ref.w * f + (zr - z);
+      ref.ref.m = zr;
+    } else {
+      const float e = __expf(zr - ref.ref.m);
+      ref.ref.s += e;
+      if (e > 0.f) ref.w += e * (zr - z);  // an underflowed reference probability contributes exactly 0
+    }
+  }
+}
+
+template <typename T, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_REF>
+__global__ void
+    logits_forward_kernel(const T* __restrict__ logits, RowLayout layout, const T* __restrict__ ref_logits,
+                          RowLayout ref_layout, const int64_t* __restrict__ labels, int64_t rows, int64_t seq_len,
+                          int64_t vocab, int64_t ignore_index, TransformParams t, float* __restrict__ logp,
+                          float* __restrict__ lse_out, float* __restrict__ ref_logp, float* __restrict__ ref_lse_out,
+                          float* __restrict__ kl_out) {
+  __shared__ KlState scratch[THREADS > kWarp ? THREADS / kWarp : 1];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.x / THREADS;
+  const int lane = threadIdx.x % THREADS;
+  if (row >= rows) return;  // whole warps only: ROWS_PER_BLOCK > 1 implies THREADS == kWarp
+  const int64_t label = labels[row];
+  if (label == ignore_index) {  // a masked token reads nothing
+    if (lane == 0) {
+      logp[row] = lse_out[row] = 0.f;
+      if (WITH_REF) ref_logp[row] = ref_lse_out[row] = kl_out[row] = 0.f;
+    }
+    return;
+  }
+  const T* x_row = logits + layout.offset(row, seq_len);
+  const T* r_row = WITH_REF ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
+  Lse state{-INFINITY, 0.f};
+  KlState ref{{-INFINITY, 0.f}, 0.f};
+  // one pass: each element of both rows is read once
+  int64_t tail = 0;
+  if constexpr (VEC > 1) {
+    const int64_t packets = vocab / VEC;
+    for (int64_t p = lane; p < packets; p += THREADS) {
+      const Packet<T, VEC> px = reinterpret_cast<const Packet<T, VEC>*>(x_row)[p];
+      Packet<T, VEC> pr;
+      if constexpr (WITH_REF) pr = reinterpret_cast<const Packet<T, VEC>*>(r_row)[p];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float zr = WITH_REF ? t.apply<float>(to_float(pr.v[k])) : 0.f;
+        fold<WITH_REF>(t.apply<float>(to_float(px.v[k])), zr, state, ref);
+      }
+    }
+    tail = packets * VEC;
+  }
+  for (int64_t i = tail + lane; i < vocab; i += THREADS) {
+    const float zr = WITH_REF ? t.apply<float>(to_float(r_row[i * ref_layout.stride_v])) : 0.f;
+    fold<WITH_REF>(t.apply<float>(to_float(x_row[i * layout.stride_v])), zr, state, ref);
+  }
+  state = row_reduce<THREADS>(state, reinterpret_cast<Lse*>(scratch));
+  const float lse = state.m + __logf(state.s);
+  if constexpr (WITH_REF) {
+    ref = row_reduce<THREADS>(ref, scratch);
+    if (lane == 0) {
+      const float lse_r = ref.ref.m + __logf(ref.ref.s);
+      ref_lse_out[row] = lse_r;
+      ref_logp[row] = t.apply<float>(to_float(r_row[label * ref_layout.stride_v])) - lse_r;
+      kl_out[row] = ref.w / ref.ref.s - lse_r + lse;
+    }
+  }
+  if (lane == 0) {
+    lse_out[row] = lse;
+    logp[row] = t.apply<float>(to_float(x_row[label * layout.stride_v])) - lse;
+  }
+}
+
+template <typename T, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_KL>
+__global__ void
+    logits_backward_kernel(const T* logits, RowLayout layout, const T* __restrict__ ref_logits, RowLayout ref_layout,
+                           T* grad, RowLayout grad_layout, const int64_t* __restrict__ labels,
+                           const float* __restrict__ lse, const float* __restrict__ ref_lse,
+                           const float* __restrict__ g_in, const float* __restrict__ g_kl_in, int64_t rows,
+                           int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t) {
+  // logits and grad may alias (in-place backward): every element is read before the same thread writes it.
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.x / THREADS;
+  const int lane = threadIdx.x % THREADS;
+  if (row >= rows) return;
+  const int64_t label = labels[row];
+  const bool valid = label != ignore_index;
+  const float g = valid ? g_in[row] : 0.f;
+  const float row_lse = lse[row];
+  const float g_kl = (WITH_KL && valid) ? g_kl_in[row] : 0.f;
+  const float row_ref_lse = WITH_KL ? ref_lse[row] : 0.f;
+  const T* x_row = logits + layout.offset(row, seq_len);
+  const T* r_row = WITH_KL ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
+  T* g_row = grad + grad_layout.offset(row, seq_len);
+  auto grad_at = [&](int64_t i, float z, float x) -> float {
+    if (!valid) return 0.f;
+    const float p = __expf(z - row_lse);
+    float dz = (i == label ? g : 0.f) - g * p;
+    if constexpr (WITH_KL) {
+      const float q = __expf(t.apply<float>(to_float(r_row[i * ref_layout.stride_v])) - row_ref_lse);
+      dz += g_kl * (p - q);
+    }
+    return t.grad<float>(x, dz);
+  };
+  if constexpr (VEC > 1) {
+    const int64_t packets = vocab / VEC;
+    for (int64_t p = lane; p < packets; p += THREADS) {
+      const Packet<T, VEC> in = reinterpret_cast<const Packet<T, VEC>*>(x_row)[p];
+      Packet<T, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float x = to_float(in.v[k]);
+        out.v[k] = from_float<T>(grad_at(p * VEC + k, t.apply<float>(x), x));
+      }
+      reinterpret_cast<Packet<T, VEC>*>(g_row)[p] = out;
+    }
+    for (int64_t i = packets * VEC + lane; i < vocab; i += THREADS) {
+      const float x = to_float(x_row[i]);
+      g_row[i] = from_float<T>(grad_at(i, t.apply<float>(x), x));
+    }
+  } else {
+    for (int64_t i = lane; i < vocab; i += THREADS) {
+      const float x = to_float(x_row[i * layout.stride_v]);
+      g_row[i * grad_layout.stride_v] = from_float<T>(grad_at(i, t.apply<float>(x), x));
+    }
+  }
+}
+
+// Whether rows of this layout can be read as 16-byte packets of VEC elements.
+template <int VEC>
+bool packets_ok(const void* base, RowLayout l, int elem_size) {
+  return l.stride_v == 1 && l.stride_r % VEC == 0 && l.stride_t % VEC == 0 &&
+         reinterpret_cast<uintptr_t>(base) % (VEC * elem_size) == 0;
+}
+
+template <typename T>
+int launch_forward(const T* x, RowLayout xl, const T* r, RowLayout rl, const int64_t* labels, int64_t rows,
+                   int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t, float* logp, float* lse,
+                   float* ref_logp, float* ref_lse, float* kl, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const bool with_ref = r != nullptr;
+  const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && (!with_ref || packets_ok<VEC>(r, rl, sizeof(T)));
+  auto go = [&](auto kernel, int threads, int rows_per_block) {
+    const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+    kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
+        x, xl, r, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl);
+  };
+  const bool warp_rows = vocab <= kWarpRowMaxVocab;
+#define DPO_FWD(V, REF)                                                                                         \
+  (warp_rows ? go(logits_forward_kernel<T, V, kWarp, kWarpRowsPerBlock, REF>, kWarp, kWarpRowsPerBlock)        \
+             : go(logits_forward_kernel<T, V, kBlockThreads, 1, REF>, kBlockThreads, 1))
+  if (vec) {
+    if (with_ref) DPO_FWD(VEC, true); else DPO_FWD(VEC, false);
+  } else {
+    if (with_ref) DPO_FWD(1, true); else DPO_FWD(1, false);
+  }
+#undef DPO_FWD
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_backward(const T* x, RowLayout xl, const T* r, RowLayout rl, T* grad, RowLayout gl,
+                    const int64_t* labels, const float* lse, const float* ref_lse, const float* g, const float* g_kl,
+                    int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t,
+                    cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const bool with_kl = g_kl != nullptr;
+  const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && packets_ok<VEC>(grad, gl, sizeof(T));
+  auto go = [&](auto kernel, int threads, int rows_per_block) {
+    const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+    kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
+        x, xl, r, rl, grad, gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab, ignore_index, t);
+  };
+  const bool warp_rows = vocab <= kWarpRowMaxVocab;
+#define DPO_BWD(V, KL)                                                                                          \
+  (warp_rows ? go(logits_backward_kernel<T, V, kWarp, kWarpRowsPerBlock, KL>, kWarp, kWarpRowsPerBlock)       \
+             : go(logits_backward_kernel<T, V, kBlockThreads, 1, KL>, kBlockThreads, 1))
+  if (vec) {
+    if (with_kl) DPO_BWD(VEC, true); else DPO_BWD(VEC, false);
+  } else {
+    if (with_kl) DPO_BWD(1, true); else DPO_BWD(1, false);
+  }
+#undef DPO_BWD
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dpo_kernels
+
+using dpo_kernels::TransformParams;
+using dpo_kernels::cuda::RowLayout;
+
+extern "C" int dpo_logits_forward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
+                                  const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t,
+                                  int64_t ref_stride_v, const int64_t* labels, int64_t rows, int64_t seq_len,
+                                  int64_t vocab, int64_t ignore_index, double logit_scale, double softcap,
+                                  double inv_temperature, float* logp, float* lse, float* ref_logp, float* ref_lse,
+                                  float* kl, intptr_t stream) {
+  const TransformParams t{logit_scale, softcap, inv_temperature};
+  const RowLayout xl{stride_r, stride_t, stride_v}, rl{ref_stride_r, ref_stride_t, ref_stride_v};
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DPO_FLOAT32:
+      return dpo_kernels::cuda::launch_forward(static_cast<const float*>(logits), xl,
+                                               static_cast<const float*>(ref_logits), rl, labels, rows, seq_len,
+                                               vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
+    case DPO_FLOAT16:
+      return dpo_kernels::cuda::launch_forward(static_cast<const __half*>(logits), xl,
+                                               static_cast<const __half*>(ref_logits), rl, labels, rows, seq_len,
+                                               vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
+    case DPO_BFLOAT16:
+      return dpo_kernels::cuda::launch_forward(static_cast<const __nv_bfloat16*>(logits), xl,
+                                               static_cast<const __nv_bfloat16*>(ref_logits), rl, labels, rows,
+                                               seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+extern "C" int dpo_logits_backward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t,
+                                   int64_t stride_v, const void* ref_logits, int64_t ref_stride_r,
+                                   int64_t ref_stride_t, int64_t ref_stride_v, void* grad, int64_t grad_stride_r,
+                                   int64_t grad_stride_t, int64_t grad_stride_v, const int64_t* labels,
+                                   const float* lse, const float* ref_lse, const float* g, const float* g_kl,
+                                   int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
+                                   double logit_scale, double softcap, double inv_temperature, intptr_t stream) {
+  const TransformParams t{logit_scale, softcap, inv_temperature};
+  const RowLayout xl{stride_r, stride_t, stride_v}, rl{ref_stride_r, ref_stride_t, ref_stride_v},
+      gl{grad_stride_r, grad_stride_t, grad_stride_v};
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DPO_FLOAT32:
+      return dpo_kernels::cuda::launch_backward(static_cast<const float*>(logits), xl,
+                                                static_cast<const float*>(ref_logits), rl, static_cast<float*>(grad),
+                                                gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab, ignore_index,
+                                                t, s);
+    case DPO_FLOAT16:
+      return dpo_kernels::cuda::launch_backward(static_cast<const __half*>(logits), xl,
+                                                static_cast<const __half*>(ref_logits), rl,
+                                                static_cast<__half*>(grad), gl, labels, lse, ref_lse, g, g_kl, rows,
+                                                seq_len, vocab, ignore_index, t, s);
+    case DPO_BFLOAT16:
+      return dpo_kernels::cuda::launch_backward(static_cast<const __nv_bfloat16*>(logits), xl,
+                                                static_cast<const __nv_bfloat16*>(ref_logits), rl,
+                                                static_cast<__nv_bfloat16*>(grad), gl, labels, lse, ref_lse, g, g_kl,
+                                                rows, seq_len, vocab, ignore_index, t, s);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}

@@ -1,0 +1,128 @@
+// CUDA implementations of the dpo_kernels ops: argument checks, then the torch-free launchers of csrc/cuda/ with raw
+// pointers and the current stream. Compiled to nothing unless setup.py builds with CUDA (DPO_KERNELS_WITH_CUDA).
+#ifdef DPO_KERNELS_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/launchers.h"
+
+namespace dpo_kernels {
+namespace cuda_ops {
+namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+int dtype_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DPO_FLOAT32;
+    case at::kHalf:
+      return DPO_FLOAT16;
+    case at::kBFloat16:
+      return DPO_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "backend='cuda' takes float16, bfloat16 or float32 tensors, got ", t.scalar_type());
+  }
+}
+
+bool present(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
+intptr_t stream() {
+  return reinterpret_cast<intptr_t>(c10::cuda::getCurrentCUDAStream().stream());
+}
+
+void check(int err, const char* what) {
+  TORCH_CHECK(err == 0, "dpo_kernels CUDA ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& logits, const Tensor& labels,
+                                                                  const OptTensor& ref_logits, int64_t ignore_index,
+                                                                  double logit_scale, double softcap,
+                                                                  double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const bool with_ref = present(ref_logits);
+  const int64_t n = logits.size(0) * logits.size(1);
+  const auto opts = logits.options().dtype(at::kFloat);
+  Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  Tensor ref_logp = at::empty({with_ref ? n : 0}, opts), ref_lse = at::empty({with_ref ? n : 0}, opts);
+  Tensor kl = at::empty({with_ref ? n : 0}, opts);
+  const Tensor y = labels.reshape({-1}).to(at::kLong).contiguous();
+  const Tensor& r = with_ref ? *ref_logits : logits;
+  check(dpo_logits_forward(dtype_code(logits), logits.data_ptr(), logits.stride(0), logits.stride(1),
+                           logits.stride(2), with_ref ? r.data_ptr() : nullptr, r.stride(0), r.stride(1), r.stride(2),
+                           y.data_ptr<int64_t>(), n, logits.size(1), logits.size(2), ignore_index, logit_scale,
+                           softcap, inv_temperature, logp.data_ptr<float>(), lse.data_ptr<float>(),
+                           with_ref ? ref_logp.data_ptr<float>() : nullptr,
+                           with_ref ? ref_lse.data_ptr<float>() : nullptr, with_ref ? kl.data_ptr<float>() : nullptr,
+                           stream()),
+        "logits_forward");
+  return {logp, lse, ref_logp, ref_lse, kl};
+}
+
+void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& g,
+                     const OptTensor& ref_logits, const OptTensor& ref_lse, const OptTensor& g_kl, const Tensor& grad,
+                     int64_t ignore_index, double logit_scale, double softcap, double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type(),
+              "dpo_kernels::logits_backward: grad must match logits");
+  const bool with_kl = present(g_kl);
+  const int64_t n = logits.size(0) * logits.size(1);
+  const Tensor y = labels.reshape({-1}).to(at::kLong).contiguous();
+  const Tensor& r = with_kl ? *ref_logits : logits;
+  check(dpo_logits_backward(dtype_code(logits), logits.data_ptr(), logits.stride(0), logits.stride(1),
+                            logits.stride(2), with_kl ? r.data_ptr() : nullptr, r.stride(0), r.stride(1), r.stride(2),
+                            grad.data_ptr(), grad.stride(0), grad.stride(1), grad.stride(2), y.data_ptr<int64_t>(),
+                            lse.data_ptr<float>(), with_kl ? ref_lse->data_ptr<float>() : nullptr,
+                            g.data_ptr<float>(), with_kl ? g_kl->data_ptr<float>() : nullptr, n, logits.size(1),
+                            logits.size(2), ignore_index, logit_scale, softcap, inv_temperature, stream()),
+        "logits_backward");
+}
+
+void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& stats, const OptTensor& xr,
+               const OptTensor& ref_stats, double logit_scale, double softcap, double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "dpo_kernels::fold_tile: contiguous fp32 tiles");
+  const bool with_ref = present(xr);
+  check(dpo_fold_tile(DPO_FLOAT32, x.data_ptr(), with_ref ? xr->data_ptr() : nullptr, x.size(0), x.size(1), v0,
+                      labels.data_ptr<int64_t>(), stats.data_ptr(), stats.stride(0),
+                      with_ref ? ref_stats->data_ptr() : nullptr, with_ref ? ref_stats->stride(0) : 0, logit_scale,
+                      softcap, inv_temperature, stream()),
+        "fold_tile");
+}
+
+int64_t grad_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& lse, const Tensor& g,
+                  const OptTensor& xr, const OptTensor& ref_lse, const OptTensor& g_kl, double filter_eps,
+                  double logit_scale, double softcap, double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "dpo_kernels::grad_tile: contiguous fp32 tiles");
+  const bool with_kl = present(g_kl);
+  const Tensor lse_c = lse.contiguous(), g_c = g.contiguous();
+  const Tensor ref_lse_c = with_kl ? ref_lse->contiguous() : Tensor(), g_kl_c = with_kl ? g_kl->contiguous() : Tensor();
+  int kept = 1;
+  check(dpo_grad_tile(DPO_FLOAT32, x.data_ptr(), with_kl ? xr->data_ptr() : nullptr, x.size(0), x.size(1), v0,
+                      labels.data_ptr<int64_t>(), lse_c.data_ptr(), with_kl ? ref_lse_c.data_ptr() : nullptr,
+                      g_c.data_ptr(), with_kl ? g_kl_c.data_ptr() : nullptr, filter_eps, logit_scale, softcap,
+                      inv_temperature, &kept, stream()),
+        "grad_tile");
+  return kept;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
+  m.impl("logits_forward", &logits_forward);
+  m.impl("logits_backward", &logits_backward);
+  m.impl("fold_tile", &fold_tile);
+  m.impl("grad_tile", &grad_tile);
+}
+
+}  // namespace cuda_ops
+}  // namespace dpo_kernels
+
+#endif  // DPO_KERNELS_WITH_CUDA
