@@ -40,6 +40,9 @@ def _extension_modules():
         raise RuntimeError("dpo_kernels: no C++ compiler found (set CXX, or DPO_KERNELS_NO_EXTENSION=1 to skip)")
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if cuda_sources and not use_cuda:
+        missing = "a CUDA build of torch" if torch.version.cuda is None else "nvcc (CUDA_HOME)"
+        print(f"dpo_kernels: building the CPU kernels only; the CUDA kernels need {missing}")
     extension_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     cxx_flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):

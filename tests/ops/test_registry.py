@@ -98,3 +98,18 @@ def test_python_m_dpo_kernels_reports_and_self_checks():
     verdicts = [line.split()[-1] for line in result.stdout.splitlines() if line.split()[-1:] in (["ok"], ["FAIL"])]
     backends = 2 if CPU_AUTO == "cpu" else 1  # torch, and cpu when built
     assert verdicts == ["ok"] * (6 * backends), result.stdout
+
+
+def test_without_the_extension_cpu_and_cuda_report_why_and_the_rest_works(monkeypatch):
+    from dpo_kernels import token_logprobs
+    from dpo_kernels.ops import extension
+
+    monkeypatch.setattr(extension, "load", lambda: (None, "dpo_kernels._C is not built (simulated)"))
+    report = available_backends()
+    for name in ("cpu", "cuda"):
+        assert not report[name].available and "not built (simulated)" in report[name].reason
+    assert registry.resolve_backend("auto", torch.device("cpu"))[0] == "torch"
+    logits, labels = torch.randn(1, 2, 7), torch.tensor([[1, 3]])
+    with pytest.raises(BackendUnavailableError, match="backend='cpu' is not available: dpo_kernels._C is not built"):
+        token_logprobs(logits, labels, backend="cpu")
+    torch.testing.assert_close(token_logprobs(logits, labels), token_logprobs(logits, labels, backend="reference"))

@@ -1,0 +1,105 @@
+"""The GPU backends (``cuda``, ``triton``) on CUDA tensors against the reference backend on the same device.
+
+Skipped without a CUDA device. On CPU machines the Triton kernels are covered through the interpreter by
+``test_primitives.py``, and the CUDA C++ kernels are compiled (not run) by ``compile_check --cuda`` in CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_kernels import (
+    available_backends,
+    fused_dpo_loss,
+    linear_token_logprobs,
+    linear_token_logprobs_and_kl,
+    token_logprobs,
+    token_logprobs_and_kl,
+)
+
+from ..conftest import assert_close
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = [
+    s.name for s in available_backends().values() if s.available and "cuda" in s.device_types and s.name != "reference"
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(3, 17, 1000, 48), (2, 5, 32001, 64), (2, 9, 128256, 32)]  # (rows, seq, vocab, hidden)
+
+
+def _inputs(rows, seq, vocab, hidden, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cuda = dict(device="cuda", generator=g)
+    labels = torch.randint(0, vocab, (rows, seq), **cuda)
+    labels[0, :3] = -100
+    labels[-1, -1] = -100
+    return dict(
+        labels=labels,
+        logits=(torch.randn(rows, seq, vocab, **cuda) * 3).to(dtype),
+        ref_logits=(torch.randn(rows, seq, vocab, **cuda) * 3).to(dtype),
+        hidden=torch.randn(rows, seq, hidden, **cuda).to(dtype),
+        weight=(torch.randn(vocab, hidden, **cuda) / hidden**0.5).to(dtype),
+        bias=(torch.randn(vocab, **cuda) * 0.1).to(dtype),
+        ref_hidden=torch.randn(rows, seq, hidden, **cuda).to(dtype),
+        ref_weight=(torch.randn(vocab, hidden, **cuda) / hidden**0.5).to(dtype),
+    )
+
+
+def _compare(fn, x, wrt, backend, dtype):
+    results = {}
+    for be in ("reference", backend):
+        leaves = {k: v.detach().clone().requires_grad_(k in wrt) for k, v in x.items() if v.is_floating_point()}
+        outs = fn(leaves, x["labels"], be)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = torch.autograd.grad(
+            [o for o in outs if o.requires_grad], [leaves[k] for k in wrt],
+            [torch.ones_like(o) * (i + 1) for i, o in enumerate(outs) if o.requires_grad],
+        )
+        results[be] = (outs, grads)
+    for a, e in zip(results[backend][0], results["reference"][0], strict=True):
+        assert_close(a, e, dtype, f"{backend} output")
+    for k, a, e in zip(wrt, results[backend][1], results["reference"][1], strict=True):
+        assert_close(a, e, dtype, f"{backend} grad {k}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V{s[2]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_from_logits(backend, dtype, shape):
+    x = _inputs(*shape, dtype)
+    opts = dict(softcap=30.0, temperature=0.8)
+    _compare(lambda t, y, be: token_logprobs(t["logits"], y, backend=be, **opts), x, ("logits",), backend, dtype)
+    _compare(lambda t, y, be: token_logprobs_and_kl(t["logits"], t["ref_logits"], y, backend=be, **opts), x,
+             ("logits",), backend, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: f"V{s[2]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_from_hidden_states(backend, dtype, shape):
+    x = _inputs(*shape, dtype)
+    _compare(lambda t, y, be: linear_token_logprobs(t["hidden"], t["weight"], y, bias=t["bias"], backend=be), x,
+             ("hidden", "weight", "bias"), backend, dtype)
+    _compare(lambda t, y, be: linear_token_logprobs_and_kl(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"],
+                                                           y, bias=t["bias"], backend=be),
+             x, ("hidden", "weight", "bias"), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_inplace_backward_and_fused_loss(backend):
+    x = _inputs(4, 6, 5000, 32, torch.bfloat16)
+    hidden = x["hidden"].float().requires_grad_()
+    logits = (hidden @ x["weight"].float().T)
+    token_logprobs(logits, x["labels"], backend=backend, inplace_backward=True).sum().backward()
+    expected = hidden.detach().clone().requires_grad_()
+    token_logprobs(expected @ x["weight"].float().T, x["labels"], backend="reference").sum().backward()
+    assert_close(hidden.grad, expected.grad, torch.float32, "in-place backward")
+    out = fused_dpo_loss(labels=x["labels"], policy_hidden=x["hidden"], lm_head_weight=x["weight"],
+                         ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"], loss_type="tdpo2",
+                         backend=backend)
+    ref = fused_dpo_loss(labels=x["labels"], policy_hidden=x["hidden"], lm_head_weight=x["weight"],
+                         ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"], loss_type="tdpo2",
+                         backend="reference")
+    assert_close(out.loss, ref.loss, torch.bfloat16, "fused TDPO2 loss")
