@@ -1,0 +1,138 @@
+"""Hugging Face causal LMs on the fused head: per-token log-probs from hidden states, never the logits.
+
+- :func:`causal_lm_hidden_states` runs the backbone and returns the final hidden states, those of chosen
+  intermediate layers (through the final norm by default), the output head and the logit post-processing the
+  model's config asks for (Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
+  ``logits_scaling``). These are the inputs of :func:`dpo_kernels.fused_dpo_loss` and the linear primitives.
+- :func:`patch_causal_lm` makes ``model(input_ids, labels=labels)`` return :class:`TokenLogprobsOutput` (per-token
+  log-probs, the mean NLL as ``loss``, per-layer log-probs for ``intermediate_layers``) through
+  :func:`dpo_kernels.linear_token_logprobs`. A forward without labels, and so ``generate``, is the original one.
+
+Works for Llama, Mistral, Qwen2, Gemma 2 and any model whose head is a plain ``nn.Linear`` reached through
+``get_output_embeddings()`` and whose backbone is ``model.model`` (or ``base_model``) with a final ``norm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+from ..primitives import linear_token_logprobs
+
+_ORIGINAL = "_dpo_kernels_original_forward"
+
+
+def logit_transform(config) -> dict:
+    """``softcap`` and ``logit_scale`` of the model's logits, read from its (text) config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)
+    if scale is None and getattr(text, "logits_scaling", None):  # Granite divides its logits by logits_scaling
+        scale = 1.0 / text.logits_scaling
+    return {"softcap": getattr(text, "final_logit_softcapping", None) or None,
+            "logit_scale": 1.0 if scale is None else float(scale)}
+
+
+@dataclass
+class CausalLMHidden:
+    """What the fused head needs. ``final [B, T, D]`` is the backbone's output (final norm applied);
+    ``layers[k] [B, T, D]`` the output of decoder layer ``k`` (1-based), through the final norm when asked."""
+
+    final: torch.Tensor
+    layers: dict[int, torch.Tensor]
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+    softcap: float | None
+    logit_scale: float
+
+    def head_options(self) -> dict:
+        return {"softcap": self.softcap, "logit_scale": self.logit_scale}
+
+
+def _backbone(model):
+    for name in ("model", "base_model"):
+        module = getattr(model, name, None)
+        if module is not None and module is not model:
+            return module
+    raise TypeError(f"{type(model).__name__}: no backbone found at .model or .base_model")
+
+
+def causal_lm_hidden_states(model, *args, layers: Sequence[int] = (), apply_final_norm: bool = True, **kwargs):
+    """Run ``model``'s backbone on the usual inputs and return :class:`CausalLMHidden`."""
+    backbone = _backbone(model)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    for k in layers:
+        if not 1 <= k <= num_layers:
+            raise ValueError(f"layers must be decoder layers in [1, {num_layers}], got {k}")
+    kwargs["use_cache"] = False
+    out = backbone(*args, output_hidden_states=bool(layers), **kwargs)
+    norm = getattr(backbone, "norm", None)
+    if layers and apply_final_norm and norm is None:
+        raise TypeError(f"{type(model).__name__}: apply_final_norm=True but the backbone has no .norm")
+    picked = {}
+    for k in layers:
+        h = out.hidden_states[k]
+        # the last entry is the backbone's output, already through the final norm
+        picked[k] = norm(h) if apply_final_norm and k < num_layers else h
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(model).__name__}: the output head is {type(head).__name__}, not a plain nn.Linear")
+    return CausalLMHidden(out.last_hidden_state, picked, head.weight, head.bias, **logit_transform(model.config))
+
+
+@dataclass
+class TokenLogprobsOutput(ModelOutput):
+    """Output of a patched forward with labels. ``token_logps [B, T-1]`` score ``labels[:, 1:]`` (0 where masked);
+    ``loss`` is their mean NLL over unmasked tokens (Hugging Face's causal LM loss); ``layer_token_logps[k]`` the same
+    from intermediate layer ``k``. No logits are built."""
+
+    loss: torch.Tensor | None = None
+    token_logps: torch.Tensor | None = None
+    layer_token_logps: dict | None = None
+    logits: torch.Tensor | None = None
+
+
+def patch_causal_lm(model, *, backend: str = "auto", temperature: float = 1.0,
+                    intermediate_layers: Sequence[int] = (), apply_final_norm: bool = True):
+    """Patch ``model`` in place (see the module docstring); returns it. :func:`unpatch_causal_lm` undoes it."""
+    if hasattr(model, _ORIGINAL):
+        unpatch_causal_lm(model)
+    original = model.forward
+    layers = tuple(intermediate_layers)
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, labels=None, **kwargs):
+        if labels is None:
+            return original(*args, **kwargs)
+        for unused in ("logits_to_keep", "num_items_in_batch"):
+            kwargs.pop(unused, None)
+        hidden = causal_lm_hidden_states(self, *args, layers=layers, apply_final_norm=apply_final_norm, **kwargs)
+        shifted = labels[:, 1:]
+        options = dict(bias=hidden.head_bias, temperature=temperature, backend=backend, **hidden.head_options())
+        token_logps = linear_token_logprobs(hidden.final[:, :-1], hidden.head_weight, shifted, **options)
+        count = (shifted != -100).sum().clamp(min=1)
+        layer_logps = {
+            k: linear_token_logprobs(h[:, :-1], hidden.head_weight, shifted, **options) for k, h in hidden.layers.items()
+        }
+        return TokenLogprobsOutput(loss=-token_logps.sum() / count, token_logps=token_logps,
+                                   layer_token_logps=layer_logps or None)
+
+    setattr(model, _ORIGINAL, original)
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def unpatch_causal_lm(model):
+    """Restore the forward :func:`patch_causal_lm` replaced; a no-op on an unpatched model."""
+    original = model.__dict__.pop(_ORIGINAL, None)
+    if original is None:
+        return model
+    if getattr(original, "__func__", None) is type(model).forward:
+        model.__dict__.pop("forward", None)  # back to the class's own forward
+    else:
+        model.forward = original  # another patch (e.g. TRL's fused head) was there before ours
+    return model
