@@ -5,6 +5,7 @@ Per-token log-probs, per-token KL and the losses are computed without materialis
 """
 
 from .dpo import DPOLossConfig, DPOLossOutput, FusedDPOLoss, PreferenceInputs, compute_dpo_loss, fused_dpo_loss
+from .intermediate import intermediate_dpo_loss
 from .losses import OBJECTIVES
 from .ops.common import LinearHead
 from .ops.registry import BackendStatus, BackendUnavailableError, available_backends
@@ -26,6 +27,7 @@ __all__ = [
     "available_backends",
     "compute_dpo_loss",
     "fused_dpo_loss",
+    "intermediate_dpo_loss",
     "linear_token_logprobs",
     "linear_token_logprobs_and_kl",
     "token_logprobs",
