@@ -17,6 +17,7 @@ instead of a silently missing gradient; ``unpatch()`` for such trainers.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 
 import torch
@@ -103,3 +104,107 @@ class FusedLogProbs:
         if entropy is not None and hidden.requires_grad:
             entropy = _LoggingOnly.apply(entropy, hidden)
         return log_probs, entropy, stats.get("log_sum_sq_probs"), stats.get("mean_logits"), stats.get("is_top1")
+
+
+# --------------------------------------------------------------------------------------------- TDPO and layers
+
+
+def _trainer_classes():
+    _trl_utils()  # version check
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOConfig, DPOTrainer
+
+
+@functools.cache
+def make_fused_dpo_classes():
+    """``(FusedDPOConfig, FusedDPOTrainer)``, built once on the installed TRL's ``DPOConfig`` / ``DPOTrainer``; also
+    importable by name from this module (``from dpo_kernels.integrations.trl import FusedDPOTrainer``)."""
+    from dataclasses import dataclass, field
+
+    DPOConfig, DPOTrainer = _trainer_classes()
+    from ..dpo import fused_dpo_loss
+    from ..intermediate import intermediate_dpo_loss
+    from .transformers import causal_lm_hidden_states
+
+    @dataclass
+    class FusedDPOConfig(DPOConfig):
+        """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``), ``tdpo_alpha``,
+        intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``, ``apply_final_norm``,
+        ``reference_at_intermediate_layers``) and the kernel ``kernel_backend``."""
+
+        tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's alpha (weight of the KL difference)."})
+        intermediate_layers: list[int] | None = field(default=None, metadata={"help": "Layers for intermediate DPO."})
+        intermediate_weight: float = field(default=0.5, metadata={"help": "lambda of intermediate-layer DPO."})
+        apply_final_norm: bool = field(default=True, metadata={"help": "Final norm on intermediate hidden states."})
+        reference_at_intermediate_layers: bool = field(
+            default=True, metadata={"help": "Read the reference at the same layers (else at its final layer)."}
+        )
+        kernel_backend: str = field(default="auto", metadata={"help": "dpo_kernels backend."})
+
+    class FusedDPOTrainer(DPOTrainer):
+        """``DPOTrainer`` whose loss is :func:`dpo_kernels.fused_dpo_loss` (or the intermediate-layer loss) on the
+        policy's and the reference's hidden states: log-probs, reference log-probs and TDPO's per-token KL in one
+        fused pass, never the logits. Logs TRL's metric names plus ``kl/chosen``, ``kl/rejected`` (TDPO),
+        ``logps/accuracies`` and ``loss/layer_<k>``. A PEFT policy without ``ref_model`` is its own reference with
+        the adapters disabled."""
+
+        _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+        def _hidden(self, model, model_kwargs, layers):
+            args = self.args
+            return causal_lm_hidden_states(model, layers=layers or (), apply_final_norm=args.apply_final_norm,
+                                           **model_kwargs)
+
+        def _reference(self, model, model_kwargs, layers):
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    return self._hidden(self.ref_model, model_kwargs, layers)
+                unwrapped = self.accelerator.unwrap_model(model)
+                if hasattr(unwrapped, "disable_adapter"):
+                    with unwrapped.disable_adapter():
+                        return self._hidden(unwrapped.get_base_model(), model_kwargs, layers)
+                raise ValueError("FusedDPOTrainer needs a ref_model, a PEFT policy, or precompute_ref_log_probs")
+
+        def _compute_loss(self, model, inputs, return_outputs=False):
+            args = self.args
+            mode = "train" if self.model.training else "eval"
+            model_kwargs = {k: v for k, v in inputs.items() if k not in self._NON_MODEL_KEYS}
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            unwrapped = self.accelerator.unwrap_model(model)
+            policy_model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            layers = list(args.intermediate_layers or ())
+            policy = self._hidden(policy_model, model_kwargs, layers)
+            options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
+                           alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
+                           backend=args.kernel_backend, **policy.head_options())
+            tensors = dict(labels=labels, lm_head_weight=policy.head_weight, lm_head_bias=policy.head_bias)
+            if self.precompute_ref_logps:
+                tensors["ref_logps"] = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+                reference = None
+            else:
+                ref_layers = layers if args.reference_at_intermediate_layers else []
+                reference = self._reference(model, model_kwargs, ref_layers)
+                tensors.update(ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
+                               ref_lm_head_bias=reference.head_bias)
+            if layers:
+                ref_layer_hidden = None
+                if reference is not None and args.reference_at_intermediate_layers:
+                    ref_layer_hidden = reference.layers
+                out = intermediate_dpo_loss(policy_hidden=policy.final, policy_layer_hidden=policy.layers,
+                                            ref_layer_hidden=ref_layer_hidden,
+                                            intermediate_weight=args.intermediate_weight, **tensors, **options)
+            else:
+                out = fused_dpo_loss(policy_hidden=policy.final, **tensors, **options)
+            for name, value in out.metrics.items():
+                self._metrics[mode][name].append(value)
+            return (out.loss, out) if return_outputs else out.loss
+
+    return FusedDPOConfig, FusedDPOTrainer
+
+
+def __getattr__(name: str):
+    if name in ("FusedDPOConfig", "FusedDPOTrainer"):
+        config_cls, trainer_cls = make_fused_dpo_classes()
+        return config_cls if name == "FusedDPOConfig" else trainer_cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

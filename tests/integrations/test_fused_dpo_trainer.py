@@ -1,0 +1,98 @@
+"""``FusedDPOTrainer`` (TDPO and intermediate-layer DPO inside TRL 1.16) against FORMULAS.md computed from full
+logits, and a PEFT policy whose reference is itself with the adapters disabled."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is an optional dependency")
+
+from dpo_kernels import fused_dpo_loss  # noqa: E402
+from dpo_kernels.integrations.trl import FusedDPOConfig, FusedDPOTrainer  # noqa: E402
+
+from .test_trl_patch import _dataset, _model, _tokenizer  # noqa: E402
+
+
+def _trainer(model, ref_model, **config):
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                          save_strategy="no", max_steps=1, kernel_backend="torch", bf16=False, **config)
+    return FusedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(),
+                           processing_class=_tokenizer())
+
+
+def _batch(trainer):
+    trainer.model.train()
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def _full_logits(model, batch, layer=None):
+    if layer is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hs = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_hidden_states=True).hidden_states
+    return model.lm_head(model.model.norm(hs[layer]))
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo1", "tdpo2"])
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_tdpo_trainer_equals_full_logits(kind, loss_type):
+    policy = _model(kind)
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL is not zero
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer = _trainer(policy, ref, loss_type=[loss_type], beta=0.3, tdpo_alpha=0.7)
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        ref_logits = _full_logits(ref, batch)
+    # the model's own forward applies Gemma 2's softcap to these logits
+    expected = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch), ref_logits=ref_logits,
+                              loss_type=loss_type, beta=0.3, alpha=0.7, shift=True, backend="reference")
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
+    expected.loss.backward()
+    for name, g in grads.items():
+        e = policy.get_parameter(name).grad
+        assert (g - e).abs().max() <= 1e-5 * max(e.abs().max().item(), 1e-12) + 1e-7, name
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["kl/chosen"] == pytest.approx(expected.metrics["kl/chosen"], rel=1e-5)
+    assert logged["rewards/accuracies"] == expected.metrics["rewards/accuracies"]
+
+
+def test_intermediate_layer_trainer_equals_full_logits():
+    policy = _model("llama")
+    ref = copy.deepcopy(policy)
+    trainer = _trainer(policy, ref, loss_type=["sigmoid"], beta=0.1, intermediate_layers=[1],
+                       intermediate_weight=0.4)
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        final = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch),
+                               ref_logits=_full_logits(ref, batch), shift=True, backend="reference").loss
+        layer1 = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch, 1),
+                                ref_logits=_full_logits(ref, batch, 1), shift=True, backend="reference").loss
+    torch.testing.assert_close(loss.detach(), 0.6 * final + 0.4 * layer1, rtol=1e-5, atol=1e-6)
+    assert "loss/layer_1" in trainer._metrics["train"]
+
+
+def test_peft_policy_is_its_own_reference_with_adapters_disabled():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = _trainer(model, None, loss_type=["tdpo2"], beta=0.1)
+    loss = trainer.compute_loss(trainer.model, _batch(trainer))
+    # LoRA starts as the identity (B = 0): policy == reference, so Delta = 0, K = 0 and the loss is log 2
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert trainer._metrics["train"]["kl/chosen"][-1] == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+    assert lora_grads, "the adapters must receive gradients"
