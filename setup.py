@@ -73,7 +73,7 @@ setup(
     install_requires=["torch>=2.1"],
     # triton: CUDA builds of torch already ship it; on a CPU machine the tests run its kernels in the interpreter.
     extras_require={
-        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*"],
+        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*", "peft"],
         "trl": ["trl==1.16.*"],
         "bench": ["pytest-benchmark>=4"],
     },
