@@ -7,6 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from dpo_kernels.integrations import synthetic  # noqa: E402
 from dpo_kernels.integrations.transformers import (  # noqa: E402
     causal_lm_hidden_states,
     logit_transform,
@@ -17,16 +18,9 @@ from dpo_kernels.integrations.transformers import (  # noqa: E402
 KINDS = ["llama", "qwen2", "gemma2"]
 
 
-def tiny_causal_lm(kind: str, vocab: int = 97, layers: int = 3, seed: int = 0):
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
-    torch.manual_seed(seed)
-    if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
-    if kind == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
-    cfg = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=5.0, attn_implementation="eager")
-    return transformers.Gemma2ForCausalLM(cfg).eval()
+def tiny_causal_lm(kind: str):
+    """Three layers and a strong Gemma 2 softcap (5), so that layers and the transform matter; vocabulary 97."""
+    return synthetic.tiny_causal_lm(kind, words=95, layers=3, softcap=5.0).eval()
 
 
 def _batch(vocab=97, seed=1):

@@ -4,7 +4,6 @@ metrics with and without it (fp32, 1e-5 relative), on tiny random Llama, Qwen2 a
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
@@ -12,43 +11,19 @@ import torch
 trl = pytest.importorskip("trl", reason="TRL is an optional dependency (pip install 'trl==1.16.*')")
 transformers = pytest.importorskip("transformers")
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
-
-VOCAB = 202
-
+from dpo_kernels.integrations.synthetic import synthetic_preferences, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 def _tokenizer():
-    vocab = {f"w{i}": i for i in range(200)} | {"<pad>": 200, "<eos>": 201}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    return tiny_tokenizer()
 
 
 def _dataset(n=8, seed=0):
-    rng = random.Random(seed)
-
-    def text(k):
-        return " ".join(f"w{rng.randrange(200)}" for _ in range(k))
-
-    return Dataset.from_list([
-        {"prompt": text(rng.randint(3, 6)), "chosen": text(rng.randint(3, 8)), "rejected": text(rng.randint(2, 7))}
-        for _ in range(n)
-    ])
+    return synthetic_preferences(n, seed=seed)
 
 
 def _model(kind: str):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=200, eos_token_id=201)
-    torch.manual_seed(0)
-    if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    if kind == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    cfg = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=30.0, attn_implementation="eager")
-    return transformers.Gemma2ForCausalLM(cfg)
+    return tiny_causal_lm(kind)
 
 
 def _one_step(kind: str, loss_type: str):
