@@ -26,7 +26,7 @@ def tiny_tokenizer(words: int = 200):
 
 def tiny_causal_lm(kind: str = "llama", *, words: int = 200, hidden: int = 32, layers: int = 2, seed: int = 0,
                    softcap: float = 30.0):
-    """A randomly initialised Llama, Qwen2 or Gemma 2 (softcapped logits) whose vocabulary fits ``tiny_tokenizer``."""
+    """A randomly initialised Llama, Mistral, Qwen2 or Gemma 2 (softcapped logits) sized for ``tiny_tokenizer``."""
     import transformers
 
     common = dict(vocab_size=words + len(SPECIAL), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -37,11 +37,13 @@ def tiny_causal_lm(kind: str = "llama", *, words: int = 200, hidden: int = 32, l
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     if kind == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     if kind == "gemma2":
         cfg = transformers.Gemma2Config(**common, head_dim=hidden // 4, final_logit_softcapping=softcap,
                                         attn_implementation="eager")
         return transformers.Gemma2ForCausalLM(cfg)
-    raise ValueError(f"kind must be 'llama', 'qwen2' or 'gemma2', got {kind!r}")
+    raise ValueError(f"kind must be 'llama', 'mistral', 'qwen2' or 'gemma2', got {kind!r}")
 
 
 def synthetic_preferences(n: int = 32, *, words: int = 200, prompt_len=(3, 6), completion_len=(3, 8), seed: int = 0,

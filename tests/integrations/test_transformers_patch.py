@@ -15,7 +15,7 @@ from dpo_kernels.integrations.transformers import (  # noqa: E402
     unpatch_causal_lm,
 )
 
-KINDS = ["llama", "qwen2", "gemma2"]
+KINDS = ["llama", "mistral", "qwen2", "gemma2"]
 
 
 def tiny_causal_lm(kind: str):

@@ -50,7 +50,7 @@ def restore_trl():
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma2"])
 def test_patched_dpo_trainer_matches_stock(kind, loss_type, restore_trl):
     dk_trl.unpatch()
     loss, grads, metrics = _one_step(kind, loss_type)
