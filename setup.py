@@ -75,6 +75,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*", "peft"],
         "trl": ["trl==1.16.*"],
+        "demo": ["transformers>=4.45", "tqdm"],
         "bench": ["pytest-benchmark>=4"],
     },
     ext_modules=ext_modules,
