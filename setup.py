@@ -76,7 +76,7 @@ setup(
         "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*", "peft"],
         "trl": ["trl==1.16.*"],
         "demo": ["transformers>=4.45", "tqdm"],
-        "bench": ["pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib", "trl==1.16.*", "liger-kernel", "cut-cross-entropy"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
