@@ -44,3 +44,10 @@ def upstream_grad(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index:
         return torch.zeros(labels.numel(), dtype=dtype, device=labels.device)
     g = grad.reshape(-1).to(dtype)
     return torch.where(labels.reshape(-1) != ignore_index, g, torch.zeros((), dtype=dtype, device=g.device)).contiguous()
+
+
+def upstream_grads(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
+    """``(g, g_kl)`` of a KL function's backward via :func:`upstream_grad`; ``g_kl`` is ``None`` when the KL output
+    received no gradient (so kernels can skip the reference entirely)."""
+    g = upstream_grad(grad_logp, labels, ignore_index, dtype)
+    return g, (None if grad_kl is None else upstream_grad(grad_kl, labels, ignore_index, dtype))

@@ -16,7 +16,7 @@ import torch
 
 from ..options import TokenOptions
 from . import extension
-from .common import LinearHead, kl_outputs, upstream_grad
+from .common import LinearHead, kl_outputs, upstream_grads
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .torch_chunked import default_linear_chunks
 
@@ -54,9 +54,7 @@ class _LogitsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, *grad_rest):
         logits, labels, lse, ref_logits, ref_lse = ctx.saved_tensors
         opts = ctx.opts
-        g = upstream_grad(grad_logp, labels, opts.ignore_index, lse.dtype)
-        grad_kl = grad_rest[1] if grad_rest else None
-        g_kl = upstream_grad(grad_kl, labels, opts.ignore_index, lse.dtype) if grad_kl is not None else None
+        g, g_kl = upstream_grads(grad_logp, grad_rest[1] if grad_rest else None, labels, opts.ignore_index, lse.dtype)
         grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _ops().logits_backward(
             logits, labels, lse, g, ref_logits if g_kl is not None else None, ref_lse if g_kl is not None else None,
@@ -96,10 +94,8 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, *grad_rest):
         h, weight, bias, labels, lse, ref_lse = ctx.saved_tensors
         opts, ref = ctx.opts, ctx.ref
-        g = upstream_grad(grad_logp, labels, opts.ignore_index, lse.dtype)
-        grad_kl = grad_rest[1] if grad_rest else None
-        use_kl = grad_kl is not None
-        g_kl = upstream_grad(grad_kl, labels, opts.ignore_index, lse.dtype) if use_kl else None
+        g, g_kl = upstream_grads(grad_logp, grad_rest[1] if grad_rest else None, labels, opts.ignore_index, lse.dtype)
+        use_kl = g_kl is not None
         token_chunk, vocab_chunk = _chunks(opts, labels.numel(), weight.shape[0])
         need = ctx.needs_input_grad
         dh, dw, db = _ops().linear_backward(

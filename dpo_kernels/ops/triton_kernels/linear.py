@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import LinearHead, kl_outputs, upstream_grad
+from ..common import LinearHead, kl_outputs, upstream_grad, upstream_grads
 from .config import TileConfig, autotune_enabled, tile_candidates, tile_config
 from .jit_helpers import transform, transform_grad
 from .launch import dot_precision, transform_args, upcast_dot
@@ -370,6 +370,5 @@ class TritonLinearTokenLogprobsAndKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         labels = ctx.saved_tensors[3]
-        g = upstream_grad(grad_logp, labels, ctx.opts.ignore_index)
-        g_kl = upstream_grad(grad_kl, labels, ctx.opts.ignore_index) if grad_kl is not None else None
+        g, g_kl = upstream_grads(grad_logp, grad_kl, labels, ctx.opts.ignore_index)
         return (*_backward(ctx, g, g_kl), None, None, None)

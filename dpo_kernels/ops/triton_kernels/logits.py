@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import kl_outputs, upstream_grad
+from ..common import kl_outputs, upstream_grad, upstream_grads
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
 from .jit_helpers import transform, transform_grad
@@ -200,7 +200,6 @@ class TritonTokenLogprobsAndKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
-        g = upstream_grad(grad_logp, labels, ctx.opts.ignore_index)
-        g_kl = upstream_grad(grad_kl, labels, ctx.opts.ignore_index) if grad_kl is not None else None
+        g, g_kl = upstream_grads(grad_logp, grad_kl, labels, ctx.opts.ignore_index)
         grad = _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, ctx.opts)
         return grad, None, None, None
