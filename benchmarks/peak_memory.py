@@ -105,14 +105,10 @@ def measure(case: str, impl: str, n: int, d: int, v: int, dtype: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _fused_backends() -> list[str]:
-    """Every available backend that runs on CPU tensors, except the reference."""
-    import dpo_kernels
+def _cpu_backends() -> list[str]:
+    from dpo_kernels.ops import backends_for
 
-    return [
-        s.name for s in dpo_kernels.available_backends().values()
-        if s.available and s.name != "reference" and ("*" in s.device_types or "cpu" in s.device_types)
-    ]
+    return backends_for("cpu")
 
 
 def main() -> int:
@@ -131,7 +127,7 @@ def main() -> int:
         print(json.dumps(_child(args.case, args.child, args.tokens, args.hidden, args.vocab, args.dtype)))
         return 0
 
-    impls = args.impls.split(",") if args.impls else ["naive", *_fused_backends()]
+    impls = args.impls.split(",") if args.impls else ["naive", *_cpu_backends()]
     shape = dict(tokens=args.tokens, vocab=args.vocab, dtype=args.dtype)
     if args.case == "linear":
         shape["hidden"] = args.hidden

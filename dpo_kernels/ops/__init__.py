@@ -5,7 +5,7 @@ from .registry import (
     BackendStatus,
     BackendUnavailableError,
     available_backends,
-    backend_names,
+    backends_for,
     resolve_backend,
 )
 
@@ -14,6 +14,6 @@ __all__ = [
     "BackendUnavailableError",
     "LinearHead",
     "available_backends",
-    "backend_names",
+    "backends_for",
     "resolve_backend",
 ]

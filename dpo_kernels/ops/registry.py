@@ -173,9 +173,12 @@ _BACKENDS: dict[str, BackendSpec] = {
 }
 
 
-def backend_names() -> tuple[str, ...]:
-    """Every registered backend name, in table order."""
-    return tuple(_BACKENDS)
+def backends_for(device_type: str) -> list[str]:
+    """Names of the backends available here that run on ``device_type`` tensors, the reference oracle excepted."""
+    return [
+        spec.name for spec in _BACKENDS.values()
+        if spec.name != "reference" and spec.runs_on(device_type) and spec.check() is None
+    ]
 
 
 def _spec(name: str) -> BackendSpec:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dpo_kernels import (
-    available_backends,
     fused_dpo_loss,
     linear_token_logprobs,
     linear_token_logprobs_and_kl,
@@ -18,13 +17,13 @@ from dpo_kernels import (
     token_logprobs_and_kl,
 )
 
+from dpo_kernels.ops import backends_for
+
 from ..conftest import assert_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-GPU_BACKENDS = [
-    s.name for s in available_backends().values() if s.available and "cuda" in s.device_types and s.name != "reference"
-]
+GPU_BACKENDS = [name for name in backends_for("cuda") if name != "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(3, 17, 1000, 48), (2, 5, 32001, 64), (2, 9, 128256, 32)]  # (rows, seq, vocab, hidden)
 
