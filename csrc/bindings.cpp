@@ -1,5 +1,5 @@
 // The one place where the dpo_kernels ops are declared. Implementations register per device: cpu/ops_cpu.cpp
-// (CPU), cuda_bindings.cpp (CUDA, when built with it), linear.cpp (any device, on top of the tile ops).
+// (CPU) and cuda_bindings.cpp (CUDA, when built with it).
 // Python reaches them as torch.ops.dpo_kernels.<name> once dpo_kernels._C is imported.
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -13,21 +13,18 @@ TORCH_LIBRARY(dpo_kernels, m) {
   m.def(
       "logits_backward(Tensor logits, Tensor labels, Tensor lse, Tensor g, Tensor? ref_logits, Tensor? ref_lse, "
       "Tensor? g_kl, Tensor(a!) grad, int ignore_index, float logit_scale, float softcap, float inv_temperature) -> ()");
+  // Linear path, one tile of raw logits x [n, w] (fp32, or fp64 for fp64 inputs) of vocabulary columns v0..v0+w,
+  // every label valid; bias [w] in x's dtype. The tile loop is dpo_kernels/ops/linear/driver.py.
+  // stats [3, n]: max, sum, label logit; ref_stats [4, n]: the reference's max, sum, label logit, KL weighted sum.
   m.def(
-      "fold_tile(Tensor x, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, Tensor(b!)? ref_stats, "
-      "float logit_scale, float softcap, float inv_temperature) -> ()");
+      "fold_tile(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, Tensor? ref_bias, "
+      "Tensor(b!)? ref_stats, float logit_scale, float softcap, float inv_temperature) -> ()");
+  // Writes dL/dx into out [n, w] (any float dtype; may be x itself). Returns 0 when filter_eps >= 0 and every
+  // |p - onehot| (and |p - q|) of the tile is below it (out is then unspecified), else 1.
   m.def(
-      "grad_tile(Tensor(a!) x, int v0, Tensor labels, Tensor lse, Tensor g, Tensor? xr, Tensor? ref_lse, "
-      "Tensor? g_kl, float filter_eps, float logit_scale, float softcap, float inv_temperature) -> int");
-  m.def(
-      "linear_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, "
-      "Tensor? ref_weight, Tensor? ref_bias, int token_chunk, int vocab_chunk, int ignore_index, float logit_scale, "
-      "float softcap, float inv_temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "linear_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor g, "
-      "Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, Tensor? ref_lse, Tensor? g_kl, bool need_dh, "
-      "bool need_dw, bool need_db, int token_chunk, int vocab_chunk, float filter_eps, float logit_scale, "
-      "float softcap, float inv_temperature) -> (Tensor, Tensor, Tensor)");
+      "grad_tile(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor lse, Tensor g, Tensor? xr, Tensor? ref_bias, "
+      "Tensor? ref_lse, Tensor? g_kl, Tensor(a!) out, float filter_eps, float logit_scale, float softcap, "
+      "float inv_temperature) -> int");
 }
 
 // Reports what this build contains, for the backend availability check.

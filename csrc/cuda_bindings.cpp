@@ -84,30 +84,48 @@ void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& l
         "logits_backward");
 }
 
-void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& stats, const OptTensor& xr,
-               const OptTensor& ref_stats, double logit_scale, double softcap, double inv_temperature) {
+const float* float_data(const OptTensor& t) {
+  return present(t) ? t->data_ptr<float>() : nullptr;
+}
+
+void check_tile(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "dpo_kernels::", what,
+              ": the CUDA tile kernels take contiguous fp32 tiles (the GEMM output), got ", t.scalar_type());
+}
+
+void fold_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& stats,
+               const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats, double logit_scale,
+               double softcap, double inv_temperature) {
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "dpo_kernels::fold_tile: contiguous fp32 tiles");
+  check_tile(x, "fold_tile");
   const bool with_ref = present(xr);
-  check(dpo_fold_tile(DPO_FLOAT32, x.data_ptr(), with_ref ? xr->data_ptr() : nullptr, x.size(0), x.size(1), v0,
-                      labels.data_ptr<int64_t>(), stats.data_ptr(), stats.stride(0),
-                      with_ref ? ref_stats->data_ptr() : nullptr, with_ref ? ref_stats->stride(0) : 0, logit_scale,
-                      softcap, inv_temperature, stream()),
+  if (with_ref) check_tile(*xr, "fold_tile");
+  check(dpo_fold_tile(x.data_ptr<float>(), float_data(bias), with_ref ? xr->data_ptr<float>() : nullptr,
+                      float_data(ref_bias), x.size(0), x.size(1), v0, labels.data_ptr<int64_t>(),
+                      stats.data_ptr<float>(), stats.stride(0), with_ref ? ref_stats->data_ptr<float>() : nullptr,
+                      with_ref ? ref_stats->stride(0) : 0, logit_scale, softcap, inv_temperature, stream()),
         "fold_tile");
 }
 
-int64_t grad_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& lse, const Tensor& g,
-                  const OptTensor& xr, const OptTensor& ref_lse, const OptTensor& g_kl, double filter_eps,
-                  double logit_scale, double softcap, double inv_temperature) {
+int64_t grad_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& lse,
+                  const Tensor& g, const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_lse,
+                  const OptTensor& g_kl, const Tensor& out, double filter_eps, double logit_scale, double softcap,
+                  double inv_temperature) {
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "dpo_kernels::grad_tile: contiguous fp32 tiles");
+  check_tile(x, "grad_tile");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous(), "dpo_kernels::grad_tile: out must be a contiguous "
+              "tile of x's shape");
   const bool with_kl = present(g_kl);
+  if (with_kl) check_tile(*xr, "grad_tile");
   const Tensor lse_c = lse.contiguous(), g_c = g.contiguous();
-  const Tensor ref_lse_c = with_kl ? ref_lse->contiguous() : Tensor(), g_kl_c = with_kl ? g_kl->contiguous() : Tensor();
+  const Tensor ref_lse_c = with_kl ? ref_lse->contiguous() : Tensor();
+  const Tensor g_kl_c = with_kl ? g_kl->contiguous() : Tensor();
   int kept = 1;
-  check(dpo_grad_tile(DPO_FLOAT32, x.data_ptr(), with_kl ? xr->data_ptr() : nullptr, x.size(0), x.size(1), v0,
-                      labels.data_ptr<int64_t>(), lse_c.data_ptr(), with_kl ? ref_lse_c.data_ptr() : nullptr,
-                      g_c.data_ptr(), with_kl ? g_kl_c.data_ptr() : nullptr, filter_eps, logit_scale, softcap,
+  check(dpo_grad_tile(dtype_code(out), x.data_ptr<float>(), float_data(bias),
+                      with_kl ? xr->data_ptr<float>() : nullptr, float_data(ref_bias), out.data_ptr(), x.size(0),
+                      x.size(1), v0, labels.data_ptr<int64_t>(), lse_c.data_ptr<float>(),
+                      with_kl ? ref_lse_c.data_ptr<float>() : nullptr, g_c.data_ptr<float>(),
+                      with_kl ? g_kl_c.data_ptr<float>() : nullptr, filter_eps, logit_scale, softcap,
                       inv_temperature, &kept, stream()),
         "grad_tile");
   return kept;

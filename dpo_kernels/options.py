@@ -21,8 +21,12 @@ class TokenOptions:
         temperature: logits are divided by it after scaling and softcapping; must be > 0.
         softcap: when set, ``z = softcap * tanh(z / softcap)`` after scaling (Gemma 2 style); must be > 0.
         logit_scale: logits are multiplied by it first (Cohere/Granite style); must be finite and non-zero.
-        token_chunk_size: tokens per tile of the ``torch`` backend; ``None`` picks a size from the vocabulary.
-        vocab_chunk_size: vocabulary entries per tile of the ``torch`` backend's linear path; ``None`` picks one.
+        token_chunk_size: tokens per tile (from logits: the ``torch`` backend's rows per step; from hidden states:
+            tokens per block of the linear path, every backend); ``None`` picks one.
+        vocab_chunk_size: vocabulary entries per tile of the linear path (every backend); ``None`` picks one.
+        tile_budget_mb: scratch memory, in MiB, of the linear path's tiles (logits, reference logits and their
+            gradient): the tile sizes come from it unless given above. ``None``: 16 on CPU, 128 on accelerators
+            (see ``ops/linear/plan.py``).
         inplace_backward: from logits only: write the logits' gradient into their own storage (see ``ops.inplace``).
         grad_filter_eps: from hidden states only: skip a backward tile whose every ``|softmax - onehot|`` (and
             ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients.
@@ -34,6 +38,7 @@ class TokenOptions:
     logit_scale: float = 1.0
     token_chunk_size: int | None = None
     vocab_chunk_size: int | None = None
+    tile_budget_mb: float | None = None
     inplace_backward: bool = False
     grad_filter_eps: float | None = None
 
@@ -50,6 +55,8 @@ class TokenOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if self.tile_budget_mb is not None and not _is_positive_finite(self.tile_budget_mb):
+            raise ValueError(f"tile_budget_mb must be None or a finite number of MiB > 0, got {self.tile_budget_mb!r}")
         if not isinstance(self.inplace_backward, bool):
             raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
         if self.grad_filter_eps is not None and not (_is_finite_number(self.grad_filter_eps) and self.grad_filter_eps >= 0):

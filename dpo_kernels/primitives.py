@@ -95,6 +95,7 @@ def linear_token_logprobs(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    tile_budget_mb: float | None = None,
     grad_filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
@@ -105,7 +106,7 @@ def linear_token_logprobs(
     skipped gradient entry of the logits is then at most ``eps * |upstream grad|`` (before the transform's factor).
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
-                    filter_eps=grad_filter_eps)
+                    budget=tile_budget_mb, filter_eps=grad_filter_eps)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     require_labels_in_vocab(labels, weight.shape[0], opts.ignore_index)
     return run_linear_token_logprobs(LinearHead(hidden, weight, bias), labels, opts, backend)
@@ -127,6 +128,7 @@ def linear_token_logprobs_and_kl(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    tile_budget_mb: float | None = None,
     grad_filter_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and ``KL(ref || policy)`` per token from two heads, in one pass.
@@ -137,7 +139,7 @@ def linear_token_logprobs_and_kl(
     ``grad_filter_eps`` as in :func:`linear_token_logprobs`, also requiring every ``|softmax - q|`` below it.
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
-                    filter_eps=grad_filter_eps)
+                    budget=tile_budget_mb, filter_eps=grad_filter_eps)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     check_head(("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), labels)
     check_agree(hidden=hidden, ref_hidden=ref_hidden)
@@ -168,19 +170,22 @@ def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, ba
 
 
 def run_linear_token_logprobs(policy: LinearHead, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
-    rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, policy.hidden.device, policy.hidden.dtype)
-    hidden = _as_rows(policy.hidden, rows)
-    return impl.linear_token_logprobs(hidden, policy.weight, policy.bias, labels.reshape(rows), opts).view(labels.shape)
+    return run_linear_token_stats(policy, None, labels, opts, backend)
 
 
 def run_linear_token_logprobs_and_kl(policy: LinearHead, ref: LinearHead, labels, opts: TokenOptions, backend: str):
+    return run_linear_token_stats(policy, ref, labels, opts, backend)
+
+
+def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str):
+    """``logp`` (or ``(logp, ref_logp, kl)`` with a reference head), each shaped like ``labels``."""
     rows = _rows_shape(labels)
     _, impl = resolve_backend(backend, policy.hidden.device, policy.hidden.dtype)
-    ref_rows = LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
-    outs = impl.linear_token_logprobs_and_kl(
-        _as_rows(policy.hidden, rows), policy.weight, policy.bias, ref_rows, labels.reshape(rows), opts
-    )
+    policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
+    ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
+    outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts)
+    if ref is None:
+        return outs.view(labels.shape)
     return tuple(o.view(labels.shape) for o in outs)
 
 
@@ -229,7 +234,8 @@ def check_agree(**tensors: torch.Tensor | None) -> None:
 
 
 def _options(
-    ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk, *, inplace=False, filter_eps=None
+    ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk, *, inplace=False, budget=None,
+    filter_eps=None,
 ) -> TokenOptions:
     return TokenOptions(
         ignore_index=ignore_index,
@@ -238,6 +244,7 @@ def _options(
         logit_scale=logit_scale,
         token_chunk_size=token_chunk,
         vocab_chunk_size=vocab_chunk,
+        tile_budget_mb=budget,
         inplace_backward=inplace,
         grad_filter_eps=filter_eps,
     )

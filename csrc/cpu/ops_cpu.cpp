@@ -152,10 +152,30 @@ void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& l
   });
 }
 
-// Linear path, one tile: fold raw logits x [n, vt] (columns v0..v0+vt) into per-token statistics.
+// A row of a linear-path tile: z = transform(x + bias). Returns the raw logits x + bias: x itself without a bias,
+// else `buffer`.
+template <typename acc_t>
+inline const acc_t* biased_row(const TransformParams& t, const acc_t* x, const acc_t* bias, int64_t width,
+                               acc_t* buffer, acc_t* z) {
+  const acc_t* raw = x;
+  if (bias != nullptr) {
+    for (int64_t k = 0; k < width; ++k) buffer[k] = x[k] + bias[k];
+    raw = buffer;
+  }
+  transform_chunk(t, raw, z, width);
+  return raw;
+}
+
+template <typename acc_t>
+const acc_t* optional_data(const c10::optional<Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<acc_t>() : nullptr;
+}
+
+// Linear path, one tile: fold raw logits x [n, w] (columns v0..v0+w) into per-token statistics.
 // stats [3, n]: running max, running sum, label logit. ref_stats [4, n]: the reference's max, sum, label logit
 // and the KL's weighted sum w.
-void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& stats, const c10::optional<Tensor>& xr,
+void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
+               const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
                const c10::optional<Tensor>& ref_stats, double logit_scale, double softcap, double inv_temperature) {
   const bool with_ref = xr.has_value() && xr->defined();
   const int64_t rows = x.size(0), width = x.size(1);
@@ -164,14 +184,16 @@ void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& 
     using acc_t = scalar_t;
     const acc_t* xp = x.data_ptr<acc_t>();
     const acc_t* xrp = with_ref ? xr->data_ptr<acc_t>() : nullptr;
+    const acc_t* bp = optional_data<acc_t>(bias);
+    const acc_t* rbp = optional_data<acc_t>(ref_bias);
     const int64_t* y = labels.data_ptr<int64_t>();
     acc_t* st = stats.data_ptr<acc_t>();
     acc_t* rst = with_ref ? ref_stats->data_ptr<acc_t>() : nullptr;
     const int64_t ss = stats.stride(0), rss = with_ref ? ref_stats->stride(0) : 0;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(width), zr(width);
+      std::vector<acc_t> raw(width), z(width), zr(width);
       for (int64_t i = begin; i < end; ++i) {
-        transform_chunk(t, xp + i * x.stride(0), z.data(), width);
+        biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
         OnlineLse<acc_t> policy{st[i], st[ss + i]};
         policy.fold(z.data(), width);
         st[i] = policy.m;
@@ -180,7 +202,7 @@ void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& 
         const bool hit = col >= 0 && col < width;
         if (hit) st[2 * ss + i] = z[col];
         if (with_ref) {
-          transform_chunk(t, xrp + i * xr->stride(0), zr.data(), width);
+          biased_row(t, xrp + i * xr->stride(0), rbp, width, raw.data(), zr.data());
           OnlineKl<acc_t> ref{OnlineLse<acc_t>{rst[i], rst[rss + i]}, rst[3 * rss + i]};
           ref.fold(z.data(), zr.data(), width);
           rst[i] = ref.ref.m;
@@ -193,12 +215,16 @@ void fold_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& 
   });
 }
 
-// Linear path, one tile: overwrite raw logits x [n, vt] with dL/dx. Returns 0 when grad_filter_eps >= 0 and every
+// Linear path, one tile: write dL/dx of raw logits x [n, w] into out [n, w] (any float dtype; may be x itself:
+// each row is read into thread-local buffers before it is written). Returns 0 when filter_eps >= 0 and every
 // |p - onehot| (and |p - q|) of the tile is below it (the caller then skips the tile), else 1.
-int64_t grad_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tensor& lse, const Tensor& g,
-                  const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_lse,
-                  const c10::optional<Tensor>& g_kl, double filter_eps, double logit_scale, double softcap,
-                  double inv_temperature) {
+int64_t grad_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
+                  const Tensor& lse, const Tensor& g, const c10::optional<Tensor>& xr,
+                  const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_lse,
+                  const c10::optional<Tensor>& g_kl, const Tensor& out, double filter_eps, double logit_scale,
+                  double softcap, double inv_temperature) {
+  TORCH_CHECK(out.sizes() == x.sizes() && out.stride(1) == 1, "dpo_kernels::grad_tile: out must be [n, w], rows "
+              "contiguous");
   const bool with_kl = g_kl.has_value() && g_kl->defined();
   const bool filter = filter_eps >= 0;
   const int64_t rows = x.size(0), width = x.size(1);
@@ -206,28 +232,37 @@ int64_t grad_tile(const Tensor& x, int64_t v0, const Tensor& labels, const Tenso
   double deviation = 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_grad_tile", [&] {
     using acc_t = scalar_t;
-    acc_t* xp = x.data_ptr<acc_t>();
+    const acc_t* xp = x.data_ptr<acc_t>();
     const acc_t* xrp = with_kl ? xr->data_ptr<acc_t>() : nullptr;
+    const acc_t* bp = optional_data<acc_t>(bias);
+    const acc_t* rbp = optional_data<acc_t>(ref_bias);
     const int64_t* y = labels.data_ptr<int64_t>();
     const acc_t *lse_p = lse.data_ptr<acc_t>(), *g_p = g.data_ptr<acc_t>();
     const acc_t* ref_lse_p = with_kl ? ref_lse->data_ptr<acc_t>() : nullptr;
     const acc_t* g_kl_p = with_kl ? g_kl->data_ptr<acc_t>() : nullptr;
     const int64_t threads = at::get_num_threads();
     std::vector<acc_t> worst(threads, acc_t(0));
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(width), zr(width), dz(width);
-      acc_t& dev = worst[at::get_thread_num()];
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t* xi = xp + i * x.stride(0);
-        transform_chunk(t, xi, z.data(), width);
-        if (with_kl) transform_chunk(t, xrp + i * xr->stride(0), zr.data(), width);
-        const int64_t col = (y[i] >= v0 && y[i] < v0 + width) ? y[i] - v0 : -1;
-        const acc_t ref_lse_i = with_kl ? ref_lse_p[i] : acc_t(0);
-        if (filter) dev = std::max(dev, chunk_deviation(z.data(), zr.data(), width, lse_p[i], ref_lse_i, with_kl, col));
-        chunk_grad(z.data(), zr.data(), width, lse_p[i], ref_lse_i, g_p[i], with_kl ? g_kl_p[i] : acc_t(0), with_kl,
-                   col, dz.data());
-        transform_grad_chunk(t, xi, dz.data(), xi, width);
-      }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dpo_grad_tile_out", [&] {
+      using out_t = scalar_t;
+      out_t* op = out.data_ptr<out_t>();
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> raw(width), z(width), rraw(width), zr(width), dz(width);
+        acc_t& dev = worst[at::get_thread_num()];
+        for (int64_t i = begin; i < end; ++i) {
+          const acc_t* xi = biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
+          if (with_kl) biased_row(t, xrp + i * xr->stride(0), rbp, width, rraw.data(), zr.data());
+          const int64_t col = (y[i] >= v0 && y[i] < v0 + width) ? y[i] - v0 : -1;
+          const acc_t ref_lse_i = with_kl ? ref_lse_p[i] : acc_t(0);
+          if (filter) {
+            dev = std::max(dev, chunk_deviation(z.data(), zr.data(), width, lse_p[i], ref_lse_i, with_kl, col));
+          }
+          chunk_grad(z.data(), zr.data(), width, lse_p[i], ref_lse_i, g_p[i], with_kl ? g_kl_p[i] : acc_t(0),
+                     with_kl, col, dz.data());
+          transform_grad_chunk(t, xi, dz.data(), dz.data(), width);
+          out_t* orow = op + i * out.stride(0);
+          for (int64_t k = 0; k < width; ++k) orow[k] = static_cast<out_t>(dz[k]);
+        }
+      });
     });
     for (acc_t d : worst) deviation = std::max(deviation, static_cast<double>(d));
   });

@@ -71,6 +71,29 @@ __device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
   return {{m, a.ref.s * fa + b.ref.s * fb}, a.w * fa + b.w * fb};
 }
 
+// Folds one policy logit z (and reference logit zr) into the thread's running states.
+template <bool WITH_REF>
+__device__ __forceinline__ void fold_logit(float z, float zr, Lse& state, KlState& ref) {
+  if (z > state.m) {
+    state.s = state.s * __expf(state.m - z) + 1.f;
+    state.m = z;
+  } else {
+    state.s += __expf(z - state.m);
+  }
+  if constexpr (WITH_REF) {
+    if (zr > ref.ref.m) {
+      const float f = __expf(ref.ref.m - zr);
+      ref.ref.s = ref.ref.s * f + 1.f;
+      ref.w = ref.w * f + (zr - z);
+      ref.ref.m = zr;
+    } else {
+      const float e = __expf(zr - ref.ref.m);
+      ref.ref.s += e;
+      if (e > 0.f) ref.w += e * (zr - z);  // an underflowed reference probability contributes exactly 0
+    }
+  }
+}
+
 __device__ __forceinline__ Lse warp_reduce(Lse x) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {

@@ -24,29 +24,6 @@ struct RowLayout {
   }
 };
 
-// Folds one policy logit z (and reference logit zr) into the thread's running states.
-template <bool WITH_REF>
-__device__ __forceinline__ void fold(float z, float zr, Lse& state, KlState& ref) {
-  if (z > state.m) {
-    state.s = state.s * __expf(state.m - z) + 1.f;
-    state.m = z;
-  } else {
-    state.s += __expf(z - state.m);
-  }
-  if constexpr (WITH_REF) {
-    if (zr > ref.ref.m) {
-      const float f = __expf(ref.ref.m - zr);
-      ref.ref.s = ref.ref.s * f + 1.f;
-      ref.w = ref.w * f + (zr - z);
-      ref.ref.m = zr;
-    } else {
-      const float e = __expf(zr - ref.ref.m);
-      ref.ref.s += e;
-      if (e > 0.f) ref.w += e * (zr - z);  // an underflowed reference probability contributes exactly 0
-    }
-  }
-}
-
 template <typename T, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_REF>
 __global__ void
     logits_forward_kernel(const T* __restrict__ logits, RowLayout layout, const T* __restrict__ ref_logits,
@@ -81,14 +58,14 @@ __global__ void
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float zr = WITH_REF ? t.apply<float>(to_float(pr.v[k])) : 0.f;
-        fold<WITH_REF>(t.apply<float>(to_float(px.v[k])), zr, state, ref);
+        fold_logit<WITH_REF>(t.apply<float>(to_float(px.v[k])), zr, state, ref);
       }
     }
     tail = packets * VEC;
   }
   for (int64_t i = tail + lane; i < vocab; i += THREADS) {
     const float zr = WITH_REF ? t.apply<float>(to_float(r_row[i * ref_layout.stride_v])) : 0.f;
-    fold<WITH_REF>(t.apply<float>(to_float(x_row[i * layout.stride_v])), zr, state, ref);
+    fold_logit<WITH_REF>(t.apply<float>(to_float(x_row[i * layout.stride_v])), zr, state, ref);
   }
   state = row_reduce<THREADS>(state, reinterpret_cast<Lse*>(scratch));
   const float lse = state.m + __logf(state.s);

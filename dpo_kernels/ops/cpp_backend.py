@@ -5,9 +5,8 @@ Both backends are this one module: every op is registered per device (``csrc/cpu
 
 From logits: one fused pass over each row in the forward (online log-sum-exp, and the KL's sums with a reference),
 ``O(N)`` statistics saved; the backward recomputes the softmax per row and writes the gradient, into the logits'
-own storage with ``inplace_backward``. From hidden states: ``csrc/linear.cpp`` tiles tokens x vocabulary, each
-tile's logits an ATen GEMM folded by a fused kernel, recomputed in the backward; ``[N, V]`` is never built and the
-weight gradient accumulates in fp32.
+own storage with ``inplace_backward``. From hidden states: the linear path of :mod:`dpo_kernels.ops.linear` with
+the ``fold_tile`` / ``grad_tile`` ops as its tile kernels (:data:`TILE_KERNELS`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from ..options import TokenOptions
 from . import extension
 from .common import LinearHead, kl_outputs, upstream_grads
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
-from .torch_chunked import default_linear_chunks
+from .linear import driver
+from .linear.contract import LogitsTile, TileKernels
 
 
 def _ops():
@@ -37,6 +37,7 @@ class _LogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ref_logits, opts: TokenOptions):
+        ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
         if opts.inplace_backward:
             refuse_leaf_logits(logits)
         labels_flat = labels.reshape(-1).contiguous()
@@ -52,9 +53,12 @@ class _LogitsFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, *grad_rest):
+        grad_kl = grad_rest[1] if grad_rest else None
+        if grad_logp is None and grad_kl is None:
+            return None, None, None, None
         logits, labels, lse, ref_logits, ref_lse = ctx.saved_tensors
         opts = ctx.opts
-        g, g_kl = upstream_grads(grad_logp, grad_rest[1] if grad_rest else None, labels, opts.ignore_index, lse.dtype)
+        g, g_kl = upstream_grads(grad_logp, grad_kl, labels, opts.ignore_index, lse.dtype)
         grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _ops().logits_backward(
             logits, labels, lse, g, ref_logits if g_kl is not None else None, ref_lse if g_kl is not None else None,
@@ -65,52 +69,29 @@ class _LogitsFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _chunks(opts: TokenOptions, n: int, vocab: int) -> tuple[int, int]:
-    tokens, voc = default_linear_chunks(n, vocab)
-    return opts.token_chunk_size or tokens, opts.vocab_chunk_size or voc
+def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
+    """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract`: ``torch.ops.dpo_kernels.fold_tile``."""
+    _ops().fold_tile(
+        tile.logits, tile.bias, tile.v0, tile.labels, stats, None if ref is None else ref.logits,
+        None if ref is None else ref.bias, ref_stats, *_transform(opts),
+    )
 
 
-class _LinearFunction(torch.autograd.Function):
-    """Policy log-probs (and, with a reference head, reference log-probs and KL) from ``[R, T, D]`` hidden states."""
+def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> bool:
+    """The ``grad`` kernel of :mod:`dpo_kernels.ops.linear.contract`: ``torch.ops.dpo_kernels.grad_tile``."""
+    eps = -1.0 if opts.grad_filter_eps is None else float(opts.grad_filter_eps)
+    return bool(_ops().grad_tile(
+        tile.logits, tile.bias, tile.v0, tile.labels, lse, g, None if ref is None else ref.logits,
+        None if ref is None else ref.bias, ref_lse, g_kl, out, eps, *_transform(opts),
+    ))
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions):
-        h = hidden.reshape(-1, hidden.shape[-1])
-        labels_flat = labels.reshape(-1).contiguous()
-        rh = ref.hidden.reshape(-1, ref.hidden.shape[-1]) if ref is not None else None
-        token_chunk, vocab_chunk = _chunks(opts, labels_flat.numel(), weight.shape[0])
-        logp, lse, ref_logp, ref_lse, kl = _ops().linear_forward(
-            h, weight, bias, labels_flat, rh, None if ref is None else ref.weight, None if ref is None else ref.bias,
-            token_chunk, vocab_chunk, opts.ignore_index, *_transform(opts),
-        )
-        ctx.save_for_backward(h, weight, bias, labels_flat, lse, ref_lse if ref is not None else None)
-        ctx.opts, ctx.ref, ctx.ref_hidden, ctx.hidden_shape = opts, ref, rh, hidden.shape
-        if ref is None:
-            return logp.view(labels.shape)
-        return kl_outputs(ctx, logp, ref_logp, kl, labels.shape)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, *grad_rest):
-        h, weight, bias, labels, lse, ref_lse = ctx.saved_tensors
-        opts, ref = ctx.opts, ctx.ref
-        g, g_kl = upstream_grads(grad_logp, grad_rest[1] if grad_rest else None, labels, opts.ignore_index, lse.dtype)
-        use_kl = g_kl is not None
-        token_chunk, vocab_chunk = _chunks(opts, labels.numel(), weight.shape[0])
-        need = ctx.needs_input_grad
-        dh, dw, db = _ops().linear_backward(
-            h, weight, bias, labels, lse, g,
-            ctx.ref_hidden if use_kl else None, ref.weight if use_kl else None, ref.bias if use_kl else None,
-            ref_lse if use_kl else None, g_kl, need[0], need[1], need[2] and bias is not None,
-            token_chunk, vocab_chunk, -1.0 if opts.grad_filter_eps is None else float(opts.grad_filter_eps),
-            *_transform(opts),
-        )
-        return (
-            dh.view(ctx.hidden_shape) if need[0] else None,
-            dw if need[1] else None,
-            db if need[2] and bias is not None else None,
-            None, None, None,
-        )
+TILE_KERNELS = TileKernels(name="cpp", fold=fold_tile, grad=grad_tile)
+
+
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+    """The linear path on the C++ / CUDA tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
@@ -121,14 +102,3 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOption
 def token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions):
     """-> ``(logp, ref_logp, kl)``, each ``[R, T]``; ``ref_logits`` receives no gradient."""
     return _LogitsFunction.apply(logits, labels, ref_logits.detach(), opts)
-
-
-def linear_token_logprobs(hidden, weight, bias, labels, opts: TokenOptions):
-    """``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None`` -> ``logp [R, T]``."""
-    return _LinearFunction.apply(hidden, weight, bias, labels, None, opts)
-
-
-def linear_token_logprobs_and_kl(hidden, weight, bias, ref: LinearHead, labels, opts: TokenOptions):
-    """Policy head plus reference head -> ``(logp, ref_logp, kl)``; the reference receives no gradient."""
-    ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
-    return _LinearFunction.apply(hidden, weight, bias, labels, ref, opts)

@@ -85,30 +85,19 @@ def token_logprobs_and_kl(
 
 
 def _head_logits(head: LinearHead) -> torch.Tensor:
-    logits = head.hidden @ head.weight.T
-    return logits + head.bias if head.bias is not None else logits
+    return torch.nn.functional.linear(head.hidden, head.weight, head.bias)
 
 
-def linear_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions
-) -> torch.Tensor:
-    """``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` -> ``logp [R, T]``; builds the full logits."""
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+    """Policy head ``hidden [R, T, D]``, ``weight [V, D]`` (and a reference head) -> ``logp [R, T]`` (or
+    ``(logp, ref_logp, kl)``); builds the full logits of each head, as ``nn.Linear`` would (under autocast, in the
+    autocast dtype)."""
     _require_exact_gradients(opts)
-    return token_logprobs(_head_logits(LinearHead(hidden, weight, bias)), labels, opts)
-
-
-def linear_token_logprobs_and_kl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ref: LinearHead,
-    labels: torch.Tensor,
-    opts: TokenOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Policy head and reference head -> ``(logp, ref_logp, kl)``; builds both full logits tensors."""
-    _require_exact_gradients(opts)
+    logits = _head_logits(policy)
+    if ref is None:
+        return token_logprobs(logits, labels, opts)
     ref_logits = _head_logits(LinearHead(ref.hidden.detach(), ref.weight.detach(), _detach(ref.bias)))
-    return token_logprobs_and_kl(_head_logits(LinearHead(hidden, weight, bias)), ref_logits, labels, opts)
+    return token_logprobs_and_kl(logits, ref_logits, labels, opts)
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,11 +1,12 @@
 """Compile every kernel ahead of time for sm_80 and sm_90, with no GPU, and report its resources.
 
     python -m dpo_kernels.tools.compile_check            # Triton: every variant, fp32 / bf16 / fp16, sm_80, sm_90
-    python -m dpo_kernels.tools.compile_check --arch 90 --dtype bf16 --filter linear
+    python -m dpo_kernels.tools.compile_check --arch 90 --dtype bf16 --filter tile
     python -m dpo_kernels.tools.compile_check --cuda     # csrc/**/*.cu with nvcc and ptxas -v (see cuda_check.py)
 
 Each row is one kernel variant: the constexpr flags the dispatcher can launch, at the launch configuration the
-heuristics choose for a Llama-3-sized problem (V=128256, D=4096). Registers, spill bytes and shared memory come
+heuristics choose for a Llama-3-sized problem (V=128256; tiles of the linear path 2560 columns wide). The tile
+kernels read fp32 tiles whatever the input dtype; the dtype of a row is that of the gradient tile they write. Registers, spill bytes and shared memory come
 from ``ptxas -v`` (the same ptxas Triton uses for that architecture) run on the PTX Triton generated. Exit status 1
 if any compile fails or any default configuration spills.
 
@@ -35,17 +36,18 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ..ops.triton_kernels import config  # noqa: E402
-from ..ops.triton_kernels.linear import _linear_backward_kernel, _linear_forward_kernel  # noqa: E402
 from ..ops.triton_kernels.logits import _logits_backward_kernel, _logits_forward_kernel  # noqa: E402
+from ..ops.triton_kernels.tiles import _fold_tile_kernel, _grad_tile_kernel  # noqa: E402
 
-VOCAB, HIDDEN = 128256, 4096
+VOCAB, TILE_WIDTH = 128256, 2560
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# Pointer arguments that carry the input dtype; every other pointer is fp32 statistics or int64 labels.
-INPUT_POINTERS = {"x_ptr", "ref_ptr", "grad_ptr", "h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr"}
+# Pointer arguments that carry the row's dtype; every other pointer is fp32 (tiles, statistics) or int64 labels.
+INPUT_POINTERS = {"x_ptr", "ref_ptr", "grad_ptr"}
+TILE_INPUT_POINTERS = {"out_ptr"}
 FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature", "filter_eps"}
 # Innermost strides are 1 in practice; Triton specialises an argument equal to 1 into a constant, and so do we.
-UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v", "h_stride_d", "rh_stride_d", "w_stride_d", "rw_stride_d"}
+UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v"}
 TRANSFORMS = {
     "plain": dict(HAS_SCALE=False, HAS_SOFTCAP=False, HAS_TEMPERATURE=False),
     "transformed": dict(HAS_SCALE=True, HAS_SOFTCAP=True, HAS_TEMPERATURE=True),
@@ -72,28 +74,28 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                            row.num_warps, label=tag))
         out.append(Variant("logits_backward", _logits_backward_kernel,
                            dict(HAS_KL_GRAD=with_ref, BLOCK_V=row.block_v, **tflags), row.num_warps, label=tag))
-    heads = [(False, False, False), (True, False, False), (False, True, False), (True, True, True)]
-    for (tname, tflags), (bias, ref, ref_bias) in itertools.product(TRANSFORMS.items(), heads):
-        tile = config.tile_config(HIDDEN, dtype, ref, backward=False)
+    heads = [(False, False), (True, False), (False, True), (True, True)]  # (bias, reference)
+    for (tname, tflags), (bias, ref) in itertools.product(TRANSFORMS.items(), heads):
         tag = f"{'bias,' if bias else ''}{'kl,' if ref else ''}{tname}"
-        out.append(Variant("linear_forward", _linear_forward_kernel,
-                           dict(HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=ref_bias, **tflags, **_tile_flags(tile, dtype)),
-                           tile.num_warps, tile.num_stages, label=tag))
-        tile = config.tile_config(HIDDEN, dtype, ref, backward=True)
-        for filtered, need_dw in ((False, True), (True, True), (False, False)):
-            out.append(Variant(
-                "linear_backward", _linear_backward_kernel,
-                dict(HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=ref_bias, NEED_DH=True, NEED_DW=need_dw,
-                     NEED_DB=bias and need_dw, FILTER=filtered, **tflags, **_tile_flags(tile, dtype)),
-                tile.num_warps, tile.num_stages,
-                label=tag + (",filter" if filtered else "") + ("" if need_dw else ",frozen-head"),
-            ))
+        if dtype == torch.float32:  # the fold reads fp32 tiles only: one set of variants
+            fold = config.tile_row_config(TILE_WIDTH)
+            out.append(Variant("fold_tile", _fold_tile_kernel.fn, dict(
+                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, BLOCK_V=fold.block_v, **tflags,
+                **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref),
+            ), fold.num_warps, label=tag))
+        grad = config.tile_row_config(TILE_WIDTH, elementwise=True)
+        for filtered in (False, True):
+            out.append(Variant("grad_tile", _grad_tile_kernel.fn, dict(
+                HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=grad.block_v,
+                **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_lse_ptr=ref,
+                                    g_kl_ptr=ref, deviation_ptr=filtered),
+            ), grad.num_warps, label=tag + (",filter" if filtered else "")))
     return out
 
 
-def _tile_flags(tile: config.TileConfig, dtype: torch.dtype) -> dict:
-    return dict(BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d, UPCAST_DOT=False,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+def _absent(**present: bool) -> dict:
+    """Pointer arguments passed as ``None`` (constexpr) when their buffer is absent, as the launchers do."""
+    return {name: None for name, given in present.items() if not given}
 
 
 def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict[str, str]:
@@ -101,7 +103,7 @@ def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict[str, str]:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in INPUT_POINTERS:
+        elif name in INPUT_POINTERS or name in TILE_INPUT_POINTERS:
             sig[name] = "*" + TRITON_TYPE[dtype]
         elif name == "labels_ptr":
             sig[name] = "*i64"

@@ -1,8 +1,9 @@
-"""The ``triton`` backend: Triton kernels for the four primitives (GPU; on the CPU under ``TRITON_INTERPRET=1``).
+"""The ``triton`` backend: Triton kernels for the primitives (GPU; on the CPU under ``TRITON_INTERPRET=1``).
 
-``logits.py`` holds the from-logits kernels, ``linear.py`` the fused head kernels, ``config.py`` the launch
-heuristics and autotuner, ``jit_helpers.py`` the device functions they share. Inputs are fp16, bf16 or fp32;
-statistics are fp32. This module exposes the backend interface of ``dpo_kernels.ops.registry``.
+``logits.py`` holds the from-logits kernels, ``tiles.py`` the tile kernels of the linear path (whose products are
+cuBLAS GEMMs, see :mod:`dpo_kernels.ops.linear`), ``config.py`` the launch heuristics, ``jit_helpers.py`` the device
+functions they share. Inputs are fp16, bf16 or fp32; statistics are fp32. This module exposes the backend interface
+of ``dpo_kernels.ops.registry``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import torch
 
 from ...options import TokenOptions
 from ..common import LinearHead
+from ..linear import driver
+from ..linear.contract import TileKernels
 from .launch import require_supported_dtype
-from .linear import TritonLinearTokenLogprobs, TritonLinearTokenLogprobsAndKL
 from .logits import TritonTokenLogprobs, TritonTokenLogprobsAndKL
+from .tiles import fold_tile, grad_tile
+
+TILE_KERNELS = TileKernels(name="triton", fold=fold_tile, grad=grad_tile)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
@@ -28,14 +33,8 @@ def token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions):
     return TritonTokenLogprobsAndKL.apply(logits, labels, ref_logits.detach(), opts)
 
 
-def linear_token_logprobs(hidden, weight, bias, labels, opts: TokenOptions):
-    """``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None`` -> ``logp [R, T]``."""
-    require_supported_dtype(hidden, weight, bias)
-    return TritonLinearTokenLogprobs.apply(hidden, weight, bias, labels, opts)
-
-
-def linear_token_logprobs_and_kl(hidden, weight, bias, ref: LinearHead, labels, opts: TokenOptions):
-    """Policy head plus reference head -> ``(logp, ref_logp, kl)``; the reference receives no gradient."""
-    require_supported_dtype(hidden, weight, bias, ref.hidden, ref.weight, ref.bias)
-    ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
-    return TritonLinearTokenLogprobsAndKL.apply(hidden, weight, bias, labels, ref, opts)
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+    """The linear path on the Triton tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
+    heads = (policy,) if ref is None else (policy, ref)
+    require_supported_dtype(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS)

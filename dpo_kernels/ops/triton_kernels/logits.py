@@ -188,6 +188,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
 class TritonTokenLogprobsAndKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ref_logits, opts: TokenOptions):
+        ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
         if opts.inplace_backward:
             refuse_leaf_logits(logits)
         labels_flat = labels.reshape(-1).contiguous()
@@ -199,6 +200,8 @@ class TritonTokenLogprobsAndKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
+        if grad_logp is None and grad_kl is None:
+            return None, None, None, None
         logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
         g, g_kl = upstream_grads(grad_logp, grad_kl, labels, ctx.opts.ignore_index)
         grad = _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, ctx.opts)

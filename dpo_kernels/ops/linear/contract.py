@@ -1,0 +1,65 @@
+"""The one contract between the tile driver and a backend: two fused kernels over a tile of logits.
+
+The driver computes every tile ``x = h W_c^T`` with a GEMM whose output is fp32 (fp64 for fp64 inputs), for the
+tokens that are not ignored (every label of a tile is a valid vocabulary id). A backend supplies:
+
+``fold(tile, stats, ref, ref_stats, opts) -> None``
+    Adds the bias, applies the logit transform (FORMULAS.md §1: scale, softcap, temperature) and folds the tile
+    into the running per-token statistics, in place. ``stats`` is ``[3, n]`` (:data:`STATS_ROWS`: running max,
+    running sum of ``exp(z - max)``, label logit where the label falls in the tile); with a reference tile,
+    ``ref_stats`` is ``[4, n]`` (:data:`REF_STATS_ROWS`: the reference's max, sum and label logit, and
+    ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``, rescaled whenever ``mr`` moves). The rows may be strided views
+    (``stats[:, n0:n1]``).
+
+``grad(tile, lse, g, ref, ref_lse, g_kl, opts, out) -> bool``
+    Writes ``dL/dx = transform'(x) * (g (onehot - p) + g_kl (p - q))`` into ``out`` (``[n, w]``, the GEMM operand
+    dtype; ``out`` may be ``tile.logits`` itself when the dtypes agree), with ``p = exp(z - lse)`` and
+    ``q = exp(zr - ref_lse)``. ``ref``, ``ref_lse`` and ``g_kl`` are ``None`` when the KL output received no
+    gradient: the reference is then not read at all. With ``opts.grad_filter_eps`` set, returns ``False`` (and
+    ``out`` is unspecified) when every ``|p - onehot|`` (and ``|p - q|``) of the tile is below it; else ``True``.
+
+Both kernels read the tile once and write only ``O(n)`` values (fold) or the one ``dZ`` tile (grad).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+STATS_ROWS = ("max", "sum", "label_logit")
+REF_STATS_ROWS = ("max", "sum", "label_logit", "weighted")
+
+
+@dataclass(frozen=True)
+class LogitsTile:
+    """Raw logits of ``n`` tokens for vocabulary columns ``v0 .. v0 + w``.
+
+    Attributes:
+        logits: ``[n, w]`` contiguous, fp32 (fp64 for fp64 inputs): the GEMM output, before bias and transform.
+        bias: ``[w]`` in the logits' dtype, or ``None``.
+        v0: the first vocabulary column of the tile.
+        labels: ``[n]`` int64 vocabulary ids of the tile's tokens (never ``ignore_index``).
+    """
+
+    logits: torch.Tensor
+    bias: torch.Tensor | None
+    v0: int
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TileKernels:
+    """A backend's two fused tile kernels (see the module docstring for their exact contract)."""
+
+    name: str
+    fold: Callable[..., None]
+    grad: Callable[..., bool]
+
+
+def new_stats(n: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[rows, n]`` statistics before any tile: max ``-inf``, everything else 0."""
+    stats = torch.zeros((rows, n), dtype=dtype, device=device)
+    stats[0].fill_(float("-inf"))
+    return stats

@@ -1,0 +1,231 @@
+"""The one tile loop of the linear path and its autograd function, shared by every tile-kernel backend.
+
+``linear_token_stats(policy, ref, labels, opts, kernels)`` returns per-token log-probs of ``z = h W^T (+ b)``
+(and, with a reference head, the reference log-probs and ``KL(ref || policy)``, FORMULAS.md §1) without building
+``[N, V]``:
+
+- Ignored tokens (label ``ignore_index``: prompts, padding) are dropped before the first GEMM: the kept rows of the
+  hidden states are gathered once (no copy when every token is kept and the rows are contiguous).
+- Forward, token-major: for each token block and vocabulary chunk, one GEMM writes the fp32 logits tile (and the
+  reference tile, same tokens and columns) and ``kernels.fold`` folds it into ``O(n)`` statistics. Only ``lse``
+  (and ``ref_lse``) are saved for the backward.
+- Backward, vocabulary-major: for each vocabulary chunk ``c``, recompute its tiles, ``kernels.grad`` forms ``dZ``
+  in the GEMM operand dtype, ``dH += dZ W_c`` goes into one fp32 ``[n, D]`` accumulator, and ``dW_c = dZ^T H`` is
+  written once with fp32 accumulation inside the GEMM and one rounding to the weight's dtype (through an fp32
+  ``[vc, D]`` buffer only when the tokens are split into several blocks). There is no ``[V, D]`` fp32 buffer and
+  no atomic over the vocabulary. The reference is recomputed only when the KL output received a gradient
+  (``ctx.set_materialize_grads(False)``: an unused output arrives as ``None``).
+
+Materialised beyond the inputs and the gradients themselves: the gathered kept rows ``[n, D]`` (operand dtype; only
+when tokens are dropped or converted), the fp32 ``dH`` accumulator ``[n, D]``, the per-token statistics, and the
+tiles of :mod:`plan` (at most ``tile_budget_mb``).
+
+Cost at ``n`` kept tokens: ``8 n D V`` FLOPs forward + backward (forward, recompute, ``dH``, ``dW``; ``12 n D V``
+with the reference recomputed for a KL gradient), all on the tensor cores for half inputs on CUDA, plus about
+``4 + 4 + 4 + 2 = 14`` bytes of tile traffic per logit (the fp32 tile written and read in each pass, ``dZ`` written
+once in bf16, read by two GEMMs from L2 or HBM). At N = 8192, D = 4096, V = 128256 on an H100 (~790 TFLOP/s dense
+bf16, ~3.3 TB/s) that is 44 ms of tensor-core time plus about 5 ms of tile traffic: the floor this design aims at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ...options import TokenOptions, statistics_dtype
+from ..common import LinearHead, kl_outputs
+from .contract import REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, new_stats
+from .plan import plan_tiles
+from .products import Products
+
+
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
+                       kernels: TileKernels):
+    """``policy.hidden [R, T, D]``, ``policy.weight [V, D]``, ``labels [R, T]`` -> ``logp [R, T]``; with ``ref``
+    (``hidden [R, T, D_ref]``, ``weight [V, D_ref]``) -> ``(logp, ref_logp, kl)``. fp32 statistics (fp64 when an
+    input is fp64), exactly 0 at ignored tokens; only the policy receives gradients."""
+    if ref is not None:
+        ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
+    return _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels)
+
+
+class _Rows:
+    """The tokens that are not ignored: ``kept`` flat indices into the ``R*T`` tokens (``None``: all of them)."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int) -> None:
+        flat = labels.reshape(-1)
+        self.total = flat.numel()
+        kept = (flat != ignore_index).nonzero().squeeze(1)  # the one host sync of the forward, before any GEMM
+        self.kept = None if kept.numel() == self.total else kept
+        self.labels = (flat if self.kept is None else flat[self.kept]).long().contiguous()
+        self.n = self.labels.numel()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[R, T, K]`` -> ``[n, K]`` kept rows (a view when all are kept and the rows merge)."""
+        k = x.shape[-1]
+        if self.kept is None:
+            return x.reshape(-1, k)
+        try:
+            return x.view(-1, k).index_select(0, self.kept)
+        except RuntimeError:  # rows that do not merge without a copy, e.g. hidden[:, :-1]
+            seq = x.shape[1]
+            return x[self.kept // seq, self.kept % seq]
+
+    def select(self, per_token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A ``[R, T]`` per-token tensor (an upstream gradient) -> ``[n]`` at the kept tokens, contiguous."""
+        flat = per_token.reshape(-1)
+        return (flat if self.kept is None else flat[self.kept]).to(dtype).contiguous()
+
+    def scatter(self, values: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """``[n, ...]`` kept values -> ``shape`` (``R*T`` tokens first) in ``dtype``, exactly 0 at ignored tokens."""
+        if self.kept is None:
+            return values.to(dtype).view(shape)
+        out = torch.zeros((self.total, *values.shape[1:]), dtype=dtype, device=values.device)
+        return out.index_copy_(0, self.kept, values.to(dtype)).view(shape)
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One head as the tile loop sees it: the kept hidden rows as GEMM operands ``[n, D]``, the weight as given
+    (each chunk converted when it is used), the bias in the statistics dtype, and how its products are computed."""
+
+    h: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    products: Products
+
+    @classmethod
+    def of(cls, head: LinearHead, rows: _Rows, products: Products) -> "_Side":
+        return cls(products.operand(rows.gather(head.hidden)), head.weight, products.bias(head.bias), products)
+
+    def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
+        return self.products.operand(self.weight[v0:v1])
+
+    def tile(self, n0: int, n1: int, w_chunk: torch.Tensor, v0: int, labels: torch.Tensor) -> LogitsTile:
+        bias = None if self.bias is None else self.bias[v0 : v0 + w_chunk.shape[0]]
+        return LogitsTile(self.products.logits(self.h[n0:n1], w_chunk), bias, v0, labels[n0:n1])
+
+
+def _no_autocast(device: torch.device):
+    """Inside the loop every dtype is explicit (:class:`Products`); nothing may be autocast again, in the forward or
+    in a backward that runs under an autocast context."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return contextlib.nullcontext()
+
+
+def _statistics_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else statistics_dtype(tensors[0].dtype)
+
+
+def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions, kernels: TileKernels):
+    """Forward, token-major: ``(stats [3, n], ref_stats [4, n] or None)`` after one pass over the vocabulary."""
+    n, vocab, device, sdt = rows.n, policy.weight.shape[0], policy.h.device, policy.products.out_dtype
+    stats = new_stats(n, len(STATS_ROWS), sdt, device)
+    ref_stats = None if ref is None else new_stats(n, len(REF_STATS_ROWS), sdt, device)
+    plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
+    for n0, n1 in plan.token_blocks(n):
+        for v0, v1 in plan.vocab_chunks(vocab):
+            tile = policy.tile(n0, n1, policy.weight_chunk(v0, v1), v0, rows.labels)
+            if ref is None:
+                kernels.fold(tile, stats[:, n0:n1], None, None, opts)
+            else:
+                ref_tile = ref.tile(n0, n1, ref.weight_chunk(v0, v1), v0, rows.labels)
+                kernels.fold(tile, stats[:, n0:n1], ref_tile, ref_stats[:, n0:n1], opts)
+    return stats, ref_stats
+
+
+def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_kl, need, opts: TokenOptions,
+              kernels: TileKernels):
+    """Backward, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V] fp32)``, ``None``
+    for each gradient not in ``need``."""
+    need_dh, need_dw, need_db = need
+    products, weight = policy.products, policy.weight
+    n, (vocab, dim), device, sdt = rows.n, weight.shape, policy.h.device, products.out_dtype
+    dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
+    dw = torch.empty((vocab, dim), dtype=weight.dtype, device=device) if need_dw else None
+    db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
+    separate_dz = products.operand_dtype != sdt
+    per_entry = sdt.itemsize * (1 if ref is None else 2) + (products.operand_bytes if separate_dz else 0)
+    plan = plan_tiles(n, vocab, per_entry, opts, device)
+    one_block = plan.single_token_block(n)
+    for v0, v1 in plan.vocab_chunks(vocab):
+        w_c = policy.weight_chunk(v0, v1)
+        rw_c = None if ref is None else ref.weight_chunk(v0, v1)
+        dw_acc, dw_written = None, False
+        for n0, n1 in plan.token_blocks(n):
+            tile = policy.tile(n0, n1, w_c, v0, rows.labels)
+            ref_tile = None if ref is None else ref.tile(n0, n1, rw_c, v0, rows.labels)
+            dz = torch.empty(tile.logits.shape, dtype=products.operand_dtype, device=device) if separate_dz \
+                else tile.logits
+            kept = kernels.grad(tile, lse[n0:n1], g[n0:n1], ref_tile, None if ref is None else ref_lse[n0:n1],
+                                None if g_kl is None else g_kl[n0:n1], opts, dz)
+            if not kept:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
+                continue
+            if need_dh:
+                products.accumulate(dh[n0:n1], dz, w_c)
+            if need_dw:
+                if one_block and products.write(dw[v0:v1], dz.T, policy.h[n0:n1]):
+                    dw_written = True
+                else:
+                    if dw_acc is None:
+                        dw_acc = torch.zeros((v1 - v0, dim), dtype=sdt, device=device)
+                    products.accumulate(dw_acc, dz.T, policy.h[n0:n1])
+            if need_db:
+                db[v0:v1] += dz.sum(dim=0, dtype=sdt)
+        if need_dw and not dw_written:
+            dw[v0:v1].copy_(dw_acc) if dw_acc is not None else dw[v0:v1].zero_()
+    return dh, dw, db
+
+
+class _LinearStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels):
+        ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
+        rows = _Rows(labels, opts.ignore_index)
+        sdt = _statistics_dtype(hidden, weight, *(() if ref is None else (ref.hidden, ref.weight)))
+        products = Products.of(hidden, weight, sdt)
+        ref_products = None if ref is None else Products.of(ref.hidden, ref.weight, sdt)
+        with _no_autocast(hidden.device):
+            policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
+            ref_side = None if ref is None else _Side.of(ref, rows, ref_products)
+            stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels)
+        lse = stats[0] + torch.log(stats[1])
+        ref_lse = None if ref is None else ref_stats[0] + torch.log(ref_stats[1])
+        ctx.save_for_backward(hidden, weight, bias, lse, ref_lse)
+        ctx.rows, ctx.ref, ctx.opts, ctx.kernels = rows, ref, opts, kernels
+        ctx.products, ctx.ref_products = products, ref_products
+        shape = labels.shape
+        logp = rows.scatter(stats[2] - lse, shape, sdt)
+        if ref is None:
+            return logp
+        ref_logp = rows.scatter(ref_stats[2] - ref_lse, shape, sdt)
+        kl = rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt)
+        return kl_outputs(ctx, logp, ref_logp, kl, shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, *grad_rest):
+        grad_kl = grad_rest[1] if grad_rest else None
+        hidden, weight, bias, lse, ref_lse = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+        if (grad_logp is None and grad_kl is None) or not any(need):
+            return (None,) * 7
+        rows, products = ctx.rows, ctx.products
+        sdt = products.out_dtype
+        g = torch.zeros(rows.n, dtype=sdt, device=lse.device) if grad_logp is None else rows.select(grad_logp, sdt)
+        g_kl = None if grad_kl is None else rows.select(grad_kl, sdt)
+        with _no_autocast(hidden.device):
+            policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
+            ref = None if g_kl is None else _Side.of(ctx.ref, rows, ctx.ref_products)  # untouched without a KL grad
+            dh, dw, db = _grad_all(rows, policy, ref, lse, ref_lse, g, g_kl, need, ctx.opts, ctx.kernels)
+        return (
+            None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype),
+            dw,
+            None if db is None else db.to(bias.dtype),
+            None, None, None, None,
+        )

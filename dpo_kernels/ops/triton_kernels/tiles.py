@@ -1,0 +1,175 @@
+"""Triton tile kernels of the linear path: the ``fold`` and ``grad`` kernels of :mod:`dpo_kernels.ops.linear.contract`.
+
+The tile loop (:mod:`dpo_kernels.ops.linear.driver`) writes each tile's raw logits with one cuBLAS GEMM (half
+operands on the tensor cores, fp32 output); these kernels are the memory-bound part around it.
+
+- ``_fold_tile_kernel``: one program per token walks its row of the fp32 tile in ``BLOCK_V`` steps (one exp per
+  logit, one more per reference logit), then merges into the running statistics ``[3, n]`` (``[4, n]`` for the
+  reference: max, sum, label logit, and ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``). Reads the tile once (4 bytes per
+  logit, 8 with a reference), writes ``O(n)``.
+- ``_grad_tile_kernel``: a ``(token, column block)`` grid writes ``dL/dx = transform'(x) (g (onehot - p) +
+  g_kl (p - q))`` into ``out`` in the GEMM operand dtype (bf16: 2 bytes per logit), reading 4 (8 with the KL). With
+  the gradient filter it also takes the tile's largest ``|p - onehot|`` (and ``|p - q|``) with one atomic max per
+  program, on a single float.
+
+At N = 8192 tokens, V = 128256, bf16, on an H100 (~3.3 TB/s): about 1.3 ms of folds per forward and 2 ms of gradient
+kernels per backward, next to 44 ms of GEMMs. Absent buffers are ``None`` and their constexpr flags are derived by
+``triton.heuristics``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...options import TokenOptions
+from ..linear.contract import LogitsTile
+from .config import tile_row_config
+from .jit_helpers import transform, transform_grad
+from .launch import transform_args
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+    "HAS_REF": lambda a: a["xr_ptr"] is not None,
+    "HAS_REF_BIAS": lambda a: a["ref_bias_ptr"] is not None,
+})
+@triton.jit
+def _fold_tile_kernel(
+    x_ptr, bias_ptr, xr_ptr, ref_bias_ptr, labels_ptr, stats_ptr, stats_stride, ref_stats_ptr, ref_stats_stride,
+    width, v0, logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * width
+    label_col = tl.load(labels_ptr + row) - v0
+    m = -float("inf")
+    s = 0.0
+    z_label = 0.0
+    m_r = -float("inf")
+    s_r = 0.0
+    zr_label = 0.0
+    w = 0.0
+    for start in range(0, width, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < width
+        x = tl.load(x_row + cols, mask=inside, other=0.0)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+        z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        is_label = cols == label_col
+        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=0)
+        z_masked = tl.where(inside, z, -float("inf"))
+        m_new = tl.maximum(m, tl.max(z_masked, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_masked - m_new), axis=0)
+        m = m_new
+        if HAS_REF:
+            xr = tl.load(xr_ptr + row * width + cols, mask=inside, other=0.0)
+            if HAS_REF_BIAS:
+                xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
+            zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+            zr_label += tl.sum(tl.where(is_label, zr, 0.0), axis=0)
+            log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is formed
+            zr = tl.where(inside, zr, -float("inf"))
+            m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
+            rescale = tl.exp(m_r - m_r_new)
+            e_r = tl.exp(zr - m_r_new)
+            s_r = s_r * rescale + tl.sum(e_r, axis=0)
+            # an underflowed reference probability contributes exactly 0
+            w = w * rescale + tl.sum(tl.where(e_r > 0, e_r * log_ratio, 0.0), axis=0)
+            m_r = m_r_new
+
+    hit = (label_col >= 0) & (label_col < width)
+    old_m = tl.load(stats_ptr + row)
+    old_s = tl.load(stats_ptr + stats_stride + row)
+    big = tl.maximum(old_m, m)
+    tl.store(stats_ptr + row, big)
+    tl.store(stats_ptr + stats_stride + row, old_s * tl.exp(old_m - big) + s * tl.exp(m - big))
+    if hit:
+        tl.store(stats_ptr + 2 * stats_stride + row, z_label)
+    if HAS_REF:
+        old_m_r = tl.load(ref_stats_ptr + row)
+        old_s_r = tl.load(ref_stats_ptr + ref_stats_stride + row)
+        old_w = tl.load(ref_stats_ptr + 3 * ref_stats_stride + row)
+        big_r = tl.maximum(old_m_r, m_r)
+        f_old, f_new = tl.exp(old_m_r - big_r), tl.exp(m_r - big_r)
+        tl.store(ref_stats_ptr + row, big_r)
+        tl.store(ref_stats_ptr + ref_stats_stride + row, old_s_r * f_old + s_r * f_new)
+        tl.store(ref_stats_ptr + 3 * ref_stats_stride + row, old_w * f_old + w * f_new)
+        if hit:
+            tl.store(ref_stats_ptr + 2 * ref_stats_stride + row, zr_label)
+
+
+@triton.heuristics({
+    "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+    "HAS_KL_GRAD": lambda a: a["g_kl_ptr"] is not None,
+    "HAS_REF_BIAS": lambda a: a["ref_bias_ptr"] is not None,
+    "FILTER": lambda a: a["deviation_ptr"] is not None,
+})
+@triton.jit
+def _grad_tile_kernel(
+    x_ptr, bias_ptr, xr_ptr, ref_bias_ptr, out_ptr, labels_ptr, lse_ptr, ref_lse_ptr, g_ptr, g_kl_ptr,
+    deviation_ptr, width, v0, logit_scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_KL_GRAD: tl.constexpr, HAS_REF_BIAS: tl.constexpr, FILTER: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = cols < width
+    offsets = row * width + cols
+    label_col = tl.load(labels_ptr + row) - v0
+    g = tl.load(g_ptr + row)
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+    z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+    p = tl.exp(z - tl.load(lse_ptr + row))
+    onehot = tl.where(cols == label_col, 1.0, 0.0)
+    dz = g * (onehot - p)
+    if FILTER:
+        largest = tl.max(tl.where(inside, tl.abs(p - onehot), 0.0), axis=0)
+    if HAS_KL_GRAD:
+        xr = tl.load(xr_ptr + offsets, mask=inside, other=0.0)
+        if HAS_REF_BIAS:
+            xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
+        zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        p_minus_q = p - tl.exp(zr - tl.load(ref_lse_ptr + row))
+        dz += tl.load(g_kl_ptr + row) * p_minus_q
+        if FILTER:
+            largest = tl.maximum(largest, tl.max(tl.where(inside, tl.abs(p_minus_q), 0.0), axis=0))
+    dx = transform_grad(x, dz, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+    tl.store(out_ptr + offsets, dx.to(out_ptr.dtype.element_ty), mask=inside)
+    if FILTER:
+        tl.atomic_max(deviation_ptr, largest)
+
+
+def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
+    """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract` (fp32 tiles)."""
+    n, width = tile.logits.shape
+    if n == 0:
+        return
+    cfg = tile_row_config(width)
+    _fold_tile_kernel[(n,)](
+        tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
+        stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), width, tile.v0,
+        **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+    )
+
+
+def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> bool:
+    """The ``grad`` kernel of :mod:`dpo_kernels.ops.linear.contract` (fp32 tiles, ``out`` in any float dtype)."""
+    n, width = tile.logits.shape
+    if n == 0:
+        return True
+    cfg = tile_row_config(width, elementwise=True)
+    deviation = None
+    if opts.grad_filter_eps is not None:
+        deviation = torch.zeros(1, dtype=torch.float32, device=tile.logits.device)
+    _grad_tile_kernel[(n, triton.cdiv(width, cfg.block_v))](
+        tile.logits, tile.bias, None if g_kl is None else ref.logits, None if g_kl is None else ref.bias, out,
+        tile.labels, lse, ref_lse, g, g_kl, deviation, width, tile.v0, **transform_args(opts),
+        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+    )
+    return deviation is None or deviation.item() >= opts.grad_filter_eps
