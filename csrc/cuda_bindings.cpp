@@ -102,7 +102,8 @@ void fold_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor&
   if (with_ref) check_tile(*xr, "fold_tile");
   check(dpo_fold_tile(x.data_ptr<float>(), float_data(bias), with_ref ? xr->data_ptr<float>() : nullptr,
                       float_data(ref_bias), x.size(0), x.size(1), v0, labels.data_ptr<int64_t>(),
-                      stats.data_ptr<float>(), stats.stride(0), with_ref ? ref_stats->data_ptr<float>() : nullptr,
+                      stats.data_ptr<float>(), stats.size(0), stats.stride(0),
+                      with_ref ? ref_stats->data_ptr<float>() : nullptr,
                       with_ref ? ref_stats->stride(0) : 0, logit_scale, softcap, inv_temperature, stream()),
         "fold_tile");
 }

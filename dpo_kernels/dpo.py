@@ -19,7 +19,7 @@ from .primitives import (
     check_head,
     check_logits,
     run_linear_token_logprobs,
-    run_linear_token_logprobs_and_kl,
+    run_linear_token_stats,
     run_token_logprobs,
     run_token_logprobs_and_kl,
 )
@@ -58,6 +58,7 @@ class DPOLossConfig:
     backend: str = "auto"
     token_chunk_size: int | None = _TOKEN_DEFAULTS.token_chunk_size
     vocab_chunk_size: int | None = _TOKEN_DEFAULTS.vocab_chunk_size
+    tile_budget_mb: float | None = _TOKEN_DEFAULTS.tile_budget_mb
     inplace_backward: bool = _TOKEN_DEFAULTS.inplace_backward
     grad_filter_eps: float | None = _TOKEN_DEFAULTS.grad_filter_eps
     loss_types: tuple[str, ...] = field(init=False)
@@ -122,6 +123,7 @@ class DPOLossConfig:
                 logit_scale=self.logit_scale,
                 token_chunk_size=self.token_chunk_size,
                 vocab_chunk_size=self.vocab_chunk_size,
+                tile_budget_mb=self.tile_budget_mb,
                 inplace_backward=self.inplace_backward,
                 grad_filter_eps=self.grad_filter_eps,
             ),
@@ -197,6 +199,7 @@ def fused_dpo_loss(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    tile_budget_mb: float | None = None,
     inplace_backward: bool = False,
     grad_filter_eps: float | None = None,
 ) -> DPOLossOutput:
@@ -217,9 +220,13 @@ def fused_dpo_loss(
     ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo); ``simpo_gamma``;
     ``discopop_tau``; ``f_divergence_type`` and ``f_alpha_divergence_coef`` (f-DPO); ``reference_free``;
     ``average_log_prob``; the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
-    and reference alike); ``backend`` and the ``torch`` backend's tile sizes; ``inplace_backward`` (policy logits:
-    their gradient overwrites them) and ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on
-    the primitives.
+    and reference alike); ``backend``; the tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
+    budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
+    ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives.
+
+    The policy and a reference given in the same form (both logits, or both hidden states with their heads) go
+    through one fused call: each tile of the reference is computed beside the policy's, for the same kept tokens, in
+    the forward only; the backward recomputes the policy alone (and the reference only for TDPO's KL gradient).
     """
     config = DPOLossConfig(
         loss_type=loss_type,
@@ -241,6 +248,7 @@ def fused_dpo_loss(
         backend=backend,
         token_chunk_size=token_chunk_size,
         vocab_chunk_size=vocab_chunk_size,
+        tile_budget_mb=tile_budget_mb,
         inplace_backward=inplace_backward,
         grad_filter_eps=grad_filter_eps,
     )
@@ -434,22 +442,28 @@ def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs):
     policy_head = _head(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias, config)
     ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
 
-    if config.uses_token_kl:
-        if policy_logits is not None:
-            return run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend)
-        return run_linear_token_logprobs_and_kl(policy_head, ref_head, labels, opts, backend)
-
+    if policy_logits is not None and ref_logits is not None:
+        return _with_kl(run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend), config)
+    if policy_head is not None and ref_head is not None:
+        return _with_kl(run_linear_token_stats(policy_head, ref_head, labels, opts, backend), config)
     if policy_logits is not None:
         logps = run_token_logprobs(policy_logits, labels, opts, backend)
     else:
         logps = run_linear_token_logprobs(policy_head, labels, opts, backend)
     ref_logps = None
-    with torch.no_grad():
+    with torch.no_grad():  # a reference in the other form than the policy's: its own pass, forward only
         if ref_logits is not None:
             ref_logps = run_token_logprobs(ref_logits, labels, opts, backend)
         elif ref_head is not None:
             ref_logps = run_linear_token_logprobs(ref_head, labels, opts, backend)
     return logps, ref_logps, None
+
+
+def _with_kl(outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], config: DPOLossConfig):
+    """``(logps, ref_logps, kl)`` of one fused call; the KL only for the objectives that read it (unused, it gets no
+    gradient and the backward never touches the reference)."""
+    logps, ref_logps, kl = outs
+    return logps, ref_logps, (kl if config.uses_token_kl else None)
 
 
 def _shifted_labels(labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:

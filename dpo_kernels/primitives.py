@@ -177,16 +177,21 @@ def run_linear_token_logprobs_and_kl(policy: LinearHead, ref: LinearHead, labels
     return run_linear_token_stats(policy, ref, labels, opts, backend)
 
 
-def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str):
-    """``logp`` (or ``(logp, ref_logp, kl)`` with a reference head), each shaped like ``labels``."""
+def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str,
+                           logging: bool = False):
+    """``logp`` (or ``(logp, ref_logp, kl)`` with a reference head), each shaped like ``labels``; with ``logging``,
+    ``(that, logged)`` where ``logged`` holds the per-token statistics trainers log (entropy, log sum p^2, mean logit,
+    top-1), computed in the same forward pass."""
     rows = _rows_shape(labels)
     _, impl = resolve_backend(backend, policy.hidden.device, policy.hidden.dtype)
     policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
     ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
-    outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts)
-    if ref is None:
-        return outs.view(labels.shape)
-    return tuple(o.view(labels.shape) for o in outs)
+    outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging)
+    main, logged = outs if logging else (outs, None)
+    main = main.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in main)
+    if not logging:
+        return main
+    return main, {k: v.view(labels.shape) for k, v in logged.items()}
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -166,6 +166,29 @@ inline const acc_t* biased_row(const TransformParams& t, const acc_t* x, const a
   return raw;
 }
 
+// The logging rows of one token (rows 3..6 of its statistics column, stride ss): sum e^{z - m} z and
+// sum e^{2 (z - m)} rescaled from the previous max, sum z, and the largest z left of the label's column `col`.
+template <typename acc_t>
+void fold_logging(const acc_t* z, int64_t width, acc_t m, acc_t rescale, int64_t col, acc_t* st, int64_t ss) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vm(m);
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  const acc_t weighted = at::vec::map_reduce_all<acc_t>([vm](Vec x) { return vexp(x - vm) * x; }, add, z, width);
+  const acc_t squares = at::vec::map_reduce_all<acc_t>(
+      [vm](Vec x) {
+        const Vec e = vexp(x - vm);
+        return e * e;
+      },
+      add, z, width);
+  const acc_t total = at::vec::reduce_all<acc_t>(add, z, width);
+  const int64_t left = std::min(std::max<int64_t>(col, 0), width);
+  const acc_t before = left > 0 ? chunk_max(z, left) : -std::numeric_limits<acc_t>::infinity();
+  st[3 * ss] = st[3 * ss] * rescale + weighted;
+  st[4 * ss] = st[4 * ss] * rescale * rescale + squares;
+  st[5 * ss] += total;
+  st[6 * ss] = std::max(st[6 * ss], before);
+}
+
 template <typename acc_t>
 const acc_t* optional_data(const c10::optional<Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<acc_t>() : nullptr;
@@ -178,6 +201,7 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
                const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
                const c10::optional<Tensor>& ref_stats, double logit_scale, double softcap, double inv_temperature) {
   const bool with_ref = xr.has_value() && xr->defined();
+  const bool logging = stats.size(0) == 7;  // the statistics trainers only log, after the three of the contract
   const int64_t rows = x.size(0), width = x.size(1);
   const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_fold_tile", [&] {
@@ -195,12 +219,13 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
       for (int64_t i = begin; i < end; ++i) {
         biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
         OnlineLse<acc_t> policy{st[i], st[ss + i]};
-        policy.fold(z.data(), width);
+        const acc_t rescale = policy.fold(z.data(), width);
         st[i] = policy.m;
         st[ss + i] = policy.s;
         const int64_t col = y[i] - v0;
         const bool hit = col >= 0 && col < width;
         if (hit) st[2 * ss + i] = z[col];
+        if (logging) fold_logging(z.data(), width, policy.m, rescale, col, st + i, ss);
         if (with_ref) {
           biased_row(t, xrp + i * xr->stride(0), rbp, width, raw.data(), zr.data());
           OnlineKl<acc_t> ref{OnlineLse<acc_t>{rst[i], rst[rss + i]}, rst[3 * rss + i]};

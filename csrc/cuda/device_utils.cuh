@@ -71,27 +71,35 @@ __device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
   return {{m, a.ref.s * fa + b.ref.s * fb}, a.w * fa + b.w * fb};
 }
 
-// Folds one policy logit z (and reference logit zr) into the thread's running states.
-template <bool WITH_REF>
-__device__ __forceinline__ void fold_logit(float z, float zr, Lse& state, KlState& ref) {
+// Folds one policy logit z into the thread's running log-sum-exp state: one exp per logit.
+__device__ __forceinline__ void fold_policy(float z, Lse& state) {
   if (z > state.m) {
     state.s = state.s * __expf(state.m - z) + 1.f;
     state.m = z;
   } else {
     state.s += __expf(z - state.m);
   }
-  if constexpr (WITH_REF) {
-    if (zr > ref.ref.m) {
-      const float f = __expf(ref.ref.m - zr);
-      ref.ref.s = ref.ref.s * f + 1.f;
-      ref.w = ref.w * f + (zr - z);
-      ref.ref.m = zr;
-    } else {
-      const float e = __expf(zr - ref.ref.m);
-      ref.ref.s += e;
-      if (e > 0.f) ref.w += e * (zr - z);  // an underflowed reference probability contributes exactly 0
-    }
+}
+
+// Folds one reference logit zr (beside the policy's z) into the reference's state and the KL's weighted sum.
+__device__ __forceinline__ void fold_reference(float z, float zr, KlState& ref) {
+  if (zr > ref.ref.m) {
+    const float f = __expf(ref.ref.m - zr);
+    ref.ref.s = ref.ref.s * f + 1.f;
+    ref.w = ref.w * f + (zr - z);
+    ref.ref.m = zr;
+  } else {
+    const float e = __expf(zr - ref.ref.m);
+    ref.ref.s += e;
+    if (e > 0.f) ref.w += e * (zr - z);  // an underflowed reference probability contributes exactly 0
   }
+}
+
+// Folds one policy logit z (and reference logit zr) into the thread's running states.
+template <bool WITH_REF>
+__device__ __forceinline__ void fold_logit(float z, float zr, Lse& state, KlState& ref) {
+  fold_policy(z, state);
+  if constexpr (WITH_REF) fold_reference(z, zr, ref);
 }
 
 __device__ __forceinline__ Lse warp_reduce(Lse x) {

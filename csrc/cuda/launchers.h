@@ -31,11 +31,12 @@ int dpo_logits_backward(int dtype, const void* logits, int64_t stride_r, int64_t
 
 // Tiles of the linear path: x, xr are contiguous [n, width] fp32 raw logits of vocabulary columns v0..v0+width;
 // bias, ref_bias are [width] fp32 or NULL; every label is a valid id. stats rows (stride stats_stride): max, sum,
-// label logit; ref_stats rows: max, sum, label logit, w. xr / ref_stats NULL: no reference.
+// label logit, and when stats_rows is 7 the logged sums (sum e^{z-m} z, sum e^{2(z-m)}, sum z, max z left of the
+// label; policy only); ref_stats rows: max, sum, label logit, w. xr / ref_stats NULL: no reference.
 int dpo_fold_tile(const float* x, const float* bias, const float* xr, const float* ref_bias, int64_t n, int64_t width,
-                  int64_t v0, const int64_t* labels, float* stats, int64_t stats_stride, float* ref_stats,
-                  int64_t ref_stats_stride, double logit_scale, double softcap, double inv_temperature,
-                  intptr_t stream);
+                  int64_t v0, const int64_t* labels, float* stats, int64_t stats_rows, int64_t stats_stride,
+                  float* ref_stats, int64_t ref_stats_stride, double logit_scale, double softcap,
+                  double inv_temperature, intptr_t stream);
 
 // Writes dL/dx into out, a contiguous [n, width] tile of dtype out_dtype (fp32, fp16 or bf16; may be x for fp32).
 // xr, ref_lse, g_kl NULL: no KL gradient (the reference is not read). With filter_eps >= 0, *kept (host) is set to 0

@@ -3,8 +3,9 @@
 //
 // - fold_tile merges a [n, width] tile into per-token online statistics: a warp per token, each lane reading
 //   16-byte packets (4 floats) when the rows allow it, one exp per logit (and one per reference logit), a warp
-//   shuffle merge, then lane 0 merges into the running [3, n] / [4, n] statistics. Memory bound: it reads the tile
-//   once (4 bytes per logit, 8 with a reference) and writes O(n).
+//   shuffle merge, then lane 0 merges into the running [3, n] / [4, n] statistics (and, on request, the [4, n]
+//   rows trainers only log, with no further exp). Memory bound: it reads the tile once (4 bytes per logit, 8 with
+//   a reference) and writes O(n).
 // - grad_tile writes dL/dx = transform'(x) * (g (onehot - p) + g_kl (p - q)) into out [n, width] in the GEMM operand
 //   dtype (bf16 / fp16 / fp32; out may be x itself for fp32): a 2-D grid of (token, column block), 4 columns per
 //   thread, the token's scalars read once per thread. Memory bound: reads 4 bytes per logit (8 with the KL) and writes
@@ -47,7 +48,50 @@ __device__ __forceinline__ float biased(const float* x, const float* bias, int64
   return x[i] + (bias == nullptr ? 0.f : bias[i]);
 }
 
-template <bool WITH_REF, int VEC>
+// The statistics trainers only log, beside a policy Lse state (m, s): xs = sum e^{z - m} z, sq = sum e^{2 (z - m)},
+// zs = sum z, and `before`, the largest z left of the label's column.
+struct Logged {
+  float xs, sq, zs, before;
+};
+
+// fold_policy plus the logged sums, one exp per logit.
+__device__ __forceinline__ void fold_logged(float z, bool left_of_label, Lse& state, Logged& lg) {
+  if (z > state.m) {
+    const float f = __expf(state.m - z);
+    state.s = state.s * f + 1.f;
+    lg.xs = lg.xs * f + z;
+    lg.sq = lg.sq * f * f + 1.f;
+    state.m = z;
+  } else {
+    const float e = __expf(z - state.m);
+    state.s += e;
+    lg.xs += e * z;
+    lg.sq += e * e;
+  }
+  lg.zs += z;
+  if (left_of_label) lg.before = fmaxf(lg.before, z);
+}
+
+// Merges (b, lb) into (a, la); a state that saw nothing (m = -inf) contributes nothing.
+__device__ __forceinline__ void merge_logged(Lse& a, Logged& la, Lse b, Logged lb) {
+  const float m = fmaxf(a.m, b.m);
+  const float fa = a.m == -INFINITY ? 0.f : __expf(a.m - m), fb = b.m == -INFINITY ? 0.f : __expf(b.m - m);
+  a = Lse{m, a.s * fa + b.s * fb};
+  la = Logged{la.xs * fa + lb.xs * fb, la.sq * fa * fa + lb.sq * fb * fb, la.zs + lb.zs, fmaxf(la.before, lb.before)};
+}
+
+__device__ __forceinline__ void warp_reduce_logged(Lse& state, Logged& lg) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const Lse other{__shfl_xor_sync(0xffffffffu, state.m, offset), __shfl_xor_sync(0xffffffffu, state.s, offset)};
+    const Logged lo{__shfl_xor_sync(0xffffffffu, lg.xs, offset), __shfl_xor_sync(0xffffffffu, lg.sq, offset),
+                    __shfl_xor_sync(0xffffffffu, lg.zs, offset), __shfl_xor_sync(0xffffffffu, lg.before, offset)};
+    merge_logged(state, lg, other, lo);
+  }
+}
+
+// stats rows (stride ss): max, sum, label logit, then with LOGGING the Logged sums xs, sq, zs, before.
+template <bool WITH_REF, bool LOGGING, int VEC>
 __global__ void fold_tile_kernel(const float* __restrict__ x, const float* __restrict__ bias,
                                  const float* __restrict__ xr, const float* __restrict__ ref_bias, int64_t n,
                                  int64_t width, int64_t v0, const int64_t* __restrict__ labels, float* stats,
@@ -57,8 +101,10 @@ __global__ void fold_tile_kernel(const float* __restrict__ x, const float* __res
   if (row >= n) return;  // whole warps only
   const float* xrow = x + row * width;
   const float* rrow = WITH_REF ? xr + row * width : nullptr;
+  const int64_t col = labels[row] - v0;
   Lse state{-INFINITY, 0.f};
   KlState ref{{-INFINITY, 0.f}, 0.f};
+  Logged lg{0.f, 0.f, 0.f, -INFINITY};
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < width; i += kWarp * VEC) {
     const Packet<float, VEC> px = load_packet<VEC>(xrow, i), pb = load_bias<VEC>(bias, i);
     Packet<float, VEC> pr, prb;
@@ -69,17 +115,34 @@ __global__ void fold_tile_kernel(const float* __restrict__ x, const float* __res
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float z = t.apply<float>(px.v[k] + pb.v[k]);
-      const float zr = WITH_REF ? t.apply<float>(pr.v[k] + prb.v[k]) : 0.f;
-      fold_logit<WITH_REF>(z, zr, state, ref);
+      if constexpr (LOGGING) {
+        fold_logged(z, i + k < col, state, lg);
+      } else {
+        fold_policy(z, state);
+      }
+      if constexpr (WITH_REF) fold_reference(z, t.apply<float>(pr.v[k] + prb.v[k]), ref);
     }
   }
-  state = warp_reduce(state);
+  if constexpr (LOGGING) {
+    warp_reduce_logged(state, lg);
+  } else {
+    state = warp_reduce(state);
+  }
   if constexpr (WITH_REF) ref = warp_reduce(ref);
   if (lane != 0) return;
-  const Lse merged = lse_merge(Lse{stats[row], stats[ss + row]}, state);
+  Lse merged{stats[row], stats[ss + row]};
+  if constexpr (LOGGING) {
+    Logged old{stats[3 * ss + row], stats[4 * ss + row], stats[5 * ss + row], stats[6 * ss + row]};
+    merge_logged(merged, old, state, lg);
+    stats[3 * ss + row] = old.xs;
+    stats[4 * ss + row] = old.sq;
+    stats[5 * ss + row] = old.zs;
+    stats[6 * ss + row] = old.before;
+  } else {
+    merged = lse_merge(merged, state);
+  }
   stats[row] = merged.m;
   stats[ss + row] = merged.s;
-  const int64_t col = labels[row] - v0;
   const bool hit = col >= 0 && col < width;
   if (hit) stats[2 * ss + row] = t.apply<float>(biased(xrow, bias, col));
   if constexpr (WITH_REF) {
@@ -162,24 +225,31 @@ void launch_grad(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, cons
 using dpo_kernels::TransformParams;
 
 extern "C" int dpo_fold_tile(const float* x, const float* bias, const float* xr, const float* ref_bias, int64_t n,
-                             int64_t width, int64_t v0, const int64_t* labels, float* stats, int64_t stats_stride,
-                             float* ref_stats, int64_t ref_stats_stride, double logit_scale, double softcap,
-                             double inv_temperature, intptr_t stream) {
+                             int64_t width, int64_t v0, const int64_t* labels, float* stats, int64_t stats_rows,
+                             int64_t stats_stride, float* ref_stats, int64_t ref_stats_stride, double logit_scale,
+                             double softcap, double inv_temperature, intptr_t stream) {
   using namespace dpo_kernels::cuda;
   if (n == 0 || width == 0) return 0;
+  if (stats_rows != 3 && stats_rows != 7) return static_cast<int>(cudaErrorInvalidValue);
   const TransformParams t{logit_scale, softcap, inv_temperature};
   const unsigned blocks = static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(xr, 16) && aligned(bias, 16) &&
                    aligned(ref_bias, 16);
-#define DPO_FOLD(REF, VEC)                                                                                         \
-  fold_tile_kernel<REF, VEC><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(x, bias, xr, ref_bias, n, width, v0, labels, \
-                                                                      stats, stats_stride, ref_stats,               \
-                                                                      ref_stats_stride, t)
-  if (xr != nullptr) {
-    if (vec) DPO_FOLD(true, kVec); else DPO_FOLD(true, 1);
+  const bool logging = stats_rows == 7;
+#define DPO_FOLD(REF, LOG, VEC)                                                                                     \
+  fold_tile_kernel<REF, LOG, VEC><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(x, bias, xr, ref_bias, n, width, v0,   \
+                                                                           labels, stats, stats_stride, ref_stats,  \
+                                                                           ref_stats_stride, t)
+  const bool with_ref = xr != nullptr;
+  if (with_ref && logging) {
+    if (vec) DPO_FOLD(true, true, kVec); else DPO_FOLD(true, true, 1);
+  } else if (with_ref) {
+    if (vec) DPO_FOLD(true, false, kVec); else DPO_FOLD(true, false, 1);
+  } else if (logging) {
+    if (vec) DPO_FOLD(false, true, kVec); else DPO_FOLD(false, true, 1);
   } else {
-    if (vec) DPO_FOLD(false, kVec); else DPO_FOLD(false, 1);
+    if (vec) DPO_FOLD(false, false, kVec); else DPO_FOLD(false, false, 1);
   }
 #undef DPO_FOLD
   return static_cast<int>(cudaGetLastError());

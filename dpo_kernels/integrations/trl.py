@@ -2,10 +2,10 @@
 
 TRL 1.16 computes per-token log-probs for every trainer (DPO, KTO, GRPO, RLOO, SFT, ...) through one function:
 ``add_fused_lm_head`` makes ``model(..., fused_lm_head=True)`` call ``trl.trainer.utils._ChunkedLogProbFunction``.
-``patch()`` replaces that function with :class:`FusedLogProbs`, which computes the log-probs with
-:func:`dpo_kernels.linear_token_logprobs` (the backend you choose; gradients flow to hidden states, head weight and
-bias) and the fields TRL only logs (entropy, mean logits, top-1 accuracy, log sum p^2) in a no-grad tiled pass. The
-trainers, their losses and their metrics are otherwise TRL's own.
+``patch()`` replaces that function with :class:`FusedLogProbs`, which computes the log-probs on dpo_kernels' linear
+path (the backend you choose; gradients flow to hidden states, head weight and bias) and the fields TRL only logs
+(entropy, mean logits, top-1 accuracy, log sum p^2) in the same forward pass, with no extra product of the head.
+The trainers, their losses and their metrics are otherwise TRL's own.
 
     from dpo_kernels.integrations import trl as dk_trl
     dk_trl.patch()            # before building the trainer; dk_trl.unpatch() restores TRL's function
@@ -22,9 +22,10 @@ import importlib.metadata
 
 import torch
 
+from ..ops.common import LinearHead
 from ..options import TokenOptions
-from ..primitives import linear_token_logprobs
-from .vocab_statistics import vocab_statistics
+from ..primitives import check_head, run_linear_token_stats
+from ..validation import require_labels_in_vocab
 
 SUPPORTED_TRL = ("1.16",)
 _ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -49,12 +50,15 @@ def _trl_utils():
     return utils
 
 
-def patch(*, backend: str = "auto") -> None:
-    """Make TRL's fused LM head use dpo_kernels with ``backend``. Idempotent; call before creating the trainer."""
+def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None:
+    """Make TRL's fused LM head use dpo_kernels with ``backend`` (and the linear path's ``tile_budget_mb``).
+    Idempotent; call before creating the trainer."""
     utils = _trl_utils()
+    TokenOptions(tile_budget_mb=tile_budget_mb)  # validated now, not at the first training step
     if "original" not in _state:
         _state["original"] = utils._ChunkedLogProbFunction
     FusedLogProbs.backend = backend
+    FusedLogProbs.tile_budget_mb = tile_budget_mb
     utils._ChunkedLogProbFunction = FusedLogProbs
 
 
@@ -87,23 +91,26 @@ class FusedLogProbs:
     """Drop-in for TRL 1.16's ``ChunkedLogProbFunction``: same ``apply`` arguments and 5-tuple result."""
 
     backend = "auto"
+    tile_budget_mb: float | None = None
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
               outputs=_ALL_OUTPUTS):
         opts = TokenOptions(temperature=float(temperature), softcap=final_logit_softcapping,
-                            logit_scale=float(logit_scale))
-        log_probs = linear_token_logprobs(
-            hidden.unsqueeze(0), weight, targets.unsqueeze(0), bias=bias, temperature=opts.temperature,
-            softcap=opts.softcap, logit_scale=opts.logit_scale, backend=FusedLogProbs.backend,
-        ).squeeze(0)
+                            logit_scale=float(logit_scale), tile_budget_mb=FusedLogProbs.tile_budget_mb)
+        hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
+        check_head(("hidden", hidden), ("weight", weight), ("bias", bias), targets)
+        require_labels_in_vocab(targets, weight.shape[0], opts.ignore_index, name="targets")
         wanted = set(outputs) - {"log_probs"}
-        stats = vocab_statistics(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                 targets, opts, wanted) if wanted else {}
-        entropy = stats.get("entropy")
+        out = run_linear_token_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
+                                     logging=bool(wanted))
+        log_probs, logged = out if wanted else (out, {})
+        logged = {k: v.squeeze(0) for k, v in logged.items() if k in wanted}
+        entropy = logged.get("entropy")
         if entropy is not None and hidden.requires_grad:
             entropy = _LoggingOnly.apply(entropy, hidden)
-        return log_probs, entropy, stats.get("log_sum_sq_probs"), stats.get("mean_logits"), stats.get("is_top1")
+        return (log_probs.squeeze(0), entropy, logged.get("log_sum_sq_probs"), logged.get("mean_logits"),
+                logged.get("is_top1"))
 
 
 # --------------------------------------------------------------------------------------------- TDPO and layers
@@ -131,7 +138,7 @@ def make_fused_dpo_classes():
     class FusedDPOConfig(DPOConfig):
         """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``), ``tdpo_alpha``,
         intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``, ``apply_final_norm``,
-        ``reference_at_intermediate_layers``) and the kernel ``kernel_backend``."""
+        ``reference_at_intermediate_layers``), the kernel ``kernel_backend`` and ``kernel_tile_budget_mb``."""
 
         tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's alpha (weight of the KL difference)."})
         intermediate_layers: list[int] | None = field(default=None, metadata={"help": "Layers for intermediate DPO."})
@@ -141,6 +148,9 @@ def make_fused_dpo_classes():
             default=True, metadata={"help": "Read the reference at the same layers (else at its final layer)."}
         )
         kernel_backend: str = field(default="auto", metadata={"help": "dpo_kernels backend."})
+        kernel_tile_budget_mb: float | None = field(
+            default=None, metadata={"help": "MiB of scratch for the fused head's tiles (default: 16 CPU, 128 GPU)."}
+        )
 
     class FusedDPOTrainer(DPOTrainer):
         """``DPOTrainer`` whose loss is :func:`dpo_kernels.fused_dpo_loss` (or the intermediate-layer loss) on the
@@ -177,7 +187,8 @@ def make_fused_dpo_classes():
             policy = self._hidden(policy_model, model_kwargs, layers)
             options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
                            alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
-                           backend=args.kernel_backend, **policy.head_options())
+                           backend=args.kernel_backend, tile_budget_mb=args.kernel_tile_budget_mb,
+                           **policy.head_options())
             tensors = dict(labels=labels, lm_head_weight=policy.head_weight, lm_head_bias=policy.head_bias)
             if self.precompute_ref_logps:
                 tensors["ref_logps"] = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])

@@ -89,9 +89,10 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
 TILE_KERNELS = TileKernels(name="cpp", fold=fold_tile, grad=grad_tile)
 
 
-def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
+                       logging: bool = False):
     """The linear path on the C++ / CUDA tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
-    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS)
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:

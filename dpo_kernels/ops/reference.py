@@ -88,16 +88,36 @@ def _head_logits(head: LinearHead) -> torch.Tensor:
     return torch.nn.functional.linear(head.hidden, head.weight, head.bias)
 
 
-def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
+                       logging: bool = False):
     """Policy head ``hidden [R, T, D]``, ``weight [V, D]`` (and a reference head) -> ``logp [R, T]`` (or
     ``(logp, ref_logp, kl)``); builds the full logits of each head, as ``nn.Linear`` would (under autocast, in the
-    autocast dtype)."""
+    autocast dtype). With ``logging``, also the statistics trainers log, from the full logits (see
+    :func:`dpo_kernels.ops.linear.contract.logging_outputs`)."""
     _require_exact_gradients(opts)
     logits = _head_logits(policy)
     if ref is None:
-        return token_logprobs(logits, labels, opts)
-    ref_logits = _head_logits(LinearHead(ref.hidden.detach(), ref.weight.detach(), _detach(ref.bias)))
-    return token_logprobs_and_kl(logits, ref_logits, labels, opts)
+        out = token_logprobs(logits, labels, opts)
+    else:
+        ref_logits = _head_logits(LinearHead(ref.hidden.detach(), ref.weight.detach(), _detach(ref.bias)))
+        out = token_logprobs_and_kl(logits, ref_logits, labels, opts)
+    return (out, _logged(logits.detach(), labels, opts)) if logging else out
+
+
+@torch.no_grad()
+def _logged(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> dict[str, torch.Tensor]:
+    """Entropy, log sum p^2, mean logit and "the label is the first argmax", 0 (False) at ignored tokens."""
+    z = transform_logits(logits.to(statistics_dtype(logits.dtype)), opts)
+    logprobs = torch.log_softmax(z, dim=-1)
+    index, mask = split_labels(labels, opts.ignore_index)
+    p = logprobs.exp()
+    values = {
+        "entropy": -(p * logprobs).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * logprobs, dim=-1),
+        "mean_logits": z.mean(-1),
+        "is_top1": z.argmax(-1) == index,
+    }
+    return {k: torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device)) for k, v in values.items()}
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ from ..options import TokenOptions, statistics_dtype
 from .common import LinearHead, kl_outputs, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear import driver
-from .linear.contract import LogitsTile, TileKernels
+from .linear.contract import STATS_ROWS, LogitsTile, TileKernels
 from .transform import transform_backward, transform_logits
 
 # Elements of one fp32 working tile from logits; a few such temporaries are alive at once. 8 MiB on CPU
@@ -247,12 +247,24 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract`, in PyTorch ops."""
     _, z = _tile_z(tile, opts)
     column, hit = _label_column(tile)
-    _fold_rows(stats, z, column, hit)
+    e, rescale = _fold_rows(stats, z, column, hit)
+    if stats.shape[0] > len(STATS_ROWS):
+        _fold_logging(stats, z, e, rescale, tile.labels - tile.v0)
     if ref is not None:
         _, zr = _tile_z(ref, opts)
         e_r, rescale = _fold_rows(ref_stats, zr, column, hit)
         terms = torch.where(e_r > 0, e_r * (zr - z), torch.zeros((), dtype=z.dtype, device=z.device))
         ref_stats[3].mul_(rescale).add_(terms.sum(dim=1))
+
+
+def _fold_logging(stats, z: torch.Tensor, e: torch.Tensor, rescale: torch.Tensor, label_local: torch.Tensor) -> None:
+    """The :data:`LOGGING_ROWS` of ``stats`` for tile ``z`` with ``e = exp(z - m_new)``."""
+    weighted, squares, logit_sum, before = stats[3], stats[4], stats[5], stats[6]
+    weighted.mul_(rescale).add_(torch.linalg.vecdot(e, z))
+    squares.mul_(rescale * rescale).add_(torch.linalg.vecdot(e, e))
+    logit_sum.add_(z.sum(dim=1))
+    left = torch.arange(z.shape[1], device=z.device) < label_local.unsqueeze(1)
+    before.copy_(torch.maximum(before, z.masked_fill(~left, float("-inf")).amax(dim=1)))
 
 
 def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> bool:
@@ -272,6 +284,7 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
 TILE_KERNELS = TileKernels(name="torch", fold=fold_tile, grad=grad_tile)
 
 
-def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
+                       logging: bool = False):
     """The linear path on the PyTorch tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
-    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS)
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging)

@@ -77,12 +77,12 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
     heads = [(False, False), (True, False), (False, True), (True, True)]  # (bias, reference)
     for (tname, tflags), (bias, ref) in itertools.product(TRANSFORMS.items(), heads):
         tag = f"{'bias,' if bias else ''}{'kl,' if ref else ''}{tname}"
-        if dtype == torch.float32:  # the fold reads fp32 tiles only: one set of variants
-            fold = config.tile_row_config(TILE_WIDTH)
+        fold = config.tile_row_config(TILE_WIDTH)
+        for logging in (False, True) if dtype == torch.float32 else ():  # fp32 tiles only: one set of variants
             out.append(Variant("fold_tile", _fold_tile_kernel.fn, dict(
-                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, BLOCK_V=fold.block_v, **tflags,
-                **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref),
-            ), fold.num_warps, label=tag))
+                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, BLOCK_V=fold.block_v,
+                **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref),
+            ), fold.num_warps, label=tag + (",logging" if logging else "")))
         grad = config.tile_row_config(TILE_WIDTH, elementwise=True)
         for filtered in (False, True):
             out.append(Variant("grad_tile", _grad_tile_kernel.fn, dict(

@@ -9,7 +9,10 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     running sum of ``exp(z - max)``, label logit where the label falls in the tile); with a reference tile,
     ``ref_stats`` is ``[4, n]`` (:data:`REF_STATS_ROWS`: the reference's max, sum and label logit, and
     ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``, rescaled whenever ``mr`` moves). The rows may be strided views
-    (``stats[:, n0:n1]``).
+    (``stats[:, n0:n1]``). When ``stats`` has ``7`` rows, the fold also keeps the statistics trainers only log
+    (:data:`LOGGING_ROWS`): ``sum_v e^{z_v - m} z_v`` and ``sum_v e^{2 (z_v - m)}`` (rescaled by ``e^{m - m'}`` and its
+    square when the max moves), ``sum_v z_v``, and the largest ``z`` left of the label's column (for "the label is the
+    first argmax"), all in the same pass.
 
 ``grad(tile, lse, g, ref, ref_lse, g_kl, opts, out) -> bool``
     Writes ``dL/dx = transform'(x) * (g (onehot - p) + g_kl (p - q))`` into ``out`` (``[n, w]``, the GEMM operand
@@ -30,6 +33,7 @@ import torch
 
 STATS_ROWS = ("max", "sum", "label_logit")
 REF_STATS_ROWS = ("max", "sum", "label_logit", "weighted")
+LOGGING_ROWS = ("weighted_logits", "squares", "logit_sum", "max_before_label")  # after STATS_ROWS, when asked
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,22 @@ class TileKernels:
 
 
 def new_stats(n: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[rows, n]`` statistics before any tile: max ``-inf``, everything else 0."""
+    """``[rows, n]`` statistics before any tile: the maxima ``-inf``, everything else 0."""
     stats = torch.zeros((rows, n), dtype=dtype, device=device)
     stats[0].fill_(float("-inf"))
+    if rows == len(STATS_ROWS) + len(LOGGING_ROWS):
+        stats[-1].fill_(float("-inf"))
     return stats
+
+
+def logging_outputs(stats: torch.Tensor, lse: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
+    """The per-token statistics TRL logs, from a ``[7, n]`` policy ``stats``: ``entropy = lse - sum p z``,
+    ``log_sum_sq_probs = log sum p^2``, ``mean_logits = mean_v z`` and ``is_top1`` (the label is the first argmax)."""
+    m, s, label = stats[0], stats[1], stats[2]
+    weighted, squares, logit_sum, before = stats[3:7]
+    return {
+        "entropy": lse - weighted / s,
+        "log_sum_sq_probs": torch.log(squares) - 2 * torch.log(s),
+        "mean_logits": logit_sum / vocab,
+        "is_top1": (label >= m) & (label > before),
+    }

@@ -36,20 +36,33 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ...options import TokenOptions, statistics_dtype
-from ..common import LinearHead, kl_outputs
-from .contract import REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, new_stats
+from ..common import LinearHead
+from .contract import (
+    LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
+)
 from .plan import plan_tiles
 from .products import Products
 
+LOGGED = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       kernels: TileKernels):
+                       kernels: TileKernels, logging: bool = False):
     """``policy.hidden [R, T, D]``, ``policy.weight [V, D]``, ``labels [R, T]`` -> ``logp [R, T]``; with ``ref``
     (``hidden [R, T, D_ref]``, ``weight [V, D_ref]``) -> ``(logp, ref_logp, kl)``. fp32 statistics (fp64 when an
-    input is fp64), exactly 0 at ignored tokens; only the policy receives gradients."""
+    input is fp64), exactly 0 at ignored tokens; only the policy receives gradients.
+
+    With ``logging=True`` returns ``(that, logged)``: ``logged`` maps ``entropy``, ``log_sum_sq_probs``,
+    ``mean_logits`` and ``is_top1`` (see :func:`contract.logging_outputs`) to ``[R, T]`` tensors computed in the same
+    forward pass, not differentiable."""
     if ref is not None:
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
-    return _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels)
+    outs = _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels, logging)
+    if not logging:
+        return outs
+    main = 1 if ref is None else 3
+    logged = dict(zip(LOGGED, outs[main:], strict=True))
+    return (outs[0] if ref is None else outs[:main]), logged
 
 
 class _Rows:
@@ -122,10 +135,12 @@ def _statistics_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else statistics_dtype(tensors[0].dtype)
 
 
-def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions, kernels: TileKernels):
-    """Forward, token-major: ``(stats [3, n], ref_stats [4, n] or None)`` after one pass over the vocabulary."""
+def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions, kernels: TileKernels,
+              logging: bool):
+    """Forward, token-major: ``(stats [3, n] (7 with the logging rows), ref_stats [4, n] or None)`` after one pass
+    over the vocabulary."""
     n, vocab, device, sdt = rows.n, policy.weight.shape[0], policy.h.device, policy.products.out_dtype
-    stats = new_stats(n, len(STATS_ROWS), sdt, device)
+    stats = new_stats(n, len(STATS_ROWS) + (len(LOGGING_ROWS) if logging else 0), sdt, device)
     ref_stats = None if ref is None else new_stats(n, len(REF_STATS_ROWS), sdt, device)
     plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
     for n0, n1 in plan.token_blocks(n):
@@ -184,7 +199,8 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
 
 class _LinearStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels):
+    def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels,
+                logging: bool):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         rows = _Rows(labels, opts.ignore_index)
         sdt = _statistics_dtype(hidden, weight, *(() if ref is None else (ref.hidden, ref.weight)))
@@ -193,28 +209,34 @@ class _LinearStats(torch.autograd.Function):
         with _no_autocast(hidden.device):
             policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
             ref_side = None if ref is None else _Side.of(ref, rows, ref_products)
-            stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels)
+            stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging)
         lse = stats[0] + torch.log(stats[1])
         ref_lse = None if ref is None else ref_stats[0] + torch.log(ref_stats[1])
         ctx.save_for_backward(hidden, weight, bias, lse, ref_lse)
         ctx.rows, ctx.ref, ctx.opts, ctx.kernels = rows, ref, opts, kernels
         ctx.products, ctx.ref_products = products, ref_products
         shape = labels.shape
-        logp = rows.scatter(stats[2] - lse, shape, sdt)
-        if ref is None:
-            return logp
-        ref_logp = rows.scatter(ref_stats[2] - ref_lse, shape, sdt)
-        kl = rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt)
-        return kl_outputs(ctx, logp, ref_logp, kl, shape)
+        outs = [rows.scatter(stats[2] - lse, shape, sdt)]
+        if ref is not None:
+            outs += [
+                rows.scatter(ref_stats[2] - ref_lse, shape, sdt),
+                rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt),
+            ]
+            ctx.mark_non_differentiable(outs[1])
+        if logging:
+            logged = logging_outputs(stats, lse, weight.shape[0])
+            outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED]
+            ctx.mark_non_differentiable(*outs[-len(LOGGED):])
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, *grad_rest):
-        grad_kl = grad_rest[1] if grad_rest else None
+        grad_kl = grad_rest[1] if ctx.ref is not None else None
         hidden, weight, bias, lse, ref_lse = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         if (grad_logp is None and grad_kl is None) or not any(need):
-            return (None,) * 7
+            return (None,) * 8
         rows, products = ctx.rows, ctx.products
         sdt = products.out_dtype
         g = torch.zeros(rows.n, dtype=sdt, device=lse.device) if grad_logp is None else rows.select(grad_logp, sdt)
@@ -227,5 +249,5 @@ class _LinearStats(torch.autograd.Function):
             None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype),
             dw,
             None if db is None else db.to(bias.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )

@@ -33,8 +33,9 @@ def token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions):
     return TritonTokenLogprobsAndKL.apply(logits, labels, ref_logits.detach(), opts)
 
 
-def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions):
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
+                       logging: bool = False):
     """The linear path on the Triton tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
     heads = (policy,) if ref is None else (policy, ref)
     require_supported_dtype(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
-    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS)
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging)

@@ -5,8 +5,8 @@ operands on the tensor cores, fp32 output); these kernels are the memory-bound p
 
 - ``_fold_tile_kernel``: one program per token walks its row of the fp32 tile in ``BLOCK_V`` steps (one exp per
   logit, one more per reference logit), then merges into the running statistics ``[3, n]`` (``[4, n]`` for the
-  reference: max, sum, label logit, and ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``). Reads the tile once (4 bytes per
-  logit, 8 with a reference), writes ``O(n)``.
+  reference: max, sum, label logit, and ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``; on request also the rows
+  trainers only log). Reads the tile once (4 bytes per logit, 8 with a reference), writes ``O(n)``.
 - ``_grad_tile_kernel``: a ``(token, column block)`` grid writes ``dL/dx = transform'(x) (g (onehot - p) +
   g_kl (p - q))`` into ``out`` in the GEMM operand dtype (bf16: 2 bytes per logit), reading 4 (8 with the KL). With
   the gradient filter it also takes the tile's largest ``|p - onehot|`` (and ``|p - q|``) with one atomic max per
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..linear.contract import LogitsTile
+from ..linear.contract import STATS_ROWS, LogitsTile
 from .config import tile_row_config
 from .jit_helpers import transform, transform_grad
 from .launch import transform_args
@@ -39,7 +39,7 @@ from .launch import transform_args
 def _fold_tile_kernel(
     x_ptr, bias_ptr, xr_ptr, ref_bias_ptr, labels_ptr, stats_ptr, stats_stride, ref_stats_ptr, ref_stats_stride,
     width, v0, logit_scale, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, LOGGING: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -48,6 +48,10 @@ def _fold_tile_kernel(
     m = -float("inf")
     s = 0.0
     z_label = 0.0
+    weighted = 0.0  # LOGGING: sum e^{z - m} z, sum e^{2 (z - m)}, sum z, max z left of the label
+    squares = 0.0
+    logit_sum = 0.0
+    before = -float("inf")
     m_r = -float("inf")
     s_r = 0.0
     zr_label = 0.0
@@ -63,8 +67,16 @@ def _fold_tile_kernel(
         z_label += tl.sum(tl.where(is_label, z, 0.0), axis=0)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_masked - m_new), axis=0)
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(z_masked - m_new)
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
+        if LOGGING:
+            z_inside = tl.where(inside, z, 0.0)
+            weighted = weighted * rescale + tl.sum(e * z_inside, axis=0)
+            squares = squares * rescale * rescale + tl.sum(e * e, axis=0)
+            logit_sum += tl.sum(z_inside, axis=0)
+            before = tl.maximum(before, tl.max(tl.where(inside & (cols < label_col), z, -float("inf")), axis=0))
         if HAS_REF:
             xr = tl.load(xr_ptr + row * width + cols, mask=inside, other=0.0)
             if HAS_REF_BIAS:
@@ -85,8 +97,18 @@ def _fold_tile_kernel(
     old_m = tl.load(stats_ptr + row)
     old_s = tl.load(stats_ptr + stats_stride + row)
     big = tl.maximum(old_m, m)
+    f_old, f_new = tl.exp(old_m - big), tl.exp(m - big)
     tl.store(stats_ptr + row, big)
-    tl.store(stats_ptr + stats_stride + row, old_s * tl.exp(old_m - big) + s * tl.exp(m - big))
+    tl.store(stats_ptr + stats_stride + row, old_s * f_old + s * f_new)
+    if LOGGING:
+        row3 = stats_ptr + 3 * stats_stride + row
+        tl.store(row3, tl.load(row3) * f_old + weighted * f_new)
+        row4 = stats_ptr + 4 * stats_stride + row
+        tl.store(row4, tl.load(row4) * f_old * f_old + squares * f_new * f_new)
+        row5 = stats_ptr + 5 * stats_stride + row
+        tl.store(row5, tl.load(row5) + logit_sum)
+        row6 = stats_ptr + 6 * stats_stride + row
+        tl.store(row6, tl.maximum(tl.load(row6), before))
     if hit:
         tl.store(stats_ptr + 2 * stats_stride + row, z_label)
     if HAS_REF:
@@ -154,7 +176,8 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     _fold_tile_kernel[(n,)](
         tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
         stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), width, tile.v0,
-        **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        **transform_args(opts), LOGGING=stats.shape[0] > len(STATS_ROWS), BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps,
     )
 
 
