@@ -40,7 +40,7 @@ from ..common import LinearHead
 from .contract import (
     LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
 )
-from .plan import plan_tiles
+from .plan import TilePlan, plan_tiles
 from .products import Products
 
 LOGGED = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -117,9 +117,19 @@ class _Side:
     def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
         return self.products.operand(self.weight[v0:v1])
 
-    def tile(self, n0: int, n1: int, w_chunk: torch.Tensor, v0: int, labels: torch.Tensor) -> LogitsTile:
-        bias = None if self.bias is None else self.bias[v0 : v0 + w_chunk.shape[0]]
-        return LogitsTile(self.products.logits(self.h[n0:n1], w_chunk), bias, v0, labels[n0:n1])
+    def tile(self, n0: int, n1: int, w_chunk: torch.Tensor, v0: int, labels: torch.Tensor,
+             scratch: torch.Tensor) -> LogitsTile:
+        """The logits tile of tokens ``n0:n1`` and columns ``v0 : v0 + len(w_chunk)``, written into ``scratch``."""
+        width = w_chunk.shape[0]
+        bias = None if self.bias is None else self.bias[v0 : v0 + width]
+        out = scratch[: (n1 - n0) * width].view(n1 - n0, width)
+        return LogitsTile(self.products.logits(self.h[n0:n1], w_chunk, out), bias, v0, labels[n0:n1])
+
+
+def _scratch(plan: TilePlan, n: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One flat buffer for the largest tile of ``plan``, reused by every tile of a pass: the scratch never grows
+    past the budget and no allocator sees a request per tile."""
+    return torch.empty(min(n, plan.tokens) * min(vocab, plan.vocab), dtype=dtype, device=device)
 
 
 def _no_autocast(device: torch.device):
@@ -143,13 +153,15 @@ def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions,
     stats = new_stats(n, len(STATS_ROWS) + (len(LOGGING_ROWS) if logging else 0), sdt, device)
     ref_stats = None if ref is None else new_stats(n, len(REF_STATS_ROWS), sdt, device)
     plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
+    scratch = _scratch(plan, n, vocab, sdt, device)
+    ref_scratch = None if ref is None else _scratch(plan, n, vocab, sdt, device)
     for n0, n1 in plan.token_blocks(n):
         for v0, v1 in plan.vocab_chunks(vocab):
-            tile = policy.tile(n0, n1, policy.weight_chunk(v0, v1), v0, rows.labels)
+            tile = policy.tile(n0, n1, policy.weight_chunk(v0, v1), v0, rows.labels, scratch)
             if ref is None:
                 kernels.fold(tile, stats[:, n0:n1], None, None, opts)
             else:
-                ref_tile = ref.tile(n0, n1, ref.weight_chunk(v0, v1), v0, rows.labels)
+                ref_tile = ref.tile(n0, n1, ref.weight_chunk(v0, v1), v0, rows.labels, ref_scratch)
                 kernels.fold(tile, stats[:, n0:n1], ref_tile, ref_stats[:, n0:n1], opts)
     return stats, ref_stats
 
@@ -164,22 +176,20 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
     dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
     dw = torch.empty((vocab, dim), dtype=weight.dtype, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
-    separate_dz = products.operand_dtype != sdt
+    separate_dz = products.operand_dtype != sdt  # else dZ overwrites the fp32 tile
     per_entry = sdt.itemsize * (1 if ref is None else 2) + (products.operand_bytes if separate_dz else 0)
     plan = plan_tiles(n, vocab, per_entry, opts, device)
     one_block = plan.single_token_block(n)
+    scratch = [_scratch(plan, n, vocab, sdt, device), None if ref is None else _scratch(plan, n, vocab, sdt, device),
+               _scratch(plan, n, vocab, products.operand_dtype, device) if separate_dz else None]
     for v0, v1 in plan.vocab_chunks(vocab):
         w_c = policy.weight_chunk(v0, v1)
         rw_c = None if ref is None else ref.weight_chunk(v0, v1)
         dw_acc, dw_written = None, False
         for n0, n1 in plan.token_blocks(n):
-            tile = policy.tile(n0, n1, w_c, v0, rows.labels)
-            ref_tile = None if ref is None else ref.tile(n0, n1, rw_c, v0, rows.labels)
-            dz = torch.empty(tile.logits.shape, dtype=products.operand_dtype, device=device) if separate_dz \
-                else tile.logits
-            kept = kernels.grad(tile, lse[n0:n1], g[n0:n1], ref_tile, None if ref is None else ref_lse[n0:n1],
-                                None if g_kl is None else g_kl[n0:n1], opts, dz)
-            if not kept:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
+            dz = _logits_grad(policy, ref, n0, n1, w_c, rw_c, v0, rows, lse, ref_lse, g, g_kl, opts, kernels,
+                              scratch)
+            if dz is None:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
                 continue
             if need_dh:
                 products.accumulate(dh[n0:n1], dz, w_c)
@@ -195,6 +205,18 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
         if need_dw and not dw_written:
             dw[v0:v1].copy_(dw_acc) if dw_acc is not None else dw[v0:v1].zero_()
     return dh, dw, db
+
+
+def _logits_grad(policy: _Side, ref: _Side | None, n0: int, n1: int, w_c, rw_c, v0: int, rows: _Rows, lse, ref_lse,
+                 g, g_kl, opts: TokenOptions, kernels: TileKernels, scratch) -> torch.Tensor | None:
+    """``dZ [n1 - n0, vc]`` of one recomputed tile in the GEMM operand dtype, in ``scratch[2]`` (or over the fp32
+    tile in ``scratch[0]`` when that is the operand dtype); ``None`` when the gradient filter skips the tile."""
+    tile = policy.tile(n0, n1, w_c, v0, rows.labels, scratch[0])
+    ref_tile = None if ref is None else ref.tile(n0, n1, rw_c, v0, rows.labels, scratch[1])
+    dz = tile.logits if scratch[2] is None else scratch[2][: tile.logits.numel()].view(tile.logits.shape)
+    kept = kernels.grad(tile, lse[n0:n1], g[n0:n1], ref_tile, None if ref is None else ref_lse[n0:n1],
+                        None if g_kl is None else g_kl[n0:n1], opts, dz)
+    return dz if kept else None
 
 
 class _LinearStats(torch.autograd.Function):

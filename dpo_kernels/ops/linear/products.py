@@ -104,11 +104,11 @@ class Products:
         """The bias added to the fp32 logits: rounded to the compute dtype as ``nn.Linear`` would, held in fp32."""
         return None if b is None else b.to(self.compute_dtype).to(self.out_dtype)
 
-    def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``h [n, D] @ w[vc, D].T`` as a new fp32 (fp64) ``[n, vc]`` tile; operands from :meth:`operand`."""
+    def logits(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = h [n, D] @ w[vc, D].T``, an fp32 (fp64) ``[n, vc]`` tile; operands from :meth:`operand`."""
         if h.dtype == self.out_dtype:
-            return torch.mm(h, w.T)
-        return torch.mm(h, w.T, out_dtype=self.out_dtype)
+            return torch.mm(h, w.T, out=out)
+        return torch.mm(h, w.T, out_dtype=self.out_dtype, out=out)
 
     def accumulate(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """``acc += a @ b`` for an fp32 (fp64) ``acc``, accumulated in fp32 inside the GEMM."""
