@@ -224,9 +224,9 @@ def fused_dpo_loss(
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
     ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives.
 
-    The policy and a reference given in the same form (both logits, or both hidden states with their heads) go
-    through one fused call: each tile of the reference is computed beside the policy's, for the same kept tokens, in
-    the forward only; the backward recomputes the policy alone (and the reference only for TDPO's KL gradient).
+    A policy and a reference both given as hidden states go through one fused call: each tile of the reference is
+    computed beside the policy's, for the same kept tokens, in the forward only; the backward recomputes the policy
+    alone (and the reference only for TDPO's KL gradient).
     """
     config = DPOLossConfig(
         loss_type=loss_type,
@@ -442,28 +442,23 @@ def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs):
     policy_head = _head(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias, config)
     ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
 
-    if policy_logits is not None and ref_logits is not None:
-        return _with_kl(run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend), config)
+    if config.uses_token_kl and policy_logits is not None:
+        return run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend)
     if policy_head is not None and ref_head is not None:
-        return _with_kl(run_linear_token_stats(policy_head, ref_head, labels, opts, backend), config)
+        # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
+        logps, ref_logps, kl = run_linear_token_stats(policy_head, ref_head, labels, opts, backend)
+        return logps, ref_logps, (kl if config.uses_token_kl else None)
     if policy_logits is not None:
         logps = run_token_logprobs(policy_logits, labels, opts, backend)
     else:
         logps = run_linear_token_logprobs(policy_head, labels, opts, backend)
     ref_logps = None
-    with torch.no_grad():  # a reference in the other form than the policy's: its own pass, forward only
+    with torch.no_grad():  # the reference in its own pass, forward only
         if ref_logits is not None:
             ref_logps = run_token_logprobs(ref_logits, labels, opts, backend)
         elif ref_head is not None:
             ref_logps = run_linear_token_logprobs(ref_head, labels, opts, backend)
     return logps, ref_logps, None
-
-
-def _with_kl(outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], config: DPOLossConfig):
-    """``(logps, ref_logps, kl)`` of one fused call; the KL only for the objectives that read it (unused, it gets no
-    gradient and the backward never touches the reference)."""
-    logps, ref_logps, kl = outs
-    return logps, ref_logps, (kl if config.uses_token_kl else None)
 
 
 def _shifted_labels(labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:
