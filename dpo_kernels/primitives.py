@@ -100,10 +100,17 @@ def linear_token_logprobs(
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
 
-    ``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` (all one dtype and device). Returns ``[..., T]``.
-    Gradients flow to ``hidden``, ``weight`` and ``bias``; the weight and bias gradients are accumulated in fp32.
-    ``grad_filter_eps`` (off by default) skips backward tiles whose every ``|softmax - onehot|`` is below it; each
-    skipped gradient entry of the logits is then at most ``eps * |upstream grad|`` (before the transform's factor).
+    ``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` (all one dtype and device). Returns ``[..., T]`` fp32
+    (fp64 for fp64 inputs), 0 at ``ignore_index``. Gradients flow to ``hidden``, ``weight`` and ``bias``, each
+    accumulated in fp32 and rounded once to its input's dtype.
+
+    The linear path of :mod:`dpo_kernels.ops.linear` (the same design on every backend): ignored tokens are dropped
+    before the first GEMM; tiles of at most ``tile_budget_mb`` MiB in all (default 16 on CPU, 128 on GPUs; or
+    ``token_chunk_size`` x ``vocab_chunk_size``) are folded into ``O(N)`` statistics in the forward and recomputed
+    in the backward. Materialised besides the gradients: the kept rows of ``hidden`` when some are dropped, an fp32
+    ``[N, D]`` accumulator for ``dH``, and the tiles. ``grad_filter_eps`` (off by default) skips backward tiles whose
+    every ``|softmax - onehot|`` is below it; each skipped gradient entry of the logits is then at most
+    ``eps * |upstream grad|`` (before the transform's factor).
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
                     budget=tile_budget_mb, filter_eps=grad_filter_eps)
@@ -135,7 +142,10 @@ def linear_token_logprobs_and_kl(
 
     ``hidden [..., T, D]`` with ``weight [V, D]`` is the policy; ``ref_hidden [..., T, D_ref]`` with
     ``ref_weight [V, D_ref]`` the reference (``D_ref`` may differ from ``D``; ``ref_weight`` may be ``weight``).
-    Returns ``(logps, ref_logps, kl)``, each ``[..., T]``; only the policy side receives gradients.
+    Returns ``(logps, ref_logps, kl)``, each ``[..., T]``; only the policy side receives gradients. Each reference
+    tile is computed beside the policy's in the forward; the backward recomputes it only when ``kl`` received a
+    gradient (a backward through ``logps`` alone never reads the reference). Tiles and memory as in
+    :func:`linear_token_logprobs`, the tile budget shared by both heads.
     ``grad_filter_eps`` as in :func:`linear_token_logprobs`, also requiring every ``|softmax - q|`` below it.
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,

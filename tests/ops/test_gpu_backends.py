@@ -102,3 +102,40 @@ def test_inplace_backward_and_fused_loss(backend):
                          ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"], loss_type="tdpo2",
                          backend="reference")
     assert_close(out.loss, ref.loss, torch.bfloat16, "fused TDPO2 loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_products_stay_half_on_cuda(dtype):
+    """cuBLAS takes the half operands as they are and writes fp32 (tensor cores); fp32 accumulation into an fp32
+    buffer works one way or the other (``addmm(out_dtype=...)`` or mm + add)."""
+    from dpo_kernels.ops.linear import products
+
+    h = torch.randn(8, 16, device="cuda", dtype=dtype)
+    p = products.Products.of(h, h, torch.float32)
+    assert p.operand_dtype == dtype and p.out_dtype == torch.float32
+    acc = torch.zeros(8, 8, device="cuda")
+    p.accumulate(acc, h, h.T)
+    torch.testing.assert_close(acc, h.float() @ h.float().T, rtol=1e-5, atol=1e-5)
+    out = torch.empty(8, 8, device="cuda", dtype=dtype)
+    assert p.write(out, h, h.T)
+    torch.testing.assert_close(out.float(), h.float() @ h.float().T, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_token_blocks_and_logged_statistics_on_cuda(backend, dtype):
+    """Several token blocks (fp32 weight-gradient buffers per chunk) and the logged statistics, against the oracle."""
+    from dpo_kernels.ops.common import LinearHead
+    from dpo_kernels.options import TokenOptions
+    from dpo_kernels.primitives import run_linear_token_stats
+
+    x = _inputs(4, 33, 5000, 64, dtype)
+    _compare(lambda t, y, be: linear_token_logprobs(t["hidden"], t["weight"], y, bias=t["bias"], backend=be,
+                                                    token_chunk_size=37, vocab_chunk_size=1024),
+             x, ("hidden", "weight", "bias"), backend, dtype)
+    opts = TokenOptions(softcap=30.0, vocab_chunk_size=1024)
+    head = LinearHead(x["hidden"], x["weight"], x["bias"])
+    _, expected = run_linear_token_stats(head, None, x["labels"], opts, "reference", logging=True)
+    _, logged = run_linear_token_stats(head, None, x["labels"], opts, backend, logging=True)
+    for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+        assert_close(logged[name], expected[name], dtype, name)

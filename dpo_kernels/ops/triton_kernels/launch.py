@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ...options import TokenOptions
-from ..registry import triton_interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -20,19 +19,6 @@ def transform_args(opts: TokenOptions) -> dict:
         HAS_SOFTCAP=opts.softcap is not None,
         HAS_TEMPERATURE=opts.temperature != 1.0,
     )
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 products follow PyTorch's TF32 switch (off by default: exact fp32); 16-bit inputs use tensor cores."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def upcast_dot(dtype: torch.dtype) -> bool:
-    """Convert ``tl.dot`` operands to fp32 first: only for bf16 under the interpreter, whose bf16 dot multiplies raw
-    bit patterns (triton-lang/triton#11584). Compiled kernels always use native bf16 tensor-core dots."""
-    return dtype == torch.bfloat16 and triton_interpreting()
 
 
 def require_supported_dtype(*tensors: torch.Tensor | None) -> None:
