@@ -55,7 +55,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
   const Tensor y = labels.reshape({-1}).to(at::kLong).contiguous();
   const Tensor& r = with_ref ? *ref_logits : logits;
   check(dpo_logits_forward(dtype_code(logits), logits.data_ptr(), logits.stride(0), logits.stride(1),
-                           logits.stride(2), with_ref ? r.data_ptr() : nullptr, r.stride(0), r.stride(1), r.stride(2),
+                           logits.stride(2), dtype_code(r), with_ref ? r.data_ptr() : nullptr, r.stride(0),
+                           r.stride(1), r.stride(2),
                            y.data_ptr<int64_t>(), n, logits.size(1), logits.size(2), ignore_index, logit_scale,
                            softcap, inv_temperature, logp.data_ptr<float>(), lse.data_ptr<float>(),
                            with_ref ? ref_logp.data_ptr<float>() : nullptr,
@@ -76,7 +77,8 @@ void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& l
   const Tensor y = labels.reshape({-1}).to(at::kLong).contiguous();
   const Tensor& r = with_kl ? *ref_logits : logits;
   check(dpo_logits_backward(dtype_code(logits), logits.data_ptr(), logits.stride(0), logits.stride(1),
-                            logits.stride(2), with_kl ? r.data_ptr() : nullptr, r.stride(0), r.stride(1), r.stride(2),
+                            logits.stride(2), dtype_code(r), with_kl ? r.data_ptr() : nullptr, r.stride(0),
+                            r.stride(1), r.stride(2),
                             grad.data_ptr(), grad.stride(0), grad.stride(1), grad.stride(2), y.data_ptr<int64_t>(),
                             lse.data_ptr<float>(), with_kl ? ref_lse->data_ptr<float>() : nullptr,
                             g.data_ptr<float>(), with_kl ? g_kl->data_ptr<float>() : nullptr, n, logits.size(1),

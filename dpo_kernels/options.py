@@ -76,6 +76,7 @@ def _is_positive_finite(x: object) -> bool:
     return _is_finite_number(x) and x > 0
 
 
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the statistics are computed and returned in: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def statistics_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the statistics are computed and returned in, for inputs of ``dtypes``: fp32, or fp64 when any input
+    is fp64 (the policy and the reference, or hidden states and head, may differ)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32

@@ -22,7 +22,6 @@ from .validation import (
     require_labels,
     require_labels_in_vocab,
     require_same_device,
-    require_same_dtype,
     require_shape,
 )
 
@@ -174,7 +173,7 @@ def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str) -> torc
 
 def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str):
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, logits.device, logits.dtype)
+    _, impl = resolve_backend(backend, logits.device, _dtypes(logits, ref_logits))
     outs = impl.token_logprobs_and_kl(_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
     return tuple(o.view(labels.shape) for o in outs)
 
@@ -193,7 +192,9 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
     ``(that, logged)`` where ``logged`` holds the per-token statistics trainers log (entropy, log sum p^2, mean logit,
     top-1), computed in the same forward pass."""
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, policy.hidden.device, policy.hidden.dtype)
+    heads = (policy,) if ref is None else (policy, ref)
+    dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
+    _, impl = resolve_backend(backend, policy.hidden.device, dtypes)
     policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
     ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
     outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging)
@@ -222,7 +223,9 @@ def check_logits(name: str, logits: object, labels: object) -> None:
 
 
 def check_head(hidden: tuple[str, object], weight: tuple[str, object], bias: tuple[str, object], labels) -> None:
-    """``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None``: one dtype and device, matching labels."""
+    """``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None``: float tensors on one device, matching
+    labels. Their dtypes may differ (what autocast hands an fp32 head): the product's dtype follows
+    :func:`dpo_kernels.ops.linear.products.product_dtype`."""
     (h_name, h), (w_name, w), (b_name, b) = hidden, weight, bias
     h, w = require_float(h_name, h), require_float(w_name, w)
     labels = require_labels("labels", labels)
@@ -239,13 +242,17 @@ def check_head(hidden: tuple[str, object], weight: tuple[str, object], bias: tup
         require_float(b_name, b)
         require_shape(b_name, b, (w.shape[0],), f"one entry per row of {w_name}")
     require_same_device(**{h_name: h, w_name: w, b_name: b, "labels": labels})
-    require_same_dtype(**{h_name: h, w_name: w, b_name: b})
 
 
 def check_agree(**tensors: torch.Tensor | None) -> None:
-    """The policy and reference tensors share one device and one dtype."""
+    """The policy and reference tensors are on one device (their dtypes may differ: a bf16 reference model beside an
+    fp32 policy)."""
     require_same_device(**tensors)
-    require_same_dtype(**tensors)
+
+
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype, ...]:
+    """Every dtype among ``tensors``, for the dispatcher (a backend must take all of them)."""
+    return tuple(t.dtype for t in tensors if t is not None)
 
 
 def _options(

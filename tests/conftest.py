@@ -35,7 +35,7 @@ def backend(request) -> str:
 
 def skip_if_unsupported(backend: str, dtype: torch.dtype) -> None:
     spec = registry._BACKENDS[backend]
-    if not spec.takes(dtype):
+    if not spec.takes((dtype,)):
         pytest.skip(f"backend {backend!r} does not take {dtype} inputs (it raises a clear error instead)")
 
 

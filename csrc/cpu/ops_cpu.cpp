@@ -20,9 +20,14 @@ TransformParams make_transform(double logit_scale, double softcap, double inv_te
   return TransformParams{logit_scale, softcap, inv_temperature};
 }
 
-at::ScalarType stats_type(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
+// fp32 statistics, fp64 when either the policy's or the reference's logits are fp64.
+at::ScalarType stats_type(at::ScalarType input, at::ScalarType ref) {
+  return input == at::kDouble || ref == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+template <typename policy_t, typename ref_t>
+using pair_acc_t = std::conditional_t<std::is_same_v<policy_t, double> || std::is_same_v<ref_t, double>, double,
+                                      float>;
 
 // Row n of a [R, T, V] tensor.
 template <typename scalar_t>
@@ -44,7 +49,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
   TORCH_CHECK(logits.dim() == 3, "dpo_kernels::logits_forward: logits must be [R, T, V]");
   const bool with_ref = ref_logits.has_value() && ref_logits->defined();
   const int64_t n = logits.size(0) * logits.size(1), vocab = logits.size(2);
-  const auto opts = logits.options().dtype(stats_type(logits.scalar_type()));
+  const at::ScalarType ref_type = with_ref ? ref_logits->scalar_type() : logits.scalar_type();
+  const auto opts = logits.options().dtype(stats_type(logits.scalar_type(), ref_type));
   Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
   Tensor ref_logp = with_ref ? at::empty({n}, opts) : at::empty({0}, opts);
   Tensor ref_lse = with_ref ? at::empty({n}, opts) : at::empty({0}, opts);
@@ -53,9 +59,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
   const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dpo_logits_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Rows<scalar_t> rows(logits);
-    const Rows<scalar_t> ref_rows(with_ref ? *ref_logits : logits);
+   using policy_t = scalar_t;
+   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ref_type, "dpo_logits_forward_ref", [&] {
+    using ref_t = scalar_t;
+    using acc_t = pair_acc_t<policy_t, ref_t>;
+    const Rows<policy_t> rows(logits);
+    const Rows<ref_t> ref_rows(with_ref ? *ref_logits : logits);
     const int64_t* y = labels_flat.data_ptr<int64_t>();
     acc_t *out_logp = logp.data_ptr<acc_t>(), *out_lse = lse.data_ptr<acc_t>();
     acc_t* out_ref_logp = with_ref ? ref_logp.data_ptr<acc_t>() : nullptr;
@@ -70,8 +79,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
           if (with_ref) out_ref_logp[i] = out_ref_lse[i] = out_kl[i] = 0;
           continue;
         }
-        const scalar_t* x = rows.row(i);
-        const scalar_t* xr = ref_rows.row(i);
+        const policy_t* x = rows.row(i);
+        const ref_t* xr = ref_rows.row(i);
         OnlineLse<acc_t> policy;
         OnlineKl<acc_t> ref;
         for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
@@ -96,6 +105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
         }
       }
     });
+   });
   });
   return {logp, lse, ref_logp, ref_lse, kl};
 }
@@ -110,11 +120,17 @@ void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& l
   const int64_t n = logits.size(0) * logits.size(1), vocab = logits.size(2);
   const Tensor labels_flat = labels.reshape({-1}).to(at::kLong).contiguous();
   const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+  const at::ScalarType ref_type = with_kl ? ref_logits->scalar_type() : logits.scalar_type();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dpo_logits_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Rows<scalar_t> rows(logits), grad_rows(grad);
-    const Rows<scalar_t> ref_rows(with_kl ? *ref_logits : logits);
+   using policy_t = scalar_t;
+   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ref_type, "dpo_logits_backward_ref", [&] {
+    using ref_t = scalar_t;
+    // the forward's statistics dtype: fp64 when the policy's or the reference's logits were fp64
+    AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "dpo_logits_backward_acc", [&] {
+    using acc_t = scalar_t;
+    const Rows<policy_t> rows(logits), grad_rows(grad);
+    const Rows<ref_t> ref_rows(with_kl ? *ref_logits : logits);
     const int64_t* y = labels_flat.data_ptr<int64_t>();
     const acc_t* lse_p = lse.data_ptr<acc_t>();
     const acc_t* g_p = g.data_ptr<acc_t>();
@@ -125,8 +141,8 @@ void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& l
       for (int64_t i = begin; i < end; ++i) {
         const int64_t label = y[i];
         const bool valid = label != ignore_index;
-        const scalar_t* xrow = rows.row(i);
-        scalar_t* grow = grad_rows.row(i);
+        const policy_t* xrow = rows.row(i);
+        policy_t* grow = grad_rows.row(i);
         for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
           const int64_t len = std::min(kChunk, vocab - v0);
           if (valid) {
@@ -144,11 +160,13 @@ void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& l
             std::fill(dz.begin(), dz.begin() + len, acc_t(0));
           }
           // written after the chunk was read, so grad may be the logits themselves (inplace_backward)
-          scalar_t* out = grow + v0 * grad_rows.stride_v;
-          for (int64_t k = 0; k < len; ++k) out[k * grad_rows.stride_v] = static_cast<scalar_t>(dz[k]);
+          policy_t* out = grow + v0 * grad_rows.stride_v;
+          for (int64_t k = 0; k < len; ++k) out[k * grad_rows.stride_v] = static_cast<policy_t>(dz[k]);
         }
       }
     });
+    });
+   });
   });
 }
 

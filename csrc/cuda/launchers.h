@@ -13,9 +13,11 @@ extern "C" {
 enum DpoDtype { DPO_FLOAT32 = 0, DPO_FLOAT16 = 1, DPO_BFLOAT16 = 2, DPO_FLOAT64 = 3 };
 
 // Logits [R, T, V] with strides (stride_r, stride_t, stride_v); labels [R*T] int64; outputs [R*T] fp32.
-// ref_logits may be NULL (then ref_logp, ref_lse, kl are not written).
+// ref_logits (of dtype ref_dtype, which may differ from dtype) may be NULL (then ref_logp, ref_lse, kl are not
+// written).
 int dpo_logits_forward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
-                       const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t, int64_t ref_stride_v,
+                       int ref_dtype, const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t,
+                       int64_t ref_stride_v,
                        const int64_t* labels, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
                        double logit_scale, double softcap, double inv_temperature, float* logp, float* lse,
                        float* ref_logp, float* ref_lse, float* kl, intptr_t stream);
@@ -23,7 +25,8 @@ int dpo_logits_forward(int dtype, const void* logits, int64_t stride_r, int64_t 
 // Writes g (onehot - p) + g_kl (p - q) through the transform into grad (may equal logits: in-place backward).
 // ref_logits, ref_lse, g_kl may be NULL (no KL gradient). g, g_kl are 0 at masked tokens.
 int dpo_logits_backward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
-                        const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t, int64_t ref_stride_v,
+                        int ref_dtype, const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t,
+                        int64_t ref_stride_v,
                         void* grad, int64_t grad_stride_r, int64_t grad_stride_t, int64_t grad_stride_v,
                         const int64_t* labels, const float* lse, const float* ref_lse, const float* g,
                         const float* g_kl, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,

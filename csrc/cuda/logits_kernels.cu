@@ -2,12 +2,15 @@
 // KL(ref || policy), in one pass over each row (online log-sum-exp); the backward writes
 // g (onehot - p) + g_kl (p - q) through the logit transform, in place when grad == logits.
 //
+// The reference's logits may have another dtype than the policy's (a bf16 reference model beside an fp32 policy).
 // Mapping: a warp per row when V <= kWarpRowMaxVocab (several rows per block), else a block of kBlockThreads per
 // row. Loads are VEC-wide 16-byte packets when the rows are contiguous and aligned, scalar otherwise. Statistics
 // are fp32 for fp32 / fp16 / bf16 inputs. No __launch_bounds__: with it ptxas aimed below the register budget
 // and spilled; blocks are at most 256 threads, so any register count up to 255 fits an SM. No torch headers.
 #include "device_utils.cuh"
 #include "launchers.h"
+
+#include <type_traits>
 
 namespace dpo_kernels {
 namespace cuda {
@@ -24,9 +27,9 @@ struct RowLayout {
   }
 };
 
-template <typename T, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_REF>
+template <typename T, typename TR, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_REF>
 __global__ void
-    logits_forward_kernel(const T* __restrict__ logits, RowLayout layout, const T* __restrict__ ref_logits,
+    logits_forward_kernel(const T* __restrict__ logits, RowLayout layout, const TR* __restrict__ ref_logits,
                           RowLayout ref_layout, const int64_t* __restrict__ labels, int64_t rows, int64_t seq_len,
                           int64_t vocab, int64_t ignore_index, TransformParams t, float* __restrict__ logp,
                           float* __restrict__ lse_out, float* __restrict__ ref_logp, float* __restrict__ ref_lse_out,
@@ -44,7 +47,7 @@ __global__ void
     return;
   }
   const T* x_row = logits + layout.offset(row, seq_len);
-  const T* r_row = WITH_REF ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
+  const TR* r_row = WITH_REF ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
   Lse state{-INFINITY, 0.f};
   KlState ref{{-INFINITY, 0.f}, 0.f};
   // one pass: each element of both rows is read once
@@ -53,8 +56,8 @@ __global__ void
     const int64_t packets = vocab / VEC;
     for (int64_t p = lane; p < packets; p += THREADS) {
       const Packet<T, VEC> px = reinterpret_cast<const Packet<T, VEC>*>(x_row)[p];
-      Packet<T, VEC> pr;
-      if constexpr (WITH_REF) pr = reinterpret_cast<const Packet<T, VEC>*>(r_row)[p];
+      Packet<TR, VEC> pr;
+      if constexpr (WITH_REF) pr = reinterpret_cast<const Packet<TR, VEC>*>(r_row)[p];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float zr = WITH_REF ? t.apply<float>(to_float(pr.v[k])) : 0.f;
@@ -84,9 +87,9 @@ __global__ void
   }
 }
 
-template <typename T, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_KL>
+template <typename T, typename TR, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_KL>
 __global__ void
-    logits_backward_kernel(const T* logits, RowLayout layout, const T* __restrict__ ref_logits, RowLayout ref_layout,
+    logits_backward_kernel(const T* logits, RowLayout layout, const TR* __restrict__ ref_logits, RowLayout ref_layout,
                            T* grad, RowLayout grad_layout, const int64_t* __restrict__ labels,
                            const float* __restrict__ lse, const float* __restrict__ ref_lse,
                            const float* __restrict__ g_in, const float* __restrict__ g_kl_in, int64_t rows,
@@ -102,7 +105,7 @@ __global__ void
   const float g_kl = (WITH_KL && valid) ? g_kl_in[row] : 0.f;
   const float row_ref_lse = WITH_KL ? ref_lse[row] : 0.f;
   const T* x_row = logits + layout.offset(row, seq_len);
-  const T* r_row = WITH_KL ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
+  const TR* r_row = WITH_KL ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
   T* g_row = grad + grad_layout.offset(row, seq_len);
   auto grad_at = [&](int64_t i, float z, float x) -> float {
     if (!valid) return 0.f;
@@ -145,55 +148,88 @@ bool packets_ok(const void* base, RowLayout l, int elem_size) {
          reinterpret_cast<uintptr_t>(base) % (VEC * elem_size) == 0;
 }
 
-template <typename T>
-int launch_forward(const T* x, RowLayout xl, const T* r, RowLayout rl, const int64_t* labels, int64_t rows,
+// Packets of VEC elements of both rows: 16 bytes of the wider type.
+template <typename T, typename TR>
+constexpr int packet_elems() {
+  return 16 / (sizeof(T) > sizeof(TR) ? sizeof(T) : sizeof(TR));
+}
+
+// The reference's logits may have another dtype than the policy's (TR); without a reference TR is unused and the
+// kernels are instantiated with TR = T only.
+template <typename T, typename TR>
+int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const int64_t* labels, int64_t rows,
                    int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t, float* logp, float* lse,
                    float* ref_logp, float* ref_lse, float* kl, cudaStream_t stream) {
-  constexpr int VEC = 16 / sizeof(T);
+  constexpr int VEC = packet_elems<T, TR>();
   const bool with_ref = r != nullptr;
-  const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && (!with_ref || packets_ok<VEC>(r, rl, sizeof(T)));
-  auto go = [&](auto kernel, int threads, int rows_per_block) {
+  const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && (!with_ref || packets_ok<VEC>(r, rl, sizeof(TR)));
+  auto go = [&](auto kernel, auto ref, int threads, int rows_per_block) {
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
-        x, xl, r, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl);
+        x, xl, ref, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl);
   };
   const bool warp_rows = vocab <= kWarpRowMaxVocab;
-#define DPO_FWD(V, REF)                                                                                         \
-  (warp_rows ? go(logits_forward_kernel<T, V, kWarp, kWarpRowsPerBlock, REF>, kWarp, kWarpRowsPerBlock)        \
-             : go(logits_forward_kernel<T, V, kBlockThreads, 1, REF>, kBlockThreads, 1))
+  const T* no_ref = nullptr;
+#define DPO_FWD(V, REF, REF_PTR)                                                                                  \
+  (warp_rows ? go(logits_forward_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(REF_PTR)>>, V, kWarp, \
+                                        kWarpRowsPerBlock, REF>,                                                  \
+                  REF_PTR, kWarp, kWarpRowsPerBlock)                                                              \
+             : go(logits_forward_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(REF_PTR)>>, V,       \
+                                        kBlockThreads, 1, REF>,                                                   \
+                  REF_PTR, kBlockThreads, 1))
   if (vec) {
-    if (with_ref) DPO_FWD(VEC, true); else DPO_FWD(VEC, false);
+    if (with_ref) DPO_FWD(VEC, true, r); else DPO_FWD(VEC, false, no_ref);
   } else {
-    if (with_ref) DPO_FWD(1, true); else DPO_FWD(1, false);
+    if (with_ref) DPO_FWD(1, true, r); else DPO_FWD(1, false, no_ref);
   }
 #undef DPO_FWD
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
-int launch_backward(const T* x, RowLayout xl, const T* r, RowLayout rl, T* grad, RowLayout gl,
+template <typename T, typename TR>
+int launch_backward(const T* x, RowLayout xl, const TR* r, RowLayout rl, T* grad, RowLayout gl,
                     const int64_t* labels, const float* lse, const float* ref_lse, const float* g, const float* g_kl,
                     int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t,
                     cudaStream_t stream) {
-  constexpr int VEC = 16 / sizeof(T);
+  constexpr int VEC = 16 / sizeof(T);  // the reference is read element by element in the backward
   const bool with_kl = g_kl != nullptr;
   const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && packets_ok<VEC>(grad, gl, sizeof(T));
-  auto go = [&](auto kernel, int threads, int rows_per_block) {
+  auto go = [&](auto kernel, auto ref, int threads, int rows_per_block) {
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
-        x, xl, r, rl, grad, gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab, ignore_index, t);
+        x, xl, ref, rl, grad, gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab, ignore_index, t);
   };
   const bool warp_rows = vocab <= kWarpRowMaxVocab;
-#define DPO_BWD(V, KL)                                                                                          \
-  (warp_rows ? go(logits_backward_kernel<T, V, kWarp, kWarpRowsPerBlock, KL>, kWarp, kWarpRowsPerBlock)       \
-             : go(logits_backward_kernel<T, V, kBlockThreads, 1, KL>, kBlockThreads, 1))
+  const T* no_ref = nullptr;
+#define DPO_BWD(V, KL, REF_PTR)                                                                                   \
+  (warp_rows ? go(logits_backward_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(REF_PTR)>>, V,      \
+                                         kWarp, kWarpRowsPerBlock, KL>,                                          \
+                  REF_PTR, kWarp, kWarpRowsPerBlock)                                                              \
+             : go(logits_backward_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(REF_PTR)>>, V,      \
+                                         kBlockThreads, 1, KL>,                                                  \
+                  REF_PTR, kBlockThreads, 1))
   if (vec) {
-    if (with_kl) DPO_BWD(VEC, true); else DPO_BWD(VEC, false);
+    if (with_kl) DPO_BWD(VEC, true, r); else DPO_BWD(VEC, false, no_ref);
   } else {
-    if (with_kl) DPO_BWD(1, true); else DPO_BWD(1, false);
+    if (with_kl) DPO_BWD(1, true, r); else DPO_BWD(1, false, no_ref);
   }
 #undef DPO_BWD
   return static_cast<int>(cudaGetLastError());
+}
+
+// Calls f with a value of the element type of a dtype code (float, __half or __nv_bfloat16).
+template <typename F>
+int with_element_type(int dtype, F&& f) {
+  switch (dtype) {
+    case DPO_FLOAT32:
+      return f(float{});
+    case DPO_FLOAT16:
+      return f(__half{});
+    case DPO_BFLOAT16:
+      return f(__nv_bfloat16{});
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
 }
 
 }  // namespace
@@ -204,60 +240,44 @@ using dpo_kernels::TransformParams;
 using dpo_kernels::cuda::RowLayout;
 
 extern "C" int dpo_logits_forward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
-                                  const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t,
+                                  int ref_dtype, const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t,
                                   int64_t ref_stride_v, const int64_t* labels, int64_t rows, int64_t seq_len,
                                   int64_t vocab, int64_t ignore_index, double logit_scale, double softcap,
                                   double inv_temperature, float* logp, float* lse, float* ref_logp, float* ref_lse,
                                   float* kl, intptr_t stream) {
+  using namespace dpo_kernels::cuda;
   const TransformParams t{logit_scale, softcap, inv_temperature};
   const RowLayout xl{stride_r, stride_t, stride_v}, rl{ref_stride_r, ref_stride_t, ref_stride_v};
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DPO_FLOAT32:
-      return dpo_kernels::cuda::launch_forward(static_cast<const float*>(logits), xl,
-                                               static_cast<const float*>(ref_logits), rl, labels, rows, seq_len,
-                                               vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
-    case DPO_FLOAT16:
-      return dpo_kernels::cuda::launch_forward(static_cast<const __half*>(logits), xl,
-                                               static_cast<const __half*>(ref_logits), rl, labels, rows, seq_len,
-                                               vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
-    case DPO_BFLOAT16:
-      return dpo_kernels::cuda::launch_forward(static_cast<const __nv_bfloat16*>(logits), xl,
-                                               static_cast<const __nv_bfloat16*>(ref_logits), rl, labels, rows,
-                                               seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return with_element_type(dtype, [&](auto policy) {
+    using T = decltype(policy);
+    return with_element_type(ref_dtype, [&](auto ref) {
+      using TR = decltype(ref);
+      return launch_forward(static_cast<const T*>(logits), xl, static_cast<const TR*>(ref_logits), rl, labels, rows,
+                            seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
+    });
+  });
 }
 
 extern "C" int dpo_logits_backward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t,
-                                   int64_t stride_v, const void* ref_logits, int64_t ref_stride_r,
+                                   int64_t stride_v, int ref_dtype, const void* ref_logits, int64_t ref_stride_r,
                                    int64_t ref_stride_t, int64_t ref_stride_v, void* grad, int64_t grad_stride_r,
                                    int64_t grad_stride_t, int64_t grad_stride_v, const int64_t* labels,
                                    const float* lse, const float* ref_lse, const float* g, const float* g_kl,
                                    int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
                                    double logit_scale, double softcap, double inv_temperature, intptr_t stream) {
+  using namespace dpo_kernels::cuda;
   const TransformParams t{logit_scale, softcap, inv_temperature};
   const RowLayout xl{stride_r, stride_t, stride_v}, rl{ref_stride_r, ref_stride_t, ref_stride_v},
       gl{grad_stride_r, grad_stride_t, grad_stride_v};
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DPO_FLOAT32:
-      return dpo_kernels::cuda::launch_backward(static_cast<const float*>(logits), xl,
-                                                static_cast<const float*>(ref_logits), rl, static_cast<float*>(grad),
-                                                gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab, ignore_index,
-                                                t, s);
-    case DPO_FLOAT16:
-      return dpo_kernels::cuda::launch_backward(static_cast<const __half*>(logits), xl,
-                                                static_cast<const __half*>(ref_logits), rl,
-                                                static_cast<__half*>(grad), gl, labels, lse, ref_lse, g, g_kl, rows,
-                                                seq_len, vocab, ignore_index, t, s);
-    case DPO_BFLOAT16:
-      return dpo_kernels::cuda::launch_backward(static_cast<const __nv_bfloat16*>(logits), xl,
-                                                static_cast<const __nv_bfloat16*>(ref_logits), rl,
-                                                static_cast<__nv_bfloat16*>(grad), gl, labels, lse, ref_lse, g, g_kl,
-                                                rows, seq_len, vocab, ignore_index, t, s);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return with_element_type(dtype, [&](auto policy) {
+    using T = decltype(policy);
+    return with_element_type(ref_dtype, [&](auto ref) {
+      using TR = decltype(ref);
+      return launch_backward(static_cast<const T*>(logits), xl, static_cast<const TR*>(ref_logits), rl,
+                             static_cast<T*>(grad), gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab,
+                             ignore_index, t, s);
+    });
+  });
 }

@@ -15,6 +15,7 @@ import torch
 from ..options import TokenOptions, statistics_dtype
 from .common import LinearHead, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
+from .linear.products import product_dtype
 from .transform import transform_logits
 
 
@@ -46,8 +47,9 @@ def _require_exact_gradients(opts: TokenOptions) -> None:
         )
 
 
-def _log_softmax(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
-    z = transform_logits(logits.to(statistics_dtype(logits.dtype)), opts)
+def _log_softmax(logits: torch.Tensor, opts: TokenOptions, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 log-softmax (fp64 for fp64 logits, or in ``dtype``, the statistics dtype of a policy/reference pair)."""
+    z = transform_logits(logits.to(dtype or statistics_dtype(logits.dtype)), opts)
     return torch.log_softmax(z, dim=-1)
 
 
@@ -75,8 +77,9 @@ def token_logprobs_and_kl(
     logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(logp, ref_logp, kl)``, each ``[R, T]``; the reference side is detached."""
-    logprobs = _log_softmax(_policy_logits(logits, opts), opts)
-    ref_logprobs = _log_softmax(ref_logits.detach(), opts)
+    sdt = statistics_dtype(logits.dtype, ref_logits.dtype)
+    logprobs = _log_softmax(_policy_logits(logits, opts), opts, sdt)
+    ref_logprobs = _log_softmax(ref_logits.detach(), opts, sdt)
     return (
         _gather_masked(logprobs, labels, opts),
         _gather_masked(ref_logprobs, labels, opts),
@@ -85,7 +88,11 @@ def token_logprobs_and_kl(
 
 
 def _head_logits(head: LinearHead) -> torch.Tensor:
-    return torch.nn.functional.linear(head.hidden, head.weight, head.bias)
+    """``nn.Linear``'s logits, in the dtype of :func:`product_dtype` (the autocast dtype under autocast, else the
+    promoted inputs' dtype): the product rounded to that dtype, as a naive head would give it."""
+    dtype = product_dtype(head.hidden, head.weight)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return torch.nn.functional.linear(head.hidden.to(dtype), head.weight.to(dtype), bias)
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,

@@ -58,8 +58,8 @@ class BackendSpec:
     def runs_on(self, device_type: str) -> bool:
         return _matches(self.devices(), device_type)
 
-    def takes(self, dtype: torch.dtype | None) -> bool:
-        return dtype is None or self.dtypes is None or dtype in self.dtypes
+    def takes(self, dtypes: tuple[torch.dtype, ...]) -> bool:
+        return self.dtypes is None or all(d in self.dtypes for d in dtypes)
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,11 @@ def available_backends() -> dict[str, BackendStatus]:
     return report
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, ModuleType]:
-    """Return ``(name, module)`` of the backend to run for ``dtype`` tensors on ``device``.
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype | tuple[torch.dtype, ...] | None = None
+) -> tuple[str, ModuleType]:
+    """Return ``(name, module)`` of the backend to run for tensors of ``dtype`` (one, or every dtype of a call's
+    inputs when they differ) on ``device``.
 
     Raises:
         ValueError: ``name`` is not ``"auto"`` nor a registered backend.
@@ -213,8 +216,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    dtypes = () if dtype is None else tuple(dict.fromkeys(dtype if isinstance(dtype, tuple) else (dtype,)))
     if name == "auto":
-        chosen = _choose_auto(device, dtype)
+        chosen = _choose_auto(device, dtypes)
         logger.debug("dpo_kernels: backend='auto' chose %r for device %s", chosen.name, device)
         return chosen.name, importlib.import_module(chosen.module)
     spec = _spec(name)
@@ -225,21 +229,22 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
         raise BackendUnavailableError(
             f"backend={name!r} runs on {', '.join(spec.devices())} tensors, but the inputs are on {device}"
         )
-    if not spec.takes(dtype):
+    if not spec.takes(dtypes):
         takes = ", ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
-        raise BackendUnavailableError(f"backend={name!r} takes {takes} inputs, got {dtype}; use backend='torch'")
+        got = next(d for d in dtypes if d not in spec.dtypes)
+        raise BackendUnavailableError(f"backend={name!r} takes {takes} inputs, got {got}; use backend='torch'")
     return spec.name, importlib.import_module(spec.module)
 
 
-def _choose_auto(device: torch.device, dtype: torch.dtype | None) -> BackendSpec:
+def _choose_auto(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> BackendSpec:
     candidates = [
         spec
         for spec in _BACKENDS.values()
         if _matches(spec.auto_devices, device.type)
         and spec.runs_on(device.type)
-        and spec.takes(dtype)
+        and spec.takes(dtypes)
         and spec.check() is None
     ]
     if not candidates:  # unreachable while the torch backend (any device and dtype, always available) is registered
-        raise BackendUnavailableError(f"no backend is available for {dtype} tensors on {device}")
+        raise BackendUnavailableError(f"no backend is available for {dtypes} tensors on {device}")
     return min(candidates, key=lambda spec: spec.auto_rank)

@@ -169,7 +169,8 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
         if opts.inplace_backward:
             refuse_leaf_logits(logits)
-        shape, sdt = logits.shape, statistics_dtype(logits.dtype)
+        shape = logits.shape
+        sdt = statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
         index, mask = split_labels(labels.reshape(-1), opts.ignore_index)
         views = (TokenRows(logits),) if ref_logits is None else (TokenRows(logits), TokenRows(ref_logits))
         n = index.numel()

@@ -141,10 +141,6 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _statistics_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else statistics_dtype(tensors[0].dtype)
-
-
 def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions, kernels: TileKernels,
               logging: bool):
     """Forward, token-major: ``(stats [3, n] (7 with the logging rows), ref_stats [4, n] or None)`` after one pass
@@ -225,7 +221,8 @@ class _LinearStats(torch.autograd.Function):
                 logging: bool):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         rows = _Rows(labels, opts.ignore_index)
-        sdt = _statistics_dtype(hidden, weight, *(() if ref is None else (ref.hidden, ref.weight)))
+        inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
+        sdt = statistics_dtype(*(t.dtype for t in inputs))
         products = Products.of(hidden, weight, sdt)
         ref_products = None if ref is None else Products.of(ref.hidden, ref.weight, sdt)
         with _no_autocast(hidden.device):

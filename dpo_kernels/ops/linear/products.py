@@ -94,10 +94,8 @@ class Products:
         return torch.empty((), dtype=self.operand_dtype).element_size()
 
     def operand(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` as a GEMM operand: rounded to the compute dtype, then (CPU) widened to fp32. No copy when ``t``
-        already has the operand dtype."""
-        if t.dtype == self.operand_dtype:
-            return t
+        """``t`` as a GEMM operand: rounded to the compute dtype (an fp32 head under bf16 autocast is rounded even on
+        the CPU, where it is then widened back), then in the operand dtype. No copy when ``t`` has both already."""
         return t.to(self.compute_dtype).to(self.operand_dtype)
 
     def bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
