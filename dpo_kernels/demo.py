@@ -8,7 +8,8 @@ within a few steps. The loop is plain PyTorch: hidden states from ``causal_lm_hi
 At the end the same steps run again from the same weights through the unfused path (full logits, log_softmax,
 gather: what trainers did before fused heads) and both are compared: time, peak extra memory (peak RSS on CPU, peak
 allocator bytes on GPU) and the final loss, which agree up to rounding. Each path runs one untimed warm-up step per
-objective first, so that first-call compilation is not counted.
+objective first, so that first-call compilation is not counted. ``--dtype bf16`` loads the model in bf16; ``--amp``
+trains under bf16 autocast over the weights (a trainer's ``bf16=True``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -97,18 +99,38 @@ def _step_loss(policy, reference, ids, labels, loss_type: str, fused: bool, back
     return fused_dpo_loss(policy_logits=logits, ref_logits=ref_logits, backend="reference", **options)
 
 
-def _train(model, batches, loss_types, fused: bool, backend: str, device, show: bool):
+@dataclass(frozen=True)
+class _Setup:
+    """Where and how the demo trains: device, backend, the model's weight dtype and bf16 autocast (mixed precision
+    over those weights, as trainers' ``bf16=True`` does)."""
+
+    device: torch.device
+    backend: str
+    dtype: torch.dtype
+    amp: bool
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def describe(self) -> str:
+        weights = str(self.dtype).removeprefix("torch.")
+        return f"{weights} weights" + (", bf16 autocast" if self.amp else "")
+
+
+def _train(model, batches, loss_types, fused: bool, setup: _Setup, show: bool):
     from tqdm.auto import tqdm
 
-    policy = copy.deepcopy(model).to(device).train()
-    reference = copy.deepcopy(model).to(device).eval()
+    policy = copy.deepcopy(model).to(device=setup.device, dtype=setup.dtype).train()
+    reference = copy.deepcopy(model).to(device=setup.device, dtype=setup.dtype).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     history = []
     for loss_type in loss_types:
         bar = tqdm(batches, desc=f"{loss_type:>7} ({'fused' if fused else 'unfused'})", disable=not show,
                    file=sys.stdout, leave=True, ncols=100)
         for step, (ids, labels) in enumerate(bar, start=1):
-            out = _step_loss(policy, reference, ids.to(device), labels.to(device), loss_type, fused, backend)
+            with setup.autocast():
+                out = _step_loss(policy, reference, ids.to(setup.device), labels.to(setup.device), loss_type, fused,
+                                 setup.backend)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -132,23 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completion", type=int, default=64)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's weights")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast over the weights (mixed precision)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    setup = _Setup(device, args.backend, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], args.amp)
     model = _tiny_llama(args.vocab, args.hidden, seed=0)
     batches = _batches(args.steps, args.pairs, args.prompt, args.completion, args.vocab, seed=1)
     tokens = 2 * args.pairs * (args.prompt + args.completion)
     print(f"dpo_kernels demo: random Llama (D={args.hidden}, V={args.vocab}, 2 layers), {args.pairs} preference "
           f"pairs x {args.prompt + args.completion} tokens per step ({tokens} tokens), device {device}, "
-          f"backend={args.backend!r}\n")
+          f"{setup.describe()}, backend={args.backend!r}\n")
     runs = {}
     for fused in (True, False):
         # one untimed step of each objective first: kernel compilation, autotuning and allocator growth happen
         # on first use and are not what a training run pays per step
-        _train(model, batches[:1], ("sigmoid", "tdpo2"), fused, args.backend, device, show=False)
+        _train(model, batches[:1], ("sigmoid", "tdpo2"), fused, setup, show=False)
         synchronize(device)
         start = time.perf_counter()
         with _PeakMemory(device) as peak:
-            history = _train(model, batches, ("sigmoid", "tdpo2"), fused, args.backend, device, show=fused)
+            history = _train(model, batches, ("sigmoid", "tdpo2"), fused, setup, show=fused)
         runs["fused" if fused else "unfused"] = (time.perf_counter() - start, peak.mib, history)
         if fused:
             print("\nthe same steps through the unfused path (full logits) for comparison ...")

@@ -66,7 +66,8 @@ def token_logprobs_and_kl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and the per-token ``KL(ref || policy)``, in one pass over both rows.
 
-    ``logits`` and ``ref_logits`` are ``[..., T, V]`` of one dtype and device; the same post-processing
+    ``logits`` and ``ref_logits`` are ``[..., T, V]`` on one device, each row read in its own dtype (a bf16 reference
+    beside fp32 policy logits is fine); the same post-processing
     (scale, softcap, temperature) applies to both. Returns ``(logps, ref_logps, kl)``, each ``[..., T]``;
     ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient. ``inplace_backward`` as in
     :func:`token_logprobs`.
@@ -99,7 +100,9 @@ def linear_token_logprobs(
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
 
-    ``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` (all one dtype and device). Returns ``[..., T]`` fp32
+    ``hidden [..., T, D]``, ``weight [V, D]``, ``bias [V]`` on one device, each fp32, bf16 or fp16 (or fp64): the
+    product runs in the autocast dtype under autocast, else in the promoted dtype (:mod:`dpo_kernels.ops.linear.
+    products`), never rounded before it is folded. Returns ``[..., T]`` fp32
     (fp64 for fp64 inputs), 0 at ``ignore_index``. Gradients flow to ``hidden``, ``weight`` and ``bias``, each
     accumulated in fp32 and rounded once to its input's dtype.
 

@@ -38,14 +38,6 @@ def require_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device; got {listing}")
 
 
-def require_same_dtype(**tensors: torch.Tensor | None) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {k: v.dtype for k, v in present.items()}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{k} is {d}" for k, d in dtypes.items())
-        raise TypeError(f"these tensors must share one dtype; got {listing}")
-
-
 def require_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(t.shape)}")

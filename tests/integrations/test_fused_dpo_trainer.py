@@ -96,3 +96,54 @@ def test_peft_policy_is_its_own_reference_with_adapters_disabled():
     loss.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
     assert lora_grads, "the adapters must receive gradients"
+
+
+def _mixed_precision_trainer(loss_type, **precision):
+    policy = _model("llama")
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    device = "cuda" if precision.get("fp16") else "cpu"
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", per_device_train_batch_size=4, report_to=[],
+                          use_cpu=device == "cpu", save_strategy="no", max_steps=3, logging_steps=1,
+                          learning_rate=1e-3, loss_type=[loss_type], beta=0.1, **precision)
+    return FusedDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=_dataset(16),
+                           processing_class=_tokenizer())
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+def test_bf16_autocast_over_fp32_weights(loss_type):
+    """TRL's default precision: the fused loss under bf16 autocast equals the full-logits loss under the same autocast
+    (nn.Linear's bf16 logits) to bf16 accuracy, and three real training steps update fp32 master weights."""
+    trainer = _mixed_precision_trainer(loss_type, bf16=True)
+    policy, ref = trainer.model, trainer.ref_model
+    batch = _batch(trainer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trainer.compute_loss(policy, batch)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        with torch.no_grad():
+            expected = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch),
+                                      ref_logits=_full_logits(ref, batch), loss_type=loss_type, beta=0.1, shift=True,
+                                      backend="reference")
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=2e-2)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(logged) == 3 and all(math.isfinite(h["loss"]) for h in logged)
+    if loss_type == "tdpo2":
+        assert all("kl/chosen" in h for h in logged)
+    for name, p in policy.named_parameters():
+        assert p.dtype == torch.float32, name
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision (GradScaler) needs a CUDA device")
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+def test_fp16_autocast_with_grad_scaler(loss_type):
+    trainer = _mixed_precision_trainer(loss_type, fp16=True)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(logged) == 3 and all(math.isfinite(h["loss"]) for h in logged)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -99,3 +99,19 @@ def test_config_transforms_and_bad_layers():
     assert logit_transform(granite)["logit_scale"] == 0.25
     with pytest.raises(ValueError, match="layers must be decoder layers in \\[1, 3\\]"):
         causal_lm_hidden_states(tiny_causal_lm("llama"), torch.ones(1, 3, dtype=torch.long), layers=[4])
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=["fp32_weights", "bf16_weights"])
+def test_patched_forward_under_bf16_autocast(model_dtype):
+    """bf16 autocast over fp32 weights (a trainer's default), or a model loaded in bf16: the fused head agrees with the
+    model's own logits to bf16 accuracy and its gradients come back in the parameters' dtype."""
+    model = tiny_causal_lm("llama").to(model_dtype)
+    ids, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _manual_token_logps(model(ids).logits, labels)
+        patch_causal_lm(model)
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    scale = expected.abs().max().item()
+    assert (out.token_logps - expected).abs().max().item() <= 2e-2 * scale
+    assert all(p.grad is not None and p.grad.dtype == model_dtype for p in model.parameters() if p.requires_grad)

@@ -96,3 +96,42 @@ def test_entropy_gradient_is_refused():
     _, entropy, *_ = dk_trl.FusedLogProbs.apply(hidden, weight, None, torch.randint(0, 13, (5,)), 1.0, 4096)
     with pytest.raises(RuntimeError, match="computes the entropy for logging only"):
         entropy.sum().backward()
+
+
+def _train_with_default_precision(loss_type, loss_weights):
+    """Three logged steps of a stock-configured DPOTrainer: TRL's default DPOConfig is bf16 autocast over fp32 master
+    weights (on this CPU too)."""
+    model = _model("llama")
+    args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_test", per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, save_strategy="no", beta=0.1, loss_type=loss_type, loss_weights=loss_weights,
+                         max_steps=3, logging_steps=1, learning_rate=1e-3)
+    assert args.bf16, "this test is about TRL's default mixed precision"
+    trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_dataset(16),
+                             processing_class=_tokenizer())
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters()), "fp32 master weights"
+    return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+@pytest.mark.parametrize("loss_type, loss_weights", [(["sigmoid"], None), (["ipo"], None),
+                                                     (["sigmoid", "sft"], [1.0, 0.5])], ids=["sigmoid", "ipo", "sft"])
+def test_patched_matches_stock_under_the_default_bf16_config(loss_type, loss_weights, restore_trl):
+    """Stock TRL rounds each logits tile to bf16 before folding it; dpo_kernels folds fp32 products of the same bf16
+    operands. Both must log the same values to bf16 accuracy, step after step."""
+    dk_trl.unpatch()
+    stock = _train_with_default_precision(loss_type, loss_weights)
+    dk_trl.patch()
+    patched = _train_with_default_precision(loss_type, loss_weights)
+    assert len(stock) == len(patched) == 3
+    for step, (s, p) in enumerate(zip(stock, patched, strict=True)):
+        assert s.keys() == p.keys(), step
+        logp_scale = max(abs(s["logps/chosen"]), abs(s["logps/rejected"]), 1.0)
+        for name, value in s.items():
+            if name in ("num_tokens", "learning_rate", "epoch"):
+                assert p[name] == value, (step, name)
+            elif name.endswith("accuracies"):  # a pair whose margin is a near-tie may flip: one pair of four
+                assert abs(p[name] - value) <= 0.25, (step, name)
+            elif name.startswith("rewards/"):  # beta x a difference of log-probs that nearly cancel
+                assert abs(p[name] - value) <= 2e-2 * 0.1 * logp_scale, (step, name, value, p[name])
+            else:
+                assert p[name] == pytest.approx(value, rel=2e-2, abs=1e-4), (step, name, value, p[name])
