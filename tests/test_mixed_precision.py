@@ -7,8 +7,10 @@ own dtype.
 
 The fused backends compute the products of the rounded operands in fp32 and never round a product, so their values
 must be as close to the float64 oracle as fp32 arithmetic allows; their gradients within the rounding of the dtype
-they are returned in. The ``reference`` backend is the naive head (``nn.Linear`` under the same autocast: the logits
-themselves rounded to the product dtype), so its values are held to that dtype's tolerance.
+they are returned in (on CUDA also of ``dZ``, which the GEMMs take in the half compute dtype). The ``reference``
+backend is the naive head (``nn.Linear`` under the same autocast: the logits themselves rounded to the product
+dtype), so its values are held to that dtype's tolerance. The grid runs on the CPU (Triton through its interpreter)
+and, where a GPU is present, on CUDA.
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ import torch
 from dpo_kernels import fused_dpo_loss, linear_token_logprobs, linear_token_logprobs_and_kl, token_logprobs_and_kl
 from dpo_kernels.ops.linear.products import product_dtype
 
+from dpo_kernels.ops import backends_for
+
 from .conftest import RTOL, assert_close, backends_under_test
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST = {"off": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
-BACKENDS = ["reference", *backends_under_test()]
+DEVICE_BACKENDS = [("cpu", b) for b in ("reference", *backends_under_test())]
+if torch.cuda.is_available():
+    DEVICE_BACKENDS += [("cuda", b) for b in ("reference", *backends_for("cuda")) if b != "torch"]
 
 
-def _autocast(dtype: torch.dtype | None):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+def _autocast(dtype: torch.dtype | None, device: str = "cpu"):
+    return torch.autocast(device, dtype=dtype) if dtype is not None else torch.autocast(device, enabled=False)
 
 
-def _inputs(h_dtype, w_dtype, seed=0, rows=4, seq=6, d=24, v=257):
+def _inputs(h_dtype, w_dtype, seed=0, rows=4, seq=6, d=24, v=257, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, v, (rows, seq), generator=g)
     labels[:, :2] = -100
-    return {
+    x = {
         "labels": labels,
         "hidden": torch.randn(rows, seq, d, generator=g).to(h_dtype),
         "weight": (torch.randn(v, d, generator=g) / d**0.5).to(w_dtype),
@@ -44,11 +50,12 @@ def _inputs(h_dtype, w_dtype, seed=0, rows=4, seq=6, d=24, v=257):
         "ref_hidden": torch.randn(rows, seq, d, generator=g).to(h_dtype),
         "ref_weight": (torch.randn(v, d, generator=g) / d**0.5).to(torch.bfloat16),  # a bf16 reference model
     }
+    return {k: t.to(device) for k, t in x.items()}
 
 
 def _expected(x, compute: torch.dtype, ref_compute: torch.dtype, with_kl: bool):
     """The float64 oracle on the operands rounded to ``compute`` (the reference head's to ``ref_compute``)."""
-    leaves = {k: x[k].to(compute).double().requires_grad_() for k in ("hidden", "weight", "bias")}
+    leaves = {k: x[k].to(compute).double().detach().requires_grad_() for k in ("hidden", "weight", "bias")}
     if with_kl:
         outs = linear_token_logprobs_and_kl(
             leaves["hidden"], leaves["weight"], x["ref_hidden"].to(ref_compute).double(),
@@ -61,7 +68,7 @@ def _expected(x, compute: torch.dtype, ref_compute: torch.dtype, with_kl: bool):
 
 def _run(x, backend, amp, with_kl):
     leaves = {k: x[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
-    with _autocast(amp):
+    with _autocast(amp, x["hidden"].device.type):
         if with_kl:
             outs = linear_token_logprobs_and_kl(leaves["hidden"], leaves["weight"], x["ref_hidden"], x["ref_weight"],
                                                 x["labels"], bias=leaves["bias"], backend=backend)
@@ -73,7 +80,7 @@ def _run(x, backend, amp, with_kl):
 
 def _upstream(outs):
     g = torch.Generator().manual_seed(7)
-    return [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device) for o in outs]
 
 
 GRID = list(itertools.product(DTYPES, DTYPES, AUTOCAST))
@@ -81,11 +88,11 @@ GRID = list(itertools.product(DTYPES, DTYPES, AUTOCAST))
 
 @pytest.mark.parametrize("with_kl", [False, True], ids=["logprobs", "kl"])
 @pytest.mark.parametrize("h_name, w_name, amp_name", GRID, ids=["-".join(c) for c in GRID])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_path_under_every_precision(backend, h_name, w_name, amp_name, with_kl):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
+def test_linear_path_under_every_precision(device, backend, h_name, w_name, amp_name, with_kl):
     h_dtype, w_dtype, amp = DTYPES[h_name], DTYPES[w_name], AUTOCAST[amp_name]
-    x = _inputs(h_dtype, w_dtype)
-    with _autocast(amp):
+    x = _inputs(h_dtype, w_dtype, device=device)
+    with _autocast(amp, device):
         compute = product_dtype(x["hidden"], x["weight"])
         ref_compute = product_dtype(x["ref_hidden"], x["ref_weight"])
     assert compute == (amp if amp is not None else torch.promote_types(h_dtype, w_dtype))
@@ -104,9 +111,12 @@ def test_linear_path_under_every_precision(backend, h_name, w_name, amp_name, wi
     for name in ("hidden", "weight", "bias"):
         grad = leaves[name].grad
         assert grad.dtype == x[name].dtype, f"d{name} must come back in {x[name].dtype}, got {grad.dtype}"
-        # the gradient's own rounding; the naive heads' rounded logits on top
+        # the gradient's own rounding; the naive heads' rounded logits on top; on CUDA the half dZ of the GEMMs
         rounded = (compute, ref_compute) if with_kl else (compute,)
-        tol_dtype = max((grad.dtype, *rounded) if naive else (grad.dtype,), key=RTOL.get)
+        if naive:
+            tol_dtype = max((grad.dtype, *rounded), key=RTOL.get)
+        else:
+            tol_dtype = max((grad.dtype, compute) if device == "cuda" else (grad.dtype,), key=RTOL.get)
         assert_close(grad.float(), exp_leaves[name].grad, tol_dtype, f"d{name}")
 
 
