@@ -1,4 +1,5 @@
-"""Triton device functions shared by the kernels: the logit post-processing of FORMULAS.md §1 and its derivative.
+"""Triton device functions shared by the kernels: the logit post-processing of FORMULAS.md §1 and its derivative, and
+the online fold of a block of reference logits for the KL.
 
 Which steps apply is chosen by constexpr flags (``HAS_SCALE``, ``HAS_SOFTCAP``, ``HAS_TEMPERATURE``), so a kernel
 compiled without a softcap contains no tanh at all.
@@ -43,3 +44,19 @@ def transform_grad(x, grad_z, logit_scale, softcap, inv_temperature,
     if HAS_SCALE:
         g = g * logit_scale
     return g
+
+
+@triton.jit
+def fold_reference_block(z, zr, inside, m_r, s_r, w):
+    """Fold one block of reference logits ``zr`` (beside the policy's ``z``; lanes outside the row masked by
+    ``inside``) into the reference's running max ``m_r``, sum ``s_r`` and the KL's ``w = sum e^{zr - m_r} (zr - z)``,
+    rescaled when the max moves. Returns the new ``(m_r, s_r, w)``."""
+    log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is ever formed
+    zr = tl.where(inside, zr, -float("inf"))
+    m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
+    rescale = tl.exp(m_r - m_r_new)
+    e_r = tl.exp(zr - m_r_new)
+    s_r = s_r * rescale + tl.sum(e_r, axis=0)
+    # an underflowed reference probability contributes exactly 0, even against a -inf policy logit
+    w = w * rescale + tl.sum(tl.where(e_r > 0, e_r * log_ratio, 0.0), axis=0)
+    return m_r_new, s_r, w

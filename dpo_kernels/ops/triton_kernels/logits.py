@@ -23,7 +23,7 @@ from ...options import TokenOptions
 from ..common import kl_outputs, upstream_grad, upstream_grads
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
-from .jit_helpers import transform, transform_grad
+from .jit_helpers import fold_reference_block, transform, transform_grad
 from .launch import transform_args
 
 
@@ -63,15 +63,7 @@ def _logits_forward_kernel(
         if HAS_REF:
             xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-            log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is ever formed
-            zr = tl.where(inside, zr, -float("inf"))
-            m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
-            rescale = tl.exp(m_r - m_r_new)
-            e_r = tl.exp(zr - m_r_new)
-            s_r = s_r * rescale + tl.sum(e_r, axis=0)
-            # an underflowed reference probability contributes exactly 0, even against a -inf policy logit
-            w = w * rescale + tl.sum(tl.where(e_r > 0, e_r * log_ratio, 0.0), axis=0)
-            m_r = m_r_new
+            m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
 
     # a masked token read nothing: give it neutral statistics so log(0) and 0/0 are never formed
     m = tl.where(valid, m, 0.0)

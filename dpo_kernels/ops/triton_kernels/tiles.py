@@ -26,7 +26,7 @@ import triton.language as tl
 from ...options import TokenOptions
 from ..linear.contract import STATS_ROWS, LogitsTile
 from .config import tile_row_config
-from .jit_helpers import transform, transform_grad
+from .jit_helpers import fold_reference_block, transform, transform_grad
 from .launch import transform_args
 
 
@@ -83,15 +83,7 @@ def _fold_tile_kernel(
                 xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
             zr_label += tl.sum(tl.where(is_label, zr, 0.0), axis=0)
-            log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is formed
-            zr = tl.where(inside, zr, -float("inf"))
-            m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
-            rescale = tl.exp(m_r - m_r_new)
-            e_r = tl.exp(zr - m_r_new)
-            s_r = s_r * rescale + tl.sum(e_r, axis=0)
-            # an underflowed reference probability contributes exactly 0
-            w = w * rescale + tl.sum(tl.where(e_r > 0, e_r * log_ratio, 0.0), axis=0)
-            m_r = m_r_new
+            m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
 
     hit = (label_col >= 0) & (label_col < width)
     old_m = tl.load(stats_ptr + row)
