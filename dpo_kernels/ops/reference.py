@@ -15,6 +15,7 @@ import torch
 from ..options import TokenOptions, statistics_dtype
 from .common import LinearHead, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
+from .linear.contract import LOGGED_OUTPUTS
 from .linear.products import product_dtype
 from .transform import transform_logits
 
@@ -117,14 +118,10 @@ def _logged(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> d
     z = transform_logits(logits.to(statistics_dtype(logits.dtype)), opts)
     logprobs = torch.log_softmax(z, dim=-1)
     index, mask = split_labels(labels, opts.ignore_index)
-    p = logprobs.exp()
-    values = {
-        "entropy": -(p * logprobs).sum(-1),
-        "log_sum_sq_probs": torch.logsumexp(2 * logprobs, dim=-1),
-        "mean_logits": z.mean(-1),
-        "is_top1": z.argmax(-1) == index,
-    }
-    return {k: torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device)) for k, v in values.items()}
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    values = (entropy, torch.logsumexp(2 * logprobs, dim=-1), z.mean(-1), z.argmax(-1) == index)
+    zero = torch.zeros((), device=z.device)
+    return {k: torch.where(mask, v, zero.to(v.dtype)) for k, v in zip(LOGGED_OUTPUTS, values, strict=True)}
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ import torch
 STATS_ROWS = ("max", "sum", "label_logit")
 REF_STATS_ROWS = ("max", "sum", "label_logit", "weighted")
 LOGGING_ROWS = ("weighted_logits", "squares", "logit_sum", "max_before_label")  # after STATS_ROWS, when asked
+LOGGED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # what the logging rows give, TRL's names
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,6 @@ def logging_outputs(stats: torch.Tensor, lse: torch.Tensor, vocab: int) -> dict[
     ``log_sum_sq_probs = log sum p^2``, ``mean_logits = mean_v z`` and ``is_top1`` (the label is the first argmax)."""
     m, s, label = stats[0], stats[1], stats[2]
     weighted, squares, logit_sum, before = stats[3:7]
-    return {
-        "entropy": lse - weighted / s,
-        "log_sum_sq_probs": torch.log(squares) - 2 * torch.log(s),
-        "mean_logits": logit_sum / vocab,
-        "is_top1": (label >= m) & (label > before),
-    }
+    entropy, log_sum_sq = lse - weighted / s, torch.log(squares) - 2 * torch.log(s)
+    values = (entropy, log_sum_sq, logit_sum / vocab, (label >= m) & (label > before))
+    return dict(zip(LOGGED_OUTPUTS, values, strict=True))

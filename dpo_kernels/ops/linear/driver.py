@@ -38,13 +38,10 @@ from torch.autograd.function import once_differentiable
 from ...options import TokenOptions, statistics_dtype
 from ..common import LinearHead
 from .contract import (
-    LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
+    LOGGED_OUTPUTS, LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
 )
 from .plan import TilePlan, plan_tiles
 from .products import Products
-
-LOGGED = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
                        kernels: TileKernels, logging: bool = False):
@@ -61,7 +58,7 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch
     if not logging:
         return outs
     main = 1 if ref is None else 3
-    logged = dict(zip(LOGGED, outs[main:], strict=True))
+    logged = dict(zip(LOGGED_OUTPUTS, outs[main:], strict=True))
     return (outs[0] if ref is None else outs[:main]), logged
 
 
@@ -244,8 +241,8 @@ class _LinearStats(torch.autograd.Function):
             ctx.mark_non_differentiable(outs[1])
         if logging:
             logged = logging_outputs(stats, lse, weight.shape[0])
-            outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED]
-            ctx.mark_non_differentiable(*outs[-len(LOGGED):])
+            outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED_OUTPUTS]
+            ctx.mark_non_differentiable(*outs[-len(LOGGED_OUTPUTS):])
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     @staticmethod
