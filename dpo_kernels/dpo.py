@@ -4,6 +4,7 @@ fused paths. Rows ``0..B-1`` of every batched input are the chosen responses, ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,16 +13,19 @@ import torch
 from torch import nn
 
 from . import losses
-from .options import TokenOptions
 from .ops.common import LinearHead
+from .ops.vocab_parallel import VocabSlice
+from .options import TokenOptions
 from .primitives import (
     check_agree,
     check_head,
     check_logits,
-    run_linear_token_logprobs,
+    local_head,
     run_linear_token_stats,
     run_token_logprobs,
     run_token_logprobs_and_kl,
+    total_vocab,
+    vocab_slice_of,
 )
 from .validation import require_float, require_labels, require_labels_in_vocab, require_positive, require_same_device
 
@@ -61,6 +65,7 @@ class DPOLossConfig:
     tile_budget_mb: float | None = _TOKEN_DEFAULTS.tile_budget_mb
     inplace_backward: bool = _TOKEN_DEFAULTS.inplace_backward
     grad_filter_eps: float | None = _TOKEN_DEFAULTS.grad_filter_eps
+    vocab_parallel_group: object = None
     loss_types: tuple[str, ...] = field(init=False)
     weights: tuple[float, ...] = field(init=False)
     objective: losses.ObjectiveConfig = field(init=False)
@@ -202,6 +207,7 @@ def fused_dpo_loss(
     tile_budget_mb: float | None = None,
     inplace_backward: bool = False,
     grad_filter_eps: float | None = None,
+    vocab_parallel_group=None,
 ) -> DPOLossOutput:
     """A preference-optimisation loss over ``B`` pairs stacked as ``2B`` rows (chosen first, then rejected).
 
@@ -222,7 +228,9 @@ def fused_dpo_loss(
     ``average_log_prob``; the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
     and reference alike); ``backend``; the tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
-    ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives.
+    ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives;
+    ``vocab_parallel_group``: the policy's and the reference's logits, or heads, are this rank's slices of a
+    vocabulary split over that process group (or the heads are DTensors sharded on dim 0), as on the primitives.
 
     A policy and a reference both given as hidden states go through one fused call: each tile of the reference is
     computed beside the policy's, for the same kept tokens, in the forward only; the backward recomputes the policy
@@ -251,6 +259,7 @@ def fused_dpo_loss(
         tile_budget_mb=tile_budget_mb,
         inplace_backward=inplace_backward,
         grad_filter_eps=grad_filter_eps,
+        vocab_parallel_group=vocab_parallel_group,
     )
     inputs = PreferenceInputs(
         labels=labels,
@@ -282,8 +291,8 @@ class PreferenceInputs:
     ref_lm_head_bias: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
 
-    def validate(self, config: DPOLossConfig) -> None:
-        """Every check that does not need the primitives (which check shapes, dtypes and label ranges)."""
+    def validate(self, config: DPOLossConfig) -> VocabSlice | None:
+        """Every check, before any kernel; returns this rank's vocabulary slice under ``vocab_parallel_group``."""
         labels = require_labels("labels", self.labels)
         if labels.dim() != 2:
             raise ValueError(f"labels must be [2B, T] (chosen rows, then rejected rows), got shape {list(labels.shape)}")
@@ -325,9 +334,16 @@ class PreferenceInputs:
                     "TDPO reads policy and reference in one pass: give both as logits (policy_logits, ref_logits) or "
                     "both as hidden states (policy_hidden, ref_hidden)"
                 )
-        self._check_tensors(labels, config)
+        return self._check_tensors(labels, config)
 
-    def _check_tensors(self, labels: torch.Tensor, config: DPOLossConfig) -> None:
+    def local_heads(self, group) -> tuple["PreferenceInputs", object]:
+        """DTensor heads (sharded on dim 0) replaced by this rank's slices, and the vocabulary-parallel group."""
+        weight, bias, group = local_head(self.lm_head_weight, self.lm_head_bias, group, self.labels)
+        ref_weight, ref_bias, group = local_head(self.ref_lm_head_weight, self.ref_lm_head_bias, group, self.labels)
+        return dataclasses.replace(self, lm_head_weight=weight, lm_head_bias=bias, ref_lm_head_weight=ref_weight,
+                                   ref_lm_head_bias=ref_bias), group
+
+    def _check_tensors(self, labels: torch.Tensor, config: DPOLossConfig) -> VocabSlice | None:
         """Shapes, dtypes and devices of every tensor against each other, and the label range, checked once."""
         if self.policy_logits is not None:
             check_logits("policy_logits", self.policy_logits, labels)
@@ -370,14 +386,19 @@ class PreferenceInputs:
                 )
             require_same_device(labels=labels, ref_logps=ref)
         scored = labels[:, 1:] if config.shift else labels
-        require_labels_in_vocab(scored, vocab, config.ignore_index)
+        vocab_slice = vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
+        require_labels_in_vocab(scored, total_vocab(vocab_slice, vocab), config.ignore_index)
+        return vocab_slice
 
 
 def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLossOutput:
     """The body of :func:`fused_dpo_loss` for an already validated ``config``."""
-    inputs.validate(config)
+    inputs, group = inputs.local_heads(config.vocab_parallel_group)
+    if group is not config.vocab_parallel_group:
+        config = dataclasses.replace(config, vocab_parallel_group=group)
+    vocab_slice = inputs.validate(config)
     labels = _shifted_labels(inputs.labels, config)
-    token_logps, token_ref_logps, token_kl = _token_statistics(config, inputs)
+    token_logps, token_ref_logps, token_kl = _token_statistics(config, inputs, vocab_slice)
     mask = labels != config.ignore_index
     lengths = mask.sum(dim=1).to(token_logps.dtype)
 
@@ -433,7 +454,7 @@ def _align_per_token(ref: torch.Tensor, labels: torch.Tensor, config: DPOLossCon
     return ref[:, 1:] if config.shift and ref.shape[1] == labels.shape[1] + 1 else ref
 
 
-def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs):
+def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
     """Per-token ``(logps, ref_logps or None, kl or None)``, each ``[2B, T]``, via the primitives."""
     opts, backend = config.token_options, config.backend
     labels = _shifted_labels(inputs.labels, config)
@@ -443,21 +464,21 @@ def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs):
     ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
 
     if config.uses_token_kl and policy_logits is not None:
-        return run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend)
+        return run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend, vs)
     if policy_head is not None and ref_head is not None:
         # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
-        logps, ref_logps, kl = run_linear_token_stats(policy_head, ref_head, labels, opts, backend)
+        logps, ref_logps, kl = run_linear_token_stats(policy_head, ref_head, labels, opts, backend, vocab_slice=vs)
         return logps, ref_logps, (kl if config.uses_token_kl else None)
     if policy_logits is not None:
-        logps = run_token_logprobs(policy_logits, labels, opts, backend)
+        logps = run_token_logprobs(policy_logits, labels, opts, backend, vs)
     else:
-        logps = run_linear_token_logprobs(policy_head, labels, opts, backend)
+        logps = run_linear_token_stats(policy_head, None, labels, opts, backend, vocab_slice=vs)
     ref_logps = None
     with torch.no_grad():  # the reference in its own pass, forward only
         if ref_logits is not None:
-            ref_logps = run_token_logprobs(ref_logits, labels, opts, backend)
+            ref_logps = run_token_logprobs(ref_logits, labels, opts, backend, vs)
         elif ref_head is not None:
-            ref_logps = run_linear_token_logprobs(ref_head, labels, opts, backend)
+            ref_logps = run_linear_token_stats(ref_head, None, labels, opts, backend, vocab_slice=vs)
     return logps, ref_logps, None
 
 

@@ -6,6 +6,12 @@ and exactly 0 at positions whose label is ``ignore_index``.
 
 Shapes: ``labels [..., T]`` with any leading dimensions; logits ``[..., T, V]``; hidden states ``[..., T, D]``;
 head weight ``[V, D]``; bias ``[V]``. Outputs have the shape of ``labels``.
+
+``vocab_parallel_group`` (every primitive): a ``torch.distributed`` process group over which the vocabulary is
+split; each rank passes its own contiguous slice of the logits (``[..., T, V_r]``) or of the head (``[V_r, D]``,
+``[V_r]``), slices in rank order, and the same tokens and global labels; every rank gets the whole vocabulary's
+outputs, and the hidden-state gradient is summed over the group in the backward (:mod:`dpo_kernels.ops.
+vocab_parallel`). A head given as a DTensor sharded on dim 0 is such a slice over its mesh's group.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import math
 
 import torch
 
+from .ops import vocab_parallel
 from .ops.common import LinearHead
+from .ops.linear import driver
 from .ops.registry import resolve_backend
+from .ops.vocab_parallel import VocabSlice
 from .options import TokenOptions
 from .validation import (
     require_float,
@@ -37,6 +46,7 @@ def token_logprobs(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     inplace_backward: bool = False,
+    vocab_parallel_group=None,
 ) -> torch.Tensor:
     """Per-token log-probabilities ``log softmax(z)[label]`` from logits ``[..., T, V]``; returns ``[..., T]``.
 
@@ -47,8 +57,9 @@ def token_logprobs(
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward)
     check_logits("logits", logits, labels)
-    require_labels_in_vocab(labels, logits.shape[-1], opts.ignore_index)
-    return run_token_logprobs(logits, labels, opts, backend)
+    vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
+    require_labels_in_vocab(labels, total_vocab(vs, logits.shape[-1]), opts.ignore_index)
+    return run_token_logprobs(logits, labels, opts, backend, vs)
 
 
 def token_logprobs_and_kl(
@@ -63,6 +74,7 @@ def token_logprobs_and_kl(
     backend: str = "auto",
     token_chunk_size: int | None = None,
     inplace_backward: bool = False,
+    vocab_parallel_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and the per-token ``KL(ref || policy)``, in one pass over both rows.
 
@@ -77,9 +89,12 @@ def token_logprobs_and_kl(
     check_logits("ref_logits", ref_logits, labels)
     check_agree(logits=logits, ref_logits=ref_logits)
     if ref_logits.shape[-1] != logits.shape[-1]:
-        raise ValueError(f"ref_logits must have the vocabulary size of logits ({logits.shape[-1]}), got {ref_logits.shape[-1]}")
-    require_labels_in_vocab(labels, logits.shape[-1], opts.ignore_index)
-    return run_token_logprobs_and_kl(logits, ref_logits, labels, opts, backend)
+        raise ValueError(
+            f"ref_logits must have the vocabulary size of logits ({logits.shape[-1]}), got {ref_logits.shape[-1]}"
+        )
+    vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
+    require_labels_in_vocab(labels, total_vocab(vs, logits.shape[-1]), opts.ignore_index)
+    return run_token_logprobs_and_kl(logits, ref_logits, labels, opts, backend, vs)
 
 
 def linear_token_logprobs(
@@ -97,6 +112,7 @@ def linear_token_logprobs(
     vocab_chunk_size: int | None = None,
     tile_budget_mb: float | None = None,
     grad_filter_eps: float | None = None,
+    vocab_parallel_group=None,
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
 
@@ -116,9 +132,11 @@ def linear_token_logprobs(
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
                     budget=tile_budget_mb, filter_eps=grad_filter_eps)
+    weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
-    require_labels_in_vocab(labels, weight.shape[0], opts.ignore_index)
-    return run_linear_token_logprobs(LinearHead(hidden, weight, bias), labels, opts, backend)
+    vs = vocab_slice_of(group, weight.shape[0], hidden.device)
+    require_labels_in_vocab(labels, total_vocab(vs, weight.shape[0]), opts.ignore_index)
+    return run_linear_token_stats(LinearHead(hidden, weight, bias), None, labels, opts, backend, vocab_slice=vs)
 
 
 def linear_token_logprobs_and_kl(
@@ -139,6 +157,7 @@ def linear_token_logprobs_and_kl(
     vocab_chunk_size: int | None = None,
     tile_budget_mb: float | None = None,
     grad_filter_eps: float | None = None,
+    vocab_parallel_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and ``KL(ref || policy)`` per token from two heads, in one pass.
 
@@ -152,6 +171,8 @@ def linear_token_logprobs_and_kl(
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
                     budget=tile_budget_mb, filter_eps=grad_filter_eps)
+    weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
+    ref_weight, ref_bias, _ = local_head(ref_weight, ref_bias, group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     check_head(("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), labels)
     check_agree(hidden=hidden, ref_hidden=ref_hidden)
@@ -159,53 +180,100 @@ def linear_token_logprobs_and_kl(
         raise ValueError(
             f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got {ref_weight.shape[0]}"
         )
-    require_labels_in_vocab(labels, weight.shape[0], opts.ignore_index)
+    vs = vocab_slice_of(group, weight.shape[0], hidden.device)
+    require_labels_in_vocab(labels, total_vocab(vs, weight.shape[0]), opts.ignore_index)
     policy, ref = LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias)
-    return run_linear_token_logprobs_and_kl(policy, ref, labels, opts, backend)
+    return run_linear_token_stats(policy, ref, labels, opts, backend, vocab_slice=vs)
 
 
 # --------------------------------------------------------------------------------------------- dispatch
 # The run_* functions skip validation: they are for callers that have run the checks below themselves.
 
 
-def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
+def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str, vocab_slice: VocabSlice | None = None):
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, logits.device, logits.dtype)
-    return impl.token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts).view(labels.shape)
+    name, impl = resolve_backend(backend, logits.device, logits.dtype)
+    if vocab_slice is not None:
+        out = driver.logits_token_stats(_as_rows(logits, rows), None, labels.reshape(rows), opts,
+                                        _tile_kernels(name, impl), vocab_slice)
+    else:
+        out = impl.token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts)
+    return out.view(labels.shape)
 
 
-def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str):
+def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str,
+                              vocab_slice: VocabSlice | None = None):
     rows = _rows_shape(labels)
-    _, impl = resolve_backend(backend, logits.device, _dtypes(logits, ref_logits))
-    outs = impl.token_logprobs_and_kl(_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
+    name, impl = resolve_backend(backend, logits.device, _dtypes(logits, ref_logits))
+    args = (_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
+    if vocab_slice is not None:
+        outs = driver.logits_token_stats(*args, _tile_kernels(name, impl), vocab_slice)
+    else:
+        outs = impl.token_logprobs_and_kl(*args)
     return tuple(o.view(labels.shape) for o in outs)
 
 
-def run_linear_token_logprobs(policy: LinearHead, labels, opts: TokenOptions, backend: str) -> torch.Tensor:
-    return run_linear_token_stats(policy, None, labels, opts, backend)
-
-
-def run_linear_token_logprobs_and_kl(policy: LinearHead, ref: LinearHead, labels, opts: TokenOptions, backend: str):
-    return run_linear_token_stats(policy, ref, labels, opts, backend)
-
-
 def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str,
-                           logging: bool = False):
+                           logging: bool = False, vocab_slice: VocabSlice | None = None):
     """``logp`` (or ``(logp, ref_logp, kl)`` with a reference head), each shaped like ``labels``; with ``logging``,
     ``(that, logged)`` where ``logged`` holds the per-token statistics trainers log (entropy, log sum p^2, mean logit,
-    top-1), computed in the same forward pass."""
+    top-1), computed in the same forward pass. With ``vocab_slice`` the heads are this rank's vocabulary slices."""
     rows = _rows_shape(labels)
     heads = (policy,) if ref is None else (policy, ref)
     dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
-    _, impl = resolve_backend(backend, policy.hidden.device, dtypes)
+    name, impl = resolve_backend(backend, policy.hidden.device, dtypes)
     policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
     ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
-    outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging)
+    if vocab_slice is not None:
+        outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, _tile_kernels(name, impl),
+                                         logging, vocab_slice)
+    else:
+        outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging)
     main, logged = outs if logging else (outs, None)
     main = main.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in main)
     if not logging:
         return main
     return main, {k: v.view(labels.shape) for k, v in logged.items()}
+
+
+def _tile_kernels(name: str, impl):
+    """The tile kernels vocabulary parallelism runs on (every backend but the single-process oracle has them)."""
+    kernels = getattr(impl, "TILE_KERNELS", None)
+    if kernels is None:
+        raise ValueError(
+            f"backend={name!r} has no tile kernels and cannot take part in vocab_parallel_group; use 'torch', 'cpu', "
+            "'cuda' or 'triton' (backend='reference' is the single-process oracle)"
+        )
+    return kernels
+
+
+# --------------------------------------------------------------------------------------------- vocabulary parallel
+
+
+def local_head(weight, bias, group, labels):
+    """``(weight, bias, group)`` with a DTensor head (sharded on dim 0) replaced by this rank's slice and its mesh's
+    group; plain tensors pass through with ``group``."""
+    found = None if weight is None else vocab_parallel.dtensor_vocab_slice(weight)
+    if found is None:
+        return weight, bias, group
+    local, mesh_group = found
+    if group is not None and group is not mesh_group:
+        raise ValueError("the head is a DTensor sharded over its mesh's group; vocab_parallel_group must be that group "
+                         "or None")
+    if bias is not None:
+        found_bias = vocab_parallel.dtensor_vocab_slice(bias)
+        bias = bias if found_bias is None else found_bias[0]
+    vocab_parallel.require_same_tokens(require_labels("labels", labels), mesh_group)
+    return local, bias, mesh_group
+
+
+def vocab_slice_of(group, local_vocab: int, device: torch.device) -> VocabSlice | None:
+    """This rank's slice of a vocabulary split over ``group`` (``None`` without a group)."""
+    return None if group is None else vocab_parallel.vocab_slice(local_vocab, group, device)
+
+
+def total_vocab(vocab_slice: VocabSlice | None, local_vocab: int) -> int:
+    return local_vocab if vocab_slice is None else vocab_slice.total
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -12,6 +12,5 @@ The ``torch``, ``cpu``, ``cuda`` and ``triton`` backends differ only in their :c
 """
 
 from .contract import LogitsTile, TileKernels
-from .driver import linear_token_stats
 
-__all__ = ["LogitsTile", "TileKernels", "linear_token_stats"]
+__all__ = ["LogitsTile", "TileKernels"]

@@ -1,4 +1,4 @@
-"""The one tile loop of the linear path and its autograd function, shared by every tile-kernel backend.
+"""The one tile loop of the linear path and its autograd functions, shared by every tile-kernel backend.
 
 ``linear_token_stats(policy, ref, labels, opts, kernels)`` returns per-token log-probs of ``z = h W^T (+ b)``
 (and, with a reference head, the reference log-probs and ``KL(ref || policy)``, FORMULAS.md §1) without building
@@ -16,6 +16,11 @@
   no atomic over the vocabulary. The reference is recomputed only when the KL output received a gradient
   (``ctx.set_materialize_grads(False)``: an unused output arrives as ``None``).
 
+With a :class:`~dpo_kernels.ops.vocab_parallel.VocabSlice` the head is this rank's slice of a vocabulary split
+over a process group: the folded statistics are combined across the group before ``lse`` is formed, and ``dH`` is
+all-reduced in the backward (:mod:`dpo_kernels.ops.vocab_parallel`). ``logits_token_stats`` runs the same loop over
+given logits (a vocabulary-parallel slice of them), the tiles copied from the logits instead of computed by a GEMM.
+
 Materialised beyond the inputs and the gradients themselves: the gathered kept rows ``[n, D]`` (operand dtype; only
 when tokens are dropped or converted), the fp32 ``dH`` accumulator ``[n, D]``, the per-token statistics, and the
 tiles of :mod:`plan` (at most ``tile_budget_mb``).
@@ -30,59 +35,79 @@ bf16, ~3.3 TB/s) that is 44 ms of tensor-core time plus about 5 ms of tile traff
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ...options import TokenOptions, statistics_dtype
 from ..common import LinearHead
+from ..inplace import mark_logits_overwritten, refuse_leaf_logits
+from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
     LOGGED_OUTPUTS, LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
 )
 from .plan import TilePlan, plan_tiles
 from .products import Products
 
+
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       kernels: TileKernels, logging: bool = False):
+                       kernels: TileKernels, logging: bool = False, vocab_slice: VocabSlice | None = None):
     """``policy.hidden [R, T, D]``, ``policy.weight [V, D]``, ``labels [R, T]`` -> ``logp [R, T]``; with ``ref``
     (``hidden [R, T, D_ref]``, ``weight [V, D_ref]``) -> ``(logp, ref_logp, kl)``. fp32 statistics (fp64 when an
     input is fp64), exactly 0 at ignored tokens; only the policy receives gradients.
 
     With ``logging=True`` returns ``(that, logged)``: ``logged`` maps ``entropy``, ``log_sum_sq_probs``,
     ``mean_logits`` and ``is_top1`` (see :func:`contract.logging_outputs`) to ``[R, T]`` tensors computed in the same
-    forward pass, not differentiable."""
+    forward pass, not differentiable. With ``vocab_slice``, the heads are this rank's slices (``V = V_r``)."""
     if ref is not None:
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
-    outs = _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels, logging)
+    outs = _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels, logging,
+                              vocab_slice)
+    return _split_logged(outs, ref is not None, logging)
+
+
+def logits_token_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor,
+                       opts: TokenOptions, kernels: TileKernels, vocab_slice: VocabSlice):
+    """From this rank's slice of the logits ``[R, T, V_r]`` (and of the reference's): ``logp [R, T]`` or
+    ``(logp, ref_logp, kl)``, equal on every rank of ``vocab_slice.group`` to one process with the whole logits."""
+    ref_logits = None if ref_logits is None else ref_logits.detach()
+    return _LogitsStats.apply(logits, labels, ref_logits, opts, kernels, vocab_slice)
+
+
+def _split_logged(outs, with_ref: bool, logging: bool):
     if not logging:
         return outs
-    main = 1 if ref is None else 3
+    main = 3 if with_ref else 1
     logged = dict(zip(LOGGED_OUTPUTS, outs[main:], strict=True))
-    return (outs[0] if ref is None else outs[:main]), logged
+    return (outs[:main] if with_ref else outs[0]), logged
 
 
 class _Rows:
-    """The tokens that are not ignored: ``kept`` flat indices into the ``R*T`` tokens (``None``: all of them)."""
+    """The tokens that are not ignored: ``kept`` flat indices into the ``R*T`` tokens (``None``: all of them), and
+    their labels as columns of this rank's vocabulary (``label - offset``; outside ``[0, V_r)`` when another rank of a
+    vocabulary-parallel group holds the label's column)."""
 
-    def __init__(self, labels: torch.Tensor, ignore_index: int) -> None:
+    def __init__(self, labels: torch.Tensor, ignore_index: int, offset: int = 0) -> None:
         flat = labels.reshape(-1)
         self.total = flat.numel()
         kept = (flat != ignore_index).nonzero().squeeze(1)  # the one host sync of the forward, before any GEMM
         self.kept = None if kept.numel() == self.total else kept
-        self.labels = (flat if self.kept is None else flat[self.kept]).long().contiguous()
+        self.labels = (flat if self.kept is None else flat[self.kept]).long() - offset
         self.n = self.labels.numel()
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """``[R, T, K]`` -> ``[n, K]`` kept rows (a view when all are kept and the rows merge)."""
-        k = x.shape[-1]
+    def gather(self, x: torch.Tensor, start: int = 0, end: int | None = None, columns: slice = slice(None)):
+        """``[R, T, K]`` -> kept rows ``start:end`` and ``columns`` of them, ``[end - start, k]`` (a view when all
+        tokens are kept and the rows merge; else only those rows and columns are copied)."""
+        end = self.n if end is None else end
         if self.kept is None:
-            return x.reshape(-1, k)
+            return x.reshape(-1, x.shape[-1])[start:end, columns]
+        index = self.kept[start:end]
         try:
-            return x.view(-1, k).index_select(0, self.kept)
+            return x.view(-1, x.shape[-1])[index, columns]
         except RuntimeError:  # rows that do not merge without a copy, e.g. hidden[:, :-1]
             seq = x.shape[1]
-            return x[self.kept // seq, self.kept % seq]
+            return x[index // seq, index % seq, columns]
 
     def select(self, per_token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A ``[R, T]`` per-token tensor (an upstream gradient) -> ``[n]`` at the kept tokens, contiguous."""
@@ -97,30 +122,59 @@ class _Rows:
         return out.index_copy_(0, self.kept, values.to(dtype)).view(shape)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Side:
     """One head as the tile loop sees it: the kept hidden rows as GEMM operands ``[n, D]``, the weight as given
-    (each chunk converted when it is used), the bias in the statistics dtype, and how its products are computed."""
+    (each chunk converted when it is used, once per chunk), the bias in the statistics dtype, and how its products
+    are computed."""
 
     h: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
     products: Products
+    _chunk: tuple = field(default=(None, None), repr=False)
 
     @classmethod
     def of(cls, head: LinearHead, rows: _Rows, products: Products) -> "_Side":
         return cls(products.operand(rows.gather(head.hidden)), head.weight, products.bias(head.bias), products)
 
-    def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
-        return self.products.operand(self.weight[v0:v1])
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
 
-    def tile(self, n0: int, n1: int, w_chunk: torch.Tensor, v0: int, labels: torch.Tensor,
-             scratch: torch.Tensor) -> LogitsTile:
-        """The logits tile of tokens ``n0:n1`` and columns ``v0 : v0 + len(w_chunk)``, written into ``scratch``."""
-        width = w_chunk.shape[0]
-        bias = None if self.bias is None else self.bias[v0 : v0 + width]
-        out = scratch[: (n1 - n0) * width].view(n1 - n0, width)
-        return LogitsTile(self.products.logits(self.h[n0:n1], w_chunk, out), bias, v0, labels[n0:n1])
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.products.out_dtype
+
+    def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
+        if self._chunk[0] != (v0, v1):
+            self._chunk = ((v0, v1), self.products.operand(self.weight[v0:v1]))
+        return self._chunk[1]
+
+    def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor, scratch: torch.Tensor) -> LogitsTile:
+        """The logits tile of kept tokens ``n0:n1`` and columns ``v0:v1``, written by one GEMM into ``scratch``."""
+        bias = None if self.bias is None else self.bias[v0:v1]
+        out = scratch[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+        return LogitsTile(self.products.logits(self.h[n0:n1], self.weight_chunk(v0, v1), out), bias, v0, labels[n0:n1])
+
+
+@dataclass(frozen=True)
+class _LogitsSide:
+    """Given logits ``[R, T, V]`` as the tile loop's source: a tile is a copy of kept rows and columns, in the
+    statistics dtype."""
+
+    logits: torch.Tensor
+    rows: _Rows
+    out_dtype: torch.dtype
+
+    @property
+    def vocab(self) -> int:
+        return self.logits.shape[-1]
+
+    def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor, scratch: torch.Tensor) -> LogitsTile:
+        out = scratch[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+        out.copy_(self.rows.gather(self.logits, n0, n1, slice(v0, v1)))
+        return LogitsTile(out, None, v0, labels[n0:n1])
 
 
 def _scratch(plan: TilePlan, n: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -138,11 +192,11 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions, kernels: TileKernels,
-              logging: bool):
-    """Forward, token-major: ``(stats [3, n] (7 with the logging rows), ref_stats [4, n] or None)`` after one pass
-    over the vocabulary."""
-    n, vocab, device, sdt = rows.n, policy.weight.shape[0], policy.h.device, policy.products.out_dtype
+def _fold_all(rows: _Rows, policy, ref, opts: TokenOptions, kernels: TileKernels, logging: bool,
+              device: torch.device):
+    """Forward, token-major, over the tiles of ``policy`` (and ``ref``): ``(stats [3, n] (7 with the logging rows),
+    ref_stats [4, n] or None)`` after one pass over this rank's vocabulary."""
+    n, vocab, sdt = rows.n, policy.vocab, policy.out_dtype
     stats = new_stats(n, len(STATS_ROWS) + (len(LOGGING_ROWS) if logging else 0), sdt, device)
     ref_stats = None if ref is None else new_stats(n, len(REF_STATS_ROWS), sdt, device)
     plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
@@ -150,42 +204,93 @@ def _fold_all(rows: _Rows, policy: _Side, ref: _Side | None, opts: TokenOptions,
     ref_scratch = None if ref is None else _scratch(plan, n, vocab, sdt, device)
     for n0, n1 in plan.token_blocks(n):
         for v0, v1 in plan.vocab_chunks(vocab):
-            tile = policy.tile(n0, n1, policy.weight_chunk(v0, v1), v0, rows.labels, scratch)
-            if ref is None:
-                kernels.fold(tile, stats[:, n0:n1], None, None, opts)
-            else:
-                ref_tile = ref.tile(n0, n1, ref.weight_chunk(v0, v1), v0, rows.labels, ref_scratch)
-                kernels.fold(tile, stats[:, n0:n1], ref_tile, ref_stats[:, n0:n1], opts)
+            tile = policy.tile(n0, n1, v0, v1, rows.labels, scratch)
+            ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels, ref_scratch)
+            kernels.fold(tile, stats[:, n0:n1], ref_tile, None if ref is None else ref_stats[:, n0:n1], opts)
     return stats, ref_stats
+
+
+def _finish_forward(ctx, stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slice: VocabSlice | None,
+                    vocab: int, logging: bool):
+    """Combine across a vocabulary-parallel group, then the outputs: ``logp`` (and ``ref_logp``, ``kl``, and the
+    logged statistics), scattered to ``shape``; saves ``lse`` (and ``ref_lse``) on ``ctx`` for the backward."""
+    if vocab_slice is not None:
+        combine(stats, ref_stats, vocab_slice.group)
+    sdt = stats.dtype
+    lse = stats[0] + torch.log(stats[1])
+    ref_lse = None if ref_stats is None else ref_stats[0] + torch.log(ref_stats[1])
+    ctx.lse, ctx.ref_lse = lse, ref_lse
+    outs = [rows.scatter(stats[2] - lse, shape, sdt)]
+    if ref_stats is not None:
+        outs += [
+            rows.scatter(ref_stats[2] - ref_lse, shape, sdt),
+            rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt),
+        ]
+        ctx.mark_non_differentiable(outs[1])
+    if logging:
+        logged = logging_outputs(stats, lse, vocab if vocab_slice is None else vocab_slice.total)
+        outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED_OUTPUTS]
+        ctx.mark_non_differentiable(*outs[-len(LOGGED_OUTPUTS):])
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _upstream(ctx, grad_logp, grad_rest, sdt: torch.dtype):
+    """``(g, g_kl)`` at the kept tokens: ``g`` zeros when the log-probs got no gradient, ``g_kl`` ``None`` when
+    the KL got none (the reference is then never read)."""
+    rows = ctx.rows
+    grad_kl = grad_rest[1] if ctx.with_ref else None
+    g = torch.zeros(rows.n, dtype=sdt, device=ctx.lse.device) if grad_logp is None else rows.select(grad_logp, sdt)
+    return g, (None if grad_kl is None else rows.select(grad_kl, sdt))
+
+
+def _logits_grad(policy, ref, n0: int, n1: int, v0: int, v1: int, rows: _Rows, lse, ref_lse, g, g_kl,
+                 opts: TokenOptions, kernels: TileKernels, scratch) -> torch.Tensor | None:
+    """``dZ [n1 - n0, v1 - v0]`` of one recomputed tile in ``scratch[2]``'s dtype (or over the fp32 tile in
+    ``scratch[0]`` when there is no ``scratch[2]``); ``None`` when the gradient filter skips the tile."""
+    tile = policy.tile(n0, n1, v0, v1, rows.labels, scratch[0])
+    ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels, scratch[1])
+    dz = tile.logits if scratch[2] is None else scratch[2][: tile.logits.numel()].view(tile.logits.shape)
+    kept = kernels.grad(tile, lse[n0:n1], g[n0:n1], ref_tile, None if ref is None else ref_lse[n0:n1],
+                        None if g_kl is None else g_kl[n0:n1], opts, dz)
+    return dz if kept else None
+
+
+def _token_index(flat_index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token indices -> ``(row, position)`` indices of an ``[R, T, ...]`` tensor, for any memory layout."""
+    return flat_index // x.shape[1], flat_index % x.shape[1]
+
+
+def _grad_scratch(plan: TilePlan, n: int, vocab: int, sdt: torch.dtype, dz_dtype: torch.dtype | None, with_ref: bool,
+                  device: torch.device) -> list:
+    """``[tile, reference tile or None, dZ or None]`` buffers of a backward pass (``dz_dtype`` ``None``: ``dZ``
+    overwrites the fp32 tile)."""
+    return [_scratch(plan, n, vocab, sdt, device), _scratch(plan, n, vocab, sdt, device) if with_ref else None,
+            None if dz_dtype is None else _scratch(plan, n, vocab, dz_dtype, device)]
 
 
 def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_kl, need, opts: TokenOptions,
               kernels: TileKernels):
-    """Backward, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V] fp32)``, ``None``
-    for each gradient not in ``need``."""
+    """Backward of the linear path, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V]
+    fp32)``, ``None`` for each gradient not in ``need``."""
     need_dh, need_dw, need_db = need
     products, weight = policy.products, policy.weight
     n, (vocab, dim), device, sdt = rows.n, weight.shape, policy.h.device, products.out_dtype
     dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
     dw = torch.empty((vocab, dim), dtype=weight.dtype, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
-    separate_dz = products.operand_dtype != sdt  # else dZ overwrites the fp32 tile
-    per_entry = sdt.itemsize * (1 if ref is None else 2) + (products.operand_bytes if separate_dz else 0)
+    dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
+    per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else products.operand_bytes)
     plan = plan_tiles(n, vocab, per_entry, opts, device)
     one_block = plan.single_token_block(n)
-    scratch = [_scratch(plan, n, vocab, sdt, device), None if ref is None else _scratch(plan, n, vocab, sdt, device),
-               _scratch(plan, n, vocab, products.operand_dtype, device) if separate_dz else None]
+    scratch = _grad_scratch(plan, n, vocab, sdt, dz_dtype, ref is not None, device)
     for v0, v1 in plan.vocab_chunks(vocab):
-        w_c = policy.weight_chunk(v0, v1)
-        rw_c = None if ref is None else ref.weight_chunk(v0, v1)
         dw_acc, dw_written = None, False
         for n0, n1 in plan.token_blocks(n):
-            dz = _logits_grad(policy, ref, n0, n1, w_c, rw_c, v0, rows, lse, ref_lse, g, g_kl, opts, kernels,
-                              scratch)
+            dz = _logits_grad(policy, ref, n0, n1, v0, v1, rows, lse, ref_lse, g, g_kl, opts, kernels, scratch)
             if dz is None:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
                 continue
             if need_dh:
-                products.accumulate(dh[n0:n1], dz, w_c)
+                products.accumulate(dh[n0:n1], dz, policy.weight_chunk(v0, v1))
             if need_dw:
                 if one_block and products.write(dw[v0:v1], dz.T, policy.h[n0:n1]):
                     dw_written = True
@@ -200,24 +305,12 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
     return dh, dw, db
 
 
-def _logits_grad(policy: _Side, ref: _Side | None, n0: int, n1: int, w_c, rw_c, v0: int, rows: _Rows, lse, ref_lse,
-                 g, g_kl, opts: TokenOptions, kernels: TileKernels, scratch) -> torch.Tensor | None:
-    """``dZ [n1 - n0, vc]`` of one recomputed tile in the GEMM operand dtype, in ``scratch[2]`` (or over the fp32
-    tile in ``scratch[0]`` when that is the operand dtype); ``None`` when the gradient filter skips the tile."""
-    tile = policy.tile(n0, n1, w_c, v0, rows.labels, scratch[0])
-    ref_tile = None if ref is None else ref.tile(n0, n1, rw_c, v0, rows.labels, scratch[1])
-    dz = tile.logits if scratch[2] is None else scratch[2][: tile.logits.numel()].view(tile.logits.shape)
-    kept = kernels.grad(tile, lse[n0:n1], g[n0:n1], ref_tile, None if ref is None else ref_lse[n0:n1],
-                        None if g_kl is None else g_kl[n0:n1], opts, dz)
-    return dz if kept else None
-
-
 class _LinearStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels,
-                logging: bool):
+                logging: bool, vocab_slice: VocabSlice | None):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
-        rows = _Rows(labels, opts.ignore_index)
+        rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
         inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
         sdt = statistics_dtype(*(t.dtype for t in inputs))
         products = Products.of(hidden, weight, sdt)
@@ -225,45 +318,84 @@ class _LinearStats(torch.autograd.Function):
         with _no_autocast(hidden.device):
             policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
             ref_side = None if ref is None else _Side.of(ref, rows, ref_products)
-            stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging)
-        lse = stats[0] + torch.log(stats[1])
-        ref_lse = None if ref is None else ref_stats[0] + torch.log(ref_stats[1])
-        ctx.save_for_backward(hidden, weight, bias, lse, ref_lse)
-        ctx.rows, ctx.ref, ctx.opts, ctx.kernels = rows, ref, opts, kernels
-        ctx.products, ctx.ref_products = products, ref_products
-        shape = labels.shape
-        outs = [rows.scatter(stats[2] - lse, shape, sdt)]
-        if ref is not None:
-            outs += [
-                rows.scatter(ref_stats[2] - ref_lse, shape, sdt),
-                rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt),
-            ]
-            ctx.mark_non_differentiable(outs[1])
-        if logging:
-            logged = logging_outputs(stats, lse, weight.shape[0])
-            outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED_OUTPUTS]
-            ctx.mark_non_differentiable(*outs[-len(LOGGED_OUTPUTS):])
-        return outs[0] if len(outs) == 1 else tuple(outs)
+            stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging, hidden.device)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.rows, ctx.ref, ctx.with_ref, ctx.opts, ctx.kernels = rows, ref, ref is not None, opts, kernels
+        ctx.products, ctx.ref_products, ctx.vocab_slice = products, ref_products, vocab_slice
+        return _finish_forward(ctx, stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, *grad_rest):
-        grad_kl = grad_rest[1] if ctx.ref is not None else None
-        hidden, weight, bias, lse, ref_lse = ctx.saved_tensors
+        hidden, weight, bias = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-        if (grad_logp is None and grad_kl is None) or not any(need):
-            return (None,) * 8
+        if (grad_logp is None and (not ctx.with_ref or grad_rest[1] is None)) or not any(need):
+            return (None,) * 9
         rows, products = ctx.rows, ctx.products
-        sdt = products.out_dtype
-        g = torch.zeros(rows.n, dtype=sdt, device=lse.device) if grad_logp is None else rows.select(grad_logp, sdt)
-        g_kl = None if grad_kl is None else rows.select(grad_kl, sdt)
+        g, g_kl = _upstream(ctx, grad_logp, grad_rest, products.out_dtype)
         with _no_autocast(hidden.device):
             policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
             ref = None if g_kl is None else _Side.of(ctx.ref, rows, ctx.ref_products)  # untouched without a KL grad
-            dh, dw, db = _grad_all(rows, policy, ref, lse, ref_lse, g, g_kl, need, ctx.opts, ctx.kernels)
+            dh, dw, db = _grad_all(rows, policy, ref, ctx.lse, ctx.ref_lse, g, g_kl, need, ctx.opts, ctx.kernels)
+        if dh is not None and ctx.vocab_slice is not None:
+            all_reduce_hidden_grad(dh, ctx.vocab_slice.group)
         return (
             None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype),
             dw,
             None if db is None else db.to(bias.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
+
+
+class _LogitsStats(torch.autograd.Function):
+    """The tile loop over given logits (this rank's vocabulary slice): tiles are copies of the logits in the
+    statistics dtype, folded, combined across the group; the backward writes each ``dZ`` tile into the logits'
+    gradient (0 at ignored tokens)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels, vocab_slice: VocabSlice):
+        ctx.set_materialize_grads(False)
+        if opts.inplace_backward:
+            refuse_leaf_logits(logits)
+        rows = _Rows(labels, opts.ignore_index, vocab_slice.start)
+        sdt = statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
+        policy = _LogitsSide(logits, rows, sdt)
+        ref = None if ref_logits is None else _LogitsSide(ref_logits, rows, sdt)
+        stats, ref_stats = _fold_all(rows, policy, ref, opts, kernels, False, logits.device)
+        ctx.save_for_backward(logits, ref_logits)
+        ctx.rows, ctx.with_ref, ctx.opts, ctx.kernels, ctx.sdt = rows, ref is not None, opts, kernels, sdt
+        return _finish_forward(ctx, stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, *grad_rest):
+        logits, ref_logits = ctx.saved_tensors
+        if grad_logp is None and (not ctx.with_ref or grad_rest[1] is None):
+            return (None,) * 6
+        rows, sdt = ctx.rows, ctx.sdt
+        g, g_kl = _upstream(ctx, grad_logp, grad_rest, sdt)
+        policy = _LogitsSide(logits, rows, sdt)
+        ref = None if g_kl is None else _LogitsSide(ref_logits, rows, sdt)
+        if ctx.opts.inplace_backward:  # every element is read into a tile before its gradient overwrites it
+            grad = logits
+            if rows.kept is not None:
+                ignored = torch.ones(rows.total, dtype=torch.bool, device=logits.device)
+                ignored[rows.kept] = False
+                grad[_token_index(ignored.nonzero().squeeze(1), logits)] = 0
+        else:
+            grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        n, vocab = rows.n, logits.shape[-1]
+        dz_dtype = None if logits.dtype == sdt else logits.dtype
+        per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else logits.dtype.itemsize)
+        plan = plan_tiles(n, vocab, per_entry, ctx.opts, logits.device)
+        scratch = _grad_scratch(plan, n, vocab, sdt, dz_dtype, ref is not None, logits.device)
+        for n0, n1 in plan.token_blocks(n):
+            r, t = _token_index(torch.arange(n0, n1, device=logits.device) if rows.kept is None else rows.kept[n0:n1],
+                                logits)
+            for v0, v1 in plan.vocab_chunks(vocab):
+                dz = _logits_grad(policy, ref, n0, n1, v0, v1, rows, ctx.lse, ctx.ref_lse, g, g_kl, ctx.opts,
+                                  ctx.kernels, scratch)
+                grad[r, t, v0:v1] = 0 if dz is None else dz
+        if ctx.opts.inplace_backward:
+            mark_logits_overwritten(logits)
+        return grad, None, None, None, None, None

@@ -1,0 +1,157 @@
+"""What each rank of ``test_vocab_parallel.py`` runs: vocabulary-parallel calls on this rank's slice, checked against
+the same backend on the whole vocabulary in this process (every rank builds the same inputs from one seed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+UNEVEN = {2: [40, 61], 4: [10, 30, 25, 36]}  # slice sizes in rank order: uneven on purpose
+D = 12
+TOL = 1e-6  # fp32: the combine changes only the order of the sums
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a).all(), f"{what}: not finite"
+    err = (a - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
+    assert err <= TOL, f"{what}: relative error {err:.2e} > {TOL:.0e}"
+
+
+def _inputs(vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (4, 7), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[-1] = -100  # a fully masked row
+    labels[1, 0] = vocab - 1  # the last column (the last rank's)
+    return {
+        "labels": labels,
+        "hidden": torch.randn(4, 7, D, generator=g),
+        "weight": torch.randn(vocab, D, generator=g) / D**0.5,
+        "bias": torch.randn(vocab, generator=g) * 0.3,
+        "ref_hidden": torch.randn(4, 7, D + 2, generator=g),
+        "ref_weight": torch.randn(vocab, D + 2, generator=g) / D**0.5,
+        "logits": torch.randn(4, 7, vocab, generator=g) * 3,
+        "ref_logits": torch.randn(4, 7, vocab, generator=g) * 3,
+        "upstream": [torch.randn(4, 7, generator=g) for _ in range(3)],
+    }
+
+
+def _grads(outs, leaves: list[torch.Tensor], upstream) -> list[torch.Tensor]:
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, u) for o, u in zip(outs, upstream, strict=False) if o.requires_grad]
+    return list(torch.autograd.grad([o for o, _ in pairs], leaves, [u for _, u in pairs]))
+
+
+def vocab_parallel_checks(rank: int, world: int, backends: list[str]) -> None:
+    import dpo_kernels
+
+    sizes = UNEVEN[world]
+    vocab, start = sum(sizes), sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    x = _inputs(vocab)
+    group = dist.group.WORLD
+    opts = dict(softcap=20.0, temperature=0.9)
+    for backend in backends:
+        # from hidden states, with a bias and a reference head
+        h = x["hidden"].clone().requires_grad_()
+        w_full, b_full = x["weight"].clone().requires_grad_(), x["bias"].clone().requires_grad_()
+        full = dpo_kernels.linear_token_logprobs_and_kl(h, w_full, x["ref_hidden"], x["ref_weight"], x["labels"],
+                                                        bias=b_full, backend=backend, vocab_chunk_size=16, **opts)
+        full_grads = _grads(full, [h, w_full, b_full], x["upstream"])
+        h2 = x["hidden"].clone().requires_grad_()
+        w, b = x["weight"][mine].clone().requires_grad_(), x["bias"][mine].clone().requires_grad_()
+        vp = dpo_kernels.linear_token_logprobs_and_kl(h2, w, x["ref_hidden"], x["ref_weight"][mine], x["labels"],
+                                                      bias=b, backend=backend, vocab_chunk_size=16,
+                                                      vocab_parallel_group=group, **opts)
+        grads = _grads(vp, [h2, w, b], x["upstream"])
+        for name, a, e in zip(("logp", "ref_logp", "kl"), vp, full, strict=True):
+            _check(a, e, f"{backend} linear {name}")
+        _check(grads[0], full_grads[0], f"{backend} dH (summed over the group)")
+        _check(grads[1], full_grads[1][mine], f"{backend} dW slice")
+        _check(grads[2], full_grads[2][mine], f"{backend} db slice")
+
+        # policy only, and the statistics trainers log
+        from dpo_kernels.ops.common import LinearHead
+        from dpo_kernels.ops.vocab_parallel import vocab_slice
+        from dpo_kernels.options import TokenOptions
+        from dpo_kernels.primitives import run_linear_token_stats
+
+        token_opts = TokenOptions(**opts)
+        _, logged_full = run_linear_token_stats(LinearHead(x["hidden"], x["weight"]), None, x["labels"], token_opts,
+                                                backend, logging=True)
+        _, logged = run_linear_token_stats(LinearHead(x["hidden"], x["weight"][mine]), None, x["labels"], token_opts,
+                                           backend, logging=True, vocab_slice=vocab_slice(sizes[rank], group,
+                                                                                          torch.device("cpu")))
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            _check(logged[name], logged_full[name], f"{backend} logged {name}")
+        assert torch.equal(logged["is_top1"], logged_full["is_top1"]), f"{backend} is_top1"
+
+        # from logits: each rank's columns of the logits (a strided view of them)
+        lf = x["logits"].clone().requires_grad_()
+        full = dpo_kernels.token_logprobs_and_kl(lf, x["ref_logits"], x["labels"], backend=backend, **opts)
+        (full_grad,) = _grads(full, [lf], x["upstream"])
+        ls = x["logits"].clone().requires_grad_()
+        vp = dpo_kernels.token_logprobs_and_kl(ls[..., mine], x["ref_logits"][..., mine], x["labels"],
+                                               backend=backend, vocab_parallel_group=group, **opts)
+        (grad,) = _grads(vp, [ls], x["upstream"])
+        for name, a, e in zip(("logp", "ref_logp", "kl"), vp, full, strict=True):
+            _check(a, e, f"{backend} logits {name}")
+        _check(grad[..., mine], full_grad[..., mine], f"{backend} logits gradient slice")
+        assert (grad[..., :start] == 0).all() and (grad[..., mine.stop:] == 0).all()
+
+        # the DPO losses, policy and reference from hidden states
+        _losses_match(x, mine, group, backend, sizes[rank])
+
+
+def _losses_match(x: dict, mine: slice, group, backend: str, local_vocab: int) -> None:
+    import dpo_kernels
+
+    labels = x["labels"].clone()
+    labels[-1] = labels[0]  # an even number of rows with something to score
+    for loss_type in ("sigmoid", "tdpo2"):
+        results = []
+        for cols, kw in ((slice(None), {}), (mine, {"vocab_parallel_group": group})):
+            h, w = x["hidden"].clone().requires_grad_(), x["weight"][cols].clone().requires_grad_()
+            out = dpo_kernels.fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w,
+                                             ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"][cols],
+                                             loss_type=loss_type, beta=0.5, shift=True, backend=backend, **kw)
+            out.loss.backward()
+            results.append((out, h.grad, w.grad))
+        (full, dh_full, dw_full), (vp, dh, dw) = results
+        _check(vp.loss, full.loss, f"{backend} {loss_type} loss")
+        _check(dh, dh_full, f"{backend} {loss_type} dH")
+        _check(dw, dw_full[mine], f"{backend} {loss_type} dW slice")
+        for name, value in full.metrics.items():
+            assert abs(vp.metrics[name] - value) <= TOL * max(abs(value), 1.0), (backend, loss_type, name)
+
+
+def dtensor_checks(rank: int, world: int, backend: str) -> None:
+    """A head given as a DTensor sharded on dim 0 is a vocabulary-parallel head over its mesh; a data-parallel use of
+    one (different tokens per rank) is refused."""
+    import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import dpo_kernels
+
+    vocab = 103
+    x = _inputs(vocab)
+    mesh = init_device_mesh("cpu", (world,))
+    h = x["hidden"].clone().requires_grad_()
+    w_full = x["weight"].clone().requires_grad_()
+    full = dpo_kernels.linear_token_logprobs(h, w_full, x["labels"], backend=backend)
+    full_grads = _grads(full, [h, w_full], x["upstream"])
+    h2 = x["hidden"].clone().requires_grad_()
+    w = distribute_tensor(x["weight"].clone(), mesh, [Shard(0)]).requires_grad_()
+    logp = dpo_kernels.linear_token_logprobs(h2, w, x["labels"], backend=backend)
+    grads = _grads(logp, [h2, w], x["upstream"])
+    _check(logp, full, "DTensor head log-probs")
+    _check(grads[0], full_grads[0], "DTensor head dH")
+    _check(grads[1].full_tensor(), full_grads[1], "DTensor head dW, gathered")
+
+    labels = x["labels"].clone()
+    labels[0, 5] = rank  # the ranks now hold different tokens, as data parallelism would
+    with pytest.raises(ValueError, match="the ranks hold different labels"):
+        dpo_kernels.linear_token_logprobs(x["hidden"], w, labels, backend=backend)
