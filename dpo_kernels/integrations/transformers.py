@@ -7,6 +7,9 @@
 - :func:`patch_causal_lm` makes ``model(input_ids, labels=labels)`` return :class:`TokenLogprobsOutput` (per-token
   log-probs, the mean NLL as ``loss``, per-layer log-probs for ``intermediate_layers``) through
   :func:`dpo_kernels.linear_token_logprobs`. A forward without labels, and so ``generate``, is the original one.
+- :func:`add_hidden_states_forward` makes ``model(..., dpo_kernels_hidden_states=(layers, apply_final_norm))``
+  return :class:`CausalLMHidden` from inside the model's own forward, so that a wrapper's forward (DDP's gradient
+  synchronisation, FSDP's and DeepSpeed's parameter gathering, accelerate's autocast) runs as for any other call.
 
 Works for Llama, Mistral, Qwen2, Gemma 2 and any model whose head is a plain ``nn.Linear`` reached through
 ``get_output_embeddings()`` and whose backbone is ``model.model`` (or ``base_model``) with a final ``norm``.
@@ -94,6 +97,37 @@ class TokenLogprobsOutput(ModelOutput):
     token_logps: torch.Tensor | None = None
     layer_token_logps: dict | None = None
     logits: torch.Tensor | None = None
+
+
+HIDDEN_STATES_KWARG = "dpo_kernels_hidden_states"
+# keyword arguments wrappers such as PEFT pass along that the backbone does not take (or that we set ourselves)
+_NOT_FOR_THE_BACKBONE = ("labels", "return_dict", "output_hidden_states", "output_attentions", "logits_to_keep",
+                         "num_items_in_batch", "use_cache")
+
+
+def add_hidden_states_forward(model):
+    """Patch ``model`` (a causal LM; the base model of a PEFT model) in place so that
+    ``model(..., dpo_kernels_hidden_states=(layers, apply_final_norm))`` returns :class:`CausalLMHidden` computed
+    inside its forward, never the logits; any other call is the forward it had. Idempotent; returns ``model``.
+
+    Trainers call the *wrapped* model this way: under DDP the wrapper's forward prepares the gradient all-reduce of
+    every parameter the loss then reaches, the head included."""
+    if getattr(model, "_dpo_kernels_hidden_states", False):
+        return model
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, dpo_kernels_hidden_states=None, **kwargs):
+        if dpo_kernels_hidden_states is None:
+            return original(*args, **kwargs)
+        layers, apply_final_norm = dpo_kernels_hidden_states
+        for name in _NOT_FOR_THE_BACKBONE:
+            kwargs.pop(name, None)
+        return causal_lm_hidden_states(self, *args, layers=layers, apply_final_norm=apply_final_norm, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    model._dpo_kernels_hidden_states = True
+    return model
 
 
 def patch_causal_lm(model, *, backend: str = "auto", temperature: float = 1.0,

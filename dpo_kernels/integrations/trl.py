@@ -132,7 +132,7 @@ def make_fused_dpo_classes():
     DPOConfig, DPOTrainer = _trainer_classes()
     from ..dpo import fused_dpo_loss
     from ..intermediate import intermediate_dpo_loss
-    from .transformers import causal_lm_hidden_states
+    from .transformers import HIDDEN_STATES_KWARG, add_hidden_states_forward
 
     @dataclass
     class FusedDPOConfig(DPOConfig):
@@ -161,10 +161,15 @@ def make_fused_dpo_classes():
 
         _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # hidden states come out of each model's own forward, through whatever wraps it (DDP, FSDP, DeepSpeed)
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    add_hidden_states_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
         def _hidden(self, model, model_kwargs, layers):
-            args = self.args
-            return causal_lm_hidden_states(model, layers=layers or (), apply_final_norm=args.apply_final_norm,
-                                           **model_kwargs)
+            return model(**model_kwargs, **{HIDDEN_STATES_KWARG: (tuple(layers or ()), self.args.apply_final_norm)})
 
         def _reference(self, model, model_kwargs, layers):
             with torch.no_grad():
@@ -173,7 +178,7 @@ def make_fused_dpo_classes():
                 unwrapped = self.accelerator.unwrap_model(model)
                 if hasattr(unwrapped, "disable_adapter"):
                     with unwrapped.disable_adapter():
-                        return self._hidden(unwrapped.get_base_model(), model_kwargs, layers)
+                        return self._hidden(model, model_kwargs, layers)
                 raise ValueError("FusedDPOTrainer needs a ref_model, a PEFT policy, or precompute_ref_log_probs")
 
         def _compute_loss(self, model, inputs, return_outputs=False):
@@ -181,10 +186,8 @@ def make_fused_dpo_classes():
             mode = "train" if self.model.training else "eval"
             model_kwargs = {k: v for k, v in inputs.items() if k not in self._NON_MODEL_KEYS}
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            unwrapped = self.accelerator.unwrap_model(model)
-            policy_model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
             layers = list(args.intermediate_layers or ())
-            policy = self._hidden(policy_model, model_kwargs, layers)
+            policy = self._hidden(model, model_kwargs, layers)
             options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
                            alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
                            backend=args.kernel_backend, tile_budget_mb=args.kernel_tile_budget_mb,
