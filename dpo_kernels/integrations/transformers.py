@@ -7,9 +7,10 @@
 - :func:`patch_causal_lm` makes ``model(input_ids, labels=labels)`` return :class:`TokenLogprobsOutput` (per-token
   log-probs, the mean NLL as ``loss``, per-layer log-probs for ``intermediate_layers``) through
   :func:`dpo_kernels.linear_token_logprobs`. A forward without labels, and so ``generate``, is the original one.
-- :func:`add_hidden_states_forward` makes ``model(..., dpo_kernels_hidden_states=(layers, apply_final_norm))``
-  return :class:`CausalLMHidden` from inside the model's own forward, so that a wrapper's forward (DDP's gradient
-  synchronisation, FSDP's and DeepSpeed's parameter gathering, accelerate's autocast) runs as for any other call.
+- :func:`add_hidden_states_forward` makes ``model(..., dpo_kernels_hidden_states=HiddenStatesRequest(...))``
+  compute the hidden states, and a loss on them, inside the model's own forward and the head's own forward, so
+  that a wrapper's forward (DDP's gradient synchronisation, FSDP2's and DeepSpeed ZeRO-3's parameter gathering,
+  accelerate's autocast) runs as for any other call.
 
 Works for Llama, Mistral, Qwen2, Gemma 2 and any model whose head is a plain ``nn.Linear`` reached through
 ``get_output_embeddings()`` and whose backbone is ``model.model`` (or ``base_model``) with a final ``norm``.
@@ -17,6 +18,7 @@ Works for Llama, Mistral, Qwen2, Gemma 2 and any model whose head is a plain ``n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from collections.abc import Sequence
@@ -100,34 +102,76 @@ class TokenLogprobsOutput(ModelOutput):
 
 
 HIDDEN_STATES_KWARG = "dpo_kernels_hidden_states"
+_HEAD_KWARG = "dpo_kernels_consume"
 # keyword arguments wrappers such as PEFT pass along that the backbone does not take (or that we set ourselves)
 _NOT_FOR_THE_BACKBONE = ("labels", "return_dict", "output_hidden_states", "output_attentions", "logits_to_keep",
                          "num_items_in_batch", "use_cache")
 
 
+@dataclass(frozen=True)
+class HiddenStatesRequest:
+    """What ``model(..., dpo_kernels_hidden_states=request)`` computes inside the model's forward: the hidden states
+    of ``layers`` (and the final ones, through the final norm per ``apply_final_norm``), then ``consume(hidden)``
+    called inside the output head's own forward, whose result the model's forward returns. Without ``consume`` the
+    forward returns :class:`CausalLMHidden` (the head's parameters as they are: fine under DDP, not under FSDP or
+    ZeRO-3, whose head is only whole inside a forward).
+
+    Why inside both forwards: FSDP2 gathers a module's parameters (and, in the backward, reduce-scatters their
+    gradients) around that module's forward, and so does DeepSpeed ZeRO-3; a head used inside them is gathered for
+    the fused projection in the forward and again in the backward, and its gradient reaches the shards, exactly as
+    for ``nn.Linear``'s own product, with no full copy held by this package. ``consume`` should return a tuple whose
+    first item is the loss tensor: wrappers find the tensors of a forward's output by walking tuples."""
+
+    layers: tuple[int, ...] = ()
+    apply_final_norm: bool = True
+    consume: object = None
+
+
 def add_hidden_states_forward(model):
-    """Patch ``model`` (a causal LM; the base model of a PEFT model) in place so that
-    ``model(..., dpo_kernels_hidden_states=(layers, apply_final_norm))`` returns :class:`CausalLMHidden` computed
-    inside its forward, never the logits; any other call is the forward it had. Idempotent; returns ``model``.
+    """Patch ``model`` (a causal LM; the base model of a PEFT model) and its output head in place for
+    :class:`HiddenStatesRequest`; any other call is the forward each had. Idempotent; returns ``model``.
 
     Trainers call the *wrapped* model this way: under DDP the wrapper's forward prepares the gradient all-reduce of
-    every parameter the loss then reaches, the head included."""
+    every parameter the loss then reaches, the head included; under FSDP2 and ZeRO-3, see the request's docstring."""
     if getattr(model, "_dpo_kernels_hidden_states", False):
         return model
     original = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, dpo_kernels_hidden_states=None, **kwargs):
+    def forward(self, *args, dpo_kernels_hidden_states: HiddenStatesRequest | None = None, **kwargs):
         if dpo_kernels_hidden_states is None:
             return original(*args, **kwargs)
-        layers, apply_final_norm = dpo_kernels_hidden_states
+        request = dpo_kernels_hidden_states
         for name in _NOT_FOR_THE_BACKBONE:
             kwargs.pop(name, None)
-        return causal_lm_hidden_states(self, *args, layers=layers, apply_final_norm=apply_final_norm, **kwargs)
+        hidden = causal_lm_hidden_states(self, *args, layers=request.layers,
+                                         apply_final_norm=request.apply_final_norm, **kwargs)
+        if request.consume is None:
+            return hidden
+        head = self.get_output_embeddings()
+        return head(hidden.final, **{_HEAD_KWARG: lambda weight, bias: request.consume(
+            dataclasses.replace(hidden, head_weight=weight, head_bias=bias))})
 
+    _add_head_forward(model.get_output_embeddings())
     model.forward = types.MethodType(forward, model)
     model._dpo_kernels_hidden_states = True
     return model
+
+
+def _add_head_forward(head: torch.nn.Linear) -> None:
+    """``head(x, dpo_kernels_consume=fn)`` returns ``fn(head.weight, head.bias)``, evaluated inside the head's forward
+    (and so inside any gathering its wrappers do around it)."""
+    if getattr(head, "_dpo_kernels_consume", False):
+        return
+    original = head.forward
+
+    def forward(self, *args, dpo_kernels_consume=None, **kwargs):
+        if dpo_kernels_consume is None:
+            return original(*args, **kwargs)
+        return dpo_kernels_consume(self.weight, self.bias)
+
+    head.forward = types.MethodType(forward, head)
+    head._dpo_kernels_consume = True
 
 
 def patch_causal_lm(model, *, backend: str = "auto", temperature: float = 1.0,

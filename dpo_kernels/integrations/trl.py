@@ -132,7 +132,7 @@ def make_fused_dpo_classes():
     DPOConfig, DPOTrainer = _trainer_classes()
     from ..dpo import fused_dpo_loss
     from ..intermediate import intermediate_dpo_loss
-    from .transformers import HIDDEN_STATES_KWARG, add_hidden_states_forward
+    from .transformers import HIDDEN_STATES_KWARG, HiddenStatesRequest, add_hidden_states_forward
 
     @dataclass
     class FusedDPOConfig(DPOConfig):
@@ -168,17 +168,19 @@ def make_fused_dpo_classes():
                 if model is not None:
                     add_hidden_states_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
-        def _hidden(self, model, model_kwargs, layers):
-            return model(**model_kwargs, **{HIDDEN_STATES_KWARG: (tuple(layers or ()), self.args.apply_final_norm)})
-
         def _reference(self, model, model_kwargs, layers):
+            """The reference's hidden states and a head usable outside its forward (copied when the head is sharded
+            by FSDP or ZeRO-3: it is frozen, and TDPO's backward reads it again)."""
+            source = self.ref_model if self.ref_model is not None else model
+            request = HiddenStatesRequest(tuple(layers), self.args.apply_final_norm,
+                                          consume=_reference_head(copy=_head_sharded(source)))
             with torch.no_grad():
                 if self.ref_model is not None:
-                    return self._hidden(self.ref_model, model_kwargs, layers)
+                    return self.ref_model(**model_kwargs, **{HIDDEN_STATES_KWARG: request})[1]
                 unwrapped = self.accelerator.unwrap_model(model)
                 if hasattr(unwrapped, "disable_adapter"):
                     with unwrapped.disable_adapter():
-                        return self._hidden(model, model_kwargs, layers)
+                        return model(**model_kwargs, **{HIDDEN_STATES_KWARG: request})[1]
                 raise ValueError("FusedDPOTrainer needs a ref_model, a PEFT policy, or precompute_ref_log_probs")
 
         def _compute_loss(self, model, inputs, return_outputs=False):
@@ -186,35 +188,67 @@ def make_fused_dpo_classes():
             mode = "train" if self.model.training else "eval"
             model_kwargs = {k: v for k, v in inputs.items() if k not in self._NON_MODEL_KEYS}
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            layers = list(args.intermediate_layers or ())
-            policy = self._hidden(model, model_kwargs, layers)
-            options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
-                           alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
-                           backend=args.kernel_backend, tile_budget_mb=args.kernel_tile_budget_mb,
-                           **policy.head_options())
-            tensors = dict(labels=labels, lm_head_weight=policy.head_weight, lm_head_bias=policy.head_bias)
+            layers = tuple(args.intermediate_layers or ())
+            tensors = dict(labels=labels)
             if self.precompute_ref_logps:
                 tensors["ref_logps"] = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
                 reference = None
             else:
-                ref_layers = layers if args.reference_at_intermediate_layers else []
-                reference = self._reference(model, model_kwargs, ref_layers)
+                reference = self._reference(model, model_kwargs, layers if args.reference_at_intermediate_layers else ())
                 tensors.update(ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
                                ref_lm_head_bias=reference.head_bias)
-            if layers:
-                ref_layer_hidden = None
-                if reference is not None and args.reference_at_intermediate_layers:
-                    ref_layer_hidden = reference.layers
-                out = intermediate_dpo_loss(policy_hidden=policy.final, policy_layer_hidden=policy.layers,
-                                            ref_layer_hidden=ref_layer_hidden,
-                                            intermediate_weight=args.intermediate_weight, **tensors, **options)
-            else:
-                out = fused_dpo_loss(policy_hidden=policy.final, **tensors, **options)
+
+            def loss(policy):  # runs inside the policy's forward and its head's forward (see HiddenStatesRequest)
+                options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
+                               alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
+                               backend=args.kernel_backend, tile_budget_mb=args.kernel_tile_budget_mb,
+                               **policy.head_options())
+                heads = dict(lm_head_weight=policy.head_weight, lm_head_bias=policy.head_bias)
+                if not layers:
+                    out = fused_dpo_loss(policy_hidden=policy.final, **heads, **tensors, **options)
+                else:
+                    ref_layer_hidden = None
+                    if reference is not None and args.reference_at_intermediate_layers:
+                        ref_layer_hidden = reference.layers
+                    out = intermediate_dpo_loss(policy_hidden=policy.final, policy_layer_hidden=policy.layers,
+                                                ref_layer_hidden=ref_layer_hidden,
+                                                intermediate_weight=args.intermediate_weight, **heads, **tensors,
+                                                **options)
+                return out.loss, out
+
+            _, out = model(**model_kwargs, **{HIDDEN_STATES_KWARG: HiddenStatesRequest(
+                layers, args.apply_final_norm, consume=loss)})
             for name, value in out.metrics.items():
                 self._metrics[mode][name].append(value)
             return (out.loss, out) if return_outputs else out.loss
 
     return FusedDPOConfig, FusedDPOTrainer
+
+
+def _head_sharded(model) -> bool:
+    """Whether ``model``'s output head is sharded outside its forward: an FSDP2 parameter (a DTensor) or a ZeRO-3
+    partitioned one. Looked at outside the forward, where the sharding shows."""
+    from torch.distributed.tensor import DTensor
+
+    module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper holds the model as .module
+    module = module.get_base_model() if hasattr(module, "get_base_model") else module
+    weight = module.get_output_embeddings().weight
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
+
+
+def _reference_head(copy: bool):
+    """``consume`` for a reference's forward: its :class:`CausalLMHidden` as ``(tensor, hidden)`` (wrappers walk the
+    output for tensors), the head copied when it is whole only inside the forward (``copy``): it is frozen, and
+    TDPO's backward reads it again after the forward."""
+    import dataclasses
+
+    def consume(hidden):
+        if copy:
+            bias = None if hidden.head_bias is None else hidden.head_bias.detach().clone()
+            hidden = dataclasses.replace(hidden, head_weight=hidden.head_weight.detach().clone(), head_bias=bias)
+        return hidden.final, hidden
+
+    return consume
 
 
 def __getattr__(name: str):

@@ -1,0 +1,90 @@
+"""What each rank of ``test_fsdp.py`` runs: one DPO step of a tiny Llama sharded with FSDP2 (``fully_shard`` on the
+head, every decoder layer and the root; the reference sharded too), through the call path ``FusedDPOTrainer`` uses
+(the loss computed inside the model's and the head's forward), on this rank's half of the global batch. The gathered
+gradients must equal one process's on the whole batch."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+PAIRS, SEQ = 4, 12
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 200, (2 * PAIRS, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompts
+    return ids, labels
+
+
+def _pairs(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of the pairs: its chosen rows, then its rejected rows."""
+    per = PAIRS // world
+    chosen, rejected = x[:PAIRS], x[PAIRS:]
+    return torch.cat([chosen[rank * per:(rank + 1) * per], rejected[rank * per:(rank + 1) * per]])
+
+
+def _loss(model, ref, ids, labels, loss_type: str, ref_copy: bool):
+    from dpo_kernels import fused_dpo_loss
+    from dpo_kernels.integrations.transformers import HiddenStatesRequest
+    from dpo_kernels.integrations.trl import _reference_head
+
+    with torch.no_grad():
+        _, reference = ref(input_ids=ids, dpo_kernels_hidden_states=HiddenStatesRequest(
+            consume=_reference_head(copy=ref_copy)))
+
+    def consume(policy):
+        out = fused_dpo_loss(labels=labels, policy_hidden=policy.final, lm_head_weight=policy.head_weight,
+                             ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
+                             loss_type=loss_type, beta=0.2, shift=True, backend="torch")
+        return out.loss, out
+
+    loss, _ = model(input_ids=ids, dpo_kernels_hidden_states=HiddenStatesRequest(consume=consume))
+    return loss
+
+
+def fsdp_step_checks(rank: int, world: int, loss_type: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dpo_kernels.integrations.synthetic import tiny_causal_lm
+    from dpo_kernels.integrations.trl import _head_sharded
+    from dpo_kernels.integrations.transformers import add_hidden_states_forward
+
+    ids, labels = _batch()
+    model = tiny_causal_lm("llama")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    # one process, the whole batch
+    single, single_ref = copy.deepcopy(model), copy.deepcopy(ref)
+    for m in (single, single_ref):
+        add_hidden_states_forward(m)
+    _loss(single, single_ref, ids, labels, loss_type, ref_copy=False).backward()
+    expected = {n: p.grad for n, p in single.named_parameters()}
+
+    # FSDP2 over the group, half the pairs each
+    mesh = init_device_mesh("cpu", (world,))
+    for m in (model, ref):
+        add_hidden_states_forward(m)
+        fully_shard(m.lm_head, mesh=mesh)
+        for layer in m.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    assert _head_sharded(model) and isinstance(model.lm_head.weight, DTensor)
+    loss = _loss(model, ref, _pairs(ids, rank, world), _pairs(labels, rank, world), loss_type, ref_copy=True)
+    loss.backward()
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor()
+        e = expected[name]
+        err = (grad - e).abs().max().item() / max(e.abs().max().item(), 1e-12)
+        assert err <= 1e-5, f"rank {rank}: FSDP2 gradient of {name} differs from one process by {err:.2e}"
+    assert isinstance(model.lm_head.weight, DTensor), "the head is sharded again after the step"
+    dist.barrier()
