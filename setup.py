@@ -73,7 +73,9 @@ setup(
     install_requires=["torch>=2.1"],
     # triton: CUDA builds of torch already ship it; on a CPU machine the tests run its kernels in the interpreter.
     extras_require={
-        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*", "peft"],
+        # deepspeed: pure Python here (its ops build on first use), for the ZeRO-3 tests on DeepSpeed's CPU accelerator
+        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*", "peft",
+                 "deepspeed; platform_system == 'Linux'"],
         "trl": ["trl==1.16.*"],
         "demo": ["transformers>=4.45", "tqdm"],
         "bench": ["pytest-benchmark>=4", "matplotlib", "trl==1.16.*", "liger-kernel", "cut-cross-entropy"],

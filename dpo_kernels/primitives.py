@@ -214,10 +214,11 @@ def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, ba
 
 
 def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str,
-                           logging: bool = False, vocab_slice: VocabSlice | None = None):
+                           logging: bool = False, vocab_slice: VocabSlice | None = None, head_context=None):
     """``logp`` (or ``(logp, ref_logp, kl)`` with a reference head), each shaped like ``labels``; with ``logging``,
     ``(that, logged)`` where ``logged`` holds the per-token statistics trainers log (entropy, log sum p^2, mean logit,
-    top-1), computed in the same forward pass. With ``vocab_slice`` the heads are this rank's vocabulary slices."""
+    top-1), computed in the same forward pass. With ``vocab_slice`` the heads are this rank's vocabulary slices;
+    ``head_context`` gathers a sharded head again in the backward (see :func:`driver.linear_token_stats`)."""
     rows = _rows_shape(labels)
     heads = (policy,) if ref is None else (policy, ref)
     dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
@@ -226,9 +227,9 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
     ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
     if vocab_slice is not None:
         outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, _tile_kernels(name, impl),
-                                         logging, vocab_slice)
+                                         logging, vocab_slice, head_context)
     else:
-        outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging)
+        outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging, head_context)
     main, logged = outs if logging else (outs, None)
     main = main.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in main)
     if not logging:

@@ -103,7 +103,7 @@ class FusedLogProbs:
         require_labels_in_vocab(targets, weight.shape[0], opts.ignore_index, name="targets")
         wanted = set(outputs) - {"log_probs"}
         out = run_linear_token_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
-                                     logging=bool(wanted))
+                                     logging=bool(wanted), head_context=_trl_utils().maybe_gather_lm_head_ctx)
         log_probs, logged = out if wanted else (out, {})
         logged = {k: v.squeeze(0) for k, v in logged.items() if k in wanted}
         entropy = logged.get("entropy")
@@ -166,7 +166,7 @@ def make_fused_dpo_classes():
             # hidden states come out of each model's own forward, through whatever wraps it (DDP, FSDP, DeepSpeed)
             for model in (self.model, self.ref_model):
                 if model is not None:
-                    add_hidden_states_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+                    add_hidden_states_forward(_causal_lm(model))
 
         def _reference(self, model, model_kwargs, layers):
             """The reference's hidden states and a head usable outside its forward (copied when the head is sharded
@@ -194,7 +194,8 @@ def make_fused_dpo_classes():
                 tensors["ref_logps"] = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
                 reference = None
             else:
-                reference = self._reference(model, model_kwargs, layers if args.reference_at_intermediate_layers else ())
+                ref_layers = layers if args.reference_at_intermediate_layers else ()
+                reference = self._reference(model, model_kwargs, ref_layers)
                 tensors.update(ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
                                ref_lm_head_bias=reference.head_bias)
 
@@ -216,13 +217,20 @@ def make_fused_dpo_classes():
                                                 **options)
                 return out.loss, out
 
-            _, out = model(**model_kwargs, **{HIDDEN_STATES_KWARG: HiddenStatesRequest(
+            # the loss as the wrapped forward returns it: DeepSpeed (and DDP's sink) hook the backward onto that tensor
+            loss_value, out = model(**model_kwargs, **{HIDDEN_STATES_KWARG: HiddenStatesRequest(
                 layers, args.apply_final_norm, consume=loss)})
             for name, value in out.metrics.items():
                 self._metrics[mode][name].append(value)
-            return (out.loss, out) if return_outputs else out.loss
+            return (loss_value, out) if return_outputs else loss_value
 
     return FusedDPOConfig, FusedDPOTrainer
+
+
+def _causal_lm(model):
+    """The causal LM inside a DeepSpeed engine or DDP wrapper (``.module``) and a PEFT model (its base model)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _head_sharded(model) -> bool:
@@ -230,9 +238,7 @@ def _head_sharded(model) -> bool:
     partitioned one. Looked at outside the forward, where the sharding shows."""
     from torch.distributed.tensor import DTensor
 
-    module = getattr(model, "module", model)  # a DeepSpeed engine or DDP wrapper holds the model as .module
-    module = module.get_base_model() if hasattr(module, "get_base_model") else module
-    weight = module.get_output_embeddings().weight
+    weight = _causal_lm(model).get_output_embeddings().weight
     return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
 
 

@@ -286,6 +286,6 @@ TILE_KERNELS = TileKernels(name="torch", fold=fold_tile, grad=grad_tile)
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       logging: bool = False):
+                       logging: bool = False, head_context=None):
     """The linear path on the PyTorch tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
-    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging)
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging, head_context=head_context)

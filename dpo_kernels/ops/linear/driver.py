@@ -52,18 +52,23 @@ from .products import Products
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       kernels: TileKernels, logging: bool = False, vocab_slice: VocabSlice | None = None):
+                       kernels: TileKernels, logging: bool = False, vocab_slice: VocabSlice | None = None,
+                       head_context=None):
     """``policy.hidden [R, T, D]``, ``policy.weight [V, D]``, ``labels [R, T]`` -> ``logp [R, T]``; with ``ref``
     (``hidden [R, T, D_ref]``, ``weight [V, D_ref]``) -> ``(logp, ref_logp, kl)``. fp32 statistics (fp64 when an
     input is fp64), exactly 0 at ignored tokens; only the policy receives gradients.
 
     With ``logging=True`` returns ``(that, logged)``: ``logged`` maps ``entropy``, ``log_sum_sq_probs``,
     ``mean_logits`` and ``is_top1`` (see :func:`contract.logging_outputs`) to ``[R, T]`` tensors computed in the same
-    forward pass, not differentiable. With ``vocab_slice``, the heads are this rank's slices (``V = V_r``)."""
+    forward pass, not differentiable. With ``vocab_slice``, the heads are this rank's slices (``V = V_r``).
+
+    ``head_context(weight, bias)``, when given, returns a context manager entered around the backward's use of the
+    policy head: the forward runs inside the caller's gathering of a sharded head (ZeRO-3), the backward, which
+    recomputes the logits later, must gather again."""
     if ref is not None:
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
     outs = _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels, logging,
-                              vocab_slice)
+                              vocab_slice, head_context)
     return _split_logged(outs, ref is not None, logging)
 
 
@@ -308,7 +313,7 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
 class _LinearStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels,
-                logging: bool, vocab_slice: VocabSlice | None):
+                logging: bool, vocab_slice: VocabSlice | None, head_context):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
         inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
@@ -321,7 +326,8 @@ class _LinearStats(torch.autograd.Function):
             stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging, hidden.device)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.rows, ctx.ref, ctx.with_ref, ctx.opts, ctx.kernels = rows, ref, ref is not None, opts, kernels
-        ctx.products, ctx.ref_products, ctx.vocab_slice = products, ref_products, vocab_slice
+        ctx.products, ctx.ref_products, ctx.vocab_slice, ctx.head_context = products, ref_products, vocab_slice, \
+            head_context
         return _finish_forward(ctx, stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
 
     @staticmethod
@@ -330,10 +336,11 @@ class _LinearStats(torch.autograd.Function):
         hidden, weight, bias = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         if (grad_logp is None and (not ctx.with_ref or grad_rest[1] is None)) or not any(need):
-            return (None,) * 9
+            return (None,) * 10
         rows, products = ctx.rows, ctx.products
         g, g_kl = _upstream(ctx, grad_logp, grad_rest, products.out_dtype)
-        with _no_autocast(hidden.device):
+        gathered = contextlib.nullcontext() if ctx.head_context is None else ctx.head_context(weight, bias)
+        with _no_autocast(hidden.device), gathered:
             policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
             ref = None if g_kl is None else _Side.of(ctx.ref, rows, ctx.ref_products)  # untouched without a KL grad
             dh, dw, db = _grad_all(rows, policy, ref, ctx.lse, ctx.ref_lse, g, g_kl, need, ctx.opts, ctx.kernels)
@@ -343,7 +350,7 @@ class _LinearStats(torch.autograd.Function):
             None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype),
             dw,
             None if db is None else db.to(bias.dtype),
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 

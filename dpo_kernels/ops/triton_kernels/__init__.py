@@ -34,8 +34,8 @@ def token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions):
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       logging: bool = False):
+                       logging: bool = False, head_context=None):
     """The linear path on the Triton tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
     heads = (policy,) if ref is None else (policy, ref)
     require_supported_dtype(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
-    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging)
+    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging, head_context=head_context)

@@ -1,5 +1,6 @@
-"""What each rank of ``test_ddp.py`` runs: three DPO training steps of a tiny model under DDP (gloo, CPU), the
-patched stock ``DPOTrainer`` or ``FusedDPOTrainer``, saving the logged losses and the final parameters."""
+"""What each rank of ``test_ddp.py`` and ``test_zero3.py`` runs: three DPO training steps of a tiny model on the CPU
+(gloo) under DDP or DeepSpeed ZeRO-3 (one process: neither), with the patched stock ``DPOTrainer`` or
+``FusedDPOTrainer``, saving the logged losses and the final parameters (gathered, under ZeRO-3)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch.distributed as dist
 GLOBAL_BATCH = 4
 
 
-def train_and_save(rank: int, world: int, trainer_kind: str, loss_type: str, out_dir: str) -> None:
+# ZeRO-3 with every parameter partitioned, however small (the tiny model's would otherwise stay whole)
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+         "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}}
+
+
+def train_and_save(rank: int, world: int, trainer_kind: str, loss_type: str, out_dir: str,
+                   strategy: str = "ddp") -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import trl
 
@@ -23,6 +31,8 @@ def train_and_save(rank: int, world: int, trainer_kind: str, loss_type: str, out
                   report_to=[], use_cpu=True, ddp_backend="gloo", save_strategy="no", max_steps=3, logging_steps=1,
                   learning_rate=1e-3, seed=0, data_seed=0, beta=0.1, loss_type=[loss_type], bf16=False,
                   dataloader_drop_last=True)
+    if strategy == "zero3" and world > 1:
+        common["deepspeed"] = ZERO3
     model = tiny_causal_lm("llama")
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -35,9 +45,20 @@ def train_and_save(rank: int, world: int, trainer_kind: str, loss_type: str, out
     else:
         trainer = dk_trl.FusedDPOTrainer(model=model, ref_model=ref, args=dk_trl.FusedDPOConfig(**common),
                                          train_dataset=synthetic_preferences(24), processing_class=tiny_tokenizer())
-    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    initial = _parameters(model)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    params = _parameters(model)
     torch.save({"losses": losses, "params": params, "initial": initial, "world": dist.get_world_size()},
                os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _parameters(model) -> dict[str, torch.Tensor]:
+    """Every parameter's full value (gathered from the ZeRO-3 partitions when there are any)."""
+    params = list(model.named_parameters())
+    if not any(hasattr(p, "ds_id") for _, p in params):
+        return {n: p.detach().clone() for n, p in params}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {n: p.detach().clone() for n, p in params}
