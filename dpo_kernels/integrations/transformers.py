@@ -174,6 +174,63 @@ def _add_head_forward(head: torch.nn.Linear) -> None:
     head._dpo_kernels_consume = True
 
 
+class _Carried:
+    """Carries a result out of a wrapped forward untouched: FSDP2 walks tuples, dicts and dataclasses in a module's
+    output (DeepSpeed walks containers) to hook their tensors, and only the loss should be hooked."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def loss_in_forward(model, loss_fn, *, layers: Sequence[int] = (), apply_final_norm: bool = True, **model_kwargs):
+    """``(loss, result)`` of ``loss_fn(hidden) -> (loss, result)`` evaluated inside ``model``'s forward and its
+    head's forward (see :class:`HiddenStatesRequest`), ``model`` called as given: wrapped by DDP, FSDP2 or DeepSpeed,
+    or not. ``loss`` is the tensor the wrapped forward returned, the one to call ``backward`` on (DeepSpeed and DDP
+    hook the backward onto it). ``model``'s causal LM must have been through :func:`add_hidden_states_forward`."""
+
+    def consume(hidden):
+        loss, result = loss_fn(hidden)
+        return loss, _Carried(result)
+
+    loss, carried = model(**model_kwargs, **{HIDDEN_STATES_KWARG: HiddenStatesRequest(tuple(layers), apply_final_norm,
+                                                                                      consume)})
+    return loss, carried.value
+
+
+def hidden_states_in_forward(model, *, layers: Sequence[int] = (), apply_final_norm: bool = True,
+                             **model_kwargs) -> CausalLMHidden:
+    """A frozen model's (a reference's) :class:`CausalLMHidden` from its forward, through its wrappers, with a head
+    that stays valid after the forward: copied there when it is sharded (FSDP2, ZeRO-3), since it is whole only inside
+    the forward; used as is otherwise. Call under ``torch.no_grad()``."""
+    copy = head_is_sharded(model)
+
+    def consume(hidden):
+        if copy:
+            bias = None if hidden.head_bias is None else hidden.head_bias.detach().clone()
+            hidden = dataclasses.replace(hidden, head_weight=hidden.head_weight.detach().clone(), head_bias=bias)
+        return hidden.final, _Carried(hidden)
+
+    return model(**model_kwargs, **{HIDDEN_STATES_KWARG: HiddenStatesRequest(tuple(layers), apply_final_norm,
+                                                                            consume)})[1].value
+
+
+def unwrap_causal_lm(model):
+    """The causal LM inside a DeepSpeed engine or DDP wrapper (``.module``) and a PEFT model (its base model)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def head_is_sharded(model) -> bool:
+    """Whether ``model``'s output head is sharded outside its forward: an FSDP2 parameter (a DTensor) or a ZeRO-3
+    partitioned one. Looked at outside the forward, where the sharding shows."""
+    from torch.distributed.tensor import DTensor
+
+    weight = unwrap_causal_lm(model).get_output_embeddings().weight
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
+
+
 def patch_causal_lm(model, *, backend: str = "auto", temperature: float = 1.0,
                     intermediate_layers: Sequence[int] = (), apply_final_norm: bool = True):
     """Patch ``model`` in place (see the module docstring); returns it. :func:`unpatch_causal_lm` undoes it."""

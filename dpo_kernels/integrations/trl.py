@@ -132,7 +132,7 @@ def make_fused_dpo_classes():
     DPOConfig, DPOTrainer = _trainer_classes()
     from ..dpo import fused_dpo_loss
     from ..intermediate import intermediate_dpo_loss
-    from .transformers import HIDDEN_STATES_KWARG, HiddenStatesRequest, add_hidden_states_forward
+    from .transformers import add_hidden_states_forward, hidden_states_in_forward, loss_in_forward, unwrap_causal_lm
 
     @dataclass
     class FusedDPOConfig(DPOConfig):
@@ -166,21 +166,19 @@ def make_fused_dpo_classes():
             # hidden states come out of each model's own forward, through whatever wraps it (DDP, FSDP, DeepSpeed)
             for model in (self.model, self.ref_model):
                 if model is not None:
-                    add_hidden_states_forward(_causal_lm(model))
+                    add_hidden_states_forward(unwrap_causal_lm(model))
 
         def _reference(self, model, model_kwargs, layers):
-            """The reference's hidden states and a head usable outside its forward (copied when the head is sharded
-            by FSDP or ZeRO-3: it is frozen, and TDPO's backward reads it again)."""
-            source = self.ref_model if self.ref_model is not None else model
-            request = HiddenStatesRequest(tuple(layers), self.args.apply_final_norm,
-                                          consume=_reference_head(copy=_head_sharded(source)))
+            """The reference's hidden states, and a head that stays valid after its forward (TDPO's backward reads
+            it again)."""
+            options = dict(layers=layers, apply_final_norm=self.args.apply_final_norm, **model_kwargs)
             with torch.no_grad():
                 if self.ref_model is not None:
-                    return self.ref_model(**model_kwargs, **{HIDDEN_STATES_KWARG: request})[1]
+                    return hidden_states_in_forward(self.ref_model, **options)
                 unwrapped = self.accelerator.unwrap_model(model)
                 if hasattr(unwrapped, "disable_adapter"):
                     with unwrapped.disable_adapter():
-                        return model(**model_kwargs, **{HIDDEN_STATES_KWARG: request})[1]
+                        return hidden_states_in_forward(model, **options)
                 raise ValueError("FusedDPOTrainer needs a ref_model, a PEFT policy, or precompute_ref_log_probs")
 
         def _compute_loss(self, model, inputs, return_outputs=False):
@@ -199,7 +197,7 @@ def make_fused_dpo_classes():
                 tensors.update(ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
                                ref_lm_head_bias=reference.head_bias)
 
-            def loss(policy):  # runs inside the policy's forward and its head's forward (see HiddenStatesRequest)
+            def loss(policy):
                 options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
                                alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
                                backend=args.kernel_backend, tile_budget_mb=args.kernel_tile_budget_mb,
@@ -217,44 +215,14 @@ def make_fused_dpo_classes():
                                                 **options)
                 return out.loss, out
 
-            # the loss as the wrapped forward returns it: DeepSpeed (and DDP's sink) hook the backward onto that tensor
-            loss_value, out = model(**model_kwargs, **{HIDDEN_STATES_KWARG: HiddenStatesRequest(
-                layers, args.apply_final_norm, consume=loss)})
+            # inside the policy's forward and its head's, through whatever wraps them (DDP, FSDP2, ZeRO-3)
+            loss_value, out = loss_in_forward(model, loss, layers=layers, apply_final_norm=args.apply_final_norm,
+                                              **model_kwargs)
             for name, value in out.metrics.items():
                 self._metrics[mode][name].append(value)
             return (loss_value, out) if return_outputs else loss_value
 
     return FusedDPOConfig, FusedDPOTrainer
-
-
-def _causal_lm(model):
-    """The causal LM inside a DeepSpeed engine or DDP wrapper (``.module``) and a PEFT model (its base model)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _head_sharded(model) -> bool:
-    """Whether ``model``'s output head is sharded outside its forward: an FSDP2 parameter (a DTensor) or a ZeRO-3
-    partitioned one. Looked at outside the forward, where the sharding shows."""
-    from torch.distributed.tensor import DTensor
-
-    weight = _causal_lm(model).get_output_embeddings().weight
-    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
-
-
-def _reference_head(copy: bool):
-    """``consume`` for a reference's forward: its :class:`CausalLMHidden` as ``(tensor, hidden)`` (wrappers walk the
-    output for tensors), the head copied when it is whole only inside the forward (``copy``): it is frozen, and
-    TDPO's backward reads it again after the forward."""
-    import dataclasses
-
-    def consume(hidden):
-        if copy:
-            bias = None if hidden.head_bias is None else hidden.head_bias.detach().clone()
-            hidden = dataclasses.replace(hidden, head_weight=hidden.head_weight.detach().clone(), head_bias=bias)
-        return hidden.final, hidden
-
-    return consume
 
 
 def __getattr__(name: str):

@@ -1,11 +1,12 @@
 """What each rank of ``test_fsdp.py`` runs: one DPO step of a tiny Llama sharded with FSDP2 (``fully_shard`` on the
-head, every decoder layer and the root; the reference sharded too), through the call path ``FusedDPOTrainer`` uses
-(the loss computed inside the model's and the head's forward), on this rank's half of the global batch. The gathered
-gradients must equal one process's on the whole batch."""
+head, every decoder layer and the root; the reference sharded too), through the helpers ``FusedDPOTrainer`` calls
+(``hidden_states_in_forward`` for the reference, ``loss_in_forward`` for the policy), on this rank's half of the
+global batch. The gathered gradients must equal one process's on the whole batch; FSDP2's warnings are errors."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,23 +29,20 @@ def _pairs(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.cat([chosen[rank * per:(rank + 1) * per], rejected[rank * per:(rank + 1) * per]])
 
 
-def _loss(model, ref, ids, labels, loss_type: str, ref_copy: bool):
+def _loss(model, ref, ids, labels, loss_type: str):
     from dpo_kernels import fused_dpo_loss
-    from dpo_kernels.integrations.transformers import HiddenStatesRequest
-    from dpo_kernels.integrations.trl import _reference_head
+    from dpo_kernels.integrations.transformers import hidden_states_in_forward, loss_in_forward
 
     with torch.no_grad():
-        _, reference = ref(input_ids=ids, dpo_kernels_hidden_states=HiddenStatesRequest(
-            consume=_reference_head(copy=ref_copy)))
+        reference = hidden_states_in_forward(ref, input_ids=ids)
 
-    def consume(policy):
+    def loss(policy):
         out = fused_dpo_loss(labels=labels, policy_hidden=policy.final, lm_head_weight=policy.head_weight,
                              ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
                              loss_type=loss_type, beta=0.2, shift=True, backend="torch")
         return out.loss, out
 
-    loss, _ = model(input_ids=ids, dpo_kernels_hidden_states=HiddenStatesRequest(consume=consume))
-    return loss
+    return loss_in_forward(model, loss, input_ids=ids)[0]
 
 
 def fsdp_step_checks(rank: int, world: int, loss_type: str) -> None:
@@ -53,8 +51,9 @@ def fsdp_step_checks(rank: int, world: int, loss_type: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from dpo_kernels.integrations.synthetic import tiny_causal_lm
-    from dpo_kernels.integrations.trl import _head_sharded
-    from dpo_kernels.integrations.transformers import add_hidden_states_forward
+    from dpo_kernels.integrations.transformers import add_hidden_states_forward, head_is_sharded
+
+    warnings.filterwarnings("error", module="torch.distributed.fsdp")  # e.g. "returned a view tensor"
 
     ids, labels = _batch()
     model = tiny_causal_lm("llama")
@@ -67,7 +66,7 @@ def fsdp_step_checks(rank: int, world: int, loss_type: str) -> None:
     single, single_ref = copy.deepcopy(model), copy.deepcopy(ref)
     for m in (single, single_ref):
         add_hidden_states_forward(m)
-    _loss(single, single_ref, ids, labels, loss_type, ref_copy=False).backward()
+    _loss(single, single_ref, ids, labels, loss_type).backward()
     expected = {n: p.grad for n, p in single.named_parameters()}
 
     # FSDP2 over the group, half the pairs each
@@ -78,8 +77,8 @@ def fsdp_step_checks(rank: int, world: int, loss_type: str) -> None:
         for layer in m.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(m, mesh=mesh)
-    assert _head_sharded(model) and isinstance(model.lm_head.weight, DTensor)
-    loss = _loss(model, ref, _pairs(ids, rank, world), _pairs(labels, rank, world), loss_type, ref_copy=True)
+    assert head_is_sharded(model) and head_is_sharded(ref) and not head_is_sharded(single)
+    loss = _loss(model, ref, _pairs(ids, rank, world), _pairs(labels, rank, world), loss_type)
     loss.backward()
     for name, p in model.named_parameters():
         grad = p.grad.full_tensor()
