@@ -69,6 +69,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dpo_kernels", "dpo_kernels.*"]),
+    package_data={"dpo_kernels": ["MATH.md"]},
+    license="MIT",
     # torch is required but never resolved here on a machine that has one: install torch first (see README).
     install_requires=["torch>=2.1"],
     # triton: CUDA builds of torch already ship it; on a CPU machine the tests run its kernels in the interpreter.

@@ -1,4 +1,4 @@
-// The logit post-processing of FORMULAS.md section 1, shared by the CPU and CUDA kernels (no torch headers):
+// The logit post-processing of MATH.md section 1, shared by the CPU and CUDA kernels (no torch headers):
 // z = logit_scale * x, then softcap * tanh(z / softcap) when softcap > 0, then z * inv_temperature.
 #pragma once
 

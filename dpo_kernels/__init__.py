@@ -1,7 +1,7 @@
 """dpo_kernels: fused kernels for preference optimisation (DPO and its family, TDPO, intermediate-layer DPO, sDPO).
 
 Per-token log-probs, per-token KL and the losses are computed without materialising a full-vocabulary tensor. See
-``FORMULAS.md`` for the math every backend implements and ``python -m dpo_kernels`` for a backend report.
+``MATH.md`` for the math every backend implements and ``python -m dpo_kernels`` for a backend report.
 """
 
 from .dpo import DPOLossConfig, DPOLossOutput, FusedDPOLoss, PreferenceInputs, compute_dpo_loss, fused_dpo_loss

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from .primitives import (
     check_agree,
     check_head,
     check_logits,
+    check_label_range,
     local_head,
     run_linear_token_stats,
     run_token_logprobs,
@@ -27,7 +29,7 @@ from .primitives import (
     total_vocab,
     vocab_slice_of,
 )
-from .validation import require_float, require_labels, require_labels_in_vocab, require_positive, require_same_device
+from .validation import require_float, require_labels, require_positive, require_same_device
 
 
 _OBJECTIVE_DEFAULTS = losses.ObjectiveConfig()
@@ -66,6 +68,7 @@ class DPOLossConfig:
     inplace_backward: bool = _TOKEN_DEFAULTS.inplace_backward
     grad_filter_eps: float | None = _TOKEN_DEFAULTS.grad_filter_eps
     vocab_parallel_group: object = None
+    check_labels: bool = _TOKEN_DEFAULTS.check_labels
     loss_types: tuple[str, ...] = field(init=False)
     weights: tuple[float, ...] = field(init=False)
     objective: losses.ObjectiveConfig = field(init=False)
@@ -131,6 +134,7 @@ class DPOLossConfig:
                 tile_budget_mb=self.tile_budget_mb,
                 inplace_backward=self.inplace_backward,
                 grad_filter_eps=self.grad_filter_eps,
+                check_labels=self.check_labels,
             ),
         )
 
@@ -208,6 +212,7 @@ def fused_dpo_loss(
     inplace_backward: bool = False,
     grad_filter_eps: float | None = None,
     vocab_parallel_group=None,
+    check_labels: bool = True,
 ) -> DPOLossOutput:
     """A preference-optimisation loss over ``B`` pairs stacked as ``2B`` rows (chosen first, then rejected).
 
@@ -230,7 +235,10 @@ def fused_dpo_loss(
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
     ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives;
     ``vocab_parallel_group``: the policy's and the reference's logits, or heads, are this rank's slices of a
-    vocabulary split over that process group (or the heads are DTensors sharded on dim 0), as on the primitives.
+    vocabulary split over that process group (or the heads are DTensors sharded on dim 0), as on the primitives;
+    ``check_labels`` (default on): check the label range, and warn once when ``labels`` look like unshifted
+    ``input_ids`` (a first column that is not ``ignore_index`` while ``shift=False``); both need a host sync, so
+    turn it off under ``torch.compile(fullgraph=True)``.
 
     A policy and a reference both given as hidden states go through one fused call: each tile of the reference is
     computed beside the policy's, for the same kept tokens, in the forward only; the backward recomputes the policy
@@ -260,6 +268,7 @@ def fused_dpo_loss(
         inplace_backward=inplace_backward,
         grad_filter_eps=grad_filter_eps,
         vocab_parallel_group=vocab_parallel_group,
+        check_labels=check_labels,
     )
     inputs = PreferenceInputs(
         labels=labels,
@@ -387,8 +396,30 @@ class PreferenceInputs:
             require_same_device(labels=labels, ref_logps=ref)
         scored = labels[:, 1:] if config.shift else labels
         vocab_slice = vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
-        require_labels_in_vocab(scored, total_vocab(vocab_slice, vocab), config.ignore_index)
+        check_label_range(scored, total_vocab(vocab_slice, vocab), config.token_options)
+        if config.check_labels and not config.shift:
+            _warn_if_unshifted(labels, config.ignore_index)
         return vocab_slice
+
+
+_warned_unshifted = False
+
+
+def _warn_if_unshifted(labels: torch.Tensor, ignore_index: int) -> None:
+    """Once per process: labels whose first position is scored look like ``input_ids`` passed without ``shift=True``
+    (a DPO batch starts with its prompt, which is masked). Position ``t`` would then score its own token, not the
+    next one, and the loss would silently be wrong."""
+    global _warned_unshifted
+    if _warned_unshifted or not bool((labels[:, 0] != ignore_index).any()):
+        return
+    _warned_unshifted = True
+    warnings.warn(
+        "fused_dpo_loss: labels[:, 0] is not ignore_index, as if labels were input_ids; with shift=False the logits "
+        "at position t score labels[:, t]. Pass shift=True for Hugging Face-style labels (labels = input_ids, "
+        "prompt masked), or mask the first position if your labels are already aligned. This warning is shown once; "
+        "check_labels=False skips the check.",
+        UserWarning, stacklevel=4,
+    )
 
 
 def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLossOutput:

@@ -1,4 +1,4 @@
-"""Intermediate-layer DPO (FORMULAS.md §4): ``L = (1 - λ) L^(final) + λ mean_{k in K} L^(k)``.
+"""Intermediate-layer DPO (MATH.md §4): ``L = (1 - λ) L^(final) + λ mean_{k in K} L^(k)``.
 
 Each layer's loss is :func:`dpo_kernels.fused_dpo_loss` on that layer's hidden states through the shared output head
 (get them, normed or not, from :func:`dpo_kernels.integrations.transformers.causal_lm_hidden_states`). Only the fused

@@ -1,4 +1,4 @@
-"""Pair objectives (FORMULAS.md §3) on per-sequence statistics. Pure PyTorch on ``[B]`` tensors; no kernels.
+"""Pair objectives (MATH.md §3) on per-sequence statistics. Pure PyTorch on ``[B]`` tensors; no kernels.
 
 ``OBJECTIVES`` maps each ``loss_type`` to its function and what it needs; adding a loss is one function and one row.
 Every function takes :class:`PairStatistics` and :class:`ObjectiveConfig` and returns the per-pair loss ``[B]``.

@@ -14,7 +14,7 @@ import torch
 
 @dataclass(frozen=True)
 class TokenOptions:
-    """How logits become log-probabilities (FORMULAS.md §1) and how the chunked backend tiles the work.
+    """How logits become log-probabilities (MATH.md §1) and how the chunked backend tiles the work.
 
     Attributes:
         ignore_index: label value of positions that contribute 0 and receive 0 gradient.
@@ -30,6 +30,9 @@ class TokenOptions:
         inplace_backward: from logits only: write the logits' gradient into their own storage (see ``ops.inplace``).
         grad_filter_eps: from hidden states only: skip a backward tile whose every ``|softmax - onehot|`` (and
             ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients.
+        check_labels: check that every label is ``ignore_index`` or a vocabulary id before any kernel runs (one
+            reduction and a host sync); ``False`` skips it, e.g. under ``torch.compile(fullgraph=True)``, where an
+            out-of-range label is then undefined behaviour.
     """
 
     ignore_index: int = -100
@@ -41,6 +44,7 @@ class TokenOptions:
     tile_budget_mb: float | None = None
     inplace_backward: bool = False
     grad_filter_eps: float | None = None
+    check_labels: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
@@ -57,8 +61,9 @@ class TokenOptions:
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.tile_budget_mb is not None and not _is_positive_finite(self.tile_budget_mb):
             raise ValueError(f"tile_budget_mb must be None or a finite number of MiB > 0, got {self.tile_budget_mb!r}")
-        if not isinstance(self.inplace_backward, bool):
-            raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
+        for name in ("inplace_backward", "check_labels"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.grad_filter_eps is not None and not (_is_finite_number(self.grad_filter_eps) and self.grad_filter_eps >= 0):
             raise ValueError(f"grad_filter_eps must be None or a finite number >= 0, got {self.grad_filter_eps!r}")
 

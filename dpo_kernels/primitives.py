@@ -47,6 +47,7 @@ def token_logprobs(
     token_chunk_size: int | None = None,
     inplace_backward: bool = False,
     vocab_parallel_group=None,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Per-token log-probabilities ``log softmax(z)[label]`` from logits ``[..., T, V]``; returns ``[..., T]``.
 
@@ -55,10 +56,11 @@ def token_logprobs(
     caller no longer needs them, e.g. they come out of the LM head); refused for a leaf that requires grad, and any
     other autograd use of the overwritten logits then raises PyTorch's in-place modification error.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward)
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward,
+                    check_labels=check_labels)
     check_logits("logits", logits, labels)
     vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
-    require_labels_in_vocab(labels, total_vocab(vs, logits.shape[-1]), opts.ignore_index)
+    check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
     return run_token_logprobs(logits, labels, opts, backend, vs)
 
 
@@ -75,6 +77,7 @@ def token_logprobs_and_kl(
     token_chunk_size: int | None = None,
     inplace_backward: bool = False,
     vocab_parallel_group=None,
+    check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and the per-token ``KL(ref || policy)``, in one pass over both rows.
 
@@ -84,7 +87,8 @@ def token_logprobs_and_kl(
     ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient. ``inplace_backward`` as in
     :func:`token_logprobs`.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward)
+    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward,
+                    check_labels=check_labels)
     check_logits("logits", logits, labels)
     check_logits("ref_logits", ref_logits, labels)
     check_agree(logits=logits, ref_logits=ref_logits)
@@ -93,7 +97,7 @@ def token_logprobs_and_kl(
             f"ref_logits must have the vocabulary size of logits ({logits.shape[-1]}), got {ref_logits.shape[-1]}"
         )
     vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
-    require_labels_in_vocab(labels, total_vocab(vs, logits.shape[-1]), opts.ignore_index)
+    check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
     return run_token_logprobs_and_kl(logits, ref_logits, labels, opts, backend, vs)
 
 
@@ -113,6 +117,7 @@ def linear_token_logprobs(
     tile_budget_mb: float | None = None,
     grad_filter_eps: float | None = None,
     vocab_parallel_group=None,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
 
@@ -131,11 +136,11 @@ def linear_token_logprobs(
     ``eps * |upstream grad|`` (before the transform's factor).
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
-                    budget=tile_budget_mb, filter_eps=grad_filter_eps)
+                    budget=tile_budget_mb, filter_eps=grad_filter_eps, check_labels=check_labels)
     weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
-    require_labels_in_vocab(labels, total_vocab(vs, weight.shape[0]), opts.ignore_index)
+    check_label_range(labels, total_vocab(vs, weight.shape[0]), opts)
     return run_linear_token_stats(LinearHead(hidden, weight, bias), None, labels, opts, backend, vocab_slice=vs)
 
 
@@ -158,6 +163,7 @@ def linear_token_logprobs_and_kl(
     tile_budget_mb: float | None = None,
     grad_filter_eps: float | None = None,
     vocab_parallel_group=None,
+    check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and ``KL(ref || policy)`` per token from two heads, in one pass.
 
@@ -170,7 +176,7 @@ def linear_token_logprobs_and_kl(
     ``grad_filter_eps`` as in :func:`linear_token_logprobs`, also requiring every ``|softmax - q|`` below it.
     """
     opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
-                    budget=tile_budget_mb, filter_eps=grad_filter_eps)
+                    budget=tile_budget_mb, filter_eps=grad_filter_eps, check_labels=check_labels)
     weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
     ref_weight, ref_bias, _ = local_head(ref_weight, ref_bias, group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
@@ -181,7 +187,7 @@ def linear_token_logprobs_and_kl(
             f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got {ref_weight.shape[0]}"
         )
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
-    require_labels_in_vocab(labels, total_vocab(vs, weight.shape[0]), opts.ignore_index)
+    check_label_range(labels, total_vocab(vs, weight.shape[0]), opts)
     policy, ref = LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias)
     return run_linear_token_stats(policy, ref, labels, opts, backend, vocab_slice=vs)
 
@@ -327,9 +333,15 @@ def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in tensors if t is not None)
 
 
+def check_label_range(labels: torch.Tensor, vocab: int, opts: TokenOptions, name: str = "labels") -> None:
+    """Every label is ``ignore_index`` or in ``[0, vocab)``, unless ``opts.check_labels`` is off (no host sync)."""
+    if opts.check_labels:
+        require_labels_in_vocab(labels, vocab, opts.ignore_index, name)
+
+
 def _options(
     ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk, *, inplace=False, budget=None,
-    filter_eps=None,
+    filter_eps=None, check_labels=True,
 ) -> TokenOptions:
     return TokenOptions(
         ignore_index=ignore_index,
@@ -341,6 +353,7 @@ def _options(
         tile_budget_mb=budget,
         inplace_backward=inplace,
         grad_filter_eps=filter_eps,
+        check_labels=check_labels,
     )
 
 

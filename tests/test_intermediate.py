@@ -1,4 +1,4 @@
-"""Intermediate-layer DPO against its full-logits computation (FORMULAS.md §4)."""
+"""Intermediate-layer DPO against its full-logits computation (MATH.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every objective against an independent float64 NumPy closed form (FORMULAS.md §3 and TRL 1.16's definitions),
+"""Every objective against an independent float64 NumPy closed form (MATH.md §3 and TRL 1.16's definitions),
 for β from 1e-3 to 10 and log-ratios up to ±1e4, with finite values and gradients."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Mixed precision as trainers run it: every backend x hidden dtype x head dtype x autocast.
 
-The rule (``dpo_kernels/ops/linear/products.py``, FORMULAS.md §6): under autocast the head product is defined in
+The rule (``dpo_kernels/ops/linear/products.py``, MATH.md §6): under autocast the head product is defined in
 the autocast dtype, as ``nn.Linear`` computes it; without autocast in ``torch.promote_types(hidden, weight)``.
 The expected values are the float64 oracle on the operands rounded to that dtype; gradients come back in each input's
 own dtype.

@@ -196,3 +196,46 @@ def test_primitive_shape_checks():
                                      torch.randn(V + 1, D), h["labels"])
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
         linear_token_logprobs(h["policy_hidden"].tolist(), h["lm_head_weight"], h["labels"])
+
+
+def test_unshifted_labels_warn_once(monkeypatch):
+    """labels whose first position is scored look like input_ids passed without shift=True: one warning per
+    process, none with shift=True (the first label is dropped) or with check_labels=False."""
+    import warnings
+
+    import dpo_kernels.dpo as dpo_module
+
+    monkeypatch.setattr(primitives, "resolve_backend", _resolve)  # this test runs the loss
+    x = _inputs()
+    assert (x["labels"][:, 0] != -100).all()
+    monkeypatch.setattr(dpo_module, "_warned_unshifted", False)
+    with pytest.warns(UserWarning, match="as if labels were input_ids"):
+        fused_dpo_loss(**x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_dpo_loss(**x)  # once
+        monkeypatch.setattr(dpo_module, "_warned_unshifted", False)
+        fused_dpo_loss(**x, shift=True)
+        fused_dpo_loss(**x, check_labels=False)
+        masked = x["labels"].clone()
+        masked[:, 0] = -100
+        fused_dpo_loss(**{**x, "labels": masked})
+
+
+def test_check_labels_false_skips_the_host_sync(monkeypatch):
+    import dpo_kernels.primitives
+
+    monkeypatch.setattr(primitives, "resolve_backend", _resolve)
+    calls = []
+    monkeypatch.setattr(dpo_kernels.primitives, "require_labels_in_vocab", lambda *a, **k: calls.append(a))
+    x = _inputs()
+    fused_dpo_loss(**x, shift=True, check_labels=False)
+    token_logprobs(x["policy_logits"], x["labels"], check_labels=False)
+    assert calls == []
+    token_logprobs(x["policy_logits"], x["labels"])
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        token_logprobs(x["policy_logits"], x["labels"], check_labels=1)
+
+
+from dpo_kernels.ops.registry import resolve_backend as _resolve  # noqa: E402

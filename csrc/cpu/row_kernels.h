@@ -107,7 +107,7 @@ struct OnlineKl {
     w = w * rescale + sum;
   }
 
-  // KL = w / s_r - lse_r + lse (FORMULAS.md section 1).
+  // KL = w / s_r - lse_r + lse (MATH.md section 1).
   acc_t kl(acc_t policy_lse) const { return w / ref.s - ref.lse() + policy_lse; }
 };
 

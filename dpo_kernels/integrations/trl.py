@@ -24,8 +24,7 @@ import torch
 
 from ..ops.common import LinearHead
 from ..options import TokenOptions
-from ..primitives import check_head, run_linear_token_stats
-from ..validation import require_labels_in_vocab
+from ..primitives import check_head, check_label_range, run_linear_token_stats
 
 SUPPORTED_TRL = ("1.16",)
 _ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -100,7 +99,7 @@ class FusedLogProbs:
                             logit_scale=float(logit_scale), tile_budget_mb=FusedLogProbs.tile_budget_mb)
         hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
         check_head(("hidden", hidden), ("weight", weight), ("bias", bias), targets)
-        require_labels_in_vocab(targets, weight.shape[0], opts.ignore_index, name="targets")
+        check_label_range(targets, weight.shape[0], opts, name="targets")
         wanted = set(outputs) - {"log_probs"}
         out = run_linear_token_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
                                      logging=bool(wanted), head_context=_trl_utils().maybe_gather_lm_head_ctx)

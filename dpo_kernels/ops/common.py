@@ -12,7 +12,7 @@ class LinearHead:
     """Hidden states and the output head that turns them into logits: ``z = hidden @ weight.T (+ bias)``.
 
     Used for the reference side of the fused KL primitive. It is passed to autograd functions as a plain object, not
-    as tensors, because the reference receives no gradient (FORMULAS.md §1).
+    as tensors, because the reference receives no gradient (MATH.md §1).
 
     Shapes: ``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None``.
     """

@@ -1,4 +1,4 @@
-"""The logit post-processing of FORMULAS.md §1 and its derivative, for the PyTorch backends.
+"""The logit post-processing of MATH.md §1 and its derivative, for the PyTorch backends.
 
 ``z = logit_scale * x``, then ``z = softcap * tanh(z / softcap)`` when a softcap is set, then ``z = z / temperature``.
 """

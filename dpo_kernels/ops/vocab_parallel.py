@@ -3,7 +3,7 @@
 Rank ``r`` of ``R`` holds columns ``[v_r, v_{r+1})`` of the head (``weight [V_r, D]``, ``bias [V_r]``) or of the
 logits (``[..., V_r]``), slices in rank order, sizes free; every rank holds the same tokens and the same (global)
 labels. Each rank folds its slice into the per-token statistics of :mod:`dpo_kernels.ops.linear.contract` with its
-own backend's tile kernels, then :func:`combine` merges them across the group (FORMULAS.md §7):
+own backend's tile kernels, then :func:`combine` merges them across the group (MATH.md §7):
 
     M = max_r m_r,   S = sum_r s_r e^{m_r - M},   label logit = sum_r (the owner's, 0 elsewhere)
     reference: Mr, Sr likewise, and w = sum_r w_r e^{mr_r - Mr}

@@ -1,4 +1,4 @@
-"""Every primitive of every backend, value and gradient, against the reference backend (FORMULAS.md §1).
+"""Every primitive of every backend, value and gradient, against the reference backend (MATH.md §1).
 
 Cases: odd vocabularies (1000, 32001), masked positions and a fully masked row, softcap / logit_scale / temperature,
 non-contiguous inputs (a shifted slice, a transposed layout, a column-major head), leading dimensions other than

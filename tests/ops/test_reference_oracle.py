@@ -1,4 +1,4 @@
-"""The reference backend against a hand-written float64 NumPy computation of FORMULAS.md §1, token by token."""
+"""The reference backend against a hand-written float64 NumPy computation of MATH.md §1, token by token."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_reference_matches_numpy(opts):
 
 
 def test_reference_gradient_is_onehot_minus_softmax():
-    """d logp / d z = onehot - softmax, and d KL / d z = softmax - q (FORMULAS.md §1), via autograd."""
+    """d logp / d z = onehot - softmax, and d KL / d z = softmax - q (MATH.md §1), via autograd."""
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(1, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
     ref_logits = torch.randn(1, 3, 7, generator=g, dtype=torch.float64)

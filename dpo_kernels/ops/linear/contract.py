@@ -4,7 +4,7 @@ The driver computes every tile ``x = h W_c^T`` with a GEMM whose output is fp32 
 tokens that are not ignored (every label of a tile is a valid vocabulary id). A backend supplies:
 
 ``fold(tile, stats, ref, ref_stats, opts) -> None``
-    Adds the bias, applies the logit transform (FORMULAS.md §1: scale, softcap, temperature) and folds the tile
+    Adds the bias, applies the logit transform (MATH.md §1: scale, softcap, temperature) and folds the tile
     into the running per-token statistics, in place. ``stats`` is ``[3, n]`` (:data:`STATS_ROWS`: running max,
     running sum of ``exp(z - max)``, label logit where the label falls in the tile); with a reference tile,
     ``ref_stats`` is ``[4, n]`` (:data:`REF_STATS_ROWS`: the reference's max, sum and label logit, and

@@ -1,7 +1,7 @@
 """The one tile loop of the linear path and its autograd functions, shared by every tile-kernel backend.
 
 ``linear_token_stats(policy, ref, labels, opts, kernels)`` returns per-token log-probs of ``z = h W^T (+ b)``
-(and, with a reference head, the reference log-probs and ``KL(ref || policy)``, FORMULAS.md §1) without building
+(and, with a reference head, the reference log-probs and ``KL(ref || policy)``, MATH.md §1) without building
 ``[N, V]``:
 
 - Ignored tokens (label ``ignore_index``: prompts, padding) are dropped before the first GEMM: the kept rows of the

@@ -1,6 +1,6 @@
 """The head's matrix products: which dtype they are defined in, and how each device computes them.
 
-The dtype rule (FORMULAS.md §6):
+The dtype rule (MATH.md §6):
 
 - under ``torch.autocast`` for the inputs' device, the product ``h W^T`` is defined in the autocast dtype, as
   ``nn.Linear`` would compute it: both operands are rounded to that dtype (fp64 inputs are left alone, as autocast

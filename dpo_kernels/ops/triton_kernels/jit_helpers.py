@@ -1,4 +1,4 @@
-"""Triton device functions shared by the kernels: the logit post-processing of FORMULAS.md §1 and its derivative, and
+"""Triton device functions shared by the kernels: the logit post-processing of MATH.md §1 and its derivative, and
 the online fold of a block of reference logits for the KL.
 
 Which steps apply is chosen by constexpr flags (``HAS_SCALE``, ``HAS_SOFTCAP``, ``HAS_TEMPERATURE``), so a kernel

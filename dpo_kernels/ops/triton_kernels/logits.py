@@ -2,7 +2,7 @@
 
 Forward: one program per token reads its logits row once in ``BLOCK_V`` steps, keeping the online log-sum-exp
 (running max ``m`` and rescaled sum ``s``) and, with a reference row, the reference's ``m_r``, ``s_r`` and the
-weighted sum ``w = sum_v e^{zr_v - m_r} (zr_v - z_v)`` (FORMULAS.md §1). It writes ``O(N)`` statistics only. A
+weighted sum ``w = sum_v e^{zr_v - m_r} (zr_v - z_v)`` (MATH.md §1). It writes ``O(N)`` statistics only. A
 masked token skips its row entirely.
 
 Backward: one program per token recomputes the softmax from the saved ``lse`` and writes
