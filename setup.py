@@ -76,11 +76,11 @@ setup(
     # triton: CUDA builds of torch already ship it; on a CPU machine the tests run its kernels in the interpreter.
     extras_require={
         # deepspeed: pure Python here (its ops build on first use), for the ZeRO-3 tests on DeepSpeed's CPU accelerator
-        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl==1.16.*", "peft",
+        "test": ["pytest>=7", "numpy", "triton>=3.2; platform_system == 'Linux'", "trl>=1.14,<1.17", "peft",
                  "deepspeed; platform_system == 'Linux'"],
-        "trl": ["trl==1.16.*"],
+        "trl": ["trl>=1.14,<1.17"],
         "demo": ["transformers>=4.45", "tqdm"],
-        "bench": ["pytest-benchmark>=4", "matplotlib", "trl==1.16.*", "liger-kernel", "cut-cross-entropy"],
+        "bench": ["pytest-benchmark>=4", "matplotlib", "trl>=1.14,<1.17", "liger-kernel", "cut-cross-entropy"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

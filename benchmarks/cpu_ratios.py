@@ -1,6 +1,6 @@
 """Ratios of each implementation's median time to the naive path's, from a pytest-benchmark JSON file.
 
-    python benchmarks/cpu_ratios.py benchmarks/results/cpu/cpu_backend.json [--markdown OUT.md]
+    python benchmarks/cpu_ratios.py benchmarks/out/cpu/cpu_backend.json [--markdown OUT.md]
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from output import add_out_argument, out_dir
+
 
 
 def _status_kib(field: str) -> int:
@@ -120,7 +120,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--impls", default=None, help="comma-separated; default: naive and every available backend")
     parser.add_argument("--check", type=float, default=None, help="fail if any fused/naive extra-peak ratio exceeds it")
-    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    add_out_argument(parser)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -149,10 +150,10 @@ def main() -> int:
         for r in rows:
             assert abs(r["checksum"] - naive["checksum"]) <= 1e-4 * abs(naive["checksum"]), f"{r['impl']} disagrees"
     if not args.no_save:
-        out_dir = RESULTS / "cpu"
-        out_dir.mkdir(parents=True, exist_ok=True)
         record = {"benchmark": f"peak_memory_{args.case}", "shape": shape, "machine": machine, "results": rows}
-        (out_dir / f"peak_memory_{args.case}.json").write_text(json.dumps(record, indent=2) + "\n")
+        path = out_dir(args.out, "cpu") / f"peak_memory_{args.case}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print("wrote", path)
     if failed:
         print(f"FAIL: a fused implementation used more than {args.check:.0%} of the naive extra peak")
     return 1 if failed else 0

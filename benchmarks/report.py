@@ -1,4 +1,5 @@
-"""Run the field benchmarks for a preset and write a markdown table and plots to ``benchmarks/results/<device>/``.
+"""Run the field benchmarks for a preset and write a markdown table and plots to ``--out`` (default
+``benchmarks/out/<device>/``, untracked; ``--out benchmarks/results/<device>`` updates the committed report).
 
     python benchmarks/report.py --preset cpu                 # run pytest-benchmark, measure memory, write the report
     python benchmarks/report.py --preset cpu --reuse-json    # rebuild the report from the last field.json
@@ -23,6 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from output import add_out_argument, out_dir  # noqa: E402
 
 
 def _machine(device: str) -> str:
@@ -144,6 +147,7 @@ def main() -> int:
     parser.add_argument("--reuse-json", action="store_true",
                         help="do not rerun the benchmarks (nor the memory measurements, when memory.json exists)")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.memory_child:
         preset, case, impl, tokens = args.memory_child
@@ -155,8 +159,7 @@ def main() -> int:
 
     preset = args.preset or ("llama3" if torch.cuda.is_available() else "cpu")
     device = PRESETS[preset].device
-    out = HERE / "results" / (device if device == "cpu" else torch.cuda.get_device_name(0).replace(" ", "_"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out, device if device == "cpu" else torch.cuda.get_device_name(0).replace(" ", "_"))
     if not args.reuse_json:
         _run_benchmarks(preset, out)
     rows = [r for r in _rows(out / "field.json") if r["preset"] == preset]

@@ -1,7 +1,7 @@
 """CPU time of the per-token log-prob primitives, forward + backward, per implementation (pytest-benchmark).
 
-    pytest benchmarks/test_cpu_backend.py --benchmark-only --benchmark-json=benchmarks/results/cpu/cpu_backend.json
-    python benchmarks/cpu_ratios.py benchmarks/results/cpu/cpu_backend.json
+    pytest benchmarks/test_cpu_backend.py --benchmark-only --benchmark-json=benchmarks/out/cpu/cpu_backend.json
+    python benchmarks/cpu_ratios.py benchmarks/out/cpu/cpu_backend.json
 
 Shapes are the C++ backend issue's: from logits N=4096 tokens, V=32000; from hidden states N=4096, D=512,
 V=32000; fp32. ``naive`` is log_softmax + gather + autograd (the stock path). The logits are a fresh non-leaf tensor

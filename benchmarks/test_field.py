@@ -1,6 +1,6 @@
 """Time of every case x implementation x shape preset, forward and forward+backward (pytest-benchmark).
 
-    pytest benchmarks --benchmark-only -k cpu --benchmark-json=benchmarks/results/cpu/field.json
+    pytest benchmarks --benchmark-only -k cpu --benchmark-json=benchmarks/out/cpu/field.json
 
 GPU presets (Llama-3-8B-like and Gemma-2-like heads at 4k-16k tokens) are skipped without a GPU; an implementation
 that is not installed or cannot run here is skipped with its reason. Before an implementation is timed, its output

@@ -10,7 +10,7 @@ Implementations, each in its own subprocess, measured from the RSS after the tra
 - ``logits``: the full-logits path TRL used before 1.0 (``[2B, T, V]`` logits, log_softmax, gather), through
   ``fused_dpo_loss(backend="reference")`` on the model's logits.
 
-Results go to ``benchmarks/results/cpu/trl_step_memory.json``.
+Results go to ``trl_step_memory.json`` in ``--out`` (default ``benchmarks/out/cpu/``, untracked).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+from output import add_out_argument, out_dir
+
 
 
 def _rss_kib(field: str) -> int:
@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--impls", default="stock,patched,logits")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.hidden, args.vocab, args.seq, args.pairs)))
@@ -107,8 +108,10 @@ def main() -> int:
     for r in rows:
         print(f"{r['impl']:<8} {r['extra_peak_mib']:>15.1f} {r['extra_peak_mib'] / stock['extra_peak_mib']:>9.3f} "
               f"{r['seconds']:>8.2f} {r['loss']:>10.6f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "trl_step_memory.json").write_text(json.dumps({"shape": vars(args), "results": rows}, indent=2) + "\n")
+    path = out_dir(args.out, "cpu") / "trl_step_memory.json"
+    shape = {k: v for k, v in vars(args).items() if k not in ("child", "out")}
+    path.write_text(json.dumps({"shape": shape, "results": rows}, indent=2) + "\n")
+    print("wrote", path)
     return 0
 
 

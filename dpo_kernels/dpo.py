@@ -164,7 +164,7 @@ class DPOLossOutput:
     ``loss`` is the differentiable scalar. ``chosen_logps`` / ``rejected_logps`` are the policy's sequence log-probs
     (sum, or mean with ``average_log_prob``) and stay differentiable, so callers can add terms of their own.
     Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the summed token-level KLs, ``None`` unless a TDPO loss
-    is used. ``metrics`` holds detached floats named as TRL logs them.
+    is used. ``metrics`` holds detached floats named as TRL logs them (0-dim fp64 tensors under ``torch.compile``).
     """
 
     loss: torch.Tensor
@@ -174,7 +174,7 @@ class DPOLossOutput:
     rejected_logps: torch.Tensor
     chosen_kl: torch.Tensor | None
     rejected_kl: torch.Tensor | None
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # dict[str, torch.Tensor] under torch.compile
 
 
 def fused_dpo_loss(
@@ -237,8 +237,13 @@ def fused_dpo_loss(
     ``vocab_parallel_group``: the policy's and the reference's logits, or heads, are this rank's slices of a
     vocabulary split over that process group (or the heads are DTensors sharded on dim 0), as on the primitives;
     ``check_labels`` (default on): check the label range, and warn once when ``labels`` look like unshifted
-    ``input_ids`` (a first column that is not ``ignore_index`` while ``shift=False``); both need a host sync, so
-    turn it off under ``torch.compile(fullgraph=True)``.
+    ``input_ids`` (a first column that is not ``ignore_index`` while ``shift=False``); each costs a host sync.
+
+    Under ``torch.compile(fullgraph=True)`` the whole call traces without a graph break: the kernels run as
+    ``torch.library`` custom ops (:mod:`dpo_kernels.ops.linear.library_ops`), the label range check becomes an
+    in-graph asynchronous assert (``check_labels=False`` drops it), the unshifted-labels warning is skipped, and
+    ``metrics`` holds 0-dim fp64 tensors instead of floats (no host sync inside the graph).
+    ``vocab_parallel_group`` and ``inplace_backward`` are refused there.
 
     A policy and a reference both given as hidden states go through one fused call: each tile of the reference is
     computed beside the policy's, for the same kept tokens, in the forward only; the backward recomputes the policy
@@ -397,7 +402,7 @@ class PreferenceInputs:
         scored = labels[:, 1:] if config.shift else labels
         vocab_slice = vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
         check_label_range(scored, total_vocab(vocab_slice, vocab), config.token_options)
-        if config.check_labels and not config.shift:
+        if config.check_labels and not config.shift and not torch.compiler.is_compiling():
             _warn_if_unshifted(labels, config.ignore_index)
         return vocab_slice
 
@@ -548,8 +553,10 @@ def _metrics(
         values["kl/chosen"] = stats.chosen_kl.detach().mean()
         values["kl/rejected"] = stats.rejected_kl.detach().mean()
     values.update({f"loss/{name}": part.detach() for name, part in loss_parts.items()})
-    floats = torch.stack([v.to(torch.float64) for v in values.values()]).tolist()
-    return dict(zip(values, floats, strict=True))
+    stacked = torch.stack([v.to(torch.float64) for v in values.values()])
+    if torch.compiler.is_compiling():  # no host sync inside a compiled graph: 0-dim fp64 tensors
+        return dict(zip(values, stacked.unbind(), strict=True))
+    return dict(zip(values, stacked.tolist(), strict=True))
 
 
 class FusedDPOLoss(nn.Module):

@@ -31,8 +31,8 @@ class TokenOptions:
         grad_filter_eps: from hidden states only: skip a backward tile whose every ``|softmax - onehot|`` (and
             ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients.
         check_labels: check that every label is ``ignore_index`` or a vocabulary id before any kernel runs (one
-            reduction and a host sync); ``False`` skips it, e.g. under ``torch.compile(fullgraph=True)``, where an
-            out-of-range label is then undefined behaviour.
+            reduction and a host sync; under ``torch.compile`` an in-graph asynchronous assert instead); ``False``
+            skips it, and an out-of-range label is then undefined behaviour.
     """
 
     ignore_index: int = -100

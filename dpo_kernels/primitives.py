@@ -22,7 +22,7 @@ import torch
 
 from .ops import vocab_parallel
 from .ops.common import LinearHead
-from .ops.linear import driver
+from .ops.linear import driver, library_ops
 from .ops.registry import resolve_backend
 from .ops.vocab_parallel import VocabSlice
 from .options import TokenOptions
@@ -198,6 +198,10 @@ def linear_token_logprobs_and_kl(
 
 def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str, vocab_slice: VocabSlice | None = None):
     rows = _rows_shape(labels)
+    if torch.compiler.is_compiling():
+        library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None)
+        return library_ops.logits_token_stats(_as_rows(logits, rows), None, labels.reshape(rows), opts,
+                                              backend).view(labels.shape)
     name, impl = resolve_backend(backend, logits.device, logits.dtype)
     if vocab_slice is not None:
         out = driver.logits_token_stats(_as_rows(logits, rows), None, labels.reshape(rows), opts,
@@ -210,8 +214,11 @@ def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str, vocab_s
 def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str,
                               vocab_slice: VocabSlice | None = None):
     rows = _rows_shape(labels)
-    name, impl = resolve_backend(backend, logits.device, _dtypes(logits, ref_logits))
     args = (_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
+    if torch.compiler.is_compiling():
+        library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None)
+        return tuple(o.view(labels.shape) for o in library_ops.logits_token_stats(*args, backend))
+    name, impl = resolve_backend(backend, logits.device, _dtypes(logits, ref_logits))
     if vocab_slice is not None:
         outs = driver.logits_token_stats(*args, _tile_kernels(name, impl), vocab_slice)
     else:
@@ -226,11 +233,16 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
     top-1), computed in the same forward pass. With ``vocab_slice`` the heads are this rank's vocabulary slices;
     ``head_context`` gathers a sharded head again in the backward (see :func:`driver.linear_token_stats`)."""
     rows = _rows_shape(labels)
+    policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
+    ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
+    if torch.compiler.is_compiling():
+        library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None, head_context=head_context,
+                                         logging=logging)
+        outs = library_ops.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, backend)
+        return outs.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in outs)
     heads = (policy,) if ref is None else (policy, ref)
     dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
     name, impl = resolve_backend(backend, policy.hidden.device, dtypes)
-    policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
-    ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
     if vocab_slice is not None:
         outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, _tile_kernels(name, impl),
                                          logging, vocab_slice, head_context)

@@ -44,10 +44,15 @@ def require_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning
 
 
 def require_labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
-    """Every label is ``ignore_index`` or in ``[0, vocab)``; one reduction (a host sync on GPU)."""
+    """Every label is ``ignore_index`` or in ``[0, vocab)``; one reduction (a host sync on GPU). Under
+    ``torch.compile`` the check is an asynchronous assert inside the graph instead (no host sync; on a GPU a
+    failure surfaces as a device-side assert at the next synchronisation, without the offending value)."""
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(

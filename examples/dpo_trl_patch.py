@@ -1,4 +1,7 @@
-"""Stock TRL 1.16 DPOTrainer running on dpo_kernels: one call, ``patch()``, before building the trainer.
+"""Stock TRL DPOTrainer (1.14 to 1.16) running on dpo_kernels: one call, ``patch()``, before building the trainer.
+
+On TRL 1.15 and 1.16 the DPOTrainer always uses the fused LM head that ``patch()`` replaces; on 1.14 it does so only
+with ``use_liger_kernel=True`` (``patch()`` warns once there).
 
     python examples/dpo_trl_patch.py
 """

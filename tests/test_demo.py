@@ -17,12 +17,34 @@ from dpo_kernels import demo  # noqa: E402
     (["--dtype", "bf16"], "bfloat16 weights", 2e-2),
 ], ids=["fp32", "amp", "bf16"])
 def test_demo_fused_and_unfused_agree(capsys, flags, described, rel):
-    assert demo.main(["--steps", "2", "--vocab", "500", "--prompt", "8", "--completion", "8", *flags]) == 0
+    assert demo.main(["--steps", "2", "--repeats", "2", "--vocab", "500", "--prompt", "8", "--completion", "8",
+                      *flags]) == 0
     out = capsys.readouterr().out
     assert described in out.splitlines()[0]
-    rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.startswith(("fused ", "unfused ")) and " MiB " in line}  # the table, not the summary line
-    fused, unfused = (float(v) for v in rows["fused"][-2:]), (float(v) for v in rows["unfused"][-2:])
-    for f, u in zip(fused, unfused, strict=True):
-        assert f == pytest.approx(u, rel=rel)
-    assert "x the time" in out
+    finals = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+              if line.startswith(("fused ", "unfused ")) and "MiB" not in line and " vs " not in line}
+    for f, u in zip(finals["fused"], finals["unfused"], strict=True):
+        assert float(f) == pytest.approx(float(u), rel=rel)
+    timed = {line.split()[0]: line.split() for line in out.splitlines()
+             if line.startswith(("fused ", "unfused ")) and "MiB" in line and " vs " not in line}
+    assert timed.keys() == {"fused", "unfused"}
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("fused vs unfused, best of 2: ")
+    assert f"x the time per training step ({timed['fused'][1]} ms vs {timed['unfused'][1]} ms)" in summary
+
+
+def test_timing_interleaves_the_paths_and_reports_each_best(monkeypatch):
+    calls = []
+    results = {True: iter([(3.0, 50.0), (1.0, 40.0), (2.0, 45.0)]), False: iter([(6.0, 900.0), (9.0, 800.0),
+                                                                                   (4.0, 850.0)])}
+
+    def fake_step(model, batch, fused, setup):
+        calls.append(fused)
+        return next(results[fused])
+
+    monkeypatch.setattr(demo, "_time_step", fake_step)
+    best = demo._best_of(None, None, None, repeats=3)
+    assert calls == [True, False] * 3
+    assert best == {"fused": (1.0, 40.0), "unfused": (4.0, 800.0)}
+    assert demo._summary(best, 3) == ("fused vs unfused, best of 3: 0.25x the time per training step (1000 ms vs "
+                                      "4000 ms), 0.05x the peak extra memory (40 MiB vs 800 MiB)")

@@ -1,1 +1,1 @@
-"""Integrations with the tools users run: ``trl`` (patch TRL 1.16's trainers onto dpo_kernels)."""
+"""Integrations with the tools users run: ``trl`` (patch TRL's trainers, 1.14 to 1.16, onto dpo_kernels)."""

@@ -1,4 +1,4 @@
-"""Stepwise DPO, sDPO (MATH.md §5), on TRL 1.16.
+"""Stepwise DPO, sDPO (MATH.md §5), on TRL (1.14 to 1.16).
 
 The preference data is split into ordered chunks. Stage ``t`` trains on chunk ``t`` with the policy continuing from
 the model stage ``t-1`` produced and the reference frozen as a copy of that same model (stage 1: the SFT model), so

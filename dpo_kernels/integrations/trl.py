@@ -1,15 +1,22 @@
-"""Run TRL 1.16's own trainers on dpo_kernels: ``patch()`` / ``unpatch()``.
+"""Run TRL's own trainers on dpo_kernels: ``patch()`` / ``unpatch()``.
 
-TRL 1.16 computes per-token log-probs for every trainer (DPO, KTO, GRPO, RLOO, SFT, ...) through one function:
-``add_fused_lm_head`` makes ``model(..., fused_lm_head=True)`` call ``trl.trainer.utils._ChunkedLogProbFunction``.
-``patch()`` replaces that function with :class:`FusedLogProbs`, which computes the log-probs on dpo_kernels' linear
-path (the backend you choose; gradients flow to hidden states, head weight and bias) and the fields TRL only logs
-(entropy, mean logits, top-1 accuracy, log sum p^2) in the same forward pass, with no extra product of the head.
-The trainers, their losses and their metrics are otherwise TRL's own.
+TRL computes per-token log-probs through one fused LM head, ``trl.trainer.utils._ChunkedLogProbFunction``: in TRL
+1.15 and 1.16 every trainer does (DPO, KTO, GRPO, RLOO, SFT: ``add_fused_lm_head`` makes
+``model(..., fused_lm_head=True)`` call it); in TRL 1.14 the DPO, KTO and GRPO trainers call it directly. ``patch()``
+replaces it with :class:`FusedLogProbs`, which computes the log-probs on dpo_kernels' linear path (the backend you
+choose; gradients flow to hidden states, head weight and bias) and the fields TRL only logs (entropy, mean logits,
+top-1 accuracy, log sum p^2) in the same forward pass, with no extra product of the head. The trainers, their losses
+and their metrics are otherwise TRL's own.
 
     from dpo_kernels.integrations import trl as dk_trl
     dk_trl.patch()            # before building the trainer; dk_trl.unpatch() restores TRL's function
     trainer = DPOTrainer(...)
+
+Supported: TRL 1.14, 1.15 and 1.16 (:data:`SUPPORTED_TRL`), the releases whose ``DPOTrainer`` runs on the fused LM
+head (TRL 1.14 only with ``use_liger_kernel=True``, TRL's switch for it then; ``patch()`` warns once), and any
+later release whose function still has one of their two interfaces (checked from its signature); any other release
+is refused with the supported range in the message. Older releases' ``DPOTrainer`` computes full logits, so there
+is nothing for ``patch()`` to replace there (use :func:`dpo_kernels.fused_dpo_loss` directly).
 
 Entropy is returned for logging: a trainer that backpropagates through it (an entropy bonus) gets a clear error
 instead of a silently missing gradient; ``unpatch()`` for such trainers.
@@ -19,6 +26,9 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
+import sys
+import warnings
 
 import torch
 
@@ -26,27 +36,54 @@ from ..ops.common import LinearHead
 from ..options import TokenOptions
 from ..primitives import check_head, check_label_range, run_linear_token_stats
 
-SUPPORTED_TRL = ("1.16",)
+SUPPORTED_TRL = ("1.14", "1.15", "1.16")
 _ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# The fused head's arguments after (hidden, weight): TRL 1.14 returns (log_probs, entropy); 1.15 and 1.16 take the
+# outputs wanted and return five fields.
+_ARGUMENTS = ("bias", "targets", "temperature", "chunk_size", "final_logit_softcapping", "logit_scale")
+_INTERFACES = {_ARGUMENTS: "two_outputs", (*_ARGUMENTS, "outputs"): "five_outputs"}
 
 _state: dict[str, object] = {}
 
 
-def _trl_utils():
+def _trl_version() -> str:
     try:
-        version = importlib.metadata.version("trl")
+        return importlib.metadata.version("trl")
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError("dpo_kernels.integrations.trl needs TRL: pip install 'trl==1.16.*'") from None
-    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRL:
+        raise RuntimeError("dpo_kernels.integrations.trl needs TRL: pip install 'trl>=1.14,<1.17'") from None
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _trl_utils():
+    """``trl.trainer.utils`` after checking the installed TRL is one ``patch()`` supports."""
+    version = _trl_version()
+    supported = f"TRL {SUPPORTED_TRL[0]} to {SUPPORTED_TRL[-1]}"
+    if _minor(version) < _minor(SUPPORTED_TRL[0]):
         raise RuntimeError(
-            f"dpo_kernels.integrations.trl supports TRL {', '.join(SUPPORTED_TRL)}; found TRL {version}. "
-            "Its fused LM head interface differs across minor versions."
+            f"dpo_kernels.integrations.trl supports {supported}; found TRL {version}, whose DPOTrainer computes full "
+            "logits (nothing for patch() to replace). Upgrade TRL, or call dpo_kernels.fused_dpo_loss yourself."
         )
     import trl.trainer.utils as utils
 
-    if not hasattr(utils, "_ChunkedLogProbFunction"):
-        raise RuntimeError(f"TRL {version} has no trl.trainer.utils._ChunkedLogProbFunction to patch")
+    if _interface(utils, version) is None:
+        raise RuntimeError(
+            f"dpo_kernels.integrations.trl supports {supported}; found TRL {version}, whose fused LM head "
+            "(trl.trainer.utils._ChunkedLogProbFunction) has an interface this version of dpo_kernels does not know."
+        )
     return utils
+
+
+def _interface(utils, version: str) -> str | None:
+    """``"two_outputs"`` (TRL 1.14), ``"five_outputs"`` (1.15, 1.16) or ``None``, from the function's signature."""
+    function = _state.get("original", getattr(utils, "_ChunkedLogProbFunction", None))
+    if function is None:  # TRL 1.15+ without Triton leaves it None; add_fused_lm_head still calls it with outputs
+        return "five_outputs" if _minor(version) >= (1, 15) and hasattr(utils, "add_fused_lm_head") else None
+    params = tuple(inspect.signature(function.forward).parameters)[3:]  # after ctx, hidden, weight
+    return _INTERFACES.get(params)
 
 
 def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None:
@@ -55,16 +92,32 @@ def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None
     utils = _trl_utils()
     TokenOptions(tile_budget_mb=tile_budget_mb)  # validated now, not at the first training step
     if "original" not in _state:
-        _state["original"] = utils._ChunkedLogProbFunction
+        original = utils._ChunkedLogProbFunction
+        _state["interface"] = _interface(utils, _trl_version())
+        _state["original"] = original
+        # TRL 1.14's trainers import the function by name: every module holding it gets ours
+        _state["modules"] = [m for name, m in list(sys.modules.items())
+                             if name.startswith("trl.") and getattr(m, "_ChunkedLogProbFunction", None) is original]
     FusedLogProbs.backend = backend
     FusedLogProbs.tile_budget_mb = tile_budget_mb
-    utils._ChunkedLogProbFunction = FusedLogProbs
+    FusedLogProbs.interface = _state["interface"]
+    for module in _state["modules"]:
+        module._ChunkedLogProbFunction = FusedLogProbs
+    if FusedLogProbs.interface == "two_outputs" and not _state.get("warned_1_14"):
+        _state["warned_1_14"] = True
+        warnings.warn(
+            "TRL 1.14's DPOTrainer and KTOTrainer take the fused LM head that patch() replaces only with "
+            "use_liger_kernel=True in their config (TRL's switch for its chunked path; it needs liger-kernel installed "
+            "and also has transformers apply Liger's kernels to the model, which liger_kernel_config can turn off); "
+            "without it they compute full logits and dpo_kernels is not used.", stacklevel=2)
 
 
 def unpatch() -> None:
     """Restore TRL's own chunked log-prob function."""
     if "original" in _state:
-        _trl_utils()._ChunkedLogProbFunction = _state.pop("original")
+        original = _state.pop("original")
+        for module in _state.pop("modules"):
+            module._ChunkedLogProbFunction = original
 
 
 def is_patched() -> bool:
@@ -87,14 +140,19 @@ class _LoggingOnly(torch.autograd.Function):
 
 
 class FusedLogProbs:
-    """Drop-in for TRL 1.16's ``ChunkedLogProbFunction``: same ``apply`` arguments and 5-tuple result."""
+    """Drop-in for TRL's ``ChunkedLogProbFunction``: the same ``apply`` arguments, and the result in the installed
+    TRL's form (``(log_probs, entropy)`` for TRL 1.14; the 5-tuple of 1.15 and 1.16)."""
 
     backend = "auto"
     tile_budget_mb: float | None = None
+    interface = "five_outputs"
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
               outputs=_ALL_OUTPUTS):
+        two_outputs = FusedLogProbs.interface == "two_outputs"
+        if two_outputs:
+            outputs = ("log_probs", "entropy")
         opts = TokenOptions(temperature=float(temperature), softcap=final_logit_softcapping,
                             logit_scale=float(logit_scale), tile_budget_mb=FusedLogProbs.tile_budget_mb)
         hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
@@ -108,6 +166,8 @@ class FusedLogProbs:
         entropy = logged.get("entropy")
         if entropy is not None and hidden.requires_grad:
             entropy = _LoggingOnly.apply(entropy, hidden)
+        if two_outputs:
+            return log_probs.squeeze(0), entropy
         return (log_probs.squeeze(0), entropy, logged.get("log_sum_sq_probs"), logged.get("mean_logits"),
                 logged.get("is_top1"))
 
@@ -120,6 +180,23 @@ def _trainer_classes():
     from trl import DPOConfig, DPOTrainer
 
     return DPOConfig, DPOTrainer
+
+
+def _refuse_precomputed_reference(args) -> None:
+    """TDPO's KL and the reference at intermediate layers need the reference model's hidden states: precomputed
+    sequence log-probs do not hold them."""
+    if not args.precompute_ref_log_probs:
+        return
+    tdpo = [t for t in args.loss_type if str(t).startswith("tdpo")]
+    if tdpo:
+        raise ValueError(f"loss_type {tdpo} needs the reference model's distribution at every token (TDPO's KL); "
+                         "precompute_ref_log_probs=True keeps only its sequence log-probs. Set "
+                         "precompute_ref_log_probs=False.")
+    if args.intermediate_layers and args.reference_at_intermediate_layers:
+        raise ValueError("reference_at_intermediate_layers=True reads the reference model at each intermediate layer; "
+                         "precompute_ref_log_probs=True keeps only its final-layer log-probs. Set "
+                         "reference_at_intermediate_layers=False (the precomputed reference for every layer) or "
+                         "precompute_ref_log_probs=False.")
 
 
 @functools.cache
@@ -160,8 +237,13 @@ def make_fused_dpo_classes():
 
         _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
+            if args is not None:
+                _refuse_precomputed_reference(args)
+            super().__init__(model, ref_model, args, *rest, **kwargs)
+            if getattr(self, "padding_free", False):  # TRL 1.14-1.16 turn it off themselves, with a warning
+                raise ValueError("FusedDPOTrainer takes padded batches (one row a sequence); this TRL packed them "
+                                 "(padding_free=True). Set padding_free=False.")
             # hidden states come out of each model's own forward, through whatever wraps it (DDP, FSDP, DeepSpeed)
             for model in (self.model, self.ref_model):
                 if model is not None:
@@ -219,6 +301,10 @@ def make_fused_dpo_classes():
                                               **model_kwargs)
             for name, value in out.metrics.items():
                 self._metrics[mode][name].append(value)
+            if mode == "train":  # TRL's running count of the tokens trained on, over all ranks
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss_value, out) if return_outputs else loss_value
 
     return FusedDPOConfig, FusedDPOTrainer

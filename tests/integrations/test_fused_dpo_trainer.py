@@ -1,4 +1,4 @@
-"""``FusedDPOTrainer`` (TDPO and intermediate-layer DPO inside TRL 1.16) against MATH.md computed from full
+"""``FusedDPOTrainer`` (TDPO and intermediate-layer DPO inside TRL 1.14 to 1.16) against MATH.md computed from full
 logits, and a PEFT policy whose reference is itself with the adapters disabled."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""``dpo_kernels.integrations.trl.patch()``: a stock TRL 1.16 ``DPOTrainer`` gives the same loss, gradients and logged
-metrics with and without it (fp32, 1e-5 relative), on tiny random Llama, Qwen2 and Gemma 2 models (no downloads)."""
+"""``dpo_kernels.integrations.trl.patch()``: a stock TRL ``DPOTrainer`` (1.14 to 1.16) gives the same loss, gradients
+and logged metrics with and without it (fp32, 1e-5 relative), on tiny random Llama, Qwen2 and Gemma 2 models (no
+downloads)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ transformers = pytest.importorskip("transformers")
 
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 from dpo_kernels.integrations.synthetic import synthetic_preferences, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+
+# TRL 1.14's DPOTrainer runs on the fused LM head (the function patch() replaces) only with use_liger_kernel=True,
+# which also has transformers put Liger's kernels into the model: liger_kernel_config turns every one of those off
+_NO_LIGER_KERNELS = dict.fromkeys(("rope", "cross_entropy", "fused_linear_cross_entropy", "rms_norm", "swiglu", "geglu"),
+                                  False)
+FUSED_HEAD = (dict(use_liger_kernel=True, liger_kernel_config=_NO_LIGER_KERNELS)
+              if trl.__version__.startswith("1.14.") else {})
+
 
 def _tokenizer():
     return tiny_tokenizer()
@@ -31,7 +40,8 @@ def _one_step(kind: str, loss_type: str):
     bf16 autocast would otherwise round both runs differently)."""
     model = _model(kind)
     args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_test", per_device_train_batch_size=4, report_to=[],
-                         use_cpu=True, save_strategy="no", beta=0.1, loss_type=[loss_type], max_steps=1, bf16=False)
+                         use_cpu=True, save_strategy="no", beta=0.1, loss_type=[loss_type], max_steps=1, bf16=False,
+                         **FUSED_HEAD)
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_dataset(),
                              processing_class=_tokenizer())
     batch = next(iter(trainer.get_train_dataloader()))
@@ -43,6 +53,13 @@ def _one_step(kind: str, loss_type: str):
     return loss.detach(), grads, metrics
 
 
+def _count_calls(monkeypatch) -> list:
+    """Record every call of the patched fused head (so that an equality with stock TRL cannot be vacuous)."""
+    calls, apply = [], dk_trl.FusedLogProbs.apply
+    monkeypatch.setattr(dk_trl.FusedLogProbs, "apply", staticmethod(lambda *a, **k: calls.append(1) or apply(*a, **k)))
+    return calls
+
+
 @pytest.fixture
 def restore_trl():
     yield
@@ -51,12 +68,14 @@ def restore_trl():
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma2"])
-def test_patched_dpo_trainer_matches_stock(kind, loss_type, restore_trl):
+def test_patched_dpo_trainer_matches_stock(kind, loss_type, restore_trl, monkeypatch):
     dk_trl.unpatch()
     loss, grads, metrics = _one_step(kind, loss_type)
     dk_trl.patch(backend="torch")
     assert dk_trl.is_patched()
+    calls = _count_calls(monkeypatch)
     p_loss, p_grads, p_metrics = _one_step(kind, loss_type)
+    assert calls, "the patched trainer never called dpo_kernels"
     torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
     assert grads.keys() == p_grads.keys() and len(grads) > 0
     for name, g in grads.items():
@@ -85,8 +104,22 @@ def test_patch_uses_dpo_kernels_and_unpatch_restores(restore_trl):
 
 
 def test_unsupported_trl_version_is_refused(monkeypatch):
-    monkeypatch.setattr(dk_trl.importlib.metadata, "version", lambda name: "1.15.2")
-    with pytest.raises(RuntimeError, match="supports TRL 1.16; found TRL 1.15.2"):
+    monkeypatch.setattr(dk_trl.importlib.metadata, "version", lambda name: "1.13.0")
+    with pytest.raises(RuntimeError, match="supports TRL 1.14 to 1.16; found TRL 1.13.0, whose DPOTrainer computes"):
+        dk_trl.patch()
+
+
+def test_a_later_trl_with_an_unknown_fused_head_is_refused(monkeypatch):
+    import trl.trainer.utils as utils
+
+    class Renamed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size, softcap=None, scale=1.0):
+            return hidden
+
+    monkeypatch.setattr(dk_trl.importlib.metadata, "version", lambda name: "1.17.0")
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Renamed)
+    with pytest.raises(RuntimeError, match="supports TRL 1.14 to 1.16; found TRL 1.17.0, whose fused LM head"):
         dk_trl.patch()
 
 
@@ -104,7 +137,7 @@ def _train_with_default_precision(loss_type, loss_weights):
     model = _model("llama")
     args = trl.DPOConfig(output_dir="/tmp/dpo_kernels_test", per_device_train_batch_size=4, report_to=[],
                          use_cpu=True, save_strategy="no", beta=0.1, loss_type=loss_type, loss_weights=loss_weights,
-                         max_steps=3, logging_steps=1, learning_rate=1e-3)
+                         max_steps=3, logging_steps=1, learning_rate=1e-3, **FUSED_HEAD)
     assert args.bf16, "this test is about TRL's default mixed precision"
     trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_dataset(16),
                              processing_class=_tokenizer())
@@ -115,13 +148,15 @@ def _train_with_default_precision(loss_type, loss_weights):
 
 @pytest.mark.parametrize("loss_type, loss_weights", [(["sigmoid"], None), (["ipo"], None),
                                                      (["sigmoid", "sft"], [1.0, 0.5])], ids=["sigmoid", "ipo", "sft"])
-def test_patched_matches_stock_under_the_default_bf16_config(loss_type, loss_weights, restore_trl):
+def test_patched_matches_stock_under_the_default_bf16_config(loss_type, loss_weights, restore_trl, monkeypatch):
     """Stock TRL rounds each logits tile to bf16 before folding it; dpo_kernels folds fp32 products of the same bf16
     operands. Both must log the same values to bf16 accuracy, step after step."""
     dk_trl.unpatch()
     stock = _train_with_default_precision(loss_type, loss_weights)
     dk_trl.patch()
+    calls = _count_calls(monkeypatch)
     patched = _train_with_default_precision(loss_type, loss_weights)
+    assert calls, "the patched trainer never called dpo_kernels"
     assert len(stock) == len(patched) == 3
     for step, (s, p) in enumerate(zip(stock, patched, strict=True)):
         assert s.keys() == p.keys(), step

@@ -215,36 +215,40 @@ def _fold_all(rows: _Rows, policy, ref, opts: TokenOptions, kernels: TileKernels
     return stats, ref_stats
 
 
-def _finish_forward(ctx, stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slice: VocabSlice | None,
-                    vocab: int, logging: bool):
-    """Combine across a vocabulary-parallel group, then the outputs: ``logp`` (and ``ref_logp``, ``kl``, and the
-    logged statistics), scattered to ``shape``; saves ``lse`` (and ``ref_lse``) on ``ctx`` for the backward."""
+def _finish_forward(stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slice: VocabSlice | None, vocab: int,
+                    logging: bool):
+    """Combine across a vocabulary-parallel group, then ``(outs, lse, ref_lse)``: ``outs`` is ``[logp]`` (then
+    ``ref_logp``, ``kl`` with a reference, then the logged statistics), each scattered to ``shape``; ``lse`` (and
+    ``ref_lse``) ``[n]`` at the kept tokens are what a backward needs."""
     if vocab_slice is not None:
         combine(stats, ref_stats, vocab_slice.group)
     sdt = stats.dtype
     lse = stats[0] + torch.log(stats[1])
     ref_lse = None if ref_stats is None else ref_stats[0] + torch.log(ref_stats[1])
-    ctx.lse, ctx.ref_lse = lse, ref_lse
     outs = [rows.scatter(stats[2] - lse, shape, sdt)]
     if ref_stats is not None:
         outs += [
             rows.scatter(ref_stats[2] - ref_lse, shape, sdt),
             rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt),
         ]
-        ctx.mark_non_differentiable(outs[1])
     if logging:
         logged = logging_outputs(stats, lse, vocab if vocab_slice is None else vocab_slice.total)
         outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED_OUTPUTS]
-        ctx.mark_non_differentiable(*outs[-len(LOGGED_OUTPUTS):])
+    return outs, lse, ref_lse
+
+
+def _returned(ctx, outs: list, with_ref: bool, logging: bool):
+    """The autograd functions' outputs: everything but ``logp`` and ``kl`` is not differentiable."""
+    frozen = ([outs[1]] if with_ref else []) + (outs[-len(LOGGED_OUTPUTS):] if logging else [])
+    if frozen:
+        ctx.mark_non_differentiable(*frozen)
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _upstream(ctx, grad_logp, grad_rest, sdt: torch.dtype):
+def _upstream(rows: _Rows, grad_logp, grad_kl, sdt: torch.dtype, device: torch.device):
     """``(g, g_kl)`` at the kept tokens: ``g`` zeros when the log-probs got no gradient, ``g_kl`` ``None`` when
     the KL got none (the reference is then never read)."""
-    rows = ctx.rows
-    grad_kl = grad_rest[1] if ctx.with_ref else None
-    g = torch.zeros(rows.n, dtype=sdt, device=ctx.lse.device) if grad_logp is None else rows.select(grad_logp, sdt)
+    g = torch.zeros(rows.n, dtype=sdt, device=device) if grad_logp is None else rows.select(grad_logp, sdt)
     return g, (None if grad_kl is None else rows.select(grad_kl, sdt))
 
 
@@ -310,48 +314,122 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
     return dh, dw, db
 
 
+# --------------------------------------------------------------------------------------------- the two passes
+# Plain functions over tensors, shared by the autograd functions below and the torch.library ops of ``library_ops``.
+
+
+def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
+                   ref_products: Products | None, opts: TokenOptions, kernels: TileKernels, logging: bool = False,
+                   vocab_slice: VocabSlice | None = None):
+    """Forward of the linear path with the products of :func:`head_products`: ``(outs, rows, lse, ref_lse)`` (see
+    :func:`_finish_forward`)."""
+    rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
+    with _no_autocast(hidden.device):
+        policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
+        ref_side = None if ref is None else _Side.of(ref, rows, ref_products)
+        stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging, hidden.device)
+    outs, lse, ref_lse = _finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
+    return outs, rows, lse, ref_lse
+
+
+def linear_backward(hidden, weight, bias, ref: LinearHead | None, products: Products, ref_products: Products | None,
+                    rows: _Rows, lse, ref_lse, grad_logp, grad_kl, need: tuple[bool, bool, bool], opts: TokenOptions,
+                    kernels: TileKernels, vocab_slice: VocabSlice | None = None, head_context=None):
+    """Backward of the linear path, with the forward's products: ``(dhidden like hidden, dweight like weight, dbias
+    like bias)``, ``None`` for a gradient not in ``need``; the reference is read only when ``grad_kl`` is given."""
+    g, g_kl = _upstream(rows, grad_logp, grad_kl, products.out_dtype, hidden.device)
+    gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
+    with _no_autocast(hidden.device), gathered:
+        policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
+        ref_side = None if g_kl is None else _Side.of(ref, rows, ref_products)
+        dh, dw, db = _grad_all(rows, policy, ref_side, lse, ref_lse, g, g_kl, need, opts, kernels)
+    if dh is not None and vocab_slice is not None:
+        all_reduce_hidden_grad(dh, vocab_slice.group)
+    return (None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype), dw,
+            None if db is None else db.to(bias.dtype))
+
+
+def head_products(hidden, weight, ref: LinearHead | None) -> tuple[Products, Products | None]:
+    """How each head's products are computed (under the autocast state of the call), in the statistics dtype of all
+    the inputs."""
+    inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
+    sdt = statistics_dtype(*(t.dtype for t in inputs))
+    return Products.of(hidden, weight, sdt), (None if ref is None else Products.of(ref.hidden, ref.weight, sdt))
+
+
+def logits_forward(logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels,
+                   vocab_slice: VocabSlice | None = None):
+    """Forward over given logits: ``(outs, rows, lse, ref_lse)``."""
+    rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
+    sdt = _logits_statistics_dtype(logits, ref_logits)
+    policy = _LogitsSide(logits, rows, sdt)
+    ref = None if ref_logits is None else _LogitsSide(ref_logits, rows, sdt)
+    stats, ref_stats = _fold_all(rows, policy, ref, opts, kernels, False, logits.device)
+    outs, lse, ref_lse = _finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
+    return outs, rows, lse, ref_lse
+
+
+def logits_backward(logits, ref_logits, rows: _Rows, lse, ref_lse, grad_logp, grad_kl, opts: TokenOptions,
+                    kernels: TileKernels) -> torch.Tensor:
+    """The logits' gradient (0 at ignored tokens), written into ``logits`` itself with ``opts.inplace_backward``."""
+    sdt = _logits_statistics_dtype(logits, ref_logits)
+    g, g_kl = _upstream(rows, grad_logp, grad_kl, sdt, logits.device)
+    policy = _LogitsSide(logits, rows, sdt)
+    ref = None if g_kl is None else _LogitsSide(ref_logits, rows, sdt)
+    if opts.inplace_backward:  # every element is read into a tile before its gradient overwrites it
+        grad = logits
+        if rows.kept is not None:
+            ignored = torch.ones(rows.total, dtype=torch.bool, device=logits.device)
+            ignored[rows.kept] = False
+            grad[_token_index(ignored.nonzero().squeeze(1), logits)] = 0
+    else:
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    n, vocab = rows.n, logits.shape[-1]
+    dz_dtype = None if logits.dtype == sdt else logits.dtype
+    per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else logits.dtype.itemsize)
+    plan = plan_tiles(n, vocab, per_entry, opts, logits.device)
+    scratch = _grad_scratch(plan, n, vocab, sdt, dz_dtype, ref is not None, logits.device)
+    for n0, n1 in plan.token_blocks(n):
+        r, t = _token_index(torch.arange(n0, n1, device=logits.device) if rows.kept is None else rows.kept[n0:n1],
+                            logits)
+        for v0, v1 in plan.vocab_chunks(vocab):
+            dz = _logits_grad(policy, ref, n0, n1, v0, v1, rows, lse, ref_lse, g, g_kl, opts, kernels, scratch)
+            grad[r, t, v0:v1] = 0 if dz is None else dz
+    return grad
+
+
+def _logits_statistics_dtype(logits, ref_logits) -> torch.dtype:
+    return statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
+
+
+# --------------------------------------------------------------------------------------------- autograd
+
+
 class _LinearStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels,
                 logging: bool, vocab_slice: VocabSlice | None, head_context):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
-        rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
-        inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
-        sdt = statistics_dtype(*(t.dtype for t in inputs))
-        products = Products.of(hidden, weight, sdt)
-        ref_products = None if ref is None else Products.of(ref.hidden, ref.weight, sdt)
-        with _no_autocast(hidden.device):
-            policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
-            ref_side = None if ref is None else _Side.of(ref, rows, ref_products)
-            stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging, hidden.device)
+        products, ref_products = head_products(hidden, weight, ref)
+        outs, rows, lse, ref_lse = linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts,
+                                                  kernels, logging, vocab_slice)
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.rows, ctx.ref, ctx.with_ref, ctx.opts, ctx.kernels = rows, ref, ref is not None, opts, kernels
-        ctx.products, ctx.ref_products, ctx.vocab_slice, ctx.head_context = products, ref_products, vocab_slice, \
-            head_context
-        return _finish_forward(ctx, stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
+        ctx.rows, ctx.lse, ctx.ref_lse, ctx.ref, ctx.opts, ctx.kernels = rows, lse, ref_lse, ref, opts, kernels
+        ctx.products = (products, ref_products)
+        ctx.vocab_slice, ctx.head_context = vocab_slice, head_context
+        return _returned(ctx, outs, ref is not None, logging)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, *grad_rest):
         hidden, weight, bias = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-        if (grad_logp is None and (not ctx.with_ref or grad_rest[1] is None)) or not any(need):
+        grad_kl = grad_rest[1] if ctx.ref is not None else None
+        if (grad_logp is None and grad_kl is None) or not any(need):
             return (None,) * 10
-        rows, products = ctx.rows, ctx.products
-        g, g_kl = _upstream(ctx, grad_logp, grad_rest, products.out_dtype)
-        gathered = contextlib.nullcontext() if ctx.head_context is None else ctx.head_context(weight, bias)
-        with _no_autocast(hidden.device), gathered:
-            policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
-            ref = None if g_kl is None else _Side.of(ctx.ref, rows, ctx.ref_products)  # untouched without a KL grad
-            dh, dw, db = _grad_all(rows, policy, ref, ctx.lse, ctx.ref_lse, g, g_kl, need, ctx.opts, ctx.kernels)
-        if dh is not None and ctx.vocab_slice is not None:
-            all_reduce_hidden_grad(dh, ctx.vocab_slice.group)
-        return (
-            None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype),
-            dw,
-            None if db is None else db.to(bias.dtype),
-            None, None, None, None, None, None, None,
-        )
+        grads = linear_backward(hidden, weight, bias, ctx.ref, *ctx.products, ctx.rows, ctx.lse, ctx.ref_lse,
+                                grad_logp, grad_kl, need, ctx.opts, ctx.kernels, ctx.vocab_slice, ctx.head_context)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class _LogitsStats(torch.autograd.Function):
@@ -364,45 +442,20 @@ class _LogitsStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if opts.inplace_backward:
             refuse_leaf_logits(logits)
-        rows = _Rows(labels, opts.ignore_index, vocab_slice.start)
-        sdt = statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
-        policy = _LogitsSide(logits, rows, sdt)
-        ref = None if ref_logits is None else _LogitsSide(ref_logits, rows, sdt)
-        stats, ref_stats = _fold_all(rows, policy, ref, opts, kernels, False, logits.device)
+        outs, rows, lse, ref_lse = logits_forward(logits, labels, ref_logits, opts, kernels, vocab_slice)
         ctx.save_for_backward(logits, ref_logits)
-        ctx.rows, ctx.with_ref, ctx.opts, ctx.kernels, ctx.sdt = rows, ref is not None, opts, kernels, sdt
-        return _finish_forward(ctx, stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
+        ctx.rows, ctx.lse, ctx.ref_lse, ctx.opts, ctx.kernels = rows, lse, ref_lse, opts, kernels
+        return _returned(ctx, outs, ref_logits is not None, False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, *grad_rest):
         logits, ref_logits = ctx.saved_tensors
-        if grad_logp is None and (not ctx.with_ref or grad_rest[1] is None):
+        grad_kl = grad_rest[1] if ref_logits is not None else None
+        if grad_logp is None and grad_kl is None:
             return (None,) * 6
-        rows, sdt = ctx.rows, ctx.sdt
-        g, g_kl = _upstream(ctx, grad_logp, grad_rest, sdt)
-        policy = _LogitsSide(logits, rows, sdt)
-        ref = None if g_kl is None else _LogitsSide(ref_logits, rows, sdt)
-        if ctx.opts.inplace_backward:  # every element is read into a tile before its gradient overwrites it
-            grad = logits
-            if rows.kept is not None:
-                ignored = torch.ones(rows.total, dtype=torch.bool, device=logits.device)
-                ignored[rows.kept] = False
-                grad[_token_index(ignored.nonzero().squeeze(1), logits)] = 0
-        else:
-            grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        n, vocab = rows.n, logits.shape[-1]
-        dz_dtype = None if logits.dtype == sdt else logits.dtype
-        per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else logits.dtype.itemsize)
-        plan = plan_tiles(n, vocab, per_entry, ctx.opts, logits.device)
-        scratch = _grad_scratch(plan, n, vocab, sdt, dz_dtype, ref is not None, logits.device)
-        for n0, n1 in plan.token_blocks(n):
-            r, t = _token_index(torch.arange(n0, n1, device=logits.device) if rows.kept is None else rows.kept[n0:n1],
-                                logits)
-            for v0, v1 in plan.vocab_chunks(vocab):
-                dz = _logits_grad(policy, ref, n0, n1, v0, v1, rows, ctx.lse, ctx.ref_lse, g, g_kl, ctx.opts,
-                                  ctx.kernels, scratch)
-                grad[r, t, v0:v1] = 0 if dz is None else dz
+        grad = logits_backward(logits, ref_logits, ctx.rows, ctx.lse, ctx.ref_lse, grad_logp, grad_kl, ctx.opts,
+                               ctx.kernels)
         if ctx.opts.inplace_backward:
             mark_logits_overwritten(logits)
         return grad, None, None, None, None, None

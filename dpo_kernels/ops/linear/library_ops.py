@@ -1,0 +1,270 @@
+"""The tile loop as ``torch.library`` custom ops, so that ``torch.compile(fullgraph=True)`` traces a training step
+around it.
+
+Dynamo cannot trace the tile loop itself (its kernels are C++, CUDA or Triton launches, its plan depends on how many
+tokens are kept, a host sync), so under compilation the primitives call these four ops instead of the autograd
+functions of :mod:`driver`. To the compiler each op is one opaque node with static output shapes; it runs the same
+:func:`driver.linear_forward` / :func:`driver.linear_backward` (or the ``logits_*`` pair) as eager mode, with the
+backend's :class:`TileKernels`, so compiled and eager results agree to the last bit.
+
+- ``dpo_kernels::linear_stats`` / ``linear_stats_backward``: from hidden states and a head (optionally a reference
+  head): ``(logp [R, T], ref_logp [R, T], kl [R, T], lse [R*T], ref_lse [R*T])``, the reference outputs empty
+  without a reference. ``lse`` is scattered to every token (0 where ignored) so its shape is static; the backward
+  recomputes which tokens are kept from the labels.
+- ``dpo_kernels::logits_stats`` / ``logits_stats_backward``: the same over given logits ``[R, T, V]``.
+
+The products' dtype is decided before the op, under the caller's autocast state (``compute_dtype``), as the eager
+path decides it. Not supported under compilation (each refused with a clear error): ``vocab_parallel_group``,
+``inplace_backward``, a ``head_context`` and the logged statistics of the TRL patch. From logits, the compiled path
+runs the tile loop (each tile copied to fp32, then folded) rather than the backend's dedicated from-logits kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...options import TokenOptions, statistics_dtype
+from ..common import LinearHead
+from ..registry import resolve_backend
+from . import driver
+from .contract import TileKernels
+from .products import Products, product_dtype
+
+_EMPTY = (0,)
+
+
+def tile_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> TileKernels:
+    """The tile kernels of ``backend`` for these inputs; the single-process oracle has none."""
+    name, impl = resolve_backend(backend, device, dtypes)
+    kernels = getattr(impl, "TILE_KERNELS", None)
+    if kernels is None:
+        raise ValueError(f"backend={name!r} cannot run under torch.compile (it has no tile kernels); use 'torch', "
+                         "'cpu', 'cuda', 'triton' or 'auto'")
+    return kernels
+
+
+def refuse_under_compile(**features: object) -> None:
+    """A clear error for the options the compiled path does not take."""
+    used = [name for name, value in features.items() if value]
+    if used:
+        raise ValueError(f"{', '.join(used)} cannot be used under torch.compile; call dpo_kernels outside the "
+                         "compiled region for it")
+
+
+# --------------------------------------------------------------------------------------------- options as op args
+
+
+def _opts(ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
+          token_chunk_size: int | None, vocab_chunk_size: int | None, tile_budget_mb: float | None,
+          grad_filter_eps: float | None) -> TokenOptions:
+    return TokenOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                        token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
+                        tile_budget_mb=tile_budget_mb, grad_filter_eps=grad_filter_eps, check_labels=False)
+
+
+def _opts_args(opts: TokenOptions) -> tuple:
+    return (opts.ignore_index, opts.temperature, opts.softcap, opts.logit_scale, opts.token_chunk_size,
+            opts.vocab_chunk_size, opts.tile_budget_mb, opts.grad_filter_eps)
+
+
+def _empty_or(x: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY) if x is None else x
+
+
+def _dtypes(*tensors: Tensor | None) -> tuple[torch.dtype, ...]:
+    return tuple(t.dtype for t in tensors if t is not None)
+
+
+def _op_outputs(outs: tuple[Tensor, ...], rows: driver._Rows, lse: Tensor, ref_lse: Tensor | None,
+                labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A forward's results as the ops' five static-shape outputs: ``lse`` scattered to every token, what a call
+    without a reference lacks as empty tensors."""
+    flat = (labels.numel(),)
+    logp, lse = outs[0], rows.scatter(lse, flat, lse.dtype)
+    if ref_lse is None:
+        return logp, logp.new_empty(_EMPTY), logp.new_empty(_EMPTY), lse, logp.new_empty(_EMPTY)
+    return logp, outs[1], outs[2], lse, rows.scatter(ref_lse, flat, ref_lse.dtype)
+
+
+def _fake_outputs(labels: Tensor, sdt: torch.dtype, with_ref: bool) -> tuple[Tensor, ...]:
+    """The shapes and dtypes :func:`_op_outputs` returns, for the compiler's fake tensors."""
+    per_token, flat = tuple(labels.shape), (labels.numel(),)
+    ref_token, ref_flat = (per_token, flat) if with_ref else (_EMPTY, _EMPTY)
+    return (labels.new_empty(per_token, dtype=sdt), labels.new_empty(ref_token, dtype=sdt),
+            labels.new_empty(ref_token, dtype=sdt), labels.new_empty(flat, dtype=sdt),
+            labels.new_empty(ref_flat, dtype=sdt))
+
+
+# --------------------------------------------------------------------------------------------- linear path
+
+
+@torch.library.custom_op("dpo_kernels::linear_stats", mutates_args=())
+def _linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor | None,
+                  ref_weight: Tensor | None, ref_bias: Tensor | None, labels: Tensor, compute_dtype: torch.dtype,
+                  ref_compute_dtype: torch.dtype, backend: str, ignore_index: int,
+                  temperature: float, softcap: float | None, logit_scale: float, token_chunk_size: int | None,
+                  vocab_chunk_size: int | None, tile_budget_mb: float | None,
+                  grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
+                 grad_filter_eps)
+    ref = None if ref_hidden is None else LinearHead(ref_hidden, ref_weight, ref_bias)
+    kernels = tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    products, ref_products = _linear_products(hidden, weight, ref_hidden, ref_weight, compute_dtype, ref_compute_dtype)
+    return _op_outputs(*driver.linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts,
+                                              kernels), labels)
+
+
+@_linear_stats.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, compute_dtype, ref_compute_dtype, backend,
+      *opts):
+    tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    return _fake_outputs(labels, statistics_dtype(*_dtypes(hidden, weight, ref_hidden, ref_weight)),
+                         ref_hidden is not None)
+
+
+@torch.library.custom_op("dpo_kernels::linear_stats_backward", mutates_args=())
+def _linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor | None,
+                           ref_weight: Tensor | None, ref_bias: Tensor | None, labels: Tensor, lse: Tensor,
+                           ref_lse: Tensor | None, grad_logp: Tensor | None, grad_kl: Tensor | None,
+                           need_hidden: bool, need_weight: bool, need_bias: bool, compute_dtype: torch.dtype,
+                           ref_compute_dtype: torch.dtype, backend: str, ignore_index: int, temperature: float,
+                           softcap: float | None, logit_scale: float, token_chunk_size: int | None,
+                           vocab_chunk_size: int | None, tile_budget_mb: float | None,
+                           grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
+                 grad_filter_eps)
+    ref = None if ref_hidden is None else LinearHead(ref_hidden, ref_weight, ref_bias)
+    kernels = tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    products, ref_products = _linear_products(hidden, weight, ref_hidden, ref_weight, compute_dtype, ref_compute_dtype)
+    rows = driver._Rows(labels, ignore_index)
+    sdt = products.out_dtype
+    lse = rows.select(lse, sdt)
+    ref_lse = None if ref_lse is None else rows.select(ref_lse, sdt)
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    dh, dw, db = driver.linear_backward(hidden, weight, bias, ref, products, ref_products, rows, lse, ref_lse,
+                                        grad_logp, grad_kl, need, opts, kernels)
+    return _empty_or(dh, hidden), _empty_or(dw, weight), _empty_or(db, weight)
+
+
+@_linear_stats_backward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, grad_logp, grad_kl, need_hidden,
+      need_weight, need_bias, *rest):
+    return (hidden.new_empty(tuple(hidden.shape) if need_hidden else _EMPTY),
+            weight.new_empty(tuple(weight.shape) if need_weight else _EMPTY),
+            weight.new_empty(_EMPTY) if bias is None or not need_bias else bias.new_empty(tuple(bias.shape)))
+
+
+def _linear_products(hidden, weight, ref_hidden, ref_weight, compute_dtype, ref_compute_dtype):
+    sdt = statistics_dtype(*_dtypes(hidden, weight, ref_hidden, ref_weight))
+    device_type = hidden.device.type
+    products = Products.in_dtype(compute_dtype, device_type, sdt)
+    return products, (None if ref_hidden is None else Products.in_dtype(ref_compute_dtype, device_type, sdt))
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, rcdt, backend, *opts = inputs
+    logp, ref_logp, kl, lse, ref_lse = output
+    ctx.set_materialize_grads(False)  # an unused KL's gradient arrives as None: the reference is then not recomputed
+    ctx.mark_non_differentiable(ref_logp, lse, ref_lse)
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse)
+    ctx.args = (cdt, rcdt, backend, *opts)
+    ctx.with_ref = ref_hidden is not None
+
+
+def _linear_backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    grad_kl = grad_kl if ctx.with_ref else None
+    if (grad_logp is None and grad_kl is None) or not any(need):
+        return (None,) * 18
+    dh, dw, db = _linear_stats_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse,
+                                        ref_lse if ctx.with_ref else None, grad_logp, grad_kl, *need, *ctx.args)
+    grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] and bias is not None else None)
+    return (*grads, *(None,) * 15)
+
+
+_linear_stats.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: Tensor, opts: TokenOptions, backend: str):
+    """The compiled counterpart of :func:`driver.linear_token_stats` (``[R, T, D]`` rows, ``labels [R, T]``)."""
+    refuse_under_compile(inplace_backward=opts.inplace_backward)
+    cdt = product_dtype(policy.hidden, policy.weight)  # under the caller's autocast, as eager mode decides it
+    ref_cdt = cdt if ref is None else product_dtype(ref.hidden, ref.weight)
+    ref_args = (None, None, None) if ref is None else (ref.hidden.detach(), ref.weight.detach(),
+                                                       None if ref.bias is None else ref.bias.detach())
+    outs = _linear_stats(policy.hidden, policy.weight, policy.bias, *ref_args, labels, cdt,
+                         ref_cdt, backend, *_opts_args(opts))
+    return outs[0] if ref is None else outs[:3]
+
+
+# --------------------------------------------------------------------------------------------- from logits
+
+
+@torch.library.custom_op("dpo_kernels::logits_stats", mutates_args=())
+def _logits_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, backend: str, ignore_index: int,
+                  temperature: float, softcap: float | None, logit_scale: float, token_chunk_size: int | None,
+                  vocab_chunk_size: int | None, tile_budget_mb: float | None, grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
+                 grad_filter_eps)
+    kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
+    return _op_outputs(*driver.logits_forward(logits, labels, ref_logits, opts, kernels), labels)
+
+
+@_logits_stats.register_fake
+def _(logits, ref_logits, labels, backend, *opts):
+    tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
+    return _fake_outputs(labels, statistics_dtype(*_dtypes(logits, ref_logits)), ref_logits is not None)
+
+
+@torch.library.custom_op("dpo_kernels::logits_stats_backward", mutates_args=())
+def _logits_stats_backward(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, lse: Tensor,
+                           ref_lse: Tensor | None, grad_logp: Tensor | None, grad_kl: Tensor | None, backend: str,
+                           ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
+                           token_chunk_size: int | None, vocab_chunk_size: int | None, tile_budget_mb: float | None,
+                           grad_filter_eps: float | None) -> Tensor:
+    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
+                 grad_filter_eps)
+    kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
+    rows = driver._Rows(labels, ignore_index)
+    sdt = statistics_dtype(*_dtypes(logits, ref_logits))
+    ref_lse = None if ref_lse is None else rows.select(ref_lse, sdt)
+    return driver.logits_backward(logits, ref_logits, rows, rows.select(lse, sdt), ref_lse, grad_logp, grad_kl, opts,
+                                  kernels)
+
+
+@_logits_stats_backward.register_fake
+def _(logits, *rest):
+    return logits.new_empty(tuple(logits.shape))
+
+
+def _logits_setup(ctx, inputs, output):
+    logits, ref_logits, labels, backend, *opts = inputs
+    logp, ref_logp, kl, lse, ref_lse = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(ref_logp, lse, ref_lse)
+    ctx.save_for_backward(logits, ref_logits, labels, lse, ref_lse)
+    ctx.args = (backend, *opts)
+    ctx.with_ref = ref_logits is not None
+
+
+def _logits_backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse):
+    logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
+    grad_kl = grad_kl if ctx.with_ref else None
+    if (grad_logp is None and grad_kl is None) or not ctx.needs_input_grad[0]:
+        return (None,) * 12
+    grad = _logits_stats_backward(logits, ref_logits, labels, lse, ref_lse if ctx.with_ref else None, grad_logp,
+                                  grad_kl, *ctx.args)
+    return (grad, *(None,) * 11)
+
+
+_logits_stats.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+def logits_token_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, opts: TokenOptions, backend: str):
+    """The compiled counterpart of the from-logits primitives (``logits [R, T, V]``, ``labels [R, T]``)."""
+    refuse_under_compile(inplace_backward=opts.inplace_backward)
+    outs = _logits_stats(logits, None if ref_logits is None else ref_logits.detach(), labels, backend,
+                         *_opts_args(opts))
+    return outs[0] if ref_logits is None else outs[:3]

@@ -1,0 +1,72 @@
+"""The README's "Coming from Liger-Kernel or cut-cross-entropy" map, checked call for call: each Liger-Kernel or
+cut-cross-entropy call and its dpo_kernels equivalent give the same loss (or per-token values) and gradients.
+Runs where those packages are installed (CI installs them in its second pass)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_kernels import fused_dpo_loss, linear_token_logprobs
+
+B, T, D, V = 2, 10, 16, 50
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2 * B, T, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    ref_h, ref_w = torch.randn(2 * B, T, D, generator=g), torch.randn(V, D, generator=g)
+    target = torch.randint(0, V, (2 * B, T), generator=g)
+    target[:, :3] = -100  # the prompt
+    target[3, -2:] = -100  # padding
+    return h, w, ref_h, ref_w, target
+
+
+def _value_and_grads(loss: torch.Tensor, *leaves: torch.Tensor):
+    grads = torch.autograd.grad(loss, leaves)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("liger_options, options", [
+    ({}, {}),
+    ({"loss_type": "hinge"}, {"loss_type": "hinge"}),
+    ({"average_log_prob": True}, {"average_log_prob": True}),
+    ({"compute_nll_loss": True, "alpha": 0.5}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}),
+], ids=["sigmoid", "hinge", "average_log_prob", "nll"])
+def test_liger_fused_linear_dpo_loss(liger_options, options):
+    liger = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
+    h, w, ref_h, ref_w, target = _inputs()
+    loss_fn = liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False, **liger_options)
+    liger_out = loss_fn(w, h, target, ref_input=ref_h, ref_weight=ref_w)
+    expected, expected_grads = _value_and_grads(liger_out[0], h, w)
+    # Liger takes hidden states and targets already aligned: shift=False (the default) is the same convention
+    out = fused_dpo_loss(policy_hidden=h, lm_head_weight=w, ref_hidden=ref_h, ref_lm_head_weight=ref_w, labels=target,
+                         beta=0.1, backend="torch", **options)
+    got, grads = _value_and_grads(out.loss, h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    chosen_logps, rejected_logps = liger_out[1][0], liger_out[1][1]
+    torch.testing.assert_close(out.chosen_logps.detach(), chosen_logps.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.rejected_logps.detach(), rejected_logps.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_cut_cross_entropy_linear_cross_entropy(reduction, shift):
+    cce = pytest.importorskip("cut_cross_entropy", reason="cut-cross-entropy is not installed")
+    h, w, _, _, target = _inputs()
+    impl = "cce" if h.is_cuda else "torch_compile"
+    nll = cce.linear_cross_entropy(h, w, target, reduction=reduction, shift=shift, impl=impl)
+    expected, expected_grads = _value_and_grads(nll.sum(), h, w)
+    # CCE's shift=True scores targets[:, 1:] with e[:, :-1]; its "none" is the negative log-prob, 0 where ignored
+    h_in, labels = (h[:, :-1], target[:, 1:]) if shift else (h, target)
+    logps = linear_token_logprobs(h_in, w, labels, backend="torch")
+    ours = {"none": -logps, "sum": -logps.sum(), "mean": -logps.sum() / (labels != -100).sum()}[reduction]
+    got, grads = _value_and_grads(ours.sum(), h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if reduction == "none":
+        torch.testing.assert_close(ours.detach(), nll.detach().reshape(ours.shape), rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,118 @@
+"""``torch.compile(fullgraph=True)`` over a DPO training step's forward (a small backbone and the fused loss) and the
+compiled backward: no graph break, and the same loss, gradients and metrics as eager mode. The kernels are
+``torch.library`` custom ops under compilation (``dpo_kernels/ops/linear/library_ops.py``); the label check becomes an in-graph assert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dpo_kernels import fused_dpo_loss
+
+from .conftest import backends_under_test
+
+B, T, D, V = 2, 12, 16, 97
+
+
+class _TinyLM(nn.Module):
+    """Embedding, one hidden layer and an untied head: enough for the loss to see real hidden states."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Parameter(torch.randn(V, D, generator=g))
+        self.layer = nn.Parameter(torch.randn(D, D, generator=g) / D**0.5)
+        self.head = nn.Parameter(torch.randn(V, D, generator=g) / D**0.5)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.embed[input_ids] @ self.layer)
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, V, (2 * B, T), generator=g)
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[1, -3:] = -100  # padding
+    return input_ids, labels
+
+
+def _step(policy: _TinyLM, ref: _TinyLM, input_ids, labels, *, from_logits: bool = False, **options):
+    hidden = policy.hidden(input_ids)
+    with torch.no_grad():
+        ref_hidden = ref.hidden(input_ids)
+    if from_logits:
+        out = fused_dpo_loss(labels=labels, policy_logits=hidden @ policy.head.T, ref_logits=ref_hidden @ ref.head.T,
+                             shift=True, **options)
+    else:
+        out = fused_dpo_loss(labels=labels, policy_hidden=hidden, lm_head_weight=policy.head, ref_hidden=ref_hidden,
+                             ref_lm_head_weight=ref.head, shift=True, **options)
+    return out.loss, out.metrics
+
+
+def _run(compiled: bool, *, compiler: str = "inductor", autocast: bool = False, **options):
+    torch._dynamo.reset()
+    policy, ref = _TinyLM(0), _TinyLM(1)
+    input_ids, labels = _batch()
+    step = torch.compile(_step, fullgraph=True, backend=compiler) if compiled else _step
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, metrics = step(policy, ref, input_ids, labels, **options)
+    loss.backward()  # through the compiled graph's backward (the kernels' backward op inside it)
+    grads = {name: p.grad for name, p in policy.named_parameters()}
+    return loss.detach(), grads, metrics
+
+
+def _assert_same_step(compiled, eager, rtol: float):
+    (loss, grads, metrics), (e_loss, e_grads, e_metrics) = compiled, eager
+    torch.testing.assert_close(loss, e_loss, rtol=rtol, atol=1e-7)
+    for name, g in e_grads.items():
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name], g, rtol=rtol, atol=rtol * g.abs().max().item(), msg=name)
+    assert metrics.keys() == e_metrics.keys()
+    for name, value in e_metrics.items():
+        assert isinstance(metrics[name], torch.Tensor) and metrics[name].dim() == 0, name  # no host sync in a graph
+        assert metrics[name].item() == pytest.approx(value, rel=rtol, abs=1e-6), name
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "tdpo2"])
+@pytest.mark.parametrize("from_logits", [False, True], ids=["hidden", "logits"])
+def test_compiled_dpo_step_equals_eager(loss_type, from_logits):
+    options = dict(loss_type=loss_type, beta=0.1, backend="torch", from_logits=from_logits)
+    _assert_same_step(_run(True, **options), _run(False, **options), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_every_tile_backend_compiles(backend):
+    options = dict(loss_type="tdpo1", beta=0.1, backend=backend)
+    _assert_same_step(_run(True, compiler="aot_eager", **options), _run(False, **options), rtol=1e-5)
+
+
+def test_compiled_step_under_bf16_autocast():
+    """TRL's default precision inside the compiled region: the products in bf16 as eager decides them."""
+    options = dict(loss_type="sigmoid", beta=0.1, backend="torch", autocast=True)
+    _assert_same_step(_run(True, **options), _run(False, **options), rtol=2e-2)
+
+
+def test_label_check_is_an_assert_inside_the_graph():
+    policy, ref = _TinyLM(0), _TinyLM(1)
+    input_ids, labels = _batch()
+    torch._dynamo.reset()
+    step = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    step(policy, ref, input_ids, labels, backend="torch")
+    labels[2, 6] = V + 5
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 97\) or equal ignore_index=-100"):
+        step(policy, ref, input_ids, labels, backend="torch")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(backend="reference"), "backend='reference' cannot run under torch.compile"),
+    (dict(backend="torch", from_logits=True, inplace_backward=True), "inplace_backward cannot be used under"),
+], ids=["reference-backend", "inplace-backward"])
+def test_what_cannot_compile_says_so(options, message):
+    torch._dynamo.reset()
+    policy, ref = _TinyLM(0), _TinyLM(1)
+    input_ids, labels = _batch()
+    step = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=message):
+        step(policy, ref, input_ids, labels, **options)
