@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import os
 import re
 import sys
@@ -57,6 +59,14 @@ def _batches(steps: int, pairs: int, prompt: int, completion: int, vocab: int, s
     return out
 
 
+def _trim_malloc_heap() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc), else nothing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak extra memory of a block: allocator bytes on CUDA, resident set on Linux CPUs (``None`` elsewhere)."""
 
@@ -74,6 +84,10 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif os.path.exists("/proc/self/clear_refs"):
+            # Memory freed by an earlier step can stay resident in malloc's heap and would be reused unseen: hand it
+            # back first, so that the resident set counts live memory only and its growth is this block's need.
+            gc.collect()
+            _trim_malloc_heap()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.base = self._status("VmRSS")
@@ -155,7 +169,8 @@ def _train(model, batches, loss_types, fused: bool, setup: _Setup, show: bool):
 
 
 def _time_step(model, batch, fused: bool, setup: _Setup) -> tuple[float, float | None]:
-    """Seconds and peak extra MiB of one DPO and one TDPO training step from fresh copies of ``model``."""
+    """Seconds and peak extra MiB of one DPO and one TDPO training step from fresh copies of ``model`` (made before
+    the measurement; the steps' gradients and optimizer state count)."""
     policy, reference, optimizer = _copies(model, setup)
     synchronize(setup.device)
     with _PeakMemory(setup.device) as peak:
