@@ -111,7 +111,7 @@ def test_half_products_stay_half_on_cuda(dtype):
     from dpo_kernels.ops.linear import products
 
     h = torch.randn(8, 16, device="cuda", dtype=dtype)
-    p = products.Products.of(h, h, torch.float32)
+    p = products.Products.in_dtype(products.product_dtype(h, h), "cuda", torch.float32)
     assert p.operand_dtype == dtype and p.out_dtype == torch.float32
     acc = torch.zeros(8, 8, device="cuda")
     p.accumulate(acc, h, h.T)

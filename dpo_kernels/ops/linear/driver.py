@@ -48,7 +48,7 @@ from .contract import (
     LOGGED_OUTPUTS, LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
 )
 from .plan import TilePlan, plan_tiles
-from .products import Products
+from .products import Products, product_dtype
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
@@ -111,8 +111,7 @@ class _Rows:
         try:
             return x.view(-1, x.shape[-1])[index, columns]
         except RuntimeError:  # rows that do not merge without a copy, e.g. hidden[:, :-1]
-            seq = x.shape[1]
-            return x[index // seq, index % seq, columns]
+            return x[(*_token_index(index, x), columns)]
 
     def select(self, per_token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A ``[R, T]`` per-token tensor (an upstream gradient) -> ``[n]`` at the kept tokens, contiguous."""
@@ -349,12 +348,18 @@ def linear_backward(hidden, weight, bias, ref: LinearHead | None, products: Prod
             None if db is None else db.to(bias.dtype))
 
 
-def head_products(hidden, weight, ref: LinearHead | None) -> tuple[Products, Products | None]:
-    """How each head's products are computed (under the autocast state of the call), in the statistics dtype of all
-    the inputs."""
+def head_products(hidden, weight, ref: LinearHead | None,
+                  compute: tuple[torch.dtype, torch.dtype] | None = None) -> tuple[Products, Products | None]:
+    """How each head's products are computed, in the statistics dtype of all the inputs. ``compute``: the policy's
+    and the reference's product dtypes when they were decided earlier (a ``torch.library`` op runs outside the
+    caller's autocast); by default :func:`product_dtype` under the autocast state of this call."""
     inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
     sdt = statistics_dtype(*(t.dtype for t in inputs))
-    return Products.of(hidden, weight, sdt), (None if ref is None else Products.of(ref.hidden, ref.weight, sdt))
+    if compute is None:
+        compute = (product_dtype(hidden, weight), None if ref is None else product_dtype(ref.hidden, ref.weight))
+    device_type = hidden.device.type
+    return (Products.in_dtype(compute[0], device_type, sdt),
+            None if ref is None else Products.in_dtype(compute[1], device_type, sdt))
 
 
 def logits_forward(logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels,

@@ -29,7 +29,7 @@ from ..common import LinearHead
 from ..registry import resolve_backend
 from . import driver
 from .contract import TileKernels
-from .products import Products, product_dtype
+from .products import product_dtype
 
 _EMPTY = (0,)
 
@@ -106,11 +106,10 @@ def _linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidde
                   temperature: float, softcap: float | None, logit_scale: float, token_chunk_size: int | None,
                   vocab_chunk_size: int | None, tile_budget_mb: float | None,
                   grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
-                 grad_filter_eps)
-    ref = None if ref_hidden is None else LinearHead(ref_hidden, ref_weight, ref_bias)
-    kernels = tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
-    products, ref_products = _linear_products(hidden, weight, ref_hidden, ref_weight, compute_dtype, ref_compute_dtype)
+    ref, products, ref_products, opts, kernels = _linear_op_inputs(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, (compute_dtype, ref_compute_dtype), backend,
+        ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
+        grad_filter_eps)
     return _op_outputs(*driver.linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts,
                                               kernels), labels)
 
@@ -132,11 +131,10 @@ def _linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
                            softcap: float | None, logit_scale: float, token_chunk_size: int | None,
                            vocab_chunk_size: int | None, tile_budget_mb: float | None,
                            grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
-                 grad_filter_eps)
-    ref = None if ref_hidden is None else LinearHead(ref_hidden, ref_weight, ref_bias)
-    kernels = tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
-    products, ref_products = _linear_products(hidden, weight, ref_hidden, ref_weight, compute_dtype, ref_compute_dtype)
+    ref, products, ref_products, opts, kernels = _linear_op_inputs(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, (compute_dtype, ref_compute_dtype), backend,
+        ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
+        grad_filter_eps)
     rows = driver._Rows(labels, ignore_index)
     sdt = products.out_dtype
     lse = rows.select(lse, sdt)
@@ -155,11 +153,13 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_l
             weight.new_empty(_EMPTY) if bias is None or not need_bias else bias.new_empty(tuple(bias.shape)))
 
 
-def _linear_products(hidden, weight, ref_hidden, ref_weight, compute_dtype, ref_compute_dtype):
-    sdt = statistics_dtype(*_dtypes(hidden, weight, ref_hidden, ref_weight))
-    device_type = hidden.device.type
-    products = Products.in_dtype(compute_dtype, device_type, sdt)
-    return products, (None if ref_hidden is None else Products.in_dtype(ref_compute_dtype, device_type, sdt))
+def _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, compute, backend, *opts_args):
+    """What both linear ops rebuild from their arguments: ``(ref head or None, products, ref products, options,
+    tile kernels)``."""
+    ref = None if ref_hidden is None else LinearHead(ref_hidden, ref_weight, ref_bias)
+    products, ref_products = driver.head_products(hidden, weight, ref, compute)
+    kernels = tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    return ref, products, ref_products, _opts(*opts_args), kernels
 
 
 def _linear_setup(ctx, inputs, output):
@@ -205,7 +205,8 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: Tenso
 @torch.library.custom_op("dpo_kernels::logits_stats", mutates_args=())
 def _logits_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, backend: str, ignore_index: int,
                   temperature: float, softcap: float | None, logit_scale: float, token_chunk_size: int | None,
-                  vocab_chunk_size: int | None, tile_budget_mb: float | None, grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  vocab_chunk_size: int | None, tile_budget_mb: float | None,
+                  grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
                  grad_filter_eps)
     kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))

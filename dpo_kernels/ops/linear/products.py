@@ -82,11 +82,6 @@ class Products:
     out_dtype: torch.dtype
 
     @classmethod
-    def of(cls, hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> "Products":
-        """For ``hidden @ weight.T`` with results in ``out_dtype`` (fp32, or fp64 when any input is fp64)."""
-        return cls.in_dtype(product_dtype(hidden, weight), hidden.device.type, out_dtype)
-
-    @classmethod
     def in_dtype(cls, compute: torch.dtype, device_type: str, out_dtype: torch.dtype) -> "Products":
         """For products in ``compute`` (decided earlier, e.g. under the caller's autocast) on ``device_type``."""
         half_ok = compute in HALF_DTYPES and out_dtype == torch.float32 and half_into_float(device_type, compute)
