@@ -250,9 +250,8 @@ def patch_causal_lm(model, *, backend: str = "auto", temperature: float = 1.0,
         options = dict(bias=hidden.head_bias, temperature=temperature, backend=backend, **hidden.head_options())
         token_logps = linear_token_logprobs(hidden.final[:, :-1], hidden.head_weight, shifted, **options)
         count = (shifted != -100).sum().clamp(min=1)
-        layer_logps = {
-            k: linear_token_logprobs(h[:, :-1], hidden.head_weight, shifted, **options) for k, h in hidden.layers.items()
-        }
+        layer_logps = {k: linear_token_logprobs(h[:, :-1], hidden.head_weight, shifted, **options)
+                       for k, h in hidden.layers.items()}
         return TokenLogprobsOutput(loss=-token_logps.sum() / count, token_logps=token_logps,
                                    layer_token_logps=layer_logps or None)
 

@@ -59,7 +59,8 @@ def _minor(version: str) -> tuple[int, int]:
 
 
 def _trl_utils():
-    """``trl.trainer.utils`` after checking the installed TRL is one ``patch()`` supports."""
+    """``(trl.trainer.utils, interface of its fused LM head)`` after checking the installed TRL is one ``patch()``
+    supports."""
     version = _trl_version()
     supported = f"TRL {SUPPORTED_TRL[0]} to {SUPPORTED_TRL[-1]}"
     if _minor(version) < _minor(SUPPORTED_TRL[0]):
@@ -69,12 +70,13 @@ def _trl_utils():
         )
     import trl.trainer.utils as utils
 
-    if _interface(utils, version) is None:
+    interface = _interface(utils, version)
+    if interface is None:
         raise RuntimeError(
             f"dpo_kernels.integrations.trl supports {supported}; found TRL {version}, whose fused LM head "
             "(trl.trainer.utils._ChunkedLogProbFunction) has an interface this version of dpo_kernels does not know."
         )
-    return utils
+    return utils, interface
 
 
 def _interface(utils, version: str) -> str | None:
@@ -89,15 +91,16 @@ def _interface(utils, version: str) -> str | None:
 def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None:
     """Make TRL's fused LM head use dpo_kernels with ``backend`` (and the linear path's ``tile_budget_mb``).
     Idempotent; call before creating the trainer."""
-    utils = _trl_utils()
+    utils, interface = _trl_utils()
     TokenOptions(tile_budget_mb=tile_budget_mb)  # validated now, not at the first training step
     if "original" not in _state:
         original = utils._ChunkedLogProbFunction
-        _state["interface"] = _interface(utils, _trl_version())
+        _state["interface"] = interface
         _state["original"] = original
-        # TRL 1.14's trainers import the function by name: every module holding it gets ours
-        _state["modules"] = [m for name, m in list(sys.modules.items())
-                             if name.startswith("trl.") and getattr(m, "_ChunkedLogProbFunction", None) is original]
+        # TRL 1.14's trainers import the function by name: every module holding it gets ours (TRL 1.15+ without
+        # Triton holds None there; modules without the name are left alone)
+        _state["modules"] = [m for name, m in list(sys.modules.items()) if name.startswith("trl.")
+                             and "_ChunkedLogProbFunction" in vars(m) and m._ChunkedLogProbFunction is original]
     FusedLogProbs.backend = backend
     FusedLogProbs.tile_budget_mb = tile_budget_mb
     FusedLogProbs.interface = _state["interface"]
@@ -160,7 +163,7 @@ class FusedLogProbs:
         check_label_range(targets, weight.shape[0], opts, name="targets")
         wanted = set(outputs) - {"log_probs"}
         out = run_linear_token_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
-                                     logging=bool(wanted), head_context=_trl_utils().maybe_gather_lm_head_ctx)
+                                     logging=bool(wanted), head_context=_gather_lm_head_context())
         log_probs, logged = out if wanted else (out, {})
         logged = {k: v.squeeze(0) for k, v in logged.items() if k in wanted}
         entropy = logged.get("entropy")
@@ -170,6 +173,14 @@ class FusedLogProbs:
             return log_probs.squeeze(0), entropy
         return (log_probs.squeeze(0), entropy, logged.get("log_sum_sq_probs"), logged.get("mean_logits"),
                 logged.get("is_top1"))
+
+
+def _gather_lm_head_context():
+    """TRL's context that gathers a ZeRO-3-partitioned head (the version was checked when the head was patched; this
+    runs at every forward, so it is not checked again)."""
+    import trl.trainer.utils as utils
+
+    return utils.maybe_gather_lm_head_ctx
 
 
 # --------------------------------------------------------------------------------------------- TDPO and layers
