@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -29,16 +28,11 @@ import time
 from output import add_out_argument, out_dir
 
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def _child(case: str, impl: str, n: int, d: int, v: int, dtype_name: str) -> dict:
     import torch
 
     import dpo_kernels
+    from dpo_kernels.timing import PeakMemory
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
@@ -81,18 +75,15 @@ def _child(case: str, impl: str, n: int, d: int, v: int, dtype_name: str) -> dic
         inputs = (leaf.clone(),)  # non-leaf logits; CloneBackward hands the gradient to leaf.grad as is
 
     warm_up()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    baseline = _status_kib("VmRSS")
-    start = time.perf_counter()
-    logp = run(*inputs, labels)
-    elapsed = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    with PeakMemory("cpu") as memory:
+        start = time.perf_counter()
+        logp = run(*inputs, labels)
+        elapsed = time.perf_counter() - start
     return {
         "impl": impl,
-        "baseline_mib": baseline / 1024,
-        "peak_mib": peak / 1024,
-        "extra_peak_mib": (peak - baseline) / 1024,
+        "baseline_mib": memory.base_mib,
+        "peak_mib": memory.peak_mib,
+        "extra_peak_mib": memory.mib,
         "seconds": elapsed,
         "checksum": float(logp.double().sum()),
     }

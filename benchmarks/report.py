@@ -44,17 +44,16 @@ def _machine(device: str) -> str:
 def _memory_child(preset: str, case: str, impl_name: str, tokens: int) -> float:
     from field import PRESETS, implementations, make_inputs
 
+    from dpo_kernels.timing import PeakMemory
+
     p = PRESETS[preset]
     impl = next(i for i in implementations(case) if i.name == impl_name and p.device in i.devices)
     x = make_inputs(case, p, tokens)
     leaves = {k: (v.detach().requires_grad_(k in ("logits", "hidden", "weight")) if v.is_floating_point() else v)
               for k, v in x.items()}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    status = Path("/proc/self/status").read_text
-    base = int(re.search(r"VmRSS:\s+(\d+)", status()).group(1))
-    impl.run(leaves).float().sum().backward()
-    return (int(re.search(r"VmHWM:\s+(\d+)", status()).group(1)) - base) / 1024
+    with PeakMemory("cpu") as memory:
+        impl.run(leaves).float().sum().backward()
+    return memory.mib
 
 
 def _run_benchmarks(preset: str, out: Path) -> None:

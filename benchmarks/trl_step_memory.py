@@ -18,18 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 from output import add_out_argument, out_dir
-
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
 def _child(impl: str, hidden: int, vocab: int, seq: int, pairs: int) -> dict:
@@ -42,6 +35,7 @@ def _child(impl: str, hidden: int, vocab: int, seq: int, pairs: int) -> dict:
     from dpo_kernels import fused_dpo_loss
     from dpo_kernels.integrations import trl as dk_trl
     from dpo_kernels.integrations.synthetic import synthetic_preferences, tiny_causal_lm, tiny_tokenizer
+    from dpo_kernels.timing import PeakMemory
 
     words = vocab - 2
     half = seq // 2
@@ -68,15 +62,12 @@ def _child(impl: str, hidden: int, vocab: int, seq: int, pairs: int) -> dict:
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.current_gradient_accumulation_steps = 1  # normally set by the training loop
     tokens = int(batch["input_ids"].numel())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    baseline = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    loss = trainer.training_step(trainer.model, batch)
-    seconds = time.perf_counter() - start
-    peak = _rss_kib("VmHWM")
+    with PeakMemory("cpu") as memory:
+        start = time.perf_counter()
+        loss = trainer.training_step(trainer.model, batch)
+        seconds = time.perf_counter() - start
     return {"impl": impl, "tokens": tokens, "loss": float(loss), "seconds": seconds,
-            "extra_peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024}
+            "extra_peak_mib": memory.mib, "baseline_mib": memory.base_mib}
 
 
 def main() -> int:

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +26,7 @@ import torch
 
 from . import fused_dpo_loss
 from .integrations.transformers import causal_lm_hidden_states
-from .timing import synchronize
+from .timing import PeakMemory, synchronize
 
 
 def _tiny_llama(vocab: int, hidden: int, seed: int):
@@ -57,48 +53,6 @@ def _batches(steps: int, pairs: int, prompt: int, completion: int, vocab: int, s
         labels[:, :prompt] = -100
         out.append((ids, labels))
     return out
-
-
-def _trim_malloc_heap() -> None:
-    """``malloc_trim(0)`` where the C library has it (glibc), else nothing."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class _PeakMemory:
-    """Peak extra memory of a block: allocator bytes on CUDA, resident set on Linux CPUs (``None`` elsewhere)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mib = device, None
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        elif os.path.exists("/proc/self/clear_refs"):
-            # Memory freed by an earlier step can stay resident in malloc's heap and would be reused unseen: hand it
-            # back first, so that the resident set counts live memory only and its growth is this block's need.
-            gc.collect()
-            _trim_malloc_heap()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = self._status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        elif os.path.exists("/proc/self/clear_refs"):
-            self.mib = (self._status("VmHWM") - self.base) / 1024
 
 
 def _step_loss(policy, reference, ids, labels, loss_type: str, fused: bool, backend: str):
@@ -173,7 +127,7 @@ def _time_step(model, batch, fused: bool, setup: _Setup) -> tuple[float, float |
     the measurement; the steps' gradients and optimizer state count)."""
     policy, reference, optimizer = _copies(model, setup)
     synchronize(setup.device)
-    with _PeakMemory(setup.device) as peak:
+    with PeakMemory(setup.device) as peak:
         start = time.perf_counter()
         for loss_type in ("sigmoid", "tdpo2"):
             _step(policy, reference, optimizer, *batch, loss_type, fused, setup)
