@@ -9,6 +9,7 @@
 #endif
 
 #include <cmath>
+#include <cstdint>
 
 namespace dpo_kernels {
 
@@ -38,5 +39,18 @@ struct TransformParams {
     return grad_z * factor;
   }
 };
+
+// log-sum-exp from a running max m and sum s of exp(z - m), with one rule for non-finite logits on every backend
+// (MATH.md section 1): a row holding NaN or +inf has no softmax, so its lse is NaN and every statistic derived from
+// it is NaN (never a plausible finite number, and never -inf, which would let a pair drop out of the loss).
+template <typename acc_t>
+DPO_HOST_DEVICE acc_t finish_lse(acc_t m, acc_t s) {
+  if (m != m || m == static_cast<acc_t>(INFINITY)) return static_cast<acc_t>(NAN);
+  return m + log(s);
+}
+
+// Whether a label (not ignore_index) is a column of a vocab-wide row. With check_labels=False an out-of-range label
+// is a caller's error: the kernels then read nothing out of bounds and return NaN for that token.
+DPO_HOST_DEVICE bool label_in_vocab(int64_t label, int64_t vocab) { return label >= 0 && label < vocab; }
 
 }  // namespace dpo_kernels

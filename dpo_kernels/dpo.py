@@ -5,7 +5,6 @@ fused paths. Rows ``0..B-1`` of every batched input are the chosen responses, ro
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from .primitives import (
     total_vocab,
     vocab_slice_of,
 )
-from .validation import require_float, require_labels, require_positive, require_same_device
+from .validation import is_finite_number, require_float, require_labels, require_positive, require_same_device
 
 
 _OBJECTIVE_DEFAULTS = losses.ObjectiveConfig()
@@ -81,7 +80,7 @@ class DPOLossConfig:
         for name in names:
             losses.objective(name)
         weights = (1.0,) * len(names) if self.loss_weights is None else tuple(self.loss_weights)
-        if len(weights) != len(names) or not all(_finite(w) for w in weights):
+        if len(weights) != len(names) or not all(is_finite_number(w) for w in weights):
             raise ValueError(
                 f"loss_weights must be {len(names)} finite number(s), one per loss_type {list(names)}, "
                 f"got {self.loss_weights!r}"
@@ -89,7 +88,7 @@ class DPOLossConfig:
         require_positive("beta", self.beta)
         require_positive("discopop_tau", self.discopop_tau)
         for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing"):
-            if not _finite(getattr(self, name)):
+            if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         objectives = {name: losses.objective(name) for name in names}
         self._check_label_smoothing(objectives)
@@ -579,7 +578,3 @@ class FusedDPOLoss(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"loss_type={list(c.loss_types)}, beta={c.beta}, backend={c.backend!r}"
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -6,10 +6,11 @@ positional arguments and adding an option touches one place.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from .validation import is_finite_number, is_positive_finite
 
 
 @dataclass(frozen=True)
@@ -49,36 +50,28 @@ class TokenOptions:
     def __post_init__(self) -> None:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
-        if not _is_positive_finite(self.temperature):
+        if not is_positive_finite(self.temperature):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.softcap is not None and not _is_positive_finite(self.softcap):
+        if self.softcap is not None and not is_positive_finite(self.softcap):
             raise ValueError(f"softcap must be None or a finite number > 0, got {self.softcap!r}")
-        if not _is_finite_number(self.logit_scale) or self.logit_scale == 0:
+        if not is_finite_number(self.logit_scale) or self.logit_scale == 0:
             raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale!r}")
         for name in ("token_chunk_size", "vocab_chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        if self.tile_budget_mb is not None and not _is_positive_finite(self.tile_budget_mb):
+        if self.tile_budget_mb is not None and not is_positive_finite(self.tile_budget_mb):
             raise ValueError(f"tile_budget_mb must be None or a finite number of MiB > 0, got {self.tile_budget_mb!r}")
         for name in ("inplace_backward", "check_labels"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.grad_filter_eps is not None and not (_is_finite_number(self.grad_filter_eps) and self.grad_filter_eps >= 0):
+        if self.grad_filter_eps is not None and not (is_finite_number(self.grad_filter_eps) and self.grad_filter_eps >= 0):
             raise ValueError(f"grad_filter_eps must be None or a finite number >= 0, got {self.grad_filter_eps!r}")
 
     @property
     def is_identity_transform(self) -> bool:
         """True when logits are used as given (no scale, softcap or temperature)."""
         return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
-
-
-def _is_finite_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_positive_finite(x: object) -> bool:
-    return _is_finite_number(x) and x > 0
 
 
 def statistics_dtype(*dtypes: torch.dtype) -> torch.dtype:

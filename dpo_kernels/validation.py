@@ -61,7 +61,24 @@ def require_labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int,
         )
 
 
+def is_finite_number(x: object) -> bool:
+    """A Python (or, under ``torch.compile(dynamic=True)``, symbolic) int or float that is neither inf nor NaN.
+
+    Written as two comparisons, not ``math.isfinite``: Dynamo cannot trace ``math.isfinite`` on a symbolic float
+    (``dynamic=True`` makes float arguments symbolic), while a comparison becomes a guard."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, torch.SymInt, torch.SymFloat)):
+        return False
+    return bool(-_INF < x < _INF)
+
+
+def is_positive_finite(x: object) -> bool:
+    return is_finite_number(x) and bool(x > 0)
+
+
+_INF = float("inf")
+
+
 def require_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+    if not is_positive_finite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return value

@@ -116,3 +116,29 @@ def test_what_cannot_compile_says_so(options, message):
     step = torch.compile(_step, fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match=message):
         step(policy, ref, input_ids, labels, **options)
+
+
+def _dynamic_calls(h, w, labels, beta, temperature):
+    """The three public entry points that must trace with ``dynamic=True`` (symbolic lengths and float arguments)."""
+    loss = fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w, ref_hidden=h.detach() * 0.5,
+                          ref_lm_head_weight=w, beta=beta, temperature=temperature, backend="torch").loss
+    from dpo_kernels import linear_token_logprobs, token_logprobs
+
+    linear = linear_token_logprobs(h, w, labels, temperature=temperature, backend="torch")
+    logits = token_logprobs(h @ w.T, labels, logit_scale=temperature, backend="torch")
+    return loss, linear, logits
+
+
+@pytest.mark.parametrize("length", [5, 9])
+def test_dynamic_shapes_and_scalars_trace(length):
+    """``torch.compile(fullgraph=True, dynamic=True)``: float arguments become symbolic, and the option checks must
+    not call ``math.isfinite`` on them (it failed at every length before)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(length)
+    h = torch.randn(2 * B, length, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g) / D**0.5
+    labels = torch.randint(0, V, (2 * B, length), generator=g)
+    labels[:, 0] = -100
+    compiled = torch.compile(_dynamic_calls, fullgraph=True, dynamic=True, backend="aot_eager")
+    for got, expected in zip(compiled(h, w, labels, 0.1, 0.7), _dynamic_calls(h, w, labels, 0.1, 0.7), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -95,12 +95,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
           }
         }
         const acc_t policy_lse = policy.lse();
+        const bool in_vocab = label_in_vocab(label, vocab);
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
         out_lse[i] = policy_lse;
-        out_logp[i] = t.apply<acc_t>(static_cast<acc_t>(x[label * rows.stride_v])) - policy_lse;
+        out_logp[i] = in_vocab ? t.apply<acc_t>(static_cast<acc_t>(x[label * rows.stride_v])) - policy_lse : nan;
         if (with_ref) {
           const acc_t lse_r = ref.ref.lse();
           out_ref_lse[i] = lse_r;
-          out_ref_logp[i] = t.apply<acc_t>(static_cast<acc_t>(xr[label * ref_rows.stride_v])) - lse_r;
+          out_ref_logp[i] = in_vocab ? t.apply<acc_t>(static_cast<acc_t>(xr[label * ref_rows.stride_v])) - lse_r : nan;
           out_kl[i] = ref.kl(policy_lse);
         }
       }

@@ -84,7 +84,7 @@ struct OnlineLse {
     return rescale;
   }
 
-  acc_t lse() const { return m + std::log(s); }
+  acc_t lse() const { return finish_lse(m, s); }
 };
 
 // Reference statistics for KL(ref || policy): the reference's online lse plus

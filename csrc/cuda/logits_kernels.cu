@@ -71,19 +71,20 @@ __global__ void
     fold_logit<WITH_REF>(t.apply<float>(to_float(x_row[i * layout.stride_v])), zr, state, ref);
   }
   state = row_reduce<THREADS>(state, reinterpret_cast<Lse*>(scratch));
-  const float lse = state.m + __logf(state.s);
+  const float lse = finish_lse(state.m, state.s);
+  const bool in_vocab = label_in_vocab(label, vocab);  // else (check_labels=False) NaN, and no read out of bounds
   if constexpr (WITH_REF) {
     ref = row_reduce<THREADS>(ref, scratch);
     if (lane == 0) {
-      const float lse_r = ref.ref.m + __logf(ref.ref.s);
+      const float lse_r = finish_lse(ref.ref.m, ref.ref.s);
       ref_lse_out[row] = lse_r;
-      ref_logp[row] = t.apply<float>(to_float(r_row[label * ref_layout.stride_v])) - lse_r;
+      ref_logp[row] = in_vocab ? t.apply<float>(to_float(r_row[label * ref_layout.stride_v])) - lse_r : NAN;
       kl_out[row] = ref.w / ref.ref.s - lse_r + lse;
     }
   }
   if (lane == 0) {
     lse_out[row] = lse;
-    logp[row] = t.apply<float>(to_float(x_row[label * layout.stride_v])) - lse;
+    logp[row] = in_vocab ? t.apply<float>(to_float(x_row[label * layout.stride_v])) - lse : NAN;
   }
 }
 

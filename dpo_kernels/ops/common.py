@@ -22,11 +22,31 @@ class LinearHead:
     bias: torch.Tensor | None = None
 
 
-def split_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(index, mask)``: labels usable for gathering (ignored positions point at 0) and the bool mask."""
+def split_labels(labels: torch.Tensor, ignore_index: int, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(index, mask)``: labels usable for gathering (ignored positions point at 0; with ``vocab``, every
+    index clamped into ``[0, vocab)``, so that a label let through by ``check_labels=False`` reads nothing out of
+    bounds: :func:`nan_out_of_vocab` then marks its result) and the bool mask."""
     mask = labels != ignore_index
     index = torch.where(mask, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
-    return index, mask
+    return (index, mask) if vocab is None else (index.clamp(0, vocab - 1), mask)
+
+
+def nan_out_of_vocab(values: torch.Tensor, labels: torch.Tensor, vocab: int,
+                     ignore_index: int | None = None) -> torch.Tensor:
+    """``values`` with NaN wherever ``labels`` (same shape) is neither ``ignore_index`` (when given) nor in
+    ``[0, vocab)``: an out-of-range label (only possible with ``check_labels=False``) gives NaN on every backend,
+    never a crash or a plausible number. One elementwise pass over ``[N]``, no host sync."""
+    bad = (labels < 0) | (labels >= vocab)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    return values.masked_fill(bad, float("nan"))
+
+
+def kl_terms(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """``q (log q - log p)`` elementwise; an underflowed ``q = 0`` contributes exactly 0 (xlogy semantics), a NaN
+    ``q`` (a non-finite reference row) stays NaN."""
+    q = ref_logprobs.exp()
+    return torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), q * (ref_logprobs - logprobs))
 
 
 def kl_outputs(ctx, logp: torch.Tensor, ref_logp: torch.Tensor, kl: torch.Tensor, shape: torch.Size):

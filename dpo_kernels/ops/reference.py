@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..options import TokenOptions, statistics_dtype
-from .common import LinearHead, split_labels
+from .common import LinearHead, kl_terms, nan_out_of_vocab, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear.contract import LOGGED_OUTPUTS
 from .linear.products import product_dtype
@@ -55,16 +55,15 @@ def _log_softmax(logits: torch.Tensor, opts: TokenOptions, dtype: torch.dtype | 
 
 
 def _gather_masked(logprobs: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
-    index, mask = split_labels(labels, opts.ignore_index)
-    picked = logprobs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    vocab = logprobs.shape[-1]
+    index, mask = split_labels(labels, opts.ignore_index, vocab)
+    picked = nan_out_of_vocab(logprobs.gather(-1, index.unsqueeze(-1)).squeeze(-1), labels, vocab, opts.ignore_index)
     return torch.where(mask, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
 
 
 def _forward_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, labels: torch.Tensor, opts: TokenOptions):
     """``sum_v q_v (log q_v - log p_v)`` with ``q = exp(ref_logprobs)``; an underflowed ``q_v = 0`` adds 0."""
-    q = ref_logprobs.exp()
-    terms = torch.where(q > 0, q * (ref_logprobs - logprobs), torch.zeros((), dtype=q.dtype, device=q.device))
-    kl = terms.sum(-1)
+    kl = kl_terms(ref_logprobs, logprobs).sum(-1)
     mask = labels != opts.ignore_index
     return torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
 

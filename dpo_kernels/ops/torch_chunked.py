@@ -23,7 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..options import TokenOptions, statistics_dtype
-from .common import LinearHead, kl_outputs, split_labels
+from .common import LinearHead, kl_outputs, kl_terms, nan_out_of_vocab, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear import driver
 from .linear.contract import STATS_ROWS, LogitsTile, TileKernels
@@ -113,12 +113,6 @@ def _logit_grad(
     return grad if out is None else out.copy_(grad)
 
 
-def _kl_terms(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """``q (log q - log p)`` elementwise; an underflowed ``q = 0`` contributes exactly 0 (xlogy semantics)."""
-    q = ref_logprobs.exp()
-    return torch.where(q > 0, q * (ref_logprobs - logprobs), torch.zeros((), dtype=q.dtype, device=q.device))
-
-
 # --------------------------------------------------------------------------------------------- from logits
 
 
@@ -132,6 +126,7 @@ def _logits_grad_buffer(logits: torch.Tensor, opts: TokenOptions) -> torch.Tenso
 def _forward_logits_tile(x: torch.Tensor, index: torch.Tensor, opts: TokenOptions, sdt: torch.dtype):
     z = transform_logits(x.to(sdt), opts)
     lse = torch.logsumexp(z, dim=-1)
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))  # a +inf logit: no softmax (contract.finish_lse)
     return z, lse, z.gather(1, index.unsqueeze(1)).squeeze(1) - lse
 
 
@@ -171,7 +166,7 @@ class _TokenLogprobs(torch.autograd.Function):
             refuse_leaf_logits(logits)
         shape = logits.shape
         sdt = statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
-        index, mask = split_labels(labels.reshape(-1), opts.ignore_index)
+        index, mask = split_labels(labels.reshape(-1), opts.ignore_index, shape[-1])
         views = (TokenRows(logits),) if ref_logits is None else (TokenRows(logits), TokenRows(ref_logits))
         n = index.numel()
         logp, lse = torch.empty(n, dtype=sdt, device=logits.device), torch.empty(n, dtype=sdt, device=logits.device)
@@ -181,9 +176,12 @@ class _TokenLogprobs(torch.autograd.Function):
             z, lse[s:e], logp[s:e] = _forward_logits_tile(views[0].rows(s, e), index[s:e], opts, sdt)
             if ref_logits is not None:
                 ref_z, ref_lse[s:e], ref_logp[s:e] = _forward_logits_tile(views[1].rows(s, e), index[s:e], opts, sdt)
-                kl[s:e] = _kl_terms(ref_z - ref_lse[s:e].unsqueeze(1), z - lse[s:e].unsqueeze(1)).sum(-1)
+                kl[s:e] = kl_terms(ref_z - ref_lse[s:e].unsqueeze(1), z - lse[s:e].unsqueeze(1)).sum(-1)
         ctx.save_for_backward(logits, ref_logits, index, lse, None if ref_logits is None else ref_lse)
         ctx.mask, ctx.opts = mask, opts
+        logp = nan_out_of_vocab(logp, labels.reshape(-1), shape[-1], opts.ignore_index)
+        if ref_logits is not None:
+            ref_logp = nan_out_of_vocab(ref_logp, labels.reshape(-1), shape[-1], opts.ignore_index)
         if ref_logits is None:
             return _zeros_where_masked(logp, mask).view(shape[:2])
         masked = (_zeros_where_masked(x, mask) for x in (logp, ref_logp, kl))

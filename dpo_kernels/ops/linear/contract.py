@@ -63,6 +63,13 @@ class TileKernels:
     grad: Callable[..., bool]
 
 
+def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``lse = m + log(s)`` from a running max and sum, NaN where the row held NaN or +inf (MATH.md §1: such a row
+    has no softmax; its statistics are NaN, never a plausible finite number or a ``-inf`` that would let a pair drop
+    out of a loss). The same rule is ``finish_lse`` in ``csrc/transform.h`` and in the Triton helpers."""
+    return torch.where(torch.isnan(m) | (m == float("inf")), float("nan"), m + torch.log(s))
+
+
 def new_stats(n: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``[rows, n]`` statistics before any tile: the maxima ``-inf``, everything else 0."""
     stats = torch.zeros((rows, n), dtype=dtype, device=device)

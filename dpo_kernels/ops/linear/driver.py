@@ -41,11 +41,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ...options import TokenOptions, statistics_dtype
-from ..common import LinearHead
+from ..common import LinearHead, nan_out_of_vocab
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
-    LOGGED_OUTPUTS, LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, logging_outputs, new_stats,
+    LOGGED_OUTPUTS, LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, finish_lse, logging_outputs,
+    new_stats,
 )
 from .plan import TilePlan, plan_tiles
 from .products import Products, product_dtype
@@ -222,12 +223,14 @@ def _finish_forward(stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slic
     if vocab_slice is not None:
         combine(stats, ref_stats, vocab_slice.group)
     sdt = stats.dtype
-    lse = stats[0] + torch.log(stats[1])
-    ref_lse = None if ref_stats is None else ref_stats[0] + torch.log(ref_stats[1])
-    outs = [rows.scatter(stats[2] - lse, shape, sdt)]
+    lse = finish_lse(stats[0], stats[1])
+    ref_lse = None if ref_stats is None else finish_lse(ref_stats[0], ref_stats[1])
+    offset, total = (0, vocab) if vocab_slice is None else (vocab_slice.start, vocab_slice.total)
+    labels = rows.labels + offset  # global ids: one with check_labels=False may be out of range (NaN, never a crash)
+    outs = [rows.scatter(nan_out_of_vocab(stats[2] - lse, labels, total), shape, sdt)]
     if ref_stats is not None:
         outs += [
-            rows.scatter(ref_stats[2] - ref_lse, shape, sdt),
+            rows.scatter(nan_out_of_vocab(ref_stats[2] - ref_lse, labels, total), shape, sdt),
             rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt),
         ]
     if logging:

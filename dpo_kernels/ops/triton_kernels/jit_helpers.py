@@ -47,6 +47,13 @@ def transform_grad(x, grad_z, logit_scale, softcap, inv_temperature,
 
 
 @triton.jit
+def finish_lse(m, s):
+    """``m + log(s)``, NaN when the row held NaN or +inf (``m`` NaN or +inf): the one rule of MATH.md §1 for
+    non-finite logits, also in ``csrc/transform.h`` and :func:`dpo_kernels.ops.linear.contract.finish_lse`."""
+    return tl.where((m != m) | (m == float("inf")), float("nan"), m + tl.log(s))
+
+
+@triton.jit
 def fold_reference_block(z, zr, inside, m_r, s_r, w):
     """Fold one block of reference logits ``zr`` (beside the policy's ``z``; lanes outside the row masked by
     ``inside``) into the reference's running max ``m_r``, sum ``s_r`` and the KL's ``w = sum e^{zr - m_r} (zr - z)``,

@@ -23,7 +23,7 @@ from ...options import TokenOptions
 from ..common import kl_outputs, upstream_grad, upstream_grads
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
-from .jit_helpers import fold_reference_block, transform, transform_grad
+from .jit_helpers import finish_lse, fold_reference_block, transform, transform_grad
 from .launch import transform_args
 
 
@@ -43,7 +43,8 @@ def _logits_forward_kernel(
     ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
-    safe_label = tl.where(valid, label, 0)
+    in_vocab = (label >= 0) & (label < vocab)  # else (check_labels=False): NaN, and nothing read out of bounds
+    safe_label = tl.where(valid & in_vocab, label, 0)
     end = tl.where(valid, vocab, 0)  # a masked token reads nothing
 
     m = -float("inf")
@@ -72,14 +73,14 @@ def _logits_forward_kernel(
     s_r = tl.where(valid, s_r, 1.0)
     x_label = tl.load(x_row + safe_label * x_stride_v).to(tl.float32)
     z_label = transform(x_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-    lse = m + tl.log(s)
-    tl.store(logp_ptr + row, tl.where(valid, z_label - lse, 0.0))
+    lse = finish_lse(m, s)
+    tl.store(logp_ptr + row, tl.where(valid, tl.where(in_vocab, z_label - lse, float("nan")), 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if HAS_REF:
         xr_label = tl.load(ref_row + safe_label * ref_stride_v).to(tl.float32)
         zr_label = transform(xr_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        lse_r = m_r + tl.log(s_r)
-        tl.store(ref_logp_ptr + row, tl.where(valid, zr_label - lse_r, 0.0))
+        lse_r = finish_lse(m_r, s_r)
+        tl.store(ref_logp_ptr + row, tl.where(valid, tl.where(in_vocab, zr_label - lse_r, float("nan")), 0.0))
         tl.store(ref_lse_ptr + row, tl.where(valid, lse_r, 0.0))
         tl.store(kl_ptr + row, tl.where(valid, w / s_r - lse_r + lse, 0.0))
 
