@@ -15,7 +15,8 @@ from torch import nn
 from . import losses
 from .ops.common import LinearHead
 from .ops.vocab_parallel import VocabSlice
-from .options import TokenOptions
+from .ops.transform import transform_logits
+from .options import TokenOptions, statistics_dtype
 from .primitives import (
     check_agree,
     check_head,
@@ -55,6 +56,8 @@ class DPOLossConfig:
     f_alpha_divergence_coef: float = _OBJECTIVE_DEFAULTS.f_alpha_divergence_coef
     reference_free: bool = False
     average_log_prob: bool = False
+    use_weighting: bool = False
+    ld_alpha: float | None = None
     ignore_index: int = _TOKEN_DEFAULTS.ignore_index
     shift: bool = False
     temperature: float = _TOKEN_DEFAULTS.temperature
@@ -92,6 +95,18 @@ class DPOLossConfig:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         objectives = {name: losses.objective(name) for name in names}
         self._check_label_smoothing(objectives)
+        if "tdpo2" in names and not 0 <= self.alpha:
+            raise ValueError(f"alpha (TDPO2's weight of the KL difference) must be >= 0, got {self.alpha}: a negative "
+                             "one turns the KL penalty into a reward")
+        if "tdpo2" in names and self.alpha > 1:
+            warnings.warn(f"alpha={self.alpha} > 1 weighs TDPO2's KL difference above the log-ratios (the TDPO paper "
+                          "uses alpha in [0, 1], default 0.5)", UserWarning, stacklevel=3)
+        for name in ("reference_free", "average_log_prob", "use_weighting"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.ld_alpha is not None and not (is_finite_number(self.ld_alpha) and 0 <= self.ld_alpha <= 1):
+            raise ValueError(f"ld_alpha must be None or a number in [0, 1] (LD-DPO's weight of the tokens past the "
+                             f"shorter response of a pair), got {self.ld_alpha!r}")
         if self.f_divergence_type not in losses.F_DIVERGENCES:
             raise ValueError(f"f_divergence_type must be one of {losses.F_DIVERGENCES}, got {self.f_divergence_type!r}")
         if self.f_divergence_type != "reverse_kl":
@@ -199,6 +214,8 @@ def fused_dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
     average_log_prob: bool = False,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
     ignore_index: int = -100,
     shift: bool = False,
     temperature: float = 1.0,
@@ -229,7 +246,12 @@ def fused_dpo_loss(
     Options: ``loss_type`` (a name or a list, see ``losses.OBJECTIVES``) with ``loss_weights``; ``beta`` (> 0);
     ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo); ``simpo_gamma``;
     ``discopop_tau``; ``f_divergence_type`` and ``f_alpha_divergence_coef`` (f-DPO); ``reference_free``;
-    ``average_log_prob``; the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
+    ``average_log_prob``; ``use_weighting`` (WPO, as TRL: each pair's losses are multiplied by the detached
+    ``w_w w_l``, ``w = exp(mean over the sequence's tokens of (logp_t - log sum_v p_v^2))``; the policy's
+    ``log sum p^2`` comes from the same fused pass from hidden states, from one more detached pass over given logits);
+    ``ld_alpha`` (LD-DPO, as TRL: the sequence log-probs of policy and reference weigh the tokens of each response
+    past the first ``min(len_w, len_l)`` of its pair by ``ld_alpha``; precomputed ``[2B]`` ``ref_logps`` are taken as
+    already weighted); the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
     and reference alike); ``backend``; the tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
     ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives;
@@ -260,6 +282,8 @@ def fused_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef,
         reference_free=reference_free,
         average_log_prob=average_log_prob,
+        use_weighting=use_weighting,
+        ld_alpha=ld_alpha,
         ignore_index=ignore_index,
         shift=shift,
         temperature=temperature,
@@ -336,6 +360,10 @@ class PreferenceInputs:
         if not config.uses_reference and given:
             why = "reference_free=True" if config.reference_free else f"loss_type {list(config.loss_types)}"
             raise ValueError(f"{why} uses no reference, but {given[0]} was given; drop it")
+        if config.use_weighting and self.policy_logits is not None and config.vocab_parallel_group is not None:
+            raise ValueError("use_weighting reads log sum p^2 over the whole vocabulary, which a vocabulary-parallel "
+                             "slice of policy_logits does not hold; pass policy_hidden with the sliced head instead "
+                             "(its fused pass combines that statistic across the group)")
         if config.uses_token_kl:
             if self.ref_logps is not None:
                 raise ValueError(
@@ -433,12 +461,13 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
         config = dataclasses.replace(config, vocab_parallel_group=group)
     vocab_slice = inputs.validate(config)
     labels = _shifted_labels(inputs.labels, config)
-    token_logps, token_ref_logps, token_kl = _token_statistics(config, inputs, vocab_slice)
+    token_logps, token_ref_logps, token_kl, log_sum_sq = _token_statistics(config, inputs, vocab_slice)
     mask = labels != config.ignore_index
     lengths = mask.sum(dim=1).to(token_logps.dtype)
+    token_weights = None if config.ld_alpha is None else _ld_weights(mask, config.ld_alpha, token_logps.dtype)
 
     def aggregate(per_token: torch.Tensor) -> torch.Tensor:
-        total = per_token.sum(dim=1)
+        total = (per_token if token_weights is None else per_token * token_weights).sum(dim=1)
         return total / lengths.clamp(min=1) if config.average_log_prob else total
 
     logps = aggregate(token_logps)
@@ -464,7 +493,8 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
         chosen_kl=chosen_kl,
         rejected_kl=rejected_kl,
     )
-    loss, parts = losses.combined_loss(stats, config.objective, config.loss_types, config.weights)
+    pair_weights = _wpo_weights(token_logps, log_sum_sq, mask, lengths) if config.use_weighting else None
+    loss, parts = losses.combined_loss(stats, config.objective, config.loss_types, config.weights, pair_weights)
     chosen_rewards, rejected_rewards = losses.rewards(stats, config.objective)
     metrics = _metrics(stats, chosen_rewards, rejected_rewards, parts if len(parts) > 1 else {})
     return DPOLossOutput(
@@ -479,6 +509,25 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
     )
 
 
+def _ld_weights(mask: torch.Tensor, ld_alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """LD-DPO's per-token weights ``[2B, T]``: 1 for the first ``min(len_w, len_l)`` scored tokens of each response
+    of a pair, ``ld_alpha`` after them (TRL's ``shared`` and ``tail`` masks; masked positions hold 0 log-probs)."""
+    position = mask.cumsum(dim=1)
+    chosen, rejected = mask.sum(dim=1).chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2).unsqueeze(1)
+    one = torch.ones((), dtype=dtype, device=mask.device)
+    return torch.where(position <= shared, one, one * ld_alpha)
+
+
+@torch.no_grad()
+def _wpo_weights(token_logps, log_sum_sq, mask, lengths) -> torch.Tensor:
+    """WPO's pair weights ``[B]``: ``w_w w_l`` with ``w = exp(mean_t (logp_t - log sum_v p_v^2))`` over each
+    sequence's scored tokens (TRL's ``use_weighting``), detached."""
+    aligned = (token_logps - log_sum_sq.to(token_logps.dtype)) * mask
+    chosen, rejected = torch.exp(aligned.sum(dim=1) / lengths.clamp(min=1)).chunk(2)
+    return chosen * rejected
+
+
 def _pairs(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``[2B]`` -> ``([B] chosen, [B] rejected)``."""
     return (None, None) if x is None else x.chunk(2)
@@ -490,7 +539,18 @@ def _align_per_token(ref: torch.Tensor, labels: torch.Tensor, config: DPOLossCon
 
 
 def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
-    """Per-token ``(logps, ref_logps or None, kl or None)``, each ``[2B, T]``, via the primitives."""
+    """Per-token ``(logps, ref_logps or None, kl or None, log_sum_sq or None)``, each ``[2B, T]``, via the primitives;
+    ``log_sum_sq`` (the policy's ``log sum_v p_v^2``, detached) only for ``use_weighting``."""
+    token_logps, token_ref_logps, token_kl, logged = _token_statistics_and_logged(config, inputs, vs)
+    if config.use_weighting and logged is None:  # from logits: one more detached pass over the policy's logits
+        logged = {"log_sum_sq_probs": _log_sum_sq_probs(_shifted_states(inputs.policy_logits, config),
+                                                        config.token_options)}
+    return token_logps, token_ref_logps, token_kl, None if logged is None else logged["log_sum_sq_probs"]
+
+
+def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
+    """``(logps, ref_logps, kl, logged)``: the linear path hands the logged statistics out of its one fused pass
+    when ``use_weighting`` asks for them (``logged`` is ``None`` otherwise, and from logits)."""
     opts, backend = config.token_options, config.backend
     labels = _shifted_labels(inputs.labels, config)
     policy_logits = _shifted_states(inputs.policy_logits, config)
@@ -498,23 +558,41 @@ def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: Vocab
     policy_head = _head(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias, config)
     ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
 
+    logging = config.use_weighting and policy_head is not None
+    logged = None
     if config.uses_token_kl and policy_logits is not None:
-        return run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend, vs)
+        return (*run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend, vs), None)
     if policy_head is not None and ref_head is not None:
         # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
-        logps, ref_logps, kl = run_linear_token_stats(policy_head, ref_head, labels, opts, backend, vocab_slice=vs)
-        return logps, ref_logps, (kl if config.uses_token_kl else None)
+        out = run_linear_token_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs)
+        (logps, ref_logps, kl), logged = out if logging else (out, None)
+        return logps, ref_logps, (kl if config.uses_token_kl else None), logged
     if policy_logits is not None:
         logps = run_token_logprobs(policy_logits, labels, opts, backend, vs)
     else:
-        logps = run_linear_token_stats(policy_head, None, labels, opts, backend, vocab_slice=vs)
+        out = run_linear_token_stats(policy_head, None, labels, opts, backend, logging=logging, vocab_slice=vs)
+        logps, logged = out if logging else (out, None)
     ref_logps = None
     with torch.no_grad():  # the reference in its own pass, forward only
         if ref_logits is not None:
             ref_logps = run_token_logprobs(ref_logits, labels, opts, backend, vs)
         elif ref_head is not None:
             ref_logps = run_linear_token_stats(ref_head, None, labels, opts, backend, vocab_slice=vs)
-    return logps, ref_logps, None
+    return logps, ref_logps, None, logged
+
+
+@torch.no_grad()
+def _log_sum_sq_probs(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """``log sum_v p_v^2`` per token ``[2B, T]`` from the policy's logits, fp32 (fp64 for fp64 logits), a block of
+    positions of one row at a time: at most ``token_chunk_size`` (or about 8 Mi values) fp32 copies exist at once."""
+    rows, seq, vocab = logits.shape
+    out = torch.empty((rows, seq), dtype=statistics_dtype(logits.dtype), device=logits.device)
+    step = opts.token_chunk_size or max(1, (1 << 23) // vocab)
+    for r in range(rows):
+        for t0 in range(0, seq, step):
+            z = transform_logits(logits[r, t0:t0 + step].to(out.dtype), opts)
+            out[r, t0:t0 + step] = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+    return out
 
 
 def _shifted_labels(labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:

@@ -278,10 +278,16 @@ def objective(loss_type: str) -> Objective:
 
 
 def combined_loss(
-    stats: PairStatistics, cfg: ObjectiveConfig, loss_types: tuple[str, ...], loss_weights: tuple[float, ...]
+    stats: PairStatistics, cfg: ObjectiveConfig, loss_types: tuple[str, ...], loss_weights: tuple[float, ...],
+    pair_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``sum_k w_k * mean_pairs(loss_k)``; also returns each loss's batch mean, keyed by its ``loss_type``."""
-    parts = {name: objective(name).fn(stats, cfg).mean() for name in loss_types}
+    """``sum_k w_k * mean_pairs(c * loss_k)`` with per-pair weights ``c [B]`` (WPO; 1 when ``None``); also returns
+    each loss's batch mean, keyed by its ``loss_type``."""
+    def per_pair(name: str) -> torch.Tensor:
+        loss = objective(name).fn(stats, cfg)
+        return loss if pair_weights is None else loss * pair_weights
+
+    parts = {name: per_pair(name).mean() for name in loss_types}
     total = sum(w * parts[name] for name, w in zip(loss_types, loss_weights, strict=True))
     return total, parts
 

@@ -280,3 +280,42 @@ def test_combined_losses_are_logged_each():
     single = _call(d, "hidden", loss_type="sigmoid")
     assert out.metrics["loss/sigmoid"] == pytest.approx(single.loss.item(), rel=1e-12)
     assert "loss/sigmoid" not in single.metrics
+
+
+def _full_logits(d):
+    return d["hidden"] @ d["weight"].T + d["bias"], d["ref_hidden"] @ d["ref_weight"].T
+
+
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_wpo_weighting_and_ld_alpha_against_full_logits(form):
+    """``use_weighting`` (WPO) and ``ld_alpha`` (LD-DPO) as TRL computes them, from full log-softmaxes by hand."""
+    d = _data()
+    logits, ref_logits = _full_logits(d)
+    labels, mask = d["labels"], d["labels"] != -100
+    idx = labels.clamp(min=0).unsqueeze(-1)
+    lp, rlp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    tok, ref_tok = lp.gather(-1, idx).squeeze(-1) * mask, rlp.gather(-1, idx).squeeze(-1) * mask
+    position, lengths = mask.cumsum(1), mask.sum(1)
+    shared = torch.minimum(lengths[:B], lengths[B:]).repeat(2).unsqueeze(1)
+    c = torch.where(position <= shared, 1.0, 0.3).double()
+    delta = ((tok * c).sum(1) - (ref_tok * c).sum(1))
+    sq = torch.logsumexp(2 * lp, dim=-1)
+    wpo = torch.exp(((tok - sq) * mask).sum(1) / lengths)
+    expected = (-torch.nn.functional.logsigmoid(0.1 * (delta[:B] - delta[B:])) * wpo[:B] * wpo[B:]).mean()
+    if form == "logits":
+        policy = dict(policy_logits=logits, ref_logits=ref_logits)
+    else:
+        policy = dict(policy_hidden=d["hidden"], lm_head_weight=d["weight"], lm_head_bias=d["bias"],
+                      ref_hidden=d["ref_hidden"], ref_lm_head_weight=d["ref_weight"])
+    got = fused_dpo_loss(labels=labels, **policy, use_weighting=True, ld_alpha=0.3, backend="torch")
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-8)
+
+
+def test_tdpo2_alpha_must_not_reward_the_kl():
+    d = _data()
+    with pytest.raises(ValueError, match="alpha .* must be >= 0"):
+        _call(d, "hidden", loss_type="tdpo2", alpha=-0.5)
+    with pytest.warns(UserWarning, match="alpha=1.5 > 1"):
+        _call(d, "hidden", loss_type="tdpo2", alpha=1.5)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        _call(d, "hidden", ld_alpha=1.5)

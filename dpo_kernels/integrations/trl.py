@@ -24,6 +24,8 @@ instead of a silently missing gradient; ``unpatch()`` for such trainers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import inspect
@@ -193,6 +195,103 @@ def _trainer_classes():
     return DPOConfig, DPOTrainer
 
 
+# How FusedDPOTrainer treats each field DPOConfig adds to TrainingArguments (the Trainer's own fields act as in
+# DPOTrainer, whose training loop FusedDPOTrainer keeps; it replaces only the loss). A test walks DPOConfig's fields, so
+# a field a new TRL adds fails it until it is classified here; at construction an unclassified field set away from its
+# default is refused by name.
+#   "loss":    passed to fused_dpo_loss with TRL's meaning (tested against stock DPOTrainer)
+#   "trl":     acts through DPOTrainer's own __init__, data collation, training step or callbacks, kept as they are
+#   "checked": honoured where FusedDPOTrainer can, refused by name before training where it cannot (_refuse_unsupported)
+DPO_CONFIG_FIELDS = {
+    "learning_rate": "trl", "model_init_kwargs": "trl", "trust_remote_code": "trl", "disable_dropout": "trl",
+    "dataset_num_proc": "trl", "max_length": "trl", "truncation_mode": "trl", "pad_to_multiple_of": "trl",
+    "pad_token": "trl", "precompute_ref_batch_size": "trl", "activation_offloading": "trl",
+    "ref_model_mixup_alpha": "trl", "ref_model_sync_steps": "trl",
+    "loss_type": "loss", "loss_weights": "loss", "beta": "loss", "ld_alpha": "loss", "f_divergence_type": "loss",
+    "f_alpha_divergence_coef": "loss", "use_weighting": "loss", "discopop_tau": "loss",
+    "label_smoothing": "checked", "router_aux_loss_coef": "checked", "padding_free": "checked",
+    "precompute_ref_log_probs": "checked", "sync_ref_model": "checked",
+}
+
+
+def _dpo_config_fields(DPOConfig) -> dict:
+    """DPOConfig's own fields (beyond TrainingArguments'), name -> dataclass field."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {f.name: f for f in dataclasses.fields(DPOConfig) if f.name not in base}
+
+
+def loss_config(args):
+    """The :class:`~dpo_kernels.dpo.DPOLossConfig` a ``FusedDPOConfig`` trains with: every loss field of
+    ``DPO_CONFIG_FIELDS`` with TRL's meaning, checked here, before training."""
+    from ..dpo import DPOLossConfig
+    from ..losses import objective
+
+    names = list(args.loss_type)
+    smoothing = args.label_smoothing
+    if smoothing and "sigmoid" in names:
+        raise ValueError(
+            f"label_smoothing={smoothing} with loss_type 'sigmoid': TRL's DPOTrainer ignores label_smoothing for "
+            "'sigmoid' while dpo_kernels applies it (conservative DPO), so FusedDPOTrainer would train another "
+            "objective than DPOTrainer; it refuses. Set label_smoothing=0, or call dpo_kernels.fused_dpo_loss("
+            "loss_type='sigmoid', label_smoothing=...) for conservative DPO.")
+    # TRL applies label_smoothing to robust, exo_pair, aot and aot_unpaired (and dpo_kernels' simpo takes it) and
+    # ignores it for every other loss type: so does FusedDPOTrainer
+    takes_smoothing = any(objective(n).smoothing is not None for n in names)
+    return DPOLossConfig(
+        loss_type=names, loss_weights=args.loss_weights, beta=args.beta, alpha=args.tdpo_alpha,
+        label_smoothing=smoothing if takes_smoothing else 0.0, discopop_tau=args.discopop_tau,
+        f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, shift=True, backend=args.kernel_backend,
+        tile_budget_mb=args.kernel_tile_budget_mb)
+
+
+def _refuse_unsupported(args, DPOConfig, config) -> None:
+    """Refuse, naming the field, what FusedDPOTrainer cannot honour; run before DPOTrainer's ``__init__``."""
+    _refuse_precomputed_reference(args)
+    unknown = [name for name, f in _dpo_config_fields(DPOConfig).items() if name not in DPO_CONFIG_FIELDS
+               and getattr(args, name) != (f.default_factory() if callable(f.default_factory) else f.default)]
+    if unknown:
+        raise ValueError(f"DPOConfig field(s) {unknown} of this TRL are not known to FusedDPOTrainer, which would "
+                         "ignore them; leave them at their defaults or use DPOTrainer with dpo_kernels.integrations."
+                         "trl.patch()")
+    if args.sync_ref_model and not config.uses_reference:
+        raise ValueError(f"sync_ref_model=True: loss_type {list(config.loss_types)} uses no reference model, so "
+                         "there is none to synchronise; set sync_ref_model=False")
+
+
+def _refuse_aux_loss(trainer) -> None:
+    """A Mixture-of-Experts router loss (``router_aux_loss_coef`` with a model that returns router logits) is added by
+    DPOTrainer's loss from the model's own forward, which the fused path does not run."""
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise ValueError(
+            f"router_aux_loss_coef={trainer.args.router_aux_loss_coef} with a Mixture-of-Experts model: "
+            "FusedDPOTrainer computes the loss from the backbone's hidden states and does not add the router's "
+            "auxiliary loss. Set router_aux_loss_coef=0, or use DPOTrainer with dpo_kernels.integrations.trl.patch()")
+
+
+@contextlib.contextmanager
+def _no_reference_model_loaded(trainer_module, model):
+    """For objectives without a reference: DPOTrainer's ``__init__`` would load a reference copy of the policy from its
+    config's model id (from the hub for a model built in code). Inside this context TRL's loader returns ``None`` for
+    that copy, and only for it (a policy given by name is still loaded, by the first call)."""
+    original = trainer_module.create_model_from_path
+    calls = []
+
+    def create(path, *args, **kwargs):
+        calls.append(path)
+        return original(path, *args, **kwargs) if isinstance(model, str) and len(calls) == 1 else None
+
+    trainer_module.create_model_from_path = create
+    try:
+        yield
+    finally:
+        trainer_module.create_model_from_path = original
+
+
 def _refuse_precomputed_reference(args) -> None:
     """TDPO's KL and the reference at intermediate layers need the reference model's hidden states: precomputed
     sequence log-probs do not hold them."""
@@ -217,7 +316,7 @@ def make_fused_dpo_classes():
     from dataclasses import dataclass, field
 
     DPOConfig, DPOTrainer = _trainer_classes()
-    from ..dpo import fused_dpo_loss
+    from ..dpo import PreferenceInputs, compute_dpo_loss
     from ..intermediate import intermediate_dpo_loss
     from .transformers import add_hidden_states_forward, hidden_states_in_forward, loss_in_forward, unwrap_causal_lm
 
@@ -249,9 +348,21 @@ def make_fused_dpo_classes():
         _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
         def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
-            if args is not None:
-                _refuse_precomputed_reference(args)
-            super().__init__(model, ref_model, args, *rest, **kwargs)
+            if args is None:  # as DPOTrainer does
+                name = model if isinstance(model, str) else model.config._name_or_path
+                args = FusedDPOConfig(f"{name.split('/')[-1]}-DPO")
+            if not isinstance(args, FusedDPOConfig):
+                raise TypeError(f"args must be a FusedDPOConfig (DPOConfig plus the fused trainer's options), got "
+                                f"{type(args).__name__}")
+            self._loss_config = loss_config(args)
+            _refuse_unsupported(args, DPOConfig, self._loss_config)
+            skip_reference = (not self._loss_config.uses_reference and ref_model is None
+                              and not args.precompute_ref_log_probs)
+            loading = (_no_reference_model_loaded(sys.modules[DPOTrainer.__module__], model) if skip_reference
+                       else contextlib.nullcontext())
+            with loading:
+                super().__init__(model, ref_model, args, *rest, **kwargs)
+            _refuse_aux_loss(self)
             if getattr(self, "padding_free", False):  # TRL 1.14-1.16 turn it off themselves, with a warning
                 raise ValueError("FusedDPOTrainer takes padded batches (one row a sequence); this TRL packed them "
                                  "(padding_free=True). Set padding_free=False.")
@@ -262,14 +373,17 @@ def make_fused_dpo_classes():
 
         def _reference(self, model, model_kwargs, layers):
             """The reference's hidden states, and a head that stays valid after its forward (TDPO's backward reads
-            it again)."""
+            it again). Under the accelerator's autocast, as TRL runs its reference: accelerate put that autocast
+            around the reference's original forward, which the hidden-states forward does not go through."""
             options = dict(layers=layers, apply_final_norm=self.args.apply_final_norm, **model_kwargs)
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():
                 if self.ref_model is not None:
                     return hidden_states_in_forward(self.ref_model, **options)
                 unwrapped = self.accelerator.unwrap_model(model)
-                if hasattr(unwrapped, "disable_adapter"):
-                    with unwrapped.disable_adapter():
+                if hasattr(unwrapped, "peft_config"):  # TRL's rule: the "ref" adapter if loaded, else no adapter
+                    from trl.trainer.utils import use_adapter
+
+                    with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                         return hidden_states_in_forward(model, **options)
                 raise ValueError("FusedDPOTrainer needs a ref_model, a PEFT policy, or precompute_ref_log_probs")
 
@@ -280,9 +394,11 @@ def make_fused_dpo_classes():
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
             layers = tuple(args.intermediate_layers or ())
             tensors = dict(labels=labels)
-            if self.precompute_ref_logps:
+            reference = None
+            if not self._loss_config.uses_reference:
+                pass  # SimPO, SFT: no reference is read, given or not
+            elif self.precompute_ref_logps:
                 tensors["ref_logps"] = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-                reference = None
             else:
                 ref_layers = layers if args.reference_at_intermediate_layers else ()
                 reference = self._reference(model, model_kwargs, ref_layers)
@@ -290,13 +406,10 @@ def make_fused_dpo_classes():
                                ref_lm_head_bias=reference.head_bias)
 
             def loss(policy):
-                options = dict(loss_type=args.loss_type, loss_weights=args.loss_weights, beta=args.beta,
-                               alpha=args.tdpo_alpha, label_smoothing=args.label_smoothing, shift=True,
-                               backend=args.kernel_backend, tile_budget_mb=args.kernel_tile_budget_mb,
-                               **policy.head_options())
+                config = dataclasses.replace(self._loss_config, **policy.head_options())
                 heads = dict(lm_head_weight=policy.head_weight, lm_head_bias=policy.head_bias)
                 if not layers:
-                    out = fused_dpo_loss(policy_hidden=policy.final, **heads, **tensors, **options)
+                    out = compute_dpo_loss(config, PreferenceInputs(policy_hidden=policy.final, **heads, **tensors))
                 else:
                     ref_layer_hidden = None
                     if reference is not None and args.reference_at_intermediate_layers:
@@ -304,7 +417,7 @@ def make_fused_dpo_classes():
                     out = intermediate_dpo_loss(policy_hidden=policy.final, policy_layer_hidden=policy.layers,
                                                 ref_layer_hidden=ref_layer_hidden,
                                                 intermediate_weight=args.intermediate_weight, **heads, **tensors,
-                                                **options)
+                                                **_config_options(config))
                 return out.loss, out
 
             # inside the policy's forward and its head's, through whatever wraps them (DDP, FSDP2, ZeRO-3)
@@ -319,6 +432,11 @@ def make_fused_dpo_classes():
             return (loss_value, out) if return_outputs else loss_value
 
     return FusedDPOConfig, FusedDPOTrainer
+
+
+def _config_options(config) -> dict:
+    """A :class:`~dpo_kernels.dpo.DPOLossConfig` as the keyword options it was built from."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
 
 
 def __getattr__(name: str):

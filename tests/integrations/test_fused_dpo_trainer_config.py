@@ -1,0 +1,179 @@
+"""``FusedDPOTrainer`` trains the objective the user configured: every ``DPOConfig`` field is honoured with TRL's
+meaning (three training steps equal stock ``DPOTrainer``'s) or refused by name at construction; the reference runs
+under the same autocast as the policy (a policy identical to its reference gives exactly ln 2 and zero margins);
+reference-free objectives need no reference model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="TRL is an optional dependency")
+
+from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
+from dpo_kernels.integrations.trl import FusedDPOConfig, FusedDPOTrainer  # noqa: E402
+from dpo_kernels.integrations.synthetic import synthetic_preferences, tiny_causal_lm  # noqa: E402
+
+from .test_trl_options import _COMMON, _assert_same_training, _train  # noqa: E402
+from .test_trl_patch import _dataset, _model, _tokenizer  # noqa: E402
+
+
+def _first_step_log(model, ref_model, **config):
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", per_device_train_batch_size=4, report_to=[],
+                          save_strategy="no", max_steps=1, logging_steps=1, learning_rate=1e-3, disable_tqdm=True,
+                          **config)
+    trainer = FusedDPOTrainer(model=model, ref_model=ref_model, args=args,
+                              train_dataset=synthetic_preferences(8, completion_len=(40, 60)),
+                              processing_class=_tokenizer())
+    trainer.train()
+    return trainer.state.log_history[0]
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "peft"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_identical_policy_and_reference_give_exactly_ln2(precision, peft):
+    """DPOConfig's default bf16 autocast: before, the reference backbone ran without it (accelerate wraps the
+    reference's original forward, which the hidden-states forward bypassed) and step 1 gave a biased log-ratio
+    (loss ln 2 + 1e-4, reward accuracy 0.25 at this size). The check is exact, not to bf16 accuracy."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        pytest.skip("fp16 mixed precision (GradScaler) needs a CUDA device")
+    device = dict(use_cpu=not torch.cuda.is_available())
+    model = tiny_causal_lm("llama", hidden=64, layers=2)
+    if peft:
+        peft_lib = pytest.importorskip("peft")
+        model = peft_lib.get_peft_model(model, peft_lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        ref_model = None  # LoRA starts as the identity: the policy with its adapter disabled is the same model
+    else:
+        ref_model = copy.deepcopy(model)
+    logged = _first_step_log(model, ref_model, **{precision: True}, **device)
+    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert logged["rewards/margins"] == 0.0
+    assert logged["rewards/accuracies"] == 0.0
+
+
+def test_every_dpo_config_field_is_classified():
+    """A field a new TRL adds to DPOConfig fails here until FusedDPOTrainer says how it treats it."""
+    fields = dk_trl._dpo_config_fields(trl.DPOConfig)
+    unclassified = sorted(set(fields) - set(dk_trl.DPO_CONFIG_FIELDS))
+    assert not unclassified, f"classify these DPOConfig fields in DPO_CONFIG_FIELDS: {unclassified}"
+    assert set(dk_trl.DPO_CONFIG_FIELDS.values()) <= {"loss", "trl", "checked"}
+
+
+# every option that shapes the objective, and the reference-model sync, against stock TRL over three steps
+STOCK_OPTIONS = {
+    "js_divergence": dict(f_divergence_type="js_divergence"),
+    "forward_kl": dict(f_divergence_type="forward_kl"),
+    "alpha_divergence": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "use_weighting": dict(use_weighting=True),
+    "ld_alpha": dict(ld_alpha=0.4),
+    "discopop_tau": dict(loss_type=["discopop"], discopop_tau=0.3),
+    "robust_smoothing": dict(loss_type=["robust"], label_smoothing=0.2),
+    "exo_pair_smoothing": dict(loss_type=["exo_pair"], label_smoothing=0.1),
+    "aot_smoothing": dict(loss_type=["aot"], label_smoothing=0.1),
+    "hinge_ignores_smoothing": dict(loss_type=["hinge"], label_smoothing=0.1),
+    "weighted_combination": dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.3], use_weighting=True,
+                                 ld_alpha=0.5),
+    "sync_ref_model": dict(sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=1),
+}
+
+
+@pytest.mark.parametrize("option", STOCK_OPTIONS.values(), ids=STOCK_OPTIONS.keys())
+def test_dpo_config_options_train_as_stock(option):
+    """Before, f_divergence_type, use_weighting, ld_alpha and discopop_tau were dropped (js_divergence trained the
+    plain sigmoid run)."""
+    dk_trl.unpatch()
+    stock = _train(trl.DPOTrainer, trl.DPOConfig, **option)
+    fused = _train(FusedDPOTrainer, FusedDPOConfig, kernel_backend="torch", **option)
+    _assert_same_training(fused, stock)
+
+
+def _construct(model, ref_model, **config):
+    args = FusedDPOConfig(**{**_COMMON, "max_steps": 1}, kernel_backend="torch", **config)
+    return FusedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(8),
+                           processing_class=_tokenizer())
+
+
+def test_sigmoid_label_smoothing_is_refused_at_construction():
+    """TRL 1.14-1.16 ignore label_smoothing for 'sigmoid'; dpo_kernels applies it, so the two trainers would differ."""
+    model = _model("llama")
+    with pytest.raises(ValueError, match="label_smoothing=0.1 with loss_type 'sigmoid'"):
+        _construct(model, copy.deepcopy(model), label_smoothing=0.1)
+
+
+def test_moe_router_loss_is_refused_at_construction():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=202, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                     num_experts_per_tok=1, pad_token_id=200, eos_token_id=201,
+                                     router_aux_loss_coef=0.01)
+    model = transformers.MixtralForCausalLM(cfg)
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        _construct(model, copy.deepcopy(model))
+    _construct(model, copy.deepcopy(model), router_aux_loss_coef=0.0)  # off: nothing to add, accepted
+
+
+def test_unknown_dpo_config_field_is_refused(monkeypatch):
+    """A field a later TRL adds, set away from its default, is refused by name rather than ignored."""
+    monkeypatch.setattr(dk_trl, "DPO_CONFIG_FIELDS", {k: v for k, v in dk_trl.DPO_CONFIG_FIELDS.items()
+                                                     if k != "ld_alpha"})
+    model = _model("llama")
+    with pytest.raises(ValueError, match=r"\['ld_alpha'\]"):
+        _construct(model, copy.deepcopy(model), ld_alpha=0.5)
+
+
+def test_sync_ref_model_without_a_reference_is_refused():
+    with pytest.raises(ValueError, match="sync_ref_model"):
+        _construct(_model("llama"), None, loss_type=["simpo"], sync_ref_model=True)
+
+
+def _losses(trainer):
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+@pytest.mark.parametrize("loss_type", [["simpo"], ["sft"]])
+def test_reference_free_losses_need_no_reference_model(loss_type):
+    """Before, they failed at the first step ("uses no reference, but ref_hidden was given") and, with
+    ref_model=None, DPOTrainer tried to load the policy again from the hub. Now the reference is never read: the
+    run with a reference model equals the run without, and no reference model is built."""
+    options = dict(loss_type=loss_type, max_steps=2, logging_steps=1)
+    torch.manual_seed(0)
+    without = FusedDPOTrainer(model=_model("llama"), ref_model=None,
+                              args=FusedDPOConfig(**{**_COMMON, **options}, kernel_backend="torch"),
+                              train_dataset=_dataset(8), processing_class=_tokenizer())
+    assert without.ref_model is None
+    torch.manual_seed(0)
+    policy = _model("llama")
+    with_ref = FusedDPOTrainer(model=policy, ref_model=copy.deepcopy(policy),
+                               args=FusedDPOConfig(**{**_COMMON, **options}, kernel_backend="torch"),
+                               train_dataset=_dataset(8), processing_class=_tokenizer())
+    got, expected = _losses(without), _losses(with_ref)
+    assert len(got) == 2 and all(math.isfinite(x) for x in got)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_sft_matches_stock():
+    """The same loss and updates as stock; the logged rewards differ by design: FusedDPOTrainer reads no reference
+    for a reference-free objective (rewards are beta * logp), stock TRL still runs its reference model."""
+    dk_trl.unpatch()
+    (got_logs, got_weights) = _train(FusedDPOTrainer, FusedDPOConfig, kernel_backend="torch", loss_type=["sft"])
+    (logs, weights) = _train(trl.DPOTrainer, trl.DPOConfig, loss_type=["sft"])
+    for g, e in zip(got_logs, logs, strict=True):
+        for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+            assert g[name] == pytest.approx(e[name], rel=1e-4, abs=1e-6), name
+    for name, w in weights.items():
+        torch.testing.assert_close(got_weights[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_loss_config_follows_the_trainer_config():
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, bf16=False,
+                          loss_type=["tdpo2"], beta=0.3,
+                          tdpo_alpha=0.7, ld_alpha=0.5, use_weighting=True, kernel_backend="torch")
+    config = dk_trl.loss_config(args)
+    assert (config.loss_types, config.beta, config.alpha, config.ld_alpha, config.use_weighting, config.shift) == (
+        ("tdpo2",), 0.3, 0.7, 0.5, True, True)
+    assert dataclasses.is_dataclass(config)
