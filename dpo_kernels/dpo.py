@@ -14,6 +14,7 @@ from torch import nn
 
 from . import losses
 from .ops.common import LinearHead
+from .ops.registry import require_backend
 from .ops.vocab_parallel import VocabSlice
 from .ops.transform import transform_logits
 from .options import TokenOptions, statistics_dtype
@@ -22,6 +23,7 @@ from .primitives import (
     check_head,
     check_logits,
     check_label_range,
+    check_same_on_every_rank,
     local_head,
     run_linear_token_stats,
     run_token_logprobs,
@@ -88,6 +90,7 @@ class DPOLossConfig:
                 f"loss_weights must be {len(names)} finite number(s), one per loss_type {list(names)}, "
                 f"got {self.loss_weights!r}"
             )
+        require_backend(self.backend)
         require_positive("beta", self.beta)
         require_positive("discopop_tau", self.discopop_tau)
         for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing"):
@@ -429,6 +432,7 @@ class PreferenceInputs:
         scored = labels[:, 1:] if config.shift else labels
         vocab_slice = vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
         check_label_range(scored, total_vocab(vocab_slice, vocab), config.token_options)
+        check_same_on_every_rank(vocab_slice, config.token_options, labels, self.policy_hidden, self.ref_hidden)
         if config.check_labels and not config.shift and not torch.compiler.is_compiling():
             _warn_if_unshifted(labels, config.ignore_index)
         return vocab_slice

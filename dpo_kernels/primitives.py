@@ -61,6 +61,7 @@ def token_logprobs(
     check_logits("logits", logits, labels)
     vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
     check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
+    check_same_on_every_rank(vs, opts, labels)
     return run_token_logprobs(logits, labels, opts, backend, vs)
 
 
@@ -98,6 +99,7 @@ def token_logprobs_and_kl(
         )
     vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
     check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
+    check_same_on_every_rank(vs, opts, labels)
     return run_token_logprobs_and_kl(logits, ref_logits, labels, opts, backend, vs)
 
 
@@ -141,6 +143,7 @@ def linear_token_logprobs(
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
     check_label_range(labels, total_vocab(vs, weight.shape[0]), opts)
+    check_same_on_every_rank(vs, opts, labels, hidden)
     return run_linear_token_stats(LinearHead(hidden, weight, bias), None, labels, opts, backend, vocab_slice=vs)
 
 
@@ -188,6 +191,7 @@ def linear_token_logprobs_and_kl(
         )
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
     check_label_range(labels, total_vocab(vs, weight.shape[0]), opts)
+    check_same_on_every_rank(vs, opts, labels, hidden, ref_hidden)
     policy, ref = LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias)
     return run_linear_token_stats(policy, ref, labels, opts, backend, vocab_slice=vs)
 
@@ -282,13 +286,20 @@ def local_head(weight, bias, group, labels):
     if bias is not None:
         found_bias = vocab_parallel.dtensor_vocab_slice(bias)
         bias = bias if found_bias is None else found_bias[0]
-    vocab_parallel.require_same_tokens(require_labels("labels", labels), mesh_group)
     return local, bias, mesh_group
 
 
 def vocab_slice_of(group, local_vocab: int, device: torch.device) -> VocabSlice | None:
     """This rank's slice of a vocabulary split over ``group`` (``None`` without a group)."""
     return None if group is None else vocab_parallel.vocab_slice(local_vocab, group, device)
+
+
+def check_same_on_every_rank(vocab_slice: VocabSlice | None, opts: TokenOptions, labels: torch.Tensor,
+                             *hidden: torch.Tensor | None) -> None:
+    """Under a vocabulary-parallel group, every rank holds the same labels and hidden states (one tiny all-reduce,
+    see :func:`vocab_parallel.require_same_inputs`); skipped without a group and with ``check_labels=False``."""
+    if vocab_slice is not None and opts.check_labels:
+        vocab_parallel.require_same_inputs(vocab_slice.group, labels, *hidden)
 
 
 def total_vocab(vocab_slice: VocabSlice | None, local_vocab: int) -> int:

@@ -35,6 +35,7 @@ import warnings
 import torch
 
 from ..ops.common import LinearHead
+from ..ops.registry import require_backend
 from ..options import TokenOptions
 from ..primitives import check_head, check_label_range, run_linear_token_stats
 
@@ -94,7 +95,8 @@ def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None
     """Make TRL's fused LM head use dpo_kernels with ``backend`` (and the linear path's ``tile_budget_mb``).
     Idempotent; call before creating the trainer."""
     utils, interface = _trl_utils()
-    TokenOptions(tile_budget_mb=tile_budget_mb)  # validated now, not at the first training step
+    require_backend(backend, available=True)  # validated now, not at the first training step
+    TokenOptions(tile_budget_mb=tile_budget_mb)
     if "original" not in _state:
         original = utils._ChunkedLogProbFunction
         _state["interface"] = interface

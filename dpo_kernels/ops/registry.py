@@ -189,6 +189,26 @@ def _spec(name: str) -> BackendSpec:
         raise ValueError(f"backend must be one of {known}; got {name!r}") from None
 
 
+def require_backend(name: object, *, available: bool = False) -> str:
+    """``name`` if it is ``"auto"`` or a registered backend (and, with ``available``, one this machine can run),
+    for options checked before any kernel: a trainer's config or ``patch()``.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is not ``"auto"`` nor a registered backend.
+        BackendUnavailableError: ``available`` and the named backend is unavailable here, with the reason.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        return name
+    spec = _spec(name)
+    reason = spec.check() if available else None
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={name!r} is not available: {reason}")
+    return name
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """Availability of every registered backend here, with the reason when one is unavailable."""
     report = {}

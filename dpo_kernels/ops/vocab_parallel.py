@@ -115,18 +115,25 @@ def dtensor_vocab_slice(weight: torch.Tensor):
     return weight.to_local(), weight.device_mesh.get_group()
 
 
-def require_same_tokens(labels: torch.Tensor, group) -> None:
-    """Vocabulary parallelism splits the head, not the batch: every rank must hold the same labels. One tiny
-    all-reduce catches a data-parallel group (e.g. an FSDP-sharded head passed as is) before it gives wrong results.
-    Run for DTensor heads, where a data-parallel shard and a vocabulary-parallel one look alike."""
+def require_same_inputs(group, labels: torch.Tensor, *replicated: torch.Tensor | None) -> None:
+    """Vocabulary parallelism splits the head, not the batch: every rank must hold the same labels and the same
+    hidden states (``replicated``; logits slices differ by design and are not passed). A digest of each (a weighted
+    sum of the labels, fp64 sums of the hidden states, every shape) goes through one tiny all-reduce and a host sync,
+    so that a data-parallel group passed by mistake, or ranks fed different batches, fail here instead of giving the
+    same wrong answer on every rank. Skipped with ``check_labels=False``."""
     flat = labels.reshape(-1).to(torch.int64)
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1000003
-    digest = torch.stack([(flat * weights).sum(), flat.sum(), torch.tensor(flat.numel(), device=flat.device)])
+    parts = [(flat * weights).sum(), flat.sum()]
+    for t in replicated:
+        if t is not None:  # the bits of an fp64 sum: equal inputs on equal devices give equal bits
+            parts.append(t.detach().sum(dtype=torch.float64).reshape(1).view(torch.int64)[0].to(flat.device))
+    shapes = [n for t in (labels, *replicated) if t is not None for n in t.shape]
+    digest = torch.cat([torch.stack(parts), torch.tensor(shapes, dtype=torch.int64, device=flat.device)])
     both = torch.cat([digest, -digest]).to(_collective_device(group, labels.device))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # the largest digest and minus the smallest
-    if not torch.equal(both[:3], -both[3:]):
+    if not torch.equal(both[: digest.numel()], -both[digest.numel():]):
         raise ValueError(
-            "vocab_parallel_group: the ranks hold different labels, but vocabulary parallelism needs the same tokens "
-            "on every rank (only the head is split). A head sharded for data parallelism (FSDP) must be gathered "
-            "first, e.g. weight.full_tensor()"
+            "vocab_parallel_group: the ranks hold different labels or hidden states, but vocabulary parallelism "
+            "needs the same tokens on every rank (only the head is split). A head sharded for data parallelism "
+            "(FSDP) must be gathered first, e.g. weight.full_tensor(); check_labels=False skips this check"
         )

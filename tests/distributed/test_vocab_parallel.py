@@ -41,3 +41,7 @@ def _reference_backend_refuses(rank: int, world: int) -> None:
 
 def test_reference_backend_refuses_vocab_parallel():
     launch.run(_reference_backend_refuses, 2)
+
+
+def test_plain_tensor_heads_refuse_ranks_with_different_inputs():
+    launch.run(vocab_parallel_workers.plain_tensor_consistency_checks, 2, "torch")

@@ -155,3 +155,34 @@ def dtensor_checks(rank: int, world: int, backend: str) -> None:
     labels[0, 5] = rank  # the ranks now hold different tokens, as data parallelism would
     with pytest.raises(ValueError, match="the ranks hold different labels"):
         dpo_kernels.linear_token_logprobs(x["hidden"], w, labels, backend=backend)
+
+
+def plain_tensor_consistency_checks(rank: int, world: int, backend: str) -> None:
+    """Plain sliced heads (no DTensor) with different labels or hidden states on different ranks: refused on every
+    rank (before, each rank returned the same wrong answer); ``check_labels=False`` skips the check."""
+    import pytest
+
+    import dpo_kernels
+
+    vocab = 103
+    x = _inputs(vocab)
+    bounds = [vocab * r // world for r in range(world + 1)]
+    mine = slice(bounds[rank], bounds[rank + 1])
+    group = dist.group.WORLD
+    w = x["weight"][mine]
+    labels = x["labels"].clone()
+    labels[0, 5] = rank  # different tokens per rank, as a data-parallel batch would be
+    hidden = x["hidden"] + rank  # different hidden states per rank
+    for call in (
+        lambda: dpo_kernels.linear_token_logprobs(x["hidden"], w, labels, backend=backend, vocab_parallel_group=group),
+        lambda: dpo_kernels.linear_token_logprobs(hidden, w, x["labels"], backend=backend, vocab_parallel_group=group),
+        lambda: dpo_kernels.token_logprobs(x["hidden"] @ w.T, labels, backend=backend, vocab_parallel_group=group),
+        lambda: dpo_kernels.fused_dpo_loss(labels=labels, policy_hidden=x["hidden"], lm_head_weight=w,
+                                           reference_free=True, backend=backend, vocab_parallel_group=group),
+    ):
+        with pytest.raises(ValueError, match="the ranks hold different labels or hidden states"):
+            call()
+    same = dpo_kernels.linear_token_logprobs(x["hidden"], w, x["labels"], backend=backend, vocab_parallel_group=group)
+    unchecked = dpo_kernels.linear_token_logprobs(x["hidden"], w, x["labels"], backend=backend,
+                                                  vocab_parallel_group=group, check_labels=False)
+    torch.testing.assert_close(unchecked, same)

@@ -170,3 +170,34 @@ def test_patched_matches_stock_under_the_default_bf16_config(loss_type, loss_wei
                 assert abs(p[name] - value) <= 2e-2 * 0.1 * logp_scale, (step, name, value, p[name])
             else:
                 assert p[name] == pytest.approx(value, rel=2e-2, abs=1e-4), (step, name, value, p[name])
+
+
+@pytest.mark.parametrize("backend, error", [("tritonn", ValueError), (3, TypeError)])
+def test_patch_validates_the_backend_at_once(backend, error, restore_trl):
+    """Before, any string was accepted and the first training step failed."""
+    with pytest.raises(error, match="backend"):
+        dk_trl.patch(backend=backend)
+    assert not dk_trl.is_patched()
+
+
+def test_patch_refuses_an_unavailable_backend_at_once(restore_trl):
+    from dpo_kernels.ops.registry import BackendUnavailableError, available_backends
+
+    missing = [name for name, status in available_backends().items() if not status.available]
+    if not missing:
+        pytest.skip("every backend is available on this machine")
+    with pytest.raises(BackendUnavailableError, match=missing[0]):
+        dk_trl.patch(backend=missing[0])
+    dk_trl.patch(backend="torch")
+    assert dk_trl.is_patched()
+
+
+def test_fused_trainer_validates_the_backend_at_construction():
+    from dpo_kernels.integrations.trl import FusedDPOConfig, FusedDPOTrainer
+
+    model = _model("llama")
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, bf16=False,
+                          kernel_backend="tritonn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_dataset(),
+                        processing_class=_tokenizer())
