@@ -109,7 +109,9 @@ def _train(model, batches, loss_types, fused: bool, setup: _Setup, show: bool):
     policy, reference, optimizer = _copies(model, setup)
     history = []
     for loss_type in loss_types:
-        bar = tqdm(batches, desc=f"{loss_type:>7} ({'fused' if fused else 'unfused'})", disable=not show,
+        # a bar only on a terminal: redirected to a file, its carriage-return updates would interleave the lines
+        bar = tqdm(batches, desc=f"{loss_type:>7} ({'fused' if fused else 'unfused'})",
+                   disable=not show or not sys.stdout.isatty(),
                    file=sys.stdout, leave=True, ncols=100)
         for step, (ids, labels) in enumerate(bar, start=1):
             out = _step(policy, reference, optimizer, ids, labels, loss_type, fused, setup)

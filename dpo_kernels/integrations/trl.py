@@ -218,8 +218,6 @@ DPO_CONFIG_FIELDS = {
 
 def _dpo_config_fields(DPOConfig) -> dict:
     """DPOConfig's own fields (beyond TrainingArguments'), name -> dataclass field."""
-    import dataclasses
-
     from transformers import TrainingArguments
 
     base = {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -71,3 +73,22 @@ def upstream_grads(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, 
     received no gradient (so kernels can skip the reference entirely)."""
     g = upstream_grad(grad_logp, labels, ignore_index, dtype)
     return g, (None if grad_kl is None else upstream_grad(grad_kl, labels, ignore_index, dtype))
+
+
+def first_order_only(backward):
+    """Decorates the ``backward`` of a fused kernel's autograd function: the hand-written backwards are not
+    themselves differentiable, so a double backward (``create_graph=True``: gradient penalties, Hessian-vector
+    products) is refused with this message instead of PyTorch's generic one, or a gradient silently detached from
+    the graph. ``backend="reference"`` (autograd through full logits) supports it."""
+    plain = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise RuntimeError(
+                "dpo_kernels: the fused kernels have no double backward (create_graph=True); compute the gradient "
+                "without create_graph, or use backend='reference' (full logits, for small inputs) for higher-order "
+                "gradients")
+        return plain(ctx, *grads)
+
+    return wrapper

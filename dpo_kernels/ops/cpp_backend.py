@@ -15,7 +15,7 @@ import torch
 
 from ..options import TokenOptions
 from . import extension
-from .common import LinearHead, kl_outputs, upstream_grads
+from .common import LinearHead, first_order_only, kl_outputs, upstream_grads
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear import driver
 from .linear.contract import LogitsTile, TileKernels
@@ -51,7 +51,7 @@ class _LogitsFunction(torch.autograd.Function):
         return kl_outputs(ctx, logp, ref_logp, kl, labels.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_logp, *grad_rest):
         grad_kl = grad_rest[1] if grad_rest else None
         if grad_logp is None and grad_kl is None:

@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..options import TokenOptions, statistics_dtype
-from .common import LinearHead, kl_outputs, kl_terms, nan_out_of_vocab, split_labels
+from .common import LinearHead, first_order_only, kl_outputs, kl_terms, nan_out_of_vocab, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear import driver
 from .linear.contract import STATS_ROWS, LogitsTile, TileKernels
@@ -188,7 +187,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return kl_outputs(ctx, *masked, shape[:2])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_logp: torch.Tensor | None, *grad_rest):
         grad_kl = grad_rest[1] if grad_rest else None
         if grad_logp is None and grad_kl is None:

@@ -163,3 +163,31 @@ def test_fused_dpo_loss_on_triton_equals_torch(loss_type, form):
     for a, b in zip(out["triton"][:3], out["torch"][:3], strict=True):
         assert_close(a, b, torch.float32, f"{loss_type} {form}")
     assert out["triton"][3] == pytest.approx(out["torch"][3], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *backends_under_test()])
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_double_backward_is_refused_clearly(backend, path):
+    """``create_graph=True`` through a fused kernel raises one message saying what to do (before: PyTorch's
+    "differentiate twice" error from hidden states, and from logits a gradient silently cut from the graph that failed
+    later with "does not require grad"); the reference oracle, autograd through full logits, supports it."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 5), generator=g)
+    if path == "logits":
+        z = h @ w.T
+        logp, leaf = token_logprobs(z, labels, backend=backend), z
+    else:
+        logp, leaf = linear_token_logprobs(h, w, labels, backend=backend), h
+
+    def second_order():
+        grad, = torch.autograd.grad(logp.sum(), leaf, create_graph=True)
+        grad.square().sum().backward()
+
+    if backend == "reference":
+        second_order()
+        assert w.grad is not None and torch.isfinite(w.grad).all()
+    else:
+        with pytest.raises(RuntimeError, match="no double backward"):
+            second_order()

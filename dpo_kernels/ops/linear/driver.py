@@ -38,10 +38,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ...options import TokenOptions, statistics_dtype
-from ..common import LinearHead, nan_out_of_vocab
+from ..common import LinearHead, first_order_only, nan_out_of_vocab
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
@@ -428,7 +427,7 @@ class _LinearStats(torch.autograd.Function):
         return _returned(ctx, outs, ref is not None, logging)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_logp, *grad_rest):
         hidden, weight, bias = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
@@ -456,7 +455,7 @@ class _LogitsStats(torch.autograd.Function):
         return _returned(ctx, outs, ref_logits is not None, False)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_logp, *grad_rest):
         logits, ref_logits = ctx.saved_tensors
         grad_kl = grad_rest[1] if ref_logits is not None else None

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import kl_outputs, upstream_grad, upstream_grads
+from ..common import first_order_only, kl_outputs, upstream_grad, upstream_grads
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
 from .jit_helpers import finish_lse, fold_reference_block, transform, transform_grad
@@ -170,7 +170,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
         return out["logp"].view(labels.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_logp):
         logits, labels, lse = ctx.saved_tensors
         g = upstream_grad(grad_logp, labels, ctx.opts.ignore_index)
@@ -191,7 +191,7 @@ class TritonTokenLogprobsAndKL(torch.autograd.Function):
         return kl_outputs(ctx, out["logp"], out["ref_logp"], out["kl"], labels.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         if grad_logp is None and grad_kl is None:
             return None, None, None, None
