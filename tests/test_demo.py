@@ -48,3 +48,18 @@ def test_timing_interleaves_the_paths_and_reports_each_best(monkeypatch):
     assert best == {"fused": (1.0, 40.0), "unfused": (4.0, 800.0)}
     assert demo._summary(best, 3) == ("fused vs unfused, best of 3: 0.25x the time per training step (1000 ms vs "
                                       "4000 ms), 0.05x the peak extra memory (40 MiB vs 800 MiB)")
+
+
+def test_demo_redirected_to_a_file_prints_whole_lines(tmp_path):
+    """Redirected (not a terminal), the demo draws no progress bar: before, tqdm's carriage-return updates were
+    interleaved with the step lines in the file."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "demo.log"
+    with log.open("w") as f:
+        subprocess.run([sys.executable, "-m", "dpo_kernels.demo", "--steps", "2", "--repeats", "1", "--vocab", "300",
+                        "--prompt", "4", "--completion", "4"], stdout=f, stderr=subprocess.STDOUT, check=True)
+    text = log.read_text()
+    assert "\r" not in text and "it/s" not in text
+    assert "step  2: loss" in text and text.strip().splitlines()[-1].startswith("fused vs unfused, best of 1: ")
