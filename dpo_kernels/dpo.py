@@ -125,35 +125,9 @@ class DPOLossConfig:
         set_ = object.__setattr__
         set_(self, "loss_types", names)
         set_(self, "weights", tuple(float(w) for w in weights))
-        set_(
-            self,
-            "objective",
-            losses.ObjectiveConfig(
-                beta=float(self.beta),
-                alpha=float(self.alpha),
-                label_smoothing=float(self.label_smoothing),
-                simpo_gamma=float(self.simpo_gamma),
-                discopop_tau=float(self.discopop_tau),
-                f_divergence_type=self.f_divergence_type,
-                f_alpha_divergence_coef=float(self.f_alpha_divergence_coef),
-            ),
-        )
-        set_(
-            self,
-            "token_options",
-            TokenOptions(
-                ignore_index=self.ignore_index,
-                temperature=self.temperature,
-                softcap=self.softcap,
-                logit_scale=self.logit_scale,
-                token_chunk_size=self.token_chunk_size,
-                vocab_chunk_size=self.vocab_chunk_size,
-                tile_budget_mb=self.tile_budget_mb,
-                inplace_backward=self.inplace_backward,
-                grad_filter_eps=self.grad_filter_eps,
-                check_labels=self.check_labels,
-            ),
-        )
+        # the two option dataclasses, each field taken from this config's field of the same name
+        set_(self, "objective", losses.ObjectiveConfig(**_pick_attributes(self, _OBJECTIVE_FIELDS)))
+        set_(self, "token_options", TokenOptions(**_pick_attributes(self, _TOKEN_FIELDS)))
 
     def _check_label_smoothing(self, objectives: dict[str, losses.Objective]) -> None:
         eps = self.label_smoothing
@@ -172,6 +146,16 @@ class DPOLossConfig:
     @property
     def uses_reference(self) -> bool:
         return not self.reference_free and any(losses.objective(n).uses_reference for n in self.loss_types)
+
+
+# the fields of the two option dataclasses, each also a field of DPOLossConfig (named once, at import: Dynamo cannot
+# call dataclasses.fields on a class while tracing)
+_OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(losses.ObjectiveConfig))
+_TOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOptions))
+
+
+def _pick_attributes(config: "DPOLossConfig", names: tuple[str, ...]) -> dict:
+    return {name: getattr(config, name) for name in names}
 
 
 @dataclass
@@ -273,46 +257,10 @@ def fused_dpo_loss(
     computed beside the policy's, for the same kept tokens, in the forward only; the backward recomputes the policy
     alone (and the reference only for TDPO's KL gradient).
     """
-    config = DPOLossConfig(
-        loss_type=loss_type,
-        loss_weights=loss_weights,
-        beta=beta,
-        alpha=alpha,
-        label_smoothing=label_smoothing,
-        simpo_gamma=simpo_gamma,
-        discopop_tau=discopop_tau,
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef,
-        reference_free=reference_free,
-        average_log_prob=average_log_prob,
-        use_weighting=use_weighting,
-        ld_alpha=ld_alpha,
-        ignore_index=ignore_index,
-        shift=shift,
-        temperature=temperature,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        backend=backend,
-        token_chunk_size=token_chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-        tile_budget_mb=tile_budget_mb,
-        inplace_backward=inplace_backward,
-        grad_filter_eps=grad_filter_eps,
-        vocab_parallel_group=vocab_parallel_group,
-        check_labels=check_labels,
-    )
-    inputs = PreferenceInputs(
-        labels=labels,
-        policy_logits=policy_logits,
-        policy_hidden=policy_hidden,
-        lm_head_weight=lm_head_weight,
-        lm_head_bias=lm_head_bias,
-        ref_logits=ref_logits,
-        ref_hidden=ref_hidden,
-        ref_lm_head_weight=ref_lm_head_weight,
-        ref_lm_head_bias=ref_lm_head_bias,
-        ref_logps=ref_logps,
-    )
+    # each keyword argument goes to the dataclass field of its name (no comprehension here: its cell variables would
+    # stop Dynamo from tracing locals())
+    config = DPOLossConfig(**_pick(locals(), _CONFIG_FIELDS))
+    inputs = PreferenceInputs(**_pick(locals(), _INPUT_FIELDS))
     return compute_dpo_loss(config, inputs)
 
 
@@ -436,6 +384,17 @@ class PreferenceInputs:
         if config.check_labels and not config.shift and not torch.compiler.is_compiling():
             _warn_if_unshifted(labels, config.ignore_index)
         return vocab_slice
+
+
+# fused_dpo_loss's keyword arguments, split between the options and the tensors (a test keeps its signature equal to
+# the union of the two dataclasses' fields, so a new option cannot be left out of it)
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DPOLossConfig) if f.init)
+_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(PreferenceInputs))
+
+
+
+def _pick(values: dict, names: tuple[str, ...]) -> dict:
+    return {name: values[name] for name in names}
 
 
 _warned_unshifted = False

@@ -26,8 +26,8 @@ class TokenOptions:
             tokens per block of the linear path, every backend); ``None`` picks one.
         vocab_chunk_size: vocabulary entries per tile of the linear path (every backend); ``None`` picks one.
         tile_budget_mb: scratch memory, in MiB, of the linear path's tiles (logits, reference logits and their
-            gradient): the tile sizes come from it unless given above. ``None``: 16 on CPU, 128 on accelerators
-            (see ``ops/linear/plan.py``).
+            gradient; from logits, the torch backend's fp32 tiles): the tile sizes come from it unless given
+            above. ``None``: the device's default, stated in ``ops/linear/plan.py``.
         inplace_backward: from logits only: write the logits' gradient into their own storage (see ``ops.inplace``).
         grad_filter_eps: from hidden states only: skip a backward tile whose every ``|softmax - onehot|`` (and
             ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients.

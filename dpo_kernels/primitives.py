@@ -16,6 +16,7 @@ vocab_parallel`). A head given as a DTensor sharded on dim 0 is such a slice ove
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -56,8 +57,7 @@ def token_logprobs(
     caller no longer needs them, e.g. they come out of the LM head); refused for a leaf that requires grad, and any
     other autograd use of the overwritten logits then raises PyTorch's in-place modification error.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward,
-                    check_labels=check_labels)
+    opts = _options(locals())
     check_logits("logits", logits, labels)
     vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
     check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
@@ -88,8 +88,7 @@ def token_logprobs_and_kl(
     ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient. ``inplace_backward`` as in
     :func:`token_logprobs`.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, None, inplace=inplace_backward,
-                    check_labels=check_labels)
+    opts = _options(locals())
     check_logits("logits", logits, labels)
     check_logits("ref_logits", ref_logits, labels)
     check_agree(logits=logits, ref_logits=ref_logits)
@@ -130,15 +129,14 @@ def linear_token_logprobs(
     accumulated in fp32 and rounded once to its input's dtype.
 
     The linear path of :mod:`dpo_kernels.ops.linear` (the same design on every backend): ignored tokens are dropped
-    before the first GEMM; tiles of at most ``tile_budget_mb`` MiB in all (default 16 on CPU, 128 on GPUs; or
+    before the first GEMM; tiles of at most ``tile_budget_mb`` MiB in all (the device's default of ``ops/linear/plan.py``; or
     ``token_chunk_size`` x ``vocab_chunk_size``) are folded into ``O(N)`` statistics in the forward and recomputed
     in the backward. Materialised besides the gradients: the kept rows of ``hidden`` when some are dropped, an fp32
     ``[N, D]`` accumulator for ``dH``, and the tiles. ``grad_filter_eps`` (off by default) skips backward tiles whose
     every ``|softmax - onehot|`` is below it; each skipped gradient entry of the logits is then at most
     ``eps * |upstream grad|`` (before the transform's factor).
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
-                    budget=tile_budget_mb, filter_eps=grad_filter_eps, check_labels=check_labels)
+    opts = _options(locals())
     weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
@@ -178,8 +176,7 @@ def linear_token_logprobs_and_kl(
     :func:`linear_token_logprobs`, the tile budget shared by both heads.
     ``grad_filter_eps`` as in :func:`linear_token_logprobs`, also requiring every ``|softmax - q|`` below it.
     """
-    opts = _options(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size,
-                    budget=tile_budget_mb, filter_eps=grad_filter_eps, check_labels=check_labels)
+    opts = _options(locals())
     weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
     ref_weight, ref_bias, _ = local_head(ref_weight, ref_bias, group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
@@ -362,22 +359,13 @@ def check_label_range(labels: torch.Tensor, vocab: int, opts: TokenOptions, name
         require_labels_in_vocab(labels, vocab, opts.ignore_index, name)
 
 
-def _options(
-    ignore_index, temperature, softcap, logit_scale, token_chunk, vocab_chunk, *, inplace=False, budget=None,
-    filter_eps=None, check_labels=True,
-) -> TokenOptions:
-    return TokenOptions(
-        ignore_index=ignore_index,
-        temperature=temperature,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        token_chunk_size=token_chunk,
-        vocab_chunk_size=vocab_chunk,
-        tile_budget_mb=budget,
-        inplace_backward=inplace,
-        grad_filter_eps=filter_eps,
-        check_labels=check_labels,
-    )
+def _options(given: dict) -> TokenOptions:
+    """The :class:`TokenOptions` of a primitive's keyword arguments (``locals()`` at its start): each field from the
+    argument of its name, the dataclass's default where the primitive has no such argument."""
+    return TokenOptions(**{name: given[name] for name in _TOKEN_FIELDS if name in given})
+
+
+_TOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOptions))
 
 
 def _as_rows(x: torch.Tensor, rows_shape: torch.Size) -> torch.Tensor:

@@ -142,3 +142,53 @@ def test_dynamic_shapes_and_scalars_trace(length):
     compiled = torch.compile(_dynamic_calls, fullgraph=True, dynamic=True, backend="aot_eager")
     for got, expected in zip(compiled(h, w, labels, 0.1, 0.7), _dynamic_calls(h, w, labels, 0.1, 0.7), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# a value other than the default for every TokenOptions field (the ones refused under compilation aside): a field
+# added to TokenOptions fails here until it has one, and then must reach the kernels in both modes
+_NON_DEFAULT = dict(ignore_index=-7, temperature=0.7, softcap=5.0, logit_scale=1.3, token_chunk_size=4,
+                    vocab_chunk_size=16, tile_budget_mb=0.5, grad_filter_eps=0.0, check_labels=False)
+_REFUSED_UNDER_COMPILE = {"inplace_backward"}
+
+
+@pytest.mark.parametrize("path", ["hidden", "logits"])
+def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monkeypatch):
+    import dataclasses
+
+    from dpo_kernels import TokenOptions, linear_token_logprobs, token_logprobs
+    from dpo_kernels.ops import torch_chunked
+    from dpo_kernels.ops.linear import driver
+
+    fields = {f.name for f in dataclasses.fields(TokenOptions)}
+    assert set(_NON_DEFAULT) | _REFUSED_UNDER_COMPILE == fields, "give every new TokenOptions field a value here"
+    seen = []
+
+    def recording(module, name):
+        original = getattr(module, name)
+
+        def record(*args, **kwargs):
+            seen.append(next(a for a in args if isinstance(a, TokenOptions)))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+
+    recording(torch_chunked, "linear_token_stats" if path == "hidden" else "token_logprobs")  # eager: the backend
+    recording(driver, "linear_forward" if path == "hidden" else "logits_forward")  # compiled: inside the op
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 9, D, generator=g), torch.randn(V, D, generator=g)
+    labels = torch.randint(0, V, (2, 9), generator=g)
+    labels[:, 0] = _NON_DEFAULT["ignore_index"]
+
+    def call(h, w, labels):
+        if path == "hidden":
+            return linear_token_logprobs(h, w, labels, backend="torch", **_NON_DEFAULT)
+        options = {k: v for k, v in _NON_DEFAULT.items() if k not in ("vocab_chunk_size", "tile_budget_mb",
+                                                                       "grad_filter_eps")}
+        return token_logprobs(h @ w.T, labels, backend="torch", **options)
+
+    torch._dynamo.reset()
+    eager = call(h, w, labels)
+    eager_options, seen[:] = seen[0], []
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(h, w, labels)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert seen and all(options == eager_options for options in seen), (eager_options, seen)

@@ -260,9 +260,14 @@ def test_public_defaults_agree_with_the_option_dataclasses():
     import dpo_kernels
     from dpo_kernels import DPOLossConfig, TokenOptions
 
+    from dpo_kernels.dpo import PreferenceInputs
+
     config_defaults = {f.name: f.default for f in dataclasses.fields(DPOLossConfig) if f.init}
     token_defaults = {f.name: f.default for f in dataclasses.fields(TokenOptions)}
     params = inspect.signature(fused_dpo_loss).parameters
+    tensors = {f.name for f in dataclasses.fields(PreferenceInputs)}
+    assert set(params) == set(config_defaults) | tensors, "fused_dpo_loss takes exactly the options and the tensors"
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     for name, default in config_defaults.items():
         assert params[name].default == default, name
     for fn in (dpo_kernels.token_logprobs, dpo_kernels.token_logprobs_and_kl, dpo_kernels.linear_token_logprobs,

@@ -10,7 +10,7 @@ extern "C" {
 #endif
 
 // dtype codes of the logits / tiles
-enum DpoDtype { DPO_FLOAT32 = 0, DPO_FLOAT16 = 1, DPO_BFLOAT16 = 2, DPO_FLOAT64 = 3 };
+enum DpoDtype { DPO_FLOAT32 = 0, DPO_FLOAT16 = 1, DPO_BFLOAT16 = 2 };  // the CUDA kernels take no fp64
 
 // Logits [R, T, V] with strides (stride_r, stride_t, stride_v); labels [R*T] int64; outputs [R*T] fp32.
 // ref_logits (of dtype ref_dtype, which may differ from dtype) may be NULL (then ref_logp, ref_lse, kl are not

@@ -317,6 +317,7 @@ def make_fused_dpo_classes():
 
     DPOConfig, DPOTrainer = _trainer_classes()
     from ..dpo import PreferenceInputs, compute_dpo_loss
+    from ..ops.linear.plan import DEFAULTS_TEXT
     from ..intermediate import intermediate_dpo_loss
     from .transformers import add_hidden_states_forward, hidden_states_in_forward, loss_in_forward, unwrap_causal_lm
 
@@ -335,7 +336,7 @@ def make_fused_dpo_classes():
         )
         kernel_backend: str = field(default="auto", metadata={"help": "dpo_kernels backend."})
         kernel_tile_budget_mb: float | None = field(
-            default=None, metadata={"help": "MiB of scratch for the fused head's tiles (default: 16 CPU, 128 GPU)."}
+            default=None, metadata={"help": f"MiB of scratch for the fused head's tiles (default: {DEFAULTS_TEXT})."}
         )
 
     class FusedDPOTrainer(DPOTrainer):

@@ -13,8 +13,8 @@ from torch.autograd.function import once_differentiable
 class LinearHead:
     """Hidden states and the output head that turns them into logits: ``z = hidden @ weight.T (+ bias)``.
 
-    Used for the reference side of the fused KL primitive. It is passed to autograd functions as a plain object, not
-    as tensors, because the reference receives no gradient (MATH.md §1).
+    The policy's head and the reference's alike, on every path from hidden states. A reference head is passed to the
+    autograd functions as a plain object, not as tensors, because the reference receives no gradient (MATH.md §1).
 
     Shapes: ``hidden [R, T, D]``, ``weight [V, D]``, ``bias [V]`` or ``None``.
     """

@@ -86,7 +86,7 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
     ))
 
 
-TILE_KERNELS = TileKernels(name="cpp", fold=fold_tile, grad=grad_tile)
+TILE_KERNELS = TileKernels(fold=fold_tile, grad=grad_tile)
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,

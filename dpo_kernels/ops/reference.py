@@ -44,7 +44,8 @@ def _policy_logits(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
 def _require_exact_gradients(opts: TokenOptions) -> None:
     if opts.grad_filter_eps is not None:
         raise ValueError(
-            "backend='reference' is the exact oracle; grad_filter_eps applies to the torch and triton backends"
+            "backend='reference' is the exact oracle; grad_filter_eps applies to the tile-kernel backends "
+            "(torch, cpu, cuda, triton)"
         )
 
 

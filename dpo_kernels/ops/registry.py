@@ -1,9 +1,13 @@
 """The backend table and the dispatcher.
 
-A backend is a module exposing the four primitives with one signature each (see ``reference.py``):
-``token_logprobs``, ``token_logprobs_and_kl``, ``linear_token_logprobs``, ``linear_token_logprobs_and_kl``, all on
-``[R, T, ...]`` inputs. Adding a backend is one ``BackendSpec`` row in ``_BACKENDS``: its module, the device types
-and dtypes it runs on, how it checks its own availability, and where ``backend="auto"`` may pick it.
+A backend is a module exposing, on ``[R, T, ...]`` inputs (see ``reference.py``, the oracle, for the exact
+signatures): ``token_logprobs(logits, labels, opts)`` and ``token_logprobs_and_kl(logits, ref_logits, labels, opts)``
+from logits (each backend's own kernels), ``linear_token_stats(policy, ref, labels, opts, logging, head_context)``
+from hidden states (every backend but the oracle runs :mod:`dpo_kernels.ops.linear.driver` over its tile kernels),
+and, except the oracle, ``TILE_KERNELS`` (:class:`~dpo_kernels.ops.linear.contract.TileKernels`), which
+vocabulary-parallel calls and the ``torch.compile`` path run on. Adding a backend is that module plus one
+``BackendSpec`` row in ``_BACKENDS``: its module, the device types and dtypes it runs on, how it checks its own
+availability, and where ``backend="auto"`` may pick it.
 
 ``backend="auto"`` picks the available backend with the best rank for the input's device type and dtype and logs
 the choice at debug level. Naming a backend explicitly never falls back: an unavailable one, or one that cannot take
@@ -167,7 +171,7 @@ _BACKENDS: dict[str, BackendSpec] = {
             auto_rank=10,
             dtypes=_HALF_AND_SINGLE,
             check=_triton_check,
-            summary="Triton kernels: one pass over the vocabulary, logits never written from hidden states",
+            summary="Triton kernels: one pass over the vocabulary from logits; tile kernels for the linear path",
         ),
     )
 }

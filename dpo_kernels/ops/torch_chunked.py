@@ -2,7 +2,7 @@
 
 What it materialises:
 
-- From logits: per tile of ``token_chunk_size`` tokens, an fp32 copy of that tile's logits (and, in the backward,
+- From logits: per tile of ``token_chunk_size`` tokens (else as many as ``tile_budget_mb`` holds), an fp32 copy of that tile's logits (and, in the backward,
   its softmax). The forward keeps only the per-token log-sum-exp (``O(N)``) for the backward, which recomputes the
   softmax tile by tile and writes the one ``[R, T, V]`` gradient the autograd contract requires (into the logits'
   own storage with ``inplace_backward``). Per logit and pass that is about 10 bytes of traffic in the forward
@@ -26,17 +26,18 @@ from .common import LinearHead, first_order_only, kl_outputs, kl_terms, nan_out_
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear import driver
 from .linear.contract import STATS_ROWS, LogitsTile, TileKernels
+from .linear.plan import tile_budget_bytes
 from .transform import transform_backward, transform_logits
 
-# Elements of one fp32 working tile from logits; a few such temporaries are alive at once. 8 MiB on CPU
-# (cache-sized); 32 MiB on accelerators, where fewer, larger tiles mean fewer kernel launches.
-_TILE_ELEMENTS = {"cpu": 1 << 21}
-_DEFAULT_TILE_ELEMENTS = 1 << 23
+# Bytes of scratch per logit of a from-logits tile: its fp32 copy and one fp32 temporary (the softmax) are alive at
+# once. The tile budget itself is the linear path's, ``tile_budget_mb`` (plan.default_tile_budget_mb by default).
+_BYTES_PER_ENTRY = 8
 
 
-def default_token_chunk(vocab: int, device: torch.device) -> int:
-    """Tokens per tile from logits: as many rows of ``vocab`` fp32 values as fit the device's tile budget."""
-    return max(1, _TILE_ELEMENTS.get(device.type, _DEFAULT_TILE_ELEMENTS) // vocab)
+def default_token_chunk(vocab: int, opts: TokenOptions, device: torch.device) -> int:
+    """Tokens per tile from logits: as many rows of ``vocab`` entries as fit the tile budget (``token_chunk_size``
+    when given)."""
+    return opts.token_chunk_size or max(1, tile_budget_bytes(opts, device) // (vocab * _BYTES_PER_ENTRY))
 
 
 class TokenRows:
@@ -142,7 +143,7 @@ def _logits_backward(ctx, g: torch.Tensor, g_kl: torch.Tensor | None) -> torch.T
     use_ref = g_kl is not None
     rows, grad_rows = TokenRows(logits), TokenRows(grad)
     views = (rows, TokenRows(ref_logits)) if use_ref else (rows,)
-    chunk = opts.token_chunk_size or default_token_chunk(shape[-1], logits.device)
+    chunk = default_token_chunk(shape[-1], opts, logits.device)
     for s, e in token_ranges(shape, chunk, *views):
         x = rows.rows(s, e)
         kl_args = (g_kl[s:e], transform_logits(views[1].rows(s, e).to(sdt), opts), ref_lse[s:e]) if use_ref else ()
@@ -171,7 +172,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logp, lse = torch.empty(n, dtype=sdt, device=logits.device), torch.empty(n, dtype=sdt, device=logits.device)
         if ref_logits is not None:
             ref_logp, ref_lse, kl = (torch.empty(n, dtype=sdt, device=logits.device) for _ in range(3))
-        for s, e in token_ranges(shape, opts.token_chunk_size or default_token_chunk(shape[-1], logits.device), *views):
+        for s, e in token_ranges(shape, default_token_chunk(shape[-1], opts, logits.device), *views):
             z, lse[s:e], logp[s:e] = _forward_logits_tile(views[0].rows(s, e), index[s:e], opts, sdt)
             if ref_logits is not None:
                 ref_z, ref_lse[s:e], ref_logp[s:e] = _forward_logits_tile(views[1].rows(s, e), index[s:e], opts, sdt)
@@ -279,7 +280,7 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
     return True
 
 
-TILE_KERNELS = TileKernels(name="torch", fold=fold_tile, grad=grad_tile)
+TILE_KERNELS = TileKernels(fold=fold_tile, grad=grad_tile)
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,

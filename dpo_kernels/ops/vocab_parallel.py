@@ -33,11 +33,10 @@ from .linear.contract import LOGGING_ROWS, STATS_ROWS
 
 @dataclass(frozen=True)
 class VocabSlice:
-    """This rank's columns ``[start, start + size)`` of a ``total``-wide vocabulary split over ``group``."""
+    """This rank's columns start at ``start`` in a ``total``-wide vocabulary split over ``group``."""
 
     group: object
     start: int
-    size: int
     total: int
 
 
@@ -53,7 +52,7 @@ def vocab_slice(local_vocab: int, group, device: torch.device) -> VocabSlice:
     if min(sizes) < 1:
         raise ValueError(f"every rank of vocab_parallel_group must hold at least one vocabulary entry, got {sizes}")
     rank = dist.get_rank(group)
-    return VocabSlice(group=group, start=sum(sizes[:rank]), size=local_vocab, total=sum(sizes))
+    return VocabSlice(group=group, start=sum(sizes[:rank]), total=sum(sizes))
 
 
 def _collective_device(group, device: torch.device) -> torch.device:

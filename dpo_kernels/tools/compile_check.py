@@ -45,7 +45,7 @@ TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # Pointer arguments that carry the row's dtype; every other pointer is fp32 (tiles, statistics) or int64 labels.
 INPUT_POINTERS = {"x_ptr", "ref_ptr", "grad_ptr"}
 TILE_INPUT_POINTERS = {"out_ptr"}
-FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature", "filter_eps"}
+FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature"}
 # Innermost strides are 1 in practice; Triton specialises an argument equal to 1 into a constant, and so do we.
 UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v"}
 TRANSFORMS = {

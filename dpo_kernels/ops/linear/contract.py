@@ -58,7 +58,6 @@ class LogitsTile:
 class TileKernels:
     """A backend's two fused tile kernels (see the module docstring for their exact contract)."""
 
-    name: str
     fold: Callable[..., None]
     grad: Callable[..., bool]
 

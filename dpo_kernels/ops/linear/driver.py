@@ -30,6 +30,8 @@ with the reference recomputed for a KL gradient), all on the tensor cores for ha
 ``4 + 4 + 4 + 2 = 14`` bytes of tile traffic per logit (the fp32 tile written and read in each pass, ``dZ`` written
 once in bf16, read by two GEMMs from L2 or HBM). At N = 8192, D = 4096, V = 128256 on an H100 (~790 TFLOP/s dense
 bf16, ~3.3 TB/s) that is 44 ms of tensor-core time plus about 5 ms of tile traffic: the floor this design aims at.
+This is the one statement of that design target, computed from peak rates; it is not a measurement (the README says
+which GPU figures exist).
 """
 
 from __future__ import annotations

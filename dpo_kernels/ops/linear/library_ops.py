@@ -21,6 +21,8 @@ runs the tile loop (each tile copied to fp32, then folded) rather than the backe
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -53,19 +55,30 @@ def refuse_under_compile(**features: object) -> None:
 
 
 # --------------------------------------------------------------------------------------------- options as op args
+# Every TokenOptions field is an argument of every op, in the dataclass's order, its schema type read from the field's
+# annotation: a new option reaches the compiled kernels with no edit here (a type the schema cannot carry fails at
+# import), and tests/test_compile.py checks that eager and compiled calls hand the kernels equal options.
+
+_SCHEMA_TYPES = {"int": "int", "float": "float", "bool": "bool", "float | None": "float?", "int | None": "int?"}
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TokenOptions))
+_OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in dataclasses.fields(TokenOptions))
 
 
-def _opts(ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
-          token_chunk_size: int | None, vocab_chunk_size: int | None, tile_budget_mb: float | None,
-          grad_filter_eps: float | None) -> TokenOptions:
-    return TokenOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                        token_chunk_size=token_chunk_size, vocab_chunk_size=vocab_chunk_size,
-                        tile_budget_mb=tile_budget_mb, grad_filter_eps=grad_filter_eps, check_labels=False)
+def _schema(tensors: str, outputs: str) -> str:
+    return f"({tensors}, {_OPTIONS_SCHEMA}) -> {outputs}"
+
+
+def _opts(values) -> TokenOptions:
+    return TokenOptions(**dict(zip(_OPTION_NAMES, values, strict=True)))
 
 
 def _opts_args(opts: TokenOptions) -> tuple:
-    return (opts.ignore_index, opts.temperature, opts.softcap, opts.logit_scale, opts.token_chunk_size,
-            opts.vocab_chunk_size, opts.tile_budget_mb, opts.grad_filter_eps)
+    return tuple(getattr(opts, name) for name in _OPTION_NAMES)
+
+
+def _split(args: tuple, leading: int) -> tuple[tuple, TokenOptions]:
+    """An op's positional arguments -> (its ``leading`` tensor and dtype arguments, the options)."""
+    return args[:leading], _opts(args[leading:])
 
 
 def _empty_or(x: Tensor | None, like: Tensor) -> Tensor:
@@ -99,19 +112,22 @@ def _fake_outputs(labels: Tensor, sdt: torch.dtype, with_ref: bool) -> tuple[Ten
 # --------------------------------------------------------------------------------------------- linear path
 
 
-@torch.library.custom_op("dpo_kernels::linear_stats", mutates_args=())
-def _linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor | None,
-                  ref_weight: Tensor | None, ref_bias: Tensor | None, labels: Tensor, compute_dtype: torch.dtype,
-                  ref_compute_dtype: torch.dtype, backend: str, ignore_index: int,
-                  temperature: float, softcap: float | None, logit_scale: float, token_chunk_size: int | None,
-                  vocab_chunk_size: int | None, tile_budget_mb: float | None,
-                  grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ref, products, ref_products, opts, kernels = _linear_op_inputs(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, (compute_dtype, ref_compute_dtype), backend,
-        ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
-        grad_filter_eps)
+_FIVE = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_LINEAR_TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, "
+                   "Tensor labels")
+_LINEAR_DTYPES = "ScalarType compute_dtype, ScalarType ref_compute_dtype, str backend"
+
+
+def _linear_stats_impl(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, ref_cdt, backend), opts = _split(args, 10)
+    ref, products, ref_products, kernels = _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                                             (cdt, ref_cdt), backend)
     return _op_outputs(*driver.linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts,
                                               kernels), labels)
+
+
+_linear_stats = torch.library.custom_op("dpo_kernels::linear_stats", _linear_stats_impl, mutates_args=(),
+                                        schema=_schema(f"{_LINEAR_TENSORS}, {_LINEAR_DTYPES}", _FIVE))
 
 
 @_linear_stats.register_fake
@@ -122,20 +138,12 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, compute_dt
                          ref_hidden is not None)
 
 
-@torch.library.custom_op("dpo_kernels::linear_stats_backward", mutates_args=())
-def _linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_hidden: Tensor | None,
-                           ref_weight: Tensor | None, ref_bias: Tensor | None, labels: Tensor, lse: Tensor,
-                           ref_lse: Tensor | None, grad_logp: Tensor | None, grad_kl: Tensor | None,
-                           need_hidden: bool, need_weight: bool, need_bias: bool, compute_dtype: torch.dtype,
-                           ref_compute_dtype: torch.dtype, backend: str, ignore_index: int, temperature: float,
-                           softcap: float | None, logit_scale: float, token_chunk_size: int | None,
-                           vocab_chunk_size: int | None, tile_budget_mb: float | None,
-                           grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    ref, products, ref_products, opts, kernels = _linear_op_inputs(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, (compute_dtype, ref_compute_dtype), backend,
-        ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
-        grad_filter_eps)
-    rows = driver._Rows(labels, ignore_index)
+def _linear_stats_backward_impl(*args) -> tuple[Tensor, Tensor, Tensor]:
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, grad_logp, grad_kl, need_hidden,
+     need_weight, need_bias, cdt, ref_cdt, backend), opts = _split(args, 17)
+    ref, products, ref_products, kernels = _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                                             (cdt, ref_cdt), backend)
+    rows = driver._Rows(labels, opts.ignore_index)
     sdt = products.out_dtype
     lse = rows.select(lse, sdt)
     ref_lse = None if ref_lse is None else rows.select(ref_lse, sdt)
@@ -143,6 +151,12 @@ def _linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     dh, dw, db = driver.linear_backward(hidden, weight, bias, ref, products, ref_products, rows, lse, ref_lse,
                                         grad_logp, grad_kl, need, opts, kernels)
     return _empty_or(dh, hidden), _empty_or(dw, weight), _empty_or(db, weight)
+
+
+_linear_stats_backward = torch.library.custom_op(
+    "dpo_kernels::linear_stats_backward", _linear_stats_backward_impl, mutates_args=(),
+    schema=_schema(f"{_LINEAR_TENSORS}, Tensor lse, Tensor? ref_lse, Tensor? grad_logp, Tensor? grad_kl, "
+                   f"bool need_hidden, bool need_weight, bool need_bias, {_LINEAR_DTYPES}", "(Tensor, Tensor, Tensor)"))
 
 
 @_linear_stats_backward.register_fake
@@ -153,13 +167,13 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_l
             weight.new_empty(_EMPTY) if bias is None or not need_bias else bias.new_empty(tuple(bias.shape)))
 
 
-def _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, compute, backend, *opts_args):
-    """What both linear ops rebuild from their arguments: ``(ref head or None, products, ref products, options,
-    tile kernels)``."""
+def _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, compute, backend):
+    """What both linear ops rebuild from their arguments: ``(ref head or None, products, ref products, tile
+    kernels)``."""
     ref = None if ref_hidden is None else LinearHead(ref_hidden, ref_weight, ref_bias)
     products, ref_products = driver.head_products(hidden, weight, ref, compute)
     kernels = tile_kernels(backend, hidden.device, _dtypes(hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
-    return ref, products, ref_products, _opts(*opts_args), kernels
+    return ref, products, ref_products, kernels
 
 
 def _linear_setup(ctx, inputs, output):
@@ -170,6 +184,7 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse)
     ctx.args = (cdt, rcdt, backend, *opts)
     ctx.with_ref = ref_hidden is not None
+    ctx.num_inputs = len(inputs)
 
 
 def _linear_backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse):
@@ -177,11 +192,11 @@ def _linear_backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_
     need = ctx.needs_input_grad[:3]
     grad_kl = grad_kl if ctx.with_ref else None
     if (grad_logp is None and grad_kl is None) or not any(need):
-        return (None,) * 18
+        return (None,) * ctx.num_inputs
     dh, dw, db = _linear_stats_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse,
                                         ref_lse if ctx.with_ref else None, grad_logp, grad_kl, *need, *ctx.args)
     grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] and bias is not None else None)
-    return (*grads, *(None,) * 15)
+    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))
 
 
 _linear_stats.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -202,15 +217,15 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: Tenso
 # --------------------------------------------------------------------------------------------- from logits
 
 
-@torch.library.custom_op("dpo_kernels::logits_stats", mutates_args=())
-def _logits_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, backend: str, ignore_index: int,
-                  temperature: float, softcap: float | None, logit_scale: float, token_chunk_size: int | None,
-                  vocab_chunk_size: int | None, tile_budget_mb: float | None,
-                  grad_filter_eps: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
-                 grad_filter_eps)
+def _logits_stats_impl(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    (logits, ref_logits, labels, backend), opts = _split(args, 4)
     kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
     return _op_outputs(*driver.logits_forward(logits, labels, ref_logits, opts, kernels), labels)
+
+
+_logits_stats = torch.library.custom_op("dpo_kernels::logits_stats", _logits_stats_impl, mutates_args=(),
+                                        schema=_schema("Tensor logits, Tensor? ref_logits, Tensor labels, str backend",
+                                                       _FIVE))
 
 
 @_logits_stats.register_fake
@@ -219,20 +234,20 @@ def _(logits, ref_logits, labels, backend, *opts):
     return _fake_outputs(labels, statistics_dtype(*_dtypes(logits, ref_logits)), ref_logits is not None)
 
 
-@torch.library.custom_op("dpo_kernels::logits_stats_backward", mutates_args=())
-def _logits_stats_backward(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, lse: Tensor,
-                           ref_lse: Tensor | None, grad_logp: Tensor | None, grad_kl: Tensor | None, backend: str,
-                           ignore_index: int, temperature: float, softcap: float | None, logit_scale: float,
-                           token_chunk_size: int | None, vocab_chunk_size: int | None, tile_budget_mb: float | None,
-                           grad_filter_eps: float | None) -> Tensor:
-    opts = _opts(ignore_index, temperature, softcap, logit_scale, token_chunk_size, vocab_chunk_size, tile_budget_mb,
-                 grad_filter_eps)
+def _logits_stats_backward_impl(*args) -> Tensor:
+    (logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, backend), opts = _split(args, 8)
     kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
-    rows = driver._Rows(labels, ignore_index)
+    rows = driver._Rows(labels, opts.ignore_index)
     sdt = statistics_dtype(*_dtypes(logits, ref_logits))
     ref_lse = None if ref_lse is None else rows.select(ref_lse, sdt)
     return driver.logits_backward(logits, ref_logits, rows, rows.select(lse, sdt), ref_lse, grad_logp, grad_kl, opts,
                                   kernels)
+
+
+_logits_stats_backward = torch.library.custom_op(
+    "dpo_kernels::logits_stats_backward", _logits_stats_backward_impl, mutates_args=(),
+    schema=_schema("Tensor logits, Tensor? ref_logits, Tensor labels, Tensor lse, Tensor? ref_lse, Tensor? grad_logp, "
+                   "Tensor? grad_kl, str backend", "Tensor"))
 
 
 @_logits_stats_backward.register_fake
@@ -248,16 +263,17 @@ def _logits_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, ref_logits, labels, lse, ref_lse)
     ctx.args = (backend, *opts)
     ctx.with_ref = ref_logits is not None
+    ctx.num_inputs = len(inputs)
 
 
 def _logits_backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse):
     logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
     grad_kl = grad_kl if ctx.with_ref else None
     if (grad_logp is None and grad_kl is None) or not ctx.needs_input_grad[0]:
-        return (None,) * 12
+        return (None,) * ctx.num_inputs
     grad = _logits_stats_backward(logits, ref_logits, labels, lse, ref_lse if ctx.with_ref else None, grad_logp,
                                   grad_kl, *ctx.args)
-    return (grad, *(None,) * 11)
+    return (grad, *(None,) * (ctx.num_inputs - 1))
 
 
 _logits_stats.register_autograd(_logits_backward, setup_context=_logits_setup)

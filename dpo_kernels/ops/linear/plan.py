@@ -2,7 +2,8 @@
 
 A tile is ``tokens x vocab`` logits. Everything the driver allocates per tile (the fp32 logits tile, the reference
 tile, the ``dZ`` tile in the GEMM operand dtype) counts against ``tile_budget_mb``; the default keeps the scratch
-small next to what a training step already holds (the head's weight gradient is ``V x D``):
+small next to what a training step already holds (the head's weight gradient is ``V x D``). This module is the one
+place that states the defaults (the docstrings elsewhere point here):
 
 - CPU: 16 MiB, so a tile stays near the last-level cache between the GEMM that writes it and the kernel that folds it;
 - accelerators: 128 MiB. At N = 8192 tokens in bf16 that is a full-height tile of about 2.5k vocabulary columns in
@@ -33,6 +34,15 @@ def default_tile_budget_mb(device: torch.device) -> float:
     return DEFAULT_TILE_BUDGET_MB.get(device.type, ACCELERATOR_TILE_BUDGET_MB)
 
 
+def tile_budget_bytes(opts: TokenOptions, device: torch.device) -> int:
+    """The one tile budget, in bytes: ``opts.tile_budget_mb``, else the device's default; the linear path's tiles and
+    the torch backend's from-logits tiles are sized from it."""
+    return int((opts.tile_budget_mb or default_tile_budget_mb(device)) * 2**20)
+
+
+DEFAULTS_TEXT = f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_TILE_BUDGET_MB:g} on accelerators"
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """``tokens`` per token block, ``vocab`` columns per vocabulary chunk."""
@@ -54,8 +64,7 @@ class TilePlan:
 
 def plan_tiles(n: int, vocab: int, bytes_per_entry: int, opts: TokenOptions, device: torch.device) -> TilePlan:
     """Tile sizes for ``n`` tokens and a ``vocab``-wide head, with ``bytes_per_entry`` of scratch per logit."""
-    budget = (opts.tile_budget_mb or default_tile_budget_mb(device)) * 2**20
-    entries = max(1, int(budget // bytes_per_entry))
+    entries = max(1, tile_budget_bytes(opts, device) // bytes_per_entry)
     n = max(n, 1)
     narrowest = min(vocab, MIN_VOCAB_CHUNK)
     if opts.token_chunk_size is not None:

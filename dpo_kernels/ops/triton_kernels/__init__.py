@@ -18,7 +18,7 @@ from .launch import require_supported_dtype
 from .logits import TritonTokenLogprobs, TritonTokenLogprobsAndKL
 from .tiles import fold_tile, grad_tile
 
-TILE_KERNELS = TileKernels(name="triton", fold=fold_tile, grad=grad_tile)
+TILE_KERNELS = TileKernels(fold=fold_tile, grad=grad_tile)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
