@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "../stats_layout.h"
 #include "row_kernels.h"
 
 namespace dpo_kernels {
@@ -186,7 +187,7 @@ inline const acc_t* biased_row(const TransformParams& t, const acc_t* x, const a
   return raw;
 }
 
-// The logging rows of one token (rows 3..6 of its statistics column, stride ss): sum e^{z - m} z and
+// The logging rows of one token (its statistics column st, row stride ss; stats_layout.h): sum e^{z - m} z and
 // sum e^{2 (z - m)} rescaled from the previous max, sum z, and the largest z left of the label's column `col`.
 template <typename acc_t>
 void fold_logging(const acc_t* z, int64_t width, acc_t m, acc_t rescale, int64_t col, acc_t* st, int64_t ss) {
@@ -203,10 +204,10 @@ void fold_logging(const acc_t* z, int64_t width, acc_t m, acc_t rescale, int64_t
   const acc_t total = at::vec::reduce_all<acc_t>(add, z, width);
   const int64_t left = std::min(std::max<int64_t>(col, 0), width);
   const acc_t before = left > 0 ? chunk_max(z, left) : -std::numeric_limits<acc_t>::infinity();
-  st[3 * ss] = st[3 * ss] * rescale + weighted;
-  st[4 * ss] = st[4 * ss] * rescale * rescale + squares;
-  st[5 * ss] += total;
-  st[6 * ss] = std::max(st[6 * ss], before);
+  st[kWeightedLogits * ss] = st[kWeightedLogits * ss] * rescale + weighted;
+  st[kSquares * ss] = st[kSquares * ss] * rescale * rescale + squares;
+  st[kLogitSum * ss] += total;
+  st[kMaxBeforeLabel * ss] = std::max(st[kMaxBeforeLabel * ss], before);
 }
 
 template <typename acc_t>
@@ -221,7 +222,10 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
                const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
                const c10::optional<Tensor>& ref_stats, double logit_scale, double softcap, double inv_temperature) {
   const bool with_ref = xr.has_value() && xr->defined();
-  const bool logging = stats.size(0) == 7;  // the statistics trainers only log, after the three of the contract
+  // the statistics trainers only log, after the three of the contract (stats_layout.h)
+  TORCH_CHECK(stats.size(0) == kStatRows || stats.size(0) == kStatRowsWithLogging, "dpo_kernels::fold_tile: stats must "
+              "have ", kStatRows, " rows (", kStatRowsWithLogging, " with the logged statistics), got ", stats.size(0));
+  const bool logging = stats.size(0) == kStatRowsWithLogging;
   const int64_t rows = x.size(0), width = x.size(1);
   const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_fold_tile", [&] {
@@ -238,22 +242,24 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
       std::vector<acc_t> raw(width), z(width), zr(width);
       for (int64_t i = begin; i < end; ++i) {
         biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
-        OnlineLse<acc_t> policy{st[i], st[ss + i]};
+        acc_t* s = st + i;  // row r of token i's statistics at s[r * ss]
+        OnlineLse<acc_t> policy{s[kMax * ss], s[kSum * ss]};
         const acc_t rescale = policy.fold(z.data(), width);
-        st[i] = policy.m;
-        st[ss + i] = policy.s;
+        s[kMax * ss] = policy.m;
+        s[kSum * ss] = policy.s;
         const int64_t col = y[i] - v0;
         const bool hit = col >= 0 && col < width;
-        if (hit) st[2 * ss + i] = z[col];
-        if (logging) fold_logging(z.data(), width, policy.m, rescale, col, st + i, ss);
+        if (hit) s[kLabelLogit * ss] = z[col];
+        if (logging) fold_logging(z.data(), width, policy.m, rescale, col, s, ss);
         if (with_ref) {
           biased_row(t, xrp + i * xr->stride(0), rbp, width, raw.data(), zr.data());
-          OnlineKl<acc_t> ref{OnlineLse<acc_t>{rst[i], rst[rss + i]}, rst[3 * rss + i]};
+          acc_t* r = rst + i;
+          OnlineKl<acc_t> ref{OnlineLse<acc_t>{r[kRefMax * rss], r[kRefSum * rss]}, r[kRefWeighted * rss]};
           ref.fold(z.data(), zr.data(), width);
-          rst[i] = ref.ref.m;
-          rst[rss + i] = ref.ref.s;
-          rst[3 * rss + i] = ref.w;
-          if (hit) rst[2 * rss + i] = zr[col];
+          r[kRefMax * rss] = ref.ref.m;
+          r[kRefSum * rss] = ref.ref.s;
+          r[kRefWeighted * rss] = ref.w;
+          if (hit) r[kRefLabelLogit * rss] = zr[col];
         }
       }
     });

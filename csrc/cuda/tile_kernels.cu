@@ -14,6 +14,7 @@
 // What that traffic costs next to the GEMMs is the design target computed in dpo_kernels/ops/linear/driver.py's
 // docstring (from peak rates, not measured).
 // No torch headers.
+#include "../stats_layout.h"
 #include "device_utils.cuh"
 #include "launchers.h"
 
@@ -130,27 +131,29 @@ __global__ void fold_tile_kernel(const float* __restrict__ x, const float* __res
   }
   if constexpr (WITH_REF) ref = warp_reduce(ref);
   if (lane != 0) return;
-  Lse merged{stats[row], stats[ss + row]};
+  float* st = stats + row;  // row r of this token's statistics at st[r * ss] (stats_layout.h)
+  Lse merged{st[kMax * ss], st[kSum * ss]};
   if constexpr (LOGGING) {
-    Logged old{stats[3 * ss + row], stats[4 * ss + row], stats[5 * ss + row], stats[6 * ss + row]};
+    Logged old{st[kWeightedLogits * ss], st[kSquares * ss], st[kLogitSum * ss], st[kMaxBeforeLabel * ss]};
     merge_logged(merged, old, state, lg);
-    stats[3 * ss + row] = old.xs;
-    stats[4 * ss + row] = old.sq;
-    stats[5 * ss + row] = old.zs;
-    stats[6 * ss + row] = old.before;
+    st[kWeightedLogits * ss] = old.xs;
+    st[kSquares * ss] = old.sq;
+    st[kLogitSum * ss] = old.zs;
+    st[kMaxBeforeLabel * ss] = old.before;
   } else {
     merged = lse_merge(merged, state);
   }
-  stats[row] = merged.m;
-  stats[ss + row] = merged.s;
+  st[kMax * ss] = merged.m;
+  st[kSum * ss] = merged.s;
   const bool hit = col >= 0 && col < width;
-  if (hit) stats[2 * ss + row] = t.apply<float>(biased(xrow, bias, col));
+  if (hit) st[kLabelLogit * ss] = t.apply<float>(biased(xrow, bias, col));
   if constexpr (WITH_REF) {
-    const KlState r = kl_merge(KlState{{ref_stats[row], ref_stats[rss + row]}, ref_stats[3 * rss + row]}, ref);
-    ref_stats[row] = r.ref.m;
-    ref_stats[rss + row] = r.ref.s;
-    ref_stats[3 * rss + row] = r.w;
-    if (hit) ref_stats[2 * rss + row] = t.apply<float>(biased(rrow, ref_bias, col));
+    float* rst = ref_stats + row;
+    const KlState r = kl_merge(KlState{{rst[kRefMax * rss], rst[kRefSum * rss]}, rst[kRefWeighted * rss]}, ref);
+    rst[kRefMax * rss] = r.ref.m;
+    rst[kRefSum * rss] = r.ref.s;
+    rst[kRefWeighted * rss] = r.w;
+    if (hit) rst[kRefLabelLogit * rss] = t.apply<float>(biased(rrow, ref_bias, col));
   }
 }
 

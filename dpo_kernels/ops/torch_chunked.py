@@ -25,7 +25,7 @@ from ..options import TokenOptions, statistics_dtype
 from .common import LinearHead, first_order_only, kl_outputs, kl_terms, nan_out_of_vocab, split_labels
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 from .linear import driver
-from .linear.contract import STATS_ROWS, LogitsTile, TileKernels
+from .linear.contract import LogitsTile, RefRow, StatRow, TileKernels, has_logging_rows
 from .linear.plan import tile_budget_bytes
 from .transform import transform_backward, transform_logits
 
@@ -232,7 +232,7 @@ def _label_column(tile: LogitsTile) -> tuple[torch.Tensor, torch.Tensor]:
 def _fold_rows(stats: torch.Tensor, z: torch.Tensor, column: torch.Tensor, hit: torch.Tensor):
     """Fold ``z [n, w]`` into ``stats`` rows (max, sum, label logit) in place; returns ``exp(z - max)`` and the
     factor that rescaled the earlier sums."""
-    m, s, label = stats[0], stats[1], stats[2]
+    m, s, label = stats[StatRow.MAX], stats[StatRow.SUM], stats[StatRow.LABEL_LOGIT]
     m_new = torch.maximum(m, z.amax(dim=1))
     rescale = torch.exp(m - m_new)
     e = torch.exp(z - m_new.unsqueeze(1))
@@ -247,18 +247,19 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     _, z = _tile_z(tile, opts)
     column, hit = _label_column(tile)
     e, rescale = _fold_rows(stats, z, column, hit)
-    if stats.shape[0] > len(STATS_ROWS):
+    if has_logging_rows(stats):
         _fold_logging(stats, z, e, rescale, tile.labels - tile.v0)
     if ref is not None:
         _, zr = _tile_z(ref, opts)
         e_r, rescale = _fold_rows(ref_stats, zr, column, hit)
         terms = torch.where(e_r > 0, e_r * (zr - z), torch.zeros((), dtype=z.dtype, device=z.device))
-        ref_stats[3].mul_(rescale).add_(terms.sum(dim=1))
+        ref_stats[RefRow.WEIGHTED].mul_(rescale).add_(terms.sum(dim=1))
 
 
 def _fold_logging(stats, z: torch.Tensor, e: torch.Tensor, rescale: torch.Tensor, label_local: torch.Tensor) -> None:
     """The :data:`LOGGING_ROWS` of ``stats`` for tile ``z`` with ``e = exp(z - m_new)``."""
-    weighted, squares, logit_sum, before = stats[3], stats[4], stats[5], stats[6]
+    weighted, squares = stats[StatRow.WEIGHTED_LOGITS], stats[StatRow.SQUARES]
+    logit_sum, before = stats[StatRow.LOGIT_SUM], stats[StatRow.MAX_BEFORE_LABEL]
     weighted.mul_(rescale).add_(torch.linalg.vecdot(e, z))
     squares.mul_(rescale * rescale).add_(torch.linalg.vecdot(e, e))
     logit_sum.add_(z.sum(dim=1))

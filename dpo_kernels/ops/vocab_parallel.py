@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .linear.contract import LOGGING_ROWS, STATS_ROWS
+from .linear.contract import RefRow, StatRow, has_logging_rows
 
 
 @dataclass(frozen=True)
@@ -63,24 +63,29 @@ def _collective_device(group, device: torch.device) -> torch.device:
 def combine(stats: torch.Tensor, ref_stats: torch.Tensor | None, group) -> None:
     """Merge every rank's fold statistics in place (two all-reduces: MAX, then SUM); afterwards ``stats``
     (``[3, n]``, or ``[7, n]`` with the logging rows) and ``ref_stats`` (``[4, n]``) are the whole vocabulary's."""
-    logging = stats.shape[0] == len(STATS_ROWS) + len(LOGGING_ROWS)
-    local_max = [stats[0]] + ([stats[6]] if logging else []) + ([ref_stats[0]] if ref_stats is not None else [])
-    maxima = torch.stack(local_max)
+    # (buffer, row) pairs in the order they travel: the maxima in one MAX all-reduce, then every sum, each rescaled
+    # to the global maximum of its side, in one SUM all-reduce
+    logging = has_logging_rows(stats)
+    max_rows = [(stats, StatRow.MAX)] + ([(stats, StatRow.MAX_BEFORE_LABEL)] if logging else [])
+    max_rows += [] if ref_stats is None else [(ref_stats, RefRow.MAX)]
+    maxima = torch.stack([buffer[row] for buffer, row in max_rows])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    factor = _rescale(stats[0], maxima[0])
-    sums = [stats[1] * factor, stats[2]]
+    factor = _rescale(stats[StatRow.MAX], maxima[0])  # the policy's maximum travels first, the reference's last
+    # each summed row with the power of its side's rescaling factor it needs (the squares scale twice)
+    sum_rows = [(stats, StatRow.SUM, factor), (stats, StatRow.LABEL_LOGIT, None)]
     if logging:
-        sums += [stats[3] * factor, stats[4] * factor * factor, stats[5]]
+        sum_rows += [(stats, StatRow.WEIGHTED_LOGITS, factor), (stats, StatRow.SQUARES, factor * factor),
+                     (stats, StatRow.LOGIT_SUM, None)]
     if ref_stats is not None:
-        ref_factor = _rescale(ref_stats[0], maxima[-1])
-        sums += [ref_stats[1] * ref_factor, ref_stats[2], ref_stats[3] * ref_factor]
-    sums = torch.stack(sums)
+        ref_factor = _rescale(ref_stats[RefRow.MAX], maxima[-1])
+        sum_rows += [(ref_stats, RefRow.SUM, ref_factor), (ref_stats, RefRow.LABEL_LOGIT, None),
+                     (ref_stats, RefRow.WEIGHTED, ref_factor)]
+    sums = torch.stack([buffer[row] if f is None else buffer[row] * f for buffer, row, f in sum_rows])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    stats[0], stats[1], stats[2] = maxima[0], sums[0], sums[1]
-    if logging:
-        stats[3], stats[4], stats[5], stats[6] = sums[2], sums[3], sums[4], maxima[1]
-    if ref_stats is not None:
-        ref_stats[0], ref_stats[1], ref_stats[2], ref_stats[3] = maxima[-1], sums[-3], sums[-2], sums[-1]
+    for (buffer, row), value in zip(max_rows, maxima, strict=True):
+        buffer[row] = value
+    for (buffer, row, _), value in zip(sum_rows, sums, strict=True):
+        buffer[row] = value
 
 
 def _rescale(local_max: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:

@@ -234,12 +234,10 @@ def test_fold_kernel_agrees_with_the_torch_kernel(backend, logging):
     torch_kernels = importlib.import_module("dpo_kernels.ops.torch_chunked").TILE_KERNELS
     tile, ref_tile, _ = _tile_inputs(0)
     opts = TokenOptions(softcap=4.0, temperature=0.9)
-    rows = len(contract.STATS_ROWS) + (len(contract.LOGGING_ROWS) if logging else 0)
     results = []
     for k in (torch_kernels, kernels):
-        stats = contract.new_stats(tile.labels.numel(), rows, torch.float32, torch.device("cpu"))
-        ref_stats = contract.new_stats(tile.labels.numel(), len(contract.REF_STATS_ROWS), torch.float32,
-                                       torch.device("cpu"))
+        stats = contract.new_stats(tile.labels.numel(), torch.float32, torch.device("cpu"), logging=logging)
+        ref_stats = contract.new_ref_stats(tile.labels.numel(), torch.float32, torch.device("cpu"))
         for _ in range(2):  # a second tile folded onto the first exercises the merge
             k.fold(tile, stats, ref_tile, ref_stats, opts)
         results.append((stats, ref_stats))

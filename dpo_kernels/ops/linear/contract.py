@@ -9,7 +9,7 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     running sum of ``exp(z - max)``, label logit where the label falls in the tile); with a reference tile,
     ``ref_stats`` is ``[4, n]`` (:data:`REF_STATS_ROWS`: the reference's max, sum and label logit, and
     ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``, rescaled whenever ``mr`` moves). The rows may be strided views
-    (``stats[:, n0:n1]``). When ``stats`` has ``7`` rows, the fold also keeps the statistics trainers only log
+    (``stats[:, n0:n1]``). When ``stats`` has the logging rows (:func:`has_logging_rows`), the fold also keeps the statistics trainers only log
     (:data:`LOGGING_ROWS`): ``sum_v e^{z_v - m} z_v`` and ``sum_v e^{2 (z_v - m)}`` (rescaled by ``e^{m - m'}`` and its
     square when the max moves), ``sum_v z_v``, and the largest ``z`` left of the label's column (for "the label is the
     first argmax"), all in the same pass.
@@ -28,13 +28,43 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
+
+
+class StatRow(IntEnum):
+    """The rows of a policy ``stats`` buffer (the same layout as ``csrc/stats_layout.h``): the first three always,
+    the four logging rows when the statistics trainers only log are asked for."""
+
+    MAX = 0
+    SUM = 1
+    LABEL_LOGIT = 2
+    WEIGHTED_LOGITS = 3
+    SQUARES = 4
+    LOGIT_SUM = 5
+    MAX_BEFORE_LABEL = 6
+
+
+class RefRow(IntEnum):
+    """The rows of a reference ``ref_stats`` buffer: its max, sum and label logit, and the KL's ``w``."""
+
+    MAX = 0
+    SUM = 1
+    LABEL_LOGIT = 2
+    WEIGHTED = 3
+
 
 STATS_ROWS = ("max", "sum", "label_logit")
 REF_STATS_ROWS = ("max", "sum", "label_logit", "weighted")
 LOGGING_ROWS = ("weighted_logits", "squares", "logit_sum", "max_before_label")  # after STATS_ROWS, when asked
 LOGGED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # what the logging rows give, TRL's names
+ROWS_WITH_LOGGING = len(STATS_ROWS) + len(LOGGING_ROWS)
+
+
+def has_logging_rows(stats: torch.Tensor) -> bool:
+    """Whether a policy ``stats`` buffer was allocated with the logging rows (:func:`new_stats` with ``logging``)."""
+    return stats.shape[0] == ROWS_WITH_LOGGING
 
 
 @dataclass(frozen=True)
@@ -69,20 +99,29 @@ def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(m) | (m == float("inf")), float("nan"), m + torch.log(s))
 
 
-def new_stats(n: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[rows, n]`` statistics before any tile: the maxima ``-inf``, everything else 0."""
-    stats = torch.zeros((rows, n), dtype=dtype, device=device)
-    stats[0].fill_(float("-inf"))
-    if rows == len(STATS_ROWS) + len(LOGGING_ROWS):
-        stats[-1].fill_(float("-inf"))
+def new_stats(n: int, dtype: torch.dtype, device: torch.device, *, logging: bool = False) -> torch.Tensor:
+    """A policy's ``[rows, n]`` statistics before any tile (:class:`StatRow`; the logging rows with ``logging``):
+    the maxima ``-inf``, everything else 0."""
+    stats = torch.zeros((ROWS_WITH_LOGGING if logging else len(STATS_ROWS), n), dtype=dtype, device=device)
+    stats[StatRow.MAX].fill_(float("-inf"))
+    if logging:
+        stats[StatRow.MAX_BEFORE_LABEL].fill_(float("-inf"))
+    return stats
+
+
+def new_ref_stats(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reference's ``[4, n]`` statistics before any tile (:class:`RefRow`)."""
+    stats = torch.zeros((len(REF_STATS_ROWS), n), dtype=dtype, device=device)
+    stats[RefRow.MAX].fill_(float("-inf"))
     return stats
 
 
 def logging_outputs(stats: torch.Tensor, lse: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
     """The per-token statistics TRL logs, from a ``[7, n]`` policy ``stats``: ``entropy = lse - sum p z``,
     ``log_sum_sq_probs = log sum p^2``, ``mean_logits = mean_v z`` and ``is_top1`` (the label is the first argmax)."""
-    m, s, label = stats[0], stats[1], stats[2]
-    weighted, squares, logit_sum, before = stats[3:7]
+    m, s, label = stats[StatRow.MAX], stats[StatRow.SUM], stats[StatRow.LABEL_LOGIT]
+    weighted, squares = stats[StatRow.WEIGHTED_LOGITS], stats[StatRow.SQUARES]
+    logit_sum, before = stats[StatRow.LOGIT_SUM], stats[StatRow.MAX_BEFORE_LABEL]
     entropy, log_sum_sq = lse - weighted / s, torch.log(squares) - 2 * torch.log(s)
     values = (entropy, log_sum_sq, logit_sum / vocab, (label >= m) & (label > before))
     return dict(zip(LOGGED_OUTPUTS, values, strict=True))

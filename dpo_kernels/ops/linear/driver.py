@@ -46,8 +46,7 @@ from ..common import LinearHead, first_order_only, nan_out_of_vocab
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
-    LOGGED_OUTPUTS, LOGGING_ROWS, REF_STATS_ROWS, STATS_ROWS, LogitsTile, TileKernels, finish_lse, logging_outputs,
-    new_stats,
+    LOGGED_OUTPUTS, LogitsTile, RefRow, StatRow, TileKernels, finish_lse, logging_outputs, new_ref_stats, new_stats,
 )
 from .plan import TilePlan, plan_tiles
 from .products import Products, product_dtype
@@ -203,8 +202,8 @@ def _fold_all(rows: _Rows, policy, ref, opts: TokenOptions, kernels: TileKernels
     """Forward, token-major, over the tiles of ``policy`` (and ``ref``): ``(stats [3, n] (7 with the logging rows),
     ref_stats [4, n] or None)`` after one pass over this rank's vocabulary."""
     n, vocab, sdt = rows.n, policy.vocab, policy.out_dtype
-    stats = new_stats(n, len(STATS_ROWS) + (len(LOGGING_ROWS) if logging else 0), sdt, device)
-    ref_stats = None if ref is None else new_stats(n, len(REF_STATS_ROWS), sdt, device)
+    stats = new_stats(n, sdt, device, logging=logging)
+    ref_stats = None if ref is None else new_ref_stats(n, sdt, device)
     plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
     scratch = _scratch(plan, n, vocab, sdt, device)
     ref_scratch = None if ref is None else _scratch(plan, n, vocab, sdt, device)
@@ -224,15 +223,15 @@ def _finish_forward(stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slic
     if vocab_slice is not None:
         combine(stats, ref_stats, vocab_slice.group)
     sdt = stats.dtype
-    lse = finish_lse(stats[0], stats[1])
-    ref_lse = None if ref_stats is None else finish_lse(ref_stats[0], ref_stats[1])
+    lse = finish_lse(stats[StatRow.MAX], stats[StatRow.SUM])
+    ref_lse = None if ref_stats is None else finish_lse(ref_stats[RefRow.MAX], ref_stats[RefRow.SUM])
     offset, total = (0, vocab) if vocab_slice is None else (vocab_slice.start, vocab_slice.total)
     labels = rows.labels + offset  # global ids: one with check_labels=False may be out of range (NaN, never a crash)
-    outs = [rows.scatter(nan_out_of_vocab(stats[2] - lse, labels, total), shape, sdt)]
+    outs = [rows.scatter(nan_out_of_vocab(stats[StatRow.LABEL_LOGIT] - lse, labels, total), shape, sdt)]
     if ref_stats is not None:
         outs += [
-            rows.scatter(nan_out_of_vocab(ref_stats[2] - ref_lse, labels, total), shape, sdt),
-            rows.scatter(ref_stats[3] / ref_stats[1] - ref_lse + lse, shape, sdt),
+            rows.scatter(nan_out_of_vocab(ref_stats[RefRow.LABEL_LOGIT] - ref_lse, labels, total), shape, sdt),
+            rows.scatter(ref_stats[RefRow.WEIGHTED] / ref_stats[RefRow.SUM] - ref_lse + lse, shape, sdt),
         ]
     if logging:
         logged = logging_outputs(stats, lse, vocab if vocab_slice is None else vocab_slice.total)

@@ -24,10 +24,19 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..linear.contract import STATS_ROWS, LogitsTile
+from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
 from .config import tile_row_config
 from .jit_helpers import fold_reference_block, transform, transform_grad
 from .launch import transform_args
+
+
+# the statistics layout of contract.StatRow / RefRow, as constants the kernels can read
+_MAX, _SUM, _LABEL_LOGIT = tl.constexpr(StatRow.MAX.value), tl.constexpr(StatRow.SUM.value), tl.constexpr(
+    StatRow.LABEL_LOGIT.value)
+_WEIGHTED_LOGITS, _SQUARES = tl.constexpr(StatRow.WEIGHTED_LOGITS.value), tl.constexpr(StatRow.SQUARES.value)
+_LOGIT_SUM, _MAX_BEFORE_LABEL = tl.constexpr(StatRow.LOGIT_SUM.value), tl.constexpr(StatRow.MAX_BEFORE_LABEL.value)
+_REF_MAX, _REF_SUM = tl.constexpr(RefRow.MAX.value), tl.constexpr(RefRow.SUM.value)
+_REF_LABEL_LOGIT, _REF_WEIGHTED = tl.constexpr(RefRow.LABEL_LOGIT.value), tl.constexpr(RefRow.WEIGHTED.value)
 
 
 @triton.heuristics({
@@ -86,34 +95,36 @@ def _fold_tile_kernel(
             m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
 
     hit = (label_col >= 0) & (label_col < width)
-    old_m = tl.load(stats_ptr + row)
-    old_s = tl.load(stats_ptr + stats_stride + row)
+    st = stats_ptr + row  # row r of this token's statistics at st + r * stats_stride (contract.StatRow)
+    old_m = tl.load(st + _MAX * stats_stride)
+    old_s = tl.load(st + _SUM * stats_stride)
     big = tl.maximum(old_m, m)
     f_old, f_new = tl.exp(old_m - big), tl.exp(m - big)
-    tl.store(stats_ptr + row, big)
-    tl.store(stats_ptr + stats_stride + row, old_s * f_old + s * f_new)
+    tl.store(st + _MAX * stats_stride, big)
+    tl.store(st + _SUM * stats_stride, old_s * f_old + s * f_new)
     if LOGGING:
-        row3 = stats_ptr + 3 * stats_stride + row
-        tl.store(row3, tl.load(row3) * f_old + weighted * f_new)
-        row4 = stats_ptr + 4 * stats_stride + row
-        tl.store(row4, tl.load(row4) * f_old * f_old + squares * f_new * f_new)
-        row5 = stats_ptr + 5 * stats_stride + row
-        tl.store(row5, tl.load(row5) + logit_sum)
-        row6 = stats_ptr + 6 * stats_stride + row
-        tl.store(row6, tl.maximum(tl.load(row6), before))
+        weighted_row = st + _WEIGHTED_LOGITS * stats_stride
+        tl.store(weighted_row, tl.load(weighted_row) * f_old + weighted * f_new)
+        squares_row = st + _SQUARES * stats_stride
+        tl.store(squares_row, tl.load(squares_row) * f_old * f_old + squares * f_new * f_new)
+        sum_row = st + _LOGIT_SUM * stats_stride
+        tl.store(sum_row, tl.load(sum_row) + logit_sum)
+        before_row = st + _MAX_BEFORE_LABEL * stats_stride
+        tl.store(before_row, tl.maximum(tl.load(before_row), before))
     if hit:
-        tl.store(stats_ptr + 2 * stats_stride + row, z_label)
+        tl.store(st + _LABEL_LOGIT * stats_stride, z_label)
     if HAS_REF:
-        old_m_r = tl.load(ref_stats_ptr + row)
-        old_s_r = tl.load(ref_stats_ptr + ref_stats_stride + row)
-        old_w = tl.load(ref_stats_ptr + 3 * ref_stats_stride + row)
+        rst = ref_stats_ptr + row  # contract.RefRow
+        old_m_r = tl.load(rst + _REF_MAX * ref_stats_stride)
+        old_s_r = tl.load(rst + _REF_SUM * ref_stats_stride)
+        old_w = tl.load(rst + _REF_WEIGHTED * ref_stats_stride)
         big_r = tl.maximum(old_m_r, m_r)
         f_old, f_new = tl.exp(old_m_r - big_r), tl.exp(m_r - big_r)
-        tl.store(ref_stats_ptr + row, big_r)
-        tl.store(ref_stats_ptr + ref_stats_stride + row, old_s_r * f_old + s_r * f_new)
-        tl.store(ref_stats_ptr + 3 * ref_stats_stride + row, old_w * f_old + w * f_new)
+        tl.store(rst + _REF_MAX * ref_stats_stride, big_r)
+        tl.store(rst + _REF_SUM * ref_stats_stride, old_s_r * f_old + s_r * f_new)
+        tl.store(rst + _REF_WEIGHTED * ref_stats_stride, old_w * f_old + w * f_new)
         if hit:
-            tl.store(ref_stats_ptr + 2 * ref_stats_stride + row, zr_label)
+            tl.store(rst + _REF_LABEL_LOGIT * ref_stats_stride, zr_label)
 
 
 @triton.heuristics({
@@ -168,7 +179,7 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     _fold_tile_kernel[(n,)](
         tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
         stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), width, tile.v0,
-        **transform_args(opts), LOGGING=stats.shape[0] > len(STATS_ROWS), BLOCK_V=cfg.block_v,
+        **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
     )
 
