@@ -22,6 +22,7 @@ import math
 import torch
 
 from .ops import vocab_parallel
+from .ops.backend import entry_points, tile_kernels_of
 from .ops.common import LinearHead
 from .ops.linear import driver, library_ops
 from .ops.registry import resolve_backend
@@ -208,7 +209,7 @@ def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str, vocab_s
         out = driver.logits_token_stats(_as_rows(logits, rows), None, labels.reshape(rows), opts,
                                         _tile_kernels(name, impl), vocab_slice)
     else:
-        out = impl.token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts)
+        out = entry_points(impl).token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts)
     return out.view(labels.shape)
 
 
@@ -223,7 +224,7 @@ def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, ba
     if vocab_slice is not None:
         outs = driver.logits_token_stats(*args, _tile_kernels(name, impl), vocab_slice)
     else:
-        outs = impl.token_logprobs_and_kl(*args)
+        outs = entry_points(impl).token_logprobs_and_kl(*args)
     return tuple(o.view(labels.shape) for o in outs)
 
 
@@ -248,7 +249,8 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
         outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, _tile_kernels(name, impl),
                                          logging, vocab_slice, head_context)
     else:
-        outs = impl.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging, head_context)
+        outs = entry_points(impl).linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging,
+                                                     head_context)
     main, logged = outs if logging else (outs, None)
     main = main.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in main)
     if not logging:
@@ -258,7 +260,7 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
 
 def _tile_kernels(name: str, impl):
     """The tile kernels vocabulary parallelism runs on (every backend but the single-process oracle has them)."""
-    kernels = getattr(impl, "TILE_KERNELS", None)
+    kernels = tile_kernels_of(impl)
     if kernels is None:
         raise ValueError(
             f"backend={name!r} has no tile kernels and cannot take part in vocab_parallel_group; use 'torch', 'cpu', "

@@ -156,7 +156,7 @@ def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monke
     import dataclasses
 
     from dpo_kernels import TokenOptions, linear_token_logprobs, token_logprobs
-    from dpo_kernels.ops import torch_chunked
+    from dpo_kernels.ops import logits_path
     from dpo_kernels.ops.linear import driver
 
     fields = {f.name for f in dataclasses.fields(TokenOptions)}
@@ -172,8 +172,9 @@ def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monke
 
         monkeypatch.setattr(module, name, record)
 
-    recording(torch_chunked, "linear_token_stats" if path == "hidden" else "token_logprobs")  # eager: the backend
-    recording(driver, "linear_forward" if path == "hidden" else "logits_forward")  # compiled: inside the op
+    recording(driver if path == "hidden" else logits_path, "linear_token_stats" if path == "hidden" else "token_stats")
+    # eager: the path's entry with the backend's kernels; compiled: inside the op
+    recording(driver, "linear_forward" if path == "hidden" else "logits_forward")
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(2, 9, D, generator=g), torch.randn(V, D, generator=g)
     labels = torch.randint(0, V, (2, 9), generator=g)

@@ -2,14 +2,15 @@
 
 What it materialises:
 
-- From logits: per tile of ``token_chunk_size`` tokens (else as many as ``tile_budget_mb`` holds), an fp32 copy of that tile's logits (and, in the backward,
-  its softmax). The forward keeps only the per-token log-sum-exp (``O(N)``) for the backward, which recomputes the
+- From logits (the row kernels of :mod:`dpo_kernels.ops.logits_path`): per tile of ``token_chunk_size`` tokens (else
+  as many as ``tile_budget_mb`` holds), an fp32 copy of that tile's logits (and, in the backward, its softmax). The
+  forward keeps only the per-token log-sum-exp (``O(N)``) for the backward, which recomputes the
   softmax tile by tile and writes the one ``[R, T, V]`` gradient the autograd contract requires (into the logits'
   own storage with ``inplace_backward``). Per logit and pass that is about 10 bytes of traffic in the forward
   (read half, write and read fp32) and 20 in the backward (read half, ``exp`` in place in fp32, one multiply written
   straight into the half gradient), against about 36 for log_softmax + gather + autograd.
 - From hidden states: the linear path of :mod:`dpo_kernels.ops.linear` with this module's tile kernels
-  (:data:`TILE_KERNELS`, PyTorch ops over each fp32 logits tile).
+  (PyTorch ops over each fp32 logits tile). :data:`KERNELS` holds both.
 
 Every function takes ``[R, T, ...]`` inputs whose leading dimensions the caller has collapsed; a tensor whose
 ``R`` and ``T`` dimensions cannot be merged without a copy (``logits[:, :-1]``) is walked one row at a time.
@@ -22,11 +23,11 @@ from collections.abc import Iterator
 import torch
 
 from ..options import TokenOptions, statistics_dtype
-from .common import LinearHead, first_order_only, kl_outputs, kl_terms, nan_out_of_vocab, split_labels
-from .inplace import mark_logits_overwritten, refuse_leaf_logits
-from .linear import driver
+from .backend import BackendKernels
+from .common import kl_terms, nan_out_of_vocab, split_labels
 from .linear.contract import LogitsTile, RefRow, StatRow, TileKernels, has_logging_rows
 from .linear.plan import tile_budget_bytes
+from .logits_path import LogitsKernels
 from .transform import transform_backward, transform_logits
 
 # Bytes of scratch per logit of a from-logits tile: its fp32 copy and one fp32 temporary (the softmax) are alive at
@@ -116,13 +117,6 @@ def _logit_grad(
 # --------------------------------------------------------------------------------------------- from logits
 
 
-def _logits_grad_buffer(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
-    """Where the logits' gradient goes: the logits themselves with ``inplace_backward``, else a new tensor."""
-    if opts.inplace_backward:
-        return logits
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-
 def _forward_logits_tile(x: torch.Tensor, index: torch.Tensor, opts: TokenOptions, sdt: torch.dtype):
     z = transform_logits(x.to(sdt), opts)
     lse = torch.logsumexp(z, dim=-1)
@@ -130,21 +124,44 @@ def _forward_logits_tile(x: torch.Tensor, index: torch.Tensor, opts: TokenOption
     return z, lse, z.gather(1, index.unsqueeze(1)).squeeze(1) - lse
 
 
-def _upstream(grad: torch.Tensor | None, mask: torch.Tensor, sdt: torch.dtype) -> torch.Tensor | None:
-    return None if grad is None else _zeros_where_masked(grad.reshape(-1).to(sdt), mask)
+def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions):
+    """The from-logits ``forward`` kernel (:mod:`dpo_kernels.ops.logits_path`), a tile of tokens at a time."""
+    shape = logits.shape
+    sdt = statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
+    index, mask = split_labels(labels, opts.ignore_index, shape[-1])
+    views = (TokenRows(logits),) if ref_logits is None else (TokenRows(logits), TokenRows(ref_logits))
+    n, device = index.numel(), logits.device
+    logp, lse = torch.empty(n, dtype=sdt, device=device), torch.empty(n, dtype=sdt, device=device)
+    ref_logp = ref_lse = kl = None
+    if ref_logits is not None:
+        ref_logp, ref_lse, kl = (torch.empty(n, dtype=sdt, device=device) for _ in range(3))
+    for s, e in token_ranges(shape, default_token_chunk(shape[-1], opts, device), *views):
+        z, lse[s:e], logp[s:e] = _forward_logits_tile(views[0].rows(s, e), index[s:e], opts, sdt)
+        if ref_logits is not None:
+            ref_z, ref_lse[s:e], ref_logp[s:e] = _forward_logits_tile(views[1].rows(s, e), index[s:e], opts, sdt)
+            kl[s:e] = kl_terms(ref_z - ref_lse[s:e].unsqueeze(1), z - lse[s:e].unsqueeze(1)).sum(-1)
+
+    def finished(x: torch.Tensor | None, by_label: bool = True) -> torch.Tensor | None:
+        if x is None:
+            return None
+        if by_label:
+            x = nan_out_of_vocab(x, labels, shape[-1], opts.ignore_index)
+        return _zeros_where_masked(x, mask)
+
+    # lse and ref_lse stay as computed at ignored tokens too: the backward's p = exp(z - lse) must stay <= 1 there,
+    # where g = 0 makes the row exactly 0
+    return finished(logp), lse, finished(ref_logp), ref_lse, finished(kl, False)
 
 
-def _logits_backward(ctx, g: torch.Tensor, g_kl: torch.Tensor | None) -> torch.Tensor:
-    """The logits' gradient, tile by tile: the softmax recomputed (and the reference's only for a KL gradient),
-    written straight into the gradient buffer in its dtype."""
-    logits, ref_logits, index, lse, ref_lse = ctx.saved_tensors
-    opts, shape, sdt = ctx.opts, logits.shape, lse.dtype
-    grad = _logits_grad_buffer(logits, opts)
+def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
+    """The from-logits ``backward`` kernel, tile by tile: the softmax recomputed (and the reference's only for a KL
+    gradient), written straight into ``grad`` in its dtype."""
+    shape, sdt = logits.shape, lse.dtype
+    index, _ = split_labels(labels, opts.ignore_index, shape[-1])
     use_ref = g_kl is not None
     rows, grad_rows = TokenRows(logits), TokenRows(grad)
     views = (rows, TokenRows(ref_logits)) if use_ref else (rows,)
-    chunk = default_token_chunk(shape[-1], opts, logits.device)
-    for s, e in token_ranges(shape, chunk, *views):
+    for s, e in token_ranges(shape, default_token_chunk(shape[-1], opts, logits.device), *views):
         x = rows.rows(s, e)
         kl_args = (g_kl[s:e], transform_logits(views[1].rows(s, e).to(sdt), opts), ref_lse[s:e]) if use_ref else ()
         if opts.is_identity_transform:  # straight from the half logits into the half gradient
@@ -153,64 +170,6 @@ def _logits_backward(ctx, g: torch.Tensor, g_kl: torch.Tensor | None) -> torch.T
             xs = x.to(sdt)
             dz = _logit_grad(transform_logits(xs, opts), lse[s:e], g[s:e], index[s:e], None, *kl_args)
             grad_rows.rows(s, e).copy_(transform_backward(xs, dz, opts))
-    if opts.inplace_backward:
-        mark_logits_overwritten(logits)
-    return grad
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None, opts: TokenOptions):
-        ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
-        if opts.inplace_backward:
-            refuse_leaf_logits(logits)
-        shape = logits.shape
-        sdt = statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
-        index, mask = split_labels(labels.reshape(-1), opts.ignore_index, shape[-1])
-        views = (TokenRows(logits),) if ref_logits is None else (TokenRows(logits), TokenRows(ref_logits))
-        n = index.numel()
-        logp, lse = torch.empty(n, dtype=sdt, device=logits.device), torch.empty(n, dtype=sdt, device=logits.device)
-        if ref_logits is not None:
-            ref_logp, ref_lse, kl = (torch.empty(n, dtype=sdt, device=logits.device) for _ in range(3))
-        for s, e in token_ranges(shape, default_token_chunk(shape[-1], opts, logits.device), *views):
-            z, lse[s:e], logp[s:e] = _forward_logits_tile(views[0].rows(s, e), index[s:e], opts, sdt)
-            if ref_logits is not None:
-                ref_z, ref_lse[s:e], ref_logp[s:e] = _forward_logits_tile(views[1].rows(s, e), index[s:e], opts, sdt)
-                kl[s:e] = kl_terms(ref_z - ref_lse[s:e].unsqueeze(1), z - lse[s:e].unsqueeze(1)).sum(-1)
-        ctx.save_for_backward(logits, ref_logits, index, lse, None if ref_logits is None else ref_lse)
-        ctx.mask, ctx.opts = mask, opts
-        logp = nan_out_of_vocab(logp, labels.reshape(-1), shape[-1], opts.ignore_index)
-        if ref_logits is not None:
-            ref_logp = nan_out_of_vocab(ref_logp, labels.reshape(-1), shape[-1], opts.ignore_index)
-        if ref_logits is None:
-            return _zeros_where_masked(logp, mask).view(shape[:2])
-        masked = (_zeros_where_masked(x, mask) for x in (logp, ref_logp, kl))
-        return kl_outputs(ctx, *masked, shape[:2])
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_logp: torch.Tensor | None, *grad_rest):
-        grad_kl = grad_rest[1] if grad_rest else None
-        if grad_logp is None and grad_kl is None:
-            return None, None, None, None
-        sdt = ctx.saved_tensors[3].dtype
-        g = _upstream(grad_logp, ctx.mask, sdt)
-        if g is None:
-            g = torch.zeros(ctx.mask.shape, dtype=sdt, device=ctx.mask.device)
-        return _logits_backward(ctx, g, _upstream(grad_kl, ctx.mask, sdt)), None, None, None
-
-
-# --------------------------------------------------------------------------------------------- backend interface
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
-    """``logits [R, T, V]``, ``labels [R, T]`` -> ``logp [R, T]``."""
-    return _TokenLogprobs.apply(logits, labels, None, opts)
-
-
-def token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions):
-    """-> ``(logp, ref_logp, kl)``, each ``[R, T]``; ``ref_logits`` receives no gradient."""
-    return _TokenLogprobs.apply(logits, labels, ref_logits.detach(), opts)
 
 
 # --------------------------------------------------------------------------------------------- tile kernels
@@ -281,10 +240,5 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
     return True
 
 
-TILE_KERNELS = TileKernels(fold=fold_tile, grad=grad_tile)
-
-
-def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       logging: bool = False, head_context=None):
-    """The linear path on the PyTorch tile kernels (see :mod:`dpo_kernels.ops.linear.driver`)."""
-    return driver.linear_token_stats(policy, ref, labels, opts, TILE_KERNELS, logging, head_context=head_context)
+KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward),
+                         tiles=TileKernels(fold=fold_tile, grad=grad_tile))

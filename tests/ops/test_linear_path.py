@@ -146,7 +146,7 @@ def test_gpu_policy_half_operands_and_no_fp32_vocab_by_hidden_buffer(gpu_product
     ref = LinearHead(hidden.flip(0), weight) if with_kl else None
     opts = TokenOptions(vocab_chunk_size=256)  # several vocabulary chunks
     with _Recorder(emulate=True) as rec:
-        outs = torch_backend.linear_token_stats(LinearHead(h, w), ref, labels, opts)
+        outs = torch_backend.KERNELS.linear_token_stats(LinearHead(h, w), ref, labels, opts)
         logp, kl = (outs, None) if ref is None else (outs[0], outs[2])
         (logp.sum() + (kl.sum() if kl is not None else 0)).backward()
     assert rec.gemms, "no GEMM was recorded"
@@ -230,8 +230,8 @@ def _tile_backends() -> list[str]:
 @pytest.mark.parametrize("logging", [False, True], ids=["stats", "logging"])
 @pytest.mark.parametrize("backend", _tile_backends())
 def test_fold_kernel_agrees_with_the_torch_kernel(backend, logging):
-    kernels = importlib.import_module(registry._BACKENDS[backend].module).TILE_KERNELS
-    torch_kernels = importlib.import_module("dpo_kernels.ops.torch_chunked").TILE_KERNELS
+    kernels = importlib.import_module(registry._BACKENDS[backend].module).KERNELS.tiles
+    torch_kernels = importlib.import_module("dpo_kernels.ops.torch_chunked").KERNELS.tiles
     tile, ref_tile, _ = _tile_inputs(0)
     opts = TokenOptions(softcap=4.0, temperature=0.9)
     results = []
@@ -251,8 +251,8 @@ def test_fold_kernel_agrees_with_the_torch_kernel(backend, logging):
 @pytest.mark.parametrize("with_kl", [False, True], ids=["logprobs", "kl"])
 @pytest.mark.parametrize("backend", _tile_backends())
 def test_grad_kernel_agrees_with_the_torch_kernel(backend, with_kl, out_dtype):
-    kernels = importlib.import_module(registry._BACKENDS[backend].module).TILE_KERNELS
-    torch_kernels = importlib.import_module("dpo_kernels.ops.torch_chunked").TILE_KERNELS
+    kernels = importlib.import_module(registry._BACKENDS[backend].module).KERNELS.tiles
+    torch_kernels = importlib.import_module("dpo_kernels.ops.torch_chunked").KERNELS.tiles
     tile, ref_tile, labels = _tile_inputs(1)
     n = labels.numel()
     g = torch.Generator().manual_seed(2)

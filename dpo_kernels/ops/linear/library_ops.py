@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ...options import TokenOptions, statistics_dtype
+from ..backend import tile_kernels_of
 from ..common import LinearHead
 from ..registry import resolve_backend
 from . import driver
@@ -39,7 +40,7 @@ _EMPTY = (0,)
 def tile_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> TileKernels:
     """The tile kernels of ``backend`` for these inputs; the single-process oracle has none."""
     name, impl = resolve_backend(backend, device, dtypes)
-    kernels = getattr(impl, "TILE_KERNELS", None)
+    kernels = tile_kernels_of(impl)
     if kernels is None:
         raise ValueError(f"backend={name!r} cannot run under torch.compile (it has no tile kernels); use 'torch', "
                          "'cpu', 'cuda', 'triton' or 'auto'")

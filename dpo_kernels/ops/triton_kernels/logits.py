@@ -1,4 +1,5 @@
-"""Triton kernels from logits: ``token_logprobs`` and ``token_logprobs_and_kl``.
+"""Triton kernels from logits: the two row kernels of :mod:`dpo_kernels.ops.logits_path` (``logits_forward``,
+``logits_backward``).
 
 Forward: one program per token reads its logits row once in ``BLOCK_V`` steps, keeping the online log-sum-exp
 (running max ``m`` and rescaled sum ``s``) and, with a reference row, the reference's ``m_r``, ``s_r`` and the
@@ -20,8 +21,6 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..common import first_order_only, kl_outputs, upstream_grad, upstream_grads
-from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from .config import row_config
 from .jit_helpers import finish_lse, fold_reference_block, transform, transform_grad
 from .launch import transform_args
@@ -124,7 +123,8 @@ def _logits_backward_kernel(
         tl.store(grad_row + cols * grad_stride_v, dx.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def _forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions):
+def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions):
+    """The from-logits ``forward`` kernel (:mod:`dpo_kernels.ops.logits_path`): one program per token."""
     n = labels.numel()
     out = {k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("logp", "lse")}
     if ref_logits is not None:
@@ -139,11 +139,11 @@ def _forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torc
             logits.shape[1], logits.shape[2], opts.ignore_index,
             **transform_args(opts), HAS_REF=ref_logits is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
-    return out
+    return out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl")
 
 
-def _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions):
-    grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
+    """The from-logits ``backward`` kernel: one program per token writes its row of ``grad``."""
     cfg = row_config(logits.shape[-1], logits.dtype, g_kl is not None)
     ref = ref_logits if g_kl is not None else logits
     if labels.numel():
@@ -153,49 +153,3 @@ def _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOpti
             logits.shape[1], logits.shape[2], opts.ignore_index,
             **transform_args(opts), HAS_KL_GRAD=g_kl is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
-    if opts.inplace_backward:
-        mark_logits_overwritten(logits)
-    return grad
-
-
-class TritonTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, opts: TokenOptions):
-        if opts.inplace_backward:
-            refuse_leaf_logits(logits)
-        labels_flat = labels.reshape(-1).contiguous()
-        out = _forward(logits, None, labels_flat, opts)
-        ctx.save_for_backward(logits, labels_flat, out["lse"])
-        ctx.opts = opts
-        return out["logp"].view(labels.shape)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_logp):
-        logits, labels, lse = ctx.saved_tensors
-        g = upstream_grad(grad_logp, labels, ctx.opts.ignore_index)
-        grad = _backward(logits, None, labels, lse, None, g, None, ctx.opts)
-        return grad, None, None
-
-
-class TritonTokenLogprobsAndKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ref_logits, opts: TokenOptions):
-        ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
-        if opts.inplace_backward:
-            refuse_leaf_logits(logits)
-        labels_flat = labels.reshape(-1).contiguous()
-        out = _forward(logits, ref_logits, labels_flat, opts)
-        ctx.save_for_backward(logits, ref_logits, labels_flat, out["lse"], out["ref_lse"])
-        ctx.opts = opts
-        return kl_outputs(ctx, out["logp"], out["ref_logp"], out["kl"], labels.shape)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
-        if grad_logp is None and grad_kl is None:
-            return None, None, None, None
-        logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
-        g, g_kl = upstream_grads(grad_logp, grad_kl, labels, ctx.opts.ignore_index)
-        grad = _backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, ctx.opts)
-        return grad, None, None, None
