@@ -254,15 +254,45 @@ def _upstream(rows: _Rows, grad_logp, grad_kl, sdt: torch.dtype, device: torch.d
     return g, (None if grad_kl is None else rows.select(grad_kl, sdt))
 
 
-def _logits_grad(policy, ref, n0: int, n1: int, v0: int, v1: int, rows: _Rows, lse, ref_lse, g, g_kl,
-                 opts: TokenOptions, kernels: TileKernels, scratch) -> torch.Tensor | None:
-    """``dZ [n1 - n0, v1 - v0]`` of one recomputed tile in ``scratch[2]``'s dtype (or over the fp32 tile in
-    ``scratch[0]`` when there is no ``scratch[2]``); ``None`` when the gradient filter skips the tile."""
-    tile = policy.tile(n0, n1, v0, v1, rows.labels, scratch[0])
-    ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels, scratch[1])
-    dz = tile.logits if scratch[2] is None else scratch[2][: tile.logits.numel()].view(tile.logits.shape)
-    kept = kernels.grad(tile, lse[n0:n1], g[n0:n1], ref_tile, None if ref is None else ref_lse[n0:n1],
-                        None if g_kl is None else g_kl[n0:n1], opts, dz)
+@dataclass(frozen=True)
+class _Backward:
+    """What every backward tile reads: the forward's ``lse`` (and ``ref_lse``) and the upstream gradients ``g`` (and
+    ``g_kl``, ``None`` when the KL received none) at the kept tokens, the options and the backend's tile kernels."""
+
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    g: torch.Tensor
+    g_kl: torch.Tensor | None
+    opts: TokenOptions
+    kernels: TileKernels
+
+
+@dataclass(frozen=True)
+class _GradScratch:
+    """The reused buffers of a backward pass: the fp32 tile, the reference's (with a KL gradient), and ``dZ`` in
+    the GEMM operand dtype (``None``: ``dZ`` overwrites the fp32 tile)."""
+
+    tile: torch.Tensor
+    ref_tile: torch.Tensor | None
+    dz: torch.Tensor | None
+
+    @classmethod
+    def of(cls, plan: TilePlan, n: int, vocab: int, sdt: torch.dtype, dz_dtype: torch.dtype | None, with_ref: bool,
+           device: torch.device) -> "_GradScratch":
+        return cls(_scratch(plan, n, vocab, sdt, device), _scratch(plan, n, vocab, sdt, device) if with_ref else None,
+                   None if dz_dtype is None else _scratch(plan, n, vocab, dz_dtype, device))
+
+
+def _logits_grad(policy, ref, rows: _Rows, block: tuple[int, int, int, int], bw: _Backward,
+                 scratch: _GradScratch) -> torch.Tensor | None:
+    """``dZ [n1 - n0, v1 - v0]`` of the recomputed tile ``block = (n0, n1, v0, v1)`` in ``scratch.dz``'s dtype (or
+    over the fp32 tile without it); ``None`` when the gradient filter skips the tile."""
+    n0, n1, v0, v1 = block
+    tile = policy.tile(n0, n1, v0, v1, rows.labels, scratch.tile)
+    ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels, scratch.ref_tile)
+    dz = tile.logits if scratch.dz is None else scratch.dz[: tile.logits.numel()].view(tile.logits.shape)
+    kept = bw.kernels.grad(tile, bw.lse[n0:n1], bw.g[n0:n1], ref_tile, None if ref is None else bw.ref_lse[n0:n1],
+                           None if bw.g_kl is None else bw.g_kl[n0:n1], bw.opts, dz)
     return dz if kept else None
 
 
@@ -271,16 +301,7 @@ def _token_index(flat_index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     return flat_index // x.shape[1], flat_index % x.shape[1]
 
 
-def _grad_scratch(plan: TilePlan, n: int, vocab: int, sdt: torch.dtype, dz_dtype: torch.dtype | None, with_ref: bool,
-                  device: torch.device) -> list:
-    """``[tile, reference tile or None, dZ or None]`` buffers of a backward pass (``dz_dtype`` ``None``: ``dZ``
-    overwrites the fp32 tile)."""
-    return [_scratch(plan, n, vocab, sdt, device), _scratch(plan, n, vocab, sdt, device) if with_ref else None,
-            None if dz_dtype is None else _scratch(plan, n, vocab, dz_dtype, device)]
-
-
-def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_kl, need, opts: TokenOptions,
-              kernels: TileKernels):
+def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, bw: _Backward, need: tuple[bool, bool, bool]):
     """Backward of the linear path, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V]
     fp32)``, ``None`` for each gradient not in ``need``."""
     need_dh, need_dw, need_db = need
@@ -291,13 +312,13 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, lse, ref_lse, g, g_
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
     dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
     per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else products.operand_bytes)
-    plan = plan_tiles(n, vocab, per_entry, opts, device)
+    plan = plan_tiles(n, vocab, per_entry, bw.opts, device)
     one_block = plan.single_token_block(n)
-    scratch = _grad_scratch(plan, n, vocab, sdt, dz_dtype, ref is not None, device)
+    scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, device)
     for v0, v1 in plan.vocab_chunks(vocab):
         dw_acc, dw_written = None, False
         for n0, n1 in plan.token_blocks(n):
-            dz = _logits_grad(policy, ref, n0, n1, v0, v1, rows, lse, ref_lse, g, g_kl, opts, kernels, scratch)
+            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, scratch)
             if dz is None:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
                 continue
             if need_dh:
@@ -344,7 +365,7 @@ def linear_backward(hidden, weight, bias, ref: LinearHead | None, products: Prod
     with _no_autocast(hidden.device), gathered:
         policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
         ref_side = None if g_kl is None else _Side.of(ref, rows, ref_products)
-        dh, dw, db = _grad_all(rows, policy, ref_side, lse, ref_lse, g, g_kl, need, opts, kernels)
+        dh, dw, db = _grad_all(rows, policy, ref_side, _Backward(lse, ref_lse, g, g_kl, opts, kernels), need)
     if dh is not None and vocab_slice is not None:
         all_reduce_hidden_grad(dh, vocab_slice.group)
     return (None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype), dw,
@@ -396,12 +417,13 @@ def logits_backward(logits, ref_logits, rows: _Rows, lse, ref_lse, grad_logp, gr
     dz_dtype = None if logits.dtype == sdt else logits.dtype
     per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else logits.dtype.itemsize)
     plan = plan_tiles(n, vocab, per_entry, opts, logits.device)
-    scratch = _grad_scratch(plan, n, vocab, sdt, dz_dtype, ref is not None, logits.device)
+    scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, logits.device)
+    bw = _Backward(lse, ref_lse, g, g_kl, opts, kernels)
     for n0, n1 in plan.token_blocks(n):
         r, t = _token_index(torch.arange(n0, n1, device=logits.device) if rows.kept is None else rows.kept[n0:n1],
                             logits)
         for v0, v1 in plan.vocab_chunks(vocab):
-            dz = _logits_grad(policy, ref, n0, n1, v0, v1, rows, lse, ref_lse, g, g_kl, opts, kernels, scratch)
+            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, scratch)
             grad[r, t, v0:v1] = 0 if dz is None else dz
     return grad
 
