@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cuda/launchers.h"
+#include "stats_layout.h"
 
 namespace dpo_kernels {
 namespace cuda_ops {
@@ -102,6 +103,11 @@ void fold_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor&
   check_tile(x, "fold_tile");
   const bool with_ref = present(xr);
   if (with_ref) check_tile(*xr, "fold_tile");
+  // what the launcher would refuse with a bare cudaErrorInvalidValue, said here
+  TORCH_CHECK(stats.size(0) == dpo_kernels::kStatRows || stats.size(0) == dpo_kernels::kStatRowsWithLogging,
+              "dpo_kernels::fold_tile: stats must have ", dpo_kernels::kStatRows, " rows (",
+              dpo_kernels::kStatRowsWithLogging, " with the logged statistics; csrc/stats_layout.h), got ",
+              stats.size(0));
   check(dpo_fold_tile(x.data_ptr<float>(), float_data(bias), with_ref ? xr->data_ptr<float>() : nullptr,
                       float_data(ref_bias), x.size(0), x.size(1), v0, labels.data_ptr<int64_t>(),
                       stats.data_ptr<float>(), stats.size(0), stats.stride(0),
@@ -120,6 +126,8 @@ int64_t grad_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tens
               "tile of x's shape");
   const bool with_kl = present(g_kl);
   if (with_kl) check_tile(*xr, "grad_tile");
+  TORCH_CHECK(x.size(0) <= INT32_MAX, "dpo_kernels::grad_tile: a tile holds at most 2^31 - 1 tokens (its grid's "
+              "first dimension), got ", x.size(0), "; a smaller tile_budget_mb or token_chunk_size splits them");
   const Tensor lse_c = lse.contiguous(), g_c = g.contiguous();
   const Tensor ref_lse_c = with_kl ? ref_lse->contiguous() : Tensor();
   const Tensor g_kl_c = with_kl ? g_kl->contiguous() : Tensor();

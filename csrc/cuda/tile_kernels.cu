@@ -233,13 +233,15 @@ extern "C" int dpo_fold_tile(const float* x, const float* bias, const float* xr,
                              double softcap, double inv_temperature, intptr_t stream) {
   using namespace dpo_kernels::cuda;
   if (n == 0 || width == 0) return 0;
-  if (stats_rows != 3 && stats_rows != 7) return static_cast<int>(cudaErrorInvalidValue);
+  if (stats_rows != dpo_kernels::kStatRows && stats_rows != dpo_kernels::kStatRowsWithLogging) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const TransformParams t{logit_scale, softcap, inv_temperature};
   const unsigned blocks = static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(xr, 16) && aligned(bias, 16) &&
                    aligned(ref_bias, 16);
-  const bool logging = stats_rows == 7;
+  const bool logging = stats_rows == dpo_kernels::kStatRowsWithLogging;
 #define DPO_FOLD(REF, LOG, VEC)                                                                                     \
   fold_tile_kernel<REF, LOG, VEC><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(x, bias, xr, ref_bias, n, width, v0,   \
                                                                            labels, stats, stats_stride, ref_stats,  \
