@@ -48,3 +48,33 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     scale = e.abs().max().clamp(min=1e-30).item()
     err = (a - e).abs().max().item() / scale if a.numel() else 0.0
     assert err <= RTOL[dtype], f"{what}: relative error {err:.3e} > {RTOL[dtype]:.1e} ({dtype})"
+
+
+def compare_with_reference(fn, inputs: dict, wrt: tuple[str, ...], backend: str, dtype: torch.dtype,
+                           mask: torch.Tensor):
+    """``fn(leaves, backend)`` on ``backend`` against the reference oracle: every output (fp32 statistics, or fp64 for
+    fp64 inputs; exactly 0 where ``mask`` is False) and the gradient of every input named in ``wrt`` (its own dtype
+    and shape) under one random upstream gradient per output, on whatever device the inputs are. Returns the
+    backend's gradients."""
+    results = {}
+    g = torch.Generator().manual_seed(99)
+    upstream = None
+    for be in ("reference", backend):
+        leaves = {k: (v.detach().requires_grad_(k in wrt) if torch.is_tensor(v) and v.is_floating_point() else v)
+                  for k, v in inputs.items()}
+        outs = fn(leaves, be)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if upstream is None:
+            upstream = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
+        diff = [(o, u) for o, u in zip(outs, upstream, strict=True) if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in diff], [leaves[k] for k in wrt], [u for _, u in diff])
+        results[be] = (outs, grads)
+    (ref_outs, ref_grads), (outs, grads) = results["reference"], results[backend]
+    for i, (o, e) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), "statistics dtype"
+        assert_close(o, e, dtype, f"output {i}")
+        assert (o.reshape(mask.shape)[~mask] == 0).all(), f"output {i} must be exactly 0 at masked positions"
+    for k, gr, e in zip(wrt, grads, ref_grads, strict=True):
+        assert gr.dtype == inputs[k].dtype and gr.shape == inputs[k].shape, f"grad {k}: dtype/shape"
+        assert_close(gr, e, dtype, f"grad {k}")
+    return grads

@@ -19,7 +19,7 @@ from dpo_kernels import (
 
 from dpo_kernels.ops import backends_for
 
-from ..conftest import assert_close
+from ..conftest import assert_close, compare_with_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,20 +47,8 @@ def _inputs(rows, seq, vocab, hidden, dtype, seed=0):
 
 
 def _compare(fn, x, wrt, backend, dtype):
-    results = {}
-    for be in ("reference", backend):
-        leaves = {k: v.detach().clone().requires_grad_(k in wrt) for k, v in x.items() if v.is_floating_point()}
-        outs = fn(leaves, x["labels"], be)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        grads = torch.autograd.grad(
-            [o for o in outs if o.requires_grad], [leaves[k] for k in wrt],
-            [torch.ones_like(o) * (i + 1) for i, o in enumerate(outs) if o.requires_grad],
-        )
-        results[be] = (outs, grads)
-    for a, e in zip(results[backend][0], results["reference"][0], strict=True):
-        assert_close(a, e, dtype, f"{backend} output")
-    for k, a, e in zip(wrt, results[backend][1], results["reference"][1], strict=True):
-        assert_close(a, e, dtype, f"{backend} grad {k}")
+    """``fn(leaves, labels, backend)`` against the oracle with the comparison of ``test_primitives``."""
+    compare_with_reference(lambda t, be: fn(t, x["labels"], be), x, wrt, backend, dtype, x["labels"] != -100)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V{s[2]}")

@@ -15,7 +15,7 @@ import torch
 
 from dpo_kernels import linear_token_logprobs, linear_token_logprobs_and_kl, token_logprobs, token_logprobs_and_kl
 
-from ..conftest import assert_close, skip_if_unsupported
+from ..conftest import assert_close, compare_with_reference, skip_if_unsupported
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -68,30 +68,6 @@ def _reshape_leading(t: torch.Tensor, case: Case) -> torch.Tensor:
     return t.reshape(case.rows * case.seq, *t.shape[2:]) if case.layout == "leading" else t
 
 
-def _compare(fn, inputs: dict, wrt: tuple[str, ...], backend: str, dtype: torch.dtype, mask: torch.Tensor):
-    results = {}
-    g = torch.Generator().manual_seed(99)
-    upstream = None
-    for be in ("reference", backend):
-        leaves = {k: (v.detach().requires_grad_(k in wrt) if v is not None else None) for k, v in inputs.items()}
-        outs = fn(leaves, be)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        if upstream is None:
-            upstream = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
-        diff = [(o, u) for o, u in zip(outs, upstream, strict=True) if o.requires_grad]
-        grads = torch.autograd.grad([o for o, _ in diff], [leaves[k] for k in wrt], [u for _, u in diff])
-        results[be] = (outs, grads)
-    (ref_outs, ref_grads), (outs, grads) = results["reference"], results[backend]
-    for i, (o, e) in enumerate(zip(outs, ref_outs, strict=True)):
-        assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), "statistics dtype"
-        assert_close(o, e, dtype, f"output {i}")
-        assert (o.reshape(mask.shape)[~mask] == 0).all(), f"output {i} must be exactly 0 at masked positions"
-    for k, gr, e in zip(wrt, grads, ref_grads, strict=True):
-        assert gr.dtype == inputs[k].dtype and gr.shape == inputs[k].shape, f"grad {k}: dtype/shape"
-        assert_close(gr, e, dtype, f"grad {k}")
-    return grads
-
-
 def _make_logits(case: Case, dtype: torch.dtype, g: torch.Generator):
     labels = _labels(case, g)
     logits = (torch.randn(case.rows, case.seq, case.vocab, generator=g, dtype=torch.float64) * 3).to(dtype)
@@ -137,7 +113,7 @@ def test_token_logprobs(backend, case, dtype):
     g = torch.Generator().manual_seed(0)
     x = _make_logits(case, dtype, g)
     mask = x["labels"] != -100
-    grads = _compare(
+    grads = compare_with_reference(
         lambda t, be: token_logprobs(t["logits"], x["labels"], **_opts(case, be)), x, ("logits",), backend, dtype, mask
     )
     assert (grads[0][~mask] == 0).all(), "masked positions must receive exactly zero gradient"
@@ -150,7 +126,7 @@ def test_token_logprobs_and_kl(backend, case, dtype):
     g = torch.Generator().manual_seed(1)
     x = _make_logits(case, dtype, g)
     mask = x["labels"] != -100
-    grads = _compare(
+    grads = compare_with_reference(
         lambda t, be: token_logprobs_and_kl(t["logits"], t["ref_logits"], x["labels"], **_opts(case, be)),
         x,
         ("logits",),
@@ -173,7 +149,7 @@ def test_linear_token_logprobs(backend, case, dtype):
     x = _make_head(case, dtype, g)
     mask = x["labels"] != -100
     vocab_chunk = case.options.get("vocab_chunk_size")
-    _compare(
+    compare_with_reference(
         lambda t, be: linear_token_logprobs(
             t["hidden"], t["weight"], x["labels"], bias=t["bias"], vocab_chunk_size=vocab_chunk, **_opts(case, be)
         ),
@@ -193,7 +169,7 @@ def test_linear_token_logprobs_and_kl(backend, case, dtype):
     x = _make_head(case, dtype, g)
     mask = x["labels"] != -100
     vocab_chunk = case.options.get("vocab_chunk_size")
-    _compare(
+    compare_with_reference(
         lambda t, be: linear_token_logprobs_and_kl(
             t["hidden"],
             t["weight"],
