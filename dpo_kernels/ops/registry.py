@@ -1,13 +1,12 @@
 """The backend table and the dispatcher.
 
-A backend is a module exposing, on ``[R, T, ...]`` inputs (see ``reference.py``, the oracle, for the exact
-signatures): ``token_logprobs(logits, labels, opts)`` and ``token_logprobs_and_kl(logits, ref_logits, labels, opts)``
-from logits (each backend's own kernels), ``linear_token_stats(policy, ref, labels, opts, logging, head_context)``
-from hidden states (every backend but the oracle runs :mod:`dpo_kernels.ops.linear.driver` over its tile kernels),
-and, except the oracle, ``TILE_KERNELS`` (:class:`~dpo_kernels.ops.linear.contract.TileKernels`), which
-vocabulary-parallel calls and the ``torch.compile`` path run on. Adding a backend is that module plus one
-``BackendSpec`` row in ``_BACKENDS``: its module, the device types and dtypes it runs on, how it checks its own
-availability, and where ``backend="auto"`` may pick it.
+A backend is a module whose ``KERNELS`` (:class:`~dpo_kernels.ops.backend.BackendKernels`) fills two slots: the
+from-logits row kernels (:mod:`dpo_kernels.ops.logits_path`) and the linear path's tile kernels
+(:mod:`dpo_kernels.ops.linear.contract`); the drivers, vocabulary parallelism and the compiled path run on them. The
+reference oracle instead has the three entry points (``token_logprobs``, ``token_logprobs_and_kl``,
+``linear_token_stats``) as plain functions. Adding a backend is that module plus one ``BackendSpec`` row in
+``_BACKENDS``: its module, the device types and dtypes it runs on, how it checks its own availability, and where
+``backend="auto"`` may pick it.
 
 ``backend="auto"`` picks the available backend with the best rank for the input's device type and dtype and logs
 the choice at debug level. Naming a backend explicitly never falls back: an unavailable one, or one that cannot take
@@ -41,7 +40,7 @@ class BackendSpec:
 
     Attributes:
         name: the value of ``backend=`` that selects it.
-        module: import path of the module implementing the four primitives.
+        module: import path of the module holding its ``KERNELS`` (or, for the oracle, its entry points).
         devices: returns the ``torch.device.type`` values it runs on now (``"*"``: any).
         auto_devices: device types on which ``backend="auto"`` may pick it (``"*"``: any; empty: never).
         auto_rank: lower is preferred by ``backend="auto"``.
