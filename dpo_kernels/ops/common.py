@@ -51,30 +51,6 @@ def kl_terms(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor
     return torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), q * (ref_logprobs - logprobs))
 
 
-def kl_outputs(ctx, logp: torch.Tensor, ref_logp: torch.Tensor, kl: torch.Tensor, shape: torch.Size):
-    """The ``(logp, ref_logp, kl)`` outputs of a KL autograd function, viewed as ``shape``; ``ref_logp`` is marked
-    non-differentiable because the reference receives no gradient."""
-    ref_logp = ref_logp.view(shape)
-    ctx.mark_non_differentiable(ref_logp)
-    return logp.view(shape), ref_logp, kl.view(shape)
-
-
-def upstream_grad(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
-    """The incoming gradient of a per-token output as a contiguous ``[N]`` vector (fp32 unless told), 0 at ignored
-    tokens (and everywhere when the output is unused), so masked tokens receive exactly zero gradient."""
-    if grad is None:
-        return torch.zeros(labels.numel(), dtype=dtype, device=labels.device)
-    g = grad.reshape(-1).to(dtype)
-    return torch.where(labels.reshape(-1) != ignore_index, g, torch.zeros((), dtype=dtype, device=g.device)).contiguous()
-
-
-def upstream_grads(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
-    """``(g, g_kl)`` of a KL function's backward via :func:`upstream_grad`; ``g_kl`` is ``None`` when the KL output
-    received no gradient (so kernels can skip the reference entirely)."""
-    g = upstream_grad(grad_logp, labels, ignore_index, dtype)
-    return g, (None if grad_kl is None else upstream_grad(grad_kl, labels, ignore_index, dtype))
-
-
 def first_order_only(backward):
     """Decorates the ``backward`` of a fused kernel's autograd function: the hand-written backwards are not
     themselves differentiable, so a double backward (``create_graph=True``: gradient penalties, Hessian-vector

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import TokenOptions
-from .common import first_order_only, kl_outputs, upstream_grads
+from .common import first_order_only
 from .inplace import mark_logits_overwritten, refuse_leaf_logits
 
 
@@ -39,6 +39,30 @@ class LogitsKernels:
 
     forward: Callable[..., tuple]
     backward: Callable[..., None]
+
+
+def _kl_outputs(ctx, logp: torch.Tensor, ref_logp: torch.Tensor, kl: torch.Tensor, shape: torch.Size):
+    """The ``(logp, ref_logp, kl)`` outputs, viewed as ``shape``; ``ref_logp`` is marked
+    non-differentiable because the reference receives no gradient."""
+    ref_logp = ref_logp.view(shape)
+    ctx.mark_non_differentiable(ref_logp)
+    return logp.view(shape), ref_logp, kl.view(shape)
+
+
+def _upstream(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
+    """The incoming gradient of a per-token output as a contiguous ``[N]`` vector (fp32 unless told), 0 at ignored
+    tokens (and everywhere when the output is unused), so masked tokens receive exactly zero gradient."""
+    if grad is None:
+        return torch.zeros(labels.numel(), dtype=dtype, device=labels.device)
+    g = grad.reshape(-1).to(dtype)
+    return torch.where(labels.reshape(-1) != ignore_index, g, torch.zeros((), dtype=dtype, device=g.device)).contiguous()
+
+
+def _upstream_pair(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
+    """``(g, g_kl)`` of the backward via :func:`_upstream`; ``g_kl`` is ``None`` when the KL output
+    received no gradient (so kernels can skip the reference entirely)."""
+    g = _upstream(grad_logp, labels, ignore_index, dtype)
+    return g, (None if grad_kl is None else _upstream(grad_kl, labels, ignore_index, dtype))
 
 
 class _LogitsStats(torch.autograd.Function):
@@ -53,7 +77,7 @@ class _LogitsStats(torch.autograd.Function):
         ctx.opts, ctx.kernels = opts, kernels
         if ref_logits is None:
             return logp.view(labels.shape)
-        return kl_outputs(ctx, logp, ref_logp, kl, labels.shape)
+        return _kl_outputs(ctx, logp, ref_logp, kl, labels.shape)
 
     @staticmethod
     @first_order_only
@@ -63,7 +87,7 @@ class _LogitsStats(torch.autograd.Function):
             return None, None, None, None, None
         logits, labels, lse, ref_logits, ref_lse = ctx.saved_tensors
         opts = ctx.opts
-        g, g_kl = upstream_grads(grad_logp, grad_kl, labels, opts.ignore_index, lse.dtype)
+        g, g_kl = _upstream_pair(grad_logp, grad_kl, labels, opts.ignore_index, lse.dtype)
         grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         use_ref = g_kl is not None
         ctx.kernels.backward(logits, ref_logits if use_ref else None, labels, lse, ref_lse if use_ref else None, g,

@@ -70,10 +70,14 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
     for (tname, tflags), with_ref in itertools.product(TRANSFORMS.items(), (False, True)):
         row = config.row_config(VOCAB, dtype, with_ref)
         tag = f"{'kl' if with_ref else 'logp'},{tname}"
-        out.append(Variant("logits_forward", _logits_forward_kernel, dict(HAS_REF=with_ref, BLOCK_V=row.block_v, **tflags),
-                           row.num_warps, label=tag))
-        out.append(Variant("logits_backward", _logits_backward_kernel,
-                           dict(HAS_KL_GRAD=with_ref, BLOCK_V=row.block_v, **tflags), row.num_warps, label=tag))
+        out.append(Variant("logits_forward", _logits_forward_kernel.fn, dict(
+            HAS_REF=with_ref, BLOCK_V=row.block_v, **tflags,
+            **_absent(ref_ptr=with_ref, ref_logp_ptr=with_ref, ref_lse_ptr=with_ref, kl_ptr=with_ref),
+        ), row.num_warps, label=tag))
+        out.append(Variant("logits_backward", _logits_backward_kernel.fn, dict(
+            HAS_KL_GRAD=with_ref, BLOCK_V=row.block_v, **tflags,
+            **_absent(ref_ptr=with_ref, ref_lse_ptr=with_ref, g_kl_ptr=with_ref),
+        ), row.num_warps, label=tag))
     heads = [(False, False), (True, False), (False, True), (True, True)]  # (bias, reference)
     for (tname, tflags), (bias, ref) in itertools.product(TRANSFORMS.items(), heads):
         tag = f"{'bias,' if bias else ''}{'kl,' if ref else ''}{tname}"

@@ -26,6 +26,8 @@ from .jit_helpers import finish_lse, fold_reference_block, transform, transform_
 from .launch import transform_args
 
 
+# Absent buffers are passed as None and their constexpr flags derived from that, as in tiles.py.
+@triton.heuristics({"HAS_REF": lambda a: a["ref_ptr"] is not None})
 @triton.jit
 def _logits_forward_kernel(
     x_ptr, x_stride_r, x_stride_t, x_stride_v,
@@ -39,7 +41,8 @@ def _logits_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     r, t = row // seq_len, row % seq_len
     x_row = x_ptr + r * x_stride_r + t * x_stride_t
-    ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
+    if HAS_REF:
+        ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
     in_vocab = (label >= 0) & (label < vocab)  # else (check_labels=False): NaN, and nothing read out of bounds
@@ -84,6 +87,7 @@ def _logits_forward_kernel(
         tl.store(kl_ptr + row, tl.where(valid, w / s_r - lse_r + lse, 0.0))
 
 
+@triton.heuristics({"HAS_KL_GRAD": lambda a: a["g_kl_ptr"] is not None})
 @triton.jit
 def _logits_backward_kernel(
     x_ptr, x_stride_r, x_stride_t, x_stride_v,
@@ -98,7 +102,8 @@ def _logits_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     r, t = row // seq_len, row % seq_len
     x_row = x_ptr + r * x_stride_r + t * x_stride_t
-    ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
+    if HAS_KL_GRAD:
+        ref_row = ref_ptr + r * ref_stride_r + t * ref_stride_t
     grad_row = grad_ptr + r * grad_stride_r + t * grad_stride_t
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
@@ -130,14 +135,13 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
     if ref_logits is not None:
         out.update({k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("ref_logp", "ref_lse", "kl")})
     cfg = row_config(logits.shape[-1], logits.dtype, ref_logits is not None)
-    ref = ref_logits if ref_logits is not None else logits
+    ref_strides = (0, 0, 0) if ref_logits is None else ref_logits.stride()
     if n:
         _logits_forward_kernel[(n,)](
-            logits, *logits.stride(), ref, *ref.stride(), labels,
-            out["logp"], out["lse"], out.get("ref_logp", out["logp"]), out.get("ref_lse", out["lse"]),
-            out.get("kl", out["logp"]),
+            logits, *logits.stride(), ref_logits, *ref_strides, labels,
+            out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl"),
             logits.shape[1], logits.shape[2], opts.ignore_index,
-            **transform_args(opts), HAS_REF=ref_logits is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
     return out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl")
 
@@ -145,11 +149,12 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
 def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
     """The from-logits ``backward`` kernel: one program per token writes its row of ``grad``."""
     cfg = row_config(logits.shape[-1], logits.dtype, g_kl is not None)
-    ref = ref_logits if g_kl is not None else logits
+    ref = ref_logits if g_kl is not None else None
+    ref_strides = (0, 0, 0) if ref is None else ref.stride()
     if labels.numel():
         _logits_backward_kernel[(labels.numel(),)](
-            logits, *logits.stride(), ref, *ref.stride(), grad, *grad.stride(),
-            labels, lse, ref_lse if g_kl is not None else lse, g, g_kl if g_kl is not None else g,
+            logits, *logits.stride(), ref, *ref_strides, grad, *grad.stride(),
+            labels, lse, None if ref is None else ref_lse, g, g_kl,
             logits.shape[1], logits.shape[2], opts.ignore_index,
-            **transform_args(opts), HAS_KL_GRAD=g_kl is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
