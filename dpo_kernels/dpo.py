@@ -16,8 +16,8 @@ from . import losses
 from .ops.common import LinearHead
 from .ops.registry import require_backend
 from .ops.vocab_parallel import VocabSlice
-from .ops.transform import transform_logits
-from .options import TokenOptions, statistics_dtype
+from .ops.torch_chunked import log_sum_sq_probs
+from .options import TOKEN_OPTION_FIELDS, TokenOptions
 from .primitives import (
     check_agree,
     check_head,
@@ -127,7 +127,7 @@ class DPOLossConfig:
         set_(self, "weights", tuple(float(w) for w in weights))
         # the two option dataclasses, each field taken from this config's field of the same name
         set_(self, "objective", losses.ObjectiveConfig(**_pick_attributes(self, _OBJECTIVE_FIELDS)))
-        set_(self, "token_options", TokenOptions(**_pick_attributes(self, _TOKEN_FIELDS)))
+        set_(self, "token_options", TokenOptions(**_pick_attributes(self, TOKEN_OPTION_FIELDS)))
 
     def _check_label_smoothing(self, objectives: dict[str, losses.Objective]) -> None:
         eps = self.label_smoothing
@@ -139,6 +139,10 @@ class DPOLossConfig:
             if not allowed.contains(eps):
                 raise ValueError(f"label_smoothing must be in {allowed.describe()} for loss_type {name!r}, got {eps}")
 
+    def options(self) -> dict:
+        """The keyword options this config was built from (``DPOLossConfig(**config.options())`` rebuilds it)."""
+        return _pick_attributes(self, _CONFIG_FIELDS)
+
     @property
     def uses_token_kl(self) -> bool:
         return any(losses.objective(n).uses_token_kl for n in self.loss_types)
@@ -148,10 +152,9 @@ class DPOLossConfig:
         return not self.reference_free and any(losses.objective(n).uses_reference for n in self.loss_types)
 
 
-# the fields of the two option dataclasses, each also a field of DPOLossConfig (named once, at import: Dynamo cannot
-# call dataclasses.fields on a class while tracing)
+# the fields of the objectives' option dataclass, each also a field of DPOLossConfig (named once, at import: Dynamo
+# cannot call dataclasses.fields on a class while tracing)
 _OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(losses.ObjectiveConfig))
-_TOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOptions))
 
 
 def _pick_attributes(config: "DPOLossConfig", names: tuple[str, ...]) -> dict:
@@ -392,7 +395,6 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DPOLossConfig) if f.in
 _INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(PreferenceInputs))
 
 
-
 def _pick(values: dict, names: tuple[str, ...]) -> dict:
     return {name: values[name] for name in names}
 
@@ -505,10 +507,13 @@ def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: Vocab
     """Per-token ``(logps, ref_logps or None, kl or None, log_sum_sq or None)``, each ``[2B, T]``, via the primitives;
     ``log_sum_sq`` (the policy's ``log sum_v p_v^2``, detached) only for ``use_weighting``."""
     token_logps, token_ref_logps, token_kl, logged = _token_statistics_and_logged(config, inputs, vs)
-    if config.use_weighting and logged is None:  # from logits: one more detached pass over the policy's logits
-        logged = {"log_sum_sq_probs": _log_sum_sq_probs(_shifted_states(inputs.policy_logits, config),
-                                                        config.token_options)}
-    return token_logps, token_ref_logps, token_kl, None if logged is None else logged["log_sum_sq_probs"]
+    if not config.use_weighting:
+        return token_logps, token_ref_logps, token_kl, None
+    if logged is not None:  # from hidden states: out of the same fused pass
+        return token_logps, token_ref_logps, token_kl, logged["log_sum_sq_probs"]
+    # from logits: one more detached pass over the policy's logits
+    policy_logits = _shifted_states(inputs.policy_logits, config)
+    return token_logps, token_ref_logps, token_kl, log_sum_sq_probs(policy_logits, config.token_options)
 
 
 def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
@@ -542,20 +547,6 @@ def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs
         elif ref_head is not None:
             ref_logps = run_linear_token_stats(ref_head, None, labels, opts, backend, vocab_slice=vs)
     return logps, ref_logps, None, logged
-
-
-@torch.no_grad()
-def _log_sum_sq_probs(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
-    """``log sum_v p_v^2`` per token ``[2B, T]`` from the policy's logits, fp32 (fp64 for fp64 logits), a block of
-    positions of one row at a time: at most ``token_chunk_size`` (or about 8 Mi values) fp32 copies exist at once."""
-    rows, seq, vocab = logits.shape
-    out = torch.empty((rows, seq), dtype=statistics_dtype(logits.dtype), device=logits.device)
-    step = opts.token_chunk_size or max(1, (1 << 23) // vocab)
-    for r in range(rows):
-        for t0 in range(0, seq, step):
-            z = transform_logits(logits[r, t0:t0 + step].to(out.dtype), opts)
-            out[r, t0:t0 + step] = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
-    return out
 
 
 def _shifted_labels(labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:

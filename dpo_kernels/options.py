@@ -6,6 +6,7 @@ positional arguments and adding an option touches one place.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,11 @@ class TokenOptions:
     def is_identity_transform(self) -> bool:
         """True when logits are used as given (no scale, softcap or temperature)."""
         return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+
+# TokenOptions' field names in order, for code that maps them to and from arguments of the same names (named at import:
+# Dynamo cannot call dataclasses.fields while tracing)
+TOKEN_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOptions))
 
 
 def statistics_dtype(*dtypes: torch.dtype) -> torch.dtype:

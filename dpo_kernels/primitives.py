@@ -16,7 +16,6 @@ vocab_parallel`). A head given as a DTensor sharded on dim 0 is such a slice ove
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -27,7 +26,7 @@ from .ops.common import LinearHead
 from .ops.linear import driver, library_ops
 from .ops.registry import resolve_backend
 from .ops.vocab_parallel import VocabSlice
-from .options import TokenOptions
+from .options import TOKEN_OPTION_FIELDS, TokenOptions
 from .validation import (
     require_float,
     require_labels,
@@ -364,10 +363,7 @@ def check_label_range(labels: torch.Tensor, vocab: int, opts: TokenOptions, name
 def _options(given: dict) -> TokenOptions:
     """The :class:`TokenOptions` of a primitive's keyword arguments (``locals()`` at its start): each field from the
     argument of its name, the dataclass's default where the primitive has no such argument."""
-    return TokenOptions(**{name: given[name] for name in _TOKEN_FIELDS if name in given})
-
-
-_TOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOptions))
+    return TokenOptions(**{name: given[name] for name in TOKEN_OPTION_FIELDS if name in given})
 
 
 def _as_rows(x: torch.Tensor, rows_shape: torch.Size) -> torch.Tensor:

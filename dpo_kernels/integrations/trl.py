@@ -418,7 +418,7 @@ def make_fused_dpo_classes():
                     out = intermediate_dpo_loss(policy_hidden=policy.final, policy_layer_hidden=policy.layers,
                                                 ref_layer_hidden=ref_layer_hidden,
                                                 intermediate_weight=args.intermediate_weight, **heads, **tensors,
-                                                **_config_options(config))
+                                                **config.options())
                 return out.loss, out
 
             # inside the policy's forward and its head's, through whatever wraps them (DDP, FSDP2, ZeRO-3)
@@ -433,11 +433,6 @@ def make_fused_dpo_classes():
             return (loss_value, out) if return_outputs else loss_value
 
     return FusedDPOConfig, FusedDPOTrainer
-
-
-def _config_options(config) -> dict:
-    """A :class:`~dpo_kernels.dpo.DPOLossConfig` as the keyword options it was built from."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
 
 
 def __getattr__(name: str):

@@ -153,6 +153,19 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
     return finished(logp), lse, finished(ref_logp), ref_lse, finished(kl, False)
 
 
+@torch.no_grad()
+def log_sum_sq_probs(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """``log sum_v p_v^2`` per token ``[R, T]`` from ``logits [R, T, V]`` (any layout), detached, fp32 (fp64 for
+    fp64 logits), in the tiles of :func:`logits_forward`: the statistic WPO weights by when only logits are given."""
+    shape = logits.shape
+    out = torch.empty(shape[:2], dtype=statistics_dtype(logits.dtype), device=logits.device)
+    rows, flat = TokenRows(logits), out.view(-1)
+    for s, e in token_ranges(shape, default_token_chunk(shape[-1], opts, logits.device), rows):
+        z = transform_logits(rows.rows(s, e).to(out.dtype), opts)
+        flat[s:e] = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+    return out
+
+
 def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
     """The from-logits ``backward`` kernel, tile by tile: the softmax recomputed (and the reference's only for a KL
     gradient), written straight into ``grad`` in its dtype."""

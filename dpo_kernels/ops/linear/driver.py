@@ -234,7 +234,7 @@ def _finish_forward(stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slic
             rows.scatter(ref_stats[RefRow.WEIGHTED] / ref_stats[RefRow.SUM] - ref_lse + lse, shape, sdt),
         ]
     if logging:
-        logged = logging_outputs(stats, lse, vocab if vocab_slice is None else vocab_slice.total)
+        logged = logging_outputs(stats, lse, total)
         outs += [rows.scatter(logged[name], shape, logged[name].dtype) for name in LOGGED_OUTPUTS]
     return outs, lse, ref_lse
 

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ...options import TokenOptions, statistics_dtype
+from ...options import TOKEN_OPTION_FIELDS, TokenOptions, statistics_dtype
 from ..backend import tile_kernels_of
 from ..common import LinearHead
 from ..registry import resolve_backend
@@ -61,7 +61,6 @@ def refuse_under_compile(**features: object) -> None:
 # import), and tests/test_compile.py checks that eager and compiled calls hand the kernels equal options.
 
 _SCHEMA_TYPES = {"int": "int", "float": "float", "bool": "bool", "float | None": "float?", "int | None": "int?"}
-_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TokenOptions))
 _OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in dataclasses.fields(TokenOptions))
 
 
@@ -70,11 +69,11 @@ def _schema(tensors: str, outputs: str) -> str:
 
 
 def _opts(values) -> TokenOptions:
-    return TokenOptions(**dict(zip(_OPTION_NAMES, values, strict=True)))
+    return TokenOptions(**dict(zip(TOKEN_OPTION_FIELDS, values, strict=True)))
 
 
 def _opts_args(opts: TokenOptions) -> tuple:
-    return tuple(getattr(opts, name) for name in _OPTION_NAMES)
+    return tuple(getattr(opts, name) for name in TOKEN_OPTION_FIELDS)
 
 
 def _split(args: tuple, leading: int) -> tuple[tuple, TokenOptions]:
