@@ -15,9 +15,11 @@ TORCH_LIBRARY(dpo_kernels, m) {
       "Tensor? g_kl, Tensor(a!) grad, int ignore_index, float logit_scale, float softcap, float inv_temperature) -> ()");
   // Linear path, one tile of raw logits x [n, w] (fp32, or fp64 for fp64 inputs) of vocabulary columns v0..v0+w,
   // every label valid; bias [w] in x's dtype. The tile loop is dpo_kernels/ops/linear/driver.py.
-  // stats [3, n]: max, sum, label logit; ref_stats [4, n]: the reference's max, sum, label logit, KL weighted sum.
+  // stats [3, n]: max, sum, label logit (with logging [7, n], the logged sums follow; stats_layout.h); ref_stats
+  // [4, n]: the reference's max, sum, label logit, KL weighted sum.
   m.def(
-      "fold_tile(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, Tensor? ref_bias, "
+      "fold_tile(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, bool logging, Tensor? xr, "
+      "Tensor? ref_bias, "
       "Tensor(b!)? ref_stats, float logit_scale, float softcap, float inv_temperature) -> ()");
   // Writes dL/dx into out [n, w] (any float dtype; may be x itself). Returns 0 when filter_eps >= 0 and every
   // |p - onehot| (and |p - q|) of the tile is below it (out is then unspecified), else 1.

@@ -96,23 +96,35 @@ void check_tile(const Tensor& t, const char* what) {
               ": the CUDA tile kernels take contiguous fp32 tiles (the GEMM output), got ", t.scalar_type());
 }
 
+void check_stats_rows(const Tensor& stats, bool logging) {
+  // what the kernels would otherwise read past, said here
+  TORCH_CHECK(stats.size(0) == dpo_kernels::stat_rows(logging), "dpo_kernels::fold_tile: stats must have ",
+              dpo_kernels::stat_rows(logging), " rows with logging=", logging, " (csrc/stats_layout.h), got ",
+              stats.size(0));
+}
+
+DpoTile tile_of(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels) {
+  return DpoTile{x.data_ptr<float>(), float_data(bias), x.size(0), x.size(1), v0, labels.data_ptr<int64_t>()};
+}
+
+// The reference's tile beside the policy's (same tokens and columns); x NULL when there is none.
+DpoTile ref_tile_of(const OptTensor& xr, const OptTensor& ref_bias, const DpoTile& tile) {
+  return DpoTile{present(xr) ? xr->data_ptr<float>() : nullptr, float_data(ref_bias), tile.n, tile.width, tile.v0,
+                 tile.labels};
+}
+
 void fold_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& stats,
-               const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats, double logit_scale,
-               double softcap, double inv_temperature) {
+               bool logging, const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats,
+               double logit_scale, double softcap, double inv_temperature) {
   const c10::cuda::CUDAGuard guard(x.device());
   check_tile(x, "fold_tile");
   const bool with_ref = present(xr);
   if (with_ref) check_tile(*xr, "fold_tile");
-  // what the launcher would refuse with a bare cudaErrorInvalidValue, said here
-  TORCH_CHECK(stats.size(0) == dpo_kernels::kStatRows || stats.size(0) == dpo_kernels::kStatRowsWithLogging,
-              "dpo_kernels::fold_tile: stats must have ", dpo_kernels::kStatRows, " rows (",
-              dpo_kernels::kStatRowsWithLogging, " with the logged statistics; csrc/stats_layout.h), got ",
-              stats.size(0));
-  check(dpo_fold_tile(x.data_ptr<float>(), float_data(bias), with_ref ? xr->data_ptr<float>() : nullptr,
-                      float_data(ref_bias), x.size(0), x.size(1), v0, labels.data_ptr<int64_t>(),
-                      stats.data_ptr<float>(), stats.size(0), stats.stride(0),
-                      with_ref ? ref_stats->data_ptr<float>() : nullptr,
-                      with_ref ? ref_stats->stride(0) : 0, logit_scale, softcap, inv_temperature, stream()),
+  check_stats_rows(stats, logging);
+  const DpoTile tile = tile_of(x, bias, v0, labels);
+  check(dpo_fold_tile(tile, ref_tile_of(xr, ref_bias, tile), stats.data_ptr<float>(), stats.stride(0), logging,
+                      with_ref ? ref_stats->data_ptr<float>() : nullptr, with_ref ? ref_stats->stride(0) : 0,
+                      DpoTransform{logit_scale, softcap, inv_temperature}, stream()),
         "fold_tile");
 }
 
@@ -131,13 +143,12 @@ int64_t grad_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tens
   const Tensor lse_c = lse.contiguous(), g_c = g.contiguous();
   const Tensor ref_lse_c = with_kl ? ref_lse->contiguous() : Tensor();
   const Tensor g_kl_c = with_kl ? g_kl->contiguous() : Tensor();
+  const DpoTile tile = tile_of(x, bias, v0, labels);
   int kept = 1;
-  check(dpo_grad_tile(dtype_code(out), x.data_ptr<float>(), float_data(bias),
-                      with_kl ? xr->data_ptr<float>() : nullptr, float_data(ref_bias), out.data_ptr(), x.size(0),
-                      x.size(1), v0, labels.data_ptr<int64_t>(), lse_c.data_ptr<float>(),
-                      with_kl ? ref_lse_c.data_ptr<float>() : nullptr, g_c.data_ptr<float>(),
-                      with_kl ? g_kl_c.data_ptr<float>() : nullptr, filter_eps, logit_scale, softcap,
-                      inv_temperature, &kept, stream()),
+  check(dpo_grad_tile(dtype_code(out), tile, with_kl ? ref_tile_of(xr, ref_bias, tile) : ref_tile_of({}, {}, tile),
+                      lse_c.data_ptr<float>(), g_c.data_ptr<float>(), with_kl ? ref_lse_c.data_ptr<float>() : nullptr,
+                      with_kl ? g_kl_c.data_ptr<float>() : nullptr, out.data_ptr(), filter_eps,
+                      DpoTransform{logit_scale, softcap, inv_temperature}, &kept, stream()),
         "grad_tile");
   return kept;
 }

@@ -17,6 +17,9 @@ enum StatRow : int {
 };
 constexpr int kStatRows = 3;
 constexpr int kStatRowsWithLogging = 7;
+// The policy's row count for a fold asked (logging) or not for the logged statistics: the flag is explicit at every
+// kernel boundary and the buffer's row count is checked against it.
+constexpr int stat_rows(bool logging) { return logging ? kStatRowsWithLogging : kStatRows; }
 
 // The reference's rows: its own max, sum and label logit, and the KL's w = sum exp(zr - m_r) (zr - z).
 enum RefRow : int { kRefMax = 0, kRefSum = 1, kRefLabelLogit = 2, kRefWeighted = 3 };

@@ -13,6 +13,14 @@
 
 namespace dpo_kernels {
 
+// The math of a transform on one value type V: a scalar (acc_t, on the host or the device) by default; the CPU
+// kernels specialise it for at::vec::Vectorized (row_kernels.h), so that one definition below serves every kernel.
+template <typename V>
+struct TransformMath {
+  using scalar = V;
+  static DPO_HOST_DEVICE V tanh(V x) { return ::tanh(x); }
+};
+
 // Held in double so that fp64 inputs keep full precision; fp32 kernels convert once per use.
 struct TransformParams {
   double logit_scale;      // 1 when unused
@@ -20,21 +28,25 @@ struct TransformParams {
   double inv_temperature;  // 1 when unused
 
   DPO_HOST_DEVICE bool has_softcap() const { return softcap > 0.0; }
+  DPO_HOST_DEVICE bool is_identity() const { return logit_scale == 1.0 && !has_softcap() && inv_temperature == 1.0; }
 
-  template <typename acc_t>
-  DPO_HOST_DEVICE acc_t apply(acc_t x) const {
-    acc_t z = x * static_cast<acc_t>(logit_scale);
-    if (has_softcap()) z = static_cast<acc_t>(softcap) * tanh(z / static_cast<acc_t>(softcap));
-    return z * static_cast<acc_t>(inv_temperature);
+  // z from raw logit x (V: a scalar or a vector of them).
+  template <typename V>
+  DPO_HOST_DEVICE V apply(V x) const {
+    using S = typename TransformMath<V>::scalar;
+    V z = x * V(static_cast<S>(logit_scale));
+    if (has_softcap()) z = V(static_cast<S>(softcap)) * TransformMath<V>::tanh(z / V(static_cast<S>(softcap)));
+    return z * V(static_cast<S>(inv_temperature));
   }
 
-  // dL/dx from dL/dz at raw logit x.
-  template <typename acc_t>
-  DPO_HOST_DEVICE acc_t grad(acc_t x, acc_t grad_z) const {
-    acc_t factor = static_cast<acc_t>(logit_scale) * static_cast<acc_t>(inv_temperature);
+  // dL/dx from dL/dz at raw logit x: d/dx [c tanh(s x / c)] = s (1 - tanh^2), then the temperature.
+  template <typename V>
+  DPO_HOST_DEVICE V grad(V x, V grad_z) const {
+    using S = typename TransformMath<V>::scalar;
+    V factor = V(static_cast<S>(logit_scale) * static_cast<S>(inv_temperature));
     if (has_softcap()) {
-      acc_t t = tanh(x * static_cast<acc_t>(logit_scale) / static_cast<acc_t>(softcap));
-      factor *= acc_t(1) - t * t;
+      V t = TransformMath<V>::tanh(x * V(static_cast<S>(logit_scale)) / V(static_cast<S>(softcap)));
+      factor = factor * (V(S(1)) - t * t);
     }
     return grad_z * factor;
   }

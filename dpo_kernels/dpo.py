@@ -5,6 +5,7 @@ fused paths. Rows ``0..B-1`` of every batched input are the chosen responses, ro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,17 +15,21 @@ from torch import nn
 
 from . import losses
 from .ops.common import LinearHead
+from .ops.linear.eager import EagerCall, plan_pair_groups
+from .ops.linear.plan import eager_budget_bytes
 from .ops.registry import require_backend
 from .ops.vocab_parallel import VocabSlice
 from .ops.torch_chunked import log_sum_sq_probs
-from .options import TOKEN_OPTION_FIELDS, TokenOptions
+from .options import TOKEN_OPTION_FIELDS, TokenOptions, statistics_dtype
 from .primitives import (
     check_agree,
     check_head,
     check_logits,
     check_label_range,
     check_same_on_every_rank,
+    linear_tile_kernels,
     local_head,
+    run_eager_pair_stats,
     run_linear_token_stats,
     run_token_logprobs,
     run_token_logprobs_and_kl,
@@ -35,6 +40,8 @@ from .validation import is_finite_number, require_float, require_labels, require
 
 
 _OBJECTIVE_DEFAULTS = losses.ObjectiveConfig()
+SCHEDULES = ("auto", "eager", "recompute")
+_log = logging.getLogger("dpo_kernels")
 _TOKEN_DEFAULTS = TokenOptions()
 
 
@@ -66,6 +73,8 @@ class DPOLossConfig:
     softcap: float | None = _TOKEN_DEFAULTS.softcap
     logit_scale: float = _TOKEN_DEFAULTS.logit_scale
     backend: str = "auto"
+    schedule: str = "auto"
+    eager_budget_mb: float | None = None
     token_chunk_size: int | None = _TOKEN_DEFAULTS.token_chunk_size
     vocab_chunk_size: int | None = _TOKEN_DEFAULTS.vocab_chunk_size
     tile_budget_mb: float | None = _TOKEN_DEFAULTS.tile_budget_mb
@@ -91,6 +100,10 @@ class DPOLossConfig:
                 f"got {self.loss_weights!r}"
             )
         require_backend(self.backend)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.eager_budget_mb is not None:
+            require_positive("eager_budget_mb", self.eager_budget_mb)
         require_positive("beta", self.beta)
         require_positive("discopop_tau", self.discopop_tau)
         for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing"):
@@ -167,8 +180,8 @@ class DPOLossOutput:
 
     ``loss`` is the differentiable scalar. ``chosen_logps`` / ``rejected_logps`` are the policy's sequence log-probs
     (sum, or mean with ``average_log_prob``) and stay differentiable, so callers can add terms of their own.
-    Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the summed token-level KLs, ``None`` unless a TDPO loss
-    is used. ``metrics`` holds detached floats named as TRL logs them (0-dim fp64 tensors under ``torch.compile``).
+    Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the token-level KLs aggregated as the log-probs are (summed,
+    or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` holds detached floats named as TRL logs them (0-dim fp64 tensors under ``torch.compile``).
     """
 
     loss: torch.Tensor
@@ -212,6 +225,8 @@ def fused_dpo_loss(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     backend: str = "auto",
+    schedule: str = "auto",
+    eager_budget_mb: float | None = None,
     token_chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     tile_budget_mb: float | None = None,
@@ -242,7 +257,10 @@ def fused_dpo_loss(
     ``ld_alpha`` (LD-DPO, as TRL: the sequence log-probs of policy and reference weigh the tokens of each response
     past the first ``min(len_w, len_l)`` of its pair by ``ld_alpha``; precomputed ``[2B]`` ``ref_logps`` are taken as
     already weighted); the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
-    and reference alike); ``backend``; the tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
+    and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` computes the policy's gradients
+    in the forward, over groups of whole pairs whose fp32 tiles fit ``eager_budget_mb``; ``"recompute"`` recomputes
+    the tiles in the backward; ``"auto"``, the default, takes eager where it can run, see
+    :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
     ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives;
     ``vocab_parallel_group``: the policy's and the reference's logits, or heads, are this rank's slices of a
@@ -426,24 +444,60 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
         config = dataclasses.replace(config, vocab_parallel_group=group)
     vocab_slice = inputs.validate(config)
     labels = _shifted_labels(inputs.labels, config)
-    token_logps, token_ref_logps, token_kl, log_sum_sq = _token_statistics(config, inputs, vocab_slice)
+    eager = _eager_plan(config, inputs, labels, vocab_slice)
+    if eager is not None:
+        loss, token_logps, token_ref_logps, token_kl, log_sum_sq = _eager_statistics(config, inputs, vocab_slice,
+                                                                                      *eager)
+    else:
+        loss, (token_logps, token_ref_logps, token_kl, log_sum_sq) = None, _token_statistics(config, inputs,
+                                                                                            vocab_slice)
+    pair = _pair_loss(config, labels, token_logps, token_ref_logps, token_kl, log_sum_sq, inputs.ref_logps)
+    stats = pair.stats
+    chosen_rewards, rejected_rewards = losses.rewards(stats, config.objective)
+    metrics = _metrics(stats, chosen_rewards, rejected_rewards, pair.parts if len(pair.parts) > 1 else {})
+    return DPOLossOutput(
+        loss=pair.loss if loss is None else loss,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logps=stats.chosen_logps,
+        rejected_logps=stats.rejected_logps,
+        chosen_kl=stats.chosen_kl,
+        rejected_kl=stats.rejected_kl,
+        metrics=metrics,
+    )
+
+
+@dataclass(frozen=True)
+class _PairLoss:
+    """The pair statistics of a batch (or of a group of its pairs), the loss and each loss_type's mean."""
+
+    stats: losses.PairStatistics
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+def _pair_loss(config: DPOLossConfig, labels, token_logps, token_ref_logps, token_kl, log_sum_sq,
+               given_ref_logps) -> _PairLoss:
+    """Sequence statistics of ``[2R, T]`` per-token statistics (the rows of whole pairs, chosen first) and their
+    loss: log-probs summed (or averaged with ``average_log_prob``; LD-DPO's token weights), TDPO's KL aggregated as
+    the log-ratios are (the TDPO authors' ``_tdpo_get_batch_logps``: summed, or averaged over the kept tokens)."""
     mask = labels != config.ignore_index
     lengths = mask.sum(dim=1).to(token_logps.dtype)
     token_weights = None if config.ld_alpha is None else _ld_weights(mask, config.ld_alpha, token_logps.dtype)
 
-    def aggregate(per_token: torch.Tensor) -> torch.Tensor:
-        total = (per_token if token_weights is None else per_token * token_weights).sum(dim=1)
+    def aggregate(per_token: torch.Tensor, weights: torch.Tensor | None = token_weights) -> torch.Tensor:
+        total = (per_token if weights is None else per_token * weights).sum(dim=1)
         return total / lengths.clamp(min=1) if config.average_log_prob else total
 
     logps = aggregate(token_logps)
     if token_ref_logps is not None:
         ref_logps = aggregate(token_ref_logps.to(logps.dtype))
-    elif inputs.ref_logps is not None:
-        ref = inputs.ref_logps.detach().to(logps.dtype)
+    elif given_ref_logps is not None:
+        ref = given_ref_logps.detach().to(logps.dtype)
         ref_logps = ref if ref.dim() == 1 else aggregate(_align_per_token(ref, labels, config) * mask)
     else:
         ref_logps = torch.zeros_like(logps)
-    kl = token_kl.sum(dim=1) if token_kl is not None else None
+    kl = aggregate(token_kl, None) if token_kl is not None else None
 
     (chosen_logps, rejected_logps), (chosen_ref, rejected_ref) = _pairs(logps), _pairs(ref_logps)
     (chosen_len, rejected_len), (chosen_kl, rejected_kl) = _pairs(lengths), _pairs(kl)
@@ -460,18 +514,100 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
     )
     pair_weights = _wpo_weights(token_logps, log_sum_sq, mask, lengths) if config.use_weighting else None
     loss, parts = losses.combined_loss(stats, config.objective, config.loss_types, config.weights, pair_weights)
-    chosen_rewards, rejected_rewards = losses.rewards(stats, config.objective)
-    metrics = _metrics(stats, chosen_rewards, rejected_rewards, parts if len(parts) > 1 else {})
-    return DPOLossOutput(
-        loss=loss,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        chosen_logps=chosen_logps,
-        rejected_logps=rejected_logps,
-        chosen_kl=chosen_kl,
-        rejected_kl=rejected_kl,
-        metrics=metrics,
-    )
+    return _PairLoss(stats, loss, parts)
+
+
+# --------------------------------------------------------------------------------------------- the schedules
+
+
+def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None):
+    """``(groups, kernels)`` for the eager schedule, or ``None`` for the recompute schedule; the choice and its
+    reason are logged at debug level. ``schedule="eager"`` raises where the eager schedule cannot run."""
+    plan = _why_not_eager(config, inputs, labels, vs)
+    if isinstance(plan, str) and torch.compiler.is_compiling():  # Dynamo traces no logging call
+        if config.schedule == "eager":
+            raise ValueError(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'")
+        return None
+    if isinstance(plan, str):
+        if config.schedule == "eager" and plan != _NO_GRADIENT:  # forward only: there is no backward to schedule
+            raise ValueError(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'")
+        _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
+        return None
+    _log.debug("fused_dpo_loss: eager schedule, %d group(s) of pairs %s", len(plan[0].bounds), plan[0].bounds)
+    return plan
+
+
+_NO_GRADIENT = "no gradient is needed"
+
+
+def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None):
+    """The eager schedule's ``(groups, tile kernels)``, or why it cannot (or should not) run: a string."""
+    if config.schedule == "recompute":
+        return "schedule='recompute'"
+    if torch.compiler.is_compiling():
+        return "under torch.compile the compiled ops run the recompute schedule"
+    if inputs.policy_hidden is None:
+        return "the policy is given as logits; the eager schedule is the linear path's (policy_hidden)"
+    policy = (inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in policy):
+        return _NO_GRADIENT
+    heads = [LinearHead(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)]
+    if inputs.ref_hidden is not None:
+        heads.append(LinearHead(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias))
+    kernels = linear_tile_kernels(heads, config.backend)
+    if isinstance(kernels, str):
+        return kernels
+    weight = inputs.lm_head_weight
+    sdt = statistics_dtype(*(t.dtype for h in heads for t in (h.hidden, h.weight)))
+    keep_ref = config.uses_token_kl and inputs.ref_hidden is not None
+    # every rank of a vocabulary-parallel group must form the same groups (each one's statistics are combined
+    # across the group): sized for the widest slice
+    vocab = weight.shape[0] if vs is None else vs.largest
+    bytes_per_token = vocab * sdt.itemsize * (2 if keep_ref else 1)
+    kept = (labels != config.ignore_index).sum(dim=1)
+    chosen, rejected = kept.chunk(2)
+    tokens_per_pair = (chosen + rejected).tolist()  # the one host sync of the choice
+    accumulator = vocab * weight.shape[1] * sdt.itemsize if weight.requires_grad and weight.dtype != sdt else 0
+    budget = eager_budget_bytes(config.eager_budget_mb, weight.device)
+    groups = plan_pair_groups(tokens_per_pair, bytes_per_token, budget, accumulator)
+    if isinstance(groups, str):
+        return groups
+    coupled = [n for n in config.loss_types if not losses.objective(n).pairwise]
+    if coupled and len(groups.bounds) > 1:
+        return (f"loss_type {coupled} couples the pairs of a batch, and the batch needs {len(groups.bounds)} groups "
+                f"within eager_budget_mb")
+    return groups, kernels
+
+
+def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None, groups, kernels):
+    """``(loss, logps, ref_logps, kl, log_sum_sq)`` by the eager schedule: the loss with its gradients computed in
+    the forward, and the per-token statistics ``[2B, T]`` (``logps`` and ``kl`` differentiable)."""
+    opts = config.token_options
+    labels = _shifted_labels(inputs.labels, config)
+    policy_head = _head(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias, config)
+    ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
+    ref_from_logits = None
+    if inputs.ref_logits is not None:
+        with torch.no_grad():
+            ref_from_logits = run_token_logprobs(_shifted_states(inputs.ref_logits, config), labels, opts,
+                                                 config.backend, vs)
+
+    def group_loss(batch_rows, logp, ref_logp, kl, logged):
+        def pick(x):
+            return x if batch_rows is None or x is None else x.index_select(0, batch_rows)
+
+        part = _pair_loss(config, pick(labels), logp, ref_logp if ref_logp is not None else pick(ref_from_logits),
+                          kl if config.uses_token_kl else None, None if logged is None else logged["log_sum_sq_probs"],
+                          pick(inputs.ref_logps))
+        return part.loss * (logp.shape[0] / labels.shape[0])
+
+    call = EagerCall(opts, kernels, groups, keep_ref_tiles=config.uses_token_kl, logging=config.use_weighting,
+                     group_loss=group_loss, vocab_slice=vs)
+    loss, logps, ref_logps, kl, logged = run_eager_pair_stats(policy_head, ref_head, labels, call)
+    if ref_logps is None:
+        ref_logps = ref_from_logits
+    log_sum_sq = None if logged is None else logged["log_sum_sq_probs"]
+    return loss, logps, ref_logps, (kl if config.uses_token_kl else None), log_sum_sq
 
 
 def _ld_weights(mask: torch.Tensor, ld_alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -504,8 +640,9 @@ def _align_per_token(ref: torch.Tensor, labels: torch.Tensor, config: DPOLossCon
 
 
 def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
-    """Per-token ``(logps, ref_logps or None, kl or None, log_sum_sq or None)``, each ``[2B, T]``, via the primitives;
-    ``log_sum_sq`` (the policy's ``log sum_v p_v^2``, detached) only for ``use_weighting``."""
+    """The recompute schedule's per-token ``(logps, ref_logps or None, kl or None, log_sum_sq or None)``, each
+    ``[2B, T]``, via the primitives; ``log_sum_sq`` (the policy's ``log sum_v p_v^2``, detached) only for
+    ``use_weighting``."""
     token_logps, token_ref_logps, token_kl, logged = _token_statistics_and_logged(config, inputs, vs)
     if not config.use_weighting:
         return token_logps, token_ref_logps, token_kl, None

@@ -45,7 +45,8 @@ class PairStatistics:
     """Per-sequence statistics of ``B`` pairs, every field ``[B]`` (``w`` chosen, ``l`` rejected).
 
     ``*_logps`` and ``*_ref_logps`` are aggregated as the caller asked (sum, or mean when ``average_log_prob``);
-    ``*_lengths`` count unmasked tokens; ``*_kl`` are summed per-token KLs (``None`` without token-level KL).
+    ``*_lengths`` count unmasked tokens; ``*_kl`` are the per-token KLs aggregated as the log-probs are (summed, or
+    averaged when ``average_log_prob``; ``None`` without token-level KL).
     A reference-free setup passes zeros as reference log-probs.
     """
 
@@ -244,6 +245,7 @@ class Objective:
     uses_token_kl: bool = False
     smoothing: Smoothing | None = None  # None: label_smoothing is not used
     f_divergence: bool = False  # accepts f_divergence_type other than reverse_kl
+    pairwise: bool = True  # each pair's loss depends on that pair alone (False: it couples the pairs of a batch)
 
 
 _CONSERVATIVE = Smoothing(0.0, 0.5, high_open=False)
@@ -257,8 +259,8 @@ OBJECTIVES: dict[str, Objective] = {
     "nca_pair": Objective(nca_pair_loss),
     "bco_pair": Objective(bco_pair_loss),
     "sppo_hard": Objective(sppo_hard_loss),
-    "aot": Objective(aot_loss, smoothing=_CONSERVATIVE),
-    "aot_unpaired": Objective(aot_unpaired_loss, smoothing=_CONSERVATIVE),
+    "aot": Objective(aot_loss, smoothing=_CONSERVATIVE, pairwise=False),
+    "aot_unpaired": Objective(aot_unpaired_loss, smoothing=_CONSERVATIVE, pairwise=False),
     "apo_zero": Objective(apo_zero_loss),
     "apo_down": Objective(apo_down_loss),
     "discopop": Objective(discopop_loss, f_divergence=True),
@@ -266,7 +268,7 @@ OBJECTIVES: dict[str, Objective] = {
     "simpo": Objective(simpo_loss, uses_reference=False, smoothing=_CONSERVATIVE),
     "tdpo1": Objective(tdpo1_loss, uses_token_kl=True),
     "tdpo2": Objective(tdpo2_loss, uses_token_kl=True),
-    "sft": Objective(sft_loss, uses_reference=False, f_divergence=True),
+    "sft": Objective(sft_loss, uses_reference=False, f_divergence=True, pairwise=False),
 }
 
 

@@ -23,7 +23,7 @@ import torch
 from .ops import vocab_parallel
 from .ops.backend import entry_points, tile_kernels_of
 from .ops.common import LinearHead
-from .ops.linear import driver, library_ops
+from .ops.linear import driver, eager, library_ops
 from .ops.registry import resolve_backend
 from .ops.vocab_parallel import VocabSlice
 from .options import TOKEN_OPTION_FIELDS, TokenOptions
@@ -198,24 +198,24 @@ def linear_token_logprobs_and_kl(
 
 
 def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str, vocab_slice: VocabSlice | None = None):
-    rows = _rows_shape(labels)
+    shape = _sequences_shape(labels)
     if torch.compiler.is_compiling():
         library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None)
-        return library_ops.logits_token_stats(_as_rows(logits, rows), None, labels.reshape(rows), opts,
+        return library_ops.logits_token_stats(_as_sequences(logits, shape), None, labels.reshape(shape), opts,
                                               backend).view(labels.shape)
     name, impl = resolve_backend(backend, logits.device, logits.dtype)
     if vocab_slice is not None:
-        out = driver.logits_token_stats(_as_rows(logits, rows), None, labels.reshape(rows), opts,
+        out = driver.logits_token_stats(_as_sequences(logits, shape), None, labels.reshape(shape), opts,
                                         _tile_kernels(name, impl), vocab_slice)
     else:
-        out = entry_points(impl).token_logprobs(_as_rows(logits, rows), labels.reshape(rows), opts)
+        out = entry_points(impl).token_logprobs(_as_sequences(logits, shape), labels.reshape(shape), opts)
     return out.view(labels.shape)
 
 
 def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, backend: str,
                               vocab_slice: VocabSlice | None = None):
-    rows = _rows_shape(labels)
-    args = (_as_rows(logits, rows), _as_rows(ref_logits, rows), labels.reshape(rows), opts)
+    shape = _sequences_shape(labels)
+    args = (_as_sequences(logits, shape), _as_sequences(ref_logits, shape), labels.reshape(shape), opts)
     if torch.compiler.is_compiling():
         library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None)
         return tuple(o.view(labels.shape) for o in library_ops.logits_token_stats(*args, backend))
@@ -233,28 +233,52 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
     ``(that, logged)`` where ``logged`` holds the per-token statistics trainers log (entropy, log sum p^2, mean logit,
     top-1), computed in the same forward pass. With ``vocab_slice`` the heads are this rank's vocabulary slices;
     ``head_context`` gathers a sharded head again in the backward (see :func:`driver.linear_token_stats`)."""
-    rows = _rows_shape(labels)
-    policy_rows = LinearHead(_as_rows(policy.hidden, rows), policy.weight, policy.bias)
-    ref_rows = None if ref is None else LinearHead(_as_rows(ref.hidden, rows), ref.weight, ref.bias)
+    shape = _sequences_shape(labels)
+    policy_rows = LinearHead(_as_sequences(policy.hidden, shape), policy.weight, policy.bias)
+    ref_rows = None if ref is None else LinearHead(_as_sequences(ref.hidden, shape), ref.weight, ref.bias)
     if torch.compiler.is_compiling():
         library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None, head_context=head_context,
                                          logging=logging)
-        outs = library_ops.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, backend)
+        outs = library_ops.linear_token_stats(policy_rows, ref_rows, labels.reshape(shape), opts, backend)
         return outs.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in outs)
     heads = (policy,) if ref is None else (policy, ref)
     dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
     name, impl = resolve_backend(backend, policy.hidden.device, dtypes)
     if vocab_slice is not None:
-        outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, _tile_kernels(name, impl),
+        outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(shape), opts, _tile_kernels(name, impl),
                                          logging, vocab_slice, head_context)
     else:
-        outs = entry_points(impl).linear_token_stats(policy_rows, ref_rows, labels.reshape(rows), opts, logging,
+        outs = entry_points(impl).linear_token_stats(policy_rows, ref_rows, labels.reshape(shape), opts, logging,
                                                      head_context)
     main, logged = outs if logging else (outs, None)
     main = main.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in main)
     if not logging:
         return main
     return main, {k: v.view(labels.shape) for k, v in logged.items()}
+
+
+def linear_tile_kernels(heads: list[LinearHead], backend: str):
+    """The tile kernels the linear path would run on for these heads under ``backend`` (after the backend's input
+    check), or why there are none: a string."""
+    dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
+    name, impl = resolve_backend(backend, heads[0].hidden.device, dtypes)
+    kernels = entry_points(impl)
+    if tile_kernels_of(impl) is None:
+        return f"backend={name!r} has no tile kernels (the single-process oracle)"
+    kernels._check(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
+    return kernels.tiles
+
+
+def run_eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels, call):
+    """The eager schedule (:func:`dpo_kernels.ops.linear.eager.eager_pair_stats`) over ``[..., T]`` rows: ``(loss,
+    logp, ref_logp, kl, logged)``, each per-token tensor shaped like ``labels``."""
+    shape = _sequences_shape(labels)
+    policy_rows = LinearHead(_as_sequences(policy.hidden, shape), policy.weight, policy.bias)
+    ref_rows = None if ref is None else LinearHead(_as_sequences(ref.hidden, shape), ref.weight, ref.bias)
+    loss, *per_token, logged = eager.eager_pair_stats(policy_rows, ref_rows, labels.reshape(shape), call)
+    per_token = [None if t is None else t.view(labels.shape) for t in per_token]
+    logged = None if logged is None else {k: v.view(labels.shape) for k, v in logged.items()}
+    return (loss, *per_token, logged)
 
 
 def _tile_kernels(name: str, impl):
@@ -366,10 +390,11 @@ def _options(given: dict) -> TokenOptions:
     return TokenOptions(**{name: given[name] for name in TOKEN_OPTION_FIELDS if name in given})
 
 
-def _as_rows(x: torch.Tensor, rows_shape: torch.Size) -> torch.Tensor:
-    """``[..., T, K]`` -> ``[R, T, K]``: a view whenever the leading dimensions merge (e.g. ``[B, T, K]`` as is)."""
-    return x.reshape(*rows_shape, x.shape[-1])
+def _as_sequences(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``[..., T, K]`` -> ``[R, T, K]`` (``shape = (R, T)``): a view whenever the leading dimensions merge."""
+    return x.reshape(*shape, x.shape[-1])
 
 
-def _rows_shape(labels: torch.Tensor) -> torch.Size:
+def _sequences_shape(labels: torch.Tensor) -> torch.Size:
+    """``(R, T)``: every leading dimension of ``labels [..., T]`` merged into ``R`` sequences."""
     return torch.Size((math.prod(labels.shape[:-1]), labels.shape[-1]))

@@ -219,13 +219,13 @@ const acc_t* optional_data(const c10::optional<Tensor>& t) {
 // stats [3, n]: running max, running sum, label logit. ref_stats [4, n]: the reference's max, sum, label logit
 // and the KL's weighted sum w.
 void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
-               const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
-               const c10::optional<Tensor>& ref_stats, double logit_scale, double softcap, double inv_temperature) {
+               const Tensor& stats, bool logging, const c10::optional<Tensor>& xr,
+               const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats, double logit_scale,
+               double softcap, double inv_temperature) {
   const bool with_ref = xr.has_value() && xr->defined();
-  // the statistics trainers only log, after the three of the contract (stats_layout.h)
-  TORCH_CHECK(stats.size(0) == kStatRows || stats.size(0) == kStatRowsWithLogging, "dpo_kernels::fold_tile: stats must "
-              "have ", kStatRows, " rows (", kStatRowsWithLogging, " with the logged statistics), got ", stats.size(0));
-  const bool logging = stats.size(0) == kStatRowsWithLogging;
+  // with logging, the statistics trainers only log follow the three of the contract (stats_layout.h)
+  TORCH_CHECK(stats.size(0) == stat_rows(logging), "dpo_kernels::fold_tile: stats must have ", stat_rows(logging),
+              " rows with logging=", logging, ", got ", stats.size(0));
   const int64_t rows = x.size(0), width = x.size(1);
   const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_fold_tile", [&] {

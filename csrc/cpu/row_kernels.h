@@ -17,6 +17,17 @@ namespace cpu {
 
 using at::vec::Vectorized;
 
+}  // namespace cpu
+
+// TransformParams' math on a vector of acc_t: one definition of the transform for the scalar and vector paths.
+template <typename acc_t>
+struct TransformMath<at::vec::Vectorized<acc_t>> {
+  using scalar = acc_t;
+  static at::vec::Vectorized<acc_t> tanh(const at::vec::Vectorized<acc_t>& x) { return x.tanh(); }
+};
+
+namespace cpu {
+
 constexpr int64_t kChunk = 2048;  // elements of one row processed at a time (8 KiB of fp32)
 
 template <typename acc_t>
@@ -38,25 +49,17 @@ inline void load_chunk(const scalar_t* row, int64_t stride, int64_t len, acc_t* 
   }
 }
 
-// z = transform(x) for a chunk, out may alias x.
+// z = transform(x) for a chunk (TransformParams::apply, vectorised), out may alias x.
 template <typename acc_t>
 inline void transform_chunk(const TransformParams& t, const acc_t* x, acc_t* out, int64_t len) {
   using Vec = Vectorized<acc_t>;
-  const bool scale = t.logit_scale != 1.0, softcap = t.has_softcap(), temp = t.inv_temperature != 1.0;
-  if (!scale && !softcap && !temp) {
+  if (t.is_identity()) {
     if (out != x) std::copy(x, x + len, out);
     return;
   }
-  const Vec vscale(t.logit_scale), vcap(t.softcap), vinv_cap(acc_t(1) / acc_t(t.softcap)), vtemp(t.inv_temperature);
   int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) {
-    Vec z = Vec::loadu(x + i);
-    if (scale) z = z * vscale;
-    if (softcap) z = (z * vinv_cap).tanh() * vcap;
-    if (temp) z = z * vtemp;
-    z.store(out + i);
-  }
-  for (; i < len; ++i) out[i] = t.apply<acc_t>(x[i]);
+  for (; i + Vec::size() <= len; i += Vec::size()) t.apply(Vec::loadu(x + i)).store(out + i);
+  for (; i < len; ++i) out[i] = t.apply(x[i]);
 }
 
 template <typename acc_t>
@@ -146,23 +149,13 @@ inline acc_t chunk_deviation(const acc_t* z, const acc_t* zr, int64_t len, acc_t
   return dev;
 }
 
-// dL/dx from dL/dz for a chunk of raw logits x; out may alias dz.
+// dL/dx from dL/dz for a chunk of raw logits x (TransformParams::grad, vectorised); out may alias dz.
 template <typename acc_t>
 inline void transform_grad_chunk(const TransformParams& t, const acc_t* x, const acc_t* dz, acc_t* out, int64_t len) {
   using Vec = Vectorized<acc_t>;
-  const bool softcap = t.has_softcap();
-  const acc_t factor = acc_t(t.logit_scale) * acc_t(t.inv_temperature);
-  const Vec vfactor(factor), vslope(acc_t(t.logit_scale) / acc_t(softcap ? t.softcap : 1.0)), one(1);
   int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) {
-    Vec d = Vec::loadu(dz + i) * vfactor;
-    if (softcap) {
-      Vec th = (Vec::loadu(x + i) * vslope).tanh();
-      d = d * (one - th * th);
-    }
-    d.store(out + i);
-  }
-  for (; i < len; ++i) out[i] = t.grad<acc_t>(x[i], dz[i]);
+  for (; i + Vec::size() <= len; i += Vec::size()) t.grad(Vec::loadu(x + i), Vec::loadu(dz + i)).store(out + i);
+  for (; i < len; ++i) out[i] = t.grad(x[i], dz[i]);
 }
 
 }  // namespace cpu

@@ -32,23 +32,39 @@ int dpo_logits_backward(int dtype, const void* logits, int64_t stride_r, int64_t
                         const float* g_kl, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
                         double logit_scale, double softcap, double inv_temperature, intptr_t stream);
 
-// Tiles of the linear path: x, xr are contiguous [n, width] fp32 raw logits of vocabulary columns v0..v0+width;
-// bias, ref_bias are [width] fp32 or NULL; every label is a valid id. stats rows (stride stats_stride): max, sum,
-// label logit, and when stats_rows is 7 the logged sums (sum e^{z-m} z, sum e^{2(z-m)}, sum z, max z left of the
-// label; policy only); ref_stats rows: max, sum, label logit, w. xr / ref_stats NULL: no reference.
-int dpo_fold_tile(const float* x, const float* bias, const float* xr, const float* ref_bias, int64_t n, int64_t width,
-                  int64_t v0, const int64_t* labels, float* stats, int64_t stats_rows, int64_t stats_stride,
-                  float* ref_stats, int64_t ref_stats_stride, double logit_scale, double softcap,
-                  double inv_temperature, intptr_t stream);
+// Tiles of the linear path. A tile is a contiguous [n, width] fp32 block of raw logits x of vocabulary columns
+// v0..v0+width with its bias [width] fp32 (or NULL) and the labels [n] of its tokens, every one a valid id. The
+// reference's tile has the same n, width, v0 and labels (only its x and bias are read); x NULL: no reference.
+typedef struct {
+  const float* x;
+  const float* bias;
+  int64_t n;
+  int64_t width;
+  int64_t v0;
+  const int64_t* labels;
+} DpoTile;
 
-// Writes dL/dx into out, a contiguous [n, width] tile of dtype out_dtype (fp32, fp16 or bf16; may be x for fp32).
-// xr, ref_lse, g_kl NULL: no KL gradient (the reference is not read). With filter_eps >= 0, *kept (host) is set to 0
-// when every |p - onehot| (and |p - q|) of the tile is below filter_eps (this synchronises the stream); otherwise
-// *kept = 1 without synchronising.
-int dpo_grad_tile(int out_dtype, const float* x, const float* bias, const float* xr, const float* ref_bias, void* out,
-                  int64_t n, int64_t width, int64_t v0, const int64_t* labels, const float* lse, const float* ref_lse,
-                  const float* g, const float* g_kl, double filter_eps, double logit_scale, double softcap,
-                  double inv_temperature, int* kept, intptr_t stream);
+// The logit transform (csrc/transform.h): softcap <= 0 when unused.
+typedef struct {
+  double logit_scale;
+  double softcap;
+  double inv_temperature;
+} DpoTransform;
+
+// stats rows (stride stats_stride; csrc/stats_layout.h): max, sum, label logit, and with logging the logged sums
+// (sum e^{z-m} z, sum e^{2(z-m)}, sum z, max z left of the label; policy only); ref_stats rows: max, sum, label
+// logit, w.
+int dpo_fold_tile(DpoTile tile, DpoTile ref, float* stats, int64_t stats_stride, int logging, float* ref_stats,
+                  int64_t ref_stats_stride, DpoTransform transform, intptr_t stream);
+
+// Writes dL/dx into out, a contiguous [n, width] tile of dtype out_dtype (fp32, fp16 or bf16; may be tile.x for
+// fp32), from lse and g [n] (and, for the KL gradient, the reference's ref_lse and g_kl [n]; ref.x, ref_lse, g_kl
+// NULL: no KL gradient, the reference is not read). With filter_eps >= 0, *kept (host) is set to 0 when every
+// |p - onehot| (and |p - q|) of the tile is below filter_eps (this synchronises the stream); otherwise *kept = 1
+// without synchronising.
+int dpo_grad_tile(int out_dtype, DpoTile tile, DpoTile ref, const float* lse, const float* g, const float* ref_lse,
+                  const float* g_kl, void* out, double filter_eps, DpoTransform transform, int* kept,
+                  intptr_t stream);
 
 #ifdef __cplusplus
 }

@@ -227,21 +227,18 @@ void launch_grad(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, cons
 
 using dpo_kernels::TransformParams;
 
-extern "C" int dpo_fold_tile(const float* x, const float* bias, const float* xr, const float* ref_bias, int64_t n,
-                             int64_t width, int64_t v0, const int64_t* labels, float* stats, int64_t stats_rows,
-                             int64_t stats_stride, float* ref_stats, int64_t ref_stats_stride, double logit_scale,
-                             double softcap, double inv_temperature, intptr_t stream) {
+extern "C" int dpo_fold_tile(DpoTile tile, DpoTile ref, float* stats, int64_t stats_stride, int logging,
+                             float* ref_stats, int64_t ref_stats_stride, DpoTransform transform, intptr_t stream) {
   using namespace dpo_kernels::cuda;
+  const float *x = tile.x, *bias = tile.bias, *xr = ref.x, *ref_bias = ref.bias;
+  const int64_t n = tile.n, width = tile.width, v0 = tile.v0;
+  const int64_t* labels = tile.labels;
   if (n == 0 || width == 0) return 0;
-  if (stats_rows != dpo_kernels::kStatRows && stats_rows != dpo_kernels::kStatRowsWithLogging) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const TransformParams t{logit_scale, softcap, inv_temperature};
+  const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
   const unsigned blocks = static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(xr, 16) && aligned(bias, 16) &&
                    aligned(ref_bias, 16);
-  const bool logging = stats_rows == dpo_kernels::kStatRowsWithLogging;
 #define DPO_FOLD(REF, LOG, VEC)                                                                                     \
   fold_tile_kernel<REF, LOG, VEC><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(x, bias, xr, ref_bias, n, width, v0,   \
                                                                            labels, stats, stats_stride, ref_stats,  \
@@ -260,16 +257,17 @@ extern "C" int dpo_fold_tile(const float* x, const float* bias, const float* xr,
   return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int dpo_grad_tile(int out_dtype, const float* x, const float* bias, const float* xr, const float* ref_bias,
-                             void* out, int64_t n, int64_t width, int64_t v0, const int64_t* labels, const float* lse,
-                             const float* ref_lse, const float* g, const float* g_kl, double filter_eps,
-                             double logit_scale, double softcap, double inv_temperature, int* kept,
-                             intptr_t stream) {
+extern "C" int dpo_grad_tile(int out_dtype, DpoTile tile, DpoTile ref, const float* lse, const float* g,
+                             const float* ref_lse, const float* g_kl, void* out, double filter_eps,
+                             DpoTransform transform, int* kept, intptr_t stream) {
   using namespace dpo_kernels::cuda;
+  const float *x = tile.x, *bias = tile.bias, *xr = ref.x, *ref_bias = ref.bias;
+  const int64_t n = tile.n, width = tile.width, v0 = tile.v0;
+  const int64_t* labels = tile.labels;
   *kept = 1;
   if (n == 0 || width == 0) return 0;
   if (n > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
-  const TransformParams t{logit_scale, softcap, inv_temperature};
+  const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int out_bytes = out_dtype == DPO_FLOAT32 ? 4 : 2;
   const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(xr, 16) && aligned(bias, 16) &&

@@ -246,7 +246,8 @@ def loss_config(args):
         label_smoothing=smoothing if takes_smoothing else 0.0, discopop_tau=args.discopop_tau,
         f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
         use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, shift=True, backend=args.kernel_backend,
-        tile_budget_mb=args.kernel_tile_budget_mb)
+        tile_budget_mb=args.kernel_tile_budget_mb, schedule=args.kernel_schedule,
+        eager_budget_mb=args.kernel_eager_budget_mb)
 
 
 def _refuse_unsupported(args, DPOConfig, config) -> None:
@@ -317,7 +318,7 @@ def make_fused_dpo_classes():
 
     DPOConfig, DPOTrainer = _trainer_classes()
     from ..dpo import PreferenceInputs, compute_dpo_loss
-    from ..ops.linear.plan import DEFAULTS_TEXT
+    from ..ops.linear.plan import DEFAULTS_TEXT, EAGER_DEFAULTS_TEXT
     from ..intermediate import intermediate_dpo_loss
     from .transformers import add_hidden_states_forward, hidden_states_in_forward, loss_in_forward, unwrap_causal_lm
 
@@ -338,6 +339,10 @@ def make_fused_dpo_classes():
         kernel_tile_budget_mb: float | None = field(
             default=None, metadata={"help": f"MiB of scratch for the fused head's tiles (default: {DEFAULTS_TEXT})."}
         )
+        kernel_schedule: str = field(default="auto", metadata={
+            "help": "'eager' (the policy's gradients computed in the forward), 'recompute' or 'auto'."})
+        kernel_eager_budget_mb: float | None = field(default=None, metadata={
+            "help": f"MiB of kept tiles for the eager schedule (default: {EAGER_DEFAULTS_TEXT})."})
 
     class FusedDPOTrainer(DPOTrainer):
         """``DPOTrainer`` whose loss is :func:`dpo_kernels.fused_dpo_loss` (or the intermediate-layer loss) on the

@@ -17,7 +17,7 @@ import torch
 from ..options import TokenOptions
 from . import extension
 from .backend import BackendKernels
-from .linear.contract import LogitsTile, TileKernels
+from .linear.contract import LogitsTile, TileKernels, has_logging_rows
 from .logits_path import LogitsKernels
 
 
@@ -48,8 +48,8 @@ def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: Tok
 def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
     """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract`: ``torch.ops.dpo_kernels.fold_tile``."""
     _ops().fold_tile(
-        tile.logits, tile.bias, tile.v0, tile.labels, stats, None if ref is None else ref.logits,
-        None if ref is None else ref.bias, ref_stats, *_transform(opts),
+        tile.logits, tile.bias, tile.v0, tile.labels, stats, has_logging_rows(stats),
+        None if ref is None else ref.logits, None if ref is None else ref.bias, ref_stats, *_transform(opts),
     )
 
 

@@ -33,11 +33,13 @@ from .linear.contract import RefRow, StatRow, has_logging_rows
 
 @dataclass(frozen=True)
 class VocabSlice:
-    """This rank's columns start at ``start`` in a ``total``-wide vocabulary split over ``group``."""
+    """This rank's columns start at ``start`` in a ``total``-wide vocabulary split over ``group``; ``largest``: the
+    widest rank's slice (the same number on every rank, for decisions every rank must take alike)."""
 
     group: object
     start: int
     total: int
+    largest: int
 
 
 def vocab_slice(local_vocab: int, group, device: torch.device) -> VocabSlice:
@@ -52,7 +54,7 @@ def vocab_slice(local_vocab: int, group, device: torch.device) -> VocabSlice:
     if min(sizes) < 1:
         raise ValueError(f"every rank of vocab_parallel_group must hold at least one vocabulary entry, got {sizes}")
     rank = dist.get_rank(group)
-    return VocabSlice(group=group, start=sum(sizes[:rank]), total=sum(sizes))
+    return VocabSlice(group=group, start=sum(sizes[:rank]), total=sum(sizes), largest=max(sizes))
 
 
 def _collective_device(group, device: torch.device) -> torch.device:

@@ -102,17 +102,22 @@ def vocab_parallel_checks(rank: int, world: int, backends: list[str]) -> None:
         assert (grad[..., :start] == 0).all() and (grad[..., mine.stop:] == 0).all()
 
         # the DPO losses, policy and reference from hidden states
-        _losses_match(x, mine, group, backend, sizes[rank])
+        _losses_match(x, mine, group, backend, max(sizes))
 
 
-def _losses_match(x: dict, mine: slice, group, backend: str, local_vocab: int) -> None:
+def _losses_match(x: dict, mine: slice, group, backend: str, widest_slice: int) -> None:
     import dpo_kernels
 
     labels = x["labels"].clone()
     labels[-1] = labels[0]  # an even number of rows with something to score
-    for loss_type in ("sigmoid", "tdpo2"):
+    # the eager schedule in one group, in a group per pair (each group's statistics combined across the ranks;
+    # every rank forms the same groups whatever its slice's width), and the recompute schedule
+    pair_tokens = int((labels[:, 1:] != -100).sum(dim=1).max()) * 2
+    per_pair = pair_tokens * widest_slice * 4 * 2 / 2**20  # fp32 tiles, TDPO's two heads
+    schedules = ({}, {"schedule": "eager", "eager_budget_mb": per_pair}, {"schedule": "recompute"})
+    for loss_type, schedule in ((t, s) for t in ("sigmoid", "tdpo2") for s in schedules):
         results = []
-        for cols, kw in ((slice(None), {}), (mine, {"vocab_parallel_group": group})):
+        for cols, kw in ((slice(None), {}), (mine, {"vocab_parallel_group": group, **schedule})):
             h, w = x["hidden"].clone().requires_grad_(), x["weight"][cols].clone().requires_grad_()
             out = dpo_kernels.fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w,
                                              ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"][cols],
@@ -120,9 +125,9 @@ def _losses_match(x: dict, mine: slice, group, backend: str, local_vocab: int) -
             out.loss.backward()
             results.append((out, h.grad, w.grad))
         (full, dh_full, dw_full), (vp, dh, dw) = results
-        _check(vp.loss, full.loss, f"{backend} {loss_type} loss")
-        _check(dh, dh_full, f"{backend} {loss_type} dH")
-        _check(dw, dw_full[mine], f"{backend} {loss_type} dW slice")
+        _check(vp.loss, full.loss, f"{backend} {loss_type} {schedule} loss")
+        _check(dh, dh_full, f"{backend} {loss_type} {schedule} dH")
+        _check(dw, dw_full[mine], f"{backend} {loss_type} {schedule} dW slice")
         for name, value in full.metrics.items():
             assert abs(vp.metrics[name] - value) <= TOL * max(abs(value), 1.0), (backend, loss_type, name)
 

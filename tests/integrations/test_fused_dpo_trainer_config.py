@@ -177,3 +177,18 @@ def test_loss_config_follows_the_trainer_config():
     assert (config.loss_types, config.beta, config.alpha, config.ld_alpha, config.use_weighting, config.shift) == (
         ("tdpo2",), 0.3, 0.7, 0.5, True, True)
     assert dataclasses.is_dataclass(config)
+    assert (config.schedule, config.eager_budget_mb) == ("auto", None)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+def test_both_schedules_train_alike(loss_type, caplog):
+    """``kernel_schedule``: the eager schedule (gradients in the forward, here over two groups of pairs) and the
+    recompute schedule train the same model, three steps."""
+    budget = {"sigmoid": 0.025, "tdpo2": 0.05}[loss_type]  # MiB: two groups of two pairs at this model's vocabulary
+    with caplog.at_level("DEBUG", logger="dpo_kernels"):
+        eager = _train(FusedDPOTrainer, FusedDPOConfig, kernel_backend="torch", loss_type=[loss_type],
+                       kernel_schedule="eager", kernel_eager_budget_mb=budget)
+    assert "eager schedule, 2 group(s)" in caplog.text
+    recompute = _train(FusedDPOTrainer, FusedDPOConfig, kernel_backend="torch", loss_type=[loss_type],
+                       kernel_schedule="recompute")
+    _assert_same_training(eager, recompute)

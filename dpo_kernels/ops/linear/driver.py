@@ -16,6 +16,9 @@
   no atomic over the vocabulary. The reference is recomputed only when the KL output received a gradient
   (``ctx.set_materialize_grads(False)``: an unused output arrives as ``None``).
 
+This is the *recompute* schedule. :mod:`.eager` runs the same loop (:func:`fold_all`, :func:`grad_all`) for the fused
+objectives, its tiles kept in a :class:`TileStore` from the forward instead of recomputed (:class:`StoredSide`).
+
 With a :class:`~dpo_kernels.ops.vocab_parallel.VocabSlice` the head is this rank's slice of a vocabulary split
 over a process group: the folded statistics are combined across the group before ``lse`` is formed, and ``dH`` is
 all-reduced in the backward (:mod:`dpo_kernels.ops.vocab_parallel`). ``logits_token_stats`` runs the same loop over
@@ -37,6 +40,7 @@ which GPU figures exist).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +93,7 @@ def _split_logged(outs, with_ref: bool, logging: bool):
     return (outs[:main] if with_ref else outs[0]), logged
 
 
-class _Rows:
+class KeptTokens:
     """The tokens that are not ignored: ``kept`` flat indices into the ``R*T`` tokens (``None``: all of them), and
     their labels as columns of this rank's vocabulary (``label - offset``; outside ``[0, V_r)`` when another rank of a
     vocabulary-parallel group holds the label's column)."""
@@ -128,7 +132,7 @@ class _Rows:
 
 
 @dataclass
-class _Side:
+class Side:
     """One head as the tile loop sees it: the kept hidden rows as GEMM operands ``[n, D]``, the weight as given
     (each chunk converted when it is used, once per chunk), the bias in the statistics dtype, and how its products
     are computed."""
@@ -140,8 +144,12 @@ class _Side:
     _chunk: tuple = field(default=(None, None), repr=False)
 
     @classmethod
-    def of(cls, head: LinearHead, rows: _Rows, products: Products) -> "_Side":
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products) -> "Side":
         return cls(products.operand(rows.gather(head.hidden)), head.weight, products.bias(head.bias), products)
+
+    @property
+    def stored(self) -> bool:
+        return False
 
     @property
     def vocab(self) -> int:
@@ -163,13 +171,60 @@ class _Side:
         return LogitsTile(self.products.logits(self.h[n0:n1], self.weight_chunk(v0, v1), out), bias, v0, labels[n0:n1])
 
 
+class TileStore:
+    """Every tile of ``n`` kept tokens over a ``vocab``-wide head, kept from the forward for the eager schedule's
+    gradient: ``n * vocab`` entries in the statistics dtype, tile ``(n0, n1, v0, v1)`` of a plan contiguous at
+    ``n0 * vocab + (n1 - n0) * v0``."""
+
+    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                 buffer: torch.Tensor | None = None) -> None:
+        """``buffer``: a flat buffer of at least ``n * vocab`` entries to reuse (e.g. one per call for every group of
+        the eager schedule), else a new one."""
+        self.vocab = vocab
+        self.buffer = torch.empty(n * vocab, dtype=dtype, device=device) if buffer is None else buffer[: n * vocab]
+
+    def slot(self, n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
+        start = n0 * self.vocab + (n1 - n0) * v0
+        return self.buffer[start : start + (n1 - n0) * (v1 - v0)]
+
+
+@dataclass
+class StoredSide(Side):
+    """A head whose tiles are kept (the eager schedule): until :meth:`filled`, :meth:`tile` computes each tile into
+    its slot of ``store``; the side :meth:`filled` returns reads them back, never recomputing."""
+
+    store: TileStore | None = None
+    kept: bool = False
+
+    @property
+    def stored(self) -> bool:
+        return True
+
+    @classmethod
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products,
+           buffer: torch.Tensor | None = None) -> "StoredSide":
+        side = super().of(head, rows, products)
+        side.store = TileStore(rows.n, side.vocab, products.out_dtype, side.h.device, buffer)
+        return side
+
+    def filled(self) -> "StoredSide":
+        return dataclasses.replace(self, kept=True)
+
+    def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor, scratch: torch.Tensor) -> LogitsTile:
+        slot = self.store.slot(n0, n1, v0, v1)
+        if not self.kept:
+            return super().tile(n0, n1, v0, v1, labels, slot)
+        bias = None if self.bias is None else self.bias[v0:v1]
+        return LogitsTile(slot.view(n1 - n0, v1 - v0), bias, v0, labels[n0:n1])
+
+
 @dataclass(frozen=True)
 class _LogitsSide:
     """Given logits ``[R, T, V]`` as the tile loop's source: a tile is a copy of kept rows and columns, in the
     statistics dtype."""
 
     logits: torch.Tensor
-    rows: _Rows
+    rows: KeptTokens
     out_dtype: torch.dtype
 
     @property
@@ -188,7 +243,7 @@ def _scratch(plan: TilePlan, n: int, vocab: int, dtype: torch.dtype, device: tor
     return torch.empty(min(n, plan.tokens) * min(vocab, plan.vocab), dtype=dtype, device=device)
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     """Inside the loop every dtype is explicit (:class:`Products`); nothing may be autocast again, in the forward or
     in a backward that runs under an autocast context."""
     try:
@@ -197,16 +252,18 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _fold_all(rows: _Rows, policy, ref, opts: TokenOptions, kernels: TileKernels, logging: bool,
-              device: torch.device):
+def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKernels, logging: bool,
+             device: torch.device, plan: TilePlan | None = None):
     """Forward, token-major, over the tiles of ``policy`` (and ``ref``): ``(stats [3, n] (7 with the logging rows),
-    ref_stats [4, n] or None)`` after one pass over this rank's vocabulary."""
+    ref_stats [4, n] or None)`` after one pass over this rank's vocabulary. A :class:`StoredSide` writes each tile
+    into its store instead of the scratch (``plan`` then fixes the tiles the backward reads back)."""
     n, vocab, sdt = rows.n, policy.vocab, policy.out_dtype
     stats = new_stats(n, sdt, device, logging=logging)
     ref_stats = None if ref is None else new_ref_stats(n, sdt, device)
-    plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
-    scratch = _scratch(plan, n, vocab, sdt, device)
-    ref_scratch = None if ref is None else _scratch(plan, n, vocab, sdt, device)
+    if plan is None:
+        plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
+    scratch = None if isinstance(policy, StoredSide) else _scratch(plan, n, vocab, sdt, device)
+    ref_scratch = None if ref is None or isinstance(ref, StoredSide) else _scratch(plan, n, vocab, sdt, device)
     for n0, n1 in plan.token_blocks(n):
         for v0, v1 in plan.vocab_chunks(vocab):
             tile = policy.tile(n0, n1, v0, v1, rows.labels, scratch)
@@ -215,7 +272,7 @@ def _fold_all(rows: _Rows, policy, ref, opts: TokenOptions, kernels: TileKernels
     return stats, ref_stats
 
 
-def _finish_forward(stats, ref_stats, rows: _Rows, shape: torch.Size, vocab_slice: VocabSlice | None, vocab: int,
+def finish_forward(stats, ref_stats, rows: KeptTokens, shape: torch.Size, vocab_slice: VocabSlice | None, vocab: int,
                     logging: bool):
     """Combine across a vocabulary-parallel group, then ``(outs, lse, ref_lse)``: ``outs`` is ``[logp]`` (then
     ``ref_logp``, ``kl`` with a reference, then the logged statistics), each scattered to ``shape``; ``lse`` (and
@@ -247,7 +304,7 @@ def _returned(ctx, outs: list, with_ref: bool, logging: bool):
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _upstream(rows: _Rows, grad_logp, grad_kl, sdt: torch.dtype, device: torch.device):
+def upstream(rows: KeptTokens, grad_logp, grad_kl, sdt: torch.dtype, device: torch.device):
     """``(g, g_kl)`` at the kept tokens: ``g`` zeros when the log-probs got no gradient, ``g_kl`` ``None`` when
     the KL got none (the reference is then never read)."""
     g = torch.zeros(rows.n, dtype=sdt, device=device) if grad_logp is None else rows.select(grad_logp, sdt)
@@ -255,7 +312,7 @@ def _upstream(rows: _Rows, grad_logp, grad_kl, sdt: torch.dtype, device: torch.d
 
 
 @dataclass(frozen=True)
-class _Backward:
+class Backward:
     """What every backward tile reads: the forward's ``lse`` (and ``ref_lse``) and the upstream gradients ``g`` (and
     ``g_kl``, ``None`` when the KL received none) at the kept tokens, the options and the backend's tile kernels."""
 
@@ -278,12 +335,15 @@ class _GradScratch:
 
     @classmethod
     def of(cls, plan: TilePlan, n: int, vocab: int, sdt: torch.dtype, dz_dtype: torch.dtype | None, with_ref: bool,
-           device: torch.device) -> "_GradScratch":
-        return cls(_scratch(plan, n, vocab, sdt, device), _scratch(plan, n, vocab, sdt, device) if with_ref else None,
+           device: torch.device, stored: tuple[bool, bool] = (False, False)) -> "_GradScratch":
+        """``stored``: whether the policy's and the reference's tiles are read from a :class:`TileStore` (no tile
+        buffer then)."""
+        return cls(None if stored[0] else _scratch(plan, n, vocab, sdt, device),
+                   _scratch(plan, n, vocab, sdt, device) if with_ref and not stored[1] else None,
                    None if dz_dtype is None else _scratch(plan, n, vocab, dz_dtype, device))
 
 
-def _logits_grad(policy, ref, rows: _Rows, block: tuple[int, int, int, int], bw: _Backward,
+def _logits_grad(policy, ref, rows: KeptTokens, block: tuple[int, int, int, int], bw: Backward,
                  scratch: _GradScratch) -> torch.Tensor | None:
     """``dZ [n1 - n0, v1 - v0]`` of the recomputed tile ``block = (n0, n1, v0, v1)`` in ``scratch.dz``'s dtype (or
     over the fp32 tile without it); ``None`` when the gradient filter skips the tile."""
@@ -301,20 +361,33 @@ def _token_index(flat_index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     return flat_index // x.shape[1], flat_index % x.shape[1]
 
 
-def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, bw: _Backward, need: tuple[bool, bool, bool]):
+def scratch_bytes_per_entry(sdt: torch.dtype, ref, products: Products,
+                            stored: tuple[bool, bool] = (False, False)) -> int:
+    """Scratch per tile entry: the fp32 tile and the reference's (each unless ``stored`` in a :class:`TileStore`),
+    and ``dZ`` in the GEMM operand dtype when that differs."""
+    tiles = sdt.itemsize * ((0 if stored[0] else 1) + (0 if ref is None or stored[1] else 1))
+    return max(1, tiles + (0 if products.operand_dtype == sdt else products.operand_bytes))
+
+
+def grad_all(rows: KeptTokens, policy: Side, ref: Side | None, bw: Backward, need: tuple[bool, bool, bool],
+             plan: TilePlan | None = None, dw_into: torch.Tensor | None = None):
     """Backward of the linear path, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V]
-    fp32)``, ``None`` for each gradient not in ``need``."""
+    fp32)``, ``None`` for each gradient not in ``need``. ``dw_into``: an fp32 ``[V, D]`` buffer the weight gradient
+    is accumulated into (and returned), for a gradient summed over several calls; ``plan``: the forward's, for
+    stored tiles."""
     need_dh, need_dw, need_db = need
     products, weight = policy.products, policy.weight
     n, (vocab, dim), device, sdt = rows.n, weight.shape, policy.h.device, products.out_dtype
     dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
-    dw = torch.empty((vocab, dim), dtype=weight.dtype, device=device) if need_dw else None
+    accumulate = need_dw and dw_into is not None
+    dw = (dw_into if accumulate else torch.empty((vocab, dim), dtype=weight.dtype, device=device)) if need_dw else None
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
     dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
-    per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else products.operand_bytes)
-    plan = plan_tiles(n, vocab, per_entry, bw.opts, device)
+    if plan is None:
+        plan = plan_tiles(n, vocab, scratch_bytes_per_entry(sdt, ref, products), bw.opts, device)
     one_block = plan.single_token_block(n)
-    scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, device)
+    stored = (policy.stored, ref is not None and ref.stored)
+    scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, device, stored)
     for v0, v1 in plan.vocab_chunks(vocab):
         dw_acc, dw_written = None, False
         for n0, n1 in plan.token_blocks(n):
@@ -323,7 +396,9 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, bw: _Backward, need
                 continue
             if need_dh:
                 products.accumulate(dh[n0:n1], dz, policy.weight_chunk(v0, v1))
-            if need_dw:
+            if accumulate:
+                products.accumulate(dw[v0:v1], dz.T, policy.h[n0:n1])
+            elif need_dw:
                 if one_block and products.write(dw[v0:v1], dz.T, policy.h[n0:n1]):
                     dw_written = True
                 else:
@@ -332,7 +407,7 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, bw: _Backward, need
                     products.accumulate(dw_acc, dz.T, policy.h[n0:n1])
             if need_db:
                 db[v0:v1] += dz.sum(dim=0, dtype=sdt)
-        if need_dw and not dw_written:
+        if need_dw and not accumulate and not dw_written:
             dw[v0:v1].copy_(dw_acc) if dw_acc is not None else dw[v0:v1].zero_()
     return dh, dw, db
 
@@ -341,33 +416,51 @@ def _grad_all(rows: _Rows, policy: _Side, ref: _Side | None, bw: _Backward, need
 # Plain functions over tensors, shared by the autograd functions below and the torch.library ops of ``library_ops``.
 
 
+@dataclass(frozen=True)
+class ForwardState:
+    """What a forward hands its backward besides the input tensors: the kept tokens, ``lse`` (and ``ref_lse``)
+    ``[n]`` at them, the options and tile kernels, and for the linear path the reference head, both heads'
+    :class:`Products` and the vocabulary slice."""
+
+    rows: KeptTokens
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    opts: TokenOptions
+    kernels: TileKernels
+    ref: LinearHead | None = None
+    products: Products | None = None
+    ref_products: Products | None = None
+    vocab_slice: VocabSlice | None = None
+
+
 def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
                    ref_products: Products | None, opts: TokenOptions, kernels: TileKernels, logging: bool = False,
                    vocab_slice: VocabSlice | None = None):
-    """Forward of the linear path with the products of :func:`head_products`: ``(outs, rows, lse, ref_lse)`` (see
-    :func:`_finish_forward`)."""
-    rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
-    with _no_autocast(hidden.device):
-        policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
-        ref_side = None if ref is None else _Side.of(ref, rows, ref_products)
-        stats, ref_stats = _fold_all(rows, policy, ref_side, opts, kernels, logging, hidden.device)
-    outs, lse, ref_lse = _finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
-    return outs, rows, lse, ref_lse
+    """Forward of the linear path with the products of :func:`head_products`: ``(outs, state)``, ``outs`` as
+    :func:`finish_forward` returns them."""
+    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
+    with no_autocast(hidden.device):
+        policy = Side.of(LinearHead(hidden, weight, bias), rows, products)
+        ref_side = None if ref is None else Side.of(ref, rows, ref_products)
+        stats, ref_stats = fold_all(rows, policy, ref_side, opts, kernels, logging, hidden.device)
+    outs, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
+    return outs, ForwardState(rows, lse, ref_lse, opts, kernels, ref, products, ref_products, vocab_slice)
 
 
-def linear_backward(hidden, weight, bias, ref: LinearHead | None, products: Products, ref_products: Products | None,
-                    rows: _Rows, lse, ref_lse, grad_logp, grad_kl, need: tuple[bool, bool, bool], opts: TokenOptions,
-                    kernels: TileKernels, vocab_slice: VocabSlice | None = None, head_context=None):
-    """Backward of the linear path, with the forward's products: ``(dhidden like hidden, dweight like weight, dbias
+def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_kl, need: tuple[bool, bool, bool],
+                    head_context=None):
+    """Backward of the linear path from its forward's ``state``: ``(dhidden like hidden, dweight like weight, dbias
     like bias)``, ``None`` for a gradient not in ``need``; the reference is read only when ``grad_kl`` is given."""
-    g, g_kl = _upstream(rows, grad_logp, grad_kl, products.out_dtype, hidden.device)
+    rows, products = state.rows, state.products
+    g, g_kl = upstream(rows, grad_logp, grad_kl, products.out_dtype, hidden.device)
     gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
-    with _no_autocast(hidden.device), gathered:
-        policy = _Side.of(LinearHead(hidden, weight, bias), rows, products)
-        ref_side = None if g_kl is None else _Side.of(ref, rows, ref_products)
-        dh, dw, db = _grad_all(rows, policy, ref_side, _Backward(lse, ref_lse, g, g_kl, opts, kernels), need)
-    if dh is not None and vocab_slice is not None:
-        all_reduce_hidden_grad(dh, vocab_slice.group)
+    with no_autocast(hidden.device), gathered:
+        policy = Side.of(LinearHead(hidden, weight, bias), rows, products)
+        ref_side = None if g_kl is None else Side.of(state.ref, rows, state.ref_products)
+        bw = Backward(state.lse, state.ref_lse, g, g_kl, state.opts, state.kernels)
+        dh, dw, db = grad_all(rows, policy, ref_side, bw, need)
+    if dh is not None and state.vocab_slice is not None:
+        all_reduce_hidden_grad(dh, state.vocab_slice.group)
     return (None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype), dw,
             None if db is None else db.to(bias.dtype))
 
@@ -388,21 +481,21 @@ def head_products(hidden, weight, ref: LinearHead | None,
 
 def logits_forward(logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels,
                    vocab_slice: VocabSlice | None = None):
-    """Forward over given logits: ``(outs, rows, lse, ref_lse)``."""
-    rows = _Rows(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
+    """Forward over given logits: ``(outs, state)``."""
+    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
     sdt = _logits_statistics_dtype(logits, ref_logits)
     policy = _LogitsSide(logits, rows, sdt)
     ref = None if ref_logits is None else _LogitsSide(ref_logits, rows, sdt)
-    stats, ref_stats = _fold_all(rows, policy, ref, opts, kernels, False, logits.device)
-    outs, lse, ref_lse = _finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
-    return outs, rows, lse, ref_lse
+    stats, ref_stats = fold_all(rows, policy, ref, opts, kernels, False, logits.device)
+    outs, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
+    return outs, ForwardState(rows, lse, ref_lse, opts, kernels, vocab_slice=vocab_slice)
 
 
-def logits_backward(logits, ref_logits, rows: _Rows, lse, ref_lse, grad_logp, grad_kl, opts: TokenOptions,
-                    kernels: TileKernels) -> torch.Tensor:
+def logits_backward(logits, ref_logits, state: ForwardState, grad_logp, grad_kl) -> torch.Tensor:
     """The logits' gradient (0 at ignored tokens), written into ``logits`` itself with ``opts.inplace_backward``."""
+    rows, opts = state.rows, state.opts
     sdt = _logits_statistics_dtype(logits, ref_logits)
-    g, g_kl = _upstream(rows, grad_logp, grad_kl, sdt, logits.device)
+    g, g_kl = upstream(rows, grad_logp, grad_kl, sdt, logits.device)
     policy = _LogitsSide(logits, rows, sdt)
     ref = None if g_kl is None else _LogitsSide(ref_logits, rows, sdt)
     if opts.inplace_backward:  # every element is read into a tile before its gradient overwrites it
@@ -418,7 +511,7 @@ def logits_backward(logits, ref_logits, rows: _Rows, lse, ref_lse, grad_logp, gr
     per_entry = sdt.itemsize * (1 if ref is None else 2) + (0 if dz_dtype is None else logits.dtype.itemsize)
     plan = plan_tiles(n, vocab, per_entry, opts, logits.device)
     scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, logits.device)
-    bw = _Backward(lse, ref_lse, g, g_kl, opts, kernels)
+    bw = Backward(state.lse, state.ref_lse, g, g_kl, opts, state.kernels)
     for n0, n1 in plan.token_blocks(n):
         r, t = _token_index(torch.arange(n0, n1, device=logits.device) if rows.kept is None else rows.kept[n0:n1],
                             logits)
@@ -441,12 +534,10 @@ class _LinearStats(torch.autograd.Function):
                 logging: bool, vocab_slice: VocabSlice | None, head_context):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         products, ref_products = head_products(hidden, weight, ref)
-        outs, rows, lse, ref_lse = linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts,
-                                                  kernels, logging, vocab_slice)
+        outs, ctx.state = linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts, kernels,
+                                         logging, vocab_slice)
         ctx.save_for_backward(hidden, weight, bias)
-        ctx.rows, ctx.lse, ctx.ref_lse, ctx.ref, ctx.opts, ctx.kernels = rows, lse, ref_lse, ref, opts, kernels
-        ctx.products = (products, ref_products)
-        ctx.vocab_slice, ctx.head_context = vocab_slice, head_context
+        ctx.head_context = head_context
         return _returned(ctx, outs, ref is not None, logging)
 
     @staticmethod
@@ -454,11 +545,10 @@ class _LinearStats(torch.autograd.Function):
     def backward(ctx, grad_logp, *grad_rest):
         hidden, weight, bias = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-        grad_kl = grad_rest[1] if ctx.ref is not None else None
+        grad_kl = grad_rest[1] if ctx.state.ref is not None else None
         if (grad_logp is None and grad_kl is None) or not any(need):
             return (None,) * 10
-        grads = linear_backward(hidden, weight, bias, ctx.ref, *ctx.products, ctx.rows, ctx.lse, ctx.ref_lse,
-                                grad_logp, grad_kl, need, ctx.opts, ctx.kernels, ctx.vocab_slice, ctx.head_context)
+        grads = linear_backward(hidden, weight, bias, ctx.state, grad_logp, grad_kl, need, ctx.head_context)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -472,9 +562,8 @@ class _LogitsStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if opts.inplace_backward:
             refuse_leaf_logits(logits)
-        outs, rows, lse, ref_lse = logits_forward(logits, labels, ref_logits, opts, kernels, vocab_slice)
+        outs, ctx.state = logits_forward(logits, labels, ref_logits, opts, kernels, vocab_slice)
         ctx.save_for_backward(logits, ref_logits)
-        ctx.rows, ctx.lse, ctx.ref_lse, ctx.opts, ctx.kernels = rows, lse, ref_lse, opts, kernels
         return _returned(ctx, outs, ref_logits is not None, False)
 
     @staticmethod
@@ -484,8 +573,7 @@ class _LogitsStats(torch.autograd.Function):
         grad_kl = grad_rest[1] if ref_logits is not None else None
         if grad_logp is None and grad_kl is None:
             return (None,) * 6
-        grad = logits_backward(logits, ref_logits, ctx.rows, ctx.lse, ctx.ref_lse, grad_logp, grad_kl, ctx.opts,
-                               ctx.kernels)
-        if ctx.opts.inplace_backward:
+        grad = logits_backward(logits, ref_logits, ctx.state, grad_logp, grad_kl)
+        if ctx.state.opts.inplace_backward:
             mark_logits_overwritten(logits)
         return grad, None, None, None, None, None

@@ -89,12 +89,12 @@ def _dtypes(*tensors: Tensor | None) -> tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in tensors if t is not None)
 
 
-def _op_outputs(outs: tuple[Tensor, ...], rows: driver._Rows, lse: Tensor, ref_lse: Tensor | None,
+def _op_outputs(outs: tuple[Tensor, ...], state: driver.ForwardState,
                 labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A forward's results as the ops' five static-shape outputs: ``lse`` scattered to every token, what a call
     without a reference lacks as empty tensors."""
-    flat = (labels.numel(),)
-    logp, lse = outs[0], rows.scatter(lse, flat, lse.dtype)
+    flat, rows, ref_lse = (labels.numel(),), state.rows, state.ref_lse
+    logp, lse = outs[0], rows.scatter(state.lse, flat, state.lse.dtype)
     if ref_lse is None:
         return logp, logp.new_empty(_EMPTY), logp.new_empty(_EMPTY), lse, logp.new_empty(_EMPTY)
     return logp, outs[1], outs[2], lse, rows.scatter(ref_lse, flat, ref_lse.dtype)
@@ -143,13 +143,12 @@ def _linear_stats_backward_impl(*args) -> tuple[Tensor, Tensor, Tensor]:
      need_weight, need_bias, cdt, ref_cdt, backend), opts = _split(args, 17)
     ref, products, ref_products, kernels = _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                                              (cdt, ref_cdt), backend)
-    rows = driver._Rows(labels, opts.ignore_index)
+    rows = driver.KeptTokens(labels, opts.ignore_index)
     sdt = products.out_dtype
-    lse = rows.select(lse, sdt)
-    ref_lse = None if ref_lse is None else rows.select(ref_lse, sdt)
+    state = driver.ForwardState(rows, rows.select(lse, sdt), None if ref_lse is None else rows.select(ref_lse, sdt),
+                                opts, kernels, ref, products, ref_products)
     need = (need_hidden, need_weight, need_bias and bias is not None)
-    dh, dw, db = driver.linear_backward(hidden, weight, bias, ref, products, ref_products, rows, lse, ref_lse,
-                                        grad_logp, grad_kl, need, opts, kernels)
+    dh, dw, db = driver.linear_backward(hidden, weight, bias, state, grad_logp, grad_kl, need)
     return _empty_or(dh, hidden), _empty_or(dw, weight), _empty_or(db, weight)
 
 
@@ -237,11 +236,11 @@ def _(logits, ref_logits, labels, backend, *opts):
 def _logits_stats_backward_impl(*args) -> Tensor:
     (logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, backend), opts = _split(args, 8)
     kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
-    rows = driver._Rows(labels, opts.ignore_index)
+    rows = driver.KeptTokens(labels, opts.ignore_index)
     sdt = statistics_dtype(*_dtypes(logits, ref_logits))
-    ref_lse = None if ref_lse is None else rows.select(ref_lse, sdt)
-    return driver.logits_backward(logits, ref_logits, rows, rows.select(lse, sdt), ref_lse, grad_logp, grad_kl, opts,
-                                  kernels)
+    state = driver.ForwardState(rows, rows.select(lse, sdt), None if ref_lse is None else rows.select(ref_lse, sdt),
+                                opts, kernels)
+    return driver.logits_backward(logits, ref_logits, state, grad_logp, grad_kl)
 
 
 _logits_stats_backward = torch.library.custom_op(

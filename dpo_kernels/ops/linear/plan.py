@@ -42,6 +42,19 @@ def tile_budget_bytes(opts: TokenOptions, device: torch.device) -> int:
 
 DEFAULTS_TEXT = f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_TILE_BUDGET_MB:g} on accelerators"
 
+# The eager schedule's budget (dpo_kernels.ops.linear.eager): the kept fp32 tiles of a group of pairs, 4 V bytes per
+# kept token (8 V for TDPO), plus the fp32 weight-gradient accumulator of a half weight over several groups. On an
+# accelerator 2 GiB holds about 4k tokens of a 128k vocabulary (8k for 64k); on the CPU, 1 GiB.
+DEFAULT_EAGER_BUDGET_MB = {"cpu": 1024.0}
+ACCELERATOR_EAGER_BUDGET_MB = 2048.0
+EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_EAGER_BUDGET_MB:g} on "
+                       "accelerators")
+
+
+def eager_budget_bytes(budget_mb: float | None, device: torch.device) -> int:
+    """The eager schedule's budget in bytes: ``budget_mb``, else the device's default."""
+    return int((budget_mb or DEFAULT_EAGER_BUDGET_MB.get(device.type, ACCELERATOR_EAGER_BUDGET_MB)) * 2**20)
+
 
 @dataclass(frozen=True)
 class TilePlan:

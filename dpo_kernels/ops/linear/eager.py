@@ -1,0 +1,343 @@
+"""The eager schedule of the fused objectives from hidden states: the policy's gradients computed in the forward.
+
+Inside :func:`dpo_kernels.fused_dpo_loss` the loss is computed in the same call as the log-probs, so once the forward
+over a group of **whole pairs** (rows ``b`` and ``b + B`` of the ``2B`` rows, with their reference) is done, the
+gradient of the loss with respect to each of their tokens' log-probs and KL is known. This schedule keeps the group's
+tiles from the forward and finishes ``dZ``, ``dH`` and ``dW`` straight away, through the one tile loop of
+:mod:`.driver` (its tile sources read the kept tiles instead of recomputing them):
+
+- per group: one GEMM per tile into the group's :class:`~.driver.TileStore` (the policy's; the reference's too for a
+  TDPO loss, whose KL gradient reads it), ``kernels.fold``, the statistics, the group's loss and its per-token
+  upstream (autograd over the ``[2B_g, T]`` statistics), then ``kernels.grad`` over the kept tiles, ``dH`` (fp32
+  accumulator) and ``dW`` (fp32 accumulation inside the GEMMs);
+- the backward scales what the forward computed by the loss's upstream gradient (gradient accumulation, loss
+  weights, a GradScaler); a gradient that reaches the returned per-token log-probs or KL from outside the loss is
+  exact: it runs the recompute backward of :mod:`.driver` for that part alone.
+
+FLOPs at ``n`` kept tokens, head ``[V, D]``: ``6 n D V`` for the policy (forward, ``dH``, ``dW``; ``4 n D V`` with a
+frozen head) plus ``2 n D V`` for the reference, against ``8 + 2`` for the recompute schedule (``8 + 4`` for TDPO,
+which recomputes the reference in the backward). Memory: the kept tiles are fp32 (the GEMM output, bit-identical to
+what the recompute schedule would recompute): ``4 V`` bytes per kept token of a group, ``8 V`` for TDPO, within
+``eager_budget_mb`` (:mod:`.plan`); from the forward to the backward it holds the fp32 ``dH [n, D]`` and ``dW``
+(which the recompute schedule allocates in the backward, while the same activations are alive).
+
+The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
+accumulation across groups. An fp32 weight (fp32 master weights under autocast) accumulates every group straight
+into its fp32 gradient; a half weight in one group is written once from fp32; a half weight over several groups
+takes an fp32 ``[V, D]`` accumulator counted against the budget (or, when it does not fit, the recompute schedule).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ...options import TokenOptions
+from ..common import LinearHead, first_order_only
+from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad
+from . import driver
+from .contract import LOGGED_OUTPUTS, TileKernels
+from .plan import plan_tiles
+
+# (rows [2B_g] of the batch, token logps [2B_g, T], ref logps or None, kl or None, logged dict or None) -> the loss
+# of those pairs as a part of the batch's loss (already weighted by B_g / B)
+GroupLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict | None],
+                     torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PairGroups:
+    """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
+    budget; ``weight_accumulator``: a half weight over several groups accumulates into an fp32 ``[V, D]`` buffer;
+    ``tokens``: each group's kept tokens."""
+
+    pairs: int
+    bounds: tuple[tuple[int, int], ...]
+    weight_accumulator: bool
+    tokens: tuple[int, ...]  # kept tokens of each group
+
+    @property
+    def largest_group(self) -> int:
+        return max(self.tokens, default=0)
+
+    def rows(self, b0: int, b1: int, device: torch.device) -> torch.Tensor | None:
+        """The batch rows of pairs ``b0:b1`` (chosen first), ``None`` for the whole batch."""
+        if (b0, b1) == (0, self.pairs):
+            return None
+        chosen = torch.arange(b0, b1, device=device)
+        return torch.cat([chosen, chosen + self.pairs])
+
+
+def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_bytes: int,
+                     weight_accumulator_bytes: int) -> PairGroups | str:
+    """Consecutive pairs, greedily, as many per group as the budget holds; or why the eager schedule cannot run.
+
+    ``tokens_per_pair``: kept tokens of each pair (both responses); ``bytes_per_token``: kept-tile bytes per token;
+    ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight needs when there is more than one group
+    (0: none needed), counted against the budget."""
+    largest = max(tokens_per_pair, default=0) * bytes_per_token
+    if largest > budget_bytes:
+        return f"one pair's kept tiles need {_mib(largest)}, more than eager_budget_mb={_mib(budget_bytes)}"
+    if sum(tokens_per_pair) * bytes_per_token <= budget_bytes:
+        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), False, (sum(tokens_per_pair),))
+    room = budget_bytes - weight_accumulator_bytes
+    if largest > room:
+        return (f"the pairs need several groups and the fp32 weight-gradient accumulator "
+                f"({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} of eager_budget_mb="
+                f"{_mib(budget_bytes)} for a pair's {_mib(largest)} of tiles")
+    bounds, start, used = [], 0, 0
+    for b, tokens in enumerate(tokens_per_pair):
+        if used and used + tokens * bytes_per_token > room:
+            bounds.append((start, b))
+            start, used = b, 0
+        used += tokens * bytes_per_token
+    bounds.append((start, len(tokens_per_pair)))
+    tokens = tuple(sum(tokens_per_pair[b0:b1]) for b0, b1 in bounds)
+    return PairGroups(len(tokens_per_pair), tuple(bounds), weight_accumulator_bytes > 0, tokens)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
+
+
+@dataclass(frozen=True)
+class EagerCall:
+    """The non-tensor arguments of one eager call: options, tile kernels, the groups, whether the reference's tiles
+    are kept (a TDPO loss), whether the logged statistics are folded, the group loss, the vocabulary slice and the
+    context that gathers a sharded head for a recompute backward."""
+
+    opts: TokenOptions
+    kernels: TileKernels
+    groups: PairGroups
+    keep_ref_tiles: bool
+    logging: bool
+    group_loss: GroupLoss
+    vocab_slice: VocabSlice | None = None
+    head_context: Callable | None = None
+
+
+def eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, call: EagerCall):
+    """``policy.hidden [2B, T, D]``, ``policy.weight [V, D]``, ``labels [2B, T]`` (and the reference head beside) ->
+    ``(loss, logp, ref_logp, kl, logged)``: the loss (0-dim, its gradients computed in this call), the per-token
+    statistics of :func:`.driver.linear_token_stats` (``ref_logp``/``kl`` ``None`` without a reference head,
+    ``logged`` ``None`` unless ``call.logging``). ``logp`` and ``kl`` stay differentiable."""
+    if ref is not None:
+        ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
+    outs = _EagerPairs.apply(policy.hidden, policy.weight, policy.bias, labels, ref, call)
+    loss, logp, rest = outs[0], outs[1], list(outs[2:])
+    ref_logp, kl = (rest.pop(0), rest.pop(0)) if ref is not None else (None, None)
+    logged = dict(zip(LOGGED_OUTPUTS, rest, strict=True)) if call.logging else None
+    return loss, logp, ref_logp, kl, logged
+
+
+@dataclass
+class _GroupGrads:
+    """One group's share of the loss's gradient with respect to the hidden states: fp32 ``dh [n_g, D]`` at the
+    group's kept tokens, and where they sit in the batch."""
+
+    batch_rows: torch.Tensor | None
+    rows: driver.KeptTokens
+    shape: torch.Size
+    dh: torch.Tensor | None
+
+
+def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
+               bounds: tuple[int, int], need, dw, db, buffers):
+    """Forward and loss gradient of one group of pairs: ``(outs, lse, ref_lse, loss, grads)``; ``dW`` and ``db`` are
+    accumulated into ``dw`` / ``db`` (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the
+    reference's kept-tile buffers, shared by every group of the call."""
+    opts, vocab, device = call.opts, weight.shape[0], hidden.device
+    batch_rows = call.groups.rows(*bounds, device)
+
+    def pick(x):
+        return x if batch_rows is None or x is None else x.index_select(0, batch_rows)
+
+    group_labels = pick(labels)
+    offset = 0 if call.vocab_slice is None else call.vocab_slice.start
+    rows = driver.KeptTokens(group_labels, opts.ignore_index, offset)
+    sdt = products.out_dtype
+    policy = driver.StoredSide.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0])
+    keep_ref = ref is not None and call.keep_ref_tiles
+    ref_side = None
+    if ref is not None:
+        ref_head = LinearHead(pick(ref.hidden), ref.weight, ref.bias)
+        if keep_ref:
+            ref_side = driver.StoredSide.of(ref_head, rows, ref_products, buffers[1])
+        else:
+            ref_side = driver.Side.of(ref_head, rows, ref_products)
+    per_entry = driver.scratch_bytes_per_entry(sdt, ref_side, products, stored=(True, keep_ref))
+    plan = plan_tiles(rows.n, vocab, per_entry, opts, device)
+    with driver.no_autocast(device):
+        stats, ref_stats = driver.fold_all(rows, policy, ref_side, opts, call.kernels, call.logging, device, plan)
+    outs, lse, ref_lse = driver.finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
+                                               call.logging)
+    loss, g_logp, g_kl = _group_upstream(outs, batch_rows, ref is not None, keep_ref, call)
+    g, g_kl = driver.upstream(rows, g_logp, g_kl, sdt, device)
+    with driver.no_autocast(device):
+        bw = driver.Backward(lse, ref_lse, g, g_kl, opts, call.kernels)
+        dh, group_dw, group_db = driver.grad_all(rows, policy.filled(), None if g_kl is None else ref_side.filled(),
+                                                 bw, need, plan, dw_into=dw)
+    if db is not None and group_db is not None:
+        db += group_db
+    if dh is not None and call.vocab_slice is not None:
+        all_reduce_hidden_grad(dh, call.vocab_slice.group)
+    return outs, lse, ref_lse, loss, _GroupGrads(batch_rows, rows, group_labels.shape, dh), group_dw
+
+
+def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
+    """One kept-tile buffer for the policy (and one for the reference with a TDPO loss), sized for the largest group
+    and reused by every group: allocated and first touched once per call."""
+    entries = call.groups.largest_group * vocab
+    count = 2 if with_ref and call.keep_ref_tiles else 1
+    buffers = [torch.empty(entries, dtype=sdt, device=device) for _ in range(count)]
+    for b in buffers:
+        advise_huge_pages(b)
+    return buffers + [None] * (2 - count)
+
+
+def advise_huge_pages(t: torch.Tensor) -> None:
+    """On a Linux CPU, ask for transparent huge pages over a large fresh buffer (``madvise(MADV_HUGEPAGE)``): its
+    first touch then faults in 2 MiB pages instead of 4 KiB ones. Measured on this project's 2-core CI machine: a
+    393 MiB buffer first written in 0.17 s with 4 KiB pages, 0.05 s with huge pages. Elsewhere, or where the kernel
+    refuses, nothing happens."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < _HUGE_PAGE * 8 or _libc() is None:
+        return
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
+_HUGE_PAGE = 2**21
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _group_upstream(outs, batch_rows, with_ref: bool, keep_ref: bool, call: EagerCall):
+    """The group's loss and its gradient with respect to the group's per-token log-probs (and KL), by autograd over
+    the ``[2B_g, T]`` statistics only."""
+    logp = outs[0].detach().requires_grad_()
+    ref_logp = outs[1] if with_ref else None
+    kl = outs[2].detach().requires_grad_(keep_ref) if with_ref else None
+    logged = dict(zip(LOGGED_OUTPUTS, outs[-len(LOGGED_OUTPUTS):], strict=True)) if call.logging else None
+    with torch.enable_grad():
+        loss = call.group_loss(batch_rows, logp, ref_logp, kl, logged)
+        inputs = [logp] + ([kl] if keep_ref else [])
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return loss.detach(), grads[0], (grads[1] if keep_ref else None)
+
+
+def _assemble(per_group: list[torch.Tensor | None], grads: list[_GroupGrads], total_shape, dtype, device):
+    """Per-group ``[2B_g, T, ...]`` tensors -> one ``[2B, T, ...]`` tensor in batch row order."""
+    if len(per_group) == 1:
+        return per_group[0]
+    out = torch.empty((*total_shape, *per_group[0].shape[2:]), dtype=dtype, device=device)
+    for part, group in zip(per_group, grads, strict=True):
+        out.index_copy_(0, group.batch_rows, part)
+    return out
+
+
+class _EagerPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, call: EagerCall):
+        ctx.set_materialize_grads(False)
+        products, ref_products = driver.head_products(hidden, weight, ref)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+        vocab, dim, sdt = weight.shape[0], weight.shape[1], products.out_dtype
+        several = len(call.groups.bounds) > 1
+        dw = None
+        if need[1] and several:  # fp32 across groups: the weight's own gradient dtype, or the counted accumulator
+            dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
+        db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
+        buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
+        results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, bounds, need, dw, db,
+                              buffers) for bounds in call.groups.bounds]
+        del buffers
+        grads = [r[4] for r in results]
+        loss = torch.stack([r[3] for r in results]).sum()
+        if not several:
+            dw = results[0][5]
+        outs = [_assemble([r[0][i] for r in results], grads, labels.shape, results[0][0][i].dtype, hidden.device)
+                for i in range(len(results[0][0]))]
+        lse = _assemble([g.rows.scatter(r[1], g.shape, sdt) for r, g in zip(results, grads)], grads, labels.shape,
+                        sdt, hidden.device)
+        ref_lse = None
+        if ref is not None:
+            ref_lse = _assemble([g.rows.scatter(r[2], g.shape, sdt) for r, g in zip(results, grads)], grads,
+                                labels.shape, sdt, hidden.device)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.grads, ctx.dw, ctx.db, ctx.lse, ctx.ref_lse = grads, dw, db, lse, ref_lse
+        ctx.ref, ctx.products, ctx.call = ref, (products, ref_products), call
+        frozen = ([outs[1]] if ref is not None else []) + (outs[-len(LOGGED_OUTPUTS):] if call.logging else [])
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        return (loss, *outs)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_loss, grad_logp, *grad_rest):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+        dh = dw = db = None
+        if grad_loss is not None:
+            if ctx.grads is None:
+                raise RuntimeError("the eager schedule hands its gradients out once (scaled in place, so that no "
+                                   "second [V, D] buffer is allocated): backpropagating through fused_dpo_loss's loss "
+                                   "twice (retain_graph=True) needs schedule='recompute'")
+            # scaled in place and released: autograd may then keep the buffer as the gradient itself
+            grads, dw, db, ctx.grads, ctx.dw, ctx.db = ctx.grads, ctx.dw, ctx.db, None, None, None
+            dh = _scaled_hidden_grad(grads, grad_loss, hidden) if need[0] else None
+            dw = None if dw is None or not need[1] else dw.mul_(grad_loss).to(weight.dtype)
+            db = None if db is None or not need[2] else db.mul_(grad_loss).to(bias.dtype)
+        grad_kl = grad_rest[1] if ctx.ref is not None else None
+        if grad_logp is not None or grad_kl is not None:  # a gradient from outside the loss: recompute that part
+            extra = _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, need)
+            dh, dw, db = (_add(a, b) for a, b in zip((dh, dw, db), extra, strict=True))
+        return dh, dw, db, None, None, None
+
+
+def _scaled_hidden_grad(grads: list[_GroupGrads], grad_loss: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The loss's ``dH`` like ``hidden``, each group's fp32 rows scaled by the upstream and rounded once."""
+    if len(grads) == 1:
+        g = grads[0]
+        return g.rows.scatter(g.dh.mul_(grad_loss), hidden.shape, hidden.dtype)
+    out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    for g in grads:
+        out.index_copy_(0, g.batch_rows, g.rows.scatter(g.dh.mul_(grad_loss), (*g.shape, hidden.shape[-1]),
+                                                        hidden.dtype))
+    return out
+
+
+def _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, need):
+    """The recompute schedule's backward for gradients that reach ``logp`` / ``kl`` from outside the loss."""
+    call = ctx.call
+    offset = 0 if call.vocab_slice is None else call.vocab_slice.start
+    rows = driver.KeptTokens(labels, call.opts.ignore_index, offset)
+    sdt = ctx.products[0].out_dtype
+    state = driver.ForwardState(rows, rows.select(ctx.lse, sdt),
+                                None if ctx.ref_lse is None else rows.select(ctx.ref_lse, sdt), call.opts,
+                                call.kernels, ctx.ref, *ctx.products, call.vocab_slice)
+    return driver.linear_backward(hidden, weight, bias, state, grad_logp, grad_kl, need, call.head_context)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
+

@@ -1,0 +1,307 @@
+"""The eager schedule of ``fused_dpo_loss`` from hidden states (``dpo_kernels.ops.linear.eager``): the policy's
+gradients computed in the forward over groups of whole pairs. Against the reference oracle (autograd through full
+logits) and the recompute schedule, for every loss type, both schedules, one and several groups, every tile-kernel
+backend; gradients that reach the returned log-probs from outside the loss; loss scaling; mixed precision; the
+GEMMs each schedule issues, counted; and the automatic choice."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dpo_kernels import fused_dpo_loss, losses
+
+from ..conftest import RTOL, skip_if_unsupported
+
+B, T, V, D = 3, 9, 67, 10
+SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "sigmoid": 0.1}
+
+
+def _data(dtype=torch.float64, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100  # prompts
+    labels[1, 5:] = -100
+    labels[B + 2, 3:] = -100  # pairs of unequal lengths (LD-DPO, averaging)
+    return dict(
+        labels=labels,
+        policy_hidden=torch.randn(2 * B, T, D, generator=g, dtype=dtype),
+        lm_head_weight=torch.randn(V, D, generator=g, dtype=dtype) * 0.5,
+        lm_head_bias=(torch.randn(V, generator=g, dtype=dtype) * 0.1) if bias else None,
+        ref_hidden=torch.randn(2 * B, T, D, generator=g, dtype=dtype),
+        ref_lm_head_weight=torch.randn(V, D, generator=g, dtype=dtype) * 0.5,
+    )
+
+
+def _uses_ref(loss_type: str) -> bool:
+    o = losses.objective(loss_type)
+    return o.uses_reference or o.uses_token_kl
+
+
+def _run(d, *, extra=None, scale=1.0, **options):
+    """One forward and backward; ``extra(out)`` adds terms of the caller's own to the loss. Returns the loss, the
+    sequence log-probs and the gradients of the policy's hidden states, weight and bias."""
+    leaves = {k: (v.clone().requires_grad_() if k in ("policy_hidden", "lm_head_weight", "lm_head_bias")
+                  and v is not None else v) for k, v in d.items()}
+    if not _uses_ref(options.get("loss_type", "sigmoid")):
+        leaves.pop("ref_hidden"), leaves.pop("ref_lm_head_weight")
+    out = fused_dpo_loss(**leaves, **options)
+    total = out.loss * scale + (0 if extra is None else extra(out))
+    total.backward()
+    grads = [leaves[k].grad for k in ("policy_hidden", "lm_head_weight", "lm_head_bias") if leaves[k] is not None]
+    return out, grads
+
+
+def _assert_close(got, expected, rtol, what):
+    scale = expected.detach().abs().max().clamp(min=1e-30)
+    err = ((got.detach().double() - expected.detach().double()).abs().max() / scale).item()
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.1e}"
+
+
+def _compare(a, b, rtol):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    _assert_close(out_a.loss, out_b.loss, rtol, "loss")
+    _assert_close(out_a.chosen_logps, out_b.chosen_logps, rtol, "chosen_logps")
+    for name in ("hidden", "weight", "bias")[: len(grads_b)]:
+        _assert_close(grads_a.pop(0), grads_b.pop(0), rtol, f"d{name}")
+
+
+def _mb(tokens: int, dtype=torch.float64, loss_type: str = "sigmoid") -> float:
+    """MiB of kept tiles for ``tokens`` tokens (TDPO keeps the reference's too)."""
+    per_entry = torch.empty((), dtype=dtype).element_size() * (2 if losses.objective(loss_type).uses_token_kl else 1)
+    return tokens * V * per_entry / 2**20
+
+
+# a pair keeps at most 2 (T - 2) tokens and any two pairs of _data more than 2 T - 1: one pair per group
+PAIR_TOKENS = 2 * T - 1
+GROUPINGS = ("one group", "a group per pair")
+
+
+def _budget(grouping: str, dtype=torch.float64, loss_type: str = "sigmoid") -> float | None:
+    return None if grouping == "one group" else _mb(PAIR_TOKENS, dtype, loss_type)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("loss_type", sorted(losses.OBJECTIVES))
+def test_every_loss_type_in_both_schedules_matches_the_oracle(loss_type, grouping):
+    d = _data()
+    opts = dict(loss_type=loss_type, beta=0.2, label_smoothing=SMOOTHING.get(loss_type, 0.0))
+    oracle = _run(d, backend="reference", **opts)
+    recompute = _run(d, backend="torch", schedule="recompute", **opts)
+    budget = _budget(grouping, loss_type=loss_type)
+    if budget is not None and not losses.objective(loss_type).pairwise:
+        with pytest.raises(ValueError, match="couples the pairs"):
+            _run(d, backend="torch", schedule="eager", eager_budget_mb=budget, **opts)
+        return
+    eager = _run(d, backend="torch", schedule="eager", eager_budget_mb=budget, **opts)
+    _compare(recompute, oracle, RTOL[torch.float64])
+    _compare(eager, oracle, RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+def test_every_tile_backend_runs_the_eager_schedule(backend, loss_type):
+    d = _data(torch.float32)
+    skip_if_unsupported(backend, torch.float32)
+    opts = dict(loss_type=loss_type, beta=0.2, softcap=4.0)
+    budget = _budget("a group per pair", torch.float32, loss_type)
+    oracle = _run(d, backend="reference", **opts)
+    _compare(_run(d, backend=backend, schedule="eager", eager_budget_mb=budget, **opts), oracle, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo1", "tdpo2"])
+def test_a_gradient_from_outside_the_loss_is_exact(loss_type, grouping):
+    """Terms of the caller's own on the returned log-probs and KL: the recompute backward runs for that part."""
+    d = _data()
+
+    def extra(out):
+        term = 0.3 * out.chosen_logps.sum() - 0.7 * out.rejected_logps.mean()
+        return term + (0.2 * out.chosen_kl.sum() if out.chosen_kl is not None else 0)
+
+    opts = dict(loss_type=loss_type, beta=0.3, extra=extra)
+    oracle = _run(d, backend="reference", **opts)
+    eager = _run(d, backend="torch", schedule="eager", eager_budget_mb=_budget(grouping, loss_type=loss_type), **opts)
+    _compare(eager, oracle, RTOL[torch.float64])
+
+
+def test_the_backward_scales_by_the_loss_upstream():
+    """Gradient accumulation and loss weights: the forward's gradients times the loss's upstream gradient."""
+    d = _data()
+    base = _run(d, backend="torch", schedule="eager")
+    scaled = _run(d, backend="torch", schedule="eager", scale=0.375)
+    for got, expected in zip(scaled[1], base[1], strict=True):
+        torch.testing.assert_close(got, 0.375 * expected, rtol=1e-12, atol=0)
+
+
+def test_accumulating_two_steps_equals_the_oracle():
+    d1, d2 = _data(seed=1), _data(seed=2)
+    w = d1["lm_head_weight"].clone().requires_grad_()
+    for schedule_backend in (("eager", "torch"), ("recompute", "reference")):
+        w.grad = None
+        for d in (d1, d2):
+            out = fused_dpo_loss(labels=d["labels"], policy_hidden=d["policy_hidden"], lm_head_weight=w,
+                                 ref_hidden=d["ref_hidden"], ref_lm_head_weight=d["ref_lm_head_weight"],
+                                 schedule=schedule_backend[0], backend=schedule_backend[1])
+            (out.loss / 2).backward()
+        if schedule_backend[0] == "eager":
+            eager_grad = w.grad.clone()
+    _assert_close(eager_grad, w.grad, RTOL[torch.float64], "accumulated dW")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+@pytest.mark.parametrize("weights", ["fp32 master weights under autocast", "bf16 weights"])
+def test_mixed_precision_is_no_worse_than_the_recompute_schedule(loss_type, weights):
+    """bf16: the eager schedule's error against fp32 is the recompute schedule's (the same tiles; a half weight over
+    several groups accumulates in fp32), plus a small margin."""
+    d32 = _data(torch.float32)
+    exact = _run(d32, backend="torch", loss_type=loss_type, schedule="recompute")
+    if weights == "bf16 weights":
+        d = {k: (v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v) for k, v in d32.items()}
+        context = torch.autocast("cpu", enabled=False)
+    else:
+        d = {**d32, "policy_hidden": d32["policy_hidden"].to(torch.bfloat16)}
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    errors = {}
+    several = _mb(PAIR_TOKENS, torch.float32, loss_type) + V * D * 4 / 2**20  # room for the fp32 accumulator
+    for schedule, budget in (("recompute", None), ("eager", None), ("eager", several)):
+        with context:
+            out, grads = _run(d, backend="torch", loss_type=loss_type, schedule=schedule, eager_budget_mb=budget)
+        errors[schedule, budget] = [
+            ((g.double() - e.double()).abs().max() / e.abs().max()).item() for g, e in zip(grads, exact[1])
+        ]
+    for key, errs in errors.items():
+        for got, baseline in zip(errs, errors["recompute", None]):
+            assert got <= baseline * 1.1 + 1e-3, f"{key}: {errs} against the recompute schedule's {baseline}"
+
+
+class _GemmCounter(TorchDispatchMode):
+    """Sums ``2 m n k`` over every matrix product the call issues."""
+
+    PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            a, b = (args[0], args[1]) if name in ("mm", "bmm", "matmul") else (args[1], args[2])
+            self.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("loss_type", "head", "schedule", "multiple"), [
+    ("sigmoid", "trainable", "eager", 8), ("sigmoid", "trainable", "recompute", 10),
+    ("sigmoid", "frozen", "eager", 6), ("sigmoid", "frozen", "recompute", 8),
+    ("tdpo2", "trainable", "eager", 8), ("tdpo2", "trainable", "recompute", 12),
+])
+def test_gemm_flops_counted(loss_type, head, schedule, multiple):
+    """``k n D V`` FLOPs forward + backward, ``n`` the kept tokens: the eager schedule never recomputes a tile."""
+    d = _data(torch.float32, bias=False)
+    hidden = d["policy_hidden"].clone().requires_grad_()
+    weight = d["lm_head_weight"].clone().requires_grad_(head == "trainable")
+    n = int((d["labels"] != -100).sum())
+    with _GemmCounter() as counter:
+        out = fused_dpo_loss(labels=d["labels"], policy_hidden=hidden, lm_head_weight=weight,
+                             ref_hidden=d["ref_hidden"], ref_lm_head_weight=d["ref_lm_head_weight"],
+                             loss_type=loss_type, backend="torch", schedule=schedule)
+        out.loss.backward()
+    assert counter.flops == multiple * n * D * V
+
+
+def test_the_choice_is_logged_and_a_forced_schedule_that_cannot_run_raises(caplog):
+    d = _data()
+    tensors = {k: v for k, v in d.items()}
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        fused_dpo_loss(**{**tensors, "policy_hidden": tensors["policy_hidden"].requires_grad_()}, backend="torch")
+    assert "eager schedule, 1 group(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"), torch.no_grad():
+        fused_dpo_loss(**tensors, backend="torch")
+    assert "recompute schedule (no gradient is needed)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        fused_dpo_loss(**tensors, backend="torch", eager_budget_mb=_mb(4))
+    assert "one pair's kept tiles need" in caplog.text
+    with pytest.raises(ValueError, match="schedule='eager' cannot run here: one pair's kept tiles"):
+        fused_dpo_loss(**tensors, backend="torch", schedule="eager", eager_budget_mb=_mb(4))
+    with pytest.raises(ValueError, match="schedule='eager' cannot run here: the policy is given as logits"):
+        fused_dpo_loss(labels=d["labels"], policy_logits=torch.randn(2 * B, T, V, requires_grad=True),
+                       ref_logps=torch.zeros(2 * B), schedule="eager")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fused_dpo_loss(**tensors, schedule="lazy")
+    with pytest.raises(ValueError, match="eager_budget_mb"):
+        fused_dpo_loss(**tensors, eager_budget_mb=0)
+
+
+def test_a_coupled_loss_over_several_groups_takes_the_recompute_schedule(caplog):
+    d = _data()
+    d["policy_hidden"].requires_grad_()
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        fused_dpo_loss(**d, loss_type="aot", backend="torch", eager_budget_mb=_mb(PAIR_TOKENS))
+    assert "recompute schedule (loss_type ['aot'] couples the pairs" in caplog.text
+
+
+def test_half_weights_over_several_groups_count_the_fp32_accumulator(caplog):
+    """The fp32 ``[V, D]`` accumulator of a bf16 weight split over groups is counted against the budget."""
+    d = {k: (v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v) for k, v in _data().items()}
+    d["lm_head_weight"].requires_grad_()
+    accumulator_mb = V * D * 4 / 2**20
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        fused_dpo_loss(**d, backend="torch", eager_budget_mb=_mb(PAIR_TOKENS, torch.float32))
+    assert "the fp32 weight-gradient accumulator" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        fused_dpo_loss(**d, backend="torch", eager_budget_mb=_mb(PAIR_TOKENS, torch.float32) + accumulator_mb)
+    assert "eager schedule, 3 group(s)" in caplog.text
+
+
+@pytest.mark.parametrize("average_log_prob", [False, True])
+def test_tdpo_kl_is_aggregated_like_the_log_ratios(average_log_prob):
+    """The TDPO authors' ``_tdpo_get_batch_logps``: with ``average_log_prob`` the per-position KL is averaged over
+    the sequence's kept tokens, as the log-ratio is; summed otherwise."""
+    d = _data()
+    logits = d["policy_hidden"] @ d["lm_head_weight"].T + d["lm_head_bias"]
+    ref_logits = d["ref_hidden"] @ d["ref_lm_head_weight"].T
+    mask = d["labels"] != -100
+    lp, rlp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    kl = ((rlp.exp() * (rlp - lp)).sum(-1) * mask).sum(1)
+    if average_log_prob:
+        kl = kl / mask.sum(1)
+    for schedule in ("eager", "recompute"):
+        out = fused_dpo_loss(**d, loss_type="tdpo2", average_log_prob=average_log_prob, schedule=schedule,
+                             backend="torch")
+        torch.testing.assert_close(torch.cat([out.chosen_kl, out.rejected_kl]), kl, rtol=1e-10, atol=1e-12)
+        assert out.metrics["kl/chosen"] == pytest.approx(kl[:B].mean().item(), rel=1e-10)
+
+
+
+def test_a_second_backward_through_the_loss_says_what_to_do():
+    d = _data()
+    d["policy_hidden"].requires_grad_()
+    out = fused_dpo_loss(**d, backend="torch", schedule="eager")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="needs schedule='recompute'"):
+        out.loss.backward()
+    again = fused_dpo_loss(**d, backend="torch", schedule="recompute")
+    again.loss.backward(retain_graph=True)
+    again.loss.backward()
+
+
+def test_under_compile_auto_takes_the_recompute_schedule_and_a_forced_eager_one_says_why():
+    torch._dynamo.reset()
+    d = _data(torch.float32)
+    d["policy_hidden"].requires_grad_()
+
+    def loss(schedule):
+        return fused_dpo_loss(**d, backend="torch", schedule=schedule).loss
+
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled("auto"), loss("recompute"), rtol=1e-6, atol=0)
+    with pytest.raises(Exception, match="schedule='eager' cannot run here: under torch.compile"):
+        compiled("eager")
