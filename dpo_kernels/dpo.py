@@ -180,8 +180,9 @@ class DPOLossOutput:
 
     ``loss`` is the differentiable scalar. ``chosen_logps`` / ``rejected_logps`` are the policy's sequence log-probs
     (sum, or mean with ``average_log_prob``) and stay differentiable, so callers can add terms of their own.
-    Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the token-level KLs aggregated as the log-probs are (summed,
-    or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` holds detached floats named as TRL logs them (0-dim fp64 tensors under ``torch.compile``).
+    Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the token-level KLs aggregated as the log-probs are
+    (summed, or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` holds detached
+    floats named as TRL logs them (0-dim fp64 tensors under ``torch.compile``).
     """
 
     loss: torch.Tensor
@@ -260,7 +261,8 @@ def fused_dpo_loss(
     and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` computes the policy's gradients
     in the forward, over groups of whole pairs whose fp32 tiles fit ``eager_budget_mb``; ``"recompute"`` recomputes
     the tiles in the backward; ``"auto"``, the default, takes eager where it can run, see
-    :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
+    :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the
+    tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
     ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives;
     ``vocab_parallel_group``: the policy's and the reference's logits, or heads, are this rank's slices of a
@@ -446,8 +448,8 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
     labels = _shifted_labels(inputs.labels, config)
     eager = _eager_plan(config, inputs, labels, vocab_slice)
     if eager is not None:
-        loss, token_logps, token_ref_logps, token_kl, log_sum_sq = _eager_statistics(config, inputs, vocab_slice,
-                                                                                      *eager)
+        loss, token_logps, token_ref_logps, token_kl, log_sum_sq = _eager_statistics(config, inputs, labels,
+                                                                                      vocab_slice, *eager)
     else:
         loss, (token_logps, token_ref_logps, token_kl, log_sum_sq) = None, _token_statistics(config, inputs,
                                                                                             vocab_slice)
@@ -524,14 +526,11 @@ def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.T
     """``(groups, kernels)`` for the eager schedule, or ``None`` for the recompute schedule; the choice and its
     reason are logged at debug level. ``schedule="eager"`` raises where the eager schedule cannot run."""
     plan = _why_not_eager(config, inputs, labels, vs)
-    if isinstance(plan, str) and torch.compiler.is_compiling():  # Dynamo traces no logging call
-        if config.schedule == "eager":
-            raise ValueError(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'")
-        return None
     if isinstance(plan, str):
         if config.schedule == "eager" and plan != _NO_GRADIENT:  # forward only: there is no backward to schedule
             raise ValueError(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'")
-        _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
+        if not torch.compiler.is_compiling():  # Dynamo traces no logging call
+            _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
         return None
     _log.debug("fused_dpo_loss: eager schedule, %d group(s) of pairs %s", len(plan[0].bounds), plan[0].bounds)
     return plan
@@ -579,11 +578,12 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     return groups, kernels
 
 
-def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None, groups, kernels):
-    """``(loss, logps, ref_logps, kl, log_sum_sq)`` by the eager schedule: the loss with its gradients computed in
-    the forward, and the per-token statistics ``[2B, T]`` (``logps`` and ``kl`` differentiable)."""
+def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,
+                      groups, kernels):
+    """``(loss, logps, ref_logps, kl, log_sum_sq)`` by the eager schedule for the (shifted) ``labels``: the loss with
+    its gradients computed in the forward, and the per-token statistics ``[2B, T]`` (``logps`` and ``kl``
+    differentiable)."""
     opts = config.token_options
-    labels = _shifted_labels(inputs.labels, config)
     policy_head = _head(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias, config)
     ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
     ref_from_logits = None

@@ -258,15 +258,12 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
 
 
 def linear_tile_kernels(heads: list[LinearHead], backend: str):
-    """The tile kernels the linear path would run on for these heads under ``backend`` (after the backend's input
-    check), or why there are none: a string."""
+    """The tile kernels the linear path would run on for these heads under ``backend``, or why there are none: a
+    string."""
     dtypes = _dtypes(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
-    name, impl = resolve_backend(backend, heads[0].hidden.device, dtypes)
-    kernels = entry_points(impl)
-    if tile_kernels_of(impl) is None:
-        return f"backend={name!r} has no tile kernels (the single-process oracle)"
-    kernels._check(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
-    return kernels.tiles
+    name, impl = resolve_backend(backend, heads[0].hidden.device, dtypes)  # refuses dtypes the backend cannot take
+    kernels = tile_kernels_of(impl)
+    return f"backend={name!r} has no tile kernels (the single-process oracle)" if kernels is None else kernels
 
 
 def run_eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels, call):

@@ -148,10 +148,6 @@ class Side:
         return cls(products.operand(rows.gather(head.hidden)), head.weight, products.bias(head.bias), products)
 
     @property
-    def stored(self) -> bool:
-        return False
-
-    @property
     def vocab(self) -> int:
         return self.weight.shape[0]
 
@@ -195,10 +191,6 @@ class StoredSide(Side):
 
     store: TileStore | None = None
     kept: bool = False
-
-    @property
-    def stored(self) -> bool:
-        return True
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products,
@@ -386,7 +378,7 @@ def grad_all(rows: KeptTokens, policy: Side, ref: Side | None, bw: Backward, nee
     if plan is None:
         plan = plan_tiles(n, vocab, scratch_bytes_per_entry(sdt, ref, products), bw.opts, device)
     one_block = plan.single_token_block(n)
-    stored = (policy.stored, ref is not None and ref.stored)
+    stored = (isinstance(policy, StoredSide), isinstance(ref, StoredSide))
     scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, device, stored)
     for v0, v1 in plan.vocab_chunks(vocab):
         dw_acc, dw_written = None, False

@@ -53,12 +53,10 @@ GroupLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor | None, to
 @dataclass(frozen=True)
 class PairGroups:
     """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
-    budget; ``weight_accumulator``: a half weight over several groups accumulates into an fp32 ``[V, D]`` buffer;
-    ``tokens``: each group's kept tokens."""
+    budget; ``tokens``: each group's kept tokens."""
 
     pairs: int
     bounds: tuple[tuple[int, int], ...]
-    weight_accumulator: bool
     tokens: tuple[int, ...]  # kept tokens of each group
 
     @property
@@ -84,7 +82,7 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
     if largest > budget_bytes:
         return f"one pair's kept tiles need {_mib(largest)}, more than eager_budget_mb={_mib(budget_bytes)}"
     if sum(tokens_per_pair) * bytes_per_token <= budget_bytes:
-        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), False, (sum(tokens_per_pair),))
+        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (sum(tokens_per_pair),))
     room = budget_bytes - weight_accumulator_bytes
     if largest > room:
         return (f"the pairs need several groups and the fp32 weight-gradient accumulator "
@@ -98,7 +96,7 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
         used += tokens * bytes_per_token
     bounds.append((start, len(tokens_per_pair)))
     tokens = tuple(sum(tokens_per_pair[b0:b1]) for b0, b1 in bounds)
-    return PairGroups(len(tokens_per_pair), tuple(bounds), weight_accumulator_bytes > 0, tokens)
+    return PairGroups(len(tokens_per_pair), tuple(bounds), tokens)
 
 
 def _mib(size: int) -> str:
@@ -108,8 +106,7 @@ def _mib(size: int) -> str:
 @dataclass(frozen=True)
 class EagerCall:
     """The non-tensor arguments of one eager call: options, tile kernels, the groups, whether the reference's tiles
-    are kept (a TDPO loss), whether the logged statistics are folded, the group loss, the vocabulary slice and the
-    context that gathers a sharded head for a recompute backward."""
+    are kept (a TDPO loss), whether the logged statistics are folded, the group loss and the vocabulary slice."""
 
     opts: TokenOptions
     kernels: TileKernels
@@ -118,7 +115,6 @@ class EagerCall:
     logging: bool
     group_loss: GroupLoss
     vocab_slice: VocabSlice | None = None
-    head_context: Callable | None = None
 
 
 def eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, call: EagerCall):
@@ -146,11 +142,24 @@ class _GroupGrads:
     dh: torch.Tensor | None
 
 
+@dataclass
+class _GroupResult:
+    """One group's forward (``outs`` of :func:`.driver.finish_forward`, ``lse``/``ref_lse`` ``[2B_g, T]``), its share
+    of the loss, its ``dH`` and, for a call of one group, the weight gradient written by it."""
+
+    outs: list
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    loss: torch.Tensor
+    grads: _GroupGrads
+    dw: torch.Tensor | None
+
+
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
-               bounds: tuple[int, int], need, dw, db, buffers):
-    """Forward and loss gradient of one group of pairs: ``(outs, lse, ref_lse, loss, grads)``; ``dW`` and ``db`` are
-    accumulated into ``dw`` / ``db`` (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the
-    reference's kept-tile buffers, shared by every group of the call."""
+               bounds: tuple[int, int], need, dw, db, buffers) -> _GroupResult:
+    """Forward and loss gradient of one group of pairs; ``dW`` and ``db`` are accumulated into ``dw`` / ``db``
+    (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the reference's kept-tile buffers,
+    shared by every group of the call."""
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
 
@@ -186,7 +195,10 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
         db += group_db
     if dh is not None and call.vocab_slice is not None:
         all_reduce_hidden_grad(dh, call.vocab_slice.group)
-    return outs, lse, ref_lse, loss, _GroupGrads(batch_rows, rows, group_labels.shape, dh), group_dw
+    shape = group_labels.shape
+    return _GroupResult(outs, rows.scatter(lse, shape, sdt),
+                        None if ref_lse is None else rows.scatter(ref_lse, shape, sdt),
+                        loss, _GroupGrads(batch_rows, rows, shape, dh), group_dw)
 
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
@@ -202,7 +214,7 @@ def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool,
 
 def advise_huge_pages(t: torch.Tensor) -> None:
     """On a Linux CPU, ask for transparent huge pages over a large fresh buffer (``madvise(MADV_HUGEPAGE)``): its
-    first touch then faults in 2 MiB pages instead of 4 KiB ones. Measured on this project's 2-core CI machine: a
+    first touch then faults in 2 MiB pages instead of 4 KiB ones. Measured once on the 2-core development machine: a
     393 MiB buffer first written in 0.17 s with 4 KiB pages, 0.05 s with huge pages. Elsewhere, or where the kernel
     refuses, nothing happens."""
     if t.device.type != "cpu" or t.numel() * t.element_size() < _HUGE_PAGE * 8 or _libc() is None:
@@ -243,11 +255,13 @@ def _group_upstream(outs, batch_rows, with_ref: bool, keep_ref: bool, call: Eage
     return loss.detach(), grads[0], (grads[1] if keep_ref else None)
 
 
-def _assemble(per_group: list[torch.Tensor | None], grads: list[_GroupGrads], total_shape, dtype, device):
-    """Per-group ``[2B_g, T, ...]`` tensors -> one ``[2B, T, ...]`` tensor in batch row order."""
+def _assemble(per_group: list[torch.Tensor], grads: list[_GroupGrads], total_shape) -> torch.Tensor:
+    """Per-group ``[2B_g, T, ...]`` tensors -> one ``[2B, T, ...]`` tensor in batch row order (the groups cover every
+    row)."""
     if len(per_group) == 1:
         return per_group[0]
-    out = torch.empty((*total_shape, *per_group[0].shape[2:]), dtype=dtype, device=device)
+    first = per_group[0]
+    out = torch.empty((*total_shape, *first.shape[2:]), dtype=first.dtype, device=first.device)
     for part, group in zip(per_group, grads, strict=True):
         out.index_copy_(0, group.batch_rows, part)
     return out
@@ -269,18 +283,14 @@ class _EagerPairs(torch.autograd.Function):
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, bounds, need, dw, db,
                               buffers) for bounds in call.groups.bounds]
         del buffers
-        grads = [r[4] for r in results]
-        loss = torch.stack([r[3] for r in results]).sum()
+        grads = [r.grads for r in results]
+        loss = torch.stack([r.loss for r in results]).sum()
         if not several:
-            dw = results[0][5]
-        outs = [_assemble([r[0][i] for r in results], grads, labels.shape, results[0][0][i].dtype, hidden.device)
-                for i in range(len(results[0][0]))]
-        lse = _assemble([g.rows.scatter(r[1], g.shape, sdt) for r, g in zip(results, grads)], grads, labels.shape,
-                        sdt, hidden.device)
-        ref_lse = None
-        if ref is not None:
-            ref_lse = _assemble([g.rows.scatter(r[2], g.shape, sdt) for r, g in zip(results, grads)], grads,
-                                labels.shape, sdt, hidden.device)
+            dw = results[0].dw
+        outs = [_assemble([r.outs[i] for r in results], grads, labels.shape)
+                for i in range(len(results[0].outs))]
+        lse = _assemble([r.lse for r in results], grads, labels.shape)
+        ref_lse = None if ref is None else _assemble([r.ref_lse for r in results], grads, labels.shape)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.grads, ctx.dw, ctx.db, ctx.lse, ctx.ref_lse = grads, dw, db, lse, ref_lse
         ctx.ref, ctx.products, ctx.call = ref, (products, ref_products), call
@@ -314,14 +324,8 @@ class _EagerPairs(torch.autograd.Function):
 
 def _scaled_hidden_grad(grads: list[_GroupGrads], grad_loss: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The loss's ``dH`` like ``hidden``, each group's fp32 rows scaled by the upstream and rounded once."""
-    if len(grads) == 1:
-        g = grads[0]
-        return g.rows.scatter(g.dh.mul_(grad_loss), hidden.shape, hidden.dtype)
-    out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    for g in grads:
-        out.index_copy_(0, g.batch_rows, g.rows.scatter(g.dh.mul_(grad_loss), (*g.shape, hidden.shape[-1]),
-                                                        hidden.dtype))
-    return out
+    parts = [g.rows.scatter(g.dh.mul_(grad_loss), (*g.shape, hidden.shape[-1]), hidden.dtype) for g in grads]
+    return _assemble(parts, grads, hidden.shape[:2])
 
 
 def _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, need):
@@ -333,7 +337,7 @@ def _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, n
     state = driver.ForwardState(rows, rows.select(ctx.lse, sdt),
                                 None if ctx.ref_lse is None else rows.select(ctx.ref_lse, sdt), call.opts,
                                 call.kernels, ctx.ref, *ctx.products, call.vocab_slice)
-    return driver.linear_backward(hidden, weight, bias, state, grad_logp, grad_kl, need, call.head_context)
+    return driver.linear_backward(hidden, weight, bias, state, grad_logp, grad_kl, need)
 
 
 def _add(a, b):
