@@ -3,8 +3,10 @@
 The pure-Python package always installs. ``dpo_kernels._C`` is built from ``csrc/`` when there are C++ sources,
 torch is importable in the build environment (install with ``pip install --no-build-isolation``, after torch, so
 that pip never resolves a torch of its own) and a C++ compiler exists; CUDA sources are added when ``nvcc`` and a
-CUDA build of torch are present. ``DPO_KERNELS_NO_EXTENSION=1`` skips the extension. Without ``_C`` the ``cpu`` and
-``cuda`` backends report themselves unavailable and everything else works.
+CUDA build of torch of the same CUDA major version are present (otherwise the CPU part is built and the reason is
+recorded for ``python -m dpo_kernels``, see ``dpo_kernels/build_config.py``). ``DPO_KERNELS_NO_EXTENSION=1`` skips
+the extension. Without ``_C`` the ``cpu`` and ``cuda`` backends report themselves unavailable and everything else
+works.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ import shutil
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_config():
+    """``dpo_kernels/build_config.py``, loaded by path: the package itself cannot be imported while it is built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_dpo_kernels_build_config",
+                                                  os.path.join(HERE, "dpo_kernels", "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extension_modules():
@@ -39,10 +52,13 @@ def _extension_modules():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("dpo_kernels: no C++ compiler found (set CXX, or DPO_KERNELS_NO_EXTENSION=1 to skip)")
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    build_config = _build_config()
+    use_cuda, why_not = build_config.cuda_decision(
+        bool(cuda_sources), torch.version.cuda, cpp_extension.CUDA_HOME,
+        build_config.nvcc_version(cpp_extension.CUDA_HOME))
     if cuda_sources and not use_cuda:
-        missing = "a CUDA build of torch" if torch.version.cuda is None else "nvcc (CUDA_HOME)"
-        print(f"dpo_kernels: building the CPU kernels only; the CUDA kernels need {missing}")
+        print(f"dpo_kernels: building the CPU kernels only: {why_not}")
+    build_config.write_build_info(None if use_cuda else why_not)
     extension_cls = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     cxx_flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
@@ -69,7 +85,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dpo_kernels", "dpo_kernels.*"]),
-    package_data={"dpo_kernels": ["MATH.md"]},
+    package_data={"dpo_kernels": ["MATH.md", "_build_info.json"]},
     license="MIT",
     # torch is required but never resolved here on a machine that has one: install torch first (see README).
     install_requires=["torch>=2.1"],

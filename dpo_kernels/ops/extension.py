@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from ..build_config import read_build_info
+
 
 @functools.lru_cache(maxsize=None)
 def load() -> tuple[object | None, str | None]:
@@ -35,7 +37,8 @@ def cuda_unavailable_reason() -> str | None:
     if reason is not None:
         return reason
     if not module.built_with_cuda():
-        return "dpo_kernels._C was built without its CUDA kernels (needs nvcc and a CUDA build of torch at build time)"
+        why = read_build_info().get("cuda_left_out") or "needs nvcc and a CUDA build of torch at build time"
+        return f"dpo_kernels._C was built without its CUDA kernels: {why}"
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None

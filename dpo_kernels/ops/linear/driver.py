@@ -52,8 +52,8 @@ from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
     LOGGED_OUTPUTS, LogitsTile, RefRow, StatRow, TileKernels, finish_lse, logging_outputs, new_ref_stats, new_stats,
 )
-from .plan import TilePlan, plan_tiles
-from .products import Products, product_dtype
+from .plan import TilePlan, kept_tiles_count, plan_tiles
+from .products import Products, product_dtype, report_products
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
@@ -253,7 +253,9 @@ def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKer
     stats = new_stats(n, sdt, device, logging=logging)
     ref_stats = None if ref is None else new_ref_stats(n, sdt, device)
     if plan is None:
-        plan = plan_tiles(n, vocab, sdt.itemsize * (1 if ref is None else 2), opts, device)
+        per_entry = sdt.itemsize * (1 if ref is None else 2)
+        dim = policy.weight.shape[1] if isinstance(policy, Side) else None  # from logits: no head, no dH
+        plan = plan_tiles(n, vocab, per_entry, opts, device, dim=dim)
     scratch = None if isinstance(policy, StoredSide) else _scratch(plan, n, vocab, sdt, device)
     ref_scratch = None if ref is None or isinstance(ref, StoredSide) else _scratch(plan, n, vocab, sdt, device)
     for n0, n1 in plan.token_blocks(n):
@@ -353,10 +355,13 @@ def _token_index(flat_index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     return flat_index // x.shape[1], flat_index % x.shape[1]
 
 
-def scratch_bytes_per_entry(sdt: torch.dtype, ref, products: Products,
+def scratch_bytes_per_entry(sdt: torch.dtype, ref, products: Products, device: torch.device,
                             stored: tuple[bool, bool] = (False, False)) -> int:
-    """Scratch per tile entry: the fp32 tile and the reference's (each unless ``stored`` in a :class:`TileStore`),
-    and ``dZ`` in the GEMM operand dtype when that differs."""
+    """Tile bytes per entry that the tile budget bounds: the fp32 tile and the reference's (a tile ``stored`` in a
+    :class:`TileStore` only where :func:`.plan.kept_tiles_count`), and ``dZ`` in the GEMM operand dtype when that
+    differs."""
+    if kept_tiles_count(device):
+        stored = (False, False)
     tiles = sdt.itemsize * ((0 if stored[0] else 1) + (0 if ref is None or stored[1] else 1))
     return max(1, tiles + (0 if products.operand_dtype == sdt else products.operand_bytes))
 
@@ -376,7 +381,7 @@ def grad_all(rows: KeptTokens, policy: Side, ref: Side | None, bw: Backward, nee
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
     dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
     if plan is None:
-        plan = plan_tiles(n, vocab, scratch_bytes_per_entry(sdt, ref, products), bw.opts, device)
+        plan = plan_tiles(n, vocab, scratch_bytes_per_entry(sdt, ref, products, device), bw.opts, device, dim=dim)
     one_block = plan.single_token_block(n)
     stored = (isinstance(policy, StoredSide), isinstance(ref, StoredSide))
     scratch = _GradScratch.of(plan, n, vocab, sdt, dz_dtype, ref is not None, device, stored)
@@ -467,8 +472,13 @@ def head_products(hidden, weight, ref: LinearHead | None,
     if compute is None:
         compute = (product_dtype(hidden, weight), None if ref is None else product_dtype(ref.hidden, ref.weight))
     device_type = hidden.device.type
-    return (Products.in_dtype(compute[0], device_type, sdt),
-            None if ref is None else Products.in_dtype(compute[1], device_type, sdt))
+    products = Products.in_dtype(compute[0], device_type, sdt)
+    report_products(products, hidden, weight)
+    if ref is None:
+        return products, None
+    ref_products = Products.in_dtype(compute[1], device_type, sdt)
+    report_products(ref_products, ref.hidden, ref.weight)
+    return products, ref_products
 
 
 def logits_forward(logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels,

@@ -29,9 +29,6 @@ takes an fp32 ``[V, D]`` accumulator counted against the budget (or, when it doe
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -179,8 +176,8 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
             ref_side = driver.StoredSide.of(ref_head, rows, ref_products, buffers[1])
         else:
             ref_side = driver.Side.of(ref_head, rows, ref_products)
-    per_entry = driver.scratch_bytes_per_entry(sdt, ref_side, products, stored=(True, keep_ref))
-    plan = plan_tiles(rows.n, vocab, per_entry, opts, device)
+    per_entry = driver.scratch_bytes_per_entry(sdt, ref_side, products, device, stored=(True, keep_ref))
+    plan = plan_tiles(rows.n, vocab, per_entry, opts, device, dim=weight.shape[1])
     with driver.no_autocast(device):
         stats, ref_stats = driver.fold_all(rows, policy, ref_side, opts, call.kernels, call.logging, device, plan)
     outs, lse, ref_lse = driver.finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
@@ -206,39 +203,10 @@ def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool,
     and reused by every group: allocated and first touched once per call."""
     entries = call.groups.largest_group * vocab
     count = 2 if with_ref and call.keep_ref_tiles else 1
+    # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
+    # ~0.05 s of first-touch faults on a 393 MiB buffer but stalled up to 2.7 s in compaction now and then.
     buffers = [torch.empty(entries, dtype=sdt, device=device) for _ in range(count)]
-    for b in buffers:
-        advise_huge_pages(b)
     return buffers + [None] * (2 - count)
-
-
-def advise_huge_pages(t: torch.Tensor) -> None:
-    """On a Linux CPU, ask for transparent huge pages over a large fresh buffer (``madvise(MADV_HUGEPAGE)``): its
-    first touch then faults in 2 MiB pages instead of 4 KiB ones. Measured once on the 2-core development machine: a
-    393 MiB buffer first written in 0.17 s with 4 KiB pages, 0.05 s with huge pages. Elsewhere, or where the kernel
-    refuses, nothing happens."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < _HUGE_PAGE * 8 or _libc() is None:
-        return
-    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-
-
-_HUGE_PAGE = 2**21
-_MADV_HUGEPAGE = 14  # linux/mman.h
-
-
-@functools.cache
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 def _group_upstream(outs, batch_rows, with_ref: bool, keep_ref: bool, call: EagerCall):

@@ -5,14 +5,27 @@ tile, the ``dZ`` tile in the GEMM operand dtype) counts against ``tile_budget_mb
 small next to what a training step already holds (the head's weight gradient is ``V x D``). This module is the one
 place that states the defaults (the docstrings elsewhere point here):
 
-- CPU: 16 MiB, so a tile stays near the last-level cache between the GEMM that writes it and the kernel that folds it;
-- accelerators: 128 MiB. At N = 8192 tokens in bf16 that is a full-height tile of about 2.5k vocabulary columns in
-  the backward (fp32 logits + bf16 ``dZ``, 6 bytes per entry): GEMMs of ``8192 x 2560 x D``, large enough for the
-  tensor cores, and 51 vocabulary chunks for a 128k vocabulary.
+- CPU: 16 MiB, so a tile stays near the last-level cache between the GEMM that writes it and the kernel that folds it.
+  There the budget bounds a tile's working set, so a tile kept in the eager schedule's store counts like a scratch
+  tile (measured on the 2-core development machine, 32 MiB L3: sizing the kept tiles by the scratch alone made
+  3072 x 1280 fp32 tiles, policy and reference 31 MiB together, and the eager forward 0.2-0.5 s slower than the same
+  GEMMs at the recompute schedule's 2048 x 1024);
+- accelerators: derived from the traffic of the backward, between 128 and 384 MiB. Each vocabulary chunk reads and
+  writes the fp32 ``dH [n, D]`` accumulator once, ``8 n D`` bytes, against about 14 bytes per tile entry for the tile
+  itself in bf16 (the fp32 logits written and read, ``dZ`` written and read by two GEMMs). A chunk at least
+  ``CHUNK_COLUMNS_PER_DIM x D`` = 2 D columns wide keeps the accumulator at or under 4 bytes per entry, so the
+  default is the budget of a full-height tile that wide, ``n x 2D x bytes per entry``, within those bounds. At the
+  Llama-3 head (D = 4096, V = 128256) and N = 8192 bf16 tokens that is the 384 MiB cap: 16 vocabulary chunks of
+  about 8k columns and 4.3 GB of ``dH`` traffic, where a fixed 128 MiB made 51 chunks of 2560 (a last one of 256)
+  and 13.7 GB. What it costs: up to 256 MiB more scratch than 128 MiB, for the length of one forward or backward.
+  A caller's ``tile_budget_mb`` replaces the derived default.
 
-All tokens go in one block whenever a tile of ``MIN_VOCAB_CHUNK`` columns fits the budget (then the backward writes
-each vocabulary chunk's weight gradient with one GEMM); otherwise tokens are split into blocks of
-``budget / (MIN_VOCAB_CHUNK x bytes)``. ``token_chunk_size`` / ``vocab_chunk_size`` override either size.
+Tiles are balanced: the tokens are split into blocks that differ by at most one token, the vocabulary into chunks
+whose widths differ by at most one ``VOCAB_ALIGN`` (the last one is trimmed to the vocabulary, by less than
+``VOCAB_ALIGN`` columns), so no ragged tail of a few columns runs a nearly empty GEMM. All tokens go in one block
+whenever a tile of ``MIN_VOCAB_CHUNK`` columns fits the budget (then the backward writes each vocabulary chunk's
+weight gradient with one GEMM). ``token_chunk_size`` / ``vocab_chunk_size`` fix either size exactly (the last block
+or chunk then takes what is left).
 """
 
 from __future__ import annotations
@@ -25,22 +38,40 @@ import torch
 from ...options import TokenOptions
 
 DEFAULT_TILE_BUDGET_MB = {"cpu": 16.0}
-ACCELERATOR_TILE_BUDGET_MB = 128.0
+ACCELERATOR_TILE_BUDGET_MB = 128.0  # the floor of the derived accelerator default
+ACCELERATOR_TILE_BUDGET_CAP_MB = 384.0  # its cap
+CHUNK_COLUMNS_PER_DIM = 2
 MIN_VOCAB_CHUNK = 1024
 VOCAB_ALIGN = 256  # vocabulary chunks are multiples of this when wider (aligned rows, whole GEMM tiles)
 
 
-def default_tile_budget_mb(device: torch.device) -> float:
-    return DEFAULT_TILE_BUDGET_MB.get(device.type, ACCELERATOR_TILE_BUDGET_MB)
+def default_tile_budget_mb(device: torch.device, n: int | None = None, dim: int | None = None,
+                           bytes_per_entry: int | None = None) -> float:
+    """The default tile budget in MiB: the CPU's, or on an accelerator the traffic-derived one of this module's
+    docstring for ``n`` tokens of a ``dim``-wide head (the floor when any of them is unknown)."""
+    if device.type in DEFAULT_TILE_BUDGET_MB:
+        return DEFAULT_TILE_BUDGET_MB[device.type]
+    if n is None or dim is None or bytes_per_entry is None:
+        return ACCELERATOR_TILE_BUDGET_MB
+    wanted = n * CHUNK_COLUMNS_PER_DIM * dim * bytes_per_entry / 2**20
+    return min(ACCELERATOR_TILE_BUDGET_CAP_MB, max(ACCELERATOR_TILE_BUDGET_MB, wanted))
 
 
-def tile_budget_bytes(opts: TokenOptions, device: torch.device) -> int:
-    """The one tile budget, in bytes: ``opts.tile_budget_mb``, else the device's default; the linear path's tiles and
-    the torch backend's from-logits tiles are sized from it."""
-    return int((opts.tile_budget_mb or default_tile_budget_mb(device)) * 2**20)
+def kept_tiles_count(device: torch.device) -> bool:
+    """Whether the tile budget counts tiles kept in the eager schedule's store (a cache budget: the CPU) or only the
+    scratch the driver allocates (accelerators, where larger tiles mean fewer, fuller launches)."""
+    return device.type == "cpu"
 
 
-DEFAULTS_TEXT = f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_TILE_BUDGET_MB:g} on accelerators"
+def tile_budget_bytes(opts: TokenOptions, device: torch.device, n: int | None = None, dim: int | None = None,
+                      bytes_per_entry: int | None = None) -> int:
+    """The one tile budget, in bytes: ``opts.tile_budget_mb``, else :func:`default_tile_budget_mb`; the linear path's
+    tiles and the torch backend's from-logits tiles are sized from it."""
+    return int((opts.tile_budget_mb or default_tile_budget_mb(device, n, dim, bytes_per_entry)) * 2**20)
+
+
+DEFAULTS_TEXT = (f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU; on accelerators derived from the backward's traffic, "
+                 f"{ACCELERATOR_TILE_BUDGET_MB:g} to {ACCELERATOR_TILE_BUDGET_CAP_MB:g} MiB")
 
 # The eager schedule's budget (dpo_kernels.ops.linear.eager): the kept fp32 tiles of a group of pairs, 4 V bytes per
 # kept token (8 V for TDPO), plus the fp32 weight-gradient accumulator of a half weight over several groups. On an
@@ -58,26 +89,50 @@ def eager_budget_bytes(budget_mb: float | None, device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """``tokens`` per token block, ``vocab`` columns per vocabulary chunk."""
+    """At most ``tokens`` per token block and ``vocab`` columns per vocabulary chunk; ``balanced_tokens`` /
+    ``balanced_vocab``: blocks / chunks of near-equal size (this module's docstring), else of exactly that size with
+    whatever is left at the end (sizes the caller fixed)."""
 
     tokens: int
     vocab: int
+    balanced_tokens: bool = False
+    balanced_vocab: bool = False
 
     def token_blocks(self, n: int) -> Iterator[tuple[int, int]]:
-        for start in range(0, n, self.tokens):
-            yield start, min(n, start + self.tokens)
+        return _pieces(n, self.tokens, 1, self.balanced_tokens)
 
     def vocab_chunks(self, v: int) -> Iterator[tuple[int, int]]:
-        for start in range(0, v, self.vocab):
-            yield start, min(v, start + self.vocab)
+        return _pieces(v, self.vocab, VOCAB_ALIGN if self.vocab > VOCAB_ALIGN else 1, self.balanced_vocab)
 
     def single_token_block(self, n: int) -> bool:
         return n <= self.tokens
 
 
-def plan_tiles(n: int, vocab: int, bytes_per_entry: int, opts: TokenOptions, device: torch.device) -> TilePlan:
-    """Tile sizes for ``n`` tokens and a ``vocab``-wide head, with ``bytes_per_entry`` of scratch per logit."""
-    entries = max(1, tile_budget_bytes(opts, device) // bytes_per_entry)
+def _pieces(total: int, most: int, align: int, balanced: bool) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` pieces of ``range(total)``, none longer than ``most``; balanced: as few as that allows, each a
+    whole number of ``align`` units, the units shared out so that sizes differ by at most one unit."""
+    if total <= most:
+        yield 0, total
+        return
+    if not balanced:
+        for start in range(0, total, most):
+            yield start, min(total, start + most)
+        return
+    units, per_piece = -(-total // align), max(1, most // align)
+    count = -(-units // per_piece)
+    small, extra = divmod(units, count)
+    start = 0
+    for i in range(count):
+        end = min(total, start + (small + (i < extra)) * align)
+        yield start, end
+        start = end
+
+
+def plan_tiles(n: int, vocab: int, bytes_per_entry: int, opts: TokenOptions, device: torch.device,
+               dim: int | None = None) -> TilePlan:
+    """Tile sizes for ``n`` tokens and a ``vocab``-wide head (``dim`` wide, when it is a head: the accelerator
+    default budget is derived from it), with ``bytes_per_entry`` of scratch per logit."""
+    entries = max(1, tile_budget_bytes(opts, device, n, dim, bytes_per_entry) // bytes_per_entry)
     n = max(n, 1)
     narrowest = min(vocab, MIN_VOCAB_CHUNK)
     if opts.token_chunk_size is not None:
@@ -85,11 +140,13 @@ def plan_tiles(n: int, vocab: int, bytes_per_entry: int, opts: TokenOptions, dev
     elif n * narrowest <= entries:
         tokens = n
     else:
-        tokens = max(1, entries // narrowest)
+        blocks = -(-n // max(1, entries // narrowest))
+        tokens = -(-n // blocks)  # balanced blocks: the same count, none larger than the budget allows
     if opts.vocab_chunk_size is not None:
         width = opts.vocab_chunk_size
     else:
         width = max(1, entries // tokens)
         if width > VOCAB_ALIGN:
             width -= width % VOCAB_ALIGN
-    return TilePlan(tokens=tokens, vocab=max(1, min(vocab, width)))
+    return TilePlan(tokens=tokens, vocab=max(1, min(vocab, width)), balanced_tokens=opts.token_chunk_size is None,
+                    balanced_vocab=opts.vocab_chunk_size is None)

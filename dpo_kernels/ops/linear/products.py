@@ -15,11 +15,21 @@ How: where the device multiplies half operands into an fp32 result (CUDA's ``tor
 i.e. cuBLAS on the tensor cores with fp32 accumulation; also the ``meta`` device), half operands go to the GEMM as
 they are. Elsewhere (the CPU) operands are converted to fp32 after the rounding, which computes the same products
 exactly. fp32 operands on CUDA follow ``torch.backends.cuda.matmul.allow_tf32``, as every ``torch.mm`` does.
+
+No slow path without a word: the policy chosen is logged once per device and dtypes (``dpo_kernels`` logger, info);
+on an accelerator a failed capability probe, or a large product promoted to fp32 by mixed dtypes outside autocast,
+warns once (:class:`SlowProductsWarning`) with the cost and the fix. The probes catch only failures that mean "not
+supported" and raise anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,28 +52,135 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+class SlowProductsWarning(UserWarning):
+    """The head's products run as fp32 x fp32 on an accelerator where half operands were expected (or asked for by
+    the inputs' dtypes): on an H100 the FMA units give about 45 TFLOP/s against the tensor cores' ~790."""
+
+
+_log = logging.getLogger("dpo_kernels")
+
+# What a capability probe may mean by failing: the operation does not exist for this device, dtype or torch release.
+# Anything else (a sticky CUDA error from earlier work, an out-of-memory) is not an answer about capability and is
+# raised, so that it is neither hidden nor cached as "unsupported".
+_UNSUPPORTED_MESSAGES = re.compile(r"not (be )?supported|unsupported|not implemented|only supported|out_dtype|"
+                                   r"could not run|accumulation", re.IGNORECASE)
+
+
+def _capability(probe: Callable[[], object]) -> tuple[bool, str]:
+    """``(True, "")`` when ``probe`` runs, ``(False, why)`` when it fails in a way that means "not supported"."""
+    try:
+        probe()
+        return True, ""
+    except (TypeError, NotImplementedError) as err:
+        return False, _first_line(err)
+    except RuntimeError as err:
+        if _UNSUPPORTED_MESSAGES.search(str(err)):
+            return False, _first_line(err)
+        raise
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 @functools.cache
 def half_into_float(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this device computes ``torch.mm(a, b, out_dtype=torch.float32)`` for ``dtype`` operands."""
-    try:
+    """Whether this device computes ``torch.mm(a, b, out_dtype=torch.float32)`` for ``dtype`` operands. On an
+    accelerator a "no" is warned about once (:class:`SlowProductsWarning`): every product of this dtype then runs
+    in fp32."""
+    def probe():
         a = torch.zeros((1, 1), dtype=dtype, device=device_type)
         torch.mm(a, a, out_dtype=torch.float32)
-        return True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+
+    ok, why = _capability(probe)
+    if not ok and device_type not in _WIDENING_DEVICES:
+        warnings.warn(
+            f"dpo_kernels: torch.mm(..., out_dtype=torch.float32) with {dtype} operands failed on {device_type} "
+            f"({why}), so every product of the fused head in {dtype} runs as fp32 x fp32 instead of on the tensor "
+            f"cores: about 15x slower at a Llama-3 head on an H100. Fix: torch >= 2.8 (half operands with an fp32 "
+            "output), and leave torch.backends.cuda.matmul.allow_fp16_accumulation off for fp16.",
+            SlowProductsWarning, stacklevel=2)
+    return ok
 
 
 @functools.cache
 def accumulates_into_float(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` works for an fp32 ``acc`` and ``dtype``
-    operands (newer torch releases; older ones require ``acc`` in the operands' dtype)."""
-    try:
+    operands (newer torch releases; older ones require ``acc`` in the operands' dtype). A "no" costs an fp32
+    temporary per accumulation, not fp32 operands, so it is only logged."""
+    def probe():
         a = torch.zeros((1, 1), dtype=dtype, device=device_type)
         acc = torch.zeros((1, 1), dtype=torch.float32, device=device_type)
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
+
+    ok, why = _capability(probe)
+    if not ok:
+        _log.debug("dpo_kernels: fp32 accumulation into an fp32 buffer is unavailable for %s on %s (%s): each "
+                   "accumulation goes through an fp32 temporary", dtype, device_type, why)
+    return ok
+
+
+# Devices whose GEMMs take the statistics dtype anyway (no half operands with an fp32 output, by design): the CPU,
+# whose products are computed exactly by widening the rounded operands.
+_WIDENING_DEVICES = ("cpu",)
+
+# Above this many multiply-adds (n x D x V) of one head, a promotion to fp32 products on an accelerator is warned
+# about: 2**30 is about 0.1 ms of H100 tensor-core time at bf16 and ~2 ms at fp32.
+SLOW_PRODUCTS_WARN_MACS = 2**30
+
+
+def report_products(products: "Products", hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """Log the product policy once per device and dtypes, and on an accelerator warn once when a large product runs
+    in fp32 although an input is in a half dtype outside autocast (``nn.Linear`` would refuse the mix; TRL multiplies
+    in the hidden states' dtype)."""
+    device_type = hidden.device.type
+    _log_policy(device_type, hidden.dtype, weight.dtype, products)
+    if device_type in _WIDENING_DEVICES or products.operand_dtype in HALF_DTYPES:
+        return
+    halves = {hidden.dtype, weight.dtype} & set(HALF_DTYPES)
+    macs = hidden.numel() * weight.shape[0]
+    if halves and products.compute_dtype == torch.float32 and macs >= SLOW_PRODUCTS_WARN_MACS:
+        _warn_promotion(device_type, hidden.dtype, weight.dtype)
+
+
+@functools.cache
+def _log_policy(device_type: str, hidden_dtype: torch.dtype, weight_dtype: torch.dtype, products: "Products") -> None:
+    _log.info("dpo_kernels: on %s, hidden %s x head %s: products defined in %s, GEMM operands %s, output %s",
+              device_type, hidden_dtype, weight_dtype, products.compute_dtype, products.operand_dtype,
+              products.out_dtype)
+
+
+@functools.cache
+def _warn_promotion(device_type: str, hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    warnings.warn(
+        f"dpo_kernels: hidden states in {hidden_dtype} beside a head in {weight_dtype} outside torch.autocast are "
+        f"multiplied in fp32 on {device_type} (exactly, as hidden.float() @ weight.T), on the FMA units: about 15x "
+        "slower than bf16 tensor cores at a Llama-3 head. Fix: run the step under torch.autocast(device_type, "
+        "dtype=torch.bfloat16) (TRL's bf16=True does), or give both the same dtype.",
+        SlowProductsWarning, stacklevel=3)
+
+
+_REDUCED_PRECISION_FLAGS = {torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+                            torch.float16: "allow_fp16_reduced_precision_reduction"}
+
+
+@contextlib.contextmanager
+def single_rounding(out_dtype: torch.dtype):
+    """A half-output GEMM rounded once from fp32: PyTorch's default lets cuBLAS reduce split-K partial sums in the
+    half dtype (``torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_precision_reduction``); inside this block the
+    flag is off, so partials are summed in fp32 and only the result is rounded. No fp32 ``[vc, D]`` temporary is
+    needed. Other dtypes, and devices without cuBLAS, are unaffected."""
+    name = _REDUCED_PRECISION_FLAGS.get(out_dtype)
+    if name is None:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = getattr(matmul, name)
+    setattr(matmul, name, False)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
 
 
 @dataclass(frozen=True)
@@ -116,11 +233,12 @@ class Products:
             acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
 
     def write(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-        """``out = a @ b`` with fp32 accumulation inside the GEMM and one rounding to ``out``'s dtype, when one GEMM
-        can do it; returns ``False`` (nothing written) when it cannot, e.g. half operands into an fp16/bf16 ``out``
-        of the other half type."""
+        """``out = a @ b`` with fp32 accumulation inside the GEMM and one rounding to ``out``'s dtype (a half ``out``
+        under :func:`single_rounding`), when one GEMM can do it; returns ``False`` (nothing written) when it cannot,
+        e.g. half operands into an fp16/bf16 ``out`` of the other half type."""
         if out.dtype == a.dtype:  # fp32 x fp32 -> fp32, or bf16 x bf16 -> bf16 with fp32 accumulation (cuBLAS)
-            torch.mm(a, b, out=out)
+            with single_rounding(out.dtype):
+                torch.mm(a, b, out=out)
             return True
         if out.dtype == self.out_dtype:
             torch.mm(a, b, out_dtype=out.dtype, out=out)

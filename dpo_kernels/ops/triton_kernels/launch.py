@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ...options import TokenOptions
@@ -29,3 +31,12 @@ def require_supported_dtype(*tensors: torch.Tensor | None) -> None:
                 "use backend='torch' for float64"
             )
 
+
+
+def on_device(t: torch.Tensor):
+    """The device guard of a Triton launch: Triton launches on the *current* CUDA device, so a model split over GPUs
+    in one process (``device_map``) would otherwise run a kernel on another GPU than its tensors'. A no-op off CUDA
+    (the interpreter, the CPU)."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)

@@ -23,7 +23,7 @@ import triton.language as tl
 from ...options import TokenOptions
 from .config import row_config
 from .jit_helpers import finish_lse, fold_reference_block, transform, transform_grad
-from .launch import transform_args
+from .launch import on_device, transform_args
 
 
 # Absent buffers are passed as None and their constexpr flags derived from that, as in tiles.py.
@@ -137,12 +137,13 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
     cfg = row_config(logits.shape[-1], logits.dtype, ref_logits is not None)
     ref_strides = (0, 0, 0) if ref_logits is None else ref_logits.stride()
     if n:
-        _logits_forward_kernel[(n,)](
-            logits, *logits.stride(), ref_logits, *ref_strides, labels,
-            out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl"),
-            logits.shape[1], logits.shape[2], opts.ignore_index,
-            **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-        )
+        with on_device(logits):
+            _logits_forward_kernel[(n,)](
+                logits, *logits.stride(), ref_logits, *ref_strides, labels,
+                out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl"),
+                logits.shape[1], logits.shape[2], opts.ignore_index,
+                **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            )
     return out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl")
 
 
@@ -152,9 +153,10 @@ def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: Tok
     ref = ref_logits if g_kl is not None else None
     ref_strides = (0, 0, 0) if ref is None else ref.stride()
     if labels.numel():
-        _logits_backward_kernel[(labels.numel(),)](
-            logits, *logits.stride(), ref, *ref_strides, grad, *grad.stride(),
-            labels, lse, None if ref is None else ref_lse, g, g_kl,
-            logits.shape[1], logits.shape[2], opts.ignore_index,
-            **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-        )
+        with on_device(logits):
+            _logits_backward_kernel[(labels.numel(),)](
+                logits, *logits.stride(), ref, *ref_strides, grad, *grad.stride(),
+                labels, lse, None if ref is None else ref_lse, g, g_kl,
+                logits.shape[1], logits.shape[2], opts.ignore_index,
+                **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            )

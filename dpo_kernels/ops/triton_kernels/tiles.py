@@ -27,7 +27,7 @@ from ...options import TokenOptions
 from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
 from .config import tile_row_config
 from .jit_helpers import fold_reference_block, transform, transform_grad
-from .launch import transform_args
+from .launch import on_device, transform_args
 
 
 # the statistics layout of contract.StatRow / RefRow, as constants the kernels can read
@@ -176,12 +176,13 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     if n == 0:
         return
     cfg = tile_row_config(width)
-    _fold_tile_kernel[(n,)](
-        tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
-        stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), width, tile.v0,
-        **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
-        num_warps=cfg.num_warps,
-    )
+    with on_device(tile.logits):
+        _fold_tile_kernel[(n,)](
+            tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
+            stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), width, tile.v0,
+            **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )
 
 
 def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> bool:
@@ -193,9 +194,10 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
     deviation = None
     if opts.grad_filter_eps is not None:
         deviation = torch.zeros(1, dtype=torch.float32, device=tile.logits.device)
-    _grad_tile_kernel[(n, triton.cdiv(width, cfg.block_v))](
-        tile.logits, tile.bias, None if g_kl is None else ref.logits, None if g_kl is None else ref.bias, out,
-        tile.labels, lse, ref_lse, g, g_kl, deviation, width, tile.v0, **transform_args(opts),
-        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-    )
+    with on_device(tile.logits):
+        _grad_tile_kernel[(n, triton.cdiv(width, cfg.block_v))](
+            tile.logits, tile.bias, None if g_kl is None else ref.logits, None if g_kl is None else ref.bias, out,
+            tile.labels, lse, ref_lse, g, g_kl, deviation, width, tile.v0, **transform_args(opts),
+            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        )
     return deviation is None or deviation.item() >= opts.grad_filter_eps

@@ -1,0 +1,250 @@
+"""No silent slow path: the product policy's probes and warnings, one rounding for half weight gradients, and tile
+plans without a ragged tail (issue: GPU hardening). Everything here runs on the CPU: accelerator behaviour is reached
+through the ``meta`` device, whose GEMMs accept half operands with an fp32 output as CUDA's do."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dpo_kernels.ops.linear import plan, products
+from dpo_kernels.options import TokenOptions
+
+
+@pytest.fixture
+def fresh_probes():
+    for f in (products.half_into_float, products.accumulates_into_float, products._warn_promotion,
+              products._log_policy):
+        f.cache_clear()
+    yield
+    for f in (products.half_into_float, products.accumulates_into_float, products._warn_promotion,
+              products._log_policy):
+        f.cache_clear()
+
+
+def _failing_mm(error):
+    def mm(*args, **kwargs):
+        if kwargs.get("out_dtype") is not None:
+            raise error
+        return torch.ops.aten.mm(*args)
+    return mm
+
+
+def test_a_probe_that_works_says_so_quietly(fresh_probes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert products.half_into_float("meta", torch.bfloat16)
+        assert products.accumulates_into_float("meta", torch.bfloat16)
+
+
+def test_an_unsupported_probe_on_an_accelerator_warns_with_the_cost_and_the_fix(fresh_probes, monkeypatch):
+    monkeypatch.setattr(torch, "mm", _failing_mm(NotImplementedError("Could not run 'aten::mm.dtype'")))
+    with pytest.warns(products.SlowProductsWarning, match=r"fp32 x fp32.*15x slower.*Fix: torch >= 2.8"):
+        assert not products.half_into_float("meta", torch.bfloat16)
+    # cached: asked again, no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not products.half_into_float("meta", torch.bfloat16)
+
+
+def test_the_cpu_widens_by_design_without_a_warning(fresh_probes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not products.half_into_float("cpu", torch.bfloat16)  # NotImplementedError in torch 2.13: by design
+
+
+@pytest.mark.parametrize("message", ["CUDA error: an illegal memory access was encountered",
+                                     "CUDA out of memory. Tried to allocate 2.00 MiB"])
+def test_a_probe_raises_what_is_not_an_answer_about_capability(fresh_probes, monkeypatch, message):
+    monkeypatch.setattr(torch, "mm", _failing_mm(RuntimeError(message)))
+    with pytest.raises(RuntimeError, match=message.split(".")[0]):
+        products.half_into_float("meta", torch.bfloat16)
+    monkeypatch.undo()
+    assert products.half_into_float("meta", torch.bfloat16)  # the error was not cached as "unsupported"
+
+
+def test_a_large_fp32_promotion_on_an_accelerator_warns_once(fresh_probes):
+    hidden = torch.empty(8192, 4096, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(128256, 4096, dtype=torch.float32, device="meta")
+    p = products.Products.in_dtype(products.product_dtype(hidden, weight), "meta", torch.float32)
+    assert p.operand_dtype == torch.float32  # outside autocast the mix is multiplied in fp32, as documented
+    with pytest.warns(products.SlowProductsWarning, match=r"bfloat16 beside a head in torch.float32.*autocast"):
+        products.report_products(p, hidden, weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        products.report_products(p, hidden, weight)  # once per device and dtypes
+        small = torch.empty(16, 4096, dtype=torch.bfloat16, device="meta")
+        products._warn_promotion.cache_clear()
+        products.report_products(p, small, torch.empty(512, 4096, device="meta"))  # below the threshold
+        half = products.Products.in_dtype(torch.bfloat16, "meta", torch.float32)
+        products.report_products(half, hidden, weight)  # half operands: nothing to say
+
+
+def test_the_policy_is_logged_once_per_device_and_dtypes(fresh_probes, caplog):
+    hidden = torch.empty(4, 8, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(16, 8, dtype=torch.bfloat16, device="meta")
+    p = products.Products.in_dtype(torch.bfloat16, "meta", torch.float32)
+    with caplog.at_level("INFO", logger="dpo_kernels"):
+        products.report_products(p, hidden, weight)
+        products.report_products(p, hidden, weight)
+    lines = [r.getMessage() for r in caplog.records if "GEMM operands" in r.getMessage()]
+    assert lines == ["dpo_kernels: on meta, hidden torch.bfloat16 x head torch.bfloat16: products defined in "
+                     "torch.bfloat16, GEMM operands torch.bfloat16, output torch.float32"]
+
+
+def test_half_weight_gradients_are_rounded_once(monkeypatch):
+    """The bf16 ``dW`` GEMM runs with cuBLAS's reduced-precision split-K reduction off, and the flag is restored."""
+    seen = []
+    real_mm = torch.mm
+
+    def mm(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+        return real_mm(*args, **kwargs)
+
+    before = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    monkeypatch.setattr(torch, "mm", mm)
+    p = products.Products(torch.bfloat16, torch.bfloat16, torch.float32)
+    a = torch.randn(64, 32, dtype=torch.bfloat16)
+    b = torch.randn(32, 16, dtype=torch.bfloat16)
+    out = torch.empty(64, 16, dtype=torch.bfloat16)
+    assert p.write(out, a, b)
+    assert seen == [False]
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction == before
+    torch.testing.assert_close(out, (a.float() @ b.float()).bfloat16(), rtol=0, atol=0)
+
+
+def _widths(p: plan.TilePlan, v: int) -> list[int]:
+    chunks = list(p.vocab_chunks(v))
+    assert chunks[0][0] == 0 and chunks[-1][1] == v
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    return [e - s for s, e in chunks]
+
+
+@pytest.mark.parametrize("n, vocab, dim, per_entry", [(8192, 128256, 4096, 6), (8192, 256000, 3584, 6),
+                                                      (8192, 151936, 3584, 4), (500, 32000, 2048, 6),
+                                                      (100000, 128256, 4096, 6), (3, 50, 8, 6)])
+def test_accelerator_plans_have_no_ragged_chunk(n, vocab, dim, per_entry):
+    p = plan.plan_tiles(n, vocab, per_entry, TokenOptions(), torch.device("cuda"), dim=dim)
+    widths = _widths(p, vocab)
+    assert max(widths) <= p.vocab
+    if len(widths) > 1:
+        assert max(widths) - min(widths[:-1]) <= plan.VOCAB_ALIGN
+        assert widths[-1] > max(widths) - 2 * plan.VOCAB_ALIGN, widths  # the last one only trimmed to the vocabulary
+        assert all(w % plan.VOCAB_ALIGN == 0 for w in widths[:-1])
+    blocks = [e - s for s, e in p.token_blocks(n)]
+    assert sum(blocks) == n and max(blocks) - min(blocks) <= 1 and max(blocks) <= p.tokens
+    assert p.tokens * p.vocab * per_entry <= plan.ACCELERATOR_TILE_BUDGET_CAP_MB * 2**20
+
+
+def test_the_accelerator_default_is_derived_from_the_dh_traffic():
+    """Llama-3 head, 8192 bf16 tokens: 16 chunks of about 2 D columns (was 51 of 2560 and a last one of 256)."""
+    p = plan.plan_tiles(8192, 128256, 6, TokenOptions(), torch.device("cuda"), dim=4096)
+    widths = _widths(p, 128256)
+    assert len(widths) == 16 and min(widths) >= 2 * 4096 - plan.VOCAB_ALIGN
+    assert plan.default_tile_budget_mb(torch.device("cuda"), 8192, 4096, 6) == plan.ACCELERATOR_TILE_BUDGET_CAP_MB
+    # few tokens: the floor; no head width known (from logits): the floor
+    assert plan.default_tile_budget_mb(torch.device("cuda"), 256, 4096, 6) == plan.ACCELERATOR_TILE_BUDGET_MB
+    assert plan.default_tile_budget_mb(torch.device("cuda")) == plan.ACCELERATOR_TILE_BUDGET_MB
+    # the caller's budget wins
+    mine = plan.plan_tiles(8192, 128256, 6, TokenOptions(tile_budget_mb=96), torch.device("cuda"), dim=4096)
+    assert mine.tokens * mine.vocab * 6 <= 96 * 2**20
+
+
+def test_fixed_chunk_sizes_are_kept_exactly():
+    p = plan.plan_tiles(50, 1000, 6, TokenOptions(token_chunk_size=7, vocab_chunk_size=300), torch.device("cpu"))
+    assert _widths(p, 1000) == [300, 300, 300, 100]
+    assert [e - s for s, e in p.token_blocks(50)] == [7] * 7 + [1]
+
+
+def test_cpu_tiles_count_kept_tiles_as_their_working_set():
+    from dpo_kernels.ops.linear import driver
+
+    p = products.Products(torch.float32, torch.float32, torch.float32)
+    cpu, acc = torch.device("cpu"), torch.device("meta")
+    assert driver.scratch_bytes_per_entry(torch.float32, None, p, cpu, stored=(True, False)) == 4
+    assert driver.scratch_bytes_per_entry(torch.float32, None, p, acc, stored=(True, False)) == 1
+
+
+def test_every_triton_launch_is_guarded_on_its_tensors_device(monkeypatch):
+    pytest.importorskip("triton")
+    from dpo_kernels import linear_token_logprobs, token_logprobs
+    from dpo_kernels.ops.triton_kernels import launch, logits as logits_kernels, tiles
+
+    guarded = []
+
+    def recording(t):
+        guarded.append(t.device)
+        return launch.on_device(t)
+
+    monkeypatch.setattr(tiles, "on_device", recording)
+    monkeypatch.setattr(logits_kernels, "on_device", recording)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    weight = torch.randn(96, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 96, (2, 5), generator=g)
+    linear_token_logprobs(hidden, weight, labels, backend="triton", vocab_chunk_size=32).sum().backward()
+    tile_launches = len(guarded)
+    assert tile_launches >= 6  # 3 vocabulary chunks, fold and grad
+    logits = torch.randn(2, 5, 96, generator=g, requires_grad=True)
+    token_logprobs(logits, labels, backend="triton").sum().backward()
+    assert len(guarded) == tile_launches + 2  # the from-logits forward and backward
+    assert set(guarded) == {torch.device("cpu")}
+
+
+def test_the_guard_selects_the_tensors_gpu(monkeypatch):
+    from dpo_kernels.ops.triton_kernels import launch
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            entered.append(device)
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    launch.on_device(OnSecondGpu())
+    assert entered == [torch.device("cuda", 1)]
+    launch.on_device(torch.empty(1))  # off CUDA: no guard
+    assert entered == [torch.device("cuda", 1)]
+
+
+def _fake_cuda_home(tmp_path, release: str) -> str:
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return str(tmp_path)
+
+
+def test_an_nvcc_of_another_major_version_builds_the_cpu_part_and_says_why(tmp_path):
+    from dpo_kernels import build_config
+
+    home = _fake_cuda_home(tmp_path, "12.4")
+    assert build_config.nvcc_version(home) == "12.4"
+    use, why = build_config.cuda_decision(True, "13.0", home, build_config.nvcc_version(home))
+    assert not use and "nvcc 12.4" in why and "CUDA 13.0" in why
+    assert build_config.cuda_decision(True, "13.0", home, "13.1") == (True, None)
+    assert build_config.cuda_decision(True, None, home, "13.0")[1] == "torch is not a CUDA build"
+    assert build_config.cuda_decision(True, "13.0", None, None)[1] == "no nvcc was found (CUDA_HOME)"
+    assert build_config.nvcc_version(str(tmp_path / "nowhere")) is None
+    info = tmp_path / "info.json"
+    build_config.write_build_info(why, str(info))
+    assert build_config.read_build_info(str(info)) == {"cuda_left_out": why}
+
+
+def test_the_backend_report_carries_the_build_reason(monkeypatch):
+    from dpo_kernels.ops import extension
+
+    module, reason = extension.load()
+    if module is None:
+        pytest.skip(f"dpo_kernels._C is not loadable here: {reason}")
+    if module.built_with_cuda():
+        pytest.skip("this build has its CUDA kernels")
+    monkeypatch.setattr(extension, "read_build_info", lambda: {"cuda_left_out": "nvcc 12.4 differs from CUDA 13.0"})
+    assert extension.cuda_unavailable_reason() == ("dpo_kernels._C was built without its CUDA kernels: nvcc 12.4 "
+                                                   "differs from CUDA 13.0")
