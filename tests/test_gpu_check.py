@@ -41,3 +41,22 @@ def test_without_a_gpu_it_refuses_unless_dry(capsys):
 
 def test_the_sweep_cases_pass_on_the_cpu_backend():
     assert gpu_check._sweep_child("cpu", ("cpu",), large=False) == 0
+
+
+def test_interleaved_timing_warms_each_step_once_and_alternates_the_order(monkeypatch):
+    calls = []
+    fake_ms = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 6.0, 4.0])}
+
+    def timed(step):
+        name = step()
+        return next(fake_ms[name]), {"a": 10.0, "b": 20.0}[name] + len(calls)
+
+    def step(name):
+        calls.append(name)
+        return name
+
+    monkeypatch.setattr(gpu_check, "_timed", timed)
+    median, peaks = gpu_check._interleaved({"a": lambda: step("a"), "b": lambda: step("b")}, rounds=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then alternating rounds
+    assert median == {"a": 2.0, "b": 5.0}
+    assert peaks == {"a": 17.0, "b": 28.0}  # the largest of each name's rounds

@@ -137,17 +137,31 @@ def _fwd_bwd(fn, x: dict, autocast: bool) -> None:
     out.float().sum().backward()
 
 
-def _timed(fn, x: dict, autocast: bool) -> tuple[float, float]:
-    """``(ms, peak extra MiB)`` of one fwd+bwd, CUDA events around it."""
+def _timed(step) -> tuple[float, float]:
+    """``(ms, peak extra MiB)`` of one call of ``step`` (a fwd+bwd), CUDA events around it."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    _fwd_bwd(fn, x, autocast)
+    step()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _interleaved(steps: dict, rounds: int) -> tuple[dict, dict]:
+    """``steps``: name -> zero-argument fwd+bwd. One untimed warm-up each, then ``rounds`` rounds in alternating
+    order; ``(median ms, peak extra MiB)`` per name."""
+    for step in steps.values():
+        step()
+    times, peaks = {k: [] for k in steps}, {k: 0.0 for k in steps}
+    for r in range(rounds):
+        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+            ms, peak = _timed(steps[name])
+            times[name].append(ms)
+            peaks[name] = max(peaks[name], peak)
+    return {k: statistics.median(v) for k, v in times.items()}, peaks
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -193,7 +207,7 @@ def section_profile(quick: bool) -> dict:
         fp32 = sorted({e.name for e in gemms if _FP32_GEMM.search(e.name)})
         syncs = [e.name for e in prof.events() if _SYNC.search(e.name)]
         gemm_us = sum(e.device_time for e in gemms)
-        tile_us = sum(e.device_time for e in kernels if re.search(r"fold|grad", e.name) and e not in gemms)
+        tile_us = sum(e.device_time for e in kernels if re.search(r"fold|grad", e.name) and not _GEMM.search(e.name))
         logits_bytes = TOKENS * head.vocab * 4 * 3  # fp32 tile written by the GEMM, read by fold and by grad
         out[backend] = {
             "gemm_kernels": len(gemms), "expected_gemms": expected["forward"] + expected["backward"],
@@ -215,28 +229,22 @@ def section_time(quick: bool, rounds: int) -> dict:
         impls["trl_1_16"] = _trl
     else:
         missing["trl_1_16"] = why
-    results = []
     cases = [(h, dt, ac) for h in HEADS for dt, ac in ((torch.bfloat16, False), (torch.float32, True))]
-    for head, dtype, autocast in cases[:2] if quick else cases:
-        x = _inputs(head, TOKENS, dtype)
-        times = {k: [] for k in impls}
-        peaks = {}
-        for fn in impls.values():
-            _fwd_bwd(fn, x, autocast)
-        for r in range(rounds):
-            for name in (list(impls) if r % 2 == 0 else list(reversed(impls))):
-                ms, peak = _timed(impls[name], x, autocast)
-                times[name].append(ms)
-                peaks[name] = max(peaks.get(name, 0.0), peak)
-        row = {"head": head.name, "dtype": str(dtype), "autocast": autocast, "tokens": TOKENS,
-               "median_ms": {k: statistics.median(v) for k, v in times.items()}, "peak_mib": peaks}
-        for peer in ("trl_1_16", "naive"):
-            if peer in times:
-                row[f"fused_over_{peer}"] = {"time": row["median_ms"]["fused"] / row["median_ms"][peer],
-                                            "peak": peaks["fused"] / max(peaks[peer], 1e-9)}
-        results.append(row)
-        del x
+    results = [_time_logprobs(head, dtype, autocast, impls, rounds)
+               for head, dtype, autocast in (cases[:2] if quick else cases)]
     return {"logprobs": results, "dpo": _time_dpo(rounds), "missing": missing}
+
+
+def _time_logprobs(head: Head, dtype: torch.dtype, autocast: bool, impls: dict, rounds: int) -> dict:
+    x = _inputs(head, TOKENS, dtype)
+    median, peaks = _interleaved({k: (lambda fn=fn: _fwd_bwd(fn, x, autocast)) for k, fn in impls.items()}, rounds)
+    row = {"head": head.name, "dtype": str(dtype), "autocast": autocast, "tokens": TOKENS,
+           "median_ms": median, "peak_mib": peaks}
+    for peer in ("trl_1_16", "naive"):
+        if peer in median:
+            row[f"fused_over_{peer}"] = {"time": median["fused"] / median[peer],
+                                        "peak": peaks["fused"] / max(peaks[peer], 1e-9)}
+    return row
 
 
 def _dpo_inputs(head: Head, seed: int = 0) -> dict:
@@ -267,28 +275,17 @@ def _time_dpo(rounds: int) -> list[dict]:
     x = _dpo_inputs(HEADS[0])
     out = []
     for loss_type in ("sigmoid", "tdpo2"):
-        impls = {f"fused_{s}": (lambda v, s=s: fused_dpo_loss(**v, loss_type=loss_type, schedule=s).loss)
-                 for s in ("eager", "recompute")}
-        impls["naive"] = lambda v: _naive_dpo(v, loss_type)
-        times, peaks = {k: [] for k in impls}, {}
-        for fn in impls.values():
-            fn(x).backward()
-        for r in range(rounds):
-            for name in (list(impls) if r % 2 == 0 else list(reversed(impls))):
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                x["policy_hidden"].grad = x["lm_head_weight"].grad = None
-                start.record()
-                impls[name](x).backward()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-                peaks[name] = max(peaks.get(name, 0.0), (torch.cuda.max_memory_allocated() - base) / 2**20)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        out.append({"loss_type": loss_type, "median_ms": med, "peak_mib": peaks,
-                    "eager_over_naive": med["fused_eager"] / med["naive"]})
+        losses = {f"fused_{s}": (lambda s=s: fused_dpo_loss(**x, loss_type=loss_type, schedule=s).loss)
+                  for s in ("eager", "recompute")}
+        losses["naive"] = lambda: _naive_dpo(x, loss_type)
+
+        def step(loss):
+            x["policy_hidden"].grad = x["lm_head_weight"].grad = None
+            loss().backward()
+
+        median, peaks = _interleaved({k: (lambda loss=loss: step(loss)) for k, loss in losses.items()}, rounds)
+        out.append({"loss_type": loss_type, "median_ms": median, "peak_mib": peaks,
+                    "eager_over_naive": median["fused_eager"] / median["naive"]})
     return out
 
 

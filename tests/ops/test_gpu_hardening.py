@@ -13,14 +13,15 @@ from dpo_kernels.ops.linear import plan, products
 from dpo_kernels.options import TokenOptions
 
 
+_CACHED = (products.half_into_float, products.accumulates_into_float, products._warn_promotion, products._log_policy)
+
+
 @pytest.fixture
 def fresh_probes():
-    for f in (products.half_into_float, products.accumulates_into_float, products._warn_promotion,
-              products._log_policy):
+    for f in _CACHED:
         f.cache_clear()
     yield
-    for f in (products.half_into_float, products.accumulates_into_float, products._warn_promotion,
-              products._log_policy):
+    for f in _CACHED:
         f.cache_clear()
 
 
