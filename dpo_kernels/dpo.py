@@ -36,6 +36,8 @@ from .primitives import (
     total_vocab,
     vocab_slice_of,
 )
+from .host_read import LabelFacts
+from .metrics import LazyMetrics
 from .validation import is_finite_number, require_float, require_labels, require_positive, require_same_device
 
 
@@ -181,8 +183,9 @@ class DPOLossOutput:
     ``loss`` is the differentiable scalar. ``chosen_logps`` / ``rejected_logps`` are the policy's sequence log-probs
     (sum, or mean with ``average_log_prob``) and stay differentiable, so callers can add terms of their own.
     Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the token-level KLs aggregated as the log-probs are
-    (summed, or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` holds detached
-    floats named as TRL logs them (0-dim fp64 tensors under ``torch.compile``).
+    (summed, or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` maps the names
+    TRL logs to detached floats, read from the device together on the first look at a value, not inside the call
+    (:class:`~dpo_kernels.metrics.LazyMetrics`; a ``dict`` of 0-dim fp64 tensors under ``torch.compile``).
     """
 
     loss: torch.Tensor
@@ -192,7 +195,7 @@ class DPOLossOutput:
     rejected_logps: torch.Tensor
     chosen_kl: torch.Tensor | None
     rejected_kl: torch.Tensor | None
-    metrics: dict[str, float]  # dict[str, torch.Tensor] under torch.compile
+    metrics: LazyMetrics | dict[str, torch.Tensor]  # the dict under torch.compile
 
 
 def fused_dpo_loss(
@@ -302,8 +305,9 @@ class PreferenceInputs:
     ref_lm_head_bias: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
 
-    def validate(self, config: DPOLossConfig) -> VocabSlice | None:
-        """Every check, before any kernel; returns this rank's vocabulary slice under ``vocab_parallel_group``."""
+    def validate(self, config: DPOLossConfig) -> tuple[VocabSlice | None, LabelFacts | None]:
+        """Every check, before any kernel; returns this rank's vocabulary slice under ``vocab_parallel_group`` and
+        the scored labels' facts (kept tokens per row) from the call's one host read (``None`` under compile)."""
         labels = require_labels("labels", self.labels)
         if labels.dim() != 2:
             raise ValueError(f"labels must be [2B, T] (chosen rows, then rejected rows), got shape {list(labels.shape)}")
@@ -358,8 +362,10 @@ class PreferenceInputs:
         return dataclasses.replace(self, lm_head_weight=weight, lm_head_bias=bias, ref_lm_head_weight=ref_weight,
                                    ref_lm_head_bias=ref_bias), group
 
-    def _check_tensors(self, labels: torch.Tensor, config: DPOLossConfig) -> VocabSlice | None:
-        """Shapes, dtypes and devices of every tensor against each other, and the label range, checked once."""
+    def _check_tensors(self, labels: torch.Tensor, config: DPOLossConfig) -> tuple[VocabSlice | None,
+                                                                                  LabelFacts | None]:
+        """Shapes, dtypes and devices of every tensor against each other, and the label range, checked once; the
+        label range, the kept tokens of each row and the unshifted-labels check share one host read."""
         if self.policy_logits is not None:
             check_logits("policy_logits", self.policy_logits, labels)
             vocab = self.policy_logits.shape[-1]
@@ -402,11 +408,13 @@ class PreferenceInputs:
             require_same_device(labels=labels, ref_logps=ref)
         scored = labels[:, 1:] if config.shift else labels
         vocab_slice = vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
-        check_label_range(scored, total_vocab(vocab_slice, vocab), config.token_options)
+        unshifted_check = config.check_labels and not config.shift and not _warned_unshifted
+        facts = check_label_range(scored, total_vocab(vocab_slice, vocab), config.token_options, per_row=True,
+                                  first_column=unshifted_check)
         check_same_on_every_rank(vocab_slice, config.token_options, labels, self.policy_hidden, self.ref_hidden)
-        if config.check_labels and not config.shift and not torch.compiler.is_compiling():
-            _warn_if_unshifted(labels, config.ignore_index)
-        return vocab_slice
+        if unshifted_check and facts is not None and facts.first_scored:
+            _warn_unshifted()
+        return vocab_slice, facts
 
 
 # fused_dpo_loss's keyword arguments, split between the options and the tensors (a test keeps its signature equal to
@@ -422,13 +430,11 @@ def _pick(values: dict, names: tuple[str, ...]) -> dict:
 _warned_unshifted = False
 
 
-def _warn_if_unshifted(labels: torch.Tensor, ignore_index: int) -> None:
+def _warn_unshifted() -> None:
     """Once per process: labels whose first position is scored look like ``input_ids`` passed without ``shift=True``
     (a DPO batch starts with its prompt, which is masked). Position ``t`` would then score its own token, not the
     next one, and the loss would silently be wrong."""
     global _warned_unshifted
-    if _warned_unshifted or not bool((labels[:, 0] != ignore_index).any()):
-        return
     _warned_unshifted = True
     warnings.warn(
         "fused_dpo_loss: labels[:, 0] is not ignore_index, as if labels were input_ids; with shift=False the logits "
@@ -444,15 +450,16 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
     inputs, group = inputs.local_heads(config.vocab_parallel_group)
     if group is not config.vocab_parallel_group:
         config = dataclasses.replace(config, vocab_parallel_group=group)
-    vocab_slice = inputs.validate(config)
+    vocab_slice, facts = inputs.validate(config)
     labels = _shifted_labels(inputs.labels, config)
-    eager = _eager_plan(config, inputs, labels, vocab_slice)
+    eager = _eager_plan(config, inputs, labels, vocab_slice, facts)
     if eager is not None:
         loss, token_logps, token_ref_logps, token_kl, log_sum_sq = _eager_statistics(config, inputs, labels,
                                                                                       vocab_slice, *eager)
     else:
+        kept = None if facts is None else facts.kept
         loss, (token_logps, token_ref_logps, token_kl, log_sum_sq) = None, _token_statistics(config, inputs,
-                                                                                            vocab_slice)
+                                                                                            vocab_slice, kept)
     pair = _pair_loss(config, labels, token_logps, token_ref_logps, token_kl, log_sum_sq, inputs.ref_logps)
     stats = pair.stats
     chosen_rewards, rejected_rewards = losses.rewards(stats, config.objective)
@@ -522,10 +529,11 @@ def _pair_loss(config: DPOLossConfig, labels, token_logps, token_ref_logps, toke
 # --------------------------------------------------------------------------------------------- the schedules
 
 
-def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None):
+def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,
+                facts: LabelFacts | None):
     """``(groups, kernels)`` for the eager schedule, or ``None`` for the recompute schedule; the choice and its
     reason are logged at debug level. ``schedule="eager"`` raises where the eager schedule cannot run."""
-    plan = _why_not_eager(config, inputs, labels, vs)
+    plan = _why_not_eager(config, inputs, labels, vs, facts)
     if isinstance(plan, str):
         if config.schedule == "eager" and plan != _NO_GRADIENT:  # forward only: there is no backward to schedule
             raise ValueError(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'")
@@ -539,8 +547,10 @@ def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.T
 _NO_GRADIENT = "no gradient is needed"
 
 
-def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None):
-    """The eager schedule's ``(groups, tile kernels)``, or why it cannot (or should not) run: a string."""
+def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,
+                   facts: LabelFacts | None):
+    """The eager schedule's ``(groups, tile kernels)``, or why it cannot (or should not) run: a string. ``facts``:
+    the kept tokens of each row of ``labels``, read in the call's one host read."""
     if config.schedule == "recompute":
         return "schedule='recompute'"
     if torch.compiler.is_compiling():
@@ -563,9 +573,9 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     # across the group): sized for the widest slice
     vocab = weight.shape[0] if vs is None else vs.largest
     bytes_per_token = vocab * sdt.itemsize * (2 if keep_ref else 1)
-    kept = (labels != config.ignore_index).sum(dim=1)
-    chosen, rejected = kept.chunk(2)
-    tokens_per_pair = (chosen + rejected).tolist()  # the one host sync of the choice
+    kept = facts.kept_per_row
+    pairs = len(kept) // 2
+    tokens_per_pair = [kept[b] + kept[pairs + b] for b in range(pairs)]
     accumulator = vocab * weight.shape[1] * sdt.itemsize if weight.requires_grad and weight.dtype != sdt else 0
     budget = eager_budget_bytes(config.eager_budget_mb, weight.device)
     groups = plan_pair_groups(tokens_per_pair, bytes_per_token, budget, accumulator)
@@ -639,11 +649,11 @@ def _align_per_token(ref: torch.Tensor, labels: torch.Tensor, config: DPOLossCon
     return ref[:, 1:] if config.shift and ref.shape[1] == labels.shape[1] + 1 else ref
 
 
-def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
+def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None, kept: int | None):
     """The recompute schedule's per-token ``(logps, ref_logps or None, kl or None, log_sum_sq or None)``, each
     ``[2B, T]``, via the primitives; ``log_sum_sq`` (the policy's ``log sum_v p_v^2``, detached) only for
-    ``use_weighting``."""
-    token_logps, token_ref_logps, token_kl, logged = _token_statistics_and_logged(config, inputs, vs)
+    ``use_weighting``. ``kept``: the scored labels' kept tokens, from the call's one host read."""
+    token_logps, token_ref_logps, token_kl, logged = _token_statistics_and_logged(config, inputs, vs, kept)
     if not config.use_weighting:
         return token_logps, token_ref_logps, token_kl, None
     if logged is not None:  # from hidden states: out of the same fused pass
@@ -653,7 +663,8 @@ def _token_statistics(config: DPOLossConfig, inputs: PreferenceInputs, vs: Vocab
     return token_logps, token_ref_logps, token_kl, log_sum_sq_probs(policy_logits, config.token_options)
 
 
-def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None):
+def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs, vs: VocabSlice | None,
+                                  kept: int | None):
     """``(logps, ref_logps, kl, logged)``: the linear path hands the logged statistics out of its one fused pass
     when ``use_weighting`` asks for them (``logged`` is ``None`` otherwise, and from logits)."""
     opts, backend = config.token_options, config.backend
@@ -669,20 +680,22 @@ def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs
         return (*run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend, vs), None)
     if policy_head is not None and ref_head is not None:
         # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
-        out = run_linear_token_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs)
+        out = run_linear_token_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs,
+                                     kept_count=kept)
         (logps, ref_logps, kl), logged = out if logging else (out, None)
         return logps, ref_logps, (kl if config.uses_token_kl else None), logged
     if policy_logits is not None:
         logps = run_token_logprobs(policy_logits, labels, opts, backend, vs)
     else:
-        out = run_linear_token_stats(policy_head, None, labels, opts, backend, logging=logging, vocab_slice=vs)
+        out = run_linear_token_stats(policy_head, None, labels, opts, backend, logging=logging, vocab_slice=vs,
+                                     kept_count=kept)
         logps, logged = out if logging else (out, None)
     ref_logps = None
     with torch.no_grad():  # the reference in its own pass, forward only
         if ref_logits is not None:
             ref_logps = run_token_logprobs(ref_logits, labels, opts, backend, vs)
         elif ref_head is not None:
-            ref_logps = run_linear_token_stats(ref_head, None, labels, opts, backend, vocab_slice=vs)
+            ref_logps = run_linear_token_stats(ref_head, None, labels, opts, backend, vocab_slice=vs, kept_count=kept)
     return logps, ref_logps, None, logged
 
 
@@ -705,9 +718,9 @@ def _metrics(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     loss_parts: dict[str, torch.Tensor],
-) -> dict[str, float]:
+) -> LazyMetrics | dict[str, torch.Tensor]:
     """Batch means named as TRL logs them, plus ``logps/accuracies``, (TDPO) ``kl/*`` and, when several losses are
-    combined, each one's unweighted value as ``loss/<loss_type>``; one host sync."""
+    combined, each one's unweighted value as ``loss/<loss_type>``; read from the device when first looked at."""
     values = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -721,10 +734,9 @@ def _metrics(
         values["kl/chosen"] = stats.chosen_kl.detach().mean()
         values["kl/rejected"] = stats.rejected_kl.detach().mean()
     values.update({f"loss/{name}": part.detach() for name, part in loss_parts.items()})
-    stacked = torch.stack([v.to(torch.float64) for v in values.values()])
     if torch.compiler.is_compiling():  # no host sync inside a compiled graph: 0-dim fp64 tensors
-        return dict(zip(values, stacked.unbind(), strict=True))
-    return dict(zip(values, stacked.tolist(), strict=True))
+        return {name: v.to(torch.float64) for name, v in values.items()}
+    return LazyMetrics(values)
 
 
 class FusedDPOLoss(nn.Module):

@@ -65,7 +65,8 @@ def intermediate_dpo_loss(
     }
     intermediate = torch.stack(list(per_layer.values())).mean()
     lam = float(intermediate_weight)
-    final.metrics.update({"loss/final": final.loss.item(), "loss/intermediate": intermediate.item()})
-    final.metrics.update({f"loss/layer_{k}": v.item() for k, v in per_layer.items()})
+    # tensors: read with the other metrics, when they are looked at (dpo_kernels.metrics)
+    final.metrics.update({"loss/final": final.loss.detach(), "loss/intermediate": intermediate.detach()})
+    final.metrics.update({f"loss/layer_{k}": v.detach() for k, v in per_layer.items()})
     final.loss = (1.0 - lam) * final.loss + lam * intermediate
     return final

@@ -31,7 +31,12 @@ class TokenOptions:
             above. ``None``: the device's default, stated in ``ops/linear/plan.py``.
         inplace_backward: from logits only: write the logits' gradient into their own storage (see ``ops.inplace``).
         grad_filter_eps: from hidden states only: skip a backward tile whose every ``|softmax - onehot|`` (and
-            ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients.
+            ``|softmax - q|`` for the KL) is below it; ``None`` (default) computes exact gradients. Whether to skip
+            a tile's two GEMMs is decided on the host, so on a GPU each backward tile waits for its gradient kernel
+            (one host sync per tile). It rarely pays at the tile sizes of the plan: measured on the CPU (2048
+            tokens, V = 32000, a mix of diffuse and near-certain tokens with a mean entropy of 2.7 nats), no tile
+            was skipped at eps = 1e-3, with token blocks of 2048, 256 or 16; only a batch where every token is
+            near-certain (entropy 0.00) skipped them, where the gradient is nearly zero anyway.
         check_labels: check that every label is ``ignore_index`` or a vocabulary id before any kernel runs (one
             reduction and a host sync; under ``torch.compile`` an in-graph asynchronous assert instead); ``False``
             skips it, and an out-of-range label is then undefined behaviour.

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .host_read import LabelFacts, read_label_facts
 from .ops import vocab_parallel
 from .ops.backend import entry_points, tile_kernels_of
 from .ops.common import LinearHead
@@ -140,9 +141,10 @@ def linear_token_logprobs(
     weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
     check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
-    check_label_range(labels, total_vocab(vs, weight.shape[0]), opts)
+    facts = check_label_range(labels, total_vocab(vs, weight.shape[0]), opts, counts=True)
     check_same_on_every_rank(vs, opts, labels, hidden)
-    return run_linear_token_stats(LinearHead(hidden, weight, bias), None, labels, opts, backend, vocab_slice=vs)
+    return run_linear_token_stats(LinearHead(hidden, weight, bias), None, labels, opts, backend, vocab_slice=vs,
+                                  kept_count=None if facts is None else facts.kept)
 
 
 def linear_token_logprobs_and_kl(
@@ -187,10 +189,11 @@ def linear_token_logprobs_and_kl(
             f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got {ref_weight.shape[0]}"
         )
     vs = vocab_slice_of(group, weight.shape[0], hidden.device)
-    check_label_range(labels, total_vocab(vs, weight.shape[0]), opts)
+    facts = check_label_range(labels, total_vocab(vs, weight.shape[0]), opts, counts=True)
     check_same_on_every_rank(vs, opts, labels, hidden, ref_hidden)
     policy, ref = LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias)
-    return run_linear_token_stats(policy, ref, labels, opts, backend, vocab_slice=vs)
+    return run_linear_token_stats(policy, ref, labels, opts, backend, vocab_slice=vs,
+                                  kept_count=None if facts is None else facts.kept)
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -228,11 +231,13 @@ def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, ba
 
 
 def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str,
-                           logging: bool = False, vocab_slice: VocabSlice | None = None, head_context=None):
+                           logging: bool = False, vocab_slice: VocabSlice | None = None, head_context=None,
+                           kept_count: int | None = None):
     """``logp`` (or ``(logp, ref_logp, kl)`` with a reference head), each shaped like ``labels``; with ``logging``,
     ``(that, logged)`` where ``logged`` holds the per-token statistics trainers log (entropy, log sum p^2, mean logit,
     top-1), computed in the same forward pass. With ``vocab_slice`` the heads are this rank's vocabulary slices;
-    ``head_context`` gathers a sharded head again in the backward (see :func:`driver.linear_token_stats`)."""
+    ``head_context`` gathers a sharded head again in the backward (see :func:`driver.linear_token_stats`);
+    ``kept_count``: the labels' kept tokens from the caller's one host read (:func:`check_label_range`)."""
     shape = _sequences_shape(labels)
     policy_rows = LinearHead(_as_sequences(policy.hidden, shape), policy.weight, policy.bias)
     ref_rows = None if ref is None else LinearHead(_as_sequences(ref.hidden, shape), ref.weight, ref.bias)
@@ -246,10 +251,10 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
     name, impl = resolve_backend(backend, policy.hidden.device, dtypes)
     if vocab_slice is not None:
         outs = driver.linear_token_stats(policy_rows, ref_rows, labels.reshape(shape), opts, _tile_kernels(name, impl),
-                                         logging, vocab_slice, head_context)
+                                         logging, vocab_slice, head_context, kept_count)
     else:
         outs = entry_points(impl).linear_token_stats(policy_rows, ref_rows, labels.reshape(shape), opts, logging,
-                                                     head_context)
+                                                     head_context, kept_count)
     main, logged = outs if logging else (outs, None)
     main = main.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in main)
     if not logging:
@@ -375,10 +380,17 @@ def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in tensors if t is not None)
 
 
-def check_label_range(labels: torch.Tensor, vocab: int, opts: TokenOptions, name: str = "labels") -> None:
-    """Every label is ``ignore_index`` or in ``[0, vocab)``, unless ``opts.check_labels`` is off (no host sync)."""
+def check_label_range(labels: torch.Tensor, vocab: int, opts: TokenOptions, name: str = "labels", *,
+                      counts: bool = False, per_row: bool = False, first_column: bool = False) -> LabelFacts | None:
+    """Every label is ``ignore_index`` or in ``[0, vocab)``, unless ``opts.check_labels`` is off; returns the labels'
+    :class:`~dpo_kernels.host_read.LabelFacts` from the same one host read, or ``None`` (under ``torch.compile``, or
+    when the check is off and the caller wants no ``counts``: then nothing is read)."""
     if opts.check_labels:
-        require_labels_in_vocab(labels, vocab, opts.ignore_index, name)
+        return require_labels_in_vocab(labels, vocab, opts.ignore_index, name, per_row=per_row,
+                                       first_column=first_column)
+    if not (counts or per_row or first_column) or torch.compiler.is_compiling():
+        return None
+    return read_label_facts(labels, opts.ignore_index, per_row=per_row, first_column=first_column)
 
 
 def _options(given: dict) -> TokenOptions:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .host_read import LabelFacts, read_label_facts
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -43,22 +45,26 @@ def require_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning
         raise ValueError(f"{name} must have shape {list(expected)} ({meaning}), got {list(t.shape)}")
 
 
-def require_labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
-    """Every label is ``ignore_index`` or in ``[0, vocab)``; one reduction (a host sync on GPU). Under
-    ``torch.compile`` the check is an asynchronous assert inside the graph instead (no host sync; on a GPU a
-    failure surfaces as a device-side assert at the next synchronisation, without the offending value)."""
-    if labels.numel() == 0:
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+def require_labels_in_vocab(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels", *,
+                            per_row: bool = False, first_column: bool = False) -> LabelFacts | None:
+    """Every label is ``ignore_index`` or in ``[0, vocab)``; returns the labels' :class:`LabelFacts` (kept counts),
+    read in the same one host read (:mod:`dpo_kernels.host_read`). Under ``torch.compile`` the check is an
+    asynchronous assert inside the graph instead and nothing is read (``None``; on a GPU a failure surfaces as a
+    device-side assert at the next synchronisation, without the offending value)."""
     if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}")
-        return
-    if bool(bad.any()):
+        if labels.numel():
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+            torch._assert_async(~bad.any(), f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+        return None
+    facts = read_label_facts(labels, ignore_index, vocab, per_row=per_row, first_column=first_column)
+    if facts.bad:  # the error path reads again, for the message
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         first = labels[bad].flatten()[0].item()
         raise ValueError(
             f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
-            f"({int(bad.sum())} bad position(s))"
+            f"({facts.bad} bad position(s))"
         )
+    return facts
 
 
 def is_finite_number(x: object) -> bool:

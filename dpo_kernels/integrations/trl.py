@@ -164,10 +164,11 @@ class FusedLogProbs:
                             logit_scale=float(logit_scale), tile_budget_mb=FusedLogProbs.tile_budget_mb)
         hidden, targets = hidden.unsqueeze(0), targets.unsqueeze(0)
         check_head(("hidden", hidden), ("weight", weight), ("bias", bias), targets)
-        check_label_range(targets, weight.shape[0], opts, name="targets")
+        facts = check_label_range(targets, weight.shape[0], opts, name="targets", counts=True)  # the one host read
         wanted = set(outputs) - {"log_probs"}
         out = run_linear_token_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
-                                     logging=bool(wanted), head_context=_gather_lm_head_context())
+                                     logging=bool(wanted), head_context=_gather_lm_head_context(),
+                                     kept_count=None if facts is None else facts.kept)
         log_probs, logged = out if wanted else (out, {})
         logged = {k: v.squeeze(0) for k, v in logged.items() if k in wanted}
         entropy = logged.get("entropy")

@@ -49,11 +49,12 @@ class BackendKernels:
         return logits_path.token_stats(logits, ref_logits, labels, opts, self.logits)
 
     def linear_token_stats(self, policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor,
-                           opts: TokenOptions, logging: bool = False, head_context=None):
+                           opts: TokenOptions, logging: bool = False, head_context=None, kept_count: int | None = None):
         """The linear path on this backend's tile kernels (see :func:`driver.linear_token_stats`)."""
         heads = (policy,) if ref is None else (policy, ref)
         self._check(*(t for head in heads for t in (head.hidden, head.weight, head.bias)))
-        return driver.linear_token_stats(policy, ref, labels, opts, self.tiles, logging, head_context=head_context)
+        return driver.linear_token_stats(policy, ref, labels, opts, self.tiles, logging, head_context=head_context,
+                                         kept_count=kept_count)
 
 
 def entry_points(module: ModuleType):

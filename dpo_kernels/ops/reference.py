@@ -97,12 +97,13 @@ def _head_logits(head: LinearHead) -> torch.Tensor:
 
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
-                       logging: bool = False, head_context=None):
+                       logging: bool = False, head_context=None, kept_count: int | None = None):
     """Policy head ``hidden [R, T, D]``, ``weight [V, D]`` (and a reference head) -> ``logp [R, T]`` (or
     ``(logp, ref_logp, kl)``); builds the full logits of each head, as ``nn.Linear`` would (under autocast, in the
     autocast dtype). With ``logging``, also the statistics trainers log, from the full logits (see
     :func:`dpo_kernels.ops.linear.contract.logging_outputs`). ``head_context`` is not needed: the backward is
-    autograd's, which reads the head's product as ``nn.Linear``'s own backward would."""
+    autograd's, which reads the head's product as ``nn.Linear``'s own backward would; nor is ``kept_count``: the
+    oracle drops no token."""
     _require_exact_gradients(opts)
     logits = _head_logits(policy)
     if ref is None:

@@ -5,10 +5,13 @@
     python -m dpo_kernels.tools.compile_check --cuda     # csrc/**/*.cu with nvcc and ptxas -v (see cuda_check.py)
 
 Each row is one kernel variant: the constexpr flags the dispatcher can launch, at the launch configuration the
-heuristics choose for a Llama-3-sized problem (V=128256; tiles of the linear path 2560 columns wide). The tile
-kernels read fp32 tiles whatever the input dtype; the dtype of a row is that of the gradient tile they write. Registers, spill bytes and shared memory come
-from ``ptxas -v`` (the same ptxas Triton uses for that architecture) run on the PTX Triton generated. Exit status 1
-if any compile fails or any default configuration spills.
+heuristics choose for a Llama-3-sized problem (V=128256; the fold's 2048-wide steps, and every column block the
+gradient kernel can take, ``config.GRAD_BLOCKS``), each in the two specialisations the JIT builds: ``aligned``
+(every pointer 16-byte aligned and every integer argument a multiple of 16, as at that shape: ``tt.divisibility``
+16, which lets Triton vectorise loads and stores) and ``unaligned`` (an odd vocabulary such as GPT-2's 50257). The
+tile kernels read fp32 tiles whatever the input dtype; the dtype of a row is that of the gradient tile they write.
+Registers, spill bytes and shared memory come from ``ptxas -v`` (the same ptxas Triton uses for that architecture)
+run on the PTX Triton generated. Exit status 1 if any compile fails or any default configuration spills.
 
 The transform flags (``HAS_SCALE``, ``HAS_SOFTCAP``, ``HAS_TEMPERATURE``) add only elementwise arithmetic; every
 kernel is compiled with none of them and with all three, which bounds the register use of the subsets between.
@@ -39,7 +42,7 @@ from ..ops.triton_kernels import config  # noqa: E402
 from ..ops.triton_kernels.logits import _logits_backward_kernel, _logits_forward_kernel  # noqa: E402
 from ..ops.triton_kernels.tiles import _fold_tile_kernel, _grad_tile_kernel  # noqa: E402
 
-VOCAB, TILE_WIDTH = 128256, 2560
+VOCAB, TILE_WIDTH = 128256, 8192
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Pointer arguments that carry the row's dtype; every other pointer is fp32 (tiles, statistics) or int64 labels.
@@ -48,6 +51,9 @@ TILE_INPUT_POINTERS = {"out_ptr"}
 FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature"}
 # Innermost strides are 1 in practice; Triton specialises an argument equal to 1 into a constant, and so do we.
 UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v"}
+# Integer arguments that are not multiples of 16 even at the aligned shape.
+NEVER_ALIGNED = {"ignore_index"}
+ALIGNMENTS = ("aligned", "unaligned")
 TRANSFORMS = {
     "plain": dict(HAS_SCALE=False, HAS_SOFTCAP=False, HAS_TEMPERATURE=False),
     "transformed": dict(HAS_SCALE=True, HAS_SOFTCAP=True, HAS_TEMPERATURE=True),
@@ -87,14 +93,20 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                 HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, BLOCK_V=fold.block_v,
                 **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref),
             ), fold.num_warps, label=tag + (",logging" if logging else "")))
-        grad = config.tile_row_config(TILE_WIDTH, elementwise=True)
-        for filtered in (False, True):
+        for filtered, block in itertools.product((False, True), config.GRAD_BLOCKS):
             out.append(Variant("grad_tile", _grad_tile_kernel.fn, dict(
-                HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=grad.block_v,
+                HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=block,
                 **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_lse_ptr=ref,
                                     g_kl_ptr=ref, deviation_ptr=filtered),
-            ), grad.num_warps, label=tag + (",filter" if filtered else "")))
+            ), max(1, block // 256), label=tag + (",filter" if filtered else "") + f",{block}"))
     return out
+
+
+def _divisibility(fn, constexprs: dict) -> dict:
+    """The ``aligned`` specialisation: ``tt.divisibility`` 16 on every pointer and integer argument that is not a
+    constant, as the JIT marks a 16-byte-aligned pointer or an integer multiple of 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name not in constexprs and name not in FLOAT_SCALARS and name not in NEVER_ALIGNED}
 
 
 def _absent(**present: bool) -> dict:
@@ -142,16 +154,19 @@ def _resources(ptx: str, arch: int) -> dict:
     return {"registers": regs, "spill_bytes": stores + loads}
 
 
-def _compile_one(job: tuple[str, int, int, int]) -> str:
-    """Compile variant ``index`` of ``dtype_name`` for ``arch``; returns its report row (prefixed ``!`` on failure)."""
-    dtype_name, index, arch, _ = job
+def _compile_one(job: tuple[str, int, int, str]) -> str:
+    """Compile variant ``index`` of ``dtype_name`` for ``arch`` in ``alignment``; returns its report row (prefixed
+    ``!`` on failure)."""
+    dtype_name, index, arch, alignment = job
     dtype = DTYPES[dtype_name]
     variant = _variants(dtype)[index]
     constexprs = {**variant.flags, **{s: 1 for s in UNIT_STRIDES if s in variant.fn.arg_names}}
-    head = f"{variant.kernel:<16} {variant.label:<36} {dtype_name:<5} sm_{arch:<3}"
+    attrs = _divisibility(variant.fn, constexprs) if alignment == "aligned" else {}
+    head = f"{variant.kernel:<16} {variant.label + ',' + alignment:<46} {dtype_name:<5} sm_{arch:<3}"
     try:
         compiled = triton.compile(
-            ASTSource(fn=variant.fn, signature=_signature(variant.fn, constexprs, dtype), constexprs=constexprs),
+            ASTSource(fn=variant.fn, signature=_signature(variant.fn, constexprs, dtype), constexprs=constexprs,
+                      attrs=attrs),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
         )
@@ -166,14 +181,15 @@ def _compile_one(job: tuple[str, int, int, int]) -> str:
 
 
 def check(archs: list[int], dtypes: list[str], name_filter: str | None, jobs: int) -> int:
-    print(f"{'kernel':<16} {'variant':<36} {'dtype':<5} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
+    print(f"{'kernel':<16} {'variant':<46} {'dtype':<5} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
           f"{'smem B':>7}  result", flush=True)
     work = [
-        (dtype_name, i, arch, 0)
+        (dtype_name, i, arch, alignment)
         for dtype_name in dtypes
         for i, variant in enumerate(_variants(DTYPES[dtype_name]))
         if not name_filter or name_filter in variant.kernel
         for arch in archs
+        for alignment in ALIGNMENTS
     ]
     failures = 0
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:

@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_kernels import fused_dpo_loss, losses
+from dpo_kernels.ops.linear import plan
+from dpo_kernels.options import TokenOptions
 
 from ..conftest import RTOL, skip_if_unsupported
 
@@ -212,6 +214,51 @@ def test_gemm_flops_counted(loss_type, head, schedule, multiple):
                              loss_type=loss_type, backend="torch", schedule=schedule)
         out.loss.backward()
     assert counter.flops == multiple * n * D * V
+
+
+class _GemmRows(TorchDispatchMode):
+    """The row count of every ``dH`` accumulation ``dh[n0:n1] += dZ W_c`` (an ``addmm_`` of a contiguous ``dZ``;
+    a ``dW`` accumulation multiplies ``dZ^T``, a transposed view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "addmm_" and args[1].is_contiguous():
+            self.rows.append(args[1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+def test_the_backward_reads_kept_tiles_at_full_height(backend_name, loss_type):
+    """A tile budget that splits the forward into token blocks: the backward reads the kept tiles of each vocabulary
+    chunk at the full height of the kept tokens (the store is chunk-major), exactly; a ``token_chunk_size`` the caller
+    fixed is kept in the backward too."""
+    d = _data(torch.float32)
+    skip_if_unsupported(backend_name, torch.float32)
+    n = int((d["labels"] != -100).sum())
+    opts = dict(loss_type=loss_type, beta=0.2, softcap=4.0)
+    oracle = _run(d, backend="reference", **opts)
+    # 8 bytes per entry with a reference: blocks of n / 2 tokens and 2 columns, so many chunks
+    budget = (n // 2) * 2 * 8 / 2**20
+    for tiles, full in ((dict(tile_budget_mb=budget), True), (dict(token_chunk_size=5, vocab_chunk_size=7), False)):
+        with _GemmRows() as gemms:
+            eager = _run(d, backend=backend_name, schedule="eager", **tiles, **opts)
+        _compare(eager, oracle, RTOL[torch.float32])
+        assert gemms.rows and set(gemms.rows) == ({n} if full else {5, n % 5}), (tiles, gemms.rows)
+
+
+def test_the_stored_backward_plan():
+    cpu = torch.device("cpu")
+    forward = plan.plan_tiles(3072, 32000, 8, TokenOptions(), cpu)
+    assert (forward.tokens, forward.vocab) == (1536, 1280)
+    assert plan.plan_stored_backward(forward, 3072, 0, TokenOptions(), cpu) == plan.TilePlan(3072, 1280, True, True)
+    # a dZ scratch in a half dtype that does not fit the budget at full height: the forward's blocks
+    assert plan.plan_stored_backward(forward, 3072, 6, TokenOptions(), cpu) == forward
+    fixed = plan.plan_tiles(3072, 32000, 8, TokenOptions(token_chunk_size=1000), cpu)
+    assert plan.plan_stored_backward(fixed, 3072, 0, TokenOptions(token_chunk_size=1000), cpu) == fixed
 
 
 def test_the_choice_is_logged_and_a_forced_schedule_that_cannot_run_raises(caplog):

@@ -249,3 +249,43 @@ def test_the_backend_report_carries_the_build_reason(monkeypatch):
     monkeypatch.setattr(extension, "read_build_info", lambda: {"cuda_left_out": "nvcc 12.4 differs from CUDA 13.0"})
     assert extension.cuda_unavailable_reason() == ("dpo_kernels._C was built without its CUDA kernels: nvcc 12.4 "
                                                    "differs from CUDA 13.0")
+
+
+# --------------------------------------------------------------------------------------------- kernel details
+
+
+@pytest.mark.parametrize("width", [256 * k for k in range(1, 65)] + [67, 300, 1000, 32000])
+def test_the_gradient_kernel_blocks_leave_few_lanes_idle(width):
+    """Point 6: the column block of the gradient kernel fits the plan's chunk widths (multiples of 256), at most
+    1/16 of the lanes idle, where a fixed 1024 left a sixth idle at 2560 columns."""
+    from dpo_kernels.ops.triton_kernels import config
+
+    cfg = config.tile_row_config(width, elementwise=True)
+    idle = -(-width // cfg.block_v) * cfg.block_v - width
+    if width % 256 == 0:
+        assert cfg.block_v in config.GRAD_BLOCKS and 16 * idle <= width, (width, cfg)
+    assert cfg.num_warps == max(1, cfg.block_v // 256)  # 8 fp32 values per thread, the configuration compiled
+    assert config.tile_row_config(2560, elementwise=True).block_v == 512
+
+
+def test_the_compile_check_covers_every_block_and_both_specialisations(monkeypatch):
+    """The variants the JIT builds: every gradient block, and the 16-divisibility specialisation of pointers and
+    integers (the vectorised loads and stores) beside the unaligned one."""
+    import os
+
+    from dpo_kernels.ops.triton_kernels import config
+
+    # importing the compile check turns the interpreter off for the process; the other tests still need it
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    from dpo_kernels.tools import compile_check
+
+    variants = compile_check._variants(torch.bfloat16)
+    blocks = {v.flags["BLOCK_V"] for v in variants if v.kernel == "grad_tile"}
+    assert blocks == set(config.GRAD_BLOCKS)
+    assert compile_check.ALIGNMENTS == ("aligned", "unaligned")
+    grad = next(v for v in variants if v.kernel == "grad_tile")
+    marked = {grad.fn.arg_names[i] for (i,) in compile_check._divisibility(grad.fn, grad.flags)}
+    assert {"x_ptr", "out_ptr", "labels_ptr", "width", "v0"} <= marked
+    assert not marked & (compile_check.FLOAT_SCALARS | set(grad.flags))
+    logits = next(v for v in variants if v.kernel == "logits_backward")
+    assert "ignore_index" not in {logits.fn.arg_names[i] for (i,) in compile_check._divisibility(logits.fn, logits.flags)}

@@ -58,7 +58,7 @@ from .products import Products, product_dtype, report_products
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions,
                        kernels: TileKernels, logging: bool = False, vocab_slice: VocabSlice | None = None,
-                       head_context=None):
+                       head_context=None, kept_count: int | None = None):
     """``policy.hidden [R, T, D]``, ``policy.weight [V, D]``, ``labels [R, T]`` -> ``logp [R, T]``; with ``ref``
     (``hidden [R, T, D_ref]``, ``weight [V, D_ref]``) -> ``(logp, ref_logp, kl)``. fp32 statistics (fp64 when an
     input is fp64), exactly 0 at ignored tokens; only the policy receives gradients.
@@ -69,11 +69,13 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch
 
     ``head_context(weight, bias)``, when given, returns a context manager entered around the backward's use of the
     policy head: the forward runs inside the caller's gathering of a sharded head (ZeRO-3), the backward, which
-    recomputes the logits later, must gather again."""
+    recomputes the logits later, must gather again. ``kept_count``: the number of labels that are not
+    ``ignore_index``, when the caller has read it (:mod:`dpo_kernels.host_read`): the kept rows are then found with no
+    host sync of their own."""
     if ref is not None:
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
     outs = _LinearStats.apply(policy.hidden, policy.weight, policy.bias, labels, ref, opts, kernels, logging,
-                              vocab_slice, head_context)
+                              vocab_slice, head_context, kept_count)
     return _split_logged(outs, ref is not None, logging)
 
 
@@ -96,13 +98,21 @@ def _split_logged(outs, with_ref: bool, logging: bool):
 class KeptTokens:
     """The tokens that are not ignored: ``kept`` flat indices into the ``R*T`` tokens (``None``: all of them), and
     their labels as columns of this rank's vocabulary (``label - offset``; outside ``[0, V_r)`` when another rank of a
-    vocabulary-parallel group holds the label's column)."""
+    vocabulary-parallel group holds the label's column).
 
-    def __init__(self, labels: torch.Tensor, ignore_index: int, offset: int = 0) -> None:
+    ``count``: how many labels are not ``ignore_index``, when the caller has read it in its one host read
+    (:mod:`dpo_kernels.host_read`); the indices are then ``torch.nonzero_static`` at that size, with no sync. Without
+    it, ``nonzero`` reads the count itself (one host sync, before any GEMM)."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int, offset: int = 0, count: int | None = None) -> None:
         flat = labels.reshape(-1)
         self.total = flat.numel()
-        kept = (flat != ignore_index).nonzero().squeeze(1)  # the one host sync of the forward, before any GEMM
-        self.kept = None if kept.numel() == self.total else kept
+        if count == self.total:
+            self.kept = None
+        else:
+            mask = flat != ignore_index
+            kept = (mask.nonzero() if count is None else torch.nonzero_static(mask, size=count)).squeeze(1)
+            self.kept = None if kept.numel() == self.total else kept
         self.labels = (flat if self.kept is None else flat[self.kept]).long() - offset
         self.n = self.labels.numel()
 
@@ -169,18 +179,20 @@ class Side:
 
 class TileStore:
     """Every tile of ``n`` kept tokens over a ``vocab``-wide head, kept from the forward for the eager schedule's
-    gradient: ``n * vocab`` entries in the statistics dtype, tile ``(n0, n1, v0, v1)`` of a plan contiguous at
-    ``n0 * vocab + (n1 - n0) * v0``."""
+    gradient: ``n * vocab`` entries in the statistics dtype, vocabulary-chunk-major. Chunk ``[v0, v1)`` of a plan is
+    one row-major ``[n, v1 - v0]`` matrix at ``v0 * n``, and the tile of tokens ``n0:n1`` is its rows ``n0:n1``
+    (contiguous at ``v0 * n + n0 * (v1 - v0)``), so a backward may read the tiles of any token blocks of the same
+    vocabulary chunks, the full height of a chunk at once included (:func:`.plan.plan_stored_backward`)."""
 
     def __init__(self, n: int, vocab: int, dtype: torch.dtype, device: torch.device,
                  buffer: torch.Tensor | None = None) -> None:
         """``buffer``: a flat buffer of at least ``n * vocab`` entries to reuse (e.g. one per call for every group of
         the eager schedule), else a new one."""
-        self.vocab = vocab
+        self.n = n
         self.buffer = torch.empty(n * vocab, dtype=dtype, device=device) if buffer is None else buffer[: n * vocab]
 
     def slot(self, n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
-        start = n0 * self.vocab + (n1 - n0) * v0
+        start = v0 * self.n + n0 * (v1 - v0)
         return self.buffer[start : start + (n1 - n0) * (v1 - v0)]
 
 
@@ -432,10 +444,10 @@ class ForwardState:
 
 def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
                    ref_products: Products | None, opts: TokenOptions, kernels: TileKernels, logging: bool = False,
-                   vocab_slice: VocabSlice | None = None):
+                   vocab_slice: VocabSlice | None = None, kept_count: int | None = None):
     """Forward of the linear path with the products of :func:`head_products`: ``(outs, state)``, ``outs`` as
-    :func:`finish_forward` returns them."""
-    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
+    :func:`finish_forward` returns them; ``kept_count`` as for :class:`KeptTokens`."""
+    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start, kept_count)
     with no_autocast(hidden.device):
         policy = Side.of(LinearHead(hidden, weight, bias), rows, products)
         ref_side = None if ref is None else Side.of(ref, rows, ref_products)
@@ -533,11 +545,11 @@ def _logits_statistics_dtype(logits, ref_logits) -> torch.dtype:
 class _LinearStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, opts: TokenOptions, kernels: TileKernels,
-                logging: bool, vocab_slice: VocabSlice | None, head_context):
+                logging: bool, vocab_slice: VocabSlice | None, head_context, kept_count: int | None):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         products, ref_products = head_products(hidden, weight, ref)
         outs, ctx.state = linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts, kernels,
-                                         logging, vocab_slice)
+                                         logging, vocab_slice, kept_count)
         ctx.save_for_backward(hidden, weight, bias)
         ctx.head_context = head_context
         return _returned(ctx, outs, ref is not None, logging)
@@ -549,9 +561,9 @@ class _LinearStats(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         grad_kl = grad_rest[1] if ctx.state.ref is not None else None
         if (grad_logp is None and grad_kl is None) or not any(need):
-            return (None,) * 10
+            return (None,) * 11
         grads = linear_backward(hidden, weight, bias, ctx.state, grad_logp, grad_kl, need, ctx.head_context)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 class _LogitsStats(torch.autograd.Function):

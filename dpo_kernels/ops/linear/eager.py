@@ -39,7 +39,7 @@ from ..common import LinearHead, first_order_only
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad
 from . import driver
 from .contract import LOGGED_OUTPUTS, TileKernels
-from .plan import plan_tiles
+from .plan import plan_stored_backward, plan_tiles
 
 # (rows [2B_g] of the batch, token logps [2B_g, T], ref logps or None, kl or None, logged dict or None) -> the loss
 # of those pairs as a part of the batch's loss (already weighted by B_g / B)
@@ -59,6 +59,10 @@ class PairGroups:
     @property
     def largest_group(self) -> int:
         return max(self.tokens, default=0)
+
+    @property
+    def kept(self) -> int:
+        return sum(self.tokens)
 
     def rows(self, b0: int, b1: int, device: torch.device) -> torch.Tensor | None:
         """The batch rows of pairs ``b0:b1`` (chosen first), ``None`` for the whole batch."""
@@ -153,10 +157,11 @@ class _GroupResult:
 
 
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
-               bounds: tuple[int, int], need, dw, db, buffers) -> _GroupResult:
-    """Forward and loss gradient of one group of pairs; ``dW`` and ``db`` are accumulated into ``dw`` / ``db``
-    (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the reference's kept-tile buffers,
-    shared by every group of the call."""
+               group: int, need, dw, db, buffers) -> _GroupResult:
+    """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
+    ``db`` (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the reference's kept-tile
+    buffers, shared by every group of the call."""
+    bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
 
@@ -165,7 +170,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
     group_labels = pick(labels)
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
-    rows = driver.KeptTokens(group_labels, opts.ignore_index, offset)
+    rows = driver.KeptTokens(group_labels, opts.ignore_index, offset, count=call.groups.tokens[group])
     sdt = products.out_dtype
     policy = driver.StoredSide.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0])
     keep_ref = ref is not None and call.keep_ref_tiles
@@ -186,8 +191,10 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     g, g_kl = driver.upstream(rows, g_logp, g_kl, sdt, device)
     with driver.no_autocast(device):
         bw = driver.Backward(lse, ref_lse, g, g_kl, opts, call.kernels)
+        dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
+        bw_plan = plan_stored_backward(plan, rows.n, dz_bytes, opts, device, dim=weight.shape[1])
         dh, group_dw, group_db = driver.grad_all(rows, policy.filled(), None if g_kl is None else ref_side.filled(),
-                                                 bw, need, plan, dw_into=dw)
+                                                 bw, need, bw_plan, dw_into=dw)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:
@@ -200,13 +207,37 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
     """One kept-tile buffer for the policy (and one for the reference with a TDPO loss), sized for the largest group
-    and reused by every group: allocated and first touched once per call."""
+    and reused by every group of the call; on the CPU taken from (and handed back to, :func:`_return_buffers`) the
+    buffers kept between calls."""
     entries = call.groups.largest_group * vocab
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
     # ~0.05 s of first-touch faults on a 393 MiB buffer but stalled up to 2.7 s in compaction now and then.
-    buffers = [torch.empty(entries, dtype=sdt, device=device) for _ in range(count)]
+    kept = _CPU_TILE_BUFFERS.pop(sdt, []) if device.type == "cpu" else []
+    buffers = [kept.pop() if kept and kept[-1].numel() >= entries else torch.empty(entries, dtype=sdt, device=device)
+               for _ in range(count)]
     return buffers + [None] * (2 - count)
+
+
+# The CPU's kept-tile buffers between calls, by dtype. A fresh buffer of a few hundred MiB is faulted in page by
+# page by the GEMMs that first write it: on the 2-core development machine that made the forward GEMMs of sigmoid
+# DPO (3072 kept tokens, V = 32000, a 393 MiB store) 0.3 s slower than into pages already touched, a tenth of the
+# call. Kept here, the memory stays resident between calls (at most the eager budget per dtype: two buffers of
+# the largest group's tiles); :func:`release_tile_buffers` frees it. Accelerators reuse memory through their
+# caching allocator and keep nothing here.
+_CPU_TILE_BUFFERS: dict[torch.dtype, list[torch.Tensor]] = {}
+
+
+def _return_buffers(buffers: list, device: torch.device) -> None:
+    if device.type == "cpu":
+        kept = [b for b in buffers if b is not None]
+        if kept:
+            _CPU_TILE_BUFFERS[kept[0].dtype] = kept
+
+
+def release_tile_buffers() -> None:
+    """Free the kept-tile buffers the eager schedule keeps between calls on the CPU."""
+    _CPU_TILE_BUFFERS.clear()
 
 
 def _group_upstream(outs, batch_rows, with_ref: bool, keep_ref: bool, call: EagerCall):
@@ -248,8 +279,9 @@ class _EagerPairs(torch.autograd.Function):
             dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
         buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
-        results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, bounds, need, dw, db,
-                              buffers) for bounds in call.groups.bounds]
+        results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
+                              buffers) for group in range(len(call.groups.bounds))]
+        _return_buffers(buffers, hidden.device)
         del buffers
         grads = [r.grads for r in results]
         loss = torch.stack([r.loss for r in results]).sum()
@@ -300,7 +332,7 @@ def _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, n
     """The recompute schedule's backward for gradients that reach ``logp`` / ``kl`` from outside the loss."""
     call = ctx.call
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
-    rows = driver.KeptTokens(labels, call.opts.ignore_index, offset)
+    rows = driver.KeptTokens(labels, call.opts.ignore_index, offset, count=call.groups.kept)
     sdt = ctx.products[0].out_dtype
     state = driver.ForwardState(rows, rows.select(ctx.lse, sdt),
                                 None if ctx.ref_lse is None else rows.select(ctx.ref_lse, sdt), call.opts,

@@ -31,9 +31,23 @@ def row_config(vocab: int, dtype: torch.dtype, with_reference: bool) -> RowConfi
     return RowConfig(block_v=block_v, num_warps=max(1, min(16, block_v // per_warp)))
 
 
+GRAD_BLOCKS = (1024, 512, 256)  # the gradient kernel's column blocks, widest first
+
+
 def tile_row_config(width: int, elementwise: bool = False) -> RowConfig:
     """Tile kernels over fp32 tiles of ``width`` columns, 8 fp32 values per thread and tensor read (two 16-byte
     loads): the fold walks a token's row in ``BLOCK_V`` steps; the gradient kernel gives each program one
-    ``BLOCK_V`` column block. (16 values per thread spilled the fold with a bias on sm_90.)"""
-    block_v = max(16, min(triton.next_power_of_2(width), 1024 if elementwise else 2048))
+    ``BLOCK_V`` column block, the widest of :data:`GRAD_BLOCKS` that leaves at most 1/16 of its lanes idle over the
+    row (else the one that leaves fewest): the plan's chunks are multiples of 256 columns, so a 2560-wide tile takes
+    512-wide blocks instead of three 1024-wide ones with a sixth of the lanes idle. (16 values per thread spilled
+    the fold with a bias on sm_90.)"""
+    if not elementwise:
+        block_v = max(16, min(triton.next_power_of_2(width), 2048))
+    elif width <= GRAD_BLOCKS[-1]:
+        block_v = max(16, triton.next_power_of_2(width))
+    else:
+        def idle(block: int) -> int:
+            return -(-width // block) * block - width
+
+        block_v = next((b for b in GRAD_BLOCKS if 16 * idle(b) <= width), min(GRAD_BLOCKS, key=idle))
     return RowConfig(block_v=block_v, num_warps=max(1, block_v // 256))

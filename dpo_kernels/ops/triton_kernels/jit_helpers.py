@@ -1,4 +1,4 @@
-"""Triton device functions shared by the kernels: the logit post-processing of MATH.md §1 and its derivative, and
+"""Triton device functions shared by the kernels: the logit post-processing of MATH.md §1 and its slope, and
 the online fold of a block of reference logits for the KL.
 
 Which steps apply is chosen by constexpr flags (``HAS_SCALE``, ``HAS_SOFTCAP``, ``HAS_TEMPERATURE``), so a kernel
@@ -32,18 +32,23 @@ def transform(x, logit_scale, softcap, inv_temperature,
 
 
 @triton.jit
-def transform_grad(x, grad_z, logit_scale, softcap, inv_temperature,
-                   HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
-    """``dL/dx`` from ``dL/dz`` for raw logits ``x``."""
-    g = grad_z
-    if HAS_TEMPERATURE:
-        g = g * inv_temperature
-    if HAS_SOFTCAP:
-        t = tanh(x * logit_scale / softcap) if HAS_SCALE else tanh(x / softcap)
-        g = g * (1.0 - t * t)
+def transform_and_slope(x, logit_scale, softcap, inv_temperature,
+                        HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
+    """``(z, dz/dx)`` of :func:`transform` with one tanh: the gradient kernels need both, and ``dL/dx = dL/dz *
+    dz/dx``; a second tanh for the slope would cost one more transcendental per logit."""
+    z = x
+    slope = 1.0
     if HAS_SCALE:
-        g = g * logit_scale
-    return g
+        z = z * logit_scale
+        slope = logit_scale
+    if HAS_SOFTCAP:
+        t = tanh(z / softcap)
+        z = softcap * t
+        slope = slope * (1.0 - t * t)
+    if HAS_TEMPERATURE:
+        z = z * inv_temperature
+        slope = slope * inv_temperature
+    return z, slope
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ...options import TokenOptions
 from .config import row_config
-from .jit_helpers import finish_lse, fold_reference_block, transform, transform_grad
+from .jit_helpers import finish_lse, fold_reference_block, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -112,20 +112,25 @@ def _logits_backward_kernel(
     if HAS_KL_GRAD:
         g_kl = tl.load(g_kl_ptr + row)
         lse_r = tl.load(ref_lse_ptr + row)
-    for start in range(0, vocab, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < vocab
-        x = tl.load(x_row + cols * x_stride_v, mask=inside, other=0.0).to(tl.float32)
-        z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        p = tl.exp(z - lse)
-        dz = tl.where(cols == label, g, 0.0) - g * p
-        if HAS_KL_GRAD:
-            xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)
-            zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-            dz += g_kl * (p - tl.exp(zr - lse_r))
-        dx = transform_grad(x, dz, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        dx = tl.where(valid, dx, 0.0)  # a select, so a masked row's unused statistics cannot leak NaN
-        tl.store(grad_row + cols * grad_stride_v, dx.to(grad_ptr.dtype.element_ty), mask=inside)
+    if valid:
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inside = cols < vocab
+            x = tl.load(x_row + cols * x_stride_v, mask=inside, other=0.0).to(tl.float32)
+            z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                           HAS_TEMPERATURE)
+            p = tl.exp(z - lse)
+            dz = tl.where(cols == label, g, 0.0) - g * p
+            if HAS_KL_GRAD:
+                xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)
+                zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+                dz += g_kl * (p - tl.exp(zr - lse_r))
+            tl.store(grad_row + cols * grad_stride_v, (dz * slope).to(grad_ptr.dtype.element_ty), mask=inside)
+    else:  # a masked row: zeros, without reading its logits
+        zeros = tl.zeros((BLOCK_V,), dtype=grad_ptr.dtype.element_ty)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            tl.store(grad_row + cols * grad_stride_v, zeros, mask=cols < vocab)
 
 
 def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions):

@@ -26,7 +26,7 @@ import triton.language as tl
 from ...options import TokenOptions
 from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
 from .config import tile_row_config
-from .jit_helpers import fold_reference_block, transform, transform_grad
+from .jit_helpers import fold_reference_block, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -56,14 +56,12 @@ def _fold_tile_kernel(
     label_col = tl.load(labels_ptr + row) - v0
     m = -float("inf")
     s = 0.0
-    z_label = 0.0
     weighted = 0.0  # LOGGING: sum e^{z - m} z, sum e^{2 (z - m)}, sum z, max z left of the label
     squares = 0.0
     logit_sum = 0.0
     before = -float("inf")
     m_r = -float("inf")
     s_r = 0.0
-    zr_label = 0.0
     w = 0.0
     for start in range(0, width, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -72,8 +70,6 @@ def _fold_tile_kernel(
         if HAS_BIAS:
             x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
         z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        is_label = cols == label_col
-        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=0)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
         rescale = tl.exp(m - m_new)
@@ -91,7 +87,6 @@ def _fold_tile_kernel(
             if HAS_REF_BIAS:
                 xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-            zr_label += tl.sum(tl.where(is_label, zr, 0.0), axis=0)
             m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
 
     hit = (label_col >= 0) & (label_col < width)
@@ -111,7 +106,11 @@ def _fold_tile_kernel(
         tl.store(sum_row, tl.load(sum_row) + logit_sum)
         before_row = st + _MAX_BEFORE_LABEL * stats_stride
         tl.store(before_row, tl.maximum(tl.load(before_row), before))
-    if hit:
+    if hit:  # the label's logit read once, not picked out of every block by a reduction
+        x_label = tl.load(x_row + label_col)
+        if HAS_BIAS:
+            x_label += tl.load(bias_ptr + label_col)
+        z_label = transform(x_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         tl.store(st + _LABEL_LOGIT * stats_stride, z_label)
     if HAS_REF:
         rst = ref_stats_ptr + row  # contract.RefRow
@@ -124,6 +123,11 @@ def _fold_tile_kernel(
         tl.store(rst + _REF_SUM * ref_stats_stride, old_s_r * f_old + s_r * f_new)
         tl.store(rst + _REF_WEIGHTED * ref_stats_stride, old_w * f_old + w * f_new)
         if hit:
+            xr_label = tl.load(xr_ptr + row * width + label_col)
+            if HAS_REF_BIAS:
+                xr_label += tl.load(ref_bias_ptr + label_col)
+            zr_label = transform(xr_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                 HAS_TEMPERATURE)
             tl.store(rst + _REF_LABEL_LOGIT * ref_stats_stride, zr_label)
 
 
@@ -149,7 +153,8 @@ def _grad_tile_kernel(
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
     if HAS_BIAS:
         x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
-    z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+    z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                   HAS_TEMPERATURE)
     p = tl.exp(z - tl.load(lse_ptr + row))
     onehot = tl.where(cols == label_col, 1.0, 0.0)
     dz = g * (onehot - p)
@@ -164,8 +169,7 @@ def _grad_tile_kernel(
         dz += tl.load(g_kl_ptr + row) * p_minus_q
         if FILTER:
             largest = tl.maximum(largest, tl.max(tl.where(inside, tl.abs(p_minus_q), 0.0), axis=0))
-    dx = transform_grad(x, dz, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-    tl.store(out_ptr + offsets, dx.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + offsets, (dz * slope).to(out_ptr.dtype.element_ty), mask=inside)
     if FILTER:
         tl.atomic_max(deviation_ptr, largest)
 
