@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--masked", type=float, default=0.25)
     parser.add_argument("--budget-mb", type=float, default=512.0)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--check", action="store_true", help=f"exit 1 when a time ratio misses its goal {GOALS}")
     parser.add_argument("--no-save", action="store_true")
     add_out_argument(parser)

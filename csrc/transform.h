@@ -39,6 +39,20 @@ struct TransformParams {
     return z * V(static_cast<S>(inv_temperature));
   }
 
+  // z = apply(x) and slope = dz/dx with one tanh, for kernels that need both (dL/dx = dL/dz * slope).
+  template <typename V>
+  DPO_HOST_DEVICE V apply_and_slope(V x, V& slope) const {
+    using S = typename TransformMath<V>::scalar;
+    V z = x * V(static_cast<S>(logit_scale));
+    slope = V(static_cast<S>(logit_scale) * static_cast<S>(inv_temperature));
+    if (has_softcap()) {
+      const V th = TransformMath<V>::tanh(z / V(static_cast<S>(softcap)));
+      z = V(static_cast<S>(softcap)) * th;
+      slope = slope * (V(S(1)) - th * th);
+    }
+    return z * V(static_cast<S>(inv_temperature));
+  }
+
   // dL/dx from dL/dz at raw logit x: d/dx [c tanh(s x / c)] = s (1 - tanh^2), then the temperature.
   template <typename V>
   DPO_HOST_DEVICE V grad(V x, V grad_z) const {

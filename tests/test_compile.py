@@ -173,8 +173,18 @@ def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monke
         monkeypatch.setattr(module, name, record)
 
     recording(driver if path == "hidden" else logits_path, "linear_token_stats" if path == "hidden" else "token_stats")
-    # eager: the path's entry with the backend's kernels; compiled: inside the op
-    recording(driver, "linear_forward" if path == "hidden" else "logits_forward")
+    # eager: the path's entry with the backend's kernels; compiled: inside the op (from logits, the torch backend's
+    # row kernel itself, which the op calls)
+    if path == "hidden":
+        recording(driver, "linear_forward")
+    else:
+        from dpo_kernels.ops import torch_chunked
+
+        kernels = torch_chunked.KERNELS
+        holder = type("Holder", (), {"forward": staticmethod(kernels.logits.forward)})
+        recording(holder, "forward")
+        monkeypatch.setattr(torch_chunked, "KERNELS", dataclasses.replace(
+            kernels, logits=dataclasses.replace(kernels.logits, forward=holder.forward)))
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(2, 9, D, generator=g), torch.randn(V, D, generator=g)
     labels = torch.randint(0, V, (2, 9), generator=g)

@@ -166,3 +166,36 @@ def test_lazy_metrics_read_every_pending_value_once_and_equal_a_dict():
     assert syncs.seen == ["tolist"]
     del metrics["a"]
     assert "a" not in metrics and "LazyMetrics({'b': 2.0" in repr(metrics)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_the_compiled_from_logits_ops_have_no_host_sync(backend):
+    """The ops ``torch.compile`` runs from logits call the backend's row kernels over every token: nothing waits,
+    so a CUDA graph can capture them (``mode="reduce-overhead"``); and they agree with eager mode."""
+    from dpo_kernels import token_logprobs_and_kl
+    from dpo_kernels.ops.linear import library_ops
+    from dpo_kernels.options import TokenOptions
+
+    skip_if_unsupported(backend, torch.float32)
+    d = _data()
+    logits = (d["policy_hidden"].detach() @ d["lm_head_weight"].detach().T).requires_grad_()
+    ref_logits = d["ref_hidden"] @ d["ref_lm_head_weight"].T
+    with _Syncs() as syncs:
+        logp, _, kl = library_ops.logits_token_stats(logits, ref_logits, d["labels"], TokenOptions(softcap=3.0),
+                                                     backend)
+        (logp.sum() + 0.5 * kl.sum()).backward()
+    assert syncs.count == 0, syncs.seen
+    compiled_grad, logits.grad = logits.grad, None
+    e_logp, _, e_kl = token_logprobs_and_kl(logits, ref_logits, d["labels"], softcap=3.0, backend=backend)
+    (e_logp.sum() + 0.5 * e_kl.sum()).backward()
+    torch.testing.assert_close(logp, e_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, logits.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_the_compiled_linear_ops_refuse_a_cuda_graph_capture_and_say_why(monkeypatch):
+    from dpo_kernels.ops.linear import library_ops
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*pass logits"):
+        library_ops._refuse_graph_capture(torch.device("cuda"))
+    library_ops._refuse_graph_capture(torch.device("cpu"))  # a CPU call is never captured

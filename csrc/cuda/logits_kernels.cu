@@ -108,15 +108,19 @@ __global__ void
   const T* x_row = logits + layout.offset(row, seq_len);
   const TR* r_row = WITH_KL ? ref_logits + ref_layout.offset(row, seq_len) : nullptr;
   T* g_row = grad + grad_layout.offset(row, seq_len);
-  auto grad_at = [&](int64_t i, float z, float x) -> float {
-    if (!valid) return 0.f;
-    const float p = __expf(z - row_lse);
+  if (!valid) {  // a masked row: zeros, without reading its logits or the reference's
+    for (int64_t i = lane; i < vocab; i += THREADS) g_row[i * grad_layout.stride_v] = from_float<T>(0.f);
+    return;
+  }
+  auto grad_at = [&](int64_t i, float x) -> float {
+    float slope;  // dz/dx, from the same tanh as z
+    const float p = __expf(t.apply_and_slope<float>(x, slope) - row_lse);
     float dz = (i == label ? g : 0.f) - g * p;
     if constexpr (WITH_KL) {
       const float q = __expf(t.apply<float>(to_float(r_row[i * ref_layout.stride_v])) - row_ref_lse);
       dz += g_kl * (p - q);
     }
-    return t.grad<float>(x, dz);
+    return dz * slope;
   };
   if constexpr (VEC > 1) {
     const int64_t packets = vocab / VEC;
@@ -125,19 +129,16 @@ __global__ void
       Packet<T, VEC> out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const float x = to_float(in.v[k]);
-        out.v[k] = from_float<T>(grad_at(p * VEC + k, t.apply<float>(x), x));
+        out.v[k] = from_float<T>(grad_at(p * VEC + k, to_float(in.v[k])));
       }
       reinterpret_cast<Packet<T, VEC>*>(g_row)[p] = out;
     }
     for (int64_t i = packets * VEC + lane; i < vocab; i += THREADS) {
-      const float x = to_float(x_row[i]);
-      g_row[i] = from_float<T>(grad_at(i, t.apply<float>(x), x));
+      g_row[i] = from_float<T>(grad_at(i, to_float(x_row[i])));
     }
   } else {
     for (int64_t i = lane; i < vocab; i += THREADS) {
-      const float x = to_float(x_row[i * layout.stride_v]);
-      g_row[i * grad_layout.stride_v] = from_float<T>(grad_at(i, t.apply<float>(x), x));
+      g_row[i * grad_layout.stride_v] = from_float<T>(grad_at(i, to_float(x_row[i * layout.stride_v])));
     }
   }
 }

@@ -17,8 +17,9 @@ A backend supplies two row kernels (:class:`LogitsKernels`) over ``logits [R, T,
 
 :func:`token_stats` is the one autograd function over them: it keeps ``lse`` (and ``ref_lse``) for the backward,
 refuses an in-place backward into a leaf, skips the reference when the KL gets no gradient, and marks overwritten
-logits. (Vocabulary-parallel slices of logits and the compiled path run the linear path's tile loop over the given
-logits instead: :func:`dpo_kernels.ops.linear.driver.logits_token_stats`.)
+logits. The compiled ops of :mod:`dpo_kernels.ops.linear.library_ops` call the same two kernels; vocabulary-parallel
+slices of logits run the linear path's tile loop over the given logits instead
+(:func:`dpo_kernels.ops.linear.driver.logits_token_stats`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _upstream(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int
     return torch.where(labels.reshape(-1) != ignore_index, g, torch.zeros((), dtype=dtype, device=g.device)).contiguous()
 
 
-def _upstream_pair(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
+def upstream_pair(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
     """``(g, g_kl)`` of the backward via :func:`_upstream`; ``g_kl`` is ``None`` when the KL output
     received no gradient (so kernels can skip the reference entirely)."""
     g = _upstream(grad_logp, labels, ignore_index, dtype)
@@ -87,7 +88,7 @@ class _LogitsStats(torch.autograd.Function):
             return None, None, None, None, None
         logits, labels, lse, ref_logits, ref_lse = ctx.saved_tensors
         opts = ctx.opts
-        g, g_kl = _upstream_pair(grad_logp, grad_kl, labels, opts.ignore_index, lse.dtype)
+        g, g_kl = upstream_pair(grad_logp, grad_kl, labels, opts.ignore_index, lse.dtype)
         grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         use_ref = g_kl is not None
         ctx.kernels.backward(logits, ref_logits if use_ref else None, labels, lse, ref_lse if use_ref else None, g,

@@ -289,3 +289,51 @@ def test_the_compile_check_covers_every_block_and_both_specialisations(monkeypat
     assert not marked & (compile_check.FLOAT_SCALARS | set(grad.flags))
     logits = next(v for v in variants if v.kernel == "logits_backward")
     assert "ignore_index" not in {logits.fn.arg_names[i] for (i,) in compile_check._divisibility(logits.fn, logits.flags)}
+
+
+_VIEWS = {"view", "slice", "select", "t", "transpose", "as_strided", "reshape", "_unsafe_view", "alias", "expand",
+          "unsqueeze", "squeeze", "permute", "detach", "_reshape_alias", "split", "unbind", "chunk", "narrow",
+          "numpy_T"}
+
+
+def _ops_per_pass(backend: str, chunks: int) -> tuple[dict, dict]:
+    """Every op (views aside) of one forward and one backward of the linear path over ``chunks`` vocabulary chunks."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dpo_kernels import linear_token_logprobs
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEWS:
+                self.count[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    vocab, width = 4096, 4096 // chunks
+    h = torch.randn(1, 40, 16, generator=g, requires_grad=True)
+    w = torch.randn(vocab, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, 40), generator=g)
+    labels[0, :5] = -100
+    with Ops() as forward:
+        out = linear_token_logprobs(h, w, labels, backend=backend, vocab_chunk_size=width)
+    with Ops() as backward:
+        out.sum().backward()
+    return forward.count, backward.count
+
+
+def test_each_vocabulary_chunk_launches_its_gemms_and_one_tile_kernel():
+    """Per chunk, counted: forward one GEMM and the fold; backward the recomputing GEMM, the gradient kernel, the
+    ``dH`` and ``dW`` GEMMs, and nothing else (no copy, fill or conversion per chunk)."""
+    from ..conftest import skip_if_unsupported
+
+    skip_if_unsupported("cpu", torch.float32)
+    (f4, b4), (f8, b8) = _ops_per_pass("cpu", 4), _ops_per_pass("cpu", 8)
+    per_chunk = ({k: (f8[k] - f4[k]) // 4 for k in f8 if f8[k] != f4[k]},
+                 {k: (b8[k] - b4[k]) // 4 for k in b8 if b8[k] != b4[k]})
+    assert per_chunk == ({"mm": 1, "fold_tile": 1}, {"mm": 2, "grad_tile": 1, "addmm_": 1}), per_chunk

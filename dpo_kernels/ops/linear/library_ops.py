@@ -11,12 +11,18 @@ backend's :class:`TileKernels`, so compiled and eager results agree to the last 
   head): ``(logp [R, T], ref_logp [R, T], kl [R, T], lse [R*T], ref_lse [R*T])``, the reference outputs empty
   without a reference. ``lse`` is scattered to every token (0 where ignored) so its shape is static; the backward
   recomputes which tokens are kept from the labels.
-- ``dpo_kernels::logits_stats`` / ``logits_stats_backward``: the same over given logits ``[R, T, V]``.
+- ``dpo_kernels::logits_stats`` / ``logits_stats_backward``: the same over given logits ``[R, T, V]``, on the
+  backend's dedicated from-logits row kernels (:mod:`dpo_kernels.ops.logits_path`: one read of each logit forward,
+  one read and one write backward, every token in place, so no shape depends on the data).
 
 The products' dtype is decided before the op, under the caller's autocast state (``compute_dtype``), as the eager
 path decides it. Not supported under compilation (each refused with a clear error): ``vocab_parallel_group``,
-``inplace_backward``, a ``head_context`` and the logged statistics of the TRL patch. From logits, the compiled path
-runs the tile loop (each tile copied to fp32, then folded) rather than the backend's dedicated from-logits kernel.
+``inplace_backward``, a ``head_context`` and the logged statistics of the TRL patch.
+
+CUDA graphs (``mode="reduce-overhead"``): the from-logits ops have no host sync and can be captured. The linear ops
+cannot: they drop the ignored tokens before the first GEMM, and how many are kept is read on the host (``nonzero``,
+before the plan of tiles can be made), which a stream capture does not allow; they raise saying so instead of
+failing inside the capture.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import torch
 from torch import Tensor
 
 from ...options import TOKEN_OPTION_FIELDS, TokenOptions, statistics_dtype
-from ..backend import tile_kernels_of
+from ..backend import logits_kernels_of, tile_kernels_of
+from .. import logits_path
 from ..common import LinearHead
+from ..logits_path import LogitsKernels
 from ..registry import resolve_backend
 from . import driver
 from .contract import TileKernels
@@ -118,8 +126,17 @@ _LINEAR_TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? ref_hidd
 _LINEAR_DTYPES = "ScalarType compute_dtype, ScalarType ref_compute_dtype, str backend"
 
 
+def _refuse_graph_capture(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "dpo_kernels' compiled linear path cannot be captured in a CUDA graph: it reads on the host how many "
+            "tokens are kept (a sync) before it plans its tiles. Compile without CUDA graphs (mode='default' or "
+            "'max-autotune-no-cudagraphs'), or pass logits, whose compiled ops have no host sync")
+
+
 def _linear_stats_impl(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, ref_cdt, backend), opts = _split(args, 10)
+    _refuse_graph_capture(hidden.device)
     ref, products, ref_products, kernels = _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                                              (cdt, ref_cdt), backend)
     return _op_outputs(*driver.linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts,
@@ -141,6 +158,7 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, compute_dt
 def _linear_stats_backward_impl(*args) -> tuple[Tensor, Tensor, Tensor]:
     (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, grad_logp, grad_kl, need_hidden,
      need_weight, need_bias, cdt, ref_cdt, backend), opts = _split(args, 17)
+    _refuse_graph_capture(hidden.device)
     ref, products, ref_products, kernels = _linear_op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                                              (cdt, ref_cdt), backend)
     rows = driver.KeptTokens(labels, opts.ignore_index)
@@ -216,10 +234,24 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: Tenso
 # --------------------------------------------------------------------------------------------- from logits
 
 
+def logits_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> LogitsKernels:
+    """The from-logits row kernels of ``backend`` for these inputs; the single-process oracle has none."""
+    name, impl = resolve_backend(backend, device, dtypes)
+    kernels = logits_kernels_of(impl)
+    if kernels is None:
+        raise ValueError(f"backend={name!r} cannot run under torch.compile (it has no kernels); use 'torch', "
+                         "'cpu', 'cuda', 'triton' or 'auto'")
+    return kernels
+
+
 def _logits_stats_impl(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     (logits, ref_logits, labels, backend), opts = _split(args, 4)
-    kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
-    return _op_outputs(*driver.logits_forward(logits, labels, ref_logits, opts, kernels), labels)
+    kernels = logits_kernels(backend, logits.device, _dtypes(logits, ref_logits))
+    logp, lse, ref_logp, ref_lse, kl = kernels.forward(logits, ref_logits, labels.reshape(-1).contiguous(), opts)
+    shape = tuple(labels.shape)
+    if ref_logits is None:
+        return logp.view(shape), logp.new_empty(_EMPTY), logp.new_empty(_EMPTY), lse, logp.new_empty(_EMPTY)
+    return logp.view(shape), ref_logp.view(shape), kl.view(shape), lse, ref_lse
 
 
 _logits_stats = torch.library.custom_op("dpo_kernels::logits_stats", _logits_stats_impl, mutates_args=(),
@@ -229,18 +261,20 @@ _logits_stats = torch.library.custom_op("dpo_kernels::logits_stats", _logits_sta
 
 @_logits_stats.register_fake
 def _(logits, ref_logits, labels, backend, *opts):
-    tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
+    logits_kernels(backend, logits.device, _dtypes(logits, ref_logits))
     return _fake_outputs(labels, statistics_dtype(*_dtypes(logits, ref_logits)), ref_logits is not None)
 
 
 def _logits_stats_backward_impl(*args) -> Tensor:
     (logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, backend), opts = _split(args, 8)
-    kernels = tile_kernels(backend, logits.device, _dtypes(logits, ref_logits))
-    rows = driver.KeptTokens(labels, opts.ignore_index)
-    sdt = statistics_dtype(*_dtypes(logits, ref_logits))
-    state = driver.ForwardState(rows, rows.select(lse, sdt), None if ref_lse is None else rows.select(ref_lse, sdt),
-                                opts, kernels)
-    return driver.logits_backward(logits, ref_logits, state, grad_logp, grad_kl)
+    kernels = logits_kernels(backend, logits.device, _dtypes(logits, ref_logits))
+    flat = labels.reshape(-1).contiguous()
+    g, g_kl = logits_path.upstream_pair(grad_logp, grad_kl, flat, opts.ignore_index, lse.dtype)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    use_ref = g_kl is not None
+    kernels.backward(logits, ref_logits if use_ref else None, flat, lse, ref_lse if use_ref else None, g, g_kl, opts,
+                     grad)
+    return grad
 
 
 _logits_stats_backward = torch.library.custom_op(
