@@ -61,14 +61,15 @@ def finish_lse(m, s):
 @triton.jit
 def fold_reference_block(z, zr, inside, m_r, s_r, w):
     """Fold one block of reference logits ``zr`` (beside the policy's ``z``; lanes outside the row masked by
-    ``inside``) into the reference's running max ``m_r``, sum ``s_r`` and the KL's ``w = sum e^{zr - m_r} (zr - z)``,
-    rescaled when the max moves. Returns the new ``(m_r, s_r, w)``."""
+    ``inside``) into the reference's running max ``m_r`` (a scalar) and the per-lane partial sums ``s_r`` of
+    ``e^{zr - m_r}`` and ``w`` of ``e^{zr - m_r} (zr - z)`` (``BLOCK``-wide vectors, summed once after the row, so a
+    block costs one cross-warp reduction, the max), rescaled when the max moves. Returns the new ``(m_r, s_r, w)``."""
     log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is ever formed
     zr = tl.where(inside, zr, -float("inf"))
     m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
     rescale = tl.exp(m_r - m_r_new)
     e_r = tl.exp(zr - m_r_new)
-    s_r = s_r * rescale + tl.sum(e_r, axis=0)
+    s_r = s_r * rescale + e_r
     # an underflowed reference probability contributes exactly 0, even against a -inf policy logit
-    w = w * rescale + tl.sum(tl.where(e_r > 0, e_r * log_ratio, 0.0), axis=0)
+    w = w * rescale + tl.where(e_r > 0, e_r * log_ratio, 0.0)
     return m_r_new, s_r, w

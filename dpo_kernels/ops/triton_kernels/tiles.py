@@ -54,15 +54,16 @@ def _fold_tile_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * width
     label_col = tl.load(labels_ptr + row) - v0
+    # the running maxima are scalars (one cross-warp reduction per block); every sum is kept per lane and reduced once
     m = -float("inf")
-    s = 0.0
-    weighted = 0.0  # LOGGING: sum e^{z - m} z, sum e^{2 (z - m)}, sum z, max z left of the label
-    squares = 0.0
-    logit_sum = 0.0
-    before = -float("inf")
+    s = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    weighted = tl.zeros((BLOCK_V,), dtype=tl.float32)  # LOGGING: sum e^{z - m} z, sum e^{2 (z - m)}, sum z,
+    squares = tl.zeros((BLOCK_V,), dtype=tl.float32)  # and the max z left of the label
+    logit_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    before = tl.full((BLOCK_V,), -float("inf"), dtype=tl.float32)
     m_r = -float("inf")
-    s_r = 0.0
-    w = 0.0
+    s_r = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    w = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for start in range(0, width, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < width
@@ -74,20 +75,28 @@ def _fold_tile_kernel(
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
         rescale = tl.exp(m - m_new)
         e = tl.exp(z_masked - m_new)
-        s = s * rescale + tl.sum(e, axis=0)
+        s = s * rescale + e
         m = m_new
         if LOGGING:
             z_inside = tl.where(inside, z, 0.0)
-            weighted = weighted * rescale + tl.sum(e * z_inside, axis=0)
-            squares = squares * rescale * rescale + tl.sum(e * e, axis=0)
-            logit_sum += tl.sum(z_inside, axis=0)
-            before = tl.maximum(before, tl.max(tl.where(inside & (cols < label_col), z, -float("inf")), axis=0))
+            weighted = weighted * rescale + e * z_inside
+            squares = squares * rescale * rescale + e * e
+            logit_sum += z_inside
+            before = tl.maximum(before, tl.where(inside & (cols < label_col), z, -float("inf")))
         if HAS_REF:
             xr = tl.load(xr_ptr + row * width + cols, mask=inside, other=0.0)
             if HAS_REF_BIAS:
                 xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
             m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
+    s = tl.sum(s, axis=0)
+    s_r = tl.sum(s_r, axis=0)
+    w = tl.sum(w, axis=0)
+    if LOGGING:
+        weighted = tl.sum(weighted, axis=0)
+        squares = tl.sum(squares, axis=0)
+        logit_sum = tl.sum(logit_sum, axis=0)
+        before = tl.max(before, axis=0)
 
     hit = (label_col >= 0) & (label_col < width)
     st = stats_ptr + row  # row r of this token's statistics at st + r * stats_stride (contract.StatRow)
