@@ -112,33 +112,34 @@ __global__ void
     for (int64_t i = lane; i < vocab; i += THREADS) g_row[i * grad_layout.stride_v] = from_float<T>(0.f);
     return;
   }
-  auto grad_at = [&](int64_t i, float x) -> float {
+  // x: the policy's raw logit at column i; xr: the reference's (read only WITH_KL)
+  auto grad_at = [&](int64_t i, float x, float xr) -> float {
     float slope;  // dz/dx, from the same tanh as z
     const float p = __expf(t.apply_and_slope<float>(x, slope) - row_lse);
     float dz = (i == label ? g : 0.f) - g * p;
-    if constexpr (WITH_KL) {
-      const float q = __expf(t.apply<float>(to_float(r_row[i * ref_layout.stride_v])) - row_ref_lse);
-      dz += g_kl * (p - q);
-    }
+    if constexpr (WITH_KL) dz += g_kl * (p - __expf(t.apply<float>(xr) - row_ref_lse));
     return dz * slope;
   };
+  auto ref_at = [&](int64_t i) -> float { return WITH_KL ? to_float(r_row[i * ref_layout.stride_v]) : 0.f; };
   if constexpr (VEC > 1) {
     const int64_t packets = vocab / VEC;
     for (int64_t p = lane; p < packets; p += THREADS) {
       const Packet<T, VEC> in = reinterpret_cast<const Packet<T, VEC>*>(x_row)[p];
+      Packet<TR, VEC> ref_in;  // the reference's packet, as wide as the policy's
+      if constexpr (WITH_KL) ref_in = reinterpret_cast<const Packet<TR, VEC>*>(r_row)[p];
       Packet<T, VEC> out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        out.v[k] = from_float<T>(grad_at(p * VEC + k, to_float(in.v[k])));
+        out.v[k] = from_float<T>(grad_at(p * VEC + k, to_float(in.v[k]), WITH_KL ? to_float(ref_in.v[k]) : 0.f));
       }
       reinterpret_cast<Packet<T, VEC>*>(g_row)[p] = out;
     }
     for (int64_t i = packets * VEC + lane; i < vocab; i += THREADS) {
-      g_row[i] = from_float<T>(grad_at(i, to_float(x_row[i])));
+      g_row[i] = from_float<T>(grad_at(i, to_float(x_row[i]), ref_at(i)));
     }
   } else {
     for (int64_t i = lane; i < vocab; i += THREADS) {
-      g_row[i * grad_layout.stride_v] = from_float<T>(grad_at(i, to_float(x_row[i * layout.stride_v])));
+      g_row[i * grad_layout.stride_v] = from_float<T>(grad_at(i, to_float(x_row[i * layout.stride_v]), ref_at(i)));
     }
   }
 }
@@ -188,14 +189,12 @@ int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const in
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T, typename TR>
-int launch_backward(const T* x, RowLayout xl, const TR* r, RowLayout rl, T* grad, RowLayout gl,
-                    const int64_t* labels, const float* lse, const float* ref_lse, const float* g, const float* g_kl,
-                    int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t,
-                    cudaStream_t stream) {
-  constexpr int VEC = 16 / sizeof(T);  // the reference is read element by element in the backward
+template <int VEC, typename T, typename TR>
+int launch_backward_with(bool vec, const T* x, RowLayout xl, const TR* r, RowLayout rl, T* grad, RowLayout gl,
+                         const int64_t* labels, const float* lse, const float* ref_lse, const float* g,
+                         const float* g_kl, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
+                         TransformParams t, cudaStream_t stream) {
   const bool with_kl = g_kl != nullptr;
-  const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && packets_ok<VEC>(grad, gl, sizeof(T));
   auto go = [&](auto kernel, auto ref, int threads, int rows_per_block) {
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
@@ -217,6 +216,26 @@ int launch_backward(const T* x, RowLayout xl, const TR* r, RowLayout rl, T* grad
   }
 #undef DPO_BWD
   return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T, typename TR>
+int launch_backward(const T* x, RowLayout xl, const TR* r, RowLayout rl, T* grad, RowLayout gl,
+                    const int64_t* labels, const float* lse, const float* ref_lse, const float* g, const float* g_kl,
+                    int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t,
+                    cudaStream_t stream) {
+  // packets of both rows with a KL gradient (16 bytes of the wider type, as in the forward), else of the policy's
+  const bool with_kl = g_kl != nullptr;
+  if (with_kl) {
+    constexpr int VEC = packet_elems<T, TR>();
+    const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && packets_ok<VEC>(grad, gl, sizeof(T)) &&
+                     packets_ok<VEC>(r, rl, sizeof(TR));
+    return launch_backward_with<VEC>(vec, x, xl, r, rl, grad, gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab,
+                                     ignore_index, t, stream);
+  }
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && packets_ok<VEC>(grad, gl, sizeof(T));
+  return launch_backward_with<VEC>(vec, x, xl, r, rl, grad, gl, labels, lse, ref_lse, g, g_kl, rows, seq_len, vocab,
+                                   ignore_index, t, stream);
 }
 
 // Calls f with a value of the element type of a dtype code (float, __half or __nv_bfloat16).
