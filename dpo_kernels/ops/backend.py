@@ -68,8 +68,3 @@ def tile_kernels_of(module: ModuleType) -> TileKernels | None:
     kernels = getattr(module, "KERNELS", None)
     return None if kernels is None else kernels.tiles
 
-
-def logits_kernels_of(module: ModuleType) -> LogitsKernels | None:
-    """A backend's from-logits row kernels; ``None`` for the oracle, which has none."""
-    kernels = getattr(module, "KERNELS", None)
-    return None if kernels is None else kernels.logits

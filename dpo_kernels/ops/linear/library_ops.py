@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ...options import TOKEN_OPTION_FIELDS, TokenOptions, statistics_dtype
-from ..backend import logits_kernels_of, tile_kernels_of
+from ..backend import BackendKernels
 from .. import logits_path
 from ..common import LinearHead
 from ..logits_path import LogitsKernels
@@ -45,14 +45,24 @@ from .products import product_dtype
 _EMPTY = (0,)
 
 
-def tile_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> TileKernels:
-    """The tile kernels of ``backend`` for these inputs; the single-process oracle has none."""
+def _backend_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> BackendKernels:
+    """Every kernel of ``backend`` for these inputs; the single-process oracle has none."""
     name, impl = resolve_backend(backend, device, dtypes)
-    kernels = tile_kernels_of(impl)
+    kernels = getattr(impl, "KERNELS", None)
     if kernels is None:
-        raise ValueError(f"backend={name!r} cannot run under torch.compile (it has no tile kernels); use 'torch', "
+        raise ValueError(f"backend={name!r} cannot run under torch.compile (it has no kernels); use 'torch', "
                          "'cpu', 'cuda', 'triton' or 'auto'")
     return kernels
+
+
+def tile_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> TileKernels:
+    """The tile kernels of ``backend`` for these inputs (the linear ops)."""
+    return _backend_kernels(backend, device, dtypes).tiles
+
+
+def logits_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> LogitsKernels:
+    """The from-logits row kernels of ``backend`` for these inputs (the from-logits ops)."""
+    return _backend_kernels(backend, device, dtypes).logits
 
 
 def refuse_under_compile(**features: object) -> None:
@@ -232,16 +242,6 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: Tenso
 
 
 # --------------------------------------------------------------------------------------------- from logits
-
-
-def logits_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> LogitsKernels:
-    """The from-logits row kernels of ``backend`` for these inputs; the single-process oracle has none."""
-    name, impl = resolve_backend(backend, device, dtypes)
-    kernels = logits_kernels_of(impl)
-    if kernels is None:
-        raise ValueError(f"backend={name!r} cannot run under torch.compile (it has no kernels); use 'torch', "
-                         "'cpu', 'cuda', 'triton' or 'auto'")
-    return kernels
 
 
 def _logits_stats_impl(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
