@@ -37,7 +37,7 @@ from .primitives import (
     vocab_slice_of,
 )
 from .host_read import LabelFacts
-from .metrics import LazyMetrics
+from .metrics import PendingMetrics
 from .validation import is_finite_number, require_float, require_labels, require_positive, require_same_device
 
 
@@ -183,9 +183,9 @@ class DPOLossOutput:
     ``loss`` is the differentiable scalar. ``chosen_logps`` / ``rejected_logps`` are the policy's sequence log-probs
     (sum, or mean with ``average_log_prob``) and stay differentiable, so callers can add terms of their own.
     Rewards are detached. ``chosen_kl`` / ``rejected_kl`` are the token-level KLs aggregated as the log-probs are
-    (summed, or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` maps the names
-    TRL logs to detached floats, read from the device together on the first look at a value, not inside the call
-    (:class:`~dpo_kernels.metrics.LazyMetrics`; a ``dict`` of 0-dim fp64 tensors under ``torch.compile``).
+    (summed, or averaged with ``average_log_prob``), ``None`` unless a TDPO loss is used. ``metrics`` is a plain
+    ``dict[str, float]`` of the names TRL logs, read from the device together on the first look, not inside the call
+    (a ``dict`` of 0-dim fp64 tensors under ``torch.compile``, where no host read may happen).
     """
 
     loss: torch.Tensor
@@ -195,7 +195,14 @@ class DPOLossOutput:
     rejected_logps: torch.Tensor
     chosen_kl: torch.Tensor | None
     rejected_kl: torch.Tensor | None
-    metrics: LazyMetrics | dict[str, torch.Tensor]  # the dict under torch.compile
+    # the metrics before their read; a dict of tensors under torch.compile
+    pending_metrics: PendingMetrics | dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def metrics(self) -> dict[str, float] | dict[str, torch.Tensor]:
+        if isinstance(self.pending_metrics, PendingMetrics):
+            return self.pending_metrics.read()
+        return self.pending_metrics
 
 
 def fused_dpo_loss(
@@ -472,7 +479,7 @@ def compute_dpo_loss(config: DPOLossConfig, inputs: PreferenceInputs) -> DPOLoss
         rejected_logps=stats.rejected_logps,
         chosen_kl=stats.chosen_kl,
         rejected_kl=stats.rejected_kl,
-        metrics=metrics,
+        pending_metrics=metrics,
     )
 
 
@@ -718,7 +725,7 @@ def _metrics(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     loss_parts: dict[str, torch.Tensor],
-) -> LazyMetrics | dict[str, torch.Tensor]:
+) -> PendingMetrics | dict[str, torch.Tensor]:
     """Batch means named as TRL logs them, plus ``logps/accuracies``, (TDPO) ``kl/*`` and, when several losses are
     combined, each one's unweighted value as ``loss/<loss_type>``; read from the device when first looked at."""
     values = {
@@ -736,7 +743,7 @@ def _metrics(
     values.update({f"loss/{name}": part.detach() for name, part in loss_parts.items()})
     if torch.compiler.is_compiling():  # no host sync inside a compiled graph: 0-dim fp64 tensors
         return {name: v.to(torch.float64) for name, v in values.items()}
-    return LazyMetrics(values)
+    return PendingMetrics(values)
 
 
 class FusedDPOLoss(nn.Module):

@@ -7,13 +7,15 @@ depends on the data (``nonzero``, ``masked_select``, boolean indexing, ``unique`
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_kernels import fused_dpo_loss, intermediate_dpo_loss, linear_token_logprobs
-from dpo_kernels.metrics import LazyMetrics
+from dpo_kernels.metrics import PendingMetrics
 
 from .conftest import skip_if_unsupported
 
@@ -139,10 +141,10 @@ def test_intermediate_dpo_syncs_once_per_layer_call_and_reads_its_metrics_once()
     assert syncs.count == 2, syncs.seen  # the final layer's call and layer 1's
     with _Syncs() as syncs:
         assert set(out.metrics) >= {"loss/final", "loss/intermediate", "loss/layer_1", "rewards/chosen"}
-    assert syncs.count == 0  # the names need no read
+    assert syncs.seen == ["tolist"]  # the first look reads every value at once
     with _Syncs() as syncs:
         assert out.metrics["loss/layer_1"] == pytest.approx(out.metrics["loss/intermediate"])
-    assert syncs.seen == ["tolist"]
+    assert syncs.count == 0
 
 
 def test_the_trl_fused_head_syncs_once():
@@ -155,47 +157,25 @@ def test_the_trl_fused_head_syncs_once():
     assert syncs.count == 1, syncs.seen
 
 
-def test_lazy_metrics_read_every_pending_value_once_and_equal_a_dict():
+def test_pending_metrics_read_every_value_once_into_a_plain_dict():
     values = {"a": torch.tensor(1.5), "b": torch.tensor([2.0]), "c": 3}
-    metrics = LazyMetrics(values)
-    metrics["d"] = torch.tensor(4.0, dtype=torch.float64)
+    metrics = PendingMetrics(values)
+    metrics.add({"d": torch.tensor(4.0, dtype=torch.float64)})
     with _Syncs() as syncs:
-        assert list(metrics) == ["a", "b", "c", "d"] and len(metrics) == 4
-        assert metrics == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 4.0}
-        assert all(isinstance(v, float) for v in metrics.values())
+        read = metrics.read()
+        assert read == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 4.0}
+        assert metrics.read() is read
     assert syncs.seen == ["tolist"]
-    del metrics["a"]
-    assert "a" not in metrics and "LazyMetrics({'b': 2.0" in repr(metrics)
+    assert type(read) is dict and all(type(v) is float for v in read.values())
+    metrics.add({"e": torch.tensor(5.0)})  # added after the read: read again, with the new value
+    assert metrics.read() == {"a": 1.5, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0}
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-def test_the_compiled_from_logits_ops_have_no_host_sync(backend):
-    """The ops ``torch.compile`` runs from logits call the backend's row kernels over every token: nothing waits,
-    so a CUDA graph can capture them (``mode="reduce-overhead"``); and they agree with eager mode."""
-    from dpo_kernels import token_logprobs_and_kl
-    from dpo_kernels.ops.linear import library_ops
-    from dpo_kernels.options import TokenOptions
-
-    skip_if_unsupported(backend, torch.float32)
+def test_dpo_metrics_are_a_plain_dict_of_floats_for_json_and_loggers():
     d = _data()
-    logits = (d["policy_hidden"].detach() @ d["lm_head_weight"].detach().T).requires_grad_()
-    ref_logits = d["ref_hidden"] @ d["ref_lm_head_weight"].T
-    with _Syncs() as syncs:
-        logp, _, kl = library_ops.logits_token_stats(logits, ref_logits, d["labels"], TokenOptions(softcap=3.0),
-                                                     backend)
-        (logp.sum() + 0.5 * kl.sum()).backward()
-    assert syncs.count == 0, syncs.seen
-    compiled_grad, logits.grad = logits.grad, None
-    e_logp, _, e_kl = token_logprobs_and_kl(logits, ref_logits, d["labels"], softcap=3.0, backend=backend)
-    (e_logp.sum() + 0.5 * e_kl.sum()).backward()
-    torch.testing.assert_close(logp, e_logp, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(compiled_grad, logits.grad, rtol=1e-6, atol=1e-7)
-
-
-def test_the_compiled_linear_ops_refuse_a_cuda_graph_capture_and_say_why(monkeypatch):
-    from dpo_kernels.ops.linear import library_ops
-
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*pass logits"):
-        library_ops._refuse_graph_capture(torch.device("cuda"))
-    library_ops._refuse_graph_capture(torch.device("cpu"))  # a CPU call is never captured
+    out = fused_dpo_loss(**d, backend="torch", loss_type="tdpo2")
+    metrics = out.metrics
+    assert type(metrics) is dict and out.metrics is metrics
+    assert all(type(v) is float for v in metrics.values())
+    assert json.loads(json.dumps(metrics)) == metrics
+    assert metrics["kl/chosen"] == pytest.approx(out.chosen_kl.mean().item(), rel=1e-6)
