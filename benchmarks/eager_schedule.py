@@ -2,6 +2,7 @@
 
     python benchmarks/eager_schedule.py                     # 4 pairs x 512 tokens, a quarter masked, D=512, V=32000
     python benchmarks/eager_schedule.py --check             # exit 1 past the goals (0.82x sigmoid, 0.70x tdpo2)
+    python benchmarks/eager_schedule.py --keep-buffers      # times inside dpo_kernels.keep_cpu_tile_buffers()
 
 Time: forward + backward of the loss, both schedules interleaved round by round in a fresh order (a noisy machine
 slows whole stretches, which then hit both alike); the report gives the median over rounds of eager / recompute in
@@ -14,6 +15,7 @@ its own subprocess, the peak extra resident memory of one forward + backward (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +27,7 @@ import time
 
 import torch
 
+import dpo_kernels
 from output import add_out_argument, out_dir
 
 GOALS = {"sigmoid": 0.82, "tdpo2": 0.70}
@@ -80,6 +83,8 @@ def main() -> int:
     parser.add_argument("--masked", type=float, default=0.25)
     parser.add_argument("--budget-mb", type=float, default=512.0)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--keep-buffers", action="store_true",
+                        help="time inside dpo_kernels.keep_cpu_tile_buffers(budget): the store stays between calls")
     parser.add_argument("--check", action="store_true", help=f"exit 1 when a time ratio misses its goal {GOALS}")
     parser.add_argument("--no-save", action="store_true")
     add_out_argument(parser)
@@ -93,10 +98,22 @@ def main() -> int:
     torch.manual_seed(0)
     inputs = _inputs(args.pairs, args.seq, args.hidden, args.vocab, args.masked)
     kept = int((inputs["labels"] != -100).sum())
-    results, failed = {}, False
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"fused_dpo_loss fwd+bwd, {args.pairs} pairs x {args.seq} tokens ({kept} kept), D={args.hidden} "
           f"V={args.vocab} fp32, backend='cpu', eager_budget_mb={args.budget_mb:g}; {machine}")
+    keep = dpo_kernels.keep_cpu_tile_buffers(args.budget_mb) if args.keep_buffers else contextlib.nullcontext()
+    with keep:
+        results, failed = _time_schedules(args, inputs)
+    if not args.no_save:
+        record = {"shape": vars(args) | {"kept_tokens": kept}, "machine": machine, "results": results}
+        path = out_dir(args.out, "cpu") / "eager_schedule.json"
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+def _time_schedules(args, inputs) -> tuple[dict, bool]:
+    results, failed = {}, False
     for loss_type in GOALS:
         times = {"eager": [], "recompute": []}
         for schedule in times:  # warm-up, untimed
@@ -129,12 +146,7 @@ def main() -> int:
               f"{best:.3f}x); extra peak "
               f"eager {peaks['eager']:.0f} MiB, recompute {peaks['recompute']:.0f} MiB (budget {args.budget_mb:g})")
         failed |= args.check and ratio > GOALS[loss_type]
-    if not args.no_save:
-        record = {"shape": vars(args) | {"kept_tokens": kept}, "machine": machine, "results": results}
-        path = out_dir(args.out, "cpu") / "eager_schedule.json"
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
-    return 1 if failed else 0
+    return results, failed
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from .dpo import DPOLossConfig, DPOLossOutput, FusedDPOLoss, PreferenceInputs, c
 from .intermediate import intermediate_dpo_loss
 from .losses import OBJECTIVES
 from .ops.common import LinearHead
+from .ops.linear.eager import keep_cpu_tile_buffers
 from .ops.registry import BackendStatus, BackendUnavailableError, available_backends
 from .options import TokenOptions
 from .primitives import linear_token_logprobs, linear_token_logprobs_and_kl, token_logprobs, token_logprobs_and_kl
@@ -28,6 +29,7 @@ __all__ = [
     "compute_dpo_loss",
     "fused_dpo_loss",
     "intermediate_dpo_loss",
+    "keep_cpu_tile_buffers",
     "linear_token_logprobs",
     "linear_token_logprobs_and_kl",
     "token_logprobs",

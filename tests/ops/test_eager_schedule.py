@@ -352,3 +352,67 @@ def test_under_compile_auto_takes_the_recompute_schedule_and_a_forced_eager_one_
     torch.testing.assert_close(compiled("auto"), loss("recompute"), rtol=1e-6, atol=0)
     with pytest.raises(Exception, match="schedule='eager' cannot run here: under torch.compile"):
         compiled("eager")
+
+
+_RESIDENT_CHILD = r"""
+import gc, json, sys, torch
+import dpo_kernels
+from dpo_kernels import fused_dpo_loss
+from dpo_kernels.timing import _status_kib, _trim_malloc_heap
+
+def rss():
+    gc.collect(); _trim_malloc_heap()
+    return _status_kib("VmRSS") / 1024
+
+g = torch.Generator().manual_seed(0)
+labels = torch.randint(0, 32000, (4, 512), generator=g)
+x = dict(labels=labels, policy_hidden=torch.randn(4, 512, 16, generator=g).requires_grad_(),
+         lm_head_weight=torch.randn(32000, 16, generator=g).requires_grad_(),
+         ref_hidden=torch.randn(4, 512, 16, generator=g), ref_lm_head_weight=torch.randn(32000, 16, generator=g))
+
+def call():  # kept tiles: 2048 tokens x 32000 x 4 B = 250 MiB
+    out = fused_dpo_loss(**x, backend=sys.argv[1], schedule="eager", eager_budget_mb=400)
+    out.loss.backward()
+    x["policy_hidden"].grad = x["lm_head_weight"].grad = None
+
+call()
+base = rss()
+call()
+after_default = rss() - base
+with dpo_kernels.keep_cpu_tile_buffers(max_mb=600):
+    call()
+    inside = rss() - base
+after_context = rss() - base
+print(json.dumps({"after_default": after_default, "inside": inside, "after_context": after_context}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_eager_tile_buffers_are_freed_with_the_call_unless_kept_on_request(backend):
+    """Issue 27: one default call left its 250 MiB store resident. Resident-set growth, in a subprocess."""
+    import json
+    import subprocess
+    import sys
+
+    skip_if_unsupported(backend, torch.float32)
+    run = subprocess.run([sys.executable, "-c", _RESIDENT_CHILD, backend], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    growth = json.loads(run.stdout.strip().splitlines()[-1])
+    assert growth["after_default"] < 40, growth  # MiB: nothing of the 250 MiB store stays
+    assert growth["inside"] > 200, growth  # kept on request, within its 600 MiB
+    assert growth["after_context"] < 40, growth  # and freed when the context closes
+
+
+def test_keep_cpu_tile_buffers_is_bounded_and_checks_its_limit():
+    from dpo_kernels.ops.linear import eager
+
+    with pytest.raises(ValueError, match="max_mb"):
+        with eager.keep_cpu_tile_buffers(max_mb=-1):
+            pass
+    cache = eager._CpuTileCache(limit=3 * 2**20)
+    one_mib = [torch.empty(2**18), torch.empty(2**18)]  # 1 MiB each, fp32
+    cache.give(one_mib)
+    cache.give([torch.empty(2**19), None])  # 2 MiB, newest first: one of the older buffers goes
+    assert [b.numel() for b in cache.buffers] == [2**19, 2**18]
+    assert [b.numel() for b in cache.take(torch.float32, 2**19)] == [2**19]
+    assert cache.take(torch.float64, 1) == []

@@ -29,6 +29,7 @@ takes an fp32 ``[V, D]`` accumulator counted against the budget (or, when it doe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -207,37 +208,60 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
     """One kept-tile buffer for the policy (and one for the reference with a TDPO loss), sized for the largest group
-    and reused by every group of the call; on the CPU taken from (and handed back to, :func:`_return_buffers`) the
-    buffers kept between calls."""
+    and reused by every group of the call; inside :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
     entries = call.groups.largest_group * vocab
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
     # ~0.05 s of first-touch faults on a 393 MiB buffer but stalled up to 2.7 s in compaction now and then.
-    kept = _CPU_TILE_BUFFERS.pop(sdt, []) if device.type == "cpu" else []
-    buffers = [kept.pop() if kept and kept[-1].numel() >= entries else torch.empty(entries, dtype=sdt, device=device)
-               for _ in range(count)]
+    kept = _CPU_CACHE.take(sdt, entries) if device.type == "cpu" and _CPU_CACHE is not None else []
+    buffers = kept + [torch.empty(entries, dtype=sdt, device=device) for _ in range(count - len(kept))]
     return buffers + [None] * (2 - count)
 
 
-# The CPU's kept-tile buffers between calls, by dtype. A fresh buffer of a few hundred MiB is faulted in page by
-# page by the GEMMs that first write it: on the 2-core development machine that made the forward GEMMs of sigmoid
-# DPO (3072 kept tokens, V = 32000, a 393 MiB store) 0.3 s slower than into pages already touched, a tenth of the
-# call. Kept here, the memory stays resident between calls (at most the eager budget per dtype: two buffers of
-# the largest group's tiles); :func:`release_tile_buffers` frees it. Accelerators reuse memory through their
-# caching allocator and keep nothing here.
-_CPU_TILE_BUFFERS: dict[torch.dtype, list[torch.Tensor]] = {}
+class _CpuTileCache:
+    """Kept-tile buffers held between calls, at most ``limit`` bytes in all, the most recent call's first."""
 
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buffers: list[torch.Tensor] = []
 
-def _return_buffers(buffers: list, device: torch.device) -> None:
-    if device.type == "cpu":
+    def take(self, dtype: torch.dtype, entries: int) -> list[torch.Tensor]:
+        mine = [b for b in self.buffers if b.dtype == dtype and b.numel() >= entries][:2]
+        self.buffers = [b for b in self.buffers if not any(b is m for m in mine)]
+        return mine
+
+    def give(self, buffers: list) -> None:
         kept = [b for b in buffers if b is not None]
-        if kept:
-            _CPU_TILE_BUFFERS[kept[0].dtype] = kept
+        fresh, used = [], 0
+        for b in kept + self.buffers:  # newest first, within the limit
+            size = b.numel() * b.element_size()
+            if used + size <= self.limit:
+                fresh.append(b)
+                used += size
+        self.buffers = fresh
 
 
-def release_tile_buffers() -> None:
-    """Free the kept-tile buffers the eager schedule keeps between calls on the CPU."""
-    _CPU_TILE_BUFFERS.clear()
+_CPU_CACHE: _CpuTileCache | None = None
+
+
+@contextlib.contextmanager
+def keep_cpu_tile_buffers(max_mb: float = 1024):
+    """Within this context the eager schedule keeps its CPU kept-tile buffers between calls (at most ``max_mb`` in
+    all, across dtypes) and frees them on exit. Outside it (the default) each call's buffers are freed with the call.
+
+    A fresh buffer of a few hundred MiB is faulted in page by page by the GEMMs that first write it: on the 2-core
+    development machine that made the forward GEMMs of sigmoid DPO (3072 kept tokens, V = 32000, a 393 MiB store)
+    about 0.3 s slower than into pages already touched, a tenth of the call. A training loop on the CPU may trade
+    that much resident memory for the time; accelerators reuse memory through their caching allocator and need
+    nothing of this."""
+    global _CPU_CACHE
+    if not (isinstance(max_mb, (int, float)) and not isinstance(max_mb, bool) and max_mb >= 0):
+        raise ValueError(f"keep_cpu_tile_buffers: max_mb must be a number >= 0, got {max_mb!r}")
+    outer, _CPU_CACHE = _CPU_CACHE, _CpuTileCache(int(max_mb * 2**20))
+    try:
+        yield
+    finally:
+        _CPU_CACHE = outer
 
 
 def _group_upstream(outs, batch_rows, with_ref: bool, keep_ref: bool, call: EagerCall):
@@ -281,7 +305,8 @@ class _EagerPairs(torch.autograd.Function):
         buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
                               buffers) for group in range(len(call.groups.bounds))]
-        _return_buffers(buffers, hidden.device)
+        if hidden.device.type == "cpu" and _CPU_CACHE is not None:
+            _CPU_CACHE.give(buffers)
         del buffers
         grads = [r.grads for r in results]
         loss = torch.stack([r.loss for r in results]).sum()
