@@ -22,9 +22,11 @@ what the recompute schedule would recompute): ``4 V`` bytes per kept token of a 
 (which the recompute schedule allocates in the backward, while the same activations are alive).
 
 The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
-accumulation across groups. An fp32 weight (fp32 master weights under autocast) accumulates every group straight
-into its fp32 gradient; a half weight in one group is written once from fp32; a half weight over several groups
-takes an fp32 ``[V, D]`` accumulator counted against the budget (or, when it does not fit, the recompute schedule).
+accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. An
+fp32 weight (fp32 master weights under autocast) accumulates every group straight into its fp32 gradient, scaled in
+place in the backward; a half weight takes an fp32 ``[V, D]`` accumulator counted against the budget (or, when it
+does not fit, the recompute schedule), which the backward scales and rounds in one pass. The ``dZ`` operands are
+rounded to the half operand dtype before the upstream scale is known (the recompute schedule rounds them after).
 """
 
 from __future__ import annotations
@@ -78,18 +80,17 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
     """Consecutive pairs, greedily, as many per group as the budget holds; or why the eager schedule cannot run.
 
     ``tokens_per_pair``: kept tokens of each pair (both responses); ``bytes_per_token``: kept-tile bytes per token;
-    ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight needs when there is more than one group
-    (0: none needed), counted against the budget."""
+    ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight's gradient is accumulated in until the
+    backward scales it by the loss's upstream and rounds it once (0: none needed), counted against the budget."""
     largest = max(tokens_per_pair, default=0) * bytes_per_token
     if largest > budget_bytes:
         return f"one pair's kept tiles need {_mib(largest)}, more than eager_budget_mb={_mib(budget_bytes)}"
-    if sum(tokens_per_pair) * bytes_per_token <= budget_bytes:
-        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (sum(tokens_per_pair),))
     room = budget_bytes - weight_accumulator_bytes
     if largest > room:
-        return (f"the pairs need several groups and the fp32 weight-gradient accumulator "
-                f"({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} of eager_budget_mb="
-                f"{_mib(budget_bytes)} for a pair's {_mib(largest)} of tiles")
+        return (f"the fp32 weight-gradient accumulator ({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} "
+                f"of eager_budget_mb={_mib(budget_bytes)} for a pair's {_mib(largest)} of tiles")
+    if sum(tokens_per_pair) * bytes_per_token <= room:
+        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (sum(tokens_per_pair),))
     bounds, start, used = [], 0, 0
     for b, tokens in enumerate(tokens_per_pair):
         if used and used + tokens * bytes_per_token > room:
@@ -299,7 +300,9 @@ class _EagerPairs(torch.autograd.Function):
         vocab, dim, sdt = weight.shape[0], weight.shape[1], products.out_dtype
         several = len(call.groups.bounds) > 1
         dw = None
-        if need[1] and several:  # fp32 across groups: the weight's own gradient dtype, or the counted accumulator
+        # fp32 until the backward: across groups, and for a half weight, whose gradient is rounded once, after the
+        # loss's upstream scale (a loss scaler's 65536, a gradient-accumulation 1/k) is applied
+        if need[1] and (several or weight.dtype != sdt):
             dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
         buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
@@ -338,13 +341,20 @@ class _EagerPairs(torch.autograd.Function):
             # scaled in place and released: autograd may then keep the buffer as the gradient itself
             grads, dw, db, ctx.grads, ctx.dw, ctx.db = ctx.grads, ctx.dw, ctx.db, None, None, None
             dh = _scaled_hidden_grad(grads, grad_loss, hidden) if need[0] else None
-            dw = None if dw is None or not need[1] else dw.mul_(grad_loss).to(weight.dtype)
-            db = None if db is None or not need[2] else db.mul_(grad_loss).to(bias.dtype)
+            dw = None if dw is None or not need[1] else _scaled_once(dw, grad_loss, weight)
+            db = None if db is None or not need[2] else _scaled_once(db, grad_loss, bias)
         grad_kl = grad_rest[1] if ctx.ref is not None else None
         if grad_logp is not None or grad_kl is not None:  # a gradient from outside the loss: recompute that part
             extra = _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, need)
             dh, dw, db = (_add(a, b) for a, b in zip((dh, dw, db), extra, strict=True))
         return dh, dw, db, None, None, None
+
+
+def _scaled_once(grad: torch.Tensor, grad_loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The fp32 ``grad`` times the upstream, rounded once to ``like``'s dtype (in place when it is fp32 already)."""
+    if grad.dtype == like.dtype:
+        return grad.mul_(grad_loss)
+    return torch.mul(grad, grad_loss, out=torch.empty(like.shape, dtype=like.dtype, device=like.device))
 
 
 def _scaled_hidden_grad(grads: list[_GroupGrads], grad_loss: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
