@@ -15,7 +15,7 @@ from torch import nn
 
 from . import losses
 from .ops.common import LinearHead
-from .ops.linear.eager import EagerCall, plan_pair_groups
+from .ops.linear.eager import EagerCall, EagerNeed
 from .ops.linear.plan import eager_budget_bytes
 from .ops.registry import require_backend
 from .ops.vocab_parallel import VocabSlice
@@ -575,17 +575,12 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
         return kernels
     weight = inputs.lm_head_weight
     sdt = statistics_dtype(*(t.dtype for h in heads for t in (h.hidden, h.weight)))
-    keep_ref = config.uses_token_kl and inputs.ref_hidden is not None
     # every rank of a vocabulary-parallel group must form the same groups (each one's statistics are combined
     # across the group): sized for the widest slice
-    vocab = weight.shape[0] if vs is None else vs.largest
-    bytes_per_token = vocab * sdt.itemsize * (2 if keep_ref else 1)
-    kept = facts.kept_per_row
-    pairs = len(kept) // 2
-    tokens_per_pair = [kept[b] + kept[pairs + b] for b in range(pairs)]
-    accumulator = vocab * weight.shape[1] * sdt.itemsize if weight.requires_grad and weight.dtype != sdt else 0
-    budget = eager_budget_bytes(config.eager_budget_mb, weight.device)
-    groups = plan_pair_groups(tokens_per_pair, bytes_per_token, budget, accumulator)
+    need = EagerNeed(facts.kept_per_row, weight.shape[0] if vs is None else vs.largest, weight.shape[1], sdt,
+                     keep_ref_tiles=config.uses_token_kl and inputs.ref_hidden is not None,
+                     half_weight_grad=weight.requires_grad and weight.dtype != sdt)
+    groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
     coupled = [n for n in config.loss_types if not losses.objective(n).pairwise]

@@ -40,7 +40,7 @@ def test_without_a_gpu_it_refuses_unless_dry(capsys):
 
 
 def test_the_sweep_cases_pass_on_the_cpu_backend():
-    assert gpu_check._sweep_child("cpu", ("cpu",), large=False) == 0
+    assert gpu_check._sweep_child("cpu", ("cpu",)) == 0
 
 
 def test_interleaved_timing_warms_each_step_once_and_alternates_the_order(monkeypatch):
@@ -56,7 +56,106 @@ def test_interleaved_timing_warms_each_step_once_and_alternates_the_order(monkey
         return name
 
     monkeypatch.setattr(gpu_check, "_timed", timed)
-    median, peaks = gpu_check._interleaved({"a": lambda: step("a"), "b": lambda: step("b")}, rounds=3)
+    median, peaks, errors = gpu_check._interleaved({"a": lambda: step("a"), "b": lambda: step("b")}, rounds=3)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then alternating rounds
     assert median == {"a": 2.0, "b": 5.0}
     assert peaks == {"a": 17.0, "b": 28.0}  # the largest of each name's rounds
+    assert errors == {}
+
+
+def test_a_failing_step_is_recorded_and_the_others_are_still_timed(monkeypatch):
+    monkeypatch.setattr(gpu_check, "_timed", lambda step: (step(), 1.0))
+
+    def refuse():
+        raise ValueError("schedule='eager' cannot run here")
+
+    median, peaks, errors = gpu_check._interleaved({"bad": refuse, "good": lambda: 2.0}, rounds=2)
+    assert median == {"good": 2.0} and set(peaks) == {"good"}
+    assert errors == {"bad": "ValueError: schedule='eager' cannot run here"}
+
+
+def test_the_dry_run_plans_every_dpo_case_and_fails_on_one_that_would_be_refused(tmp_path, monkeypatch):
+    """Issue 27: the time section forced schedule='eager' at the default 2 GiB budget, which the real call refuses
+    (3.15 GB of kept tiles). Every eager case now passes a budget for one group, and the dry run checks it."""
+    record = gpu_check.dry_run()
+    cases = {c["case"]: c for c in record["dpo_cases"]}
+    assert set(cases) == {c.name for c in gpu_check.dpo_cases()} and record["refused"] == []
+    for name, c in cases.items():
+        if name.endswith("/eager"):
+            assert c["eager"].startswith("1 group(s)"), c
+    # the eager budget holds the fp32 kept tiles and a bf16 weight's fp32 accumulator
+    sig = cases["sigmoid/bf16/eager"]
+    assert sig["eager_budget_mb"] >= (6144 * 128256 * 4 + 128256 * 4096 * 4) / 2**20
+    monkeypatch.setattr(gpu_check.DpoCase, "budget_mb", lambda self, head: 2048)
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 1
+    assert "sigmoid/bf16/eager" in json.loads((tmp_path / "gpu_check_dry_run.json").read_text())["refused"]
+
+
+def test_the_calls_cover_every_section_within_their_deadlines():
+    covered = {s for sections in gpu_check.CALLS.values() for s in sections}
+    assert covered == set(gpu_check.SECTIONS)
+    for call, sections in gpu_check.CALLS.items():  # the section budgets fit the call's deadline
+        assert sum(gpu_check.BUDGET_S[s] for s in sections) <= gpu_check.DEADLINE_S[call] + 60, call
+    assert sum(gpu_check.SANITIZER_TIMEOUT_S.values()) <= gpu_check.BUDGET_S["sanitizer"]
+    assert gpu_check.DEADLINE_S[1] + gpu_check.DEADLINE_S[2] + 2 * 60 + 180 <= 15 * 60  # builds and the start
+
+
+def test_results_are_written_after_every_section_and_a_failing_section_keeps_the_others(tmp_path, monkeypatch):
+    """Issue 27: results were written only after every section finished, and not where the device hands them
+    back. With --out they are written after each section."""
+    seen = []
+
+    def build():
+        seen.append(json.loads((tmp_path / "gpu_check_call1.json").read_text()) if seen else None)
+        return {"ok": True}
+
+    def policy():
+        seen.append(json.loads((tmp_path / "gpu_check_call1.json").read_text()))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    monkeypatch.setattr(gpu_check.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu_check, "CALLS", {1: ("build", "policy"), 2: ()})
+    monkeypatch.setattr(gpu_check, "section_build", build)
+    monkeypatch.setattr(gpu_check, "section_policy", policy)
+    assert gpu_check.main(["--call", "1", "--out", str(tmp_path)]) == 1
+    assert list(seen[1]["sections"]) == ["build"]  # on disk before the next section ran
+    final = json.loads((tmp_path / "gpu_check_call1.json").read_text())
+    assert final["sections"]["policy"]["error"] == "RuntimeError: boom"
+    assert (tmp_path / "gpu_check_call1.md").exists()
+
+
+def test_a_bounded_run_is_killed_with_its_children_on_timeout_and_keeps_its_output(tmp_path):
+    marker = tmp_path / "child_alive"
+    grandchild = tmp_path / "grandchild.py"
+    grandchild.write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w').close()\n")
+    script = tmp_path / "child.py"
+    script.write_text(f"import subprocess, sys, time\nprint('started', flush=True)\n"
+                      f"subprocess.Popen([sys.executable, {str(grandchild)!r}])\ntime.sleep(60)\n")
+    run = gpu_check._run_bounded([sys.executable, str(script)], timeout=1.5)
+    assert run["timed_out"] and "started" in run["tail"]
+    import time
+
+    time.sleep(2.5)
+    assert not marker.exists()  # the grandchild was killed with the group
+
+
+def test_the_build_section_fails_without_the_cuda_kernels(monkeypatch):
+    from dpo_kernels.ops import registry
+
+    real = registry.available_backends()
+    fake = {k: v for k, v in real.items()}
+    fake["cuda"] = registry.BackendStatus("cuda", False, "built without CUDA", ("cuda",), "")
+    monkeypatch.setattr(registry, "available_backends", lambda: fake)
+    result = gpu_check.section_build()
+    assert result["ok"] is False and "cuda" in result["error"]
+
+
+def test_an_fp32_product_is_seen_by_its_operands_not_its_kernel_name():
+    with gpu_check._ProductOperands() as ops:
+        a = torch.randn(512, 256)
+        torch.mm(a, a.T)
+        torch.addmm(torch.zeros(512, 512, dtype=torch.bfloat16), a.bfloat16(), a.T.bfloat16())
+    assert len(ops.fp32_products(min_flop=2**20)) == 1
+    assert {"torch.bfloat16"} == {p["a"] for p in ops.seen if p["op"] == "addmm"}

@@ -1,39 +1,73 @@
-"""``python -m dpo_kernels.tools.gpu_check``: one prepared command for a lent GPU, about ten minutes.
+"""``python -m dpo_kernels.tools.gpu_check``: the one prepared command for a lent GPU, in two calls of the device tool.
 
-It writes ``gpu_check.json`` and ``gpu_check.md`` under ``benchmarks/results/<gpu name>/`` (``--out`` to change):
+On the device machine only what is written under ``$OUT`` comes back, and one command may run at most 600 s, so::
 
+    # call 1 (about 1 min build + at most 6 min): build, policy, gradients, profile, numerics, compile, time
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python setup.py build_ext --inplace && \
+        python -m dpo_kernels.tools.gpu_check --call 1 --out "$OUT"
+    # call 2 (about 1 min build + at most 4 min): build, sanitizer, tests
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python setup.py build_ext --inplace && \
+        python -m dpo_kernels.tools.gpu_check --call 2 --out "$OUT"
+
+With the machine's start (a few minutes) that fits the 15 minutes of device time a session is lent. Each call writes
+``gpu_check_call<N>.json`` and ``.md`` under ``--out`` after **every** section (a call stopped at its limit keeps what
+it finished); without ``--call`` the files are ``gpu_check.json`` / ``.md``, by default under
+``benchmarks/results/<gpu name>/``. Every section has its own time budget (:data:`BUDGET_S`) and the call its
+deadline (``--deadline-s``, default the call's share): a section that would pass it is skipped and says so, a case
+that fails records its error and the next one runs. Commit what comes back under ``benchmarks/results/<gpu name>/``.
+
+- ``build``: ``_C`` has its CUDA kernels and Triton compiles (fails on a build without CUDA);
 - ``policy``: the product policy and its probes per dtype, bf16 and fp32 master weights under autocast; it fails
-  (exit 1) when half operands do not reach the tensor cores;
-- ``profile``: a profiler pass over one warm Llama-3 log-probs fwd+bwd per GPU backend: the GEMM kernels (no
-  ``sgemm``/fp32 GEMM), their count against the plan's, host syncs inside the call (at most the labels' one host read),
-  TFLOP/s of the GEMMs and the bandwidth of the tile kernels;
+  when half operands do not reach the tensor cores;
+- ``gradients``: every GPU backend against the float64 reference oracle, values and gradients, small shapes (from
+  logits, from hidden states with KL, bias, softcap, masks; the DPO loss by both schedules), and from logits with
+  N x V > 2^31 (int64 indexing) against the torch backend;
+- ``profile``: one warm Llama-3 log-probs fwd+bwd per GPU backend: the operand dtypes of every matrix product
+  (fails on an fp32 x fp32 product), the GEMM kernels against the plan's count and their TFLOP/s (fails under
+  150, below any tensor-core rate), host syncs inside the call (at most the labels' one host read);
+- ``numerics``: full-shape log-probs against a chunked fp32 oracle, beside TRL's own error;
+- ``compile``: ``torch.compile(fullgraph=True)`` of a DPO step against eager;
 - ``time``: fused against naive and TRL 1.16's ``ChunkedLogProbFunction`` (where installed), interleaved, CUDA events,
   warm-up excluded, peak allocator bytes, at the Llama-3 and Gemma-2 heads, bf16 and fp32 master under autocast; and
-  sigmoid DPO / TDPO2 from hidden states (both schedules) against naive;
-- ``numerics``: full-shape log-probs against a chunked fp32 oracle, beside TRL's own error;
-- ``sanitizer``: a small-shape sweep under ``compute-sanitizer`` (memcheck, racecheck): odd vocabularies and chunk
-  widths, masks, bias, softcap, KL, fp16/bf16/fp32, and one from-logits case with N x V > 2^31;
-- ``compile``: ``torch.compile(fullgraph=True)`` of a DPO step against eager.
+  DPO / TDPO2 from hidden states, each schedule, against naive, each case in its own error capture, the eager cases
+  with a budget that holds the batch in one group;
+- ``sanitizer``: a small-shape sweep under ``compute-sanitizer``: memcheck with the caching allocator off
+  (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``), racecheck on this package's kernels only; each tool with its own timeout,
+  its process group killed on a timeout, its output kept;
+- ``tests``: ``pytest`` over the GPU tests (:data:`TESTS`).
 
 Peers that are not installed are left out with the reason; ``--quick`` runs fewer cases. ``--dry-run`` needs no GPU:
-it prints and writes the shapes, the tile plans and the expected GEMM counts (what CI runs).
+it plans every case the real run would run (tile plans, expected GEMM counts, the eager cases' pair groups at the
+budget they pass) and exits 1 when one would be refused; CI runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-SECTIONS = ("policy", "profile", "time", "numerics", "sanitizer", "compile")
+SECTIONS = ("build", "policy", "gradients", "profile", "numerics", "compile", "time", "sanitizer", "tests")
+CALLS = {1: ("build", "policy", "gradients", "profile", "numerics", "compile", "time"),
+         2: ("build", "sanitizer", "tests")}
+DEADLINE_S = {1: 360, 2: 240, None: 540}  # each call's share of the 15 device minutes, build and start excluded
+BUDGET_S = {"build": 30, "policy": 20, "gradients": 60, "profile": 45, "numerics": 20, "compile": 45, "time": 150,
+            "sanitizer": 150, "tests": 120}  # what a section may take; it is skipped when less time is left
+SANITIZER_TIMEOUT_S = {"memcheck": 90, "racecheck": 50}
+TESTS = ("tests/ops/test_gpu_backends.py", "tests/ops/test_nonfinite_inputs.py")
+MIN_TENSOR_CORE_TFLOPS = 150.0  # above an H100's fp32 SIMT peak (67), far below its bf16 tensor-core peak (989)
 
 
 @dataclass(frozen=True)
@@ -46,9 +80,12 @@ class Head:
 HEADS = (Head("llama3", 4096, 128256), Head("gemma2", 3584, 256000))
 TOKENS = 8192
 DPO_BATCH = (8, 1024, 256)  # rows (B pairs = rows / 2), tokens per row, masked prompt tokens per row
+DPO_LOSSES = ("sigmoid", "tdpo2")
+DPO_WEIGHTS = ("bf16", "fp32_master_autocast")
+SCHEDULES = ("eager", "recompute", "auto")
 _GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
-_FP32_GEMM = re.compile(r"sgemm|gemm_f32f32|f32f32_f32|_s\d+gemm", re.IGNORECASE)
 _SYNC = re.compile(r"cudaStreamSynchronize|cudaDeviceSynchronize|cudaEventSynchronize|cudaMemcpy(?!.*Async)")
+_PACKAGE_KERNELS = r"(fold_tile|grad_tile|logits_forward|logits_backward)_kernel"
 
 
 # --------------------------------------------------------------------------------------------- the plan (no GPU)
@@ -80,12 +117,64 @@ def plan_summary(head: Head, tokens: int, dtype: torch.dtype) -> dict:
     }
 
 
-def dry_run() -> dict:
+@dataclass(frozen=True)
+class DpoCase:
+    """One timed DPO case at the Llama-3 head over :data:`DPO_BATCH`."""
+
+    loss_type: str
+    weights: str  # "bf16" weights, or "fp32_master_autocast": fp32 weights and hidden states under bf16 autocast
+    schedule: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.loss_type}/{self.weights}/{self.schedule}"
+
+    def eager_need(self, head: Head):
+        """What the eager schedule keeps for this case (:class:`~dpo_kernels.ops.linear.eager.EagerNeed`)."""
+        from ..ops.linear.eager import EagerNeed
+
+        rows, seq, masked = DPO_BATCH
+        return EagerNeed([seq - masked] * rows, head.vocab, head.dim, torch.float32,
+                         keep_ref_tiles=self.loss_type.startswith("tdpo"), half_weight_grad=self.weights == "bf16")
+
+    def budget_mb(self, head: Head) -> float | None:
+        """``eager_budget_mb`` for the case: the whole batch in one group for ``schedule="eager"``, else the
+        default."""
+        return math.ceil(self.eager_need(head).one_group_bytes / 2**20) + 1 if self.schedule == "eager" else None
+
+
+def dpo_cases(quick: bool = False) -> list[DpoCase]:
+    weights = DPO_WEIGHTS[:1] if quick else DPO_WEIGHTS
+    return [DpoCase(loss, w, s) for loss in DPO_LOSSES for w in weights for s in SCHEDULES]
+
+
+def plan_dpo_case(case: DpoCase, head: Head = HEADS[0]) -> dict:
+    """The pair groups the case's call will form at its budget, or why it would be refused (``refused``)."""
+    from ..ops.linear.plan import eager_budget_bytes
+
+    need = case.eager_need(head)
+    budget = eager_budget_bytes(case.budget_mb(head), torch.device("cuda"))
+    groups = need.groups(budget)
+    row = {"case": case.name, "eager_budget_mb": budget / 2**20, "one_group_mib": need.one_group_bytes / 2**20}
+    if case.schedule == "recompute":
+        row["eager"] = "not run (schedule='recompute')"
+    elif isinstance(groups, str):
+        row["eager"] = f"not possible: {groups}"
+        if case.schedule == "eager":
+            row["refused"] = groups
+    else:
+        row["eager"] = f"{len(groups.bounds)} group(s) of pairs {list(groups.bounds)}"
+    return row
+
+
+def dry_run(quick: bool = False) -> dict:
     plans = [plan_summary(h, TOKENS, dt) for h in HEADS for dt in (torch.bfloat16, torch.float32)]
     rows, seq, masked = DPO_BATCH
+    cases = [plan_dpo_case(c) for c in dpo_cases(quick)]
     return {"plans": plans, "dpo_batch": {"rows": rows, "seq": seq, "masked": masked,
                                          "kept_tokens": rows * (seq - masked)},
-            "sections": list(SECTIONS)}
+            "dpo_cases": cases, "refused": [c["case"] for c in cases if "refused" in c],
+            "calls": {str(k): list(v) for k, v in CALLS.items()}, "budget_s": BUDGET_S}
 
 
 # --------------------------------------------------------------------------------------------- helpers on a GPU
@@ -123,7 +212,7 @@ def _peer_missing(name: str) -> str | None:
 
     try:
         if name == "trl":
-            importlib.import_module("trl.kernels").ChunkedLogProbFunction
+            _ = importlib.import_module("trl.kernels").ChunkedLogProbFunction
     except (ImportError, AttributeError) as exc:
         return f"not installed ({exc})"
     return None
@@ -150,18 +239,68 @@ def _timed(step) -> tuple[float, float]:
     return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _interleaved(steps: dict, rounds: int) -> tuple[dict, dict]:
+def _interleaved(steps: dict, rounds: int) -> tuple[dict, dict, dict]:
     """``steps``: name -> zero-argument fwd+bwd. One untimed warm-up each, then ``rounds`` rounds in alternating
-    order; ``(median ms, peak extra MiB)`` per name."""
-    for step in steps.values():
-        step()
-    times, peaks = {k: [] for k in steps}, {k: 0.0 for k in steps}
+    order; ``(median ms, peak extra MiB, errors)`` per name: a step whose warm-up or round raises is dropped with its
+    error, the others still run."""
+    errors = {}
+    for name, step in steps.items():
+        try:
+            step()
+        except Exception as exc:  # recorded; the other steps are still timed
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    live = [k for k in steps if k not in errors]
+    times, peaks = {k: [] for k in live}, {k: 0.0 for k in live}
     for r in range(rounds):
-        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
-            ms, peak = _timed(steps[name])
+        for name in (live if r % 2 == 0 else list(reversed(live))):
+            if name in errors:
+                continue
+            try:
+                ms, peak = _timed(steps[name])
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                continue
             times[name].append(ms)
             peaks[name] = max(peaks[name], peak)
-    return {k: statistics.median(v) for k, v in times.items()}, peaks
+    median = {k: statistics.median(v) for k, v in times.items() if k not in errors}
+    return median, {k: v for k, v in peaks.items() if k in median}, errors
+
+
+class _Clock:
+    """The call's deadline: ``left()`` seconds remain."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def _gpu_backends() -> list[str]:
+    from ..ops.registry import available_backends
+
+    return [b for b in ("cuda", "triton") if available_backends()[b].available]
+
+
+def _run_bounded(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run ``cmd`` in its own process group for at most ``timeout`` s; on a timeout the whole group is killed (no
+    child left holding the GPU) and the output so far is kept."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                                start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        text = log.read()
+    return {"returncode": proc.returncode, "seconds": time.perf_counter() - start, "timed_out": timed_out,
+            "timeout_s": timeout, "tail": text[-4000:]}
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -184,47 +323,200 @@ def section_policy() -> dict:
     return out
 
 
-def section_profile(quick: bool) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def section_build() -> dict:
+    """``_C`` with its CUDA kernels, and Triton: a build without CUDA fails here instead of skipping silently."""
     from ..ops.registry import available_backends
 
-    head, out = HEADS[0], {}
-    expected = plan_summary(head, TOKENS, torch.bfloat16)["expected_gemms"]
-    for backend in ("cuda", "triton"):
-        status = available_backends()[backend]
-        if not status.available:
-            out[backend] = {"skipped": status.reason}
-            continue
-        x = _inputs(head, TOKENS, torch.bfloat16)
-        _fwd_bwd(lambda v: _ours(v, backend), x, False)  # warm: compiles, allocator
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _fwd_bwd(lambda v: _ours(v, backend), x, False)
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gemms = [e for e in kernels if _GEMM.search(e.name)]
-        fp32 = sorted({e.name for e in gemms if _FP32_GEMM.search(e.name)})
-        # the call's one host read of its labels (dpo_kernels.host_read), and the synchronize closing the profile
-        syncs = [e.name for e in prof.events() if _SYNC.search(e.name)][:-1]
-        gemm_us = sum(e.device_time for e in gemms)
-        tile_us = sum(e.device_time for e in kernels if re.search(r"fold|grad", e.name) and not _GEMM.search(e.name))
-        logits_bytes = TOKENS * head.vocab * 4 * 3  # fp32 tile written by the GEMM, read by fold and by grad
-        out[backend] = {
-            "gemm_kernels": len(gemms), "expected_gemms": expected["forward"] + expected["backward"],
-            "fp32_gemm_kernels": fp32, "host_syncs": len(syncs), "expected_host_syncs": 1,
-            "sync_names": sorted(set(syncs)),
-            "gemm_tflops": 8 * TOKENS * head.dim * head.vocab / max(gemm_us, 1e-9) / 1e6,
-            "tile_kernel_tb_per_s": logits_bytes / max(tile_us, 1e-9) / 1e6,
-            "ok": not fp32 and len(syncs) <= 1,
-        }
-        del x
-        if quick:
-            break
+    status = available_backends()
+    out = {name: {"available": st.available, "reason": st.reason} for name, st in status.items()}
+    missing = [b for b in ("cuda", "triton") if not status[b].available]
+    out["ok"] = not missing
+    if missing:
+        out["error"] = f"GPU backends unavailable on a GPU: {missing} (see their reasons; rebuild _C with nvcc)"
     return out
 
 
-def section_time(quick: bool, rounds: int) -> dict:
+GRADIENT_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _oracle_case(kind: str, backend: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Relative errors (max |a - e| / max |e|) of one small case on ``backend`` against the reference oracle in
+    float64 on the same rounded inputs, outputs and gradients under one random upstream each; ``masked_nonzero``
+    counts outputs that are not exactly 0 at masked positions."""
+    from .. import fused_dpo_loss, linear_token_logprobs_and_kl, token_logprobs_and_kl
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows, seq, vocab, dim = 4, 13, 1003, 48
+    labels = torch.randint(0, vocab, (rows, seq), device="cuda", generator=g)
+    labels[:, :3] = -100
+    labels[1, 9:] = -100
+    x = {"logits": torch.randn(rows, seq, vocab, device="cuda", generator=g) * 3,
+         "ref_logits": torch.randn(rows, seq, vocab, device="cuda", generator=g) * 3,
+         "hidden": torch.randn(rows, seq, dim, device="cuda", generator=g),
+         "weight": torch.randn(vocab, dim, device="cuda", generator=g) / dim**0.5,
+         "bias": torch.randn(vocab, device="cuda", generator=g) * 0.1,
+         "ref_hidden": torch.randn(rows, seq, dim, device="cuda", generator=g),
+         "ref_weight": torch.randn(vocab, dim, device="cuda", generator=g) / dim**0.5}
+    x = {k: v.to(dtype) for k, v in x.items()}
+    opts = {"softcap": 30.0, "temperature": 0.8}
+
+    def run(t, be):
+        if kind == "logits":
+            return token_logprobs_and_kl(t["logits"], t["ref_logits"], labels, backend=be, **opts), ("logits",)
+        if kind == "linear":
+            return linear_token_logprobs_and_kl(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], labels,
+                                                bias=t["bias"], backend=be, **opts), ("hidden", "weight", "bias")
+        schedule = kind.removeprefix("dpo_")
+        out = fused_dpo_loss(labels=labels, policy_hidden=t["hidden"], lm_head_weight=t["weight"],
+                             lm_head_bias=t["bias"], ref_hidden=t["ref_hidden"], ref_lm_head_weight=t["ref_weight"],
+                             loss_type="tdpo2", schedule=schedule, backend=be, **opts)
+        return (out.loss, out.chosen_logps, out.rejected_kl), ("hidden", "weight", "bias")
+
+    results, upstream = {}, None
+    for be, cast in (("reference", torch.float64), (backend, None)):
+        leaves = {k: (v.to(cast) if cast else v).detach().requires_grad_(True) for k, v in x.items()}
+        outs, wrt = run(leaves, be)
+        if upstream is None:
+            gu = torch.Generator(device="cuda").manual_seed(99)
+            upstream = [torch.randn(o.shape, device="cuda", generator=gu, dtype=torch.float64) for o in outs]
+        diff = [(o, u.to(o.dtype)) for o, u in zip(outs, upstream, strict=True) if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in diff], [leaves[k] for k in wrt], [u for _, u in diff])
+        results[be] = (outs, dict(zip(wrt, grads, strict=True)))
+    (ref_outs, ref_grads), (outs, grads) = results["reference"], results[backend]
+    mask = labels != -100
+
+    def rel(a, e):
+        a, e = a.detach().double(), e.detach().double()
+        if not torch.isfinite(a).all():
+            return float("inf")
+        return float((a - e).abs().max() / e.abs().max().clamp(min=1e-30)) if a.numel() else 0.0
+
+    errors = {f"out{i}": rel(o, e) for i, (o, e) in enumerate(zip(outs, ref_outs, strict=True))}
+    errors.update({f"d{k}": rel(grads[k], ref_grads[k]) for k in grads})
+    masked = sum(int((o[~mask] != 0).sum()) for o in outs if o.shape == mask.shape)
+    return {"errors": errors, "masked_nonzero": masked}
+
+
+def section_gradients(quick: bool) -> dict:
+    out, failures = {}, []
+    kinds = ("logits", "linear", "dpo_eager", "dpo_recompute")
+    dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    for backend in _gpu_backends():
+        for dtype in dtypes:
+            for kind in kinds:
+                name = f"{backend}/{str(dtype).removeprefix('torch.')}/{kind}"
+                try:
+                    row = _oracle_case(kind, backend, dtype)
+                    row["ok"] = row["masked_nonzero"] == 0 and max(row["errors"].values()) <= GRADIENT_RTOL[dtype]
+                except Exception as exc:
+                    row = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+                out[name] = row
+                if not row["ok"]:
+                    failures.append(name)
+        if not quick:  # from logits with N x V > 2^31: int64 indexing
+            name = f"{backend}/bfloat16/from_logits_n_v_over_2_31"
+            try:
+                row = {"max_abs_error": _large_from_logits(backend)}
+                row["ok"] = row["max_abs_error"] <= 5e-2
+            except Exception as exc:
+                row = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+            out[name] = row
+            if not row["ok"]:
+                failures.append(name)
+            torch.cuda.empty_cache()
+    out["ok"] = bool(out) and not failures
+    out["failures"] = failures
+    return out
+
+
+def _large_from_logits(backend: str) -> float:
+    """Max abs error of ``backend``'s from-logits log-probs at 16800 x 128256 bf16 logits (N x V > 2^31) against the
+    torch backend's."""
+    from .. import token_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(1, 16800, 128256, device="cuda", generator=g, dtype=torch.bfloat16)
+    labels = torch.randint(0, 128256, (1, 16800), device="cuda", generator=g)
+    ref = token_logprobs(logits, labels, backend="torch")
+    return float((token_logprobs(logits, labels, backend=backend) - ref).abs().max())
+
+
+class _ProductOperands:
+    """Context manager recording the operand dtypes and sizes of every matrix product dispatched inside it."""
+
+    ARGS = {"mm": (0, 1), "bmm": (0, 1), "matmul": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "baddbmm": (1, 2)}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in _ProductOperands.ARGS:
+                    i, j = _ProductOperands.ARGS[name]
+                    a, b = args[i], args[j]
+                    seen.append({"op": name, "a": str(a.dtype), "b": str(b.dtype),
+                                 "flop": 2 * a.shape[-2] * a.shape[-1] * b.shape[-1]})
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    def fp32_products(self, min_flop: int = 2**24) -> list[dict]:
+        return [p for p in self.seen if p["a"] == p["b"] == "torch.float32" and p["flop"] >= min_flop]
+
+
+def section_profile(quick: bool) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    head, out = HEADS[0], {}
+    expected = plan_summary(head, TOKENS, torch.bfloat16)["expected_gemms"]
+    for backend in _gpu_backends():
+        for weights in ("bf16",) if quick else DPO_WEIGHTS:
+            autocast = weights != "bf16"
+            x = _inputs(head, TOKENS, torch.float32 if autocast else torch.bfloat16)
+
+            def step(x=x, backend=backend, autocast=autocast):
+                _fwd_bwd(lambda v: _ours(v, backend), x, autocast)
+
+            step()  # warm: compiles, allocator
+            with _ProductOperands() as operands:
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            gemms = [e for e in kernels if _GEMM.search(e.name)]
+            # the call's one host read of its labels (dpo_kernels.host_read), and the synchronize closing the profile
+            syncs = [e.name for e in prof.events() if _SYNC.search(e.name)][:-1]
+            gemm_us = sum(e.device_time for e in gemms)
+            tile_us = sum(e.device_time for e in kernels
+                          if re.search(r"fold|grad", e.name) and not _GEMM.search(e.name))
+            logits_bytes = TOKENS * head.vocab * 4 * 3  # fp32 tile written by the GEMM, read by fold and by grad
+            tflops = 8 * TOKENS * head.dim * head.vocab / max(gemm_us, 1e-9) / 1e6
+            fp32 = operands.fp32_products()
+            out[f"{backend}/{weights}"] = {
+                "gemm_kernels": len(gemms), "expected_gemms": expected["forward"] + expected["backward"],
+                "gemm_kernel_names": sorted({e.name[:120] for e in gemms}),
+                "product_operands": sorted({f"{p['op']} {p['a']} x {p['b']}" for p in operands.seen}),
+                "fp32_products": len(fp32), "host_syncs": len(syncs), "expected_host_syncs": 1,
+                "sync_names": sorted(set(syncs)), "gemm_tflops": tflops,
+                "tile_kernel_tb_per_s": logits_bytes / max(tile_us, 1e-9) / 1e6,
+                "ok": not fp32 and len(syncs) <= 1 and tflops >= MIN_TENSOR_CORE_TFLOPS,
+            }
+            del x, step
+            torch.cuda.empty_cache()
+    return out
+
+
+def section_time(quick: bool, rounds: int, clock: _Clock) -> dict:
     impls = {"fused": _ours, "naive": _naive}
     missing = {}
     if (why := _peer_missing("trl")) is None:
@@ -232,33 +524,54 @@ def section_time(quick: bool, rounds: int) -> dict:
     else:
         missing["trl_1_16"] = why
     cases = [(h, dt, ac) for h in HEADS for dt, ac in ((torch.bfloat16, False), (torch.float32, True))]
-    results = [_time_logprobs(head, dtype, autocast, impls, rounds)
-               for head, dtype, autocast in (cases[:2] if quick else cases)]
-    return {"logprobs": results, "dpo": _time_dpo(rounds), "missing": missing}
+    logprobs = []
+    for head, dtype, autocast in (cases[:2] if quick else cases):
+        logprobs.append(_bounded_case(clock, 25, lambda h=head, d=dtype, a=autocast: _time_logprobs(h, d, a, impls,
+                                                                                                     rounds),
+                                      {"head": head.name, "dtype": str(dtype), "autocast": autocast}))
+    dpo = [_bounded_case(clock, 20, lambda c=c: _time_dpo(c, rounds), {"case": c[0] + "/" + c[1]})
+           for c in sorted({(k.loss_type, k.weights) for k in dpo_cases(quick)})]
+    failed = [r for r in logprobs + dpo if "error" in r]
+    return {"logprobs": logprobs, "dpo": dpo, "missing": missing, "ok": not failed}
+
+
+def _bounded_case(clock: _Clock, needs_s: float, run, label: dict) -> dict:
+    """One timed case in its own error capture, skipped when fewer than ``needs_s`` seconds are left."""
+    if clock.left() < needs_s:
+        return {**label, "skipped": f"{clock.left():.0f} s left before the call's deadline"}
+    try:
+        return {**label, **run()}
+    except Exception as exc:
+        return {**label, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        torch.cuda.empty_cache()
 
 
 def _time_logprobs(head: Head, dtype: torch.dtype, autocast: bool, impls: dict, rounds: int) -> dict:
     x = _inputs(head, TOKENS, dtype)
-    median, peaks = _interleaved({k: (lambda fn=fn: _fwd_bwd(fn, x, autocast)) for k, fn in impls.items()}, rounds)
-    row = {"head": head.name, "dtype": str(dtype), "autocast": autocast, "tokens": TOKENS,
-           "median_ms": median, "peak_mib": peaks}
+    steps = {k: (lambda fn=fn: _fwd_bwd(fn, x, autocast)) for k, fn in impls.items()}
+    median, peaks, errors = _interleaved(steps, rounds)
+    row = {"tokens": TOKENS, "median_ms": median, "peak_mib": peaks, "errors": errors}
     for peer in ("trl_1_16", "naive"):
-        if peer in median:
+        if peer in median and "fused" in median:
             row[f"fused_over_{peer}"] = {"time": median["fused"] / median[peer],
                                         "peak": peaks["fused"] / max(peaks[peer], 1e-9)}
+    if "fused" in errors:
+        row["error"] = errors["fused"]
     return row
 
 
-def _dpo_inputs(head: Head, seed: int = 0) -> dict:
+def _dpo_inputs(head: Head, weights: str, seed: int = 0) -> dict:
     rows, seq, masked = DPO_BATCH
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
     g = torch.Generator(device="cuda").manual_seed(seed)
     labels = torch.randint(0, head.vocab, (rows, seq), device="cuda", generator=g)
     labels[:, :masked] = -100
-    w = torch.randn(head.vocab, head.dim, device="cuda", generator=g, dtype=torch.bfloat16) / head.dim**0.5
+    w = torch.randn(head.vocab, head.dim, device="cuda", generator=g, dtype=dtype) / head.dim**0.5
     return {"labels": labels, "lm_head_weight": w.requires_grad_(),
             "policy_hidden": torch.randn(rows, seq, head.dim, device="cuda", generator=g,
-                                         dtype=torch.bfloat16).requires_grad_(),
-            "ref_hidden": torch.randn(rows, seq, head.dim, device="cuda", generator=g, dtype=torch.bfloat16),
+                                         dtype=dtype).requires_grad_(),
+            "ref_hidden": torch.randn(rows, seq, head.dim, device="cuda", generator=g, dtype=dtype),
             "ref_lm_head_weight": w.detach().clone()}
 
 
@@ -271,24 +584,36 @@ def _naive_dpo(x: dict, loss_type: str):
                           backend="reference").loss
 
 
-def _time_dpo(rounds: int) -> list[dict]:
+def _time_dpo(case: tuple[str, str], rounds: int) -> dict:
+    """Every schedule of ``case`` (loss type, weights) against naive, interleaved; each schedule at the budget its
+    :class:`DpoCase` states."""
     from .. import fused_dpo_loss
 
-    x = _dpo_inputs(HEADS[0])
-    out = []
-    for loss_type in ("sigmoid", "tdpo2"):
-        losses = {f"fused_{s}": (lambda s=s: fused_dpo_loss(**x, loss_type=loss_type, schedule=s).loss)
-                  for s in ("eager", "recompute")}
-        losses["naive"] = lambda: _naive_dpo(x, loss_type)
+    loss_type, weights = case
+    head = HEADS[0]
+    x = _dpo_inputs(head, weights)
+    autocast = weights != "bf16"
+    losses = {}
+    for schedule in SCHEDULES:
+        budget = DpoCase(loss_type, weights, schedule).budget_mb(head)
+        losses[f"fused_{schedule}"] = (lambda s=schedule, b=budget: fused_dpo_loss(
+            **x, loss_type=loss_type, schedule=s, eager_budget_mb=b).loss)
+    losses["naive"] = lambda: _naive_dpo(x, loss_type)
 
-        def step(loss):
-            x["policy_hidden"].grad = x["lm_head_weight"].grad = None
-            loss().backward()
+    def step(loss):
+        x["policy_hidden"].grad = x["lm_head_weight"].grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            value = loss()
+        value.backward()
 
-        median, peaks = _interleaved({k: (lambda loss=loss: step(loss)) for k, loss in losses.items()}, rounds)
-        out.append({"loss_type": loss_type, "median_ms": median, "peak_mib": peaks,
-                    "eager_over_naive": median["fused_eager"] / median["naive"]})
-    return out
+    median, peaks, errors = _interleaved({k: (lambda loss=loss: step(loss)) for k, loss in losses.items()}, rounds)
+    row = {"median_ms": median, "peak_mib": peaks, "errors": errors}
+    for k in median:
+        if k.startswith("fused_") and "naive" in median:
+            row[f"{k}_over_naive"] = {"time": median[k] / median["naive"], "peak": peaks[k] / max(peaks["naive"], 1)}
+    if any(k.startswith("fused_") for k in errors):
+        row["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items() if k.startswith("fused_"))
+    return row
 
 
 def section_numerics() -> dict:
@@ -310,10 +635,10 @@ def section_numerics() -> dict:
     return out
 
 
-def _sweep_child(device: str = "cuda", backends: tuple[str, ...] = ("cuda", "triton"), large: bool = True) -> int:
+def _sweep_child(device: str = "cuda", backends: tuple[str, ...] = ("cuda", "triton")) -> int:
     """The cases run under compute-sanitizer: each available backend of ``backends`` against the torch backend at
-    small shapes, fwd + bwd; ``large``: also the from-logits case with N x V > 2^31."""
-    from .. import linear_token_logprobs, linear_token_logprobs_and_kl, token_logprobs
+    small shapes, fwd + bwd (the oracle comparison is the ``gradients`` section's)."""
+    from .. import linear_token_logprobs, linear_token_logprobs_and_kl
     from ..ops.registry import available_backends
 
     backends = [b for b in backends if available_backends()[b].available]
@@ -344,34 +669,52 @@ def _sweep_child(device: str = "cuda", backends: tuple[str, ...] = ("cuda", "tri
                     if not all(torch.allclose(x, y, atol=5e-2, rtol=1e-2) for x, y in zip(got, ref, strict=True)):
                         failures += 1
                         print(f"mismatch: {backend} V={vocab} {dtype} bias={bias} softcap={softcap} kl={kl}")
-    if backends and large:  # one from-logits case with N x V > 2^31 (int64 indexing)
-        logits = torch.randn(1, 16800, 128256, device="cuda", generator=g, dtype=torch.bfloat16)
-        labels = torch.randint(0, 128256, (1, 16800), device="cuda", generator=g)
-        ref = token_logprobs(logits, labels, backend="torch")
-        for backend in backends:
-            if not torch.allclose(token_logprobs(logits, labels, backend=backend), ref, atol=5e-2, rtol=1e-2):
-                failures += 1
-                print(f"mismatch: {backend} from logits, N x V = {16800 * 128256}")
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"sweep: {failures} mismatches over backends {backends}")
     return 1 if failures else 0
 
 
-def section_sanitizer(quick: bool) -> dict:
+def section_sanitizer(quick: bool, clock: _Clock) -> dict:
+    """The sweep under memcheck (caching allocator off, so that a read past a tensor inside an allocator block is
+    seen) and racecheck (this package's kernels only: torch's and cuBLAS's are not ours to check), each with its own
+    timeout; a timeout kills the tool's process group and keeps its output."""
     from shutil import which
 
     if which("compute-sanitizer") is None:
         return {"skipped": "compute-sanitizer is not on PATH"}
     out = {}
     for tool in ("memcheck",) if quick else ("memcheck", "racecheck"):
-        cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9", sys.executable, "-m",
-               "dpo_kernels.tools.gpu_check", "--sweep-child"]
-        start = time.perf_counter()
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
-        out[tool] = {"returncode": run.returncode, "seconds": time.perf_counter() - start,
-                     "tail": (run.stdout + run.stderr)[-3000:], "ok": run.returncode == 0}
+        timeout = min(SANITIZER_TIMEOUT_S[tool], clock.left() - 5)
+        if timeout < 20:
+            out[tool] = {"skipped": f"{clock.left():.0f} s left before the call's deadline"}
+            continue
+        env = dict(os.environ)
+        cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9"]
+        if tool == "memcheck":
+            env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+        else:
+            cmd += ["--kernel-regex", f"kns={_PACKAGE_KERNELS}"]
+        cmd += [sys.executable, "-m", "dpo_kernels.tools.gpu_check", "--sweep-child"]
+        run = _run_bounded(cmd, timeout, env=env)
+        run["ok"] = run["returncode"] == 0 and not run["timed_out"]
+        out[tool] = run
     return out
+
+
+def section_tests(clock: _Clock) -> dict:
+    """The GPU tests, by pytest in a subprocess (its own process group, killed on the section's timeout)."""
+    root = Path(__file__).resolve().parents[2]
+    files = [f for f in TESTS if (root / f).exists()]
+    if not files:
+        return {"skipped": f"no tests under {root} (an installed package, not a checkout)"}
+    timeout = min(BUDGET_S["tests"], clock.left() - 5)
+    run = _run_bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *files], timeout,
+                       cwd=str(root))
+    counts = re.findall(r"(\d+) (passed|failed|skipped|error)", run["tail"])
+    run["counts"] = {k: int(v) for v, k in counts}
+    run["ok"] = run["returncode"] == 0 and not run["timed_out"]
+    return run
 
 
 def section_compile() -> dict:
@@ -406,7 +749,7 @@ def section_compile() -> dict:
 def _markdown(record: dict) -> str:
     lines = [f"# gpu_check on {record['device']}", "", f"torch {record['torch']}, {record['when']}", ""]
     for name, body in record["sections"].items():
-        lines += [f"## {name}", "", "```json", json.dumps(body, indent=1, default=str)[:6000], "```", ""]
+        lines += [f"## {name}", "", "```json", json.dumps(body, indent=1, default=str)[:8000], "```", ""]
     return "\n".join(lines)
 
 
@@ -415,60 +758,87 @@ def _default_out(device_name: str) -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results" / slug
 
 
+def _write(out: Path, stem: str, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(_markdown(record))
+
+
+def _section_failed(result: dict) -> bool:
+    return result.get("ok") is False or any(isinstance(v, dict) and v.get("ok") is False for v in result.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpo_kernels.tools.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="no GPU: shapes, tile plans, expected GEMM counts")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: plan every case (tile plans, GEMM counts, eager groups); exit 1 on a refusal")
     parser.add_argument("--quick", action="store_true", help="fewer cases and rounds")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--call", type=int, choices=sorted(CALLS), default=None,
+                        help="the sections of device call N (see above) and its deadline")
+    parser.add_argument("--sections", default=None, help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="seconds this call may take; sections that would pass it are skipped")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json / gpu_check.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help='folder for the results; on the device machine --out "$OUT" (only $OUT comes back)')
     parser.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sweep_child:
         return _sweep_child()
-    sections = [s for s in args.sections.split(",") if s]
+    if args.sections is not None and args.call is not None:
+        parser.error("--sections and --call: give one")
+    chosen = args.sections or ",".join(SECTIONS)
+    sections = list(CALLS[args.call]) if args.call else [s for s in chosen.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"--sections: unknown {sorted(unknown)}; expected a subset of {SECTIONS}")
+    stem = "gpu_check" if args.call is None else f"gpu_check_call{args.call}"
     if args.dry_run:
-        record = dry_run()
+        record = dry_run(args.quick)
         for p in record["plans"]:
             print(f"{p['head']['name']:<7} {p['dtype']:<9} N={p['tokens']}: backward tile {p['backward_tile']}, "
                   f"{p['vocab_chunks']} chunks of {p['chunk_widths']}, {p['backward_scratch_mib']:.0f} MiB scratch, "
                   f"dH traffic {p['dh_traffic_gb']:.1f} GB, GEMMs {p['expected_gemms']}")
+        for c in record["dpo_cases"]:
+            print(f"dpo {c['case']:<36} eager_budget_mb {c['eager_budget_mb']:8.0f}: {c['eager']}")
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "gpu_check_dry_run.json").write_text(json.dumps(record, indent=2) + "\n")
+            (args.out / f"{stem}_dry_run.json").write_text(json.dumps(record, indent=2) + "\n")
+        if record["refused"]:
+            print(f"gpu_check: the real run would refuse {record['refused']}", file=sys.stderr)
+            return 1
         return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run it on a GPU, or pass --dry-run", file=sys.stderr)
         return 2
+    clock = _Clock(args.deadline_s if args.deadline_s is not None else DEADLINE_S[args.call])
     device = torch.cuda.get_device_name(0)
+    out = args.out or _default_out(device)
     record = {"device": device, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "plan": dry_run(), "sections": {}}
+              "call": args.call, "plan": dry_run(args.quick), "sections": {}}
     rounds = 3 if args.quick else args.rounds
-    runners = {"policy": section_policy, "profile": lambda: section_profile(args.quick),
-               "time": lambda: section_time(args.quick, rounds), "numerics": section_numerics,
-               "sanitizer": lambda: section_sanitizer(args.quick), "compile": section_compile}
+    runners = {"build": section_build, "policy": section_policy, "gradients": lambda: section_gradients(args.quick),
+               "profile": lambda: section_profile(args.quick), "numerics": section_numerics,
+               "compile": section_compile, "time": lambda: section_time(args.quick, rounds, clock),
+               "sanitizer": lambda: section_sanitizer(args.quick, clock), "tests": lambda: section_tests(clock)}
     failed = False
     for name in sections:
         start = time.perf_counter()
-        try:
-            result = runners[name]()
-        except Exception as exc:  # a failing section is recorded and the next one still runs
-            result = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+        if clock.left() < BUDGET_S[name] and name not in ("time", "sanitizer", "tests"):  # those bound themselves
+            result = {"skipped": f"{clock.left():.0f} s left before the call's deadline, {BUDGET_S[name]} s needed"}
+        else:
+            try:
+                result = runners[name]()
+            except Exception as exc:  # a failing section is recorded and the next one still runs
+                result = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
         result["seconds"] = time.perf_counter() - start
         record["sections"][name] = result
-        failed |= result.get("ok") is False or any(isinstance(v, dict) and v.get("ok") is False
-                                                   for v in result.values())
+        failed |= _section_failed(result)
         print(f"{name}: {json.dumps(result, default=str)[:2000]}", flush=True)
+        _write(out, stem, record)  # after every section: a call stopped at its limit keeps what it finished
         torch.cuda.empty_cache()
-    out = args.out or _default_out(device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (out / "gpu_check.md").write_text(_markdown(record))
-    print(f"wrote {out / 'gpu_check.json'} and gpu_check.md")
+    print(f"wrote {out / (stem + '.json')} and {stem}.md")
     if record["sections"].get("policy", {}).get("ok") is False:
         print("gpu_check: half operands do not reach the tensor cores (see policy)", file=sys.stderr)
     return 1 if failed else 0

@@ -102,8 +102,46 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
     return PairGroups(len(tokens_per_pair), tuple(bounds), tokens)
 
 
+@dataclass(frozen=True)
+class EagerNeed:
+    """What the eager schedule keeps for a batch: ``kept_per_row`` (``2B`` rows, chosen first), a head of
+    ``vocab x dim``, statistics in ``stats_dtype``, the reference's tiles too (``keep_ref_tiles``, a TDPO loss) and
+    an fp32 ``[V, D]`` accumulator for a trainable half weight (``half_weight_grad``)."""
+
+    kept_per_row: tuple[int, ...] | list[int]
+    vocab: int
+    dim: int
+    stats_dtype: torch.dtype
+    keep_ref_tiles: bool
+    half_weight_grad: bool
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.vocab * self.stats_dtype.itemsize * (2 if self.keep_ref_tiles else 1)
+
+    @property
+    def accumulator_bytes(self) -> int:
+        return self.vocab * self.dim * self.stats_dtype.itemsize if self.half_weight_grad else 0
+
+    @property
+    def tokens_per_pair(self) -> list[int]:
+        pairs = len(self.kept_per_row) // 2
+        return [self.kept_per_row[b] + self.kept_per_row[pairs + b] for b in range(pairs)]
+
+    @property
+    def one_group_bytes(self) -> int:
+        """The budget in bytes under which the whole batch is one group."""
+        return sum(self.kept_per_row) * self.bytes_per_token + self.accumulator_bytes
+
+    def groups(self, budget_bytes: int) -> PairGroups | str:
+        return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes)
+
+
 def _mib(size: int) -> str:
-    return f"{size / 2**20:.3g} MiB"
+    """A byte count as people read it: ``3006.0 MiB``, ``1.0 KiB``, ``0 bytes``."""
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**10:.1f} KiB" if size >= 2**10 else f"{size} bytes"
 
 
 @dataclass(frozen=True)
