@@ -192,9 +192,15 @@ inline const acc_t* biased_row(const TransformParams& t, const acc_t* x, const a
 template <typename acc_t>
 void fold_logging(const acc_t* z, int64_t width, acc_t m, acc_t rescale, int64_t col, acc_t* st, int64_t ss) {
   using Vec = Vectorized<acc_t>;
-  const Vec vm(m);
+  const Vec vm(shift_of(m)), zero(0);
   const auto add = [](Vec a, Vec b) { return a + b; };
-  const acc_t weighted = at::vec::map_reduce_all<acc_t>([vm](Vec x) { return vexp(x - vm) * x; }, add, z, width);
+  // a -inf logit's e^{z - m} z is 0 (the limit), not 0 * -inf
+  const acc_t weighted = at::vec::map_reduce_all<acc_t>(
+      [vm, zero](Vec x) {
+        const Vec e = vexp(x - vm);
+        return Vec::blendv(zero, e * x, e > zero);
+      },
+      add, z, width);
   const acc_t squares = at::vec::map_reduce_all<acc_t>(
       [vm](Vec x) {
         const Vec e = vexp(x - vm);

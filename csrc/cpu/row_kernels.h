@@ -68,6 +68,13 @@ inline acc_t chunk_max(const acc_t* z, int64_t len) {
   return at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, z, len);
 }
 
+// The shift of an online log-sum-exp step: the running max m, or 0 while it is -inf (every logit so far a
+// probability 0), where exp(-inf - -inf) would be NaN; the sums are then 0 and stay so.
+template <typename acc_t>
+inline acc_t shift_of(acc_t m) {
+  return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;
+}
+
 // Online log-sum-exp state of one row: running max m and sum s of exp(z - m).
 template <typename acc_t>
 struct OnlineLse {
@@ -78,8 +85,9 @@ struct OnlineLse {
   acc_t fold(const acc_t* z, int64_t len) {
     using Vec = Vectorized<acc_t>;
     const acc_t m_new = std::max(m, chunk_max(z, len));
-    const acc_t rescale = std::exp(m - m_new);
-    const Vec vm(m_new);
+    const acc_t shift = shift_of(m_new);
+    const acc_t rescale = std::exp(m - shift);
+    const Vec vm(shift);
     const acc_t sum = at::vec::map_reduce_all<acc_t>(
         [vm](Vec x) { return vexp(x - vm); }, [](Vec a, Vec b) { return a + b; }, z, len);
     s = s * rescale + sum;
@@ -100,7 +108,7 @@ struct OnlineKl {
   void fold(const acc_t* z, const acc_t* zr, int64_t len) {
     using Vec = Vectorized<acc_t>;
     const acc_t rescale = ref.fold(zr, len);
-    const Vec vm(ref.m), zero(0);
+    const Vec vm(shift_of(ref.m)), zero(0);
     const acc_t sum = at::vec::map2_reduce_all<acc_t>(
         [vm, zero](Vec pz, Vec rz) {
           Vec e = vexp(rz - vm);

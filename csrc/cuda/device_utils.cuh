@@ -54,7 +54,7 @@ struct Lse {
 
 __device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
+  if (m == -INFINITY) return {m, a.s + b.s};  // 0, or NaN carried from a NaN logit
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
@@ -66,17 +66,19 @@ struct KlState {
 
 __device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
   const float m = fmaxf(a.ref.m, b.ref.m);
-  if (m == -INFINITY) return {{m, 0.f}, 0.f};
+  if (m == -INFINITY) return {{m, a.ref.s + b.ref.s}, a.w + b.w};  // 0, or NaN carried from a NaN logit
   const float fa = __expf(a.ref.m - m), fb = __expf(b.ref.m - m);
   return {{m, a.ref.s * fa + b.ref.s * fb}, a.w * fa + b.w * fb};
 }
 
-// Folds one policy logit z into the thread's running log-sum-exp state: one exp per logit.
+// Folds one policy logit z into the thread's running log-sum-exp state: one exp per logit. A -inf logit is a
+// probability 0 and adds nothing (against a running max still at -inf, exp(-inf - -inf) would be NaN); a NaN adds
+// NaN (MATH.md's rule for non-finite logits).
 __device__ __forceinline__ void fold_policy(float z, Lse& state) {
   if (z > state.m) {
     state.s = state.s * __expf(state.m - z) + 1.f;
     state.m = z;
-  } else {
+  } else if (z != -INFINITY) {
     state.s += __expf(z - state.m);
   }
 }
@@ -88,7 +90,7 @@ __device__ __forceinline__ void fold_reference(float z, float zr, KlState& ref) 
     ref.ref.s = ref.ref.s * f + 1.f;
     ref.w = ref.w * f + (zr - z);
     ref.ref.m = zr;
-  } else {
+  } else if (zr != -INFINITY) {  // a -inf reference logit adds nothing, as in fold_policy
     const float e = __expf(zr - ref.ref.m);
     ref.ref.s += e;
     if (e > 0.f) ref.w += e * (zr - z);  // an underflowed reference probability contributes exactly 0

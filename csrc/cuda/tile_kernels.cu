@@ -63,7 +63,7 @@ __device__ __forceinline__ void fold_logged(float z, bool left_of_label, Lse& st
     lg.xs = lg.xs * f + z;
     lg.sq = lg.sq * f * f + 1.f;
     state.m = z;
-  } else {
+  } else if (z != -INFINITY) {  // a -inf logit adds nothing to the sums (fold_policy)
     const float e = __expf(z - state.m);
     state.s += e;
     lg.xs += e * z;

@@ -69,9 +69,17 @@ def _forward_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, labels: torc
     return torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
 
 
+def _only_kept(x: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """``x [R, T, K]`` with 0 at masked positions: whatever they hold (padding may give NaN) reaches no sum and no
+    gradient (autograd's 0 * NaN would be NaN)."""
+    keep = (labels != opts.ignore_index).unsqueeze(-1)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
     """``logits [R, T, V]``, ``labels [R, T]`` -> ``logp [R, T]``."""
-    return _gather_masked(_log_softmax(_policy_logits(logits, opts), opts), labels, opts)
+    logits = _only_kept(_policy_logits(logits, opts), labels, opts)
+    return _gather_masked(_log_softmax(logits, opts), labels, opts)
 
 
 def token_logprobs_and_kl(
@@ -79,8 +87,8 @@ def token_logprobs_and_kl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(logp, ref_logp, kl)``, each ``[R, T]``; the reference side is detached."""
     sdt = statistics_dtype(logits.dtype, ref_logits.dtype)
-    logprobs = _log_softmax(_policy_logits(logits, opts), opts, sdt)
-    ref_logprobs = _log_softmax(ref_logits.detach(), opts, sdt)
+    logprobs = _log_softmax(_only_kept(_policy_logits(logits, opts), labels, opts), opts, sdt)
+    ref_logprobs = _log_softmax(_only_kept(ref_logits.detach(), labels, opts), opts, sdt)
     return (
         _gather_masked(logprobs, labels, opts),
         _gather_masked(ref_logprobs, labels, opts),
@@ -105,11 +113,13 @@ def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: torch
     autograd's, which reads the head's product as ``nn.Linear``'s own backward would; nor is ``kept_count``: the
     oracle drops no token."""
     _require_exact_gradients(opts)
+    policy = LinearHead(_only_kept(policy.hidden, labels, opts), policy.weight, policy.bias)
     logits = _head_logits(policy)
     if ref is None:
         out = token_logprobs(logits, labels, opts)
     else:
-        ref_logits = _head_logits(LinearHead(ref.hidden.detach(), ref.weight.detach(), _detach(ref.bias)))
+        ref_hidden = _only_kept(ref.hidden.detach(), labels, opts)
+        ref_logits = _head_logits(LinearHead(ref_hidden, ref.weight.detach(), _detach(ref.bias)))
         out = token_logprobs_and_kl(logits, ref_logits, labels, opts)
     return (out, _logged(logits.detach(), labels, opts)) if logging else out
 

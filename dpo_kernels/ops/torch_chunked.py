@@ -168,9 +168,10 @@ def log_sum_sq_probs(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
 
 def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
     """The from-logits ``backward`` kernel, tile by tile: the softmax recomputed (and the reference's only for a KL
-    gradient), written straight into ``grad`` in its dtype."""
+    gradient), written straight into ``grad`` in its dtype; masked rows are exactly 0."""
     shape, sdt = logits.shape, lse.dtype
-    index, _ = split_labels(labels, opts.ignore_index, shape[-1])
+    index, mask = split_labels(labels, opts.ignore_index, shape[-1])
+    masked = ~mask.view(-1, 1)
     use_ref = g_kl is not None
     rows, grad_rows = TokenRows(logits), TokenRows(grad)
     views = (rows, TokenRows(ref_logits)) if use_ref else (rows,)
@@ -183,6 +184,8 @@ def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: Tok
             xs = x.to(sdt)
             dz = _logit_grad(transform_logits(xs, opts), lse[s:e], g[s:e], index[s:e], None, *kl_args)
             grad_rows.rows(s, e).copy_(transform_backward(xs, dz, opts))
+        # a masked row gets exactly 0 whatever its logits hold (g = 0 there, but 0 * NaN is NaN)
+        grad_rows.rows(s, e).masked_fill_(masked[s:e], 0)
 
 
 # --------------------------------------------------------------------------------------------- tile kernels

@@ -133,3 +133,92 @@ def test_out_of_range_label_without_check_gives_nan(backend, bad_label, path):
     _check(got, clean, (True, True, False))
     grad, = torch.autograd.grad(_others(got[0]).sum() + got[2].sum(), leaf)
     assert grad.shape == leaf.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [1, 2500], ids=["column0", "first_block"])
+def test_minus_inf_leading_columns_are_zero_probabilities(backend, width):
+    """Issue 27: a running max that starts at ``-inf`` met a first logit of ``-inf`` and computed
+    ``exp(-inf - -inf)`` = NaN (CUDA from a ``-inf`` in column 0, Triton from a whole first block of them). Every
+    row here starts with ``width`` ``-inf`` columns; values and gradients equal the float64 oracle's."""
+    g = torch.Generator().manual_seed(3)
+    v = 3000
+    z = torch.randn(R, T, v, generator=g) * 2
+    zr = torch.randn(R, T, v, generator=g) * 2
+    z[..., :width] = -float("inf")
+    zr[..., :width] = -float("inf")
+    labels = torch.randint(width, v, (R, T), generator=g)
+    labels[0, :2] = -100
+    outs, grads = {}, {}
+    for key, be, dtype in (("got", backend, torch.float32), ("oracle", "reference", torch.float64)):
+        leaf = z.detach().to(dtype).clone().requires_grad_()
+        logp, ref_logp, kl = token_logprobs_and_kl(leaf, zr.to(dtype), labels, backend=be)
+        (logp.sum() + kl.sum()).backward()
+        outs[key], grads[key] = (logp, ref_logp, kl), leaf.grad
+    for got, expected in zip(outs["got"], outs["oracle"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grads["got"]).all()
+    assert (grads["got"][..., :width] == 0).all()
+    torch.testing.assert_close(grads["got"].double(), grads["oracle"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_minus_inf_bias_is_a_zero_probability_on_the_linear_path(backend):
+    """Issue 27: a ``-inf`` bias entry (a vocabulary entry switched off) poisoned the CUDA tile kernels."""
+    h, w, ref_h, labels = _inputs()
+    bias = torch.zeros(V)
+    bias[0] = bias[7] = -float("inf")
+    labels[labels == 0] = 1
+    labels[labels == 7] = 2
+    got = linear_token_logprobs_and_kl(h, w, ref_h, w, labels, bias=bias, ref_bias=bias, backend=backend)
+    expected = linear_token_logprobs_and_kl(h.double(), w.double(), ref_h.double(), w.double(), labels,
+                                            bias=bias.double(), ref_bias=bias.double(), backend="reference")
+    for g_, e in zip(got, expected):
+        assert torch.isfinite(g_).all()
+        torch.testing.assert_close(g_.double(), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_garbage_at_masked_positions_gets_exactly_zero_gradient_from_logits(backend, value):
+    """Issue 27 / MATH.md §1: a masked position contributes nothing and receives exactly 0 gradient, whatever its
+    logits hold (padding can produce NaN): the loss and every other gradient are the clean ones."""
+    h, w, ref_h, labels = _inputs()
+    labels[POISONED] = -100
+    labels[0, :2] = -100
+    z, zr = h @ w.T, ref_h @ w.T
+    results = {}
+    for name, (logits, ref_logits) in {"clean": (z, zr), "poisoned": (_poison(z, value), _poison(zr, value))}.items():
+        leaf = logits.clone().requires_grad_()
+        out = fused_dpo_loss(labels=labels, policy_logits=leaf, ref_logits=ref_logits, loss_type="tdpo2",
+                             backend=backend)
+        out.loss.backward()
+        results[name] = (out.loss.detach(), leaf.grad)
+    (loss, grad), (clean_loss, clean_grad) = results["poisoned"], results["clean"]
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, int(torch.isnan(grad).sum()))
+    assert (grad[labels == -100] == 0).all()
+    torch.testing.assert_close(loss, clean_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, clean_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", ["eager", "recompute"])
+def test_garbage_hidden_states_at_masked_positions_change_nothing(backend, schedule):
+    """Issue 27: one NaN hidden state at a masked position gave the whole head a NaN gradient on the oracle."""
+    h, w, ref_h, labels = _inputs()
+    labels[POISONED] = -100
+    labels[0, :2] = -100
+    results = {}
+    for name, (hidden, ref_hidden) in {"clean": (h, ref_h),
+                                       "poisoned": (_poison(h, float("nan")), _poison(ref_h, float("inf")))}.items():
+        hh, ww = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fused_dpo_loss(labels=labels, policy_hidden=hh, lm_head_weight=ww, ref_hidden=ref_hidden,
+                             ref_lm_head_weight=w, loss_type="tdpo2", backend=backend,
+                             schedule="recompute" if backend == "reference" else schedule)
+        out.loss.backward()
+        results[name] = (out.loss.detach(), hh.grad, ww.grad)
+    for got, clean, what in zip(results["poisoned"], results["clean"], ("loss", "dH", "dW")):
+        assert torch.isfinite(got).all(), what
+        torch.testing.assert_close(got, clean, rtol=1e-5, atol=1e-7, msg=what)
+    assert (results["poisoned"][1][labels == -100] == 0).all()

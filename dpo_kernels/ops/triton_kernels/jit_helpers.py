@@ -52,6 +52,13 @@ def transform_and_slope(x, logit_scale, softcap, inv_temperature,
 
 
 @triton.jit
+def shift_of(m):
+    """The shift of an online log-sum-exp step: the running max ``m``, or 0 while it is ``-inf`` (every logit so far
+    a probability 0), where ``exp(-inf - -inf)`` would be NaN; the sums are then 0 and stay so."""
+    return tl.where(m == -float("inf"), 0.0, m)
+
+
+@triton.jit
 def finish_lse(m, s):
     """``m + log(s)``, NaN when the row held NaN or +inf (``m`` NaN or +inf): the one rule of MATH.md §1 for
     non-finite logits, also in ``csrc/transform.h`` and :func:`dpo_kernels.ops.linear.contract.finish_lse`."""
@@ -67,8 +74,9 @@ def fold_reference_block(z, zr, inside, m_r, s_r, w):
     log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is ever formed
     zr = tl.where(inside, zr, -float("inf"))
     m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
-    rescale = tl.exp(m_r - m_r_new)
-    e_r = tl.exp(zr - m_r_new)
+    shift = shift_of(m_r_new)
+    rescale = tl.exp(m_r - shift)
+    e_r = tl.exp(zr - shift)
     s_r = s_r * rescale + e_r
     # an underflowed reference probability contributes exactly 0, even against a -inf policy logit
     w = w * rescale + tl.where(e_r > 0, e_r * log_ratio, 0.0)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...options import TokenOptions
 from .config import row_config
-from .jit_helpers import finish_lse, fold_reference_block, transform, transform_and_slope
+from .jit_helpers import finish_lse, fold_reference_block, shift_of, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -66,7 +66,8 @@ def _logits_forward_kernel(
         z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
-        s_lanes = s_lanes * tl.exp(m - m_new) + tl.exp(z_masked - m_new)
+        shift = shift_of(m_new)
+        s_lanes = s_lanes * tl.exp(m - shift) + tl.exp(z_masked - shift)
         m = m_new
         if HAS_REF:
             xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)

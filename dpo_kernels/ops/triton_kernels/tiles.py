@@ -26,7 +26,7 @@ import triton.language as tl
 from ...options import TokenOptions
 from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
 from .config import tile_row_config
-from .jit_helpers import fold_reference_block, transform, transform_and_slope
+from .jit_helpers import fold_reference_block, shift_of, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -73,13 +73,14 @@ def _fold_tile_kernel(
         z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z_masked - m_new)
+        shift = shift_of(m_new)
+        rescale = tl.exp(m - shift)
+        e = tl.exp(z_masked - shift)
         s = s * rescale + e
         m = m_new
         if LOGGING:
             z_inside = tl.where(inside, z, 0.0)
-            weighted = weighted * rescale + e * z_inside
+            weighted = weighted * rescale + tl.where(e > 0, e * z_inside, 0.0)  # a -inf logit's e z is 0
             squares = squares * rescale * rescale + e * e
             logit_sum += z_inside
             before = tl.maximum(before, tl.where(inside & (cols < label_col), z, -float("inf")))
@@ -103,7 +104,7 @@ def _fold_tile_kernel(
     old_m = tl.load(st + _MAX * stats_stride)
     old_s = tl.load(st + _SUM * stats_stride)
     big = tl.maximum(old_m, m)
-    f_old, f_new = tl.exp(old_m - big), tl.exp(m - big)
+    f_old, f_new = tl.exp(old_m - shift_of(big)), tl.exp(m - shift_of(big))
     tl.store(st + _MAX * stats_stride, big)
     tl.store(st + _SUM * stats_stride, old_s * f_old + s * f_new)
     if LOGGING:
@@ -127,7 +128,7 @@ def _fold_tile_kernel(
         old_s_r = tl.load(rst + _REF_SUM * ref_stats_stride)
         old_w = tl.load(rst + _REF_WEIGHTED * ref_stats_stride)
         big_r = tl.maximum(old_m_r, m_r)
-        f_old, f_new = tl.exp(old_m_r - big_r), tl.exp(m_r - big_r)
+        f_old, f_new = tl.exp(old_m_r - shift_of(big_r)), tl.exp(m_r - shift_of(big_r))
         tl.store(rst + _REF_MAX * ref_stats_stride, big_r)
         tl.store(rst + _REF_SUM * ref_stats_stride, old_s_r * f_old + s_r * f_new)
         tl.store(rst + _REF_WEIGHTED * ref_stats_stride, old_w * f_old + w * f_new)
