@@ -15,6 +15,7 @@ from torch import nn
 
 from . import losses
 from .ops.common import LinearHead
+from .ops.linear import library_ops
 from .ops.linear.eager import EagerCall, EagerNeed
 from .ops.linear.plan import eager_budget_bytes
 from .ops.registry import require_backend
@@ -543,7 +544,8 @@ def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.T
     plan = _why_not_eager(config, inputs, labels, vs, facts)
     if isinstance(plan, str):
         if config.schedule == "eager" and plan != _NO_GRADIENT:  # forward only: there is no backward to schedule
-            raise ValueError(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'")
+            library_ops.raise_value_error(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or "
+                                          "'recompute'", labels)
         if not torch.compiler.is_compiling():  # Dynamo traces no logging call
             _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
         return None
@@ -560,13 +562,13 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     the kept tokens of each row of ``labels``, read in the call's one host read."""
     if config.schedule == "recompute":
         return "schedule='recompute'"
-    if torch.compiler.is_compiling():
-        return "under torch.compile the compiled ops run the recompute schedule"
     if inputs.policy_hidden is None:
         return "the policy is given as logits; the eager schedule is the linear path's (policy_hidden)"
     policy = (inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in policy):
         return _NO_GRADIENT
+    if torch.compiler.is_compiling():
+        return "under torch.compile the compiled ops run the recompute schedule"
     heads = [LinearHead(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)]
     if inputs.ref_hidden is not None:
         heads.append(LinearHead(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 
@@ -37,13 +39,17 @@ def read_label_facts(labels: torch.Tensor, ignore_index: int, vocab: int | None 
     """The facts of ``labels [..., T]`` (rows: every leading dimension) in one device-to-host copy. ``vocab``:
     count the labels outside ``[0, vocab)`` that are not ``ignore_index`` (``None``: no range check)."""
     kept_mask = labels != ignore_index
-    rows = kept_mask.reshape(-1, labels.shape[-1]) if labels.dim() else kept_mask.reshape(1, 1)
+    # rows given by count, not -1: a [R, 0] tensor has no size to infer it from
+    if labels.dim():
+        rows = kept_mask.reshape(math.prod(labels.shape[:-1]), labels.shape[-1])
+    else:
+        rows = kept_mask.reshape(1, 1)
     per_row_counts = rows.sum(dim=1)
     parts = [per_row_counts if per_row else per_row_counts.sum().reshape(1)]
     if vocab is not None:
         parts.append((kept_mask & ((labels < 0) | (labels >= vocab))).sum().reshape(1))
-    if first_column:
-        parts.append(rows[:, 0].any().reshape(1).long())
+    if first_column:  # (no column: nothing is scored)
+        parts.append(rows[:, :1].any().reshape(1).long())
     values = torch.cat([p.long() for p in parts]).tolist()  # the one host read
     counts = values[: rows.shape[0]] if per_row else values[:1]
     rest = values[len(counts):]

@@ -203,7 +203,7 @@ def linear_token_logprobs_and_kl(
 def run_token_logprobs(logits, labels, opts: TokenOptions, backend: str, vocab_slice: VocabSlice | None = None):
     shape = _sequences_shape(labels)
     if torch.compiler.is_compiling():
-        library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None)
+        library_ops.refuse_under_compile(labels, vocab_parallel_group=vocab_slice is not None)
         return library_ops.logits_token_stats(_as_sequences(logits, shape), None, labels.reshape(shape), opts,
                                               backend).view(labels.shape)
     name, impl = resolve_backend(backend, logits.device, logits.dtype)
@@ -220,7 +220,7 @@ def run_token_logprobs_and_kl(logits, ref_logits, labels, opts: TokenOptions, ba
     shape = _sequences_shape(labels)
     args = (_as_sequences(logits, shape), _as_sequences(ref_logits, shape), labels.reshape(shape), opts)
     if torch.compiler.is_compiling():
-        library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None)
+        library_ops.refuse_under_compile(labels, vocab_parallel_group=vocab_slice is not None)
         return tuple(o.view(labels.shape) for o in library_ops.logits_token_stats(*args, backend))
     name, impl = resolve_backend(backend, logits.device, _dtypes(logits, ref_logits))
     if vocab_slice is not None:
@@ -242,7 +242,8 @@ def run_linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels, o
     policy_rows = LinearHead(_as_sequences(policy.hidden, shape), policy.weight, policy.bias)
     ref_rows = None if ref is None else LinearHead(_as_sequences(ref.hidden, shape), ref.weight, ref.bias)
     if torch.compiler.is_compiling():
-        library_ops.refuse_under_compile(vocab_parallel_group=vocab_slice is not None, head_context=head_context,
+        library_ops.refuse_under_compile(labels, vocab_parallel_group=vocab_slice is not None,
+                                         head_context=head_context,
                                          logging=logging)
         outs = library_ops.linear_token_stats(policy_rows, ref_rows, labels.reshape(shape), opts, backend)
         return outs.view(labels.shape) if ref is None else tuple(o.view(labels.shape) for o in outs)

@@ -118,6 +118,27 @@ def test_what_cannot_compile_says_so(options, message):
         step(policy, ref, input_ids, labels, **options)
 
 
+def test_a_forced_eager_schedule_is_refused_with_its_message_first_and_runs_without_a_gradient():
+    """Issue 27: under fullgraph compile a forced schedule='eager' surfaced as Dynamo's "Observed exception" with
+    the package's message at the end of its debug context, and under no_grad it failed where eager mode runs."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, V, (4, 6), generator=g)
+    h, w = torch.randn(4, 6, D, generator=g, requires_grad=True), torch.randn(V, D, generator=g, requires_grad=True)
+
+    def call(h, w):
+        return fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w, loss_type="simpo", backend="torch",
+                              schedule="eager").loss
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception) as err:
+        compiled(h, w)
+    head = "\n".join(str(err.value).splitlines()[:3])
+    assert "schedule='eager' cannot run here: under torch.compile" in head, str(err.value)[:600]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(h, w), call(h, w))
+
+
 def _dynamic_calls(h, w, labels, beta, temperature):
     """The three public entry points that must trace with ``dynamic=True`` (symbolic lengths and float arguments)."""
     loss = fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w, ref_hidden=h.detach() * 0.5,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_kernels import FusedDPOLoss, fused_dpo_loss, losses
+from dpo_kernels import FusedDPOLoss, fused_dpo_loss, linear_token_logprobs, losses, token_logprobs
 from dpo_kernels.losses import ObjectiveConfig
+from dpo_kernels.ops import backends_for
 
 from .test_losses import numpy_loss
 
@@ -324,3 +325,24 @@ def test_tdpo2_alpha_must_not_reward_the_kl():
         _call(d, "hidden", loss_type="tdpo2", alpha=1.5)
     with pytest.raises(ValueError, match="ld_alpha"):
         _call(d, "hidden", ld_alpha=1.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", *backends_for("cpu")])
+def test_labels_without_positions_give_empty_statistics_and_the_empty_rows_loss(backend):
+    """Issue 27: ``labels [R, 0]`` raised a raw reshape error from the host read. Rows with no scored token have
+    log-prob 0 (MATH.md §2): the primitives return ``[R, 0]``, sigmoid DPO gives ln 2 and zero gradients."""
+    import math
+
+    labels = torch.zeros(4, 0, dtype=torch.long)
+    h, w = torch.randn(4, 0, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    z = torch.randn(4, 0, 50, requires_grad=True)
+    assert token_logprobs(z, labels, backend=backend).shape == (4, 0)
+    assert linear_token_logprobs(h, w, labels, backend=backend).shape == (4, 0)
+    for schedule in ("eager", "recompute") if backend != "reference" else ("recompute",):
+        out = fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w, ref_hidden=h.detach(),
+                             ref_lm_head_weight=w.detach(), loss_type="tdpo2", backend=backend, schedule=schedule)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(math.log(2), rel=1e-6)
+        assert w.grad is None or (w.grad == 0).all()
+    out = fused_dpo_loss(labels=labels, policy_logits=z, ref_logits=z.detach(), backend=backend)
+    assert out.loss.item() == pytest.approx(math.log(2), rel=1e-6)

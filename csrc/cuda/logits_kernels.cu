@@ -166,6 +166,7 @@ int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const in
   constexpr int VEC = packet_elems<T, TR>();
   const bool with_ref = r != nullptr;
   const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && (!with_ref || packets_ok<VEC>(r, rl, sizeof(TR)));
+  if (rows == 0) return 0;  // a grid of 0 blocks is an invalid launch configuration
   auto go = [&](auto kernel, auto ref, int threads, int rows_per_block) {
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
@@ -195,6 +196,7 @@ int launch_backward_with(bool vec, const T* x, RowLayout xl, const TR* r, RowLay
                          const float* g_kl, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
                          TransformParams t, cudaStream_t stream) {
   const bool with_kl = g_kl != nullptr;
+  if (rows == 0) return 0;  // a grid of 0 blocks is an invalid launch configuration
   auto go = [&](auto kernel, auto ref, int threads, int rows_per_block) {
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(

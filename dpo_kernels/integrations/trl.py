@@ -225,6 +225,70 @@ def _dpo_config_fields(DPOConfig) -> dict:
     return {f.name: f for f in dataclasses.fields(DPOConfig) if f.name not in base}
 
 
+def check_kernel_fields(args) -> None:
+    """``FusedDPOConfig``'s own fields, checked under the names the user set, when the config is made."""
+    from ..dpo import SCHEDULES
+    from ..validation import is_finite_number
+
+    if not isinstance(args.kernel_backend, str):
+        raise TypeError(f"kernel_backend must be a string, got {type(args.kernel_backend).__name__}")
+    try:
+        require_backend(args.kernel_backend)
+    except ValueError as err:
+        raise ValueError(f"kernel_backend: {err}") from None
+    if args.kernel_schedule not in SCHEDULES:
+        raise ValueError(f"kernel_schedule must be one of {SCHEDULES}, got {args.kernel_schedule!r}")
+    for name in ("kernel_eager_budget_mb", "kernel_tile_budget_mb"):
+        value = getattr(args, name)
+        if value is not None and not (is_finite_number(value) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{name} must be None (the default) or a number of MiB > 0, got {value!r}")
+    if not (is_finite_number(args.tdpo_alpha) and args.tdpo_alpha >= 0):
+        raise ValueError(f"tdpo_alpha (TDPO2's weight of the KL difference) must be a number >= 0, got "
+                         f"{args.tdpo_alpha!r}")
+    if args.kernel_schedule == "eager" and args.kernel_backend == "reference":
+        raise ValueError("kernel_schedule='eager' runs on the tile kernels, which kernel_backend='reference' (the "
+                         "oracle) does not have: use kernel_backend 'auto', 'torch', 'cpu', 'cuda' or 'triton', or "
+                         "kernel_schedule='auto'")
+
+
+def check_eager_budget(args, model, dataset, uses_token_kl: bool) -> None:
+    """With ``kernel_schedule='eager'``, refuse at construction a ``kernel_eager_budget_mb`` that cannot hold the
+    longest pair of the tokenized training set (its two completions, each at most ``max_length`` tokens), instead
+    of failing at the first training step that meets it. A dataset without ``chosen_ids`` / ``rejected_ids``
+    columns (an iterable one) is not read."""
+    from ..ops.linear.eager import EagerNeed
+    from ..ops.linear.plan import eager_budget_bytes
+    from ..options import statistics_dtype
+    from .transformers import unwrap_causal_lm
+
+    if args.kernel_schedule != "eager":
+        return
+    longest = _longest_pair(dataset, args.max_length)
+    if longest is None:
+        return
+    weight = unwrap_causal_lm(model).get_output_embeddings().weight
+    sdt = statistics_dtype(weight.dtype)
+    need = EagerNeed(longest, weight.shape[0], weight.shape[1], sdt, keep_ref_tiles=uses_token_kl,
+                     half_weight_grad=weight.requires_grad and weight.dtype != sdt)
+    groups = need.groups(eager_budget_bytes(args.kernel_eager_budget_mb, weight.device))
+    if isinstance(groups, str):
+        why = groups.replace("eager_budget_mb", "kernel_eager_budget_mb")
+        raise ValueError(f"kernel_schedule='eager' cannot run the longest pair of the training set ({longest[0]} + "
+                         f"{longest[1]} completion tokens): {why}. Raise kernel_eager_budget_mb, or set "
+                         "kernel_schedule='auto'")
+
+
+def _longest_pair(dataset, max_length: int | None) -> tuple[int, int] | None:
+    """The completion lengths (chosen, rejected) of the pair with the most, each capped at ``max_length``."""
+    names = getattr(dataset, "column_names", None) or ()
+    if "chosen_ids" not in names or "rejected_ids" not in names or len(dataset) == 0:
+        return None
+    cap = max_length or float("inf")
+    pairs = [(min(len(c), cap), min(len(r), cap)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"],
+                                                                    strict=True)]
+    return tuple(int(x) for x in max(pairs, key=sum))
+
+
 def loss_config(args):
     """The :class:`~dpo_kernels.dpo.DPOLossConfig` a ``FusedDPOConfig`` trains with: every loss field of
     ``DPO_CONFIG_FIELDS`` with TRL's meaning, checked here, before training."""
@@ -327,7 +391,9 @@ def make_fused_dpo_classes():
     class FusedDPOConfig(DPOConfig):
         """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``), ``tdpo_alpha``,
         intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``, ``apply_final_norm``,
-        ``reference_at_intermediate_layers``), the kernel ``kernel_backend`` and ``kernel_tile_budget_mb``."""
+        ``reference_at_intermediate_layers``), the kernel options ``kernel_backend``, ``kernel_tile_budget_mb``,
+        ``kernel_schedule`` and ``kernel_eager_budget_mb`` (``fused_dpo_loss``'s ``backend``, ``tile_budget_mb``,
+        ``schedule`` and ``eager_budget_mb``), checked under these names when the config is made."""
 
         tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's alpha (weight of the KL difference)."})
         intermediate_layers: list[int] | None = field(default=None, metadata={"help": "Layers for intermediate DPO."})
@@ -344,6 +410,10 @@ def make_fused_dpo_classes():
             "help": "'eager' (the policy's gradients computed in the forward), 'recompute' or 'auto'."})
         kernel_eager_budget_mb: float | None = field(default=None, metadata={
             "help": f"MiB of kept tiles for the eager schedule (default: {EAGER_DEFAULTS_TEXT})."})
+
+        def __post_init__(self):
+            check_kernel_fields(self)  # before TRL's own checks, which know nothing of these fields
+            super().__post_init__()
 
     class FusedDPOTrainer(DPOTrainer):
         """``DPOTrainer`` whose loss is :func:`dpo_kernels.fused_dpo_loss` (or the intermediate-layer loss) on the
@@ -370,6 +440,7 @@ def make_fused_dpo_classes():
             with loading:
                 super().__init__(model, ref_model, args, *rest, **kwargs)
             _refuse_aux_loss(self)
+            check_eager_budget(args, self.model, self.train_dataset, self._loss_config.uses_token_kl)
             if getattr(self, "padding_free", False):  # TRL 1.14-1.16 turn it off themselves, with a warning
                 raise ValueError("FusedDPOTrainer takes padded batches (one row a sequence); this TRL packed them "
                                  "(padding_free=True). Set padding_free=False.")

@@ -192,3 +192,35 @@ def test_both_schedules_train_alike(loss_type, caplog):
     recompute = _train(FusedDPOTrainer, FusedDPOConfig, kernel_backend="torch", loss_type=[loss_type],
                        kernel_schedule="recompute")
     _assert_same_training(eager, recompute)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"kernel_schedule": "bogus"}, "kernel_schedule must be one of"),
+    ({"kernel_eager_budget_mb": -1}, "kernel_eager_budget_mb must be None"),
+    ({"kernel_tile_budget_mb": 0}, "kernel_tile_budget_mb must be None"),
+    ({"tdpo_alpha": -0.5}, "tdpo_alpha (TDPO2's weight"),
+    ({"kernel_backend": "bogus"}, "kernel_backend: "),
+    ({"kernel_schedule": "eager", "kernel_backend": "reference"}, "kernel_backend='reference' (the oracle)"),
+], ids=["schedule", "eager-budget", "tile-budget", "tdpo-alpha", "backend", "eager-on-the-oracle"])
+def test_kernel_fields_are_checked_under_their_own_names_when_the_config_is_made(fields, message):
+    """Issue 27: these named fused_dpo_loss's arguments (schedule, eager_budget_mb, alpha), and a forced eager
+    schedule on the oracle was accepted and failed at the first training step."""
+    with pytest.raises(ValueError) as err:
+        FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, **fields)
+    assert message in str(err.value)
+
+
+def test_a_forced_eager_budget_too_small_for_one_pair_is_refused_at_construction():
+    """Issue 27: it was accepted and failed at the first training step."""
+    model = tiny_causal_lm("llama", hidden=64, layers=2)
+    data = synthetic_preferences(8, completion_len=(10, 20))
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, kernel_backend="torch",
+                          kernel_schedule="eager", kernel_eager_budget_mb=0.01)
+    with pytest.raises(ValueError) as err:
+        FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+                        processing_class=_tokenizer())
+    message = str(err.value)
+    assert "the longest pair of the training set" in message and "kernel_eager_budget_mb=10.2 KiB" in message, message
+    ok = dataclasses.replace(args, kernel_eager_budget_mb=64)
+    FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=ok, train_dataset=data,
+                    processing_class=_tokenizer())

@@ -419,7 +419,8 @@ def test_keep_cpu_tile_buffers_is_bounded_and_checks_its_limit():
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize(("dtype", "scale"), [(torch.float16, 65536.0), (torch.bfloat16, 1 / 3), (torch.float32, 1 / 3)])
+@pytest.mark.parametrize(("dtype", "scale"),
+                         [(torch.float16, 65536.0), (torch.bfloat16, 1 / 3), (torch.float32, 1 / 3)])
 def test_a_half_weight_gradient_is_rounded_once_after_the_loss_scale(backend, dtype, scale):
     """Issue 27: with every pair in one group the eager schedule wrote a half ``dW`` in the forward and scaled it in
     place in the backward: two roundings (fp16 under a 65536 loss scale flushed 1,114 of 64,000 entries to 0, bf16

@@ -66,6 +66,18 @@ def test_a_probe_raises_what_is_not_an_answer_about_capability(fresh_probes, mon
     assert products.half_into_float("meta", torch.bfloat16)  # the error was not cached as "unsupported"
 
 
+@pytest.mark.parametrize("message", ["self and mat2 must have the same dtype, but got BFloat16 and Float",
+                                     "expected mat1 and mat2 to have the same dtype, but got: c10::BFloat16 != float"])
+def test_the_accumulation_probe_reads_older_torch_refusals_as_unsupported(fresh_probes, monkeypatch, message):
+    """Issue 27: torch 2.8-2.9 refuse an fp32 accumulator beside half operands with "must have the same dtype";
+    the probe raised it, so every half backward would have crashed there instead of taking the fp32 temporary."""
+    def addmm(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    assert not products.accumulates_into_float("meta", torch.bfloat16)
+
+
 def test_a_large_fp32_promotion_on_an_accelerator_warns_once(fresh_probes):
     hidden = torch.empty(8192, 4096, dtype=torch.bfloat16, device="meta")
     weight = torch.empty(128256, 4096, dtype=torch.float32, device="meta")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import NoReturn
+
 import torch
 from torch import Tensor
 
@@ -65,12 +67,31 @@ def logits_kernels(backend: str, device: torch.device, dtypes: tuple[torch.dtype
     return _backend_kernels(backend, device, dtypes).logits
 
 
-def refuse_under_compile(**features: object) -> None:
+@torch.library.custom_op("dpo_kernels::refuse", mutates_args=(), schema="(Tensor anchor, str message) -> Tensor")
+def _refuse(anchor: Tensor, message: str) -> Tensor:
+    raise ValueError(message)
+
+
+@_refuse.register_fake
+def _(anchor, message):
+    raise ValueError(message)
+
+
+def raise_value_error(message: str, anchor: Tensor) -> NoReturn:
+    """``raise ValueError(message)``; while Dynamo traces, through an op whose fake kernel raises it, so that the
+    message heads Dynamo's explanation (a plain ``raise`` in traced code becomes an "Observed exception" with the
+    message at the end of the debug context). ``anchor``: any tensor of the call."""
+    if torch.compiler.is_compiling():
+        _refuse(anchor, message)
+    raise ValueError(message)
+
+
+def refuse_under_compile(anchor: Tensor, **features: object) -> None:
     """A clear error for the options the compiled path does not take."""
     used = [name for name, value in features.items() if value]
     if used:
-        raise ValueError(f"{', '.join(used)} cannot be used under torch.compile; call dpo_kernels outside the "
-                         "compiled region for it")
+        raise_value_error(f"{', '.join(used)} cannot be used under torch.compile; call dpo_kernels outside the "
+                          "compiled region for it", anchor)
 
 
 # --------------------------------------------------------------------------------------------- options as op args
@@ -231,7 +252,7 @@ _linear_stats.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 def linear_token_stats(policy: LinearHead, ref: LinearHead | None, labels: Tensor, opts: TokenOptions, backend: str):
     """The compiled counterpart of :func:`driver.linear_token_stats` (``[R, T, D]`` rows, ``labels [R, T]``)."""
-    refuse_under_compile(inplace_backward=opts.inplace_backward)
+    refuse_under_compile(labels, inplace_backward=opts.inplace_backward)
     cdt = product_dtype(policy.hidden, policy.weight)  # under the caller's autocast, as eager mode decides it
     ref_cdt = cdt if ref is None else product_dtype(ref.hidden, ref.weight)
     ref_args = (None, None, None) if ref is None else (ref.hidden.detach(), ref.weight.detach(),
@@ -314,7 +335,7 @@ _logits_stats.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 def logits_token_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, opts: TokenOptions, backend: str):
     """The compiled counterpart of the from-logits primitives (``logits [R, T, V]``, ``labels [R, T]``)."""
-    refuse_under_compile(inplace_backward=opts.inplace_backward)
+    refuse_under_compile(labels, inplace_backward=opts.inplace_backward)
     outs = _logits_stats(logits, None if ref_logits is None else ref_logits.detach(), labels, backend,
                          *_opts_args(opts))
     return outs[0] if ref_logits is None else outs[:3]

@@ -62,8 +62,9 @@ _log = logging.getLogger("dpo_kernels")
 # What a capability probe may mean by failing: the operation does not exist for this device, dtype or torch release.
 # Anything else (a sticky CUDA error from earlier work, an out-of-memory) is not an answer about capability and is
 # raised, so that it is neither hidden nor cached as "unsupported".
+# torch 2.8-2.9 refuse an fp32 accumulator beside half operands with "... must have the same dtype ...".
 _UNSUPPORTED_MESSAGES = re.compile(r"not (be )?supported|unsupported|not implemented|only supported|out_dtype|"
-                                   r"could not run|accumulation", re.IGNORECASE)
+                                   r"could not run|accumulation|same dtype", re.IGNORECASE)
 
 
 def _capability(probe: Callable[[], object]) -> tuple[bool, str]:
