@@ -51,11 +51,10 @@ def transform_and_slope(x, logit_scale, softcap, inv_temperature,
     return z, slope
 
 
-@triton.jit
-def shift_of(m):
-    """The shift of an online log-sum-exp step: the running max ``m``, or 0 while it is ``-inf`` (every logit so far
-    a probability 0), where ``exp(-inf - -inf)`` would be NaN; the sums are then 0 and stay so."""
-    return tl.where(m == -float("inf"), 0.0, m)
+# The running maximum's start: the lowest finite float, not -inf, so that a row whose first logits are all -inf
+# (probability 0) computes exp(-inf - LOWEST) = 0 instead of exp(-inf - -inf) = NaN, at no cost in the loop; a row of
+# nothing but -inf then ends with m = LOWEST, s = 0 and lse = -inf.
+LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -74,9 +73,8 @@ def fold_reference_block(z, zr, inside, m_r, s_r, w):
     log_ratio = zr - z  # before padding lanes become -inf, so no inf - inf is ever formed
     zr = tl.where(inside, zr, -float("inf"))
     m_r_new = tl.maximum(m_r, tl.max(zr, axis=0))
-    shift = shift_of(m_r_new)
-    rescale = tl.exp(m_r - shift)
-    e_r = tl.exp(zr - shift)
+    rescale = tl.exp(m_r - m_r_new)
+    e_r = tl.exp(zr - m_r_new)
     s_r = s_r * rescale + e_r
     # an underflowed reference probability contributes exactly 0, even against a -inf policy logit
     w = w * rescale + tl.where(e_r > 0, e_r * log_ratio, 0.0)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...options import TokenOptions
 from .config import row_config
-from .jit_helpers import finish_lse, fold_reference_block, shift_of, transform, transform_and_slope
+from .jit_helpers import LOWEST, finish_lse, fold_reference_block, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -54,9 +54,9 @@ def _logits_forward_kernel(
     end = tl.where(valid, vocab, 0)  # a masked token reads nothing
 
     # the running maxima are scalars (one cross-warp reduction per block); the sums are kept per lane and reduced once
-    m = -float("inf")
+    m = LOWEST
     s_lanes = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    m_r = -float("inf")
+    m_r = LOWEST
     s_r_lanes = tl.zeros((BLOCK_V,), dtype=tl.float32)
     w_lanes = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for start in range(0, end, BLOCK_V):
@@ -66,8 +66,7 @@ def _logits_forward_kernel(
         z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
-        shift = shift_of(m_new)
-        s_lanes = s_lanes * tl.exp(m - shift) + tl.exp(z_masked - shift)
+        s_lanes = s_lanes * tl.exp(m - m_new) + tl.exp(z_masked - m_new)
         m = m_new
         if HAS_REF:
             xr = tl.load(ref_row + cols * ref_stride_v, mask=inside, other=0.0).to(tl.float32)

@@ -26,7 +26,7 @@ import triton.language as tl
 from ...options import TokenOptions
 from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
 from .config import tile_row_config
-from .jit_helpers import fold_reference_block, shift_of, transform, transform_and_slope
+from .jit_helpers import LOWEST, fold_reference_block, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -55,13 +55,13 @@ def _fold_tile_kernel(
     x_row = x_ptr + row * width
     label_col = tl.load(labels_ptr + row) - v0
     # the running maxima are scalars (one cross-warp reduction per block); every sum is kept per lane and reduced once
-    m = -float("inf")
+    m = LOWEST
     s = tl.zeros((BLOCK_V,), dtype=tl.float32)
     weighted = tl.zeros((BLOCK_V,), dtype=tl.float32)  # LOGGING: sum e^{z - m} z, sum e^{2 (z - m)}, sum z,
     squares = tl.zeros((BLOCK_V,), dtype=tl.float32)  # and the max z left of the label
     logit_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
     before = tl.full((BLOCK_V,), -float("inf"), dtype=tl.float32)
-    m_r = -float("inf")
+    m_r = LOWEST
     s_r = tl.zeros((BLOCK_V,), dtype=tl.float32)
     w = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for start in range(0, width, BLOCK_V):
@@ -73,9 +73,8 @@ def _fold_tile_kernel(
         z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
-        shift = shift_of(m_new)
-        rescale = tl.exp(m - shift)
-        e = tl.exp(z_masked - shift)
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(z_masked - m_new)
         s = s * rescale + e
         m = m_new
         if LOGGING:
@@ -104,7 +103,7 @@ def _fold_tile_kernel(
     old_m = tl.load(st + _MAX * stats_stride)
     old_s = tl.load(st + _SUM * stats_stride)
     big = tl.maximum(old_m, m)
-    f_old, f_new = tl.exp(old_m - shift_of(big)), tl.exp(m - shift_of(big))
+    f_old, f_new = tl.exp(old_m - big), tl.exp(m - big)  # m >= LOWEST: big is finite or NaN, never -inf
     tl.store(st + _MAX * stats_stride, big)
     tl.store(st + _SUM * stats_stride, old_s * f_old + s * f_new)
     if LOGGING:
@@ -128,7 +127,7 @@ def _fold_tile_kernel(
         old_s_r = tl.load(rst + _REF_SUM * ref_stats_stride)
         old_w = tl.load(rst + _REF_WEIGHTED * ref_stats_stride)
         big_r = tl.maximum(old_m_r, m_r)
-        f_old, f_new = tl.exp(old_m_r - shift_of(big_r)), tl.exp(m_r - shift_of(big_r))
+        f_old, f_new = tl.exp(old_m_r - big_r), tl.exp(m_r - big_r)
         tl.store(rst + _REF_MAX * ref_stats_stride, big_r)
         tl.store(rst + _REF_SUM * ref_stats_stride, old_s_r * f_old + s_r * f_new)
         tl.store(rst + _REF_WEIGHTED * ref_stats_stride, old_w * f_old + w * f_new)
