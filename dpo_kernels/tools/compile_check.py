@@ -87,7 +87,7 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
     heads = [(False, False), (True, False), (False, True), (True, True)]  # (bias, reference)
     for (tname, tflags), (bias, ref) in itertools.product(TRANSFORMS.items(), heads):
         tag = f"{'bias,' if bias else ''}{'kl,' if ref else ''}{tname}"
-        fold = config.tile_row_config(TILE_WIDTH)
+        fold = config.tile_row_config(TILE_WIDTH, with_reference=ref)
         for logging in (False, True) if dtype == torch.float32 else ():  # fp32 tiles only: one set of variants
             out.append(Variant("fold_tile", _fold_tile_kernel.fn, dict(
                 HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, BLOCK_V=fold.block_v,
@@ -98,7 +98,7 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                 HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=block,
                 **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_lse_ptr=ref,
                                     g_kl_ptr=ref, deviation_ptr=filtered),
-            ), max(1, block // 256), label=tag + (",filter" if filtered else "") + f",{block}"))
+            ), config.tile_row_config(block, elementwise=True).num_warps, label=tag + (",filter" if filtered else "") + f",{block}"))
     return out
 
 
@@ -181,6 +181,7 @@ def _compile_one(job: tuple[str, int, int, str]) -> str:
 
 
 def check(archs: list[int], dtypes: list[str], name_filter: str | None, jobs: int) -> int:
+    print(f"Triton {triton.__version__} (its ptxas for each architecture), torch {torch.__version__}")
     print(f"{'kernel':<16} {'variant':<46} {'dtype':<5} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
           f"{'smem B':>7}  result", flush=True)
     work = [

@@ -23,27 +23,29 @@ class RowConfig:
 
 def row_config(vocab: int, dtype: torch.dtype, with_reference: bool) -> RowConfig:
     """From-logits kernels, one program per token: wide enough for few loop steps and 16-byte loads, narrow enough
-    to keep two rows (KL) and their per-lane partial sums in registers (a 4096-wide KL block at 16 warps spilled
-    40 bytes on sm_90 once the sums moved into lanes; 2048 at 8 warps does not)."""
-    cap = 2048 if with_reference else 4096 if dtype == torch.float32 else 8192
+    to keep a row's values and their per-lane partial sums in registers: 8 values a thread, 4 a row with a reference
+    (two rows and three lane sums live at once). Wider (8 values a row with a KL at 8 warps, 16 for bf16/fp16
+    log-probs at 8192) spilled 8-36 bytes under Triton 3.6 on sm_90, where ptxas aims at 48-64 registers; 4096 /
+    2048 at 16 warps do not, under 3.6 nor 3.9."""
+    cap = 2048 if with_reference else 4096
     block_v = max(16, min(triton.next_power_of_2(vocab), cap))
-    # two rows live at once with a reference: twice the threads for the same block
-    per_warp = 256 if with_reference else 512
+    per_warp = 128 if with_reference else 256
     return RowConfig(block_v=block_v, num_warps=max(1, min(16, block_v // per_warp)))
 
 
 GRAD_BLOCKS = (1024, 512, 256)  # the gradient kernel's column blocks, widest first
 
 
-def tile_row_config(width: int, elementwise: bool = False) -> RowConfig:
-    """Tile kernels over fp32 tiles of ``width`` columns, 8 fp32 values per thread and tensor read (two 16-byte
-    loads): the fold walks a token's row in ``BLOCK_V`` steps; the gradient kernel gives each program one
-    ``BLOCK_V`` column block, the widest of :data:`GRAD_BLOCKS` that leaves at most 1/16 of its lanes idle over the
-    row (else the one that leaves fewest): the plan's chunks are multiples of 256 columns, so a 2560-wide tile takes
-    512-wide blocks instead of three 1024-wide ones with a sixth of the lanes idle. (16 values per thread spilled
-    the fold with a bias on sm_90.)"""
+def tile_row_config(width: int, elementwise: bool = False, with_reference: bool = False) -> RowConfig:
+    """Tile kernels over fp32 tiles of ``width`` columns: the fold walks a token's row in ``BLOCK_V`` steps, 8 fp32
+    values per thread (two 16-byte loads), 4 per row with a reference; the gradient kernel gives each program one
+    ``BLOCK_V`` column block, 4 values per thread and tensor (one 16-byte load), the widest of :data:`GRAD_BLOCKS`
+    that leaves at most 1/16 of its lanes idle over the row (else the one that leaves fewest): the plan's chunks are
+    multiples of 256 columns, so a 2560-wide tile takes 512-wide blocks instead of three 1024-wide ones with a sixth
+    of the lanes idle. (16 values per thread spilled the fold with a bias on sm_90; under Triton 3.6, 8 per thread
+    spilled the fold with a KL and the filtered gradient on sm_80, where ptxas aims at 40-64 registers.)"""
     if not elementwise:
-        block_v = max(16, min(triton.next_power_of_2(width), 2048))
+        block_v = max(16, min(triton.next_power_of_2(width), 1024 if with_reference else 2048))
     elif width <= GRAD_BLOCKS[-1]:
         block_v = max(16, triton.next_power_of_2(width))
     else:
@@ -51,4 +53,5 @@ def tile_row_config(width: int, elementwise: bool = False) -> RowConfig:
             return -(-width // block) * block - width
 
         block_v = next((b for b in GRAD_BLOCKS if 16 * idle(b) <= width), min(GRAD_BLOCKS, key=idle))
-    return RowConfig(block_v=block_v, num_warps=max(1, block_v // 256))
+    per_warp = 128 if with_reference or elementwise else 256
+    return RowConfig(block_v=block_v, num_warps=max(1, block_v // per_warp))

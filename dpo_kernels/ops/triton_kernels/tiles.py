@@ -188,7 +188,7 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     n, width = tile.logits.shape
     if n == 0:
         return
-    cfg = tile_row_config(width)
+    cfg = tile_row_config(width, with_reference=ref is not None)
     with on_device(tile.logits):
         _fold_tile_kernel[(n,)](
             tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
