@@ -448,3 +448,12 @@ def test_a_half_weight_gradient_is_rounded_once_after_the_loss_scale(backend, dt
     assert bad["eager"]["flushed"] <= bad["recompute"]["flushed"], bad
     for what in ("off_1pct", "not_rounded"):
         assert bad["eager"][what] <= bad["recompute"][what] + slack, bad
+
+
+def test_budget_messages_print_sizes_as_people_read_them():
+    """Issue 27: budget messages printed ``0.000999 MiB`` and ``0 MiB``."""
+    from dpo_kernels.ops.linear.eager import _mib, plan_pair_groups
+
+    assert [_mib(3006 * 2**20), _mib(1048), _mib(0)] == ["3006.0 MiB", "1.0 KiB", "0 bytes"]
+    why = plan_pair_groups([10, 20], 100, budget_bytes=1500, weight_accumulator_bytes=0)
+    assert why == "one pair's kept tiles need 2000 bytes, more than eager_budget_mb=1.5 KiB", why

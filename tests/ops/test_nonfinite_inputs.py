@@ -22,9 +22,16 @@ from dpo_kernels import (
     token_logprobs_and_kl,
 )
 
+from dpo_kernels.ops import backends_for
+
 from ..conftest import backends_under_test
 
 BACKENDS = ["reference", *backends_under_test()]
+# the same cases on CUDA tensors where a GPU is present (the GPU backends' kernels; Triton runs under its
+# interpreter on CPU tensors above)
+GPU_BACKENDS = [b for b in backends_for("cuda") if b != "torch"] if torch.cuda.is_available() else []
+ON_DEVICES = ([pytest.param(b, "cpu", id=b) for b in BACKENDS]
+              + [pytest.param(b, "cuda", id=f"{b}-cuda") for b in GPU_BACKENDS])
 R, T, D, V = 4, 6, 16, 40
 POISONED = (1, 2)  # the token whose input is made non-finite
 
@@ -95,11 +102,11 @@ def test_non_finite_hidden_states_give_nan(backend, value, side):
     assert torch.isnan(loss), loss.item()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_minus_inf_logit_is_a_zero_probability(backend):
+@pytest.mark.parametrize(("backend", "device"), ON_DEVICES)
+def test_minus_inf_logit_is_a_zero_probability(backend, device):
     """A ``-inf`` logit (a vocabulary entry masked out) is legitimate: everything stays finite and equals the
     oracle's."""
-    h, w, ref_h, labels = _inputs()
+    h, w, ref_h, labels = (t.to(device) for t in _inputs())
     z, zr = h @ w.T, ref_h @ w.T
     labels[POISONED] = 5  # not the masked column
     got = token_logprobs_and_kl(_poison(z, -float("inf")), _poison(zr, -float("inf")), labels, backend=backend)
@@ -135,9 +142,9 @@ def test_out_of_range_label_without_check_gives_nan(backend, bad_label, path):
     assert grad.shape == leaf.shape
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), ON_DEVICES)
 @pytest.mark.parametrize("width", [1, 2500], ids=["column0", "first_block"])
-def test_minus_inf_leading_columns_are_zero_probabilities(backend, width):
+def test_minus_inf_leading_columns_are_zero_probabilities(backend, device, width):
     """Issue 27: a running max that starts at ``-inf`` met a first logit of ``-inf`` and computed
     ``exp(-inf - -inf)`` = NaN (CUDA from a ``-inf`` in column 0, Triton from a whole first block of them). Every
     row here starts with ``width`` ``-inf`` columns; values and gradients equal the float64 oracle's."""
@@ -149,6 +156,7 @@ def test_minus_inf_leading_columns_are_zero_probabilities(backend, width):
     zr[..., :width] = -float("inf")
     labels = torch.randint(width, v, (R, T), generator=g)
     labels[0, :2] = -100
+    z, zr, labels = z.to(device), zr.to(device), labels.to(device)
     outs, grads = {}, {}
     for key, be, dtype in (("got", backend, torch.float32), ("oracle", "reference", torch.float64)):
         leaf = z.detach().to(dtype).clone().requires_grad_()
@@ -163,11 +171,11 @@ def test_minus_inf_leading_columns_are_zero_probabilities(backend, width):
     torch.testing.assert_close(grads["got"].double(), grads["oracle"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_minus_inf_bias_is_a_zero_probability_on_the_linear_path(backend):
+@pytest.mark.parametrize(("backend", "device"), ON_DEVICES)
+def test_a_minus_inf_bias_is_a_zero_probability_on_the_linear_path(backend, device):
     """Issue 27: a ``-inf`` bias entry (a vocabulary entry switched off) poisoned the CUDA tile kernels."""
-    h, w, ref_h, labels = _inputs()
-    bias = torch.zeros(V)
+    h, w, ref_h, labels = (t.to(device) for t in _inputs())
+    bias = torch.zeros(V, device=device)
     bias[0] = bias[7] = -float("inf")
     labels[labels == 0] = 1
     labels[labels == 7] = 2
@@ -179,12 +187,12 @@ def test_a_minus_inf_bias_is_a_zero_probability_on_the_linear_path(backend):
         torch.testing.assert_close(g_.double(), e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), ON_DEVICES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_garbage_at_masked_positions_gets_exactly_zero_gradient_from_logits(backend, value):
+def test_garbage_at_masked_positions_gets_exactly_zero_gradient_from_logits(backend, device, value):
     """Issue 27 / MATH.md §1: a masked position contributes nothing and receives exactly 0 gradient, whatever its
     logits hold (padding can produce NaN): the loss and every other gradient are the clean ones."""
-    h, w, ref_h, labels = _inputs()
+    h, w, ref_h, labels = (t.to(device) for t in _inputs())
     labels[POISONED] = -100
     labels[0, :2] = -100
     z, zr = h @ w.T, ref_h @ w.T
@@ -202,11 +210,11 @@ def test_garbage_at_masked_positions_gets_exactly_zero_gradient_from_logits(back
     torch.testing.assert_close(grad, clean_grad, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), ON_DEVICES)
 @pytest.mark.parametrize("schedule", ["eager", "recompute"])
-def test_garbage_hidden_states_at_masked_positions_change_nothing(backend, schedule):
+def test_garbage_hidden_states_at_masked_positions_change_nothing(backend, device, schedule):
     """Issue 27: one NaN hidden state at a masked position gave the whole head a NaN gradient on the oracle."""
-    h, w, ref_h, labels = _inputs()
+    h, w, ref_h, labels = (t.to(device) for t in _inputs())
     labels[POISONED] = -100
     labels[0, :2] = -100
     results = {}
