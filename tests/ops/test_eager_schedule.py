@@ -456,4 +456,4 @@ def test_budget_messages_print_sizes_as_people_read_them():
 
     assert [_mib(3006 * 2**20), _mib(1048), _mib(0)] == ["3006.0 MiB", "1.0 KiB", "0 bytes"]
     why = plan_pair_groups([10, 20], 100, budget_bytes=1500, weight_accumulator_bytes=0)
-    assert why == "one pair's kept tiles need 2000 bytes, more than eager_budget_mb=1.5 KiB", why
+    assert why == "one pair's kept tiles need 2.0 KiB, more than eager_budget_mb=1.5 KiB", why
