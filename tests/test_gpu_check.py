@@ -159,3 +159,26 @@ def test_an_fp32_product_is_seen_by_its_operands_not_its_kernel_name():
         torch.addmm(torch.zeros(512, 512, dtype=torch.bfloat16), a.bfloat16(), a.T.bfloat16())
     assert len(ops.fp32_products(min_flop=2**20)) == 1
     assert {"torch.bfloat16"} == {p["a"] for p in ops.seen if p["op"] == "addmm"}
+
+
+def test_the_gradient_section_compares_with_the_float64_oracle_and_would_see_a_wrong_gradient(monkeypatch):
+    """Issue 27: the sweep compared against the torch backend, which shares the driver and the products with the GPU
+    backends, and checked the forward only. The gradients section's case, run here on the CPU backends."""
+    import dataclasses
+
+    for kind in ("logits", "linear", "dpo_eager", "dpo_recompute"):
+        row = gpu_check._oracle_case(kind, "torch", torch.float32, device="cpu")
+        assert row["masked_nonzero"] == 0 and max(row["errors"].values()) <= gpu_check.GRADIENT_RTOL[torch.float32], \
+            (kind, row)
+    from dpo_kernels.ops import torch_chunked
+
+    real = torch_chunked.KERNELS.tiles.grad
+
+    def wrong(tile, lse, g, *rest):  # a gradient kernel off by 1% in every logit
+        return real(tile, lse, g * 1.01, *rest)
+
+    broken = dataclasses.replace(torch_chunked.KERNELS, tiles=dataclasses.replace(torch_chunked.KERNELS.tiles,
+                                                                                   grad=wrong))
+    monkeypatch.setattr(torch_chunked, "KERNELS", broken)
+    row = gpu_check._oracle_case("linear", "torch", torch.float32, device="cpu")
+    assert row["errors"]["dhidden"] > 1e-3 and row["errors"]["out0"] < 1e-5, row

@@ -339,24 +339,24 @@ def section_build() -> dict:
 GRADIENT_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def _oracle_case(kind: str, backend: str, dtype: torch.dtype, seed: int = 0) -> dict:
+def _oracle_case(kind: str, backend: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0) -> dict:
     """Relative errors (max |a - e| / max |e|) of one small case on ``backend`` against the reference oracle in
     float64 on the same rounded inputs, outputs and gradients under one random upstream each; ``masked_nonzero``
     counts outputs that are not exactly 0 at masked positions."""
     from .. import fused_dpo_loss, linear_token_logprobs_and_kl, token_logprobs_and_kl
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     rows, seq, vocab, dim = 4, 13, 1003, 48
-    labels = torch.randint(0, vocab, (rows, seq), device="cuda", generator=g)
+    labels = torch.randint(0, vocab, (rows, seq), device=device, generator=g)
     labels[:, :3] = -100
     labels[1, 9:] = -100
-    x = {"logits": torch.randn(rows, seq, vocab, device="cuda", generator=g) * 3,
-         "ref_logits": torch.randn(rows, seq, vocab, device="cuda", generator=g) * 3,
-         "hidden": torch.randn(rows, seq, dim, device="cuda", generator=g),
-         "weight": torch.randn(vocab, dim, device="cuda", generator=g) / dim**0.5,
-         "bias": torch.randn(vocab, device="cuda", generator=g) * 0.1,
-         "ref_hidden": torch.randn(rows, seq, dim, device="cuda", generator=g),
-         "ref_weight": torch.randn(vocab, dim, device="cuda", generator=g) / dim**0.5}
+    x = {"logits": torch.randn(rows, seq, vocab, device=device, generator=g) * 3,
+         "ref_logits": torch.randn(rows, seq, vocab, device=device, generator=g) * 3,
+         "hidden": torch.randn(rows, seq, dim, device=device, generator=g),
+         "weight": torch.randn(vocab, dim, device=device, generator=g) / dim**0.5,
+         "bias": torch.randn(vocab, device=device, generator=g) * 0.1,
+         "ref_hidden": torch.randn(rows, seq, dim, device=device, generator=g),
+         "ref_weight": torch.randn(vocab, dim, device=device, generator=g) / dim**0.5}
     x = {k: v.to(dtype) for k, v in x.items()}
     opts = {"softcap": 30.0, "temperature": 0.8}
 
@@ -366,7 +366,7 @@ def _oracle_case(kind: str, backend: str, dtype: torch.dtype, seed: int = 0) -> 
         if kind == "linear":
             return linear_token_logprobs_and_kl(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], labels,
                                                 bias=t["bias"], backend=be, **opts), ("hidden", "weight", "bias")
-        schedule = kind.removeprefix("dpo_")
+        schedule = kind.removeprefix("dpo_") if be != "reference" else "recompute"  # the oracle has no tiles
         out = fused_dpo_loss(labels=labels, policy_hidden=t["hidden"], lm_head_weight=t["weight"],
                              lm_head_bias=t["bias"], ref_hidden=t["ref_hidden"], ref_lm_head_weight=t["ref_weight"],
                              loss_type="tdpo2", schedule=schedule, backend=be, **opts)
@@ -377,8 +377,8 @@ def _oracle_case(kind: str, backend: str, dtype: torch.dtype, seed: int = 0) -> 
         leaves = {k: (v.to(cast) if cast else v).detach().requires_grad_(True) for k, v in x.items()}
         outs, wrt = run(leaves, be)
         if upstream is None:
-            gu = torch.Generator(device="cuda").manual_seed(99)
-            upstream = [torch.randn(o.shape, device="cuda", generator=gu, dtype=torch.float64) for o in outs]
+            gu = torch.Generator(device=device).manual_seed(99)
+            upstream = [torch.randn(o.shape, device=device, generator=gu, dtype=torch.float64) for o in outs]
         diff = [(o, u.to(o.dtype)) for o, u in zip(outs, upstream, strict=True) if o.requires_grad]
         grads = torch.autograd.grad([o for o, _ in diff], [leaves[k] for k in wrt], [u for _, u in diff])
         results[be] = (outs, dict(zip(wrt, grads, strict=True)))
