@@ -295,6 +295,7 @@ def loss_config(args):
     from ..dpo import DPOLossConfig
     from ..losses import objective
 
+    check_kernel_fields(args)  # again: a field may have been set after the config was made
     names = list(args.loss_type)
     smoothing = args.label_smoothing
     if smoothing and "sigmoid" in names:

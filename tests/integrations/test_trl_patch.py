@@ -195,9 +195,12 @@ def test_patch_refuses_an_unavailable_backend_at_once(restore_trl):
 def test_fused_trainer_validates_the_backend_at_construction():
     from dpo_kernels.integrations.trl import FusedDPOConfig, FusedDPOTrainer
 
+    with pytest.raises(ValueError, match="kernel_backend: backend must be one of"):  # when the config is made
+        FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, bf16=False,
+                       kernel_backend="tritonn")
     model = _model("llama")
-    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, bf16=False,
-                          kernel_backend="tritonn")
+    args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, bf16=False)
+    args.kernel_backend = "tritonn"  # set after construction: still refused before training
     with pytest.raises(ValueError, match="backend must be one of"):
         FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_dataset(),
                         processing_class=_tokenizer())
