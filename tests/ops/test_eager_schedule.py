@@ -414,8 +414,9 @@ def test_keep_cpu_tile_buffers_is_bounded_and_checks_its_limit():
     cache.give(one_mib)
     cache.give([torch.empty(2**19), None])  # 2 MiB, newest first: one of the older buffers goes
     assert [b.numel() for b in cache.buffers] == [2**19, 2**18]
-    assert [b.numel() for b in cache.take(torch.float32, 2**19)] == [2**19]
-    assert cache.take(torch.float64, 1) == []
+    assert [b.numel() for b in cache.take(torch.float32, 2**19, 2)] == [2**19]
+    assert [b.numel() for b in cache.take(torch.float32, 1, 1)] == [2**18] and cache.buffers == []
+    assert cache.take(torch.float64, 1, 2) == []
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

@@ -252,7 +252,7 @@ def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool,
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
     # ~0.05 s of first-touch faults on a 393 MiB buffer but stalled up to 2.7 s in compaction now and then.
-    kept = _CPU_CACHE.take(sdt, entries) if device.type == "cpu" and _CPU_CACHE is not None else []
+    kept = _CPU_CACHE.take(sdt, entries, count) if device.type == "cpu" and _CPU_CACHE is not None else []
     buffers = kept + [torch.empty(entries, dtype=sdt, device=device) for _ in range(count - len(kept))]
     return buffers + [None] * (2 - count)
 
@@ -264,8 +264,9 @@ class _CpuTileCache:
         self.limit = limit
         self.buffers: list[torch.Tensor] = []
 
-    def take(self, dtype: torch.dtype, entries: int) -> list[torch.Tensor]:
-        mine = [b for b in self.buffers if b.dtype == dtype and b.numel() >= entries][:2]
+    def take(self, dtype: torch.dtype, entries: int, count: int) -> list[torch.Tensor]:
+        """Up to ``count`` kept buffers of ``dtype`` with at least ``entries`` elements, no longer kept."""
+        mine = [b for b in self.buffers if b.dtype == dtype and b.numel() >= entries][:count]
         self.buffers = [b for b in self.buffers if not any(b is m for m in mine)]
         return mine
 
