@@ -182,3 +182,21 @@ def test_the_gradient_section_compares_with_the_float64_oracle_and_would_see_a_w
     monkeypatch.setattr(torch_chunked, "KERNELS", broken)
     row = gpu_check._oracle_case("linear", "torch", torch.float32, device="cpu")
     assert row["errors"]["dhidden"] > 1e-3 and row["errors"]["out0"] < 1e-5, row
+
+
+def test_the_gradient_section_runs_every_case_and_records_a_failing_one(monkeypatch):
+    import functools
+
+    monkeypatch.setattr(gpu_check, "_gpu_backends", lambda: ["torch"])
+    real = functools.partial(gpu_check._oracle_case, device="cpu")
+
+    def case(kind, backend, dtype):
+        if kind == "dpo_eager" and dtype == torch.bfloat16:
+            raise RuntimeError("a kernel failed")
+        return real(kind, backend, dtype)
+
+    monkeypatch.setattr(gpu_check, "_oracle_case", case)
+    result = gpu_check.section_gradients(quick=True)
+    assert result["failures"] == ["torch/bfloat16/dpo_eager"] and result["ok"] is False
+    assert result["torch/float32/dpo_recompute"]["ok"] and result["torch/bfloat16/linear"]["ok"]
+    assert result["torch/bfloat16/dpo_eager"]["error"] == "RuntimeError: a kernel failed"

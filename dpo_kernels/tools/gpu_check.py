@@ -398,35 +398,33 @@ def _oracle_case(kind: str, backend: str, dtype: torch.dtype, device: str = "cud
 
 
 def section_gradients(quick: bool) -> dict:
-    out, failures = {}, []
-    kinds = ("logits", "linear", "dpo_eager", "dpo_recompute")
+    out = {}
+
+    def record(name: str, run) -> None:  # each case in its own error capture
+        try:
+            out[name] = run()
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+
+    def oracle(kind, backend, dtype) -> dict:
+        row = _oracle_case(kind, backend, dtype)
+        return {**row, "ok": row["masked_nonzero"] == 0 and max(row["errors"].values()) <= GRADIENT_RTOL[dtype]}
+
+    def large(backend) -> dict:
+        err = _large_from_logits(backend)
+        return {"max_abs_error": err, "ok": err <= 5e-2}
+
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.bfloat16, torch.float16)
     for backend in _gpu_backends():
         for dtype in dtypes:
-            for kind in kinds:
-                name = f"{backend}/{str(dtype).removeprefix('torch.')}/{kind}"
-                try:
-                    row = _oracle_case(kind, backend, dtype)
-                    row["ok"] = row["masked_nonzero"] == 0 and max(row["errors"].values()) <= GRADIENT_RTOL[dtype]
-                except Exception as exc:
-                    row = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
-                out[name] = row
-                if not row["ok"]:
-                    failures.append(name)
+            for kind in ("logits", "linear", "dpo_eager", "dpo_recompute"):
+                record(f"{backend}/{str(dtype).removeprefix('torch.')}/{kind}",
+                       lambda k=kind, b=backend, d=dtype: oracle(k, b, d))
         if not quick:  # from logits with N x V > 2^31: int64 indexing
-            name = f"{backend}/bfloat16/from_logits_n_v_over_2_31"
-            try:
-                row = {"max_abs_error": _large_from_logits(backend)}
-                row["ok"] = row["max_abs_error"] <= 5e-2
-            except Exception as exc:
-                row = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
-            out[name] = row
-            if not row["ok"]:
-                failures.append(name)
+            record(f"{backend}/bfloat16/from_logits_n_v_over_2_31", lambda b=backend: large(b))
             torch.cuda.empty_cache()
-    out["ok"] = bool(out) and not failures
-    out["failures"] = failures
-    return out
+    failures = [name for name, row in out.items() if not row["ok"]]
+    return {**out, "failures": failures, "ok": bool(out) and not failures}
 
 
 def _large_from_logits(backend: str) -> float:
