@@ -48,7 +48,9 @@ def tiny_causal_lm(kind: str = "llama", *, words: int = 200, hidden: int = 32, l
 
 def synthetic_preferences(n: int = 32, *, words: int = 200, prompt_len=(3, 6), completion_len=(3, 8), seed: int = 0,
                           source: str | None = None):
-    """``n`` rows of ``prompt`` / ``chosen`` / ``rejected`` text (and ``source`` when given), as a ``Dataset``."""
+    """``n`` rows of ``prompt`` / ``chosen`` / ``rejected`` text (and ``source`` when given), as a ``Dataset``; each
+    completion starts with a space, so that the prompt followed by it tokenizes as the prompt's words and then the
+    completion's."""
     from datasets import Dataset
 
     rng = random.Random(seed)
@@ -57,8 +59,10 @@ def synthetic_preferences(n: int = 32, *, words: int = 200, prompt_len=(3, 6), c
     def text(lo, hi, length):
         return " ".join(f"w{rng.randrange(lo, hi)}" for _ in range(rng.randint(*length)))
 
-    rows = [{"prompt": text(0, words, prompt_len), "chosen": text(0, half, completion_len),
-             "rejected": text(half, words, completion_len)} for _ in range(n)]
+    # completions start with a space: TRL joins prompt and completion as strings, and "w1" + "w2" would make the
+    # unknown word "w1w2" (a <pad>, and a prompt that is no longer a prefix of prompt + completion)
+    rows = [{"prompt": text(0, words, prompt_len), "chosen": " " + text(0, half, completion_len),
+             "rejected": " " + text(half, words, completion_len)} for _ in range(n)]
     if source is not None:
         for row in rows:
             row["source"] = source
