@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import inspect
+import logging
 import sys
 import warnings
 
@@ -38,6 +39,8 @@ from ..ops.common import LinearHead
 from ..ops.registry import require_backend
 from ..options import TokenOptions
 from ..primitives import check_head, check_label_range, run_linear_token_stats
+
+_log = logging.getLogger("dpo_kernels")
 
 SUPPORTED_TRL = ("1.14", "1.15", "1.16")
 _ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -91,9 +94,22 @@ def _interface(utils, version: str) -> str | None:
     return _INTERFACES.get(params)
 
 
-def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class PatchReport:
+    """What :func:`patch` did: the TRL version and its fused head's interface, the options the patched head runs
+    with, and the TRL modules whose ``_ChunkedLogProbFunction`` now is dpo_kernels'."""
+
+    trl_version: str
+    interface: str
+    backend: str
+    tile_budget_mb: float | None
+    modules: tuple[str, ...]
+
+
+def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> PatchReport:
     """Make TRL's fused LM head use dpo_kernels with ``backend`` (and the linear path's ``tile_budget_mb``).
-    Idempotent; call before creating the trainer."""
+    Idempotent; call before creating the trainer. Returns a :class:`PatchReport` and logs it at INFO level on the
+    ``dpo_kernels`` logger."""
     utils, interface = _trl_utils()
     require_backend(backend, available=True)  # validated now, not at the first training step
     TokenOptions(tile_budget_mb=tile_budget_mb)
@@ -110,6 +126,11 @@ def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None
     FusedLogProbs.interface = _state["interface"]
     for module in _state["modules"]:
         module._ChunkedLogProbFunction = FusedLogProbs
+    report = PatchReport(_trl_version(), FusedLogProbs.interface, backend, tile_budget_mb,
+                         tuple(m.__name__ for m in _state["modules"]))
+    _log.info("dpo_kernels: TRL %s's fused LM head (%s) now runs dpo_kernels, backend=%r, tile_budget_mb=%s, in %s",
+              report.trl_version, report.interface, backend, tile_budget_mb, ", ".join(report.modules) or
+              "trl.trainer.utils")
     if FusedLogProbs.interface == "two_outputs" and not _state.get("warned_1_14"):
         _state["warned_1_14"] = True
         warnings.warn(
@@ -117,6 +138,7 @@ def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> None
             "use_liger_kernel=True in their config (TRL's switch for its chunked path; it needs liger-kernel installed "
             "and also has transformers apply Liger's kernels to the model, which liger_kernel_config can turn off); "
             "without it they compute full logits and dpo_kernels is not used.", stacklevel=2)
+    return report
 
 
 def unpatch() -> None:

@@ -103,6 +103,17 @@ def test_patch_uses_dpo_kernels_and_unpatch_restores(restore_trl):
     assert utils._ChunkedLogProbFunction is original and not dk_trl.is_patched()
 
 
+def test_patch_says_what_it_did(restore_trl, caplog):
+    """Issue 28: patch() returned None and said nothing."""
+    import trl
+
+    with caplog.at_level("INFO", logger="dpo_kernels"):
+        report = dk_trl.patch(backend="torch", tile_budget_mb=8)
+    assert report.trl_version == trl.__version__ and report.backend == "torch" and report.tile_budget_mb == 8
+    assert report.interface in ("two_outputs", "five_outputs") and "trl.trainer.utils" in report.modules
+    assert f"TRL {trl.__version__}'s fused LM head" in caplog.text and "backend='torch'" in caplog.text
+
+
 def test_unsupported_trl_version_is_refused(monkeypatch):
     monkeypatch.setattr(dk_trl.importlib.metadata, "version", lambda name: "1.13.0")
     with pytest.raises(RuntimeError, match="supports TRL 1.14 to 1.16; found TRL 1.13.0, whose DPOTrainer computes"):
