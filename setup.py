@@ -85,7 +85,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dpo_kernels", "dpo_kernels.*"]),
-    package_data={"dpo_kernels": ["MATH.md", "_build_info.json"]},
+    package_data={"dpo_kernels": ["MATH.md", "GUIDE.md", "TRAINERS.md", "DESIGN.md", "_build_info.json"]},
     license="MIT",
     # torch is required but never resolved here on a machine that has one: install torch first (see README).
     install_requires=["torch>=2.1"],
