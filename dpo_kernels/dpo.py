@@ -205,6 +205,13 @@ class DPOLossOutput:
             return self.pending_metrics.read()
         return self.pending_metrics
 
+    def add_metrics(self, values: dict[str, torch.Tensor]) -> None:
+        """Add detached 0-dim tensors to the metrics, read with the others when first looked at."""
+        if isinstance(self.pending_metrics, PendingMetrics):
+            self.pending_metrics.add(values)
+        else:
+            self.pending_metrics.update(_compiled_metrics(values))
+
 
 def fused_dpo_loss(
     *,
@@ -738,9 +745,14 @@ def _metrics(
         values["kl/chosen"] = stats.chosen_kl.detach().mean()
         values["kl/rejected"] = stats.rejected_kl.detach().mean()
     values.update({f"loss/{name}": part.detach() for name, part in loss_parts.items()})
-    if torch.compiler.is_compiling():  # no host sync inside a compiled graph: 0-dim fp64 tensors
-        return {name: v.to(torch.float64) for name, v in values.items()}
+    if torch.compiler.is_compiling():
+        return _compiled_metrics(values)
     return PendingMetrics(values)
+
+
+def _compiled_metrics(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Metrics under torch.compile: no host sync inside a compiled graph, so 0-dim fp64 tensors."""
+    return {name: v.to(torch.float64) for name, v in values.items()}
 
 
 class FusedDPOLoss(nn.Module):

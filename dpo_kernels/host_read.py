@@ -15,9 +15,8 @@ the compiled ops find their kept rows themselves).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 

@@ -68,9 +68,6 @@ def intermediate_dpo_loss(
     # tensors: read with the other metrics, when they are first looked at (dpo_kernels.metrics)
     layer_metrics = {"loss/final": final.loss.detach(), "loss/intermediate": intermediate.detach()}
     layer_metrics.update({f"loss/layer_{k}": v.detach() for k, v in per_layer.items()})
-    if isinstance(final.pending_metrics, dict):  # under torch.compile: 0-dim fp64 tensors
-        final.pending_metrics.update({k: v.to(torch.float64) for k, v in layer_metrics.items()})
-    else:
-        final.pending_metrics.add(layer_metrics)
+    final.add_metrics(layer_metrics)
     final.loss = (1.0 - lam) * final.loss + lam * intermediate
     return final

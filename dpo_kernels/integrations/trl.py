@@ -250,7 +250,7 @@ def _dpo_config_fields(DPOConfig) -> dict:
 def check_kernel_fields(args) -> None:
     """``FusedDPOConfig``'s own fields, checked under the names the user set, when the config is made."""
     from ..dpo import SCHEDULES
-    from ..validation import is_finite_number
+    from ..validation import is_finite_number, is_positive_finite
 
     if not isinstance(args.kernel_backend, str):
         raise TypeError(f"kernel_backend must be a string, got {type(args.kernel_backend).__name__}")
@@ -262,7 +262,7 @@ def check_kernel_fields(args) -> None:
         raise ValueError(f"kernel_schedule must be one of {SCHEDULES}, got {args.kernel_schedule!r}")
     for name in ("kernel_eager_budget_mb", "kernel_tile_budget_mb"):
         value = getattr(args, name)
-        if value is not None and not (is_finite_number(value) and not isinstance(value, bool) and value > 0):
+        if value is not None and not is_positive_finite(value):
             raise ValueError(f"{name} must be None (the default) or a number of MiB > 0, got {value!r}")
     if not (is_finite_number(args.tdpo_alpha) and args.tdpo_alpha >= 0):
         raise ValueError(f"tdpo_alpha (TDPO2's weight of the KL difference) must be a number >= 0, got "

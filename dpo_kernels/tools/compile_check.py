@@ -74,7 +74,7 @@ class Variant:
 def _variants(dtype: torch.dtype) -> list[Variant]:
     out = []
     for (tname, tflags), with_ref in itertools.product(TRANSFORMS.items(), (False, True)):
-        row = config.row_config(VOCAB, dtype, with_ref)
+        row = config.row_config(VOCAB, with_ref)
         tag = f"{'kl' if with_ref else 'logp'},{tname}"
         out.append(Variant("logits_forward", _logits_forward_kernel.fn, dict(
             HAS_REF=with_ref, BLOCK_V=row.block_v, **tflags,
@@ -98,7 +98,8 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                 HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=block,
                 **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_lse_ptr=ref,
                                     g_kl_ptr=ref, deviation_ptr=filtered),
-            ), config.tile_row_config(block, elementwise=True).num_warps, label=tag + (",filter" if filtered else "") + f",{block}"))
+            ), config.tile_row_config(block, elementwise=True).num_warps,
+                label=tag + (",filter" if filtered else "") + f",{block}"))
     return out
 
 

@@ -131,11 +131,13 @@ class DpoCase:
 
     def eager_need(self, head: Head):
         """What the eager schedule keeps for this case (:class:`~dpo_kernels.ops.linear.eager.EagerNeed`)."""
+        from ..losses import objective
         from ..ops.linear.eager import EagerNeed
 
         rows, seq, masked = DPO_BATCH
         return EagerNeed([seq - masked] * rows, head.vocab, head.dim, torch.float32,
-                         keep_ref_tiles=self.loss_type.startswith("tdpo"), half_weight_grad=self.weights == "bf16")
+                         keep_ref_tiles=objective(self.loss_type).uses_token_kl,
+                         half_weight_grad=self.weights == "bf16")
 
     def budget_mb(self, head: Head) -> float | None:
         """``eager_budget_mb`` for the case: the whole batch in one group for ``schedule="eager"``, else the
@@ -249,7 +251,8 @@ def _interleaved(steps: dict, rounds: int) -> tuple[dict, dict, dict]:
             step()
         except Exception as exc:  # recorded; the other steps are still timed
             errors[name] = f"{type(exc).__name__}: {exc}"
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     live = [k for k in steps if k not in errors]
     times, peaks = {k: [] for k in live}, {k: 0.0 for k in live}
     for r in range(rounds):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ...options import TokenOptions
+from ...validation import is_finite_number
 from ..common import LinearHead, first_order_only
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad
 from . import driver
@@ -295,7 +296,7 @@ def keep_cpu_tile_buffers(max_mb: float = 1024):
     that much resident memory for the time; accelerators reuse memory through their caching allocator and need
     nothing of this."""
     global _CPU_CACHE
-    if not (isinstance(max_mb, (int, float)) and not isinstance(max_mb, bool) and max_mb >= 0):
+    if not (is_finite_number(max_mb) and max_mb >= 0):
         raise ValueError(f"keep_cpu_tile_buffers: max_mb must be a number >= 0, got {max_mb!r}")
     outer, _CPU_CACHE = _CPU_CACHE, _CpuTileCache(int(max_mb * 2**20))
     try:

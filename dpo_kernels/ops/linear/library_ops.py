@@ -28,7 +28,6 @@ failing inside the capture.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import NoReturn
 
 import torch

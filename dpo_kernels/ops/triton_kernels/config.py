@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import triton
 
 
@@ -21,7 +20,7 @@ class RowConfig:
     num_warps: int
 
 
-def row_config(vocab: int, dtype: torch.dtype, with_reference: bool) -> RowConfig:
+def row_config(vocab: int, with_reference: bool) -> RowConfig:
     """From-logits kernels, one program per token: wide enough for few loop steps and 16-byte loads, narrow enough
     to keep a row's values and their per-lane partial sums in registers: 8 values a thread, 4 a row with a reference
     (two rows and three lane sums live at once). Wider (8 values a row with a KL at 8 warps, 16 for bf16/fp16

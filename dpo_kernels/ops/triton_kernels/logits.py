@@ -147,7 +147,7 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
     out = {k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("logp", "lse")}
     if ref_logits is not None:
         out.update({k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("ref_logp", "ref_lse", "kl")})
-    cfg = row_config(logits.shape[-1], logits.dtype, ref_logits is not None)
+    cfg = row_config(logits.shape[-1], ref_logits is not None)
     ref_strides = (0, 0, 0) if ref_logits is None else ref_logits.stride()
     if n:
         with on_device(logits):
@@ -162,7 +162,7 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
 
 def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
     """The from-logits ``backward`` kernel: one program per token writes its row of ``grad``."""
-    cfg = row_config(logits.shape[-1], logits.dtype, g_kl is not None)
+    cfg = row_config(logits.shape[-1], g_kl is not None)
     ref = ref_logits if g_kl is not None else None
     ref_strides = (0, 0, 0) if ref is None else ref.stride()
     if labels.numel():
