@@ -14,29 +14,25 @@ import torch
 from torch import nn
 
 from . import losses
+from .checks import (
+    check_agree,
+    check_head,
+    check_label_range,
+    check_logits,
+    check_same_on_every_rank,
+    local_head,
+    total_vocab,
+    vocab_slice_of,
+)
+from .ops import dispatch
 from .ops.common import LinearHead
-from .ops.linear import library_ops
+from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
 from .ops.linear.plan import eager_budget_bytes
 from .ops.registry import require_backend
 from .ops.vocab_parallel import VocabSlice
 from .ops.torch_chunked import log_sum_sq_probs
 from .options import TOKEN_OPTION_FIELDS, TokenOptions, statistics_dtype
-from .primitives import (
-    check_agree,
-    check_head,
-    check_logits,
-    check_label_range,
-    check_same_on_every_rank,
-    linear_tile_kernels,
-    local_head,
-    run_eager_pair_stats,
-    run_linear_token_stats,
-    run_token_logprobs,
-    run_token_logprobs_and_kl,
-    total_vocab,
-    vocab_slice_of,
-)
 from .host_read import LabelFacts
 from .metrics import PendingMetrics
 from .validation import is_finite_number, require_float, require_labels, require_positive, require_same_device
@@ -289,7 +285,7 @@ def fused_dpo_loss(
     ``input_ids`` (a first column that is not ``ignore_index`` while ``shift=False``); each costs a host sync.
 
     Under ``torch.compile(fullgraph=True)`` the whole call traces without a graph break: the kernels run as
-    ``torch.library`` custom ops (:mod:`dpo_kernels.ops.linear.library_ops`), the label range check becomes an
+    ``torch.library`` custom ops (:mod:`dpo_kernels.ops.custom_ops`), the label range check becomes an
     in-graph asynchronous assert (``check_labels=False`` drops it), the unshifted-labels warning is skipped, and
     ``metrics`` holds 0-dim fp64 tensors instead of floats (no host sync inside the graph).
     ``vocab_parallel_group`` and ``inplace_backward`` are refused there.
@@ -551,8 +547,8 @@ def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.T
     plan = _why_not_eager(config, inputs, labels, vs, facts)
     if isinstance(plan, str):
         if config.schedule == "eager" and plan != _NO_GRADIENT:  # forward only: there is no backward to schedule
-            library_ops.raise_value_error(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or "
-                                          "'recompute'", labels)
+            raise_value_error(f"schedule='eager' cannot run here: {plan}; use schedule='auto' or 'recompute'",
+                              labels)
         if not torch.compiler.is_compiling():  # Dynamo traces no logging call
             _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
         return None
@@ -579,7 +575,7 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     heads = [LinearHead(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)]
     if inputs.ref_hidden is not None:
         heads.append(LinearHead(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias))
-    kernels = linear_tile_kernels(heads, config.backend)
+    kernels = dispatch.tile_kernels(heads, config.backend)
     if isinstance(kernels, str):
         return kernels
     weight = inputs.lm_head_weight
@@ -610,8 +606,8 @@ def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: t
     ref_from_logits = None
     if inputs.ref_logits is not None:
         with torch.no_grad():
-            ref_from_logits = run_token_logprobs(_shifted_states(inputs.ref_logits, config), labels, opts,
-                                                 config.backend, vs)
+            ref_from_logits = dispatch.logits_stats(_shifted_states(inputs.ref_logits, config), None, labels, opts,
+                                                    config.backend, vs).logp
 
     def group_loss(batch_rows, logp, ref_logp, kl, logged):
         def pick(x):
@@ -624,11 +620,10 @@ def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: t
 
     call = EagerCall(opts, kernels, groups, keep_ref_tiles=config.uses_token_kl, logging=config.use_weighting,
                      group_loss=group_loss, vocab_slice=vs)
-    loss, logps, ref_logps, kl, logged = run_eager_pair_stats(policy_head, ref_head, labels, call)
-    if ref_logps is None:
-        ref_logps = ref_from_logits
-    log_sum_sq = None if logged is None else logged["log_sum_sq_probs"]
-    return loss, logps, ref_logps, (kl if config.uses_token_kl else None), log_sum_sq
+    loss, out = dispatch.eager_pair_stats(policy_head, ref_head, labels, call)
+    ref_logps = ref_from_logits if out.ref_logp is None else out.ref_logp
+    log_sum_sq = None if out.logged is None else out.logged["log_sum_sq_probs"]
+    return loss, out.logp, ref_logps, (out.kl if config.uses_token_kl else None), log_sum_sq
 
 
 def _ld_weights(mask: torch.Tensor, ld_alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -686,28 +681,27 @@ def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs
     ref_head = _head(inputs.ref_hidden, inputs.ref_lm_head_weight, inputs.ref_lm_head_bias, config)
 
     logging = config.use_weighting and policy_head is not None
-    logged = None
     if config.uses_token_kl and policy_logits is not None:
-        return (*run_token_logprobs_and_kl(policy_logits, ref_logits, labels, opts, backend, vs), None)
+        out = dispatch.logits_stats(policy_logits, ref_logits, labels, opts, backend, vs)
+        return out.logp, out.ref_logp, out.kl, None
     if policy_head is not None and ref_head is not None:
         # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
-        out = run_linear_token_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs,
-                                     kept_count=kept)
-        (logps, ref_logps, kl), logged = out if logging else (out, None)
-        return logps, ref_logps, (kl if config.uses_token_kl else None), logged
+        out = dispatch.linear_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs,
+                                    kept_count=kept)
+        return out.logp, out.ref_logp, (out.kl if config.uses_token_kl else None), out.logged
     if policy_logits is not None:
-        logps = run_token_logprobs(policy_logits, labels, opts, backend, vs)
+        out = dispatch.logits_stats(policy_logits, None, labels, opts, backend, vs)
     else:
-        out = run_linear_token_stats(policy_head, None, labels, opts, backend, logging=logging, vocab_slice=vs,
-                                     kept_count=kept)
-        logps, logged = out if logging else (out, None)
+        out = dispatch.linear_stats(policy_head, None, labels, opts, backend, logging=logging, vocab_slice=vs,
+                                    kept_count=kept)
     ref_logps = None
     with torch.no_grad():  # the reference in its own pass, forward only
         if ref_logits is not None:
-            ref_logps = run_token_logprobs(ref_logits, labels, opts, backend, vs)
+            ref_logps = dispatch.logits_stats(ref_logits, None, labels, opts, backend, vs).logp
         elif ref_head is not None:
-            ref_logps = run_linear_token_stats(ref_head, None, labels, opts, backend, vocab_slice=vs, kept_count=kept)
-    return logps, ref_logps, None, logged
+            ref_logps = dispatch.linear_stats(ref_head, None, labels, opts, backend, vocab_slice=vs,
+                                              kept_count=kept).logp
+    return out.logp, ref_logps, None, out.logged
 
 
 def _shifted_labels(labels: torch.Tensor, config: DPOLossConfig) -> torch.Tensor:

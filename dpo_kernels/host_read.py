@@ -7,7 +7,7 @@ the shapes of the kept rows), and for ``fused_dpo_loss`` with ``shift=False`` wh
 (the unshifted-labels warning). Each read on its own is a device-to-host copy and, on a GPU, a synchronisation that
 drains the stream; :func:`read_label_facts` reduces them on the device and copies them in one ``tolist()``. The
 kept rows are then gathered with ``torch.nonzero_static`` at the known count
-(:class:`dpo_kernels.ops.linear.driver.KeptTokens`), which needs no second read.
+(:class:`dpo_kernels.ops.linear.kept.KeptTokens`), which needs no second read.
 
 Not used under ``torch.compile`` (a host read is a graph break there; the label check is an asynchronous assert and
 the compiled ops find their kept rows themselves).

@@ -1,6 +1,6 @@
 """``torch.compile(fullgraph=True)`` over a DPO training step's forward (a small backbone and the fused loss) and the
 compiled backward: no graph break, and the same loss, gradients and metrics as eager mode. The kernels are
-``torch.library`` custom ops under compilation (``dpo_kernels/ops/linear/library_ops.py``); the label check becomes an in-graph assert."""
+``torch.library`` custom ops under compilation (``dpo_kernels/ops/custom_ops.py``); the label check becomes an in-graph assert."""
 
 from __future__ import annotations
 
@@ -177,8 +177,7 @@ def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monke
     import dataclasses
 
     from dpo_kernels import TokenOptions, linear_token_logprobs, token_logprobs
-    from dpo_kernels.ops import logits_path
-    from dpo_kernels.ops.linear import driver
+    from dpo_kernels.ops.linear import recompute
 
     fields = {f.name for f in dataclasses.fields(TokenOptions)}
     assert set(_NON_DEFAULT) | _REFUSED_UNDER_COMPILE == fields, "give every new TokenOptions field a value here"
@@ -193,11 +192,10 @@ def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monke
 
         monkeypatch.setattr(module, name, record)
 
-    recording(driver if path == "hidden" else logits_path, "linear_token_stats" if path == "hidden" else "token_stats")
-    # eager: the path's entry with the backend's kernels; compiled: inside the op (from logits, the torch backend's
-    # row kernel itself, which the op calls)
+    # eager and compiled alike: inside the path's op (from logits, the torch backend's row kernel itself, which the
+    # op calls)
     if path == "hidden":
-        recording(driver, "linear_forward")
+        recording(recompute, "linear_forward")
     else:
         from dpo_kernels.ops import torch_chunked
 

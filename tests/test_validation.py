@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dpo_kernels.primitives as primitives
+import dpo_kernels.checks as checks
+import dpo_kernels.ops.dispatch as dispatch
 from dpo_kernels import (
     fused_dpo_loss,
     linear_token_logprobs,
@@ -24,7 +25,7 @@ def no_backend_may_run(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a backend was resolved before validation rejected the input")
 
-    monkeypatch.setattr(primitives, "resolve_backend", forbidden)
+    monkeypatch.setattr(dispatch, "resolve_backend", forbidden)
 
 
 def _inputs():
@@ -205,7 +206,7 @@ def test_unshifted_labels_warn_once(monkeypatch):
 
     import dpo_kernels.dpo as dpo_module
 
-    monkeypatch.setattr(primitives, "resolve_backend", _resolve)  # this test runs the loss
+    monkeypatch.setattr(dispatch, "resolve_backend", _resolve)  # this test runs the loss
     x = _inputs()
     assert (x["labels"][:, 0] != -100).all()
     monkeypatch.setattr(dpo_module, "_warned_unshifted", False)
@@ -223,11 +224,9 @@ def test_unshifted_labels_warn_once(monkeypatch):
 
 
 def test_check_labels_false_skips_the_host_sync(monkeypatch):
-    import dpo_kernels.primitives
-
-    monkeypatch.setattr(primitives, "resolve_backend", _resolve)
+    monkeypatch.setattr(dispatch, "resolve_backend", _resolve)
     calls = []
-    monkeypatch.setattr(dpo_kernels.primitives, "require_labels_in_vocab", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(checks, "require_labels_in_vocab", lambda *a, **k: calls.append(a))
     x = _inputs()
     fused_dpo_loss(**x, shift=True, check_labels=False)
     token_logprobs(x["policy_logits"], x["labels"], check_labels=False)

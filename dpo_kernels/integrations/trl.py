@@ -35,10 +35,11 @@ import warnings
 
 import torch
 
+from ..checks import check_head, check_label_range
+from ..ops import dispatch
 from ..ops.common import LinearHead
 from ..ops.registry import require_backend
 from ..options import TokenOptions
-from ..primitives import check_head, check_label_range, run_linear_token_stats
 
 _log = logging.getLogger("dpo_kernels")
 
@@ -153,19 +154,18 @@ def is_patched() -> bool:
     return "original" in _state
 
 
-class _LoggingOnly(torch.autograd.Function):
-    """Passes a statistic through, attached to the graph, and refuses to differentiate it."""
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
+def _logging_only(value: torch.Tensor) -> torch.Tensor:
+    """A statistic handed to TRL for logging: a leaf that requires grad (as TRL's own output does when the hidden
+    states do) whose gradient hook refuses any backward through it."""
+    def refuse(grad):
         raise RuntimeError(
             "dpo_kernels.integrations.trl computes the entropy for logging only; this trainer backpropagates through "
             "it. Call dpo_kernels.integrations.trl.unpatch() for trainers with an entropy term in their loss."
         )
+
+    value = value.detach().requires_grad_()
+    value.register_hook(refuse)
+    return value
 
 
 class FusedLogProbs:
@@ -188,14 +188,14 @@ class FusedLogProbs:
         check_head(("hidden", hidden), ("weight", weight), ("bias", bias), targets)
         facts = check_label_range(targets, weight.shape[0], opts, name="targets", counts=True)  # the one host read
         wanted = set(outputs) - {"log_probs"}
-        out = run_linear_token_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
-                                     logging=bool(wanted), head_context=_gather_lm_head_context(),
-                                     kept_count=None if facts is None else facts.kept)
-        log_probs, logged = out if wanted else (out, {})
-        logged = {k: v.squeeze(0) for k, v in logged.items() if k in wanted}
+        out = dispatch.linear_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
+                                    logging=bool(wanted), head_context=_gather_lm_head_context(),
+                                    kept_count=None if facts is None else facts.kept)
+        log_probs = out.logp
+        logged = {k: v.squeeze(0) for k, v in (out.logged or {}).items() if k in wanted}
         entropy = logged.get("entropy")
         if entropy is not None and hidden.requires_grad:
-            entropy = _LoggingOnly.apply(entropy, hidden)
+            entropy = _logging_only(entropy)
         if two_outputs:
             return log_probs.squeeze(0), entropy
         return (log_probs.squeeze(0), entropy, logged.get("log_sum_sq_probs"), logged.get("mean_logits"),

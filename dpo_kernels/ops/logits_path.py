@@ -15,11 +15,12 @@ A backend supplies two row kernels (:class:`LogitsKernels`) over ``logits [R, T,
     and ``g_kl`` are ``[N]``, 0 at ignored tokens (whose rows come out exactly 0); ``ref_logits``, ``ref_lse`` and
     ``g_kl`` are ``None`` when the KL received no gradient, and the reference is then not read.
 
-:func:`token_stats` is the one autograd function over them: it keeps ``lse`` (and ``ref_lse``) for the backward,
-refuses an in-place backward into a leaf, skips the reference when the KL gets no gradient, and marks overwritten
-logits. The compiled ops of :mod:`dpo_kernels.ops.linear.library_ops` call the same two kernels; vocabulary-parallel
-slices of logits run the linear path's tile loop over the given logits instead
-(:func:`dpo_kernels.ops.linear.driver.logits_token_stats`).
+:func:`token_stats` runs them through the path's one autograd definition, the custom op ``dpo_kernels::logits_stats``
+(with ``logits_stats_backward``), in eager mode and under ``torch.compile`` alike (:mod:`dpo_kernels.ops.custom_ops`):
+it keeps ``lse`` (and ``ref_lse``) for the backward, skips the reference when the KL gets no gradient, and, in eager
+mode with ``inplace_backward``, writes the gradient into the logits and marks them overwritten. The op has no host
+sync (every token in place, no shape depends on the data), so a CUDA graph can capture it. Vocabulary-parallel slices
+of logits run the linear path's tile loop over the given logits instead (:mod:`dpo_kernels.ops.linear.recompute`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import TokenOptions
-from .common import first_order_only
-from .inplace import mark_logits_overwritten, refuse_leaf_logits
+from torch import Tensor
+
+from ..options import TokenOptions, statistics_dtype
+from .custom_ops import EMPTY, dtypes, empty_or, options_args, present, refuse_double_backward, schema, split_args
+from .inplace import mark_logits_overwritten
+from .registry import backend_kernels
+from .token_stats import TokenStats
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,6 @@ class LogitsKernels:
 
     forward: Callable[..., tuple]
     backward: Callable[..., None]
-
-
-def _kl_outputs(ctx, logp: torch.Tensor, ref_logp: torch.Tensor, kl: torch.Tensor, shape: torch.Size):
-    """The ``(logp, ref_logp, kl)`` outputs, viewed as ``shape``; ``ref_logp`` is marked
-    non-differentiable because the reference receives no gradient."""
-    ref_logp = ref_logp.view(shape)
-    ctx.mark_non_differentiable(ref_logp)
-    return logp.view(shape), ref_logp, kl.view(shape)
 
 
 def _upstream(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
@@ -66,40 +63,100 @@ def upstream_pair(grad_logp, grad_kl, labels: torch.Tensor, ignore_index: int, d
     return g, (None if grad_kl is None else _upstream(grad_kl, labels, ignore_index, dtype))
 
 
-class _LogitsStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ref_logits, opts: TokenOptions, kernels: LogitsKernels):
-        ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
-        if opts.inplace_backward:
-            refuse_leaf_logits(logits)
-        flat = labels.reshape(-1).contiguous()
-        logp, lse, ref_logp, ref_lse, kl = kernels.forward(logits, ref_logits, flat, opts)
-        ctx.save_for_backward(logits, flat, lse, ref_logits, ref_lse)
-        ctx.opts, ctx.kernels = opts, kernels
-        if ref_logits is None:
-            return logp.view(labels.shape)
-        return _kl_outputs(ctx, logp, ref_logp, kl, labels.shape)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_logp, *grad_rest):
-        grad_kl = grad_rest[1] if grad_rest else None
-        if grad_logp is None and grad_kl is None:
-            return None, None, None, None, None
-        logits, labels, lse, ref_logits, ref_lse = ctx.saved_tensors
-        opts = ctx.opts
-        g, g_kl = upstream_pair(grad_logp, grad_kl, labels, opts.ignore_index, lse.dtype)
-        grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        use_ref = g_kl is not None
-        ctx.kernels.backward(logits, ref_logits if use_ref else None, labels, lse, ref_lse if use_ref else None, g,
-                             g_kl, opts, grad)
-        if opts.inplace_backward:
-            mark_logits_overwritten(logits)
-        return grad, None, None, None, None
+def _kernels(backend: str, logits: Tensor, ref_logits: Tensor | None) -> LogitsKernels:
+    return backend_kernels(backend, "torch.compile", logits, ref_logits).logits
 
 
-def token_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions,
-                kernels: LogitsKernels):
-    """``logits [R, T, V]``, ``labels [R, T]`` -> ``logp [R, T]``, or ``(logp, ref_logp, kl)`` with ``ref_logits``
-    (which receives no gradient), on ``kernels``."""
-    return _LogitsStats.apply(logits, labels, None if ref_logits is None else ref_logits.detach(), opts, kernels)
+def _forward_impl(*args) -> tuple[Tensor, ...]:
+    (logits, ref_logits, labels, backend), opts = split_args(args, 4)
+    logp, lse, ref_logp, ref_lse, kl = _kernels(backend, logits, ref_logits).forward(
+        logits, ref_logits, labels.reshape(-1).contiguous(), opts)
+    shape = tuple(labels.shape)
+    per_token = [None if t is None else t.view(shape) for t in (logp, ref_logp, kl)]
+    return tuple(empty_or(t, logp) for t in (*per_token, lse, ref_lse))
+
+
+_logits_stats = torch.library.custom_op("dpo_kernels::logits_stats", _forward_impl, mutates_args=(),
+                                        schema=schema("Tensor logits, Tensor? ref_logits, Tensor labels, str backend",
+                                                      "(Tensor, Tensor, Tensor, Tensor, Tensor)"))
+
+
+@_logits_stats.register_fake
+def _(logits, ref_logits, labels, backend, *opts):
+    _kernels(backend, logits, ref_logits)
+    sdt = statistics_dtype(*dtypes(logits, ref_logits))
+    per_token, flat = tuple(labels.shape), (labels.numel(),)
+    ref_token, ref_flat = (per_token, flat) if ref_logits is not None else (EMPTY, EMPTY)
+    return (labels.new_empty(per_token, dtype=sdt), labels.new_empty(ref_token, dtype=sdt),
+            labels.new_empty(ref_token, dtype=sdt), labels.new_empty(flat, dtype=sdt),
+            labels.new_empty(ref_flat, dtype=sdt))
+
+
+def _write_grad(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, backend, opts: TokenOptions, grad):
+    flat = labels.reshape(-1).contiguous()
+    g, g_kl = upstream_pair(grad_logp, grad_kl, flat, opts.ignore_index, lse.dtype)
+    use_ref = g_kl is not None
+    _kernels(backend, logits, ref_logits).backward(logits, ref_logits if use_ref else None, flat, lse,
+                                                   ref_lse if use_ref else None, g, g_kl, opts, grad)
+    return grad
+
+
+def _backward_impl(*args) -> Tensor:
+    (logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, backend), opts = split_args(args, 8)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return _write_grad(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, backend, opts, grad)
+
+
+_logits_stats_backward = torch.library.custom_op(
+    "dpo_kernels::logits_stats_backward", _backward_impl, mutates_args=(),
+    schema=schema("Tensor logits, Tensor? ref_logits, Tensor labels, Tensor lse, Tensor? ref_lse, Tensor? grad_logp, "
+                  "Tensor? grad_kl, str backend", "Tensor"))
+
+
+@_logits_stats_backward.register_fake
+def _(logits, *rest):
+    return logits.new_empty(tuple(logits.shape))
+
+
+_logits_stats.register_kernel("meta", _forward_impl)  # a trace on meta tensors sees the kernels, not fake outputs
+_logits_stats_backward.register_kernel("meta", _backward_impl)
+
+
+def _setup(ctx, inputs, output):
+    logits, ref_logits, labels, backend, *opts = inputs
+    logp, ref_logp, kl, lse, ref_lse = output
+    ctx.set_materialize_grads(False)  # an unused KL output arrives as None: the reference is then not read
+    ctx.mark_non_differentiable(ref_logp, lse, ref_lse)
+    ctx.save_for_backward(logits, ref_logits, labels, lse, ref_lse)
+    ctx.backend, ctx.opts = backend, opts
+    ctx.with_ref = ref_logits is not None
+    ctx.num_inputs = len(inputs)
+
+
+def _backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse):
+    refuse_double_backward()
+    logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
+    grad_kl = grad_kl if ctx.with_ref else None
+    if (grad_logp is None and grad_kl is None) or not ctx.needs_input_grad[0]:
+        return (None,) * ctx.num_inputs
+    ref_lse = ref_lse if ctx.with_ref else None
+    _, opts = split_args((ctx.backend, *ctx.opts), 1)
+    if opts.inplace_backward:  # eager mode only (refused under torch.compile): the kernels write into the logits
+        grad = _write_grad(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, ctx.backend, opts, logits)
+        mark_logits_overwritten(logits)
+    else:
+        grad = _logits_stats_backward(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, ctx.backend,
+                                      *ctx.opts)
+    return (grad, *(None,) * (ctx.num_inputs - 1))
+
+
+_logits_stats.register_autograd(_backward, setup_context=_setup)
+
+
+def token_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, opts: TokenOptions,
+                backend: str) -> TokenStats:
+    """``logits [R, T, V]``, ``labels [R, T]`` -> :class:`TokenStats` ``[R, T]`` (with ``ref_logits``, which receives
+    no gradient, the reference's log-probs and the KL too), on ``backend``'s row kernels."""
+    outs = _logits_stats(logits, None if ref_logits is None else ref_logits.detach(), labels, backend,
+                         *options_args(opts))
+    return TokenStats(outs[0], present(outs[1]), present(outs[2]))

@@ -20,25 +20,21 @@ from .linear.products import product_dtype
 from .transform import transform_logits
 
 
-class _GradIntoStorage(torch.autograd.Function):
-    """Identity whose backward copies the incoming gradient into the input's storage (``inplace_backward``)."""
+def _policy_logits(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """``logits``; with ``inplace_backward``, a view of them whose gradient is copied into the logits' own storage
+    (a hook on the view, which the oracle alone uses: autograd still computes the gradient as it would)."""
+    if not opts.inplace_backward:
+        return logits
+    refuse_leaf_logits(logits)
+    view = logits.view_as(logits)
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
-        refuse_leaf_logits(logits)
-        ctx.logits = logits
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        logits = ctx.logits
+    def into_storage(grad: torch.Tensor) -> torch.Tensor:
         logits.copy_(grad)
         mark_logits_overwritten(logits)
         return logits
 
-
-def _policy_logits(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
-    return _GradIntoStorage.apply(logits) if opts.inplace_backward else logits
+    view.register_hook(into_storage)
+    return view
 
 
 def _require_exact_gradients(opts: TokenOptions) -> None:

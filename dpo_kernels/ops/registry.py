@@ -2,11 +2,13 @@
 
 A backend is a module whose ``KERNELS`` (:class:`~dpo_kernels.ops.backend.BackendKernels`) fills two slots: the
 from-logits row kernels (:mod:`dpo_kernels.ops.logits_path`) and the linear path's tile kernels
-(:mod:`dpo_kernels.ops.linear.contract`); the drivers, vocabulary parallelism and the compiled path run on them. The
-reference oracle instead has the three entry points (``token_logprobs``, ``token_logprobs_and_kl``,
-``linear_token_stats``) as plain functions. Adding a backend is that module plus one ``BackendSpec`` row in
-``_BACKENDS``: its module, the device types and dtypes it runs on, how it checks its own availability, and where
-``backend="auto"`` may pick it.
+(:mod:`dpo_kernels.ops.linear.contract`); every path runs on them. The reference oracle has no ``KERNELS`` (autograd
+through full logits; :mod:`dpo_kernels.ops.dispatch` calls its functions). Adding a backend is that module plus one
+``BackendSpec`` row in ``_BACKENDS``: its module, the device types and dtypes it runs on, how it checks its own
+availability, and where ``backend="auto"`` may pick it.
+
+:func:`resolve_backend` answers which backend runs and :func:`backend_kernels` its kernels (refusing the oracle,
+which has none); nothing else looks a backend up.
 
 ``backend="auto"`` picks the available backend with the best rank for the input's device type and dtype and logs
 the choice at debug level. Naming a backend explicitly never falls back: an unavailable one, or one that cannot take
@@ -271,3 +273,23 @@ def _choose_auto(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> Backe
     if not candidates:  # unreachable while the torch backend (any device and dtype, always available) is registered
         raise BackendUnavailableError(f"no backend is available for {dtypes} tensors on {device}")
     return min(candidates, key=lambda spec: spec.auto_rank)
+
+
+def backend_kernels(name: str, purpose: str, *tensors: torch.Tensor | None):
+    """The :class:`~dpo_kernels.ops.backend.BackendKernels` of ``backend=name`` for ``tensors`` (on the first one's
+    device; ``None`` entries skipped), which the kernels' own input check has accepted.
+
+    Raises:
+        ValueError: the backend is the single-process oracle, which has no kernels for ``purpose`` (named in the
+            message: "vocab_parallel_group", "torch.compile", ...).
+        BackendUnavailableError: as :func:`resolve_backend`.
+    """
+    given = [t for t in tensors if t is not None]
+    chosen, module = resolve_backend(name, given[0].device, tuple(t.dtype for t in given))
+    kernels = getattr(module, "KERNELS", None)
+    if kernels is None:
+        what = (f"cannot run under {purpose} (it is the single-process oracle, without kernels)"
+                if purpose == "torch.compile" else f"is the single-process oracle, without kernels for {purpose}")
+        raise ValueError(f"backend={chosen!r} {what}; use 'torch', 'cpu', 'cuda', 'triton' or 'auto'")
+    kernels.check_inputs(*given)
+    return kernels

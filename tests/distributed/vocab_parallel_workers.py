@@ -76,7 +76,11 @@ def vocab_parallel_checks(rank: int, world: int, backends: list[str]) -> None:
         from dpo_kernels.ops.common import LinearHead
         from dpo_kernels.ops.vocab_parallel import vocab_slice
         from dpo_kernels.options import TokenOptions
-        from dpo_kernels.primitives import run_linear_token_stats
+        from dpo_kernels.ops.dispatch import linear_stats
+
+        def run_linear_token_stats(*args, **kwargs):
+            out = linear_stats(*args, **kwargs)
+            return out.logp, out.logged
 
         token_opts = TokenOptions(**opts)
         _, logged_full = run_linear_token_stats(LinearHead(x["hidden"], x["weight"]), None, x["labels"], token_opts,

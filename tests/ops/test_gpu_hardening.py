@@ -172,12 +172,14 @@ def test_fixed_chunk_sizes_are_kept_exactly():
 
 
 def test_cpu_tiles_count_kept_tiles_as_their_working_set():
-    from dpo_kernels.ops.linear import driver
+    from dpo_kernels.ops.linear.loop import bytes_per_entry
+    from dpo_kernels.ops.linear.sources import StoredSource
 
     p = products.Products(torch.float32, torch.float32, torch.float32)
     cpu, acc = torch.device("cpu"), torch.device("meta")
-    assert driver.scratch_bytes_per_entry(torch.float32, None, p, cpu, stored=(True, False)) == 4
-    assert driver.scratch_bytes_per_entry(torch.float32, None, p, acc, stored=(True, False)) == 1
+    stored = StoredSource(torch.zeros(2, 3), torch.zeros(5, 3), None, p)
+    assert bytes_per_entry(stored, None, cpu) == 4
+    assert bytes_per_entry(stored, None, acc) == 1
 
 
 def test_every_triton_launch_is_guarded_on_its_tensors_device(monkeypatch):

@@ -24,11 +24,18 @@ from dpo_kernels.ops.common import LinearHead
 from dpo_kernels.ops.linear import contract, plan, products
 from dpo_kernels.ops.linear.contract import LogitsTile
 from dpo_kernels.options import TokenOptions
-from dpo_kernels.primitives import run_linear_token_stats
+from dpo_kernels.ops.dispatch import linear_stats
 
 from ..conftest import assert_close, backends_under_test
 
 aten = torch.ops.aten
+
+
+def run_linear_token_stats(*args, **kwargs):
+    """``(logp, logged)`` of the dispatch's linear path (the statistics trainers log beside the log-probs)."""
+    out = linear_stats(*args, **kwargs)
+    return out.logp, out.logged
+
 
 
 def _head(seed=0, rows=3, seq=7, d=12, v=300, dtype=torch.float32, mask=True):
@@ -146,7 +153,7 @@ def test_gpu_policy_half_operands_and_no_fp32_vocab_by_hidden_buffer(gpu_product
     ref = LinearHead(hidden.flip(0), weight) if with_kl else None
     opts = TokenOptions(vocab_chunk_size=256)  # several vocabulary chunks
     with _Recorder(emulate=True) as rec:
-        outs = torch_backend.KERNELS.linear_token_stats(LinearHead(h, w), ref, labels, opts)
+        outs = linear_stats(LinearHead(h, w), ref, labels, opts, "torch").public()
         logp, kl = (outs, None) if ref is None else (outs[0], outs[2])
         (logp.sum() + (kl.sum() if kl is not None else 0)).backward()
     assert rec.gemms, "no GEMM was recorded"

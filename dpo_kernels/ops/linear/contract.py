@@ -1,6 +1,6 @@
-"""The one contract between the tile driver and a backend: two fused kernels over a tile of logits.
+"""The one contract between the tile loop and a backend: two fused kernels over a tile of logits.
 
-The driver computes every tile ``x = h W_c^T`` with a GEMM whose output is fp32 (fp64 for fp64 inputs), for the
+The tile loop computes every tile ``x = h W_c^T`` with a GEMM whose output is fp32 (fp64 for fp64 inputs), for the
 tokens that are not ignored (every label of a tile is a valid vocabulary id). A backend supplies:
 
 ``fold(tile, stats, ref, ref_stats, opts) -> None``

@@ -4,15 +4,15 @@ Inside :func:`dpo_kernels.fused_dpo_loss` the loss is computed in the same call 
 over a group of **whole pairs** (rows ``b`` and ``b + B`` of the ``2B`` rows, with their reference) is done, the
 gradient of the loss with respect to each of their tokens' log-probs and KL is known. This schedule keeps the group's
 tiles from the forward and finishes ``dZ``, ``dH`` and ``dW`` straight away, through the one tile loop of
-:mod:`.driver` (its tile sources read the kept tiles instead of recomputing them):
+:mod:`.loop` (its :class:`~.sources.StoredSource` reads the kept tiles back instead of recomputing them):
 
-- per group: one GEMM per tile into the group's :class:`~.driver.TileStore` (the policy's; the reference's too for a
+- per group: one GEMM per tile into the group's :class:`~.sources.TileStore` (the policy's; the reference's too for a
   TDPO loss, whose KL gradient reads it), ``kernels.fold``, the statistics, the group's loss and its per-token
   upstream (autograd over the ``[2B_g, T]`` statistics), then ``kernels.grad`` over the kept tiles, ``dH`` (fp32
   accumulator) and ``dW`` (fp32 accumulation inside the GEMMs);
 - the backward scales what the forward computed by the loss's upstream gradient (gradient accumulation, loss
   weights, a GradScaler); a gradient that reaches the returned per-token log-probs or KL from outside the loss is
-  exact: it runs the recompute backward of :mod:`.driver` for that part alone.
+  exact: it runs the recompute backward of :mod:`.loop` for that part alone.
 
 FLOPs at ``n`` kept tokens, head ``[V, D]``: ``6 n D V`` for the policy (forward, ``dH``, ``dW``; ``4 n D V`` with a
 frozen head) plus ``2 n D V`` for the reference, against ``8 + 2`` for the recompute schedule (``8 + 4`` for TDPO,
@@ -40,10 +40,14 @@ import torch
 from ...options import TokenOptions
 from ...validation import is_finite_number
 from ..common import LinearHead, first_order_only
+from ..token_stats import TokenStats
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad
-from . import driver
 from .contract import LOGGED_OUTPUTS, TileKernels
-from .plan import plan_stored_backward, plan_tiles
+from .kept import KeptTokens
+from .loop import Backward, ForwardState, fold_all, finish_forward, grad_all, head_products, linear_backward, \
+    no_autocast, tile_plan, upstream
+from .plan import plan_stored_backward
+from .sources import GemmSource, StoredSource
 
 # (rows [2B_g] of the batch, token logps [2B_g, T], ref logps or None, kl or None, logged dict or None) -> the loss
 # of those pairs as a part of the batch's loss (already weighted by B_g / B)
@@ -159,18 +163,18 @@ class EagerCall:
     vocab_slice: VocabSlice | None = None
 
 
-def eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, call: EagerCall):
+def eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor,
+                     call: EagerCall) -> tuple[torch.Tensor, TokenStats]:
     """``policy.hidden [2B, T, D]``, ``policy.weight [V, D]``, ``labels [2B, T]`` (and the reference head beside) ->
-    ``(loss, logp, ref_logp, kl, logged)``: the loss (0-dim, its gradients computed in this call), the per-token
-    statistics of :func:`.driver.linear_token_stats` (``ref_logp``/``kl`` ``None`` without a reference head,
-    ``logged`` ``None`` unless ``call.logging``). ``logp`` and ``kl`` stay differentiable."""
+    ``(loss, token_stats)``: the loss (0-dim, its gradients computed in this call) and the per-token statistics of
+    the recompute schedule (``logged`` only with ``call.logging``). ``logp`` and ``kl`` stay differentiable."""
     if ref is not None:
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
     outs = _EagerPairs.apply(policy.hidden, policy.weight, policy.bias, labels, ref, call)
     loss, logp, rest = outs[0], outs[1], list(outs[2:])
     ref_logp, kl = (rest.pop(0), rest.pop(0)) if ref is not None else (None, None)
     logged = dict(zip(LOGGED_OUTPUTS, rest, strict=True)) if call.logging else None
-    return loss, logp, ref_logp, kl, logged
+    return loss, TokenStats(logp, ref_logp, kl, logged)
 
 
 @dataclass
@@ -179,17 +183,17 @@ class _GroupGrads:
     group's kept tokens, and where they sit in the batch."""
 
     batch_rows: torch.Tensor | None
-    rows: driver.KeptTokens
+    rows: KeptTokens
     shape: torch.Size
     dh: torch.Tensor | None
 
 
 @dataclass
 class _GroupResult:
-    """One group's forward (``outs`` of :func:`.driver.finish_forward`, ``lse``/``ref_lse`` ``[2B_g, T]``), its share
+    """One group's forward (``out`` of :func:`.loop.finish_forward`, ``lse``/``ref_lse`` ``[2B_g, T]``), its share
     of the loss, its ``dH`` and, for a call of one group, the weight gradient written by it."""
 
-    outs: list
+    out: TokenStats
     lse: torch.Tensor
     ref_lse: torch.Tensor | None
     loss: torch.Tensor
@@ -211,37 +215,36 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
     group_labels = pick(labels)
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
-    rows = driver.KeptTokens(group_labels, opts.ignore_index, offset, count=call.groups.tokens[group])
+    rows = KeptTokens(group_labels, opts.ignore_index, offset, count=call.groups.tokens[group])
     sdt = products.out_dtype
-    policy = driver.StoredSide.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0])
+    policy = StoredSource.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0])
     keep_ref = ref is not None and call.keep_ref_tiles
-    ref_side = None
+    ref_source = None
     if ref is not None:
         ref_head = LinearHead(pick(ref.hidden), ref.weight, ref.bias)
         if keep_ref:
-            ref_side = driver.StoredSide.of(ref_head, rows, ref_products, buffers[1])
+            ref_source = StoredSource.of(ref_head, rows, ref_products, buffers[1])
         else:
-            ref_side = driver.Side.of(ref_head, rows, ref_products)
-    per_entry = driver.scratch_bytes_per_entry(sdt, ref_side, products, device, stored=(True, keep_ref))
-    plan = plan_tiles(rows.n, vocab, per_entry, opts, device, dim=weight.shape[1])
-    with driver.no_autocast(device):
-        stats, ref_stats = driver.fold_all(rows, policy, ref_side, opts, call.kernels, call.logging, device, plan)
-    outs, lse, ref_lse = driver.finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
-                                               call.logging)
-    loss, g_logp, g_kl = _group_upstream(outs, batch_rows, ref is not None, keep_ref, call)
-    g, g_kl = driver.upstream(rows, g_logp, g_kl, sdt, device)
-    with driver.no_autocast(device):
-        bw = driver.Backward(lse, ref_lse, g, g_kl, opts, call.kernels)
-        dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
+            ref_source = GemmSource.of(ref_head, rows, ref_products)
+    dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
+    plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
+    with no_autocast(device):
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan)
+    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
+                                       call.logging)
+    loss, g_logp, g_kl = _group_upstream(out, batch_rows, keep_ref, call)
+    g, g_kl = upstream(rows, g_logp, g_kl, sdt, device)
+    with no_autocast(device):
+        bw = Backward(lse, ref_lse, g, g_kl, opts, call.kernels)
         bw_plan = plan_stored_backward(plan, rows.n, dz_bytes, opts, device, dim=weight.shape[1])
-        dh, group_dw, group_db = driver.grad_all(rows, policy.filled(), None if g_kl is None else ref_side.filled(),
-                                                 bw, need, bw_plan, dw_into=dw)
+        dh, group_dw, group_db = grad_all(rows, policy.filled(), None if g_kl is None else ref_source.filled(),
+                                          bw, need, bw_plan, dw_into=dw)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:
         all_reduce_hidden_grad(dh, call.vocab_slice.group)
     shape = group_labels.shape
-    return _GroupResult(outs, rows.scatter(lse, shape, sdt),
+    return _GroupResult(out, rows.scatter(lse, shape, sdt),
                         None if ref_lse is None else rows.scatter(ref_lse, shape, sdt),
                         loss, _GroupGrads(batch_rows, rows, shape, dh), group_dw)
 
@@ -305,15 +308,13 @@ def keep_cpu_tile_buffers(max_mb: float = 1024):
         _CPU_CACHE = outer
 
 
-def _group_upstream(outs, batch_rows, with_ref: bool, keep_ref: bool, call: EagerCall):
+def _group_upstream(out: TokenStats, batch_rows, keep_ref: bool, call: EagerCall):
     """The group's loss and its gradient with respect to the group's per-token log-probs (and KL), by autograd over
     the ``[2B_g, T]`` statistics only."""
-    logp = outs[0].detach().requires_grad_()
-    ref_logp = outs[1] if with_ref else None
-    kl = outs[2].detach().requires_grad_(keep_ref) if with_ref else None
-    logged = dict(zip(LOGGED_OUTPUTS, outs[-len(LOGGED_OUTPUTS):], strict=True)) if call.logging else None
+    logp = out.logp.detach().requires_grad_()
+    kl = None if out.kl is None else out.kl.detach().requires_grad_(keep_ref)
     with torch.enable_grad():
-        loss = call.group_loss(batch_rows, logp, ref_logp, kl, logged)
+        loss = call.group_loss(batch_rows, logp, out.ref_logp, kl, out.logged)
         inputs = [logp] + ([kl] if keep_ref else [])
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     return loss.detach(), grads[0], (grads[1] if keep_ref else None)
@@ -335,7 +336,7 @@ class _EagerPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref: LinearHead | None, call: EagerCall):
         ctx.set_materialize_grads(False)
-        products, ref_products = driver.head_products(hidden, weight, ref)
+        products, ref_products = head_products(hidden, weight, ref)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         vocab, dim, sdt = weight.shape[0], weight.shape[1], products.out_dtype
         several = len(call.groups.bounds) > 1
@@ -355,17 +356,16 @@ class _EagerPairs(torch.autograd.Function):
         loss = torch.stack([r.loss for r in results]).sum()
         if not several:
             dw = results[0].dw
-        outs = [_assemble([r.outs[i] for r in results], grads, labels.shape)
-                for i in range(len(results[0].outs))]
+        out = _assemble_stats([r.out for r in results], grads, labels.shape)
         lse = _assemble([r.lse for r in results], grads, labels.shape)
         ref_lse = None if ref is None else _assemble([r.ref_lse for r in results], grads, labels.shape)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.grads, ctx.dw, ctx.db, ctx.lse, ctx.ref_lse = grads, dw, db, lse, ref_lse
         ctx.ref, ctx.products, ctx.call = ref, (products, ref_products), call
-        frozen = ([outs[1]] if ref is not None else []) + (outs[-len(LOGGED_OUTPUTS):] if call.logging else [])
+        frozen = [t for t in (out.ref_logp, *(out.logged or {}).values()) if t is not None]
         if frozen:
             ctx.mark_non_differentiable(*frozen)
-        return (loss, *outs)
+        return tuple(t for t in (loss, out.logp, out.ref_logp, out.kl, *(out.logged or {}).values()) if t is not None)
 
     @staticmethod
     @first_order_only
@@ -390,6 +390,16 @@ class _EagerPairs(torch.autograd.Function):
         return dh, dw, db, None, None, None
 
 
+def _assemble_stats(parts: list[TokenStats], grads: list[_GroupGrads], total_shape) -> TokenStats:
+    """Per-group statistics -> the batch's, field by field."""
+    def field(pick):
+        return None if pick(parts[0]) is None else _assemble([pick(p) for p in parts], grads, total_shape)
+
+    logged = None if parts[0].logged is None else {
+        name: _assemble([p.logged[name] for p in parts], grads, total_shape) for name in LOGGED_OUTPUTS}
+    return TokenStats(field(lambda p: p.logp), field(lambda p: p.ref_logp), field(lambda p: p.kl), logged)
+
+
 def _scaled_once(grad: torch.Tensor, grad_loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The fp32 ``grad`` times the upstream, rounded once to ``like``'s dtype (in place when it is fp32 already)."""
     if grad.dtype == like.dtype:
@@ -407,12 +417,12 @@ def _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, n
     """The recompute schedule's backward for gradients that reach ``logp`` / ``kl`` from outside the loss."""
     call = ctx.call
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
-    rows = driver.KeptTokens(labels, call.opts.ignore_index, offset, count=call.groups.kept)
+    rows = KeptTokens(labels, call.opts.ignore_index, offset, count=call.groups.kept)
     sdt = ctx.products[0].out_dtype
-    state = driver.ForwardState(rows, rows.select(ctx.lse, sdt),
+    state = ForwardState(rows, rows.select(ctx.lse, sdt),
                                 None if ctx.ref_lse is None else rows.select(ctx.ref_lse, sdt), call.opts,
                                 call.kernels, ctx.ref, *ctx.products, call.vocab_slice)
-    return driver.linear_backward(hidden, weight, bias, state, grad_logp, grad_kl, need)
+    return linear_backward(hidden, weight, bias, state, grad_logp, grad_kl, need)
 
 
 def _add(a, b):

@@ -1,6 +1,6 @@
 """Tile sizes of the linear path, from one memory budget.
 
-A tile is ``tokens x vocab`` logits. Everything the driver allocates per tile (the fp32 logits tile, the reference
+A tile is ``tokens x vocab`` logits. Everything the tile loop allocates per tile (the fp32 logits tile, the reference
 tile, the ``dZ`` tile in the GEMM operand dtype) counts against ``tile_budget_mb``; the default keeps the scratch
 small next to what a training step already holds (the head's weight gradient is ``V x D``). This module is the one
 place that states the defaults (the docstrings elsewhere point here):
@@ -59,7 +59,7 @@ def default_tile_budget_mb(device: torch.device, n: int | None = None, dim: int 
 
 def kept_tiles_count(device: torch.device) -> bool:
     """Whether the tile budget counts tiles kept in the eager schedule's store (a cache budget: the CPU) or only the
-    scratch the driver allocates (accelerators, where larger tiles mean fewer, fuller launches)."""
+    scratch the tile sources allocate (accelerators, where larger tiles mean fewer, fuller launches)."""
     return device.type == "cpu"
 
 
@@ -154,7 +154,7 @@ def plan_tiles(n: int, vocab: int, bytes_per_entry: int, opts: TokenOptions, dev
 
 def plan_stored_backward(plan: TilePlan, n: int, dz_bytes_per_entry: int, opts: TokenOptions,
                          device: torch.device, dim: int | None = None) -> TilePlan:
-    """The backward's tiles over a store of kept tiles (the eager schedule, :class:`.driver.TileStore`): the
+    """The backward's tiles over a store of kept tiles (the eager schedule, :class:`.sources.TileStore`): the
     forward's vocabulary chunks, at the full height of the ``n`` kept tokens when the one scratch left, ``dZ`` in the
     GEMM operand dtype (``dz_bytes_per_entry``, 0 when ``dZ`` overwrites the kept fp32 tile), fits the tile budget at
     that height and the caller did not fix ``token_chunk_size``; else the forward's own plan.

@@ -1,6 +1,6 @@
 """Triton tile kernels of the linear path: the ``fold`` and ``grad`` kernels of :mod:`dpo_kernels.ops.linear.contract`.
 
-The tile loop (:mod:`dpo_kernels.ops.linear.driver`) writes each tile's raw logits with one cuBLAS GEMM (half
+The tile loop (:mod:`dpo_kernels.ops.linear.loop`) writes each tile's raw logits with one cuBLAS GEMM (half
 operands on the tensor cores, fp32 output); these kernels are the memory-bound part around it.
 
 - ``_fold_tile_kernel``: one program per token walks its row of the fp32 tile in ``BLOCK_V`` steps (one exp per
@@ -13,7 +13,7 @@ operands on the tensor cores, fp32 output); these kernels are the memory-bound p
   program, on a single float.
 
 Both are memory bound; what that traffic costs next to the GEMMs at the Llama-3 head is the design target computed
-in :mod:`dpo_kernels.ops.linear.driver`'s docstring (from peak rates, not measured). Absent buffers are ``None`` and their constexpr flags are derived by
+in :mod:`dpo_kernels.ops.linear.loop`'s docstring (from peak rates, not measured). Absent buffers are ``None`` and their constexpr flags are derived by
 ``triton.heuristics``.
 """
 

@@ -1,0 +1,309 @@
+"""The one tile loop of the linear path, shared by every tile-kernel backend, both schedules and given logits.
+
+- Forward, token-major (:func:`fold_all`): for each token block and vocabulary chunk, the source's tile (one GEMM
+  writing an fp32 logits tile, a tile kept from the forward, or a copy of given logits; :mod:`.sources`) and the
+  reference's, folded by the backend's ``fold`` into ``O(n)`` statistics. :func:`finish_forward` turns them into the
+  per-token results and ``lse`` (and ``ref_lse``), all a backward needs.
+- Backward, vocabulary-major (:func:`grad_all`): for each vocabulary chunk ``c``, the tiles again, ``kernels.grad``
+  forms ``dZ`` in the GEMM operand dtype, ``dH += dZ W_c`` goes into one fp32 ``[n, D]`` accumulator, and
+  ``dW_c = dZ^T H`` is written once with fp32 accumulation inside the GEMM and one rounding to the weight's dtype
+  (through an fp32 ``[vc, D]`` buffer only when the tokens are split into several blocks). There is no ``[V, D]``
+  fp32 buffer and no atomic over the vocabulary. The reference is read only when the KL received a gradient.
+
+:func:`linear_forward` / :func:`linear_backward` are the recompute schedule's two passes (:mod:`.recompute` wraps
+them in its op); :func:`logits_forward` / :func:`logits_backward` run the loop over given logits (a
+vocabulary-parallel slice). With a :class:`~dpo_kernels.ops.vocab_parallel.VocabSlice` the statistics are combined
+across the group before ``lse`` is formed, and ``dH`` is all-reduced in the backward.
+
+Materialised beyond the inputs and the gradients themselves: the gathered kept rows ``[n, D]`` (operand dtype; only
+when tokens are dropped or converted), the fp32 ``dH`` accumulator ``[n, D]``, the per-token statistics, and the
+tiles of :mod:`.plan` (at most ``tile_budget_mb``).
+
+Cost at ``n`` kept tokens: ``8 n D V`` FLOPs forward + backward (forward, recompute, ``dH``, ``dW``; ``12 n D V``
+with the reference recomputed for a KL gradient), all on the tensor cores for half inputs on CUDA, plus about
+``4 + 4 + 4 + 2 = 14`` bytes of tile traffic per logit (the fp32 tile written and read in each pass, ``dZ`` written
+once in bf16, read by two GEMMs from L2 or HBM). At N = 8192, D = 4096, V = 128256 on an H100 (~790 TFLOP/s dense
+bf16, ~3.3 TB/s) that is 44 ms of tensor-core time plus about 5 ms of tile traffic: the floor this design aims at.
+This is the one statement of that design target, computed from peak rates; it is not a measurement (the README says
+which GPU figures exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ...options import TokenOptions, statistics_dtype
+from ..common import LinearHead, nan_out_of_vocab
+from ..token_stats import TokenStats
+from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
+from .contract import LOGGED_OUTPUTS, RefRow, StatRow, TileKernels, finish_lse, logging_outputs, new_ref_stats, \
+    new_stats
+from .kept import KeptTokens
+from .plan import TilePlan, plan_tiles
+from .products import Products, product_dtype, report_products
+from .sources import GemmSource, LogitsSource
+
+
+def no_autocast(device: torch.device):
+    """Inside the loop every dtype is explicit (:class:`Products`); nothing may be autocast again, in the forward or
+    in a backward that runs under an autocast context."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return contextlib.nullcontext()
+
+
+def bytes_per_entry(policy, ref, device: torch.device, dz_bytes: int = 0) -> int:
+    """Tile bytes per entry that the tile budget bounds: what the sources allocate (:meth:`scratch_bytes`) and
+    ``dz_bytes`` of ``dZ`` (at least 1)."""
+    return max(1, policy.scratch_bytes(device) + (0 if ref is None else ref.scratch_bytes(device)) + dz_bytes)
+
+
+def tile_plan(rows: KeptTokens, policy, ref, opts: TokenOptions, device: torch.device, dz_bytes: int = 0):
+    """The tiles of a pass over ``policy`` (and ``ref``) within the tile budget; a head source's width gives the
+    ``dH`` term."""
+    dim = getattr(policy, "dim", None)  # from logits: no head, no dH
+    return plan_tiles(rows.n, policy.vocab, bytes_per_entry(policy, ref, device, dz_bytes), opts, device, dim=dim)
+
+
+def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKernels, logging: bool,
+             device: torch.device, plan: TilePlan | None = None):
+    """Forward, token-major, over the tiles of ``policy`` (and ``ref``): ``(stats [3, n] (7 with the logging rows),
+    ref_stats [4, n] or None)`` after one pass over this rank's vocabulary; ``plan`` fixes the tiles (a stored
+    source's backward reads the same ones back)."""
+    n, vocab, sdt = rows.n, policy.vocab, policy.out_dtype
+    stats = new_stats(n, sdt, device, logging=logging)
+    ref_stats = None if ref is None else new_ref_stats(n, sdt, device)
+    plan = tile_plan(rows, policy, ref, opts, device) if plan is None else plan
+    for n0, n1 in plan.token_blocks(n):
+        for v0, v1 in plan.vocab_chunks(vocab):
+            tile = policy.tile(n0, n1, v0, v1, rows.labels)
+            ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
+            policy.fold(kernels, tile, stats[:, n0:n1], ref_tile, None if ref is None else ref_stats[:, n0:n1], opts)
+    return stats, ref_stats
+
+
+def finish_forward(stats, ref_stats, rows: KeptTokens, shape: torch.Size, vocab_slice: VocabSlice | None,
+                   vocab: int, logging: bool) -> tuple[TokenStats, torch.Tensor, torch.Tensor | None]:
+    """Combine across a vocabulary-parallel group, then ``(token_stats, lse, ref_lse)``: the per-token results
+    scattered to ``shape``, and ``lse`` (and ``ref_lse``) ``[n]`` at the kept tokens, what a backward needs."""
+    if vocab_slice is not None:
+        combine(stats, ref_stats, vocab_slice.group)
+    sdt = stats.dtype
+    lse = finish_lse(stats[StatRow.MAX], stats[StatRow.SUM])
+    ref_lse = None if ref_stats is None else finish_lse(ref_stats[RefRow.MAX], ref_stats[RefRow.SUM])
+    offset, total = (0, vocab) if vocab_slice is None else (vocab_slice.start, vocab_slice.total)
+    labels = rows.labels + offset  # global ids: one with check_labels=False may be out of range (NaN, never a crash)
+    logp = rows.scatter(nan_out_of_vocab(stats[StatRow.LABEL_LOGIT] - lse, labels, total), shape, sdt)
+    ref_logp = kl = logged = None
+    if ref_stats is not None:
+        ref_logp = rows.scatter(nan_out_of_vocab(ref_stats[RefRow.LABEL_LOGIT] - ref_lse, labels, total), shape, sdt)
+        kl = rows.scatter(ref_stats[RefRow.WEIGHTED] / ref_stats[RefRow.SUM] - ref_lse + lse, shape, sdt)
+    if logging:
+        values = logging_outputs(stats, lse, total)
+        logged = {name: rows.scatter(values[name], shape, values[name].dtype) for name in LOGGED_OUTPUTS}
+    return TokenStats(logp, ref_logp, kl, logged), lse, ref_lse
+
+
+def upstream(rows: KeptTokens, grad_logp, grad_kl, sdt: torch.dtype, device: torch.device):
+    """``(g, g_kl)`` at the kept tokens: ``g`` zeros when the log-probs got no gradient, ``g_kl`` ``None`` when
+    the KL got none (the reference is then never read)."""
+    g = torch.zeros(rows.n, dtype=sdt, device=device) if grad_logp is None else rows.select(grad_logp, sdt)
+    return g, (None if grad_kl is None else rows.select(grad_kl, sdt))
+
+
+@dataclass(frozen=True)
+class Backward:
+    """What every backward tile reads: the forward's ``lse`` (and ``ref_lse``) and the upstream gradients ``g`` (and
+    ``g_kl``, ``None`` when the KL received none) at the kept tokens, the options and the backend's tile kernels."""
+
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    g: torch.Tensor
+    g_kl: torch.Tensor | None
+    opts: TokenOptions
+    kernels: TileKernels
+
+
+class _DzScratch:
+    """``dZ`` tiles in the GEMM operand dtype (``dtype`` ``None``: ``dZ`` overwrites the fp32 tile)."""
+
+    def __init__(self, plan: TilePlan, n: int, vocab: int, dtype: torch.dtype | None, device: torch.device) -> None:
+        size = min(n, plan.tokens) * min(vocab, plan.vocab)
+        self.buffer = None if dtype is None else torch.empty(size, dtype=dtype, device=device)
+
+    def like(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.buffer is None else self.buffer[: logits.numel()].view(logits.shape)
+
+
+def _logits_grad(policy, ref, rows: KeptTokens, block: tuple[int, int, int, int], bw: Backward,
+                 dz_scratch: _DzScratch) -> torch.Tensor | None:
+    """``dZ [n1 - n0, v1 - v0]`` of the tile ``block = (n0, n1, v0, v1)``; ``None`` when the gradient filter skips
+    the tile."""
+    n0, n1, v0, v1 = block
+    tile = policy.tile(n0, n1, v0, v1, rows.labels)
+    ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
+    dz = dz_scratch.like(tile.logits)
+    kept = bw.kernels.grad(tile, bw.lse[n0:n1], bw.g[n0:n1], ref_tile, None if ref is None else bw.ref_lse[n0:n1],
+                           None if bw.g_kl is None else bw.g_kl[n0:n1], bw.opts, dz)
+    return dz if kept else None
+
+
+def grad_all(rows: KeptTokens, policy: GemmSource, ref: GemmSource | None, bw: Backward,
+             need: tuple[bool, bool, bool], plan: TilePlan | None = None, dw_into: torch.Tensor | None = None):
+    """Backward of the linear path, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V]
+    fp32)``, ``None`` for each gradient not in ``need``. ``dw_into``: an fp32 ``[V, D]`` buffer the weight gradient
+    is accumulated into (and returned), for a gradient summed over several calls; ``plan``: the forward's, for
+    stored tiles."""
+    need_dh, need_dw, need_db = need
+    products, weight = policy.products, policy.weight
+    n, (vocab, dim), device, sdt = rows.n, weight.shape, policy.h.device, products.out_dtype
+    dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
+    accumulate = need_dw and dw_into is not None
+    dw = (dw_into if accumulate else torch.empty((vocab, dim), dtype=weight.dtype, device=device)) if need_dw else None
+    db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
+    dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
+    if plan is None:
+        plan = tile_plan(rows, policy, ref, bw.opts, device, 0 if dz_dtype is None else products.operand_bytes)
+    one_block = plan.single_token_block(n)
+    dz_scratch = _DzScratch(plan, n, vocab, dz_dtype, device)
+    for v0, v1 in plan.vocab_chunks(vocab):
+        dw_acc, dw_written = None, False
+        for n0, n1 in plan.token_blocks(n):
+            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, dz_scratch)
+            if dz is None:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
+                continue
+            if need_dh:
+                products.accumulate(dh[n0:n1], dz, policy.weight_chunk(v0, v1))
+            if accumulate:
+                products.accumulate(dw[v0:v1], dz.T, policy.h[n0:n1])
+            elif need_dw:
+                if one_block and products.write(dw[v0:v1], dz.T, policy.h[n0:n1]):
+                    dw_written = True
+                else:
+                    if dw_acc is None:
+                        dw_acc = torch.zeros((v1 - v0, dim), dtype=sdt, device=device)
+                    products.accumulate(dw_acc, dz.T, policy.h[n0:n1])
+            if need_db:
+                db[v0:v1] += dz.sum(dim=0, dtype=sdt)
+        if need_dw and not accumulate and not dw_written:
+            dw[v0:v1].copy_(dw_acc) if dw_acc is not None else dw[v0:v1].zero_()
+    return dh, dw, db
+
+
+# --------------------------------------------------------------------------------------------- the recompute passes
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What a forward hands its backward besides the input tensors: the kept tokens, ``lse`` (and ``ref_lse``)
+    ``[n]`` at them, the options and tile kernels, and for the linear path the reference head, both heads'
+    :class:`Products` and the vocabulary slice."""
+
+    rows: KeptTokens
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    opts: TokenOptions
+    kernels: TileKernels
+    ref: LinearHead | None = None
+    products: Products | None = None
+    ref_products: Products | None = None
+    vocab_slice: VocabSlice | None = None
+
+
+def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
+                   ref_products: Products | None, opts: TokenOptions, kernels: TileKernels, logging: bool = False,
+                   vocab_slice: VocabSlice | None = None, kept_count: int | None = None):
+    """Forward of the linear path with the products of :func:`head_products`: ``(token_stats, state)``;
+    ``kept_count`` as for :class:`KeptTokens`."""
+    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start, kept_count)
+    with no_autocast(hidden.device):
+        policy = GemmSource.of(LinearHead(hidden, weight, bias), rows, products)
+        ref_source = None if ref is None else GemmSource.of(ref, rows, ref_products)
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device)
+    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
+    return out, ForwardState(rows, lse, ref_lse, opts, kernels, ref, products, ref_products, vocab_slice)
+
+
+def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_kl, need: tuple[bool, bool, bool],
+                    head_context=None):
+    """Backward of the linear path from its forward's ``state``: ``(dhidden like hidden, dweight like weight, dbias
+    like bias)``, ``None`` for a gradient not in ``need``; the reference is read only when ``grad_kl`` is given.
+    ``head_context(weight, bias)``: a context entered around the backward's use of the head (a ZeRO-3 gather)."""
+    rows, products = state.rows, state.products
+    g, g_kl = upstream(rows, grad_logp, grad_kl, products.out_dtype, hidden.device)
+    gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
+    with no_autocast(hidden.device), gathered:
+        policy = GemmSource.of(LinearHead(hidden, weight, bias), rows, products)
+        ref_source = None if g_kl is None else GemmSource.of(state.ref, rows, state.ref_products)
+        bw = Backward(state.lse, state.ref_lse, g, g_kl, state.opts, state.kernels)
+        dh, dw, db = grad_all(rows, policy, ref_source, bw, need)
+    if dh is not None and state.vocab_slice is not None:
+        all_reduce_hidden_grad(dh, state.vocab_slice.group)
+    return (None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype), dw,
+            None if db is None else db.to(bias.dtype))
+
+
+def head_products(hidden, weight, ref: LinearHead | None,
+                  compute: tuple[torch.dtype, torch.dtype] | None = None) -> tuple[Products, Products | None]:
+    """How each head's products are computed, in the statistics dtype of all the inputs. ``compute``: the policy's
+    and the reference's product dtypes when they were decided earlier (an op runs outside the caller's autocast);
+    by default :func:`product_dtype` under the autocast state of this call."""
+    inputs = (hidden, weight) if ref is None else (hidden, weight, ref.hidden, ref.weight)
+    sdt = statistics_dtype(*(t.dtype for t in inputs))
+    if compute is None:
+        compute = (product_dtype(hidden, weight), None if ref is None else product_dtype(ref.hidden, ref.weight))
+    device_type = hidden.device.type
+    products = Products.in_dtype(compute[0], device_type, sdt)
+    report_products(products, hidden, weight)
+    if ref is None:
+        return products, None
+    ref_products = Products.in_dtype(compute[1], device_type, sdt)
+    report_products(ref_products, ref.hidden, ref.weight)
+    return products, ref_products
+
+
+def logits_forward(logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels,
+                   vocab_slice: VocabSlice | None = None):
+    """Forward over given logits: ``(token_stats, state)``."""
+    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
+    sdt = _logits_statistics_dtype(logits, ref_logits)
+    policy = LogitsSource(logits, rows, sdt)
+    ref = None if ref_logits is None else LogitsSource(ref_logits, rows, sdt)
+    stats, ref_stats = fold_all(rows, policy, ref, opts, kernels, False, logits.device)
+    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
+    return out, ForwardState(rows, lse, ref_lse, opts, kernels, vocab_slice=vocab_slice)
+
+
+def logits_backward(logits, ref_logits, state: ForwardState, grad_logp, grad_kl) -> torch.Tensor:
+    """The logits' gradient (0 at ignored tokens), written into ``logits`` itself with ``opts.inplace_backward``."""
+    rows, opts = state.rows, state.opts
+    sdt = _logits_statistics_dtype(logits, ref_logits)
+    g, g_kl = upstream(rows, grad_logp, grad_kl, sdt, logits.device)
+    policy = LogitsSource(logits, rows, sdt)
+    ref = None if g_kl is None else LogitsSource(ref_logits, rows, sdt)
+    if opts.inplace_backward:  # every element is read into a tile before its gradient overwrites it
+        grad = logits
+        ignored = rows.ignored_positions(logits)
+        if ignored is not None:
+            grad[ignored] = 0
+    else:
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    n, vocab = rows.n, logits.shape[-1]
+    dz_dtype = None if logits.dtype == sdt else logits.dtype
+    plan = tile_plan(rows, policy, ref, opts, logits.device, 0 if dz_dtype is None else logits.dtype.itemsize)
+    dz_scratch = _DzScratch(plan, n, vocab, dz_dtype, logits.device)
+    bw = Backward(state.lse, state.ref_lse, g, g_kl, opts, state.kernels)
+    for n0, n1 in plan.token_blocks(n):
+        r, t = rows.positions(n0, n1, logits)
+        for v0, v1 in plan.vocab_chunks(vocab):
+            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, dz_scratch)
+            grad[r, t, v0:v1] = 0 if dz is None else dz
+    return grad
+
+
+def _logits_statistics_dtype(logits, ref_logits) -> torch.dtype:
+    return statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))
