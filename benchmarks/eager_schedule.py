@@ -28,7 +28,7 @@ import time
 import torch
 
 import dpo_kernels
-from output import add_out_argument, out_dir
+from output import add_out_argument, add_shape_arguments, out_dir
 
 GOALS = {"sigmoid": 0.82, "tdpo2": 0.70}
 
@@ -76,10 +76,7 @@ def _peak(args, loss_type: str, schedule: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(parser, pairs=4, seq=512, hidden=512, vocab=32000)
     parser.add_argument("--masked", type=float, default=0.25)
     parser.add_argument("--budget-mb", type=float, default=512.0)
     parser.add_argument("--rounds", type=int, default=15)

@@ -13,16 +13,14 @@ import torch
 
 from dpo_kernels import fused_dpo_loss
 from dpo_kernels.timing import PeakMemory
+from output import add_shape_arguments
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(parser, pairs=4, seq=128, hidden=64, vocab=32000)
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     rows, device = 2 * args.pairs, torch.device(args.device)

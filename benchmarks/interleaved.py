@@ -29,6 +29,7 @@ import torch
 
 import dpo_kernels
 from dpo_kernels.ops import backends_for
+from output import add_shape_arguments
 
 
 def _inputs(n: int, d: int, v: int, dtype: torch.dtype, seed: int = 0):
@@ -94,10 +95,7 @@ def measure(case: str, n: int, d: int, v: int, dtype: torch.dtype, rounds: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=("logprobs", "kl"), default="logprobs")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--dtype", default="float32")
+    add_shape_arguments(parser, tokens=4096, hidden=512, vocab=32000, dtype="float32")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--impls", default=None, help="comma-separated; default: naive and every CPU backend")
     parser.add_argument("--json", default=None, help="write the measurements here (nothing is written otherwise)")

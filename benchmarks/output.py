@@ -19,6 +19,14 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
                              "benchmarks/results/<device>/ holds the committed ones)")
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser, **defaults: int | str) -> None:
+    """``--tokens``, ``--pairs``, ``--seq``, ``--hidden``, ``--vocab`` (ints) and ``--dtype``: the ones given, with
+    their defaults, in that order."""
+    for name in ("tokens", "pairs", "seq", "hidden", "vocab", "dtype"):
+        if name in defaults:
+            parser.add_argument(f"--{name}", type=type(defaults[name]), default=defaults[name])
+
+
 def out_dir(out: Path | None, device: str) -> Path:
     """The folder to write to, created: ``out`` as given, else ``benchmarks/out/<device>``."""
     folder = DEFAULT / device if out is None else out

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from output import add_out_argument, out_dir
+from output import add_out_argument, add_shape_arguments, out_dir
 
 
 def _child(case: str, impl: str, n: int, d: int, v: int, dtype_name: str) -> dict:
@@ -105,10 +105,7 @@ def _cpu_backends() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=("linear", "logits"), default="linear")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--dtype", default="float32")
+    add_shape_arguments(parser, tokens=4096, hidden=512, vocab=32000, dtype="float32")
     parser.add_argument("--impls", default=None, help="comma-separated; default: naive and every available backend")
     parser.add_argument("--check", type=float, default=None, help="fail if any fused/naive extra-peak ratio exceeds it")
     parser.add_argument("--no-save", action="store_true", help="print only")

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from output import add_out_argument, out_dir
+from output import add_out_argument, add_shape_arguments, out_dir
 
 
 def _child(impl: str, hidden: int, vocab: int, seq: int, pairs: int) -> dict:
@@ -72,10 +72,7 @@ def _child(impl: str, hidden: int, vocab: int, seq: int, pairs: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--pairs", type=int, default=4)
+    add_shape_arguments(parser, hidden=256, vocab=128256, seq=512, pairs=4)
     parser.add_argument("--impls", default="stock,patched,logits")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     add_out_argument(parser)

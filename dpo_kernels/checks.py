@@ -13,7 +13,7 @@ import torch
 from .host_read import LabelFacts, read_label_facts
 from .ops import vocab_parallel
 from .ops.vocab_parallel import VocabSlice
-from .options import TOKEN_OPTION_FIELDS, TokenOptions
+from .options import TokenOptions
 from .validation import (
     require_float,
     require_labels,
@@ -76,12 +76,6 @@ def check_label_range(labels: torch.Tensor, vocab: int, opts: TokenOptions, name
     if not (counts or per_row or first_column) or torch.compiler.is_compiling():
         return None
     return read_label_facts(labels, opts.ignore_index, per_row=per_row, first_column=first_column)
-
-
-def options_of(given: dict) -> TokenOptions:
-    """The :class:`TokenOptions` of a primitive's keyword arguments (``locals()`` at its start): each field from the
-    argument of its name, the dataclass's default where the primitive has no such argument."""
-    return TokenOptions(**{name: given[name] for name in TOKEN_OPTION_FIELDS if name in given})
 
 
 # --------------------------------------------------------------------------------------------- vocabulary parallel

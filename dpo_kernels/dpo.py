@@ -13,30 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import losses
-from .checks import (
-    check_agree,
-    check_head,
-    check_label_range,
-    check_logits,
-    check_same_on_every_rank,
-    local_head,
-    total_vocab,
-    vocab_slice_of,
-)
+from . import checks, losses
+from .host_read import LabelFacts
+from .metrics import PendingMetrics
 from .ops import dispatch
 from .ops.common import LinearHead
 from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
 from .ops.linear.plan import eager_budget_bytes
 from .ops.registry import require_backend
-from .ops.vocab_parallel import VocabSlice
 from .ops.torch_chunked import log_sum_sq_probs
-from .options import TOKEN_OPTION_FIELDS, TokenOptions, statistics_dtype
-from .host_read import LabelFacts
-from .metrics import PendingMetrics
+from .ops.vocab_parallel import VocabSlice
+from .options import TOKEN_OPTION_FIELDS, TokenOptions, option_keywords, statistics_dtype
 from .validation import is_finite_number, require_float, require_labels, require_positive, require_same_device
-
 
 _OBJECTIVE_DEFAULTS = losses.ObjectiveConfig()
 SCHEDULES = ("auto", "eager", "recompute")
@@ -209,6 +198,7 @@ class DPOLossOutput:
             self.pending_metrics.update(_compiled_metrics(values))
 
 
+@option_keywords(DPOLossConfig)
 def fused_dpo_loss(
     *,
     labels: torch.Tensor,
@@ -221,34 +211,7 @@ def fused_dpo_loss(
     ref_lm_head_weight: torch.Tensor | None = None,
     ref_lm_head_bias: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    beta: float = 0.1,
-    alpha: float = 0.5,
-    label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
-    discopop_tau: float = 0.05,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    reference_free: bool = False,
-    average_log_prob: bool = False,
-    use_weighting: bool = False,
-    ld_alpha: float | None = None,
-    ignore_index: int = -100,
-    shift: bool = False,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    backend: str = "auto",
-    schedule: str = "auto",
-    eager_budget_mb: float | None = None,
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    tile_budget_mb: float | None = None,
-    inplace_backward: bool = False,
-    grad_filter_eps: float | None = None,
-    vocab_parallel_group=None,
-    check_labels: bool = True,
+    **options,
 ) -> DPOLossOutput:
     """A preference-optimisation loss over ``B`` pairs stacked as ``2B`` rows (chosen first, then rejected).
 
@@ -294,10 +257,9 @@ def fused_dpo_loss(
     computed beside the policy's, for the same kept tokens, in the forward only; the backward recomputes the policy
     alone (and the reference only for TDPO's KL gradient).
     """
-    # each keyword argument goes to the dataclass field of its name (no comprehension here: its cell variables would
-    # stop Dynamo from tracing locals())
-    config = DPOLossConfig(**_pick(locals(), _CONFIG_FIELDS))
-    inputs = PreferenceInputs(**_pick(locals(), _INPUT_FIELDS))
+    config = DPOLossConfig(**options)
+    inputs = PreferenceInputs(labels, policy_logits, policy_hidden, lm_head_weight, lm_head_bias, ref_logits, ref_hidden,
+                              ref_lm_head_weight, ref_lm_head_bias, ref_logps)
     return compute_dpo_loss(config, inputs)
 
 
@@ -368,8 +330,9 @@ class PreferenceInputs:
 
     def local_heads(self, group) -> tuple["PreferenceInputs", object]:
         """DTensor heads (sharded on dim 0) replaced by this rank's slices, and the vocabulary-parallel group."""
-        weight, bias, group = local_head(self.lm_head_weight, self.lm_head_bias, group, self.labels)
-        ref_weight, ref_bias, group = local_head(self.ref_lm_head_weight, self.ref_lm_head_bias, group, self.labels)
+        weight, bias, group = checks.local_head(self.lm_head_weight, self.lm_head_bias, group, self.labels)
+        ref_weight, ref_bias, group = checks.local_head(self.ref_lm_head_weight, self.ref_lm_head_bias, group,
+                                                        self.labels)
         return dataclasses.replace(self, lm_head_weight=weight, lm_head_bias=bias, ref_lm_head_weight=ref_weight,
                                    ref_lm_head_bias=ref_bias), group
 
@@ -378,10 +341,10 @@ class PreferenceInputs:
         """Shapes, dtypes and devices of every tensor against each other, and the label range, checked once; the
         label range, the kept tokens of each row and the unshifted-labels check share one host read."""
         if self.policy_logits is not None:
-            check_logits("policy_logits", self.policy_logits, labels)
+            checks.check_logits("policy_logits", self.policy_logits, labels)
             vocab = self.policy_logits.shape[-1]
         else:
-            check_head(
+            checks.check_head(
                 ("policy_hidden", self.policy_hidden),
                 ("lm_head_weight", self.lm_head_weight),
                 ("lm_head_bias", self.lm_head_bias),
@@ -390,10 +353,10 @@ class PreferenceInputs:
             vocab = self.lm_head_weight.shape[0]
         policy = self.policy_logits if self.policy_logits is not None else self.policy_hidden
         if self.ref_logits is not None:
-            check_logits("ref_logits", self.ref_logits, labels)
+            checks.check_logits("ref_logits", self.ref_logits, labels)
             reference, ref_vocab = self.ref_logits, self.ref_logits.shape[-1]
         elif self.ref_hidden is not None:
-            check_head(
+            checks.check_head(
                 ("ref_hidden", self.ref_hidden),
                 ("ref_lm_head_weight", self.ref_lm_head_weight),
                 ("ref_lm_head_bias", self.ref_lm_head_bias),
@@ -407,7 +370,7 @@ class PreferenceInputs:
         if reference is not None:
             policy_name = "policy_logits" if self.policy_logits is not None else "policy_hidden"
             ref_name = "ref_logits" if self.ref_logits is not None else "ref_hidden"
-            check_agree(**{policy_name: policy, ref_name: reference})
+            checks.check_agree(**{policy_name: policy, ref_name: reference})
         if self.ref_logps is not None:
             ref = require_float("ref_logps", self.ref_logps)
             rows, seq = labels.shape[0], labels.shape[1] - (1 if config.shift else 0)
@@ -418,24 +381,18 @@ class PreferenceInputs:
                 )
             require_same_device(labels=labels, ref_logps=ref)
         scored = labels[:, 1:] if config.shift else labels
-        vocab_slice = vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
+        vocab_slice = checks.vocab_slice_of(config.vocab_parallel_group, vocab, policy.device)
         unshifted_check = config.check_labels and not config.shift and not _warned_unshifted
-        facts = check_label_range(scored, total_vocab(vocab_slice, vocab), config.token_options, per_row=True,
-                                  first_column=unshifted_check)
-        check_same_on_every_rank(vocab_slice, config.token_options, labels, self.policy_hidden, self.ref_hidden)
+        facts = checks.check_label_range(scored, checks.total_vocab(vocab_slice, vocab), config.token_options,
+                                         per_row=True, first_column=unshifted_check)
+        checks.check_same_on_every_rank(vocab_slice, config.token_options, labels, self.policy_hidden, self.ref_hidden)
         if unshifted_check and facts is not None and facts.first_scored:
             _warn_unshifted()
         return vocab_slice, facts
 
 
-# fused_dpo_loss's keyword arguments, split between the options and the tensors (a test keeps its signature equal to
-# the union of the two dataclasses' fields, so a new option cannot be left out of it)
+# DPOLossConfig's options (fused_dpo_loss's keywords besides the tensors, derived from them by option_keywords)
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DPOLossConfig) if f.init)
-_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(PreferenceInputs))
-
-
-def _pick(values: dict, names: tuple[str, ...]) -> dict:
-    return {name: values[name] for name in names}
 
 
 _warned_unshifted = False
@@ -759,6 +716,7 @@ class FusedDPOLoss(nn.Module):
         out.loss.backward()
     """
 
+    @option_keywords(DPOLossConfig)
     def __init__(self, **options) -> None:
         super().__init__()
         self.config = DPOLossConfig(**options)

@@ -7,6 +7,9 @@ positional arguments and adding an option touches one place.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +86,42 @@ class TokenOptions:
 # TokenOptions' field names in order, for code that maps them to and from arguments of the same names (named at import:
 # Dynamo cannot call dataclasses.fields while tracing)
 TOKEN_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(TokenOptions))
+
+
+def option_keywords(*declarations: type, only: Collection[str] | None = None) -> Callable:
+    """Decorates a function taking ``**options``: its signature gets one keyword-only parameter per field of the
+    ``declarations`` (dataclasses; with ``only``, just those fields), with the field's default and annotation, so that
+    an option is declared once, in its dataclass, and every public function taking it shows it as a keyword
+    (``help()``, ``inspect.signature``, IDEs that read signatures). A keyword that is not one of them is refused
+    with Python's own ``TypeError``. The function receives the options given, and builds its dataclass from them
+    (whose defaults fill the rest)."""
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        taken = {p.name for p in own}
+        added = []
+        for declaration in declarations:
+            for f in dataclasses.fields(declaration):
+                if f.init and f.name not in taken and (only is None or f.name in only):
+                    added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                                   annotation=f.type))
+                    taken.add(f.name)
+        allowed = frozenset(p.name for p in added)
+        positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for name in kwargs:
+                if name not in allowed and name not in taken:
+                    raise TypeError(f"{fn.__name__}() got an unexpected keyword argument {name!r}")
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*positional, *keyword, *added])
+        return wrapper
+
+    return decorate
 
 
 def statistics_dtype(*dtypes: torch.dtype) -> torch.dtype:

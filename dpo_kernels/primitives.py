@@ -4,6 +4,10 @@ Each is differentiable with respect to the policy inputs (logits, or hidden stat
 reference inputs never receive a gradient. Statistics are fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs,
 and exactly 0 at positions whose label is ``ignore_index``.
 
+Options: the keyword options of :class:`~dpo_kernels.options.TokenOptions` (declared and documented there; each
+primitive takes the ones that apply to it, see ``LOGITS_OPTIONS`` and ``LINEAR_OPTIONS``), ``backend`` and
+``vocab_parallel_group``.
+
 Shapes: ``labels [..., T]`` with any leading dimensions; logits ``[..., T, V]``; hidden states ``[..., T, D]``;
 head weight ``[V, D]``; bias ``[V]``. Outputs have the shape of ``labels``.
 
@@ -25,27 +29,23 @@ from .checks import (
     check_logits,
     check_same_on_every_rank,
     local_head,
-    options_of,
     total_vocab,
     vocab_slice_of,
 )
 from .ops import dispatch
 from .ops.common import LinearHead
+from .options import TokenOptions, option_keywords
+
+# The TokenOptions fields each kind of primitive takes (every option is declared once, in TokenOptions)
+LOGITS_OPTIONS = ("ignore_index", "temperature", "softcap", "logit_scale", "token_chunk_size", "inplace_backward",
+                  "check_labels")
+LINEAR_OPTIONS = ("ignore_index", "temperature", "softcap", "logit_scale", "token_chunk_size", "vocab_chunk_size",
+                  "tile_budget_mb", "grad_filter_eps", "check_labels")
 
 
+@option_keywords(TokenOptions, only=LOGITS_OPTIONS)
 def token_logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    backend: str = "auto",
-    token_chunk_size: int | None = None,
-    inplace_backward: bool = False,
-    vocab_parallel_group=None,
-    check_labels: bool = True,
+    logits: torch.Tensor, labels: torch.Tensor, *, backend: str = "auto", vocab_parallel_group=None, **options
 ) -> torch.Tensor:
     """Per-token log-probabilities ``log softmax(z)[label]`` from logits ``[..., T, V]``; returns ``[..., T]``.
 
@@ -54,28 +54,13 @@ def token_logprobs(
     caller no longer needs them, e.g. they come out of the LM head); refused for a leaf that requires grad, and any
     other autograd use of the overwritten logits then raises PyTorch's in-place modification error.
     """
-    opts = options_of(locals())
-    check_logits("logits", logits, labels)
-    vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
-    check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
-    check_same_on_every_rank(vs, opts, labels)
-    return dispatch.logits_stats(logits, None, labels, opts, backend, vs).public()
+    return _from_logits(logits, None, labels, TokenOptions(**options), backend, vocab_parallel_group)
 
 
+@option_keywords(TokenOptions, only=LOGITS_OPTIONS)
 def token_logprobs_and_kl(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    backend: str = "auto",
-    token_chunk_size: int | None = None,
-    inplace_backward: bool = False,
-    vocab_parallel_group=None,
-    check_labels: bool = True,
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, *, backend: str = "auto",
+    vocab_parallel_group=None, **options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and the per-token ``KL(ref || policy)``, in one pass over both rows.
 
@@ -85,37 +70,13 @@ def token_logprobs_and_kl(
     ``ref_logps`` is not differentiable and ``ref_logits`` receives no gradient. ``inplace_backward`` as in
     :func:`token_logprobs`.
     """
-    opts = options_of(locals())
-    check_logits("logits", logits, labels)
-    check_logits("ref_logits", ref_logits, labels)
-    check_agree(logits=logits, ref_logits=ref_logits)
-    if ref_logits.shape[-1] != logits.shape[-1]:
-        raise ValueError(
-            f"ref_logits must have the vocabulary size of logits ({logits.shape[-1]}), got {ref_logits.shape[-1]}"
-        )
-    vs = vocab_slice_of(vocab_parallel_group, logits.shape[-1], logits.device)
-    check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
-    check_same_on_every_rank(vs, opts, labels)
-    return dispatch.logits_stats(logits, ref_logits, labels, opts, backend, vs).public()
+    return _from_logits(logits, ref_logits, labels, TokenOptions(**options), backend, vocab_parallel_group)
 
 
+@option_keywords(TokenOptions, only=LINEAR_OPTIONS)
 def linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    backend: str = "auto",
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    tile_budget_mb: float | None = None,
-    grad_filter_eps: float | None = None,
-    vocab_parallel_group=None,
-    check_labels: bool = True,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    backend: str = "auto", vocab_parallel_group=None, **options
 ) -> torch.Tensor:
     """Per-token log-probs of ``z = hidden @ weight.T (+ bias)`` without building the ``[N, V]`` logits.
 
@@ -133,36 +94,15 @@ def linear_token_logprobs(
     every ``|softmax - onehot|`` is below it; each skipped gradient entry of the logits is then at most
     ``eps * |upstream grad|`` (before the transform's factor).
     """
-    opts = options_of(locals())
-    weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
-    check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
-    vs = vocab_slice_of(group, weight.shape[0], hidden.device)
-    facts = check_label_range(labels, total_vocab(vs, weight.shape[0]), opts, counts=True)
-    check_same_on_every_rank(vs, opts, labels, hidden)
-    return dispatch.linear_stats(LinearHead(hidden, weight, bias), None, labels, opts, backend, vocab_slice=vs,
-                                 kept_count=None if facts is None else facts.kept).public()
+    return _from_hidden(LinearHead(hidden, weight, bias), None, labels, TokenOptions(**options), backend,
+                        vocab_parallel_group)
 
 
+@option_keywords(TokenOptions, only=LINEAR_OPTIONS)
 def linear_token_logprobs_and_kl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    backend: str = "auto",
-    token_chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    tile_budget_mb: float | None = None,
-    grad_filter_eps: float | None = None,
-    vocab_parallel_group=None,
-    check_labels: bool = True,
+    hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+    labels: torch.Tensor, *, bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None,
+    backend: str = "auto", vocab_parallel_group=None, **options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and ``KL(ref || policy)`` per token from two heads, in one pass.
 
@@ -174,19 +114,41 @@ def linear_token_logprobs_and_kl(
     :func:`linear_token_logprobs`, the tile budget shared by both heads.
     ``grad_filter_eps`` as in :func:`linear_token_logprobs`, also requiring every ``|softmax - q|`` below it.
     """
-    opts = options_of(locals())
-    weight, bias, group = local_head(weight, bias, vocab_parallel_group, labels)
-    ref_weight, ref_bias, _ = local_head(ref_weight, ref_bias, group, labels)
-    check_head(("hidden", hidden), ("weight", weight), ("bias", bias), labels)
-    check_head(("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), labels)
-    check_agree(hidden=hidden, ref_hidden=ref_hidden)
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got {ref_weight.shape[0]}"
-        )
-    vs = vocab_slice_of(group, weight.shape[0], hidden.device)
+    return _from_hidden(LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias), labels,
+                        TokenOptions(**options), backend, vocab_parallel_group)
+
+
+def _from_logits(logits, ref_logits, labels, opts: TokenOptions, backend: str, group):
+    """The from-logits primitives after their options: the checks, then the dispatch."""
+    check_logits("logits", logits, labels)
+    if ref_logits is not None:
+        check_logits("ref_logits", ref_logits, labels)
+        check_agree(logits=logits, ref_logits=ref_logits)
+        if ref_logits.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"ref_logits must have the vocabulary size of logits ({logits.shape[-1]}), got {ref_logits.shape[-1]}"
+            )
+    vs = vocab_slice_of(group, logits.shape[-1], logits.device)
+    check_label_range(labels, total_vocab(vs, logits.shape[-1]), opts)
+    check_same_on_every_rank(vs, opts, labels)
+    return dispatch.logits_stats(logits, ref_logits, labels, opts, backend, vs).public()
+
+
+def _from_hidden(policy: LinearHead, ref: LinearHead | None, labels, opts: TokenOptions, backend: str, group):
+    """The linear primitives after their options: a DTensor head made local, the checks, then the dispatch."""
+    weight, bias, group = local_head(policy.weight, policy.bias, group, labels)
+    check_head(("hidden", policy.hidden), ("weight", weight), ("bias", bias), labels)
+    policy = LinearHead(policy.hidden, weight, bias)
+    if ref is not None:
+        ref_weight, ref_bias, _ = local_head(ref.weight, ref.bias, group, labels)
+        check_head(("ref_hidden", ref.hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), labels)
+        check_agree(hidden=policy.hidden, ref_hidden=ref.hidden)
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must have the vocabulary size of weight ({weight.shape[0]} rows), got "
+                             f"{ref_weight.shape[0]}")
+        ref = LinearHead(ref.hidden, ref_weight, ref_bias)
+    vs = vocab_slice_of(group, weight.shape[0], policy.hidden.device)
     facts = check_label_range(labels, total_vocab(vs, weight.shape[0]), opts, counts=True)
-    check_same_on_every_rank(vs, opts, labels, hidden, ref_hidden)
-    policy, ref = LinearHead(hidden, weight, bias), LinearHead(ref_hidden, ref_weight, ref_bias)
+    check_same_on_every_rank(vs, opts, labels, policy.hidden, None if ref is None else ref.hidden)
     return dispatch.linear_stats(policy, ref, labels, opts, backend, vocab_slice=vs,
                                  kept_count=None if facts is None else facts.kept).public()

@@ -11,7 +11,7 @@ from _common import TRAINER_OPTIONS, report, synthetic_preferences, tiny_causal_
 from dpo_kernels.integrations.trl import FusedDPOConfig, FusedDPOTrainer
 
 model = tiny_causal_lm("qwen2")
-args = FusedDPOConfig(loss_type=["tdpo2"], beta=0.1, tdpo_alpha=0.5, **TRAINER_OPTIONS)
+args = FusedDPOConfig(loss_type=["tdpo2"], beta=0.1, alpha=0.5, **TRAINER_OPTIONS)
 trainer = FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                           train_dataset=synthetic_preferences(64), processing_class=tiny_tokenizer())
 trainer.train()

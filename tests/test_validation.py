@@ -238,3 +238,17 @@ def test_check_labels_false_skips_the_host_sync(monkeypatch):
 
 
 from dpo_kernels.ops.registry import resolve_backend as _resolve  # noqa: E402
+
+
+def test_a_keyword_a_primitive_does_not_take_is_refused_by_name():
+    """Issue 28: the primitives' option keywords come from TokenOptions (declared once); each takes the ones that
+    apply to it, and any other keyword is refused as Python refuses one."""
+    import inspect
+
+    x = _inputs()
+    with pytest.raises(TypeError, match="token_logprobs\\(\\) got an unexpected keyword argument 'vocab_chunk_size'"):
+        token_logprobs(x["policy_logits"], x["labels"], vocab_chunk_size=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'betta'"):
+        fused_dpo_loss(**x, betta=0.1)
+    assert "vocab_chunk_size" in inspect.signature(linear_token_logprobs).parameters
+    assert "inplace_backward" not in inspect.signature(linear_token_logprobs).parameters

@@ -247,10 +247,30 @@ def _dpo_config_fields(DPOConfig) -> dict:
     return {f.name: f for f in dataclasses.fields(DPOConfig) if f.name not in base}
 
 
+# FusedDPOConfig's kernel fields: ``kernel_<name>`` is fused_dpo_loss's ``<name>`` (the prefix keeps them apart from
+# TrainingArguments' own backends and schedules), with DPOLossConfig's default; the one table both directions use.
+KERNEL_FIELDS = {"kernel_backend": "backend", "kernel_tile_budget_mb": "tile_budget_mb",
+                 "kernel_schedule": "schedule", "kernel_eager_budget_mb": "eager_budget_mb"}
+# an old field name still taken, with a FutureWarning: old name -> the field now
+RENAMED_FIELDS = {"tdpo_alpha": "alpha"}
+
+
 def check_kernel_fields(args) -> None:
-    """``FusedDPOConfig``'s own fields, checked under the names the user set, when the config is made."""
+    """``FusedDPOConfig``'s own fields, checked under the names the user set, when the config is made; a field set
+    under its old name (:data:`RENAMED_FIELDS`) moves to its new one, with a ``FutureWarning``."""
     from ..dpo import SCHEDULES
     from ..validation import is_finite_number, is_positive_finite
+
+    for old, new in RENAMED_FIELDS.items():
+        value = getattr(args, old)
+        if value is None:
+            continue
+        if not (is_finite_number(value) and value >= 0):
+            raise ValueError(f"{old} (TDPO2's weight of the KL difference) must be a number >= 0, got {value!r}")
+        warnings.warn(f"FusedDPOConfig.{old} is now {new} (fused_dpo_loss's name); {old} will be removed",
+                      FutureWarning, stacklevel=4)
+        setattr(args, new, value)
+        setattr(args, old, None)
 
     if not isinstance(args.kernel_backend, str):
         raise TypeError(f"kernel_backend must be a string, got {type(args.kernel_backend).__name__}")
@@ -264,9 +284,8 @@ def check_kernel_fields(args) -> None:
         value = getattr(args, name)
         if value is not None and not is_positive_finite(value):
             raise ValueError(f"{name} must be None (the default) or a number of MiB > 0, got {value!r}")
-    if not (is_finite_number(args.tdpo_alpha) and args.tdpo_alpha >= 0):
-        raise ValueError(f"tdpo_alpha (TDPO2's weight of the KL difference) must be a number >= 0, got "
-                         f"{args.tdpo_alpha!r}")
+    if not (is_finite_number(args.alpha) and args.alpha >= 0):
+        raise ValueError(f"alpha (TDPO2's weight of the KL difference) must be a number >= 0, got {args.alpha!r}")
     if args.kernel_schedule == "eager" and args.kernel_backend == "reference":
         raise ValueError("kernel_schedule='eager' runs on the tile kernels, which kernel_backend='reference' (the "
                          "oracle) does not have: use kernel_backend 'auto', 'torch', 'cpu', 'cuda' or 'triton', or "
@@ -330,12 +349,11 @@ def loss_config(args):
     # ignores it for every other loss type: so does FusedDPOTrainer
     takes_smoothing = any(objective(n).smoothing is not None for n in names)
     return DPOLossConfig(
-        loss_type=names, loss_weights=args.loss_weights, beta=args.beta, alpha=args.tdpo_alpha,
+        loss_type=names, loss_weights=args.loss_weights, beta=args.beta, alpha=args.alpha,
         label_smoothing=smoothing if takes_smoothing else 0.0, discopop_tau=args.discopop_tau,
         f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-        use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, shift=True, backend=args.kernel_backend,
-        tile_budget_mb=args.kernel_tile_budget_mb, schedule=args.kernel_schedule,
-        eager_budget_mb=args.kernel_eager_budget_mb)
+        use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, shift=True,
+        **{name: getattr(args, field) for field, name in KERNEL_FIELDS.items()})
 
 
 def _refuse_unsupported(args, DPOConfig, config) -> None:
@@ -405,33 +423,35 @@ def make_fused_dpo_classes():
     from dataclasses import dataclass, field
 
     DPOConfig, DPOTrainer = _trainer_classes()
-    from ..dpo import PreferenceInputs, compute_dpo_loss
+    from ..dpo import DPOLossConfig, PreferenceInputs, compute_dpo_loss
     from ..ops.linear.plan import DEFAULTS_TEXT, EAGER_DEFAULTS_TEXT
     from ..intermediate import intermediate_dpo_loss
     from .transformers import add_hidden_states_forward, hidden_states_in_forward, loss_in_forward, unwrap_causal_lm
 
     @dataclass
     class FusedDPOConfig(DPOConfig):
-        """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``), ``tdpo_alpha``,
+        """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``), ``alpha`` (TDPO2's,
+        as ``fused_dpo_loss``'s; ``tdpo_alpha`` is its old name, still taken with a ``FutureWarning``),
         intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``, ``apply_final_norm``,
-        ``reference_at_intermediate_layers``), the kernel options ``kernel_backend``, ``kernel_tile_budget_mb``,
-        ``kernel_schedule`` and ``kernel_eager_budget_mb`` (``fused_dpo_loss``'s ``backend``, ``tile_budget_mb``,
-        ``schedule`` and ``eager_budget_mb``), checked under these names when the config is made."""
+        ``reference_at_intermediate_layers``), and the kernel options ``kernel_<name>`` for ``fused_dpo_loss``'s
+        ``<name>`` (:data:`KERNEL_FIELDS`: ``backend``, ``tile_budget_mb``, ``schedule``, ``eager_budget_mb``, with
+        its defaults), checked under these names when the config is made."""
 
-        tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's alpha (weight of the KL difference)."})
+        alpha: float = field(default=DPOLossConfig.alpha,
+                             metadata={"help": "TDPO2's alpha (weight of the KL difference)."})
+        tdpo_alpha: float | None = field(default=None, metadata={"help": "Deprecated: the old name of alpha."})
         intermediate_layers: list[int] | None = field(default=None, metadata={"help": "Layers for intermediate DPO."})
         intermediate_weight: float = field(default=0.5, metadata={"help": "lambda of intermediate-layer DPO."})
         apply_final_norm: bool = field(default=True, metadata={"help": "Final norm on intermediate hidden states."})
         reference_at_intermediate_layers: bool = field(
             default=True, metadata={"help": "Read the reference at the same layers (else at its final layer)."}
         )
-        kernel_backend: str = field(default="auto", metadata={"help": "dpo_kernels backend."})
-        kernel_tile_budget_mb: float | None = field(
-            default=None, metadata={"help": f"MiB of scratch for the fused head's tiles (default: {DEFAULTS_TEXT})."}
-        )
-        kernel_schedule: str = field(default="auto", metadata={
+        kernel_backend: str = field(default=DPOLossConfig.backend, metadata={"help": "dpo_kernels backend."})
+        kernel_tile_budget_mb: float | None = field(default=DPOLossConfig.tile_budget_mb, metadata={
+            "help": f"MiB of scratch for the fused head's tiles (default: {DEFAULTS_TEXT})."})
+        kernel_schedule: str = field(default=DPOLossConfig.schedule, metadata={
             "help": "'eager' (the policy's gradients computed in the forward), 'recompute' or 'auto'."})
-        kernel_eager_budget_mb: float | None = field(default=None, metadata={
+        kernel_eager_budget_mb: float | None = field(default=DPOLossConfig.eager_budget_mb, metadata={
             "help": f"MiB of kept tiles for the eager schedule (default: {EAGER_DEFAULTS_TEXT})."})
 
         def __post_init__(self):

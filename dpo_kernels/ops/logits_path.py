@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from torch import Tensor
 
 from ..options import TokenOptions, statistics_dtype

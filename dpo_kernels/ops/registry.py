@@ -121,61 +121,20 @@ def _extension_cuda_check() -> str | None:
 
 _HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
-_BACKENDS: dict[str, BackendSpec] = {
-    spec.name: spec
-    for spec in (
-        BackendSpec(
-            name="reference",
-            module="dpo_kernels.ops.reference",
-            devices=_any_device,
-            auto_devices=(),
-            auto_rank=1000,
-            dtypes=None,
-            check=_always,
-            summary="naive PyTorch oracle; materialises [N, V] (tests and tiny inputs only)",
-        ),
-        BackendSpec(
-            name="torch",
-            module="dpo_kernels.ops.torch_chunked",
-            devices=_any_device,
-            auto_devices=(ANY_DEVICE,),
-            auto_rank=100,
-            dtypes=None,
-            check=_always,
-            summary="chunked PyTorch, memory-bounded, any device (the fallback)",
-        ),
-        BackendSpec(
-            name="cpu",
-            module="dpo_kernels.ops.cpp_backend",
-            devices=lambda: ("cpu",),
-            auto_devices=("cpu",),
-            auto_rank=50,
-            dtypes=None,
-            check=_extension_cpu_check,
-            summary="C++ kernels of dpo_kernels._C: OpenMP over rows, AVX2 inner loops (the fast CPU path)",
-        ),
-        BackendSpec(
-            name="cuda",
-            module="dpo_kernels.ops.cpp_backend",
-            devices=lambda: ("cuda",),
-            auto_devices=("cuda",),
-            auto_rank=20,
-            dtypes=_HALF_AND_SINGLE,
-            check=_extension_cuda_check,
-            summary="CUDA C++ kernels of dpo_kernels._C, cuBLAS tiles for the head",
-        ),
-        BackendSpec(
-            name="triton",
-            module="dpo_kernels.ops.triton_kernels",
-            devices=_triton_devices,
-            auto_devices=("cuda",),
-            auto_rank=10,
-            dtypes=_HALF_AND_SINGLE,
-            check=_triton_check,
-            summary="Triton kernels: one pass over the vocabulary from logits; tile kernels for the linear path",
-        ),
-    )
-}
+# One row a backend: name, module, devices, auto_devices, auto_rank, dtypes, check, summary (see BackendSpec).
+_BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("reference", "dpo_kernels.ops.reference", _any_device, (), 1000, None, _always,
+                "naive PyTorch oracle; materialises [N, V] (tests and tiny inputs only)"),
+    BackendSpec("torch", "dpo_kernels.ops.torch_chunked", _any_device, (ANY_DEVICE,), 100, None, _always,
+                "chunked PyTorch, memory-bounded, any device (the fallback)"),
+    BackendSpec("cpu", "dpo_kernels.ops.cpp_backend", lambda: ("cpu",), ("cpu",), 50, None, _extension_cpu_check,
+                "C++ kernels of dpo_kernels._C: OpenMP over rows, AVX2 inner loops (the fast CPU path)"),
+    BackendSpec("cuda", "dpo_kernels.ops.cpp_backend", lambda: ("cuda",), ("cuda",), 20, _HALF_AND_SINGLE,
+                _extension_cuda_check, "CUDA C++ kernels of dpo_kernels._C, cuBLAS tiles for the head"),
+    BackendSpec("triton", "dpo_kernels.ops.triton_kernels", _triton_devices, ("cuda",), 10, _HALF_AND_SINGLE,
+                _triton_check, "Triton kernels: one pass over the vocabulary from logits; tile kernels for the linear "
+                "path"),
+)}
 
 
 def backends_for(device_type: str) -> list[str]:

@@ -45,7 +45,7 @@ def test_tdpo_trainer_equals_full_logits(kind, loss_type):
     with torch.no_grad():  # a reference that differs from the policy, so the KL is not zero
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    trainer = _trainer(policy, ref, loss_type=[loss_type], beta=0.3, tdpo_alpha=0.7)
+    trainer = _trainer(policy, ref, loss_type=[loss_type], beta=0.3, alpha=0.7)
     batch = _batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()

@@ -172,7 +172,7 @@ def test_sft_matches_stock():
 def test_loss_config_follows_the_trainer_config():
     args = FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, bf16=False,
                           loss_type=["tdpo2"], beta=0.3,
-                          tdpo_alpha=0.7, ld_alpha=0.5, use_weighting=True, kernel_backend="torch")
+                          alpha=0.7, ld_alpha=0.5, use_weighting=True, kernel_backend="torch")
     config = dk_trl.loss_config(args)
     assert (config.loss_types, config.beta, config.alpha, config.ld_alpha, config.use_weighting, config.shift) == (
         ("tdpo2",), 0.3, 0.7, 0.5, True, True)
@@ -208,6 +208,23 @@ def test_kernel_fields_are_checked_under_their_own_names_when_the_config_is_made
     with pytest.raises(ValueError) as err:
         FusedDPOConfig(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, **fields)
     assert message in str(err.value)
+
+
+def test_alpha_is_named_as_in_fused_dpo_loss_and_the_old_name_still_works():
+    """Issue 28: one name per option: ``alpha`` as ``fused_dpo_loss`` names it; ``tdpo_alpha`` moves to it with a
+    FutureWarning. The kernel fields reach the loss under fused_dpo_loss's names, with its defaults."""
+    common = dict(output_dir="/tmp/dpo_kernels_test", report_to=[], use_cpu=True, loss_type=["tdpo2"])
+    assert dk_trl.loss_config(FusedDPOConfig(**common, alpha=0.3)).alpha == 0.3
+    with pytest.warns(FutureWarning, match="tdpo_alpha is now alpha"):
+        old = FusedDPOConfig(**common, tdpo_alpha=0.7)
+    assert old.alpha == 0.7 and old.tdpo_alpha is None and dk_trl.loss_config(old).alpha == 0.7
+    config = dk_trl.loss_config(FusedDPOConfig(**common, kernel_backend="torch", kernel_schedule="recompute",
+                                               kernel_tile_budget_mb=3.0, kernel_eager_budget_mb=5.0))
+    assert (config.backend, config.schedule, config.tile_budget_mb, config.eager_budget_mb) == ("torch", "recompute",
+                                                                                                 3.0, 5.0)
+    default = dk_trl.loss_config(FusedDPOConfig(**common))
+    assert (default.backend, default.schedule, default.tile_budget_mb, default.eager_budget_mb) == ("auto", "auto",
+                                                                                                  None, None)
 
 
 def test_a_forced_eager_budget_too_small_for_one_pair_is_refused_at_construction():

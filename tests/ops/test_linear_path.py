@@ -146,7 +146,6 @@ def gpu_product_policy(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("with_kl", [False, True], ids=["logprobs", "kl"])
 def test_gpu_policy_half_operands_and_no_fp32_vocab_by_hidden_buffer(gpu_product_policy, dtype, with_kl):
-    torch_backend = importlib.import_module("dpo_kernels.ops.torch_chunked")
     hidden, weight, _, labels = _head(v=1000, d=16, dtype=dtype)
     vocab, dim = weight.shape
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

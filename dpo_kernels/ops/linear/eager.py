@@ -44,8 +44,18 @@ from ..token_stats import TokenStats
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad
 from .contract import LOGGED_OUTPUTS, TileKernels
 from .kept import KeptTokens
-from .loop import Backward, ForwardState, fold_all, finish_forward, grad_all, head_products, linear_backward, \
-    no_autocast, tile_plan, upstream
+from .loop import (
+    Backward,
+    ForwardState,
+    finish_forward,
+    fold_all,
+    grad_all,
+    head_products,
+    linear_backward,
+    no_autocast,
+    tile_plan,
+    upstream,
+)
 from .plan import plan_stored_backward
 from .sources import GemmSource, StoredSource
 

@@ -39,8 +39,16 @@ from ...options import TokenOptions, statistics_dtype
 from ..common import LinearHead, nan_out_of_vocab
 from ..token_stats import TokenStats
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
-from .contract import LOGGED_OUTPUTS, RefRow, StatRow, TileKernels, finish_lse, logging_outputs, new_ref_stats, \
-    new_stats
+from .contract import (
+    LOGGED_OUTPUTS,
+    RefRow,
+    StatRow,
+    TileKernels,
+    finish_lse,
+    logging_outputs,
+    new_ref_stats,
+    new_stats,
+)
 from .kept import KeptTokens
 from .plan import TilePlan, plan_tiles
 from .products import Products, product_dtype, report_products

@@ -28,7 +28,14 @@ from torch import Tensor
 from ...options import TokenOptions, statistics_dtype
 from ..common import LinearHead, first_order_only
 from ..custom_ops import (
-    EMPTY, dtypes, empty_or, options_args, present, refuse_double_backward, schema, split_args,
+    EMPTY,
+    dtypes,
+    empty_or,
+    options_args,
+    present,
+    refuse_double_backward,
+    schema,
+    split_args,
 )
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
 from ..registry import backend_kernels
