@@ -9,12 +9,18 @@ TORCH_LIBRARY(dpo_kernels, m) {
   m.def(
       "logits_forward(Tensor logits, Tensor labels, Tensor? ref_logits, int ignore_index, float logit_scale, "
       "float softcap, float inv_temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The named statistics (stats_layout.h) of each row over all its columns, folded into stats [3, R*T] and
+  // ref_stats [4, R*T] (statistics dtype): a vocabulary slice of the logits; a label outside [0, V) adds no label
+  // logit, a row whose label is ignore_index is not read.
+  m.def(
+      "logits_fold(Tensor logits, Tensor labels, Tensor(a!) stats, Tensor? ref_logits, Tensor(b!)? ref_stats, "
+      "int ignore_index, float logit_scale, float softcap, float inv_temperature) -> ()");
   // grad may be logits itself (inplace_backward): every element is read before it is written.
   m.def(
       "logits_backward(Tensor logits, Tensor labels, Tensor lse, Tensor g, Tensor? ref_logits, Tensor? ref_lse, "
       "Tensor? g_kl, Tensor(a!) grad, int ignore_index, float logit_scale, float softcap, float inv_temperature) -> ()");
   // Linear path, one tile of raw logits x [n, w] (fp32, or fp64 for fp64 inputs) of vocabulary columns v0..v0+w,
-  // every label valid; bias [w] in x's dtype. The tile loop is dpo_kernels/ops/linear/driver.py.
+  // every label valid; bias [w] in x's dtype. The tile loop is dpo_kernels/ops/linear/loop.py.
   // stats [3, n]: max, sum, label logit (with logging [7, n], the logged sums follow; stats_layout.h); ref_stats
   // [4, n]: the reference's max, sum, label logit, KL weighted sum.
   m.def(

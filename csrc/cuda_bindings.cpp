@@ -62,9 +62,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
                            softcap, inv_temperature, logp.data_ptr<float>(), lse.data_ptr<float>(),
                            with_ref ? ref_logp.data_ptr<float>() : nullptr,
                            with_ref ? ref_lse.data_ptr<float>() : nullptr, with_ref ? kl.data_ptr<float>() : nullptr,
-                           stream()),
+                           nullptr, 0, nullptr, 0, stream()),
         "logits_forward");
   return {logp, lse, ref_logp, ref_lse, kl};
+}
+
+void logits_fold(const Tensor& logits, const Tensor& labels, const Tensor& stats, const OptTensor& ref_logits,
+                 const OptTensor& ref_stats, int64_t ignore_index, double logit_scale, double softcap,
+                 double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const bool with_ref = present(ref_logits);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.size(0) == kStatRows &&
+                  (!with_ref || (ref_stats->scalar_type() == at::kFloat && ref_stats->size(0) == kRefStatRows)),
+              "dpo_kernels::logits_fold: stats must be fp32 [3, n] and ref_stats fp32 [4, n]");
+  const int64_t n = logits.size(0) * logits.size(1);
+  const Tensor y = labels.reshape({-1}).to(at::kLong).contiguous();
+  const Tensor& r = with_ref ? *ref_logits : logits;
+  check(dpo_logits_forward(dtype_code(logits), logits.data_ptr(), logits.stride(0), logits.stride(1),
+                           logits.stride(2), dtype_code(r), with_ref ? r.data_ptr() : nullptr, r.stride(0),
+                           r.stride(1), r.stride(2), y.data_ptr<int64_t>(), n, logits.size(1), logits.size(2),
+                           ignore_index, logit_scale, softcap, inv_temperature, nullptr, nullptr, nullptr, nullptr,
+                           nullptr, stats.data_ptr<float>(), stats.stride(0),
+                           with_ref ? ref_stats->data_ptr<float>() : nullptr, with_ref ? ref_stats->stride(0) : 0,
+                           stream()),
+        "logits_fold");
 }
 
 void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& g,
@@ -157,6 +178,7 @@ int64_t grad_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tens
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
   m.impl("logits_forward", &logits_forward);
+  m.impl("logits_fold", &logits_fold);
   m.impl("logits_backward", &logits_backward);
   m.impl("fold_tile", &fold_tile);
   m.impl("grad_tile", &grad_tile);

@@ -43,6 +43,24 @@ struct Rows {
   scalar_t* row(int64_t n) const { return base + (n / seq_len) * stride_r + (n % seq_len) * stride_t; }
 };
 
+// Folds one whole row of the policy's logits (and of the reference's, xr non-null) in chunks of kChunk, each read
+// once: the online statistics of the row in policy (and ref). z, zr: kChunk scratch entries each.
+template <typename policy_t, typename ref_t, typename acc_t>
+void fold_row(const policy_t* x, int64_t stride_v, const ref_t* xr, int64_t ref_stride_v, int64_t vocab,
+              const TransformParams& t, acc_t* z, acc_t* zr, OnlineLse<acc_t>& policy, OnlineKl<acc_t>& ref) {
+  for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
+    const int64_t len = std::min(kChunk, vocab - v0);
+    load_chunk(x + v0 * stride_v, stride_v, len, z);
+    transform_chunk(t, z, z, len);
+    policy.fold(z, len);
+    if (xr != nullptr) {
+      load_chunk(xr + v0 * ref_stride_v, ref_stride_v, len, zr);
+      transform_chunk(t, zr, zr, len);
+      ref.fold(z, zr, len);
+    }
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& logits, const Tensor& labels,
                                                                   const c10::optional<Tensor>& ref_logits,
                                                                   int64_t ignore_index, double logit_scale,
@@ -84,17 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
         const ref_t* xr = ref_rows.row(i);
         OnlineLse<acc_t> policy;
         OnlineKl<acc_t> ref;
-        for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
-          const int64_t len = std::min(kChunk, vocab - v0);
-          load_chunk(x + v0 * rows.stride_v, rows.stride_v, len, z.data());
-          transform_chunk(t, z.data(), z.data(), len);
-          policy.fold(z.data(), len);
-          if (with_ref) {
-            load_chunk(xr + v0 * ref_rows.stride_v, ref_rows.stride_v, len, zr.data());
-            transform_chunk(t, zr.data(), zr.data(), len);
-            ref.fold(z.data(), zr.data(), len);
-          }
-        }
+        fold_row(x, rows.stride_v, with_ref ? xr : nullptr, ref_rows.stride_v, vocab, t, z.data(), zr.data(), policy,
+                 ref);
         const acc_t policy_lse = policy.lse();
         const bool in_vocab = label_in_vocab(label, vocab);
         const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -111,6 +120,63 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> logits_forward(const Tensor& 
    });
   });
   return {logp, lse, ref_logp, ref_lse, kl};
+}
+
+// The row kernels' named statistics (stats_layout.h) of each row over all its columns, for a vocabulary slice of the
+// logits: stats [3, n] (max, sum, label logit) and ref_stats [4, n] (the reference's max, sum, label logit, w), in
+// the statistics dtype, folded into what they hold (a fresh buffer: max -inf, the rest 0). A label outside
+// [0, vocab) (another rank's column) adds no label logit; a row whose label is ignore_index is not read.
+void logits_fold(const Tensor& logits, const Tensor& labels, const Tensor& stats,
+                 const c10::optional<Tensor>& ref_logits, const c10::optional<Tensor>& ref_stats, int64_t ignore_index,
+                 double logit_scale, double softcap, double inv_temperature) {
+  TORCH_CHECK(logits.dim() == 3, "dpo_kernels::logits_fold: logits must be [R, T, V]");
+  const bool with_ref = ref_logits.has_value() && ref_logits->defined();
+  TORCH_CHECK(stats.size(0) == kStatRows && (!with_ref || ref_stats->size(0) == kRefStatRows),
+              "dpo_kernels::logits_fold: stats must be [3, n] and ref_stats [4, n]");
+  const int64_t n = logits.size(0) * logits.size(1), vocab = logits.size(2);
+  const at::ScalarType ref_type = with_ref ? ref_logits->scalar_type() : logits.scalar_type();
+  TORCH_CHECK(stats.scalar_type() == stats_type(logits.scalar_type(), ref_type),
+              "dpo_kernels::logits_fold: stats must be in the statistics dtype");
+  const Tensor labels_flat = labels.reshape({-1}).to(at::kLong).contiguous();
+  const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dpo_logits_fold", [&] {
+   using policy_t = scalar_t;
+   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ref_type, "dpo_logits_fold_ref", [&] {
+    using ref_t = scalar_t;
+    using acc_t = pair_acc_t<policy_t, ref_t>;
+    const Rows<policy_t> rows(logits);
+    const Rows<ref_t> ref_rows(with_ref ? *ref_logits : logits);
+    const int64_t* y = labels_flat.data_ptr<int64_t>();
+    acc_t* st = stats.data_ptr<acc_t>();
+    acc_t* rst = with_ref ? ref_stats->data_ptr<acc_t>() : nullptr;
+    const int64_t ss = stats.stride(0), rss = with_ref ? ref_stats->stride(0) : 0;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(kChunk), zr(kChunk);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t label = y[i];
+        if (label == ignore_index) continue;  // a masked token reads nothing
+        const policy_t* x = rows.row(i);
+        const ref_t* xr = with_ref ? ref_rows.row(i) : nullptr;
+        acc_t* s = st + i;
+        acc_t* r = with_ref ? rst + i : nullptr;
+        OnlineLse<acc_t> policy{s[kMax * ss], s[kSum * ss]};
+        OnlineKl<acc_t> ref;
+        if (with_ref) ref = {OnlineLse<acc_t>{r[kRefMax * rss], r[kRefSum * rss]}, r[kRefWeighted * rss]};
+        fold_row(x, rows.stride_v, xr, ref_rows.stride_v, vocab, t, z.data(), zr.data(), policy, ref);
+        s[kMax * ss] = policy.m;
+        s[kSum * ss] = policy.s;
+        const bool held = label_in_vocab(label, vocab);
+        if (held) s[kLabelLogit * ss] = t.apply<acc_t>(static_cast<acc_t>(x[label * rows.stride_v]));
+        if (with_ref) {
+          r[kRefMax * rss] = ref.ref.m;
+          r[kRefSum * rss] = ref.ref.s;
+          r[kRefWeighted * rss] = ref.w;
+          if (held) r[kRefLabelLogit * rss] = t.apply<acc_t>(static_cast<acc_t>(xr[label * ref_rows.stride_v]));
+        }
+      }
+    });
+   });
+  });
 }
 
 void logits_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& g,
@@ -330,6 +396,7 @@ int64_t grad_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("logits_forward", &logits_forward);
+  m.impl("logits_fold", &logits_fold);
   m.impl("logits_backward", &logits_backward);
   m.impl("fold_tile", &fold_tile);
   m.impl("grad_tile", &grad_tile);

@@ -14,13 +14,16 @@ enum DpoDtype { DPO_FLOAT32 = 0, DPO_FLOAT16 = 1, DPO_BFLOAT16 = 2 };  // the CU
 
 // Logits [R, T, V] with strides (stride_r, stride_t, stride_v); labels [R*T] int64; outputs [R*T] fp32.
 // ref_logits (of dtype ref_dtype, which may differ from dtype) may be NULL (then ref_logp, ref_lse, kl are not
-// written).
+// written). stats non-NULL: the fold of a vocabulary slice instead, each row's named statistics (stats_layout.h)
+// written to stats [3, R*T] and ref_stats [4, R*T] (row strides given; a label outside [0, vocab) adds no label
+// logit, a masked row writes nothing) and none of logp .. kl.
 int dpo_logits_forward(int dtype, const void* logits, int64_t stride_r, int64_t stride_t, int64_t stride_v,
                        int ref_dtype, const void* ref_logits, int64_t ref_stride_r, int64_t ref_stride_t,
                        int64_t ref_stride_v,
                        const int64_t* labels, int64_t rows, int64_t seq_len, int64_t vocab, int64_t ignore_index,
                        double logit_scale, double softcap, double inv_temperature, float* logp, float* lse,
-                       float* ref_logp, float* ref_lse, float* kl, intptr_t stream);
+                       float* ref_logp, float* ref_lse, float* kl, float* stats, int64_t stats_stride,
+                       float* ref_stats, int64_t ref_stats_stride, intptr_t stream);
 
 // Writes g (onehot - p) + g_kl (p - q) through the transform into grad (may equal logits: in-place backward).
 // ref_logits, ref_lse, g_kl may be NULL (no KL gradient). g, g_kl are 0 at masked tokens.

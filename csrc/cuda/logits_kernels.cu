@@ -7,6 +7,7 @@
 // row. Loads are VEC-wide 16-byte packets when the rows are contiguous and aligned, scalar otherwise. Statistics
 // are fp32 for fp32 / fp16 / bf16 inputs. No __launch_bounds__: with it ptxas aimed below the register budget
 // and spilled; blocks are at most 256 threads, so any register count up to 255 fits an SM. No torch headers.
+#include "../stats_layout.h"
 #include "device_utils.cuh"
 #include "launchers.h"
 
@@ -27,20 +28,31 @@ struct RowLayout {
   }
 };
 
-template <typename T, typename TR, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_REF>
+// Where the fold kernel (RAW) writes a row's named statistics (stats_layout.h): stats rows max, sum, label logit
+// and ref_stats rows max, sum, label logit, w, each row `stride` floats apart.
+struct RawStats {
+  float* stats;
+  int64_t stride;
+  float* ref_stats;
+  int64_t ref_stride;
+};
+
+// RAW: the from-logits fold of a vocabulary slice, the row's statistics written to `raw` unfinished (a label outside
+// [0, vocab) adds no label logit; a masked row writes nothing); else the finished outputs.
+template <typename T, typename TR, int VEC, int THREADS, int ROWS_PER_BLOCK, bool WITH_REF, bool RAW>
 __global__ void
     logits_forward_kernel(const T* __restrict__ logits, RowLayout layout, const TR* __restrict__ ref_logits,
                           RowLayout ref_layout, const int64_t* __restrict__ labels, int64_t rows, int64_t seq_len,
                           int64_t vocab, int64_t ignore_index, TransformParams t, float* __restrict__ logp,
                           float* __restrict__ lse_out, float* __restrict__ ref_logp, float* __restrict__ ref_lse_out,
-                          float* __restrict__ kl_out) {
+                          float* __restrict__ kl_out, RawStats raw) {
   __shared__ KlState scratch[THREADS > kWarp ? THREADS / kWarp : 1];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.x / THREADS;
   const int lane = threadIdx.x % THREADS;
   if (row >= rows) return;  // whole warps only: ROWS_PER_BLOCK > 1 implies THREADS == kWarp
   const int64_t label = labels[row];
   if (label == ignore_index) {  // a masked token reads nothing
-    if (lane == 0) {
+    if (!RAW && lane == 0) {
       logp[row] = lse_out[row] = 0.f;
       if (WITH_REF) ref_logp[row] = ref_lse_out[row] = kl_out[row] = 0.f;
     }
@@ -73,6 +85,26 @@ __global__ void
   state = row_reduce<THREADS>(state, reinterpret_cast<Lse*>(scratch));
   const float lse = finish_lse(state.m, state.s);
   const bool in_vocab = label_in_vocab(label, vocab);  // else (check_labels=False) NaN, and no read out of bounds
+  if constexpr (RAW) {
+    if constexpr (WITH_REF) ref = row_reduce<THREADS>(ref, scratch);
+    if (lane == 0) {
+      raw.stats[kMax * raw.stride + row] = state.m;
+      raw.stats[kSum * raw.stride + row] = state.s;
+      if (in_vocab) {
+        raw.stats[kLabelLogit * raw.stride + row] = t.apply<float>(to_float(x_row[label * layout.stride_v]));
+      }
+      if constexpr (WITH_REF) {
+        raw.ref_stats[kRefMax * raw.ref_stride + row] = ref.ref.m;
+        raw.ref_stats[kRefSum * raw.ref_stride + row] = ref.ref.s;
+        raw.ref_stats[kRefWeighted * raw.ref_stride + row] = ref.w;
+        if (in_vocab) {
+          raw.ref_stats[kRefLabelLogit * raw.ref_stride + row] =
+              t.apply<float>(to_float(r_row[label * ref_layout.stride_v]));
+        }
+      }
+    }
+    return;
+  }
   if constexpr (WITH_REF) {
     ref = row_reduce<THREADS>(ref, scratch);
     if (lane == 0) {
@@ -159,10 +191,10 @@ constexpr int packet_elems() {
 
 // The reference's logits may have another dtype than the policy's (TR); without a reference TR is unused and the
 // kernels are instantiated with TR = T only.
-template <typename T, typename TR>
-int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const int64_t* labels, int64_t rows,
-                   int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t, float* logp, float* lse,
-                   float* ref_logp, float* ref_lse, float* kl, cudaStream_t stream) {
+template <bool RAW, typename T, typename TR>
+int launch_forward_as(const T* x, RowLayout xl, const TR* r, RowLayout rl, const int64_t* labels, int64_t rows,
+                      int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t, float* logp, float* lse,
+                      float* ref_logp, float* ref_lse, float* kl, RawStats raw, cudaStream_t stream) {
   constexpr int VEC = packet_elems<T, TR>();
   const bool with_ref = r != nullptr;
   const bool vec = packets_ok<VEC>(x, xl, sizeof(T)) && (!with_ref || packets_ok<VEC>(r, rl, sizeof(TR)));
@@ -170,16 +202,16 @@ int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const in
   auto go = [&](auto kernel, auto ref, int threads, int rows_per_block) {
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     kernel<<<static_cast<unsigned>(blocks), threads * rows_per_block, 0, stream>>>(
-        x, xl, ref, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl);
+        x, xl, ref, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, raw);
   };
   const bool warp_rows = vocab <= kWarpRowMaxVocab;
   const T* no_ref = nullptr;
 #define DPO_FWD(V, REF, REF_PTR)                                                                                  \
   (warp_rows ? go(logits_forward_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(REF_PTR)>>, V, kWarp, \
-                                        kWarpRowsPerBlock, REF>,                                                  \
+                                        kWarpRowsPerBlock, REF, RAW>,                                             \
                   REF_PTR, kWarp, kWarpRowsPerBlock)                                                              \
              : go(logits_forward_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(REF_PTR)>>, V,       \
-                                        kBlockThreads, 1, REF>,                                                   \
+                                        kBlockThreads, 1, REF, RAW>,                                              \
                   REF_PTR, kBlockThreads, 1))
   if (vec) {
     if (with_ref) DPO_FWD(VEC, true, r); else DPO_FWD(VEC, false, no_ref);
@@ -188,6 +220,19 @@ int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const in
   }
 #undef DPO_FWD
   return static_cast<int>(cudaGetLastError());
+}
+
+// raw.stats non-null: the fold (RAW) kernels, else the finished forward.
+template <typename T, typename TR>
+int launch_forward(const T* x, RowLayout xl, const TR* r, RowLayout rl, const int64_t* labels, int64_t rows,
+                   int64_t seq_len, int64_t vocab, int64_t ignore_index, TransformParams t, float* logp, float* lse,
+                   float* ref_logp, float* ref_lse, float* kl, RawStats raw, cudaStream_t stream) {
+  if (raw.stats != nullptr) {
+    return launch_forward_as<true>(x, xl, r, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp,
+                                   ref_lse, kl, raw, stream);
+  }
+  return launch_forward_as<false>(x, xl, r, rl, labels, rows, seq_len, vocab, ignore_index, t, logp, lse, ref_logp,
+                                  ref_lse, kl, raw, stream);
 }
 
 template <int VEC, typename T, typename TR>
@@ -267,8 +312,10 @@ extern "C" int dpo_logits_forward(int dtype, const void* logits, int64_t stride_
                                   int64_t ref_stride_v, const int64_t* labels, int64_t rows, int64_t seq_len,
                                   int64_t vocab, int64_t ignore_index, double logit_scale, double softcap,
                                   double inv_temperature, float* logp, float* lse, float* ref_logp, float* ref_lse,
-                                  float* kl, intptr_t stream) {
+                                  float* kl, float* stats, int64_t stats_stride, float* ref_stats,
+                                  int64_t ref_stats_stride, intptr_t stream) {
   using namespace dpo_kernels::cuda;
+  const RawStats raw{stats, stats_stride, ref_stats, ref_stats_stride};
   const TransformParams t{logit_scale, softcap, inv_temperature};
   const RowLayout xl{stride_r, stride_t, stride_v}, rl{ref_stride_r, ref_stride_t, ref_stride_v};
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -277,7 +324,7 @@ extern "C" int dpo_logits_forward(int dtype, const void* logits, int64_t stride_
     return with_element_type(ref_dtype, [&](auto ref) {
       using TR = decltype(ref);
       return launch_forward(static_cast<const T*>(logits), xl, static_cast<const TR*>(ref_logits), rl, labels, rows,
-                            seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, s);
+                            seq_len, vocab, ignore_index, t, logp, lse, ref_logp, ref_lse, kl, raw, s);
     });
   });
 }

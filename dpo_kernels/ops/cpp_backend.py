@@ -45,6 +45,11 @@ def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: Tok
                            *_transform(opts))
 
 
+def logits_fold(logits, ref_logits, labels, opts: TokenOptions, stats, ref_stats) -> None:
+    """The from-logits ``fold`` kernel: ``dpo_kernels::logits_fold``."""
+    _ops().logits_fold(logits, labels, stats, ref_logits, ref_stats, opts.ignore_index, *_transform(opts))
+
+
 def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
     """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract`: ``torch.ops.dpo_kernels.fold_tile``."""
     _ops().fold_tile(
@@ -62,5 +67,5 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
     ))
 
 
-KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward),
+KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
                          tiles=TileKernels(fold=fold_tile, grad=grad_tile))

@@ -12,7 +12,7 @@ The branch, written once for both sources (:func:`_route`):
   backward);
 - the reference oracle: its functions, autograd through full logits;
 - from hidden states, and for a vocabulary-parallel slice of logits: the recompute Function of
-  :mod:`dpo_kernels.ops.linear.recompute` on the backend's tile kernels;
+  :mod:`dpo_kernels.ops.linear.recompute` on the backend's tile kernels (its row kernels for the logits);
 - from logits otherwise: the from-logits op (:mod:`dpo_kernels.ops.logits_path`), the same as compiled.
 
 Layers point one way: the backends' kernels, then the loops (:mod:`.logits_path`, :mod:`.linear`), then this module,
@@ -27,6 +27,7 @@ import torch
 
 from ..options import TokenOptions
 from . import logits_path, reference
+from .backend import BackendKernels
 from .common import LinearHead
 from .custom_ops import refuse_under_compile
 from .inplace import refuse_leaf_logits
@@ -49,8 +50,9 @@ def logits_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: 
             return TokenStats(reference.token_logprobs(rows, flat_labels, opts))
         return TokenStats(*reference.token_logprobs_and_kl(rows, ref_rows, flat_labels, opts))
 
-    def loop(kernels: TileKernels):
-        return recompute.loop_stats("logits", (rows,), flat_labels, ref_rows, opts, kernels, vocab_slice=vocab_slice)
+    def loop(kernels: BackendKernels):
+        return recompute.loop_stats("logits", (rows,), flat_labels, ref_rows, opts, kernels.logits,
+                                    vocab_slice=vocab_slice)
 
     def op(name: str):
         if opts.inplace_backward and not torch.compiler.is_compiling():
@@ -79,9 +81,9 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tenso
         main, logged = out if logging else (out, None)
         return TokenStats(*((main,) if ref is None else main), logged=logged)
 
-    def loop(kernels: TileKernels):
+    def loop(kernels: BackendKernels):
         return recompute.loop_stats("linear", (policy_rows.hidden, policy_rows.weight, policy_rows.bias), flat_labels,
-                                    ref_rows, opts, kernels, logging, vocab_slice, head_context, kept_count)
+                                    ref_rows, opts, kernels.tiles, logging, vocab_slice, head_context, kept_count)
 
     def op(name: str):
         return recompute.linear_stats(policy_rows, ref_rows, flat_labels, opts, name)
@@ -128,7 +130,7 @@ def _head_rows(head: LinearHead, shape: torch.Size) -> LinearHead:
 
 def _route(backend: str, tensors: tuple, labels: torch.Tensor, opts: TokenOptions, oracle, loop, op,
            features: dict[str, bool], eager_loop: bool) -> TokenStats:
-    """``oracle()``, ``loop(tile_kernels)`` or ``op(backend_name)``: the three ways a call runs. ``features``: what
+    """``oracle()``, ``loop(backend_kernels)`` or ``op(backend_name)``: the three ways a call runs. ``features``: what
     the call uses that the op cannot carry, each refused by name under ``torch.compile``; ``eager_loop``: outside
     compilation the call runs ``loop``, not ``op``."""
     if torch.compiler.is_compiling():
@@ -140,4 +142,4 @@ def _route(backend: str, tensors: tuple, labels: torch.Tensor, opts: TokenOption
         return oracle()  # needs no head_context: its backward is autograd's, as nn.Linear's
     if not eager_loop:
         return op(name)
-    return loop(backend_kernels(name, "vocab_parallel_group", *given).tiles)
+    return loop(backend_kernels(name, "vocab_parallel_group", *given))

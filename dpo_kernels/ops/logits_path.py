@@ -1,6 +1,6 @@
-"""The from-logits path: one contract between the autograd function and a backend, like the linear path's.
+"""The from-logits path: one contract between the path's op and a backend, like the linear path's.
 
-A backend supplies two row kernels (:class:`LogitsKernels`) over ``logits [R, T, V]`` (any strides; the reference's
+A backend supplies three row kernels (:class:`LogitsKernels`) over ``logits [R, T, V]`` (any strides; the reference's
 ``[R, T, V]`` in its own dtype) and flat ``labels [N]`` (``N = R*T``, int64, contiguous):
 
 ``forward(logits, ref_logits, labels, opts) -> (logp, lse, ref_logp, ref_lse, kl)``
@@ -9,18 +9,31 @@ A backend supplies two row kernels (:class:`LogitsKernels`) over ``logits [R, T,
     needs), NaN for a row without a softmax or an out-of-range label; the three reference outputs are ``None``
     without ``ref_logits``. Nothing of size ``[N, V]`` is written.
 
+``fold(logits, ref_logits, labels, opts, stats, ref_stats) -> None``
+    The named statistics of the tile loop (:class:`~dpo_kernels.ops.linear.contract.StatRow`: max, sum, label logit;
+    :class:`~dpo_kernels.ops.linear.contract.RefRow`: the reference's, and ``w``) of each row over all its columns,
+    folded in place into ``stats [3, N]`` and ``ref_stats [4, N]`` (statistics dtype; fresh: max ``-inf``, the rest
+    0), for a vocabulary slice of the logits. Labels are columns of the row: one outside ``[0, V)`` (held by another
+    rank) adds no label logit; a row whose label is ``ignore_index`` has unspecified statistics.
+
 ``backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts, grad) -> None``
     Writes ``dL/dlogits = transform'(x) (g (onehot - p) + g_kl (p - q))`` into ``grad [R, T, V]`` (the logits' dtype;
     ``grad`` may be ``logits`` itself with ``inplace_backward``: every element is read before it is written). ``g``
     and ``g_kl`` are ``[N]``, 0 at ignored tokens (whose rows come out exactly 0); ``ref_logits``, ``ref_lse`` and
-    ``g_kl`` are ``None`` when the KL received no gradient, and the reference is then not read.
+    ``g_kl`` are ``None`` when the KL received no gradient, and the reference is then not read. A label outside
+    ``[0, V)`` (another rank's column) adds no one-hot.
 
 :func:`token_stats` runs them through the path's one autograd definition, the custom op ``dpo_kernels::logits_stats``
 (with ``logits_stats_backward``), in eager mode and under ``torch.compile`` alike (:mod:`dpo_kernels.ops.custom_ops`):
 it keeps ``lse`` (and ``ref_lse``) for the backward, skips the reference when the KL gets no gradient, and, in eager
 mode with ``inplace_backward``, writes the gradient into the logits and marks them overwritten. The op has no host
-sync (every token in place, no shape depends on the data), so a CUDA graph can capture it. Vocabulary-parallel slices
-of logits run the linear path's tile loop over the given logits instead (:mod:`dpo_kernels.ops.linear.recompute`).
+sync (every token in place, no shape depends on the data), so a CUDA graph can capture it.
+
+A vocabulary-parallel slice of the logits (``[R, T, V_r]`` on each rank of a group) runs ``fold`` and ``backward``
+over its columns, the labels as columns of the slice: :func:`slice_forward` merges the named statistics across the
+group (:func:`dpo_kernels.ops.vocab_parallel.combine`) and finishes them as the tile loop does
+(:func:`dpo_kernels.ops.linear.loop.finish_forward`), :func:`slice_backward` hands ``backward`` the whole
+vocabulary's ``lse`` (the Function of :mod:`dpo_kernels.ops.linear.recompute` carries both).
 """
 
 from __future__ import annotations
@@ -34,16 +47,21 @@ from torch import Tensor
 from ..options import TokenOptions, statistics_dtype
 from .custom_ops import EMPTY, dtypes, empty_or, options_args, present, refuse_double_backward, schema, split_args
 from .inplace import mark_logits_overwritten
+from .linear.contract import new_ref_stats, new_stats
+from .linear.kept import KeptTokens
+from .linear.loop import finish_forward
 from .registry import backend_kernels
 from .token_stats import TokenStats
+from .vocab_parallel import VocabSlice
 
 
 @dataclass(frozen=True)
 class LogitsKernels:
-    """A backend's two from-logits row kernels (see the module docstring for their exact contract)."""
+    """A backend's from-logits row kernels (see the module docstring for their exact contract)."""
 
     forward: Callable[..., tuple]
     backward: Callable[..., None]
+    fold: Callable[..., None]
 
 
 def _upstream(grad: torch.Tensor | None, labels: torch.Tensor, ignore_index: int, dtype=torch.float32):
@@ -159,3 +177,48 @@ def token_stats(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, opts:
     outs = _logits_stats(logits, None if ref_logits is None else ref_logits.detach(), labels, backend,
                          *options_args(opts))
     return TokenStats(outs[0], present(outs[1]), present(outs[2]))
+
+
+# --------------------------------------------------------------------------------------------- vocabulary slices
+
+
+def slice_labels(labels: Tensor, vocab_slice: VocabSlice, vocab: int, ignore_index: int) -> Tensor:
+    """Global labels ``[...]`` -> flat ``[N]`` columns of this rank's slice (``vocab`` wide): ``ignore_index`` kept,
+    a label another rank holds mapped to a negative column that is not ``ignore_index`` (out of range: the kernels
+    read nothing there and add no one-hot)."""
+    flat = labels.reshape(-1)
+    local = flat - vocab_slice.start
+    elsewhere = -1 if ignore_index != -1 else -2
+    local = torch.where((local >= 0) & (local < vocab), local, torch.full_like(local, elsewhere))
+    return torch.where(flat == ignore_index, flat, local).contiguous()
+
+
+def slice_forward(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, opts: TokenOptions,
+                  kernels: LogitsKernels, vocab_slice: VocabSlice) -> tuple[TokenStats, Tensor, Tensor | None]:
+    """This rank's slice of the logits ``[R, T, V_r]`` (and of the reference's), global ``labels [R, T]`` ->
+    ``(token_stats [R, T], lse [N], ref_lse [N] or None)``, the statistics equal on every rank of the group to one
+    process with the whole logits; ``lse`` (the whole vocabulary's) is what :func:`slice_backward` needs."""
+    vocab, ignore = logits.shape[-1], opts.ignore_index
+    local = slice_labels(labels, vocab_slice, vocab, ignore)
+    sdt = statistics_dtype(*dtypes(logits, ref_logits))
+    stats = new_stats(local.numel(), sdt, logits.device)
+    ref_stats = None if ref_logits is None else new_ref_stats(local.numel(), sdt, logits.device)
+    kernels.fold(logits, ref_logits, local, opts, stats, ref_stats)
+    every_token = KeptTokens(labels, ignore, vocab_slice.start, count=local.numel())
+    out, lse, ref_lse = finish_forward(stats, ref_stats, every_token, labels.shape, vocab_slice, vocab, False)
+    kept = labels != ignore
+    return out.map(lambda t: torch.where(kept, t, torch.zeros((), dtype=t.dtype, device=t.device))), lse, ref_lse
+
+
+def slice_backward(logits: Tensor, ref_logits: Tensor | None, labels: Tensor, lse: Tensor, ref_lse: Tensor | None,
+                   grad_logp: Tensor | None, grad_kl: Tensor | None, opts: TokenOptions, kernels: LogitsKernels,
+                   vocab_slice: VocabSlice) -> Tensor:
+    """The gradient of this rank's slice of the logits from :func:`slice_forward`'s ``lse`` (and ``ref_lse``),
+    written into the logits themselves with ``opts.inplace_backward``."""
+    local = slice_labels(labels, vocab_slice, logits.shape[-1], opts.ignore_index)
+    g, g_kl = upstream_pair(grad_logp, grad_kl, local, opts.ignore_index, lse.dtype)
+    grad = logits if opts.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    use_ref = g_kl is not None
+    kernels.backward(logits, ref_logits if use_ref else None, local, lse, ref_lse if use_ref else None, g, g_kl, opts,
+                     grad)
+    return grad

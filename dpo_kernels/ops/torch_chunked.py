@@ -153,6 +153,18 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
     return finished(logp), lse, finished(ref_logp), ref_lse, finished(kl, False)
 
 
+def logits_fold(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions,
+                stats: torch.Tensor, ref_stats: torch.Tensor | None) -> None:
+    """The from-logits ``fold`` kernel (:mod:`dpo_kernels.ops.logits_path`): the tile fold over a tile of tokens at a
+    time, every column of their rows."""
+    shape, sdt = logits.shape, stats.dtype
+    views = (TokenRows(logits),) if ref_logits is None else (TokenRows(logits), TokenRows(ref_logits))
+    for s, e in token_ranges(shape, default_token_chunk(shape[-1], opts, logits.device), *views):
+        tiles = [LogitsTile(v.rows(s, e).to(sdt).contiguous(), None, 0, labels[s:e]) for v in views]
+        fold_tile(tiles[0], stats[:, s:e], None if ref_logits is None else tiles[1],
+                  None if ref_stats is None else ref_stats[:, s:e], opts)
+
+
 @torch.no_grad()
 def log_sum_sq_probs(logits: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
     """``log sum_v p_v^2`` per token ``[R, T]`` from ``logits [R, T, V]`` (any layout), detached, fp32 (fp64 for
@@ -171,6 +183,7 @@ def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: Tok
     gradient), written straight into ``grad`` in its dtype; masked rows are exactly 0."""
     shape, sdt = logits.shape, lse.dtype
     index, mask = split_labels(labels, opts.ignore_index, shape[-1])
+    held = (labels >= 0) & (labels < shape[-1])  # a label outside the row (another rank's slice) adds no one-hot
     masked = ~mask.view(-1, 1)
     use_ref = g_kl is not None
     rows, grad_rows = TokenRows(logits), TokenRows(grad)
@@ -179,10 +192,10 @@ def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: Tok
         x = rows.rows(s, e)
         kl_args = (g_kl[s:e], transform_logits(views[1].rows(s, e).to(sdt), opts), ref_lse[s:e]) if use_ref else ()
         if opts.is_identity_transform:  # straight from the half logits into the half gradient
-            _logit_grad(x, lse[s:e], g[s:e], index[s:e], None, *kl_args, out=grad_rows.rows(s, e))
+            _logit_grad(x, lse[s:e], g[s:e], index[s:e], held[s:e], *kl_args, out=grad_rows.rows(s, e))
         else:
             xs = x.to(sdt)
-            dz = _logit_grad(transform_logits(xs, opts), lse[s:e], g[s:e], index[s:e], None, *kl_args)
+            dz = _logit_grad(transform_logits(xs, opts), lse[s:e], g[s:e], index[s:e], held[s:e], *kl_args)
             grad_rows.rows(s, e).copy_(transform_backward(xs, dz, opts))
         # a masked row gets exactly 0 whatever its logits hold (g = 0 there, but 0 * NaN is NaN)
         grad_rows.rows(s, e).masked_fill_(masked[s:e], 0)
@@ -256,5 +269,5 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
     return True
 
 
-KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward),
+KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
                          tiles=TileKernels(fold=fold_tile, grad=grad_tile))

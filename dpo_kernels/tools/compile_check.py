@@ -76,10 +76,13 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
     for (tname, tflags), with_ref in itertools.product(TRANSFORMS.items(), (False, True)):
         row = config.row_config(VOCAB, with_ref)
         tag = f"{'kl' if with_ref else 'logp'},{tname}"
-        out.append(Variant("logits_forward", _logits_forward_kernel.fn, dict(
-            HAS_REF=with_ref, BLOCK_V=row.block_v, **tflags,
-            **_absent(ref_ptr=with_ref, ref_logp_ptr=with_ref, ref_lse_ptr=with_ref, kl_ptr=with_ref),
-        ), row.num_warps, label=tag))
+        for raw in (False, True):  # logits_forward, and its RAW variant logits_fold
+            out.append(Variant("logits_forward", _logits_forward_kernel.fn, dict(
+                HAS_REF=with_ref, RAW=raw, BLOCK_V=row.block_v, **tflags,
+                **_absent(ref_ptr=with_ref, logp_ptr=not raw, lse_ptr=not raw, ref_logp_ptr=with_ref and not raw,
+                          ref_lse_ptr=with_ref and not raw, kl_ptr=with_ref and not raw, stats_ptr=raw,
+                          ref_stats_ptr=with_ref and raw),
+            ), row.num_warps, label=tag + (",fold" if raw else "")))
         out.append(Variant("logits_backward", _logits_backward_kernel.fn, dict(
             HAS_KL_GRAD=with_ref, BLOCK_V=row.block_v, **tflags,
             **_absent(ref_ptr=with_ref, ref_lse_ptr=with_ref, g_kl_ptr=with_ref),

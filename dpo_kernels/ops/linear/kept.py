@@ -30,17 +30,15 @@ class KeptTokens:
         self.labels = (flat if self.kept is None else flat[self.kept]).long() - offset
         self.n = self.labels.numel()
 
-    def gather(self, x: torch.Tensor, start: int = 0, end: int | None = None, columns: slice = slice(None)):
-        """``[R, T, K]`` -> kept rows ``start:end`` and ``columns`` of them, ``[end - start, k]`` (a view when all
-        tokens are kept and the rows merge; else only those rows and columns are copied)."""
-        end = self.n if end is None else end
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[R, T, K]`` -> the kept rows ``[n, K]`` (a view when all tokens are kept and the rows merge; else only
+        the kept rows are copied)."""
         if self.kept is None:
-            return x.reshape(-1, x.shape[-1])[start:end, columns]
-        index = self.kept[start:end]
+            return x.reshape(-1, x.shape[-1])
         try:
-            return x.view(-1, x.shape[-1])[index, columns]
+            return x.view(-1, x.shape[-1])[self.kept]
         except RuntimeError:  # rows that do not merge without a copy, e.g. hidden[:, :-1]
-            return x[(*token_index(index, x), columns)]
+            return x[token_index(self.kept, x)]
 
     def select(self, per_token: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A ``[R, T]`` per-token tensor (an upstream gradient) -> ``[n]`` at the kept tokens, contiguous."""
@@ -53,19 +51,6 @@ class KeptTokens:
             return values.to(dtype).view(shape)
         out = torch.zeros((self.total, *values.shape[1:]), dtype=dtype, device=values.device)
         return out.index_copy_(0, self.kept, values.to(dtype)).view(shape)
-
-    def positions(self, n0: int, n1: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(row, position)`` indices into ``like [R, T, ...]`` of kept tokens ``n0:n1``."""
-        flat = torch.arange(n0, n1, device=like.device) if self.kept is None else self.kept[n0:n1]
-        return token_index(flat, like)
-
-    def ignored_positions(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(row, position)`` indices into ``like [R, T, ...]`` of the ignored tokens; ``None`` when there are none."""
-        if self.kept is None:
-            return None
-        ignored = torch.ones(self.total, dtype=torch.bool, device=like.device)
-        ignored[self.kept] = False
-        return token_index(ignored.nonzero().squeeze(1), like)
 
 
 def token_index(flat_index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The one tile loop of the linear path, shared by every tile-kernel backend, both schedules and given logits.
 
 - Forward, token-major (:func:`fold_all`): for each token block and vocabulary chunk, the source's tile (one GEMM
-  writing an fp32 logits tile, a tile kept from the forward, or a copy of given logits; :mod:`.sources`) and the
+  writing an fp32 logits tile, or a tile kept from the forward; :mod:`.sources`) and the
   reference's, folded by the backend's ``fold`` into ``O(n)`` statistics. :func:`finish_forward` turns them into the
   per-token results and ``lse`` (and ``ref_lse``), all a backward needs.
 - Backward, vocabulary-major (:func:`grad_all`): for each vocabulary chunk ``c``, the tiles again, ``kernels.grad``
@@ -11,9 +11,9 @@
   fp32 buffer and no atomic over the vocabulary. The reference is read only when the KL received a gradient.
 
 :func:`linear_forward` / :func:`linear_backward` are the recompute schedule's two passes (:mod:`.recompute` wraps
-them in its op); :func:`logits_forward` / :func:`logits_backward` run the loop over given logits (a
-vocabulary-parallel slice). With a :class:`~dpo_kernels.ops.vocab_parallel.VocabSlice` the statistics are combined
-across the group before ``lse`` is formed, and ``dH`` is all-reduced in the backward.
+them in its op and its Function). With a :class:`~dpo_kernels.ops.vocab_parallel.VocabSlice` the statistics are
+combined across the group before ``lse`` is formed (:func:`finish_forward`, which a vocabulary slice of given logits
+shares: :func:`dpo_kernels.ops.logits_path.slice_forward`), and ``dH`` is all-reduced in the backward.
 
 Materialised beyond the inputs and the gradients themselves: the gathered kept rows ``[n, D]`` (operand dtype; only
 when tokens are dropped or converted), the fp32 ``dH`` accumulator ``[n, D]``, the per-token statistics, and the
@@ -52,7 +52,7 @@ from .contract import (
 from .kept import KeptTokens
 from .plan import TilePlan, plan_tiles
 from .products import Products, product_dtype, report_products
-from .sources import GemmSource, LogitsSource
+from .sources import GemmSource
 
 
 def no_autocast(device: torch.device):
@@ -137,27 +137,25 @@ class Backward:
 
 
 class _DzScratch:
-    """``dZ`` tiles in the GEMM operand dtype (``dtype`` ``None``: ``dZ`` overwrites the fp32 tile)."""
+    """``dZ`` tiles in the GEMM operand dtype (``dtype`` ``None``: none, ``dZ`` overwrites the fp32 tile)."""
 
     def __init__(self, plan: TilePlan, n: int, vocab: int, dtype: torch.dtype | None, device: torch.device) -> None:
         size = min(n, plan.tokens) * min(vocab, plan.vocab)
         self.buffer = None if dtype is None else torch.empty(size, dtype=dtype, device=device)
 
-    def like(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.buffer is None else self.buffer[: logits.numel()].view(logits.shape)
+    def view(self, rows: int, cols: int) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[: rows * cols].view(rows, cols)
 
 
 def _logits_grad(policy, ref, rows: KeptTokens, block: tuple[int, int, int, int], bw: Backward,
                  dz_scratch: _DzScratch) -> torch.Tensor | None:
-    """``dZ [n1 - n0, v1 - v0]`` of the tile ``block = (n0, n1, v0, v1)``; ``None`` when the gradient filter skips
-    the tile."""
+    """``dZ [n1 - n0, v1 - v0]`` of the tile ``block = (n0, n1, v0, v1)``, formed by the policy's source; ``None``
+    when the gradient filter skips the tile."""
     n0, n1, v0, v1 = block
-    tile = policy.tile(n0, n1, v0, v1, rows.labels)
     ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
-    dz = dz_scratch.like(tile.logits)
-    kept = bw.kernels.grad(tile, bw.lse[n0:n1], bw.g[n0:n1], ref_tile, None if ref is None else bw.ref_lse[n0:n1],
-                           None if bw.g_kl is None else bw.g_kl[n0:n1], bw.opts, dz)
-    return dz if kept else None
+    return policy.grad(bw.kernels, block, rows.labels, bw.lse[n0:n1], bw.g[n0:n1], ref_tile,
+                       None if ref is None else bw.ref_lse[n0:n1], None if bw.g_kl is None else bw.g_kl[n0:n1],
+                       bw.opts, dz_scratch.view(n1 - n0, v1 - v0))
 
 
 def grad_all(rows: KeptTokens, policy: GemmSource, ref: GemmSource | None, bw: Backward,
@@ -272,46 +270,3 @@ def head_products(hidden, weight, ref: LinearHead | None,
     ref_products = Products.in_dtype(compute[1], device_type, sdt)
     report_products(ref_products, ref.hidden, ref.weight)
     return products, ref_products
-
-
-def logits_forward(logits, labels, ref_logits, opts: TokenOptions, kernels: TileKernels,
-                   vocab_slice: VocabSlice | None = None):
-    """Forward over given logits: ``(token_stats, state)``."""
-    rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start)
-    sdt = _logits_statistics_dtype(logits, ref_logits)
-    policy = LogitsSource(logits, rows, sdt)
-    ref = None if ref_logits is None else LogitsSource(ref_logits, rows, sdt)
-    stats, ref_stats = fold_all(rows, policy, ref, opts, kernels, False, logits.device)
-    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, logits.shape[-1], False)
-    return out, ForwardState(rows, lse, ref_lse, opts, kernels, vocab_slice=vocab_slice)
-
-
-def logits_backward(logits, ref_logits, state: ForwardState, grad_logp, grad_kl) -> torch.Tensor:
-    """The logits' gradient (0 at ignored tokens), written into ``logits`` itself with ``opts.inplace_backward``."""
-    rows, opts = state.rows, state.opts
-    sdt = _logits_statistics_dtype(logits, ref_logits)
-    g, g_kl = upstream(rows, grad_logp, grad_kl, sdt, logits.device)
-    policy = LogitsSource(logits, rows, sdt)
-    ref = None if g_kl is None else LogitsSource(ref_logits, rows, sdt)
-    if opts.inplace_backward:  # every element is read into a tile before its gradient overwrites it
-        grad = logits
-        ignored = rows.ignored_positions(logits)
-        if ignored is not None:
-            grad[ignored] = 0
-    else:
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-    n, vocab = rows.n, logits.shape[-1]
-    dz_dtype = None if logits.dtype == sdt else logits.dtype
-    plan = tile_plan(rows, policy, ref, opts, logits.device, 0 if dz_dtype is None else logits.dtype.itemsize)
-    dz_scratch = _DzScratch(plan, n, vocab, dz_dtype, logits.device)
-    bw = Backward(state.lse, state.ref_lse, g, g_kl, opts, state.kernels)
-    for n0, n1 in plan.token_blocks(n):
-        r, t = rows.positions(n0, n1, logits)
-        for v0, v1 in plan.vocab_chunks(vocab):
-            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, dz_scratch)
-            grad[r, t, v0:v1] = 0 if dz is None else dz
-    return grad
-
-
-def _logits_statistics_dtype(logits, ref_logits) -> torch.dtype:
-    return statistics_dtype(logits.dtype, *(() if ref_logits is None else (ref_logits.dtype,)))

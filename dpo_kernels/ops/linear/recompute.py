@@ -2,7 +2,8 @@
 :func:`.loop.linear_backward`): one custom op for ``torch.compile``, one Function for eager mode.
 
 :func:`loop_stats` (:class:`_LoopStats`) is eager mode's: from hidden states and a head (optionally a reference
-head), and from given logits for a vocabulary-parallel slice; it takes what an op cannot: a vocabulary split over a
+head), and for a vocabulary-parallel slice of given logits (over the row kernels,
+:func:`dpo_kernels.ops.logits_path.slice_forward`); it takes what an op cannot: a vocabulary split over a
 process group (collectives in both passes, :mod:`dpo_kernels.ops.vocab_parallel`), a context that gathers a sharded
 head again for the backward (ZeRO-3, ``head_context``), the statistics trainers log, and the kept-token count of the
 caller's one host read. It is a Function rather than the op because an op is one opaque node to a
@@ -38,12 +39,13 @@ from ..custom_ops import (
     split_args,
 )
 from ..inplace import mark_logits_overwritten, refuse_leaf_logits
+from ..logits_path import LogitsKernels, slice_backward, slice_forward
 from ..registry import backend_kernels
 from ..token_stats import TokenStats
 from ..vocab_parallel import VocabSlice
 from .contract import LOGGED_OUTPUTS, TileKernels
 from .kept import KeptTokens
-from .loop import ForwardState, head_products, linear_backward, linear_forward, logits_backward, logits_forward
+from .loop import ForwardState, head_products, linear_backward, linear_forward
 from .products import product_dtype
 
 _OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
@@ -172,22 +174,25 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: Tensor, opt
 
 
 class _LoopStats(torch.autograd.Function):
-    """The recompute passes in eager mode: ``source`` is ``"linear"`` (``a, b, c`` = hidden, weight, bias) or
-    ``"logits"`` (``a`` = this rank's slice of the logits, with a vocabulary slice)."""
+    """The recompute passes in eager mode: ``source`` is ``"linear"`` (``a, b, c`` = hidden, weight, bias; ``kernels``
+    the backend's tile kernels) or ``"logits"`` (``a`` = this rank's slice of the logits, with a vocabulary slice;
+    ``kernels`` the backend's row kernels, :func:`dpo_kernels.ops.logits_path.slice_forward`)."""
 
     @staticmethod
-    def forward(ctx, source: str, a, b, c, labels, ref, opts: TokenOptions, kernels: TileKernels, logging: bool,
+    def forward(ctx, source: str, a, b, c, labels, ref, opts: TokenOptions, kernels, logging: bool,
                 vocab_slice: VocabSlice | None, head_context, kept_count: int | None):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         if source == "linear":
             products, ref_products = head_products(a, b, ref)
             out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, kernels, logging,
                                             vocab_slice, kept_count)
+            ctx.save_for_backward(a, b, c)
         else:
             if opts.inplace_backward:
                 refuse_leaf_logits(a)
-            out, ctx.state = logits_forward(a, labels, ref, opts, kernels, vocab_slice)
-        ctx.save_for_backward(a, b, c, ref if source == "logits" else None)
+            out, lse, ref_lse = slice_forward(a, ref, labels, opts, kernels, vocab_slice)
+            ctx.save_for_backward(a, ref, labels, lse, ref_lse)
+            ctx.state = (opts, kernels, vocab_slice)
         ctx.source, ctx.head_context, ctx.with_ref = source, head_context, ref is not None
         frozen = [t for t in (out.ref_logp, *(out.logged or {}).values()) if t is not None]
         if frozen:
@@ -198,16 +203,19 @@ class _LoopStats(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_logp, *grad_rest):
-        a, b, c, ref_logits = ctx.saved_tensors
         grad_kl = grad_rest[1] if ctx.with_ref else None
         nothing = (None,) * 12
         if grad_logp is None and grad_kl is None:
             return nothing
         if ctx.source == "logits":
-            grad = logits_backward(a, ref_logits, ctx.state, grad_logp, grad_kl)
-            if ctx.state.opts.inplace_backward:
-                mark_logits_overwritten(a)
+            logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
+            opts, kernels, vocab_slice = ctx.state
+            grad = slice_backward(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, opts, kernels,
+                                  vocab_slice)
+            if opts.inplace_backward:
+                mark_logits_overwritten(logits)
             return (None, grad, *nothing[2:])
+        a, b, c = ctx.saved_tensors
         need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and c is not None)
         if not any(need):
             return nothing
@@ -215,11 +223,11 @@ class _LoopStats(torch.autograd.Function):
                 *nothing[4:])
 
 
-def loop_stats(source: str, tensors: tuple, labels: Tensor, ref, opts: TokenOptions, kernels: TileKernels,
-               logging: bool = False, vocab_slice: VocabSlice | None = None, head_context=None,
-               kept_count: int | None = None) -> TokenStats:
-    """:class:`_LoopStats` over ``tensors`` (``(hidden, weight, bias)`` or ``(logits,)``; ``ref`` a
-    :class:`LinearHead` or the reference's logits) -> :class:`TokenStats` ``[R, T]``."""
+def loop_stats(source: str, tensors: tuple, labels: Tensor, ref, opts: TokenOptions,
+               kernels: TileKernels | LogitsKernels, logging: bool = False, vocab_slice: VocabSlice | None = None,
+               head_context=None, kept_count: int | None = None) -> TokenStats:
+    """:class:`_LoopStats` over ``tensors`` (``(hidden, weight, bias)`` with tile kernels, or ``(logits,)`` with row
+    kernels; ``ref`` a :class:`LinearHead` or the reference's logits) -> :class:`TokenStats` ``[R, T]``."""
     a, b, c = (*tensors, None, None)[:3]
     if isinstance(ref, LinearHead):
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())

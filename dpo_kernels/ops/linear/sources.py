@@ -9,15 +9,21 @@ A source answers:
   buffer the source owns (one flat scratch, grown to the largest tile it was asked for and reused: the first tile of
   a pass is the largest);
 - ``fold(kernels, tile, stats, ref_tile, ref_stats, opts)``: fold one of its tiles into the statistics (the backend's
-  ``fold``; a source that keeps more than the statistics, such as running accumulators, folds them here too).
+  ``fold``; a source that keeps more than the statistics, such as running accumulators, folds them here too);
+- ``grad(kernels, block, labels, lse, g, ref_tile, ref_lse, g_kl, opts, out)``: ``dZ`` of the tile
+  ``block = (n0, n1, v0, v1)``, written into ``out`` (``None``: over the tile itself) and returned, or ``None`` when
+  the gradient filter skips the tile (the backend's ``grad`` over :meth:`tile`; a source that keeps something else
+  than logits, such as scaled exponentials, forms ``dZ`` from what it keeps).
 
 The head sources (:class:`GemmSource`, :class:`StoredSource`) also carry the kept hidden rows, the weight and the
-products the backward's ``dH``/``dW`` GEMMs use. The three sources:
+products the backward's ``dH``/``dW`` GEMMs use. The two sources:
 
 - :class:`GemmSource`: each tile is one GEMM of the kept hidden rows and a weight chunk (the recompute schedule);
 - :class:`StoredSource`: the eager schedule's; each tile is computed once into its slot of a :class:`TileStore`,
-  and the source :meth:`~StoredSource.filled` returns reads it back;
-- :class:`LogitsSource`: given logits (a vocabulary-parallel slice); a tile is a copy of kept rows and columns.
+  and the source :meth:`~StoredSource.filled` returns reads it back.
+
+(Given logits need no source: their row kernels read each row once, a vocabulary slice of them too,
+:func:`dpo_kernels.ops.logits_path.slice_forward`.)
 """
 
 from __future__ import annotations
@@ -48,10 +54,16 @@ class _Scratch:
 
 
 class _Folds:
-    """The default ``fold``: the backend's kernel over the tile and the statistics."""
+    """The default ``fold`` and ``grad``: the backend's kernels over the source's tiles."""
 
     def fold(self, kernels: TileKernels, tile: LogitsTile, stats, ref_tile, ref_stats, opts: TokenOptions) -> None:
         kernels.fold(tile, stats, ref_tile, ref_stats, opts)
+
+    def grad(self, kernels: TileKernels, block: tuple[int, int, int, int], labels: torch.Tensor, lse, g, ref_tile,
+             ref_lse, g_kl, opts: TokenOptions, out: torch.Tensor | None) -> torch.Tensor | None:
+        tile = self.tile(*block, labels)
+        out = tile.logits if out is None else out
+        return out if kernels.grad(tile, lse, g, ref_tile, ref_lse, g_kl, opts, out) else None
 
 
 @dataclass
@@ -148,28 +160,3 @@ class StoredSource(GemmSource):
         if not self.kept:
             return self._gemm_tile(n0, n1, v0, v1, labels, slot)
         return LogitsTile(slot, None if self.bias is None else self.bias[v0:v1], v0, labels[n0:n1])
-
-
-@dataclass
-class LogitsSource(_Folds):
-    """Given logits ``[R, T, V]`` as the tile loop's source: a tile is a copy of kept rows and columns, in the
-    statistics dtype."""
-
-    logits: torch.Tensor
-    rows: KeptTokens
-    out_dtype: torch.dtype
-    _scratch: _Scratch | None = field(default=None, repr=False)
-
-    @property
-    def vocab(self) -> int:
-        return self.logits.shape[-1]
-
-    def scratch_bytes(self, device: torch.device) -> int:
-        return self.out_dtype.itemsize
-
-    def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor) -> LogitsTile:
-        if self._scratch is None:
-            self._scratch = _Scratch(self.out_dtype, self.logits.device)
-        out = self._scratch.view(n1 - n0, v1 - v0)
-        out.copy_(self.rows.gather(self.logits, n0, n1, slice(v0, v1)))
-        return LogitsTile(out, None, v0, labels[n0:n1])

@@ -12,8 +12,8 @@ from ..backend import BackendKernels
 from ..linear.contract import TileKernels
 from ..logits_path import LogitsKernels
 from .launch import require_supported_dtype
-from .logits import logits_backward, logits_forward
+from .logits import logits_backward, logits_fold, logits_forward
 from .tiles import fold_tile, grad_tile
 
-KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward),
+KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
                          tiles=TileKernels(fold=fold_tile, grad=grad_tile), check=require_supported_dtype)

@@ -1,5 +1,5 @@
-"""Triton kernels from logits: the two row kernels of :mod:`dpo_kernels.ops.logits_path` (``logits_forward``,
-``logits_backward``).
+"""Triton kernels from logits: the row kernels of :mod:`dpo_kernels.ops.logits_path` (``logits_forward``, and its
+``RAW`` variant ``logits_fold`` for a vocabulary slice, ``logits_backward``).
 
 Forward: one program per token reads its logits row once in ``BLOCK_V`` steps, keeping the online log-sum-exp
 (running max ``m`` and rescaled sum ``s``) and, with a reference row, the reference's ``m_r``, ``s_r`` and the
@@ -30,17 +30,20 @@ from .jit_helpers import LOWEST, finish_lse, fold_reference_block, transform, tr
 from .launch import on_device, transform_args
 
 
-# Absent buffers are passed as None and their constexpr flags derived from that, as in tiles.py.
-@triton.heuristics({"HAS_REF": lambda a: a["ref_ptr"] is not None})
+# Absent buffers are passed as None and their constexpr flags derived from that, as in tiles.py. RAW (stats_ptr
+# given): the ``fold`` kernel, writing the row's named statistics (StatRow / RefRow rows, row strides given) instead
+# of finishing them.
+@triton.heuristics({"HAS_REF": lambda a: a["ref_ptr"] is not None, "RAW": lambda a: a["stats_ptr"] is not None})
 @triton.jit
 def _logits_forward_kernel(
     x_ptr, x_stride_r, x_stride_t, x_stride_v,
     ref_ptr, ref_stride_r, ref_stride_t, ref_stride_v,
     labels_ptr, logp_ptr, lse_ptr, ref_logp_ptr, ref_lse_ptr, kl_ptr,
+    stats_ptr, stats_stride, ref_stats_ptr, ref_stats_stride,
     seq_len, vocab, ignore_index,
     logit_scale, softcap, inv_temperature,
-    HAS_REF: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr, RAW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     r, t = row // seq_len, row % seq_len
@@ -73,26 +76,32 @@ def _logits_forward_kernel(
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
             m_r, s_r_lanes, w_lanes = fold_reference_block(z, zr, inside, m_r, s_r_lanes, w_lanes)
     s = tl.sum(s_lanes, axis=0)
-    s_r = tl.sum(s_r_lanes, axis=0)
-    w = tl.sum(w_lanes, axis=0)
-
-    # a masked token read nothing: give it neutral statistics so log(0) and 0/0 are never formed
-    m = tl.where(valid, m, 0.0)
-    s = tl.where(valid, s, 1.0)
-    m_r = tl.where(valid, m_r, 0.0)
-    s_r = tl.where(valid, s_r, 1.0)
     x_label = tl.load(x_row + safe_label * x_stride_v).to(tl.float32)
     z_label = transform(x_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-    lse = finish_lse(m, s)
-    tl.store(logp_ptr + row, tl.where(valid, tl.where(in_vocab, z_label - lse, float("nan")), 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if RAW:  # the named statistics, stored as soon as they are formed (a label held elsewhere adds no label logit)
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + stats_stride + row, s)
+        tl.store(stats_ptr + 2 * stats_stride + row, tl.where(valid & in_vocab, z_label, 0.0))
+    # a masked token read nothing: give it neutral statistics so log(0) and 0/0 are never formed
+    lse = finish_lse(tl.where(valid, m, 0.0), tl.where(valid, s, 1.0))
+    if not RAW:
+        tl.store(logp_ptr + row, tl.where(valid, tl.where(in_vocab, z_label - lse, float("nan")), 0.0))
+        tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if HAS_REF:
+        s_r = tl.sum(s_r_lanes, axis=0)
+        w = tl.sum(w_lanes, axis=0)
         xr_label = tl.load(ref_row + safe_label * ref_stride_v).to(tl.float32)
         zr_label = transform(xr_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        lse_r = finish_lse(m_r, s_r)
-        tl.store(ref_logp_ptr + row, tl.where(valid, tl.where(in_vocab, zr_label - lse_r, float("nan")), 0.0))
-        tl.store(ref_lse_ptr + row, tl.where(valid, lse_r, 0.0))
-        tl.store(kl_ptr + row, tl.where(valid, w / s_r - lse_r + lse, 0.0))
+        if RAW:
+            tl.store(ref_stats_ptr + row, m_r)
+            tl.store(ref_stats_ptr + ref_stats_stride + row, s_r)
+            tl.store(ref_stats_ptr + 2 * ref_stats_stride + row, tl.where(valid & in_vocab, zr_label, 0.0))
+            tl.store(ref_stats_ptr + 3 * ref_stats_stride + row, w)
+        else:
+            lse_r = finish_lse(tl.where(valid, m_r, 0.0), tl.where(valid, s_r, 1.0))
+            tl.store(ref_logp_ptr + row, tl.where(valid, tl.where(in_vocab, zr_label - lse_r, float("nan")), 0.0))
+            tl.store(ref_lse_ptr + row, tl.where(valid, lse_r, 0.0))
+            tl.store(kl_ptr + row, tl.where(valid, w / s_r - lse_r + lse, 0.0))
 
 
 @triton.heuristics({"HAS_KL_GRAD": lambda a: a["g_kl_ptr"] is not None})
@@ -147,17 +156,29 @@ def logits_forward(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels
     out = {k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("logp", "lse")}
     if ref_logits is not None:
         out.update({k: torch.empty(n, dtype=torch.float32, device=logits.device) for k in ("ref_logp", "ref_lse", "kl")})
+    _launch_forward(logits, ref_logits, labels, opts, (out["logp"], out["lse"], out.get("ref_logp"),
+                                                       out.get("ref_lse"), out.get("kl")), (None, 0, None, 0))
+    return out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl")
+
+
+def logits_fold(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: torch.Tensor, opts: TokenOptions,
+                stats: torch.Tensor, ref_stats: torch.Tensor | None) -> None:
+    """The from-logits ``fold`` kernel: the forward's program per token, writing the named statistics."""
+    raw = (stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0))
+    _launch_forward(logits, ref_logits, labels, opts, (None,) * 5, raw)
+
+
+def _launch_forward(logits, ref_logits, labels, opts: TokenOptions, finished: tuple, raw: tuple) -> None:
+    n = labels.numel()
     cfg = row_config(logits.shape[-1], ref_logits is not None)
     ref_strides = (0, 0, 0) if ref_logits is None else ref_logits.stride()
     if n:
         with on_device(logits):
             _logits_forward_kernel[(n,)](
-                logits, *logits.stride(), ref_logits, *ref_strides, labels,
-                out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl"),
+                logits, *logits.stride(), ref_logits, *ref_strides, labels, *finished, *raw,
                 logits.shape[1], logits.shape[2], opts.ignore_index,
                 **transform_args(opts), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
             )
-    return out["logp"], out["lse"], out.get("ref_logp"), out.get("ref_lse"), out.get("kl")
 
 
 def logits_backward(logits, ref_logits, labels, lse, ref_lse, g, g_kl, opts: TokenOptions, grad) -> None:
