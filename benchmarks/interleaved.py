@@ -2,6 +2,7 @@
 
     python benchmarks/interleaved.py                      # N=4096, D=512, V=32000, fp32, 7 rounds
     python benchmarks/interleaved.py --case kl --rounds 5 --json /tmp/linear_kl.json
+    python benchmarks/interleaved.py --head frozen        # the hidden states' gradient only (LoRA)
 
 Each round runs every implementation once, forward + backward, in a fresh order (a shared, noisy machine slows
 whole stretches of time, which then hit every implementation of a round alike); the report gives each one's median
@@ -10,8 +11,10 @@ implementation comes first and is not timed.
 
 Cases: ``logprobs`` (``linear_token_logprobs``) and ``kl`` (``linear_token_logprobs_and_kl``, gradients through
 both outputs). ``naive`` is the full-logits path: ``h @ W.T``, fp32 ``log_softmax``, gather (and the KL from the
-two log-softmaxes), autograd. The linear path does ``8 N D V`` FLOPs against naive's ``6 N D V`` (``12`` against
-``8`` with the KL), so it can only tie or win through the memory traffic it saves.
+two log-softmaxes), autograd. With a trainable head (``--head trainable``, the default) the linear path does
+``8 N D V`` FLOPs against naive's ``6 N D V`` (``12`` against ``8`` with the KL), so it can only tie or win through
+the memory traffic it saves; with a frozen head (``--head frozen``: only the hidden states get a gradient) both do
+``4 N D V`` (``8`` with the KL): the linear path forms the hidden states' gradient in its forward.
 """
 
 from __future__ import annotations
@@ -64,12 +67,13 @@ def _ours(case: str, backend: str):
     return run
 
 
-def measure(case: str, n: int, d: int, v: int, dtype: torch.dtype, rounds: int, impls: list[str], seed: int = 0):
+def measure(case: str, n: int, d: int, v: int, dtype: torch.dtype, rounds: int, impls: list[str], seed: int = 0,
+            head: str = "trainable"):
     x = _inputs(n, d, v, dtype)
     runs = {name: (lambda x, h, w: _naive(case, x, h, w)) if name == "naive" else _ours(case, name) for name in impls}
 
     def once(fn) -> float:
-        h, w = x["hidden"].detach().requires_grad_(), x["weight"].detach().requires_grad_()
+        h, w = x["hidden"].detach().requires_grad_(), x["weight"].detach().requires_grad_(head == "trainable")
         start = time.perf_counter()
         fn(x, h, w).backward()
         return time.perf_counter() - start
@@ -95,6 +99,7 @@ def measure(case: str, n: int, d: int, v: int, dtype: torch.dtype, rounds: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=("logprobs", "kl"), default="logprobs")
+    parser.add_argument("--head", choices=("trainable", "frozen"), default="trainable")
     add_shape_arguments(parser, tokens=4096, hidden=512, vocab=32000, dtype="float32")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--impls", default=None, help="comma-separated; default: naive and every CPU backend")
@@ -102,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     impls = args.impls.split(",") if args.impls else ["naive", *(b for b in backends_for("cpu") if b != "triton")]
     dtype = getattr(torch, args.dtype)
-    rows = measure(args.case, args.tokens, args.hidden, args.vocab, dtype, args.rounds, impls)
+    rows = measure(args.case, args.tokens, args.hidden, args.vocab, dtype, args.rounds, impls, head=args.head)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"{args.case} fwd+bwd, N={args.tokens} D={args.hidden} V={args.vocab} {args.dtype}, {args.rounds} "
+    print(f"{args.case} fwd+bwd, {args.head} head, N={args.tokens} D={args.hidden} V={args.vocab} {args.dtype}, {args.rounds} "
           f"interleaved rounds ({machine})")
     print(f"{'impl':<10} {'median s':>9} {'median ratio to naive':>22}")
     for r in rows:
         ratio = r.get("median_ratio_to_naive", float("nan"))
         print(f"{r['impl']:<10} {r['median_s']:>9.3f} {ratio:>22.3f}")
     if args.json:
-        record = {"case": args.case, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
+        record = {"case": args.case, "head": args.head, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
                   "dtype": args.dtype, "rounds": args.rounds, "machine": machine, "results": rows}
         with open(args.json, "w") as f:
             f.write(json.dumps(record, indent=2) + "\n")

@@ -527,6 +527,9 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     policy = (inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in policy):
         return _NO_GRADIENT
+    if config.schedule == "auto" and not any(t is not None and t.requires_grad for t in policy[1:]):
+        return ("the head is frozen: the recompute schedule forms the hidden states' gradient in its forward, with "
+                "the same GEMMs and no tiles kept")
     if torch.compiler.is_compiling():
         return "under torch.compile the compiled ops run the recompute schedule"
     heads = [LinearHead(inputs.policy_hidden, inputs.lm_head_weight, inputs.lm_head_bias)]
@@ -644,7 +647,7 @@ def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs
     if policy_head is not None and ref_head is not None:
         # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
         out = dispatch.linear_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs,
-                                    kept_count=kept)
+                                    kept_count=kept, kl_grad=config.uses_token_kl)
         return out.logp, out.ref_logp, (out.kl if config.uses_token_kl else None), out.logged
     if policy_logits is not None:
         out = dispatch.logits_stats(policy_logits, None, labels, opts, backend, vs)

@@ -289,11 +289,14 @@ const acc_t* optional_data(const c10::optional<Tensor>& t) {
 
 // Linear path, one tile: fold raw logits x [n, w] (columns v0..v0+w) into per-token statistics.
 // stats [3, n]: running max, running sum, label logit. ref_stats [4, n]: the reference's max, sum, label logit
-// and the KL's weighted sum w.
-void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
-               const Tensor& stats, bool logging, const c10::optional<Tensor>& xr,
-               const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats, double logit_scale,
-               double softcap, double inv_temperature) {
+// and the KL's weighted sum w. With weights [n, w] (contiguous, x's dtype; may be x itself: each row is read before
+// it is written), also the frozen head's softmax weights e^{z - m'} t'(x) after the fold (m' the new running max),
+// and with ref_weights the reference's e^{zr - m_r'} t'(x) (the policy's slope).
+void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
+                    const Tensor& stats, bool logging, const c10::optional<Tensor>& xr,
+                    const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats, double logit_scale,
+                    double softcap, double inv_temperature, const c10::optional<Tensor>& weights,
+                    const c10::optional<Tensor>& ref_weights) {
   const bool with_ref = xr.has_value() && xr->defined();
   // with logging, the statistics trainers only log follow the three of the contract (stats_layout.h)
   TORCH_CHECK(stats.size(0) == stat_rows(logging), "dpo_kernels::fold_tile: stats must have ", stat_rows(logging),
@@ -302,18 +305,30 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
   const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dpo_fold_tile", [&] {
     using acc_t = scalar_t;
+    using Vec = Vectorized<acc_t>;
     const acc_t* xp = x.data_ptr<acc_t>();
     const acc_t* xrp = with_ref ? xr->data_ptr<acc_t>() : nullptr;
     const acc_t* bp = optional_data<acc_t>(bias);
     const acc_t* rbp = optional_data<acc_t>(ref_bias);
+    acc_t* wp = const_cast<acc_t*>(optional_data<acc_t>(weights));
+    acc_t* rwp = const_cast<acc_t*>(optional_data<acc_t>(ref_weights));
     const int64_t* y = labels.data_ptr<int64_t>();
     acc_t* st = stats.data_ptr<acc_t>();
     acc_t* rst = with_ref ? ref_stats->data_ptr<acc_t>() : nullptr;
     const int64_t ss = stats.stride(0), rss = with_ref ? ref_stats->stride(0) : 0;
+    // e^{zz - shift} t'(raw) into out: the softmax weights of one row
+    auto write_weights = [&](const acc_t* zz, acc_t shift, const acc_t* raw, acc_t* out) {
+      const Vec vs(shift);
+      at::vec::map([vs](Vec v) { return vexp(v - vs); }, out, zz, width);
+      transform_grad_chunk(t, raw, out, out, width);
+    };
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> raw(width), z(width), zr(width);
+      std::vector<acc_t> raw(width), rraw(width), z(width), zr(width);
       for (int64_t i = begin; i < end; ++i) {
-        biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
+        const acc_t* xraw = biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
+        if (wp != nullptr && xraw != raw.data()) {  // the weights may overwrite the tile's row: keep its raw logits
+          std::copy(xraw, xraw + width, raw.data());
+        }
         acc_t* s = st + i;  // row r of token i's statistics at s[r * ss]
         OnlineLse<acc_t> policy{s[kMax * ss], s[kSum * ss]};
         const acc_t rescale = policy.fold(z.data(), width);
@@ -324,7 +339,7 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
         if (hit) s[kLabelLogit * ss] = z[col];
         if (logging) fold_logging(z.data(), width, policy.m, rescale, col, s, ss);
         if (with_ref) {
-          biased_row(t, xrp + i * xr->stride(0), rbp, width, raw.data(), zr.data());
+          biased_row(t, xrp + i * xr->stride(0), rbp, width, rraw.data(), zr.data());
           acc_t* r = rst + i;
           OnlineKl<acc_t> ref{OnlineLse<acc_t>{r[kRefMax * rss], r[kRefSum * rss]}, r[kRefWeighted * rss]};
           ref.fold(z.data(), zr.data(), width);
@@ -332,10 +347,31 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
           r[kRefSum * rss] = ref.ref.s;
           r[kRefWeighted * rss] = ref.w;
           if (hit) r[kRefLabelLogit * rss] = zr[col];
+          if (rwp != nullptr) write_weights(zr.data(), shift_of(ref.ref.m), raw.data(), rwp + i * width);
         }
+        if (wp != nullptr) write_weights(z.data(), shift_of(policy.m), raw.data(), wp + i * width);
       }
     });
   });
+}
+
+void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
+               const Tensor& stats, bool logging, const c10::optional<Tensor>& xr,
+               const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats, double logit_scale,
+               double softcap, double inv_temperature) {
+  fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
+                 c10::nullopt, c10::nullopt);
+}
+
+void fold_tile_weights(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
+                       const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
+                       const c10::optional<Tensor>& ref_stats, const Tensor& weights,
+                       const c10::optional<Tensor>& ref_weights, double logit_scale, double softcap,
+                       double inv_temperature) {
+  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && weights.scalar_type() == x.scalar_type(),
+              "dpo_kernels::fold_tile_weights: weights must be a contiguous tensor like x");
+  fold_tile_into(x, bias, v0, labels, stats, false, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
+                 weights, ref_weights);
 }
 
 // Linear path, one tile: write dL/dx of raw logits x [n, w] into out [n, w] (any float dtype; may be x itself:
@@ -399,6 +435,7 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("logits_fold", &logits_fold);
   m.impl("logits_backward", &logits_backward);
   m.impl("fold_tile", &fold_tile);
+  m.impl("fold_tile_weights", &fold_tile_weights);
   m.impl("grad_tile", &grad_tile);
 }
 

@@ -17,7 +17,7 @@ import torch
 from ..options import TokenOptions
 from . import extension
 from .backend import BackendKernels
-from .linear.contract import LogitsTile, TileKernels, has_logging_rows
+from .linear.contract import LogitsTile, TileKernels, has_logging_rows, unfused_fold_weights
 from .logits_path import LogitsKernels
 
 
@@ -58,6 +58,19 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     )
 
 
+def fold_tile_weights(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights,
+                      ref_weights) -> None:
+    """The optional ``fold_weights`` kernel: ``torch.ops.dpo_kernels.fold_tile_weights`` on CPU tensors; the CUDA
+    build has no such kernel yet: there the weights come from PyTorch ops after ``fold_tile``."""
+    if tile.logits.device.type != "cpu":
+        unfused_fold_weights(fold_tile, tile, stats, ref, ref_stats, opts, weights, ref_weights)
+        return
+    _ops().fold_tile_weights(
+        tile.logits, tile.bias, tile.v0, tile.labels, stats, None if ref is None else ref.logits,
+        None if ref is None else ref.bias, ref_stats, weights, ref_weights, *_transform(opts),
+    )
+
+
 def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> bool:
     """The ``grad`` kernel of :mod:`dpo_kernels.ops.linear.contract`: ``torch.ops.dpo_kernels.grad_tile``."""
     eps = -1.0 if opts.grad_filter_eps is None else float(opts.grad_filter_eps)
@@ -68,4 +81,4 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
 
 
 KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
-                         tiles=TileKernels(fold=fold_tile, grad=grad_tile))
+                         tiles=TileKernels(fold=fold_tile, grad=grad_tile, fold_weights=fold_tile_weights))

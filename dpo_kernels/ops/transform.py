@@ -32,3 +32,13 @@ def transform_backward(x: torch.Tensor, grad_z: torch.Tensor, opts: TokenOptions
         # d/dx [c * tanh(s x / c)] = s * (1 - tanh^2)
         return grad_z.mul_(torch.mul(t, t).neg_().add_(1.0).mul_(factor))
     return grad_z.mul_(factor)
+
+
+def slope_at(z: torch.Tensor, opts: TokenOptions) -> torch.Tensor:
+    """``dz/dx`` from the transformed logit ``z`` itself (a new tensor): ``logit_scale / temperature``, times
+    ``1 - tanh^2`` with a softcap, where ``tanh = z * temperature / softcap``."""
+    factor = opts.logit_scale / opts.temperature
+    if opts.softcap is None:
+        return torch.full_like(z, factor)
+    t = z * (opts.temperature / opts.softcap)
+    return torch.mul(t, t).neg_().add_(1.0).mul_(factor)

@@ -72,6 +72,17 @@ def vocab_parallel_checks(rank: int, world: int, backends: list[str]) -> None:
         _check(grads[1], full_grads[1][mine], f"{backend} dW slice")
         _check(grads[2], full_grads[2][mine], f"{backend} db slice")
 
+        # a frozen head (issue 29): the hidden states' gradient formed in the forward from partial accumulators,
+        # brought to the global maxima and summed over the group, the label's row from the rank holding it
+        h3 = x["hidden"].clone().requires_grad_()
+        frozen = dpo_kernels.linear_token_logprobs_and_kl(h3, x["weight"][mine], x["ref_hidden"], x["ref_weight"][mine],
+                                                          x["labels"], bias=x["bias"][mine], backend=backend,
+                                                          vocab_chunk_size=16, vocab_parallel_group=group, **opts)
+        frozen_grads = _grads(frozen, [h3], x["upstream"])
+        for name, a, e in zip(("logp", "ref_logp", "kl"), frozen, full, strict=True):
+            _check(a, e, f"{backend} frozen head {name}")
+        _check(frozen_grads[0], full_grads[0], f"{backend} frozen head dH")
+
         # policy only, and the statistics trainers log
         from dpo_kernels.ops.common import LinearHead
         from dpo_kernels.ops.vocab_parallel import vocab_slice

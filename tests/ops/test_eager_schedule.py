@@ -199,11 +199,13 @@ class _GemmCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize(("loss_type", "head", "schedule", "multiple"), [
     ("sigmoid", "trainable", "eager", 8), ("sigmoid", "trainable", "recompute", 10),
-    ("sigmoid", "frozen", "eager", 6), ("sigmoid", "frozen", "recompute", 8),
-    ("tdpo2", "trainable", "eager", 8), ("tdpo2", "trainable", "recompute", 12),
+    ("sigmoid", "frozen", "eager", 6), ("sigmoid", "frozen", "recompute", 6), ("sigmoid", "frozen", "auto", 6),
+    ("tdpo2", "trainable", "eager", 8), ("tdpo2", "trainable", "recompute", 12), ("tdpo2", "frozen", "recompute", 8),
 ])
 def test_gemm_flops_counted(loss_type, head, schedule, multiple):
-    """``k n D V`` FLOPs forward + backward, ``n`` the kept tokens: the eager schedule never recomputes a tile."""
+    """``k n D V`` FLOPs forward + backward, ``n`` the kept tokens: the eager schedule never recomputes a tile, and a
+    frozen head's recompute schedule forms the hidden states' gradient in its forward (issue 29: 6 for sigmoid, was
+    8; TDPO2 8, its KL's gradient prepared beside)."""
     d = _data(torch.float32, bias=False)
     hidden = d["policy_hidden"].clone().requires_grad_()
     weight = d["lm_head_weight"].clone().requires_grad_(head == "trainable")
@@ -214,6 +216,30 @@ def test_gemm_flops_counted(loss_type, head, schedule, multiple):
                              loss_type=loss_type, backend="torch", schedule=schedule)
         out.loss.backward()
     assert counter.flops == multiple * n * D * V
+
+
+@pytest.mark.parametrize(("with_kl", "multiple"), [(False, 4), (True, 8)], ids=["logprobs", "kl"])
+def test_frozen_head_primitives_do_less_gemm_work(with_kl, multiple):
+    """Issue 29: a frozen head's log-probs cost 4 n D V forward + backward (was 6: forward, recompute, dH), 8 with
+    the KL's gradient (was 10 + 2: the reference recomputed too); the backward issues no GEMM at all."""
+    from dpo_kernels import linear_token_logprobs, linear_token_logprobs_and_kl
+
+    d = _data(torch.float32, bias=False)
+    hidden = d["policy_hidden"].clone().requires_grad_()
+    labels, weight = d["labels"], d["lm_head_weight"]
+    n = int((labels != -100).sum())
+    with _GemmCounter() as counter:
+        if with_kl:
+            logp, _, kl = linear_token_logprobs_and_kl(hidden, weight, d["ref_hidden"], d["ref_lm_head_weight"], labels,
+                                                       backend="torch")
+            forward = counter.flops
+            (logp.sum() + kl.sum()).backward()
+        else:
+            logp = linear_token_logprobs(hidden, weight, labels, backend="torch")
+            forward = counter.flops
+            logp.sum().backward()
+    assert counter.flops == multiple * n * D * V
+    assert counter.flops == forward, "the backward issued a GEMM"
 
 
 class _GemmRows(TorchDispatchMode):
@@ -264,6 +290,7 @@ def test_the_stored_backward_plan():
 def test_the_choice_is_logged_and_a_forced_schedule_that_cannot_run_raises(caplog):
     d = _data()
     tensors = {k: v for k, v in d.items()}
+    tensors["lm_head_weight"].requires_grad_()  # a trainable head (a frozen one takes the recompute schedule)
     with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
         fused_dpo_loss(**{**tensors, "policy_hidden": tensors["policy_hidden"].requires_grad_()}, backend="torch")
     assert "eager schedule, 1 group(s)" in caplog.text
@@ -286,9 +313,24 @@ def test_the_choice_is_logged_and_a_forced_schedule_that_cannot_run_raises(caplo
         fused_dpo_loss(**tensors, eager_budget_mb=0)
 
 
+def test_auto_gives_a_frozen_head_the_recompute_schedule_that_forms_the_gradient_in_the_forward(caplog):
+    """Issue 29: with a frozen head both schedules do the same GEMM work, and only the eager one keeps tiles."""
+    d = _data()
+    d["policy_hidden"].requires_grad_()
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        out = fused_dpo_loss(**d, backend="torch")
+    assert "recompute schedule (the head is frozen" in caplog.text
+    (grad,) = torch.autograd.grad(out.loss, d["policy_hidden"])
+    eager = fused_dpo_loss(**d, backend="torch", schedule="eager")
+    (eager_grad,) = torch.autograd.grad(eager.loss, d["policy_hidden"])
+    torch.testing.assert_close(out.loss, eager.loss)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_a_coupled_loss_over_several_groups_takes_the_recompute_schedule(caplog):
     d = _data()
     d["policy_hidden"].requires_grad_()
+    d["lm_head_weight"].requires_grad_()
     with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
         fused_dpo_loss(**d, loss_type="aot", backend="torch", eager_budget_mb=_mb(PAIR_TOKENS))
     assert "recompute schedule (loss_type ['aot'] couples the pairs" in caplog.text
@@ -458,3 +500,47 @@ def test_budget_messages_print_sizes_as_people_read_them():
     assert [_mib(3006 * 2**20), _mib(1048), _mib(0)] == ["3006.0 MiB", "1.0 KiB", "0 bytes"]
     why = plan_pair_groups([10, 20], 100, budget_bytes=1500, weight_accumulator_bytes=0)
     assert why == "one pair's kept tiles need 2.0 KiB, more than eager_budget_mb=1.5 KiB", why
+
+
+class _HeadConversions(TorchDispatchMode):
+    """Entries of an fp32 ``[*, D]`` head rounded to bf16 (the operand conversion under bf16 autocast), per head."""
+
+    def __init__(self, heads: dict[str, torch.Tensor]):
+        super().__init__()
+        self.heads = {name: t.untyped_storage().data_ptr() for name, t in heads.items()}
+        self.entries = dict.fromkeys(heads, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ == "_to_copy" and kwargs.get("dtype") == torch.bfloat16:
+            for name, ptr in self.heads.items():
+                if args[0].untyped_storage().data_ptr() == ptr:
+                    self.entries[name] += args[0].numel()
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["eager", "recompute"])
+def test_an_fp32_master_head_under_autocast_is_converted_once_a_call(schedule):
+    """Issue 29: fp32 master weights under bf16 autocast (TRL's default): each head is rounded to its GEMM operands
+    once for the eager schedule's call, shared by its passes and its groups (here 3), and once a pass for the
+    recompute schedule (here over 3 token blocks), not once a chunk per token block and group."""
+    d = _data(torch.float32)
+    hidden = d["policy_hidden"].clone().requires_grad_()
+    weight = d["lm_head_weight"].clone().requires_grad_()
+    budget = _mb(PAIR_TOKENS, torch.float32, "tdpo2")  # one pair a group
+    options = dict(schedule=schedule, eager_budget_mb=budget if schedule == "eager" else None,
+                   token_chunk_size=None if schedule == "eager" else 5, vocab_chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _HeadConversions(
+            {"policy": weight, "reference": d["ref_lm_head_weight"]}) as counted:
+        out = fused_dpo_loss(labels=d["labels"], policy_hidden=hidden, lm_head_weight=weight,
+                             lm_head_bias=d["lm_head_bias"], ref_hidden=d["ref_hidden"],
+                             ref_lm_head_weight=d["ref_lm_head_weight"], loss_type="tdpo2", backend="torch",
+                             **options)
+        forward = dict(counted.entries)
+        out.loss.backward()
+    if schedule == "eager":
+        assert forward == {"policy": V * D, "reference": V * D}, forward
+        assert counted.entries == forward, "the eager schedule's backward converts nothing"
+    else:
+        assert forward == {"policy": V * D, "reference": V * D}, forward
+        assert counted.entries == {"policy": 2 * V * D, "reference": 2 * V * D}, counted.entries

@@ -37,6 +37,7 @@ CASES = [
     Case("plain", mask=False, bias=False),
     Case("masked"),
     Case("transformed", options=dict(softcap=2.5, logit_scale=1.7, temperature=0.6)),
+    Case("transformed_no_bias", bias=False, options=dict(softcap=2.5, temperature=0.6)),
     Case("sliced", layout="sliced", options=dict(token_chunk_size=4)),
     Case("transposed", layout="transposed", options=dict(token_chunk_size=5)),
     Case("leading_dims", layout="leading"),
@@ -137,13 +138,21 @@ def test_token_logprobs_and_kl(backend, case, dtype):
     assert (grads[0][~mask] == 0).all()
 
 
-def _head_wrt(case: Case) -> tuple[str, ...]:
+def _head_wrt(case: Case, head: str = "trainable") -> tuple[str, ...]:
+    """The inputs differentiated: the hidden states alone for a frozen head (LoRA), which takes the frozen-head
+    forward (issue 29: the hidden states' gradient formed in the forward)."""
+    if head == "frozen":
+        return ("hidden",)
     return ("hidden", "weight", "bias") if case.bias else ("hidden", "weight")
 
 
+HEADS = ["trainable", "frozen"]
+
+
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_linear_token_logprobs(backend, case, dtype):
+def test_linear_token_logprobs(backend, case, dtype, head):
     skip_if_unsupported(backend, dtype)
     g = torch.Generator().manual_seed(2)
     x = _make_head(case, dtype, g)
@@ -154,16 +163,17 @@ def test_linear_token_logprobs(backend, case, dtype):
             t["hidden"], t["weight"], x["labels"], bias=t["bias"], vocab_chunk_size=vocab_chunk, **_opts(case, be)
         ),
         x,
-        _head_wrt(case),
+        _head_wrt(case, head),
         backend,
         dtype,
         mask,
     )
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_linear_token_logprobs_and_kl(backend, case, dtype):
+def test_linear_token_logprobs_and_kl(backend, case, dtype, head):
     skip_if_unsupported(backend, dtype)
     g = torch.Generator().manual_seed(3)
     x = _make_head(case, dtype, g)
@@ -182,7 +192,7 @@ def test_linear_token_logprobs_and_kl(backend, case, dtype):
             **_opts(case, be),
         ),
         x,
-        _head_wrt(case),
+        _head_wrt(case, head),
         backend,
         dtype,
         mask,

@@ -21,7 +21,15 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     gradient: the reference is then not read at all. With ``opts.grad_filter_eps`` set, returns ``False`` (and
     ``out`` is unspecified) when every ``|p - onehot|`` (and ``|p - q|``) of the tile is below it; else ``True``.
 
-Both kernels read the tile once and write only ``O(n)`` values (fold) or the one ``dZ`` tile (grad).
+``fold_weights(tile, stats, ref, ref_stats, opts, weights, ref_weights) -> None`` (optional)
+    ``fold``, and for a frozen head the tile's softmax weights after it: ``weights [n, w]`` (contiguous, the tile's
+    dtype; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this tile and
+    ``t'`` the transform's slope at the raw (biased) logit, and, with ``ref_weights`` (may be ``ref.logits``),
+    ``e^{zr - mr'} t'(x)`` with the reference's max and the policy's slope. A maximum still ``-inf`` shifts by 0.
+    A backend without it gets the same values from PyTorch ops after its ``fold`` (:func:`unfused_fold_weights`).
+
+Each kernel reads the tile once and writes only ``O(n)`` values (fold), the one ``dZ`` tile (grad) or the weights
+over the tile (fold_weights).
 """
 
 from __future__ import annotations
@@ -86,10 +94,12 @@ class LogitsTile:
 
 @dataclass(frozen=True)
 class TileKernels:
-    """A backend's two fused tile kernels (see the module docstring for their exact contract)."""
+    """A backend's fused tile kernels (see the module docstring for their exact contract); ``fold_weights`` is
+    optional."""
 
     fold: Callable[..., None]
     grad: Callable[..., bool]
+    fold_weights: Callable[..., None] | None = None
 
 
 def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -125,3 +135,27 @@ def logging_outputs(stats: torch.Tensor, lse: torch.Tensor, vocab: int) -> dict[
     entropy, log_sum_sq = lse - weighted / s, torch.log(squares) - 2 * torch.log(s)
     values = (entropy, log_sum_sq, logit_sum / vocab, (label >= m) & (label > before))
     return dict(zip(LOGGED_OUTPUTS, values, strict=True))
+
+
+def unfused_fold_weights(fold: Callable[..., None], tile: LogitsTile, stats: torch.Tensor, ref: LogitsTile | None,
+                         ref_stats: torch.Tensor | None, opts, weights: torch.Tensor,
+                         ref_weights: torch.Tensor | None) -> None:
+    """The ``fold_weights`` contract from a backend's ``fold`` and PyTorch ops: the fold, then the weights in more
+    passes over the tile (what a backend without a fused ``fold_weights`` runs)."""
+    from ..transform import slope_at, transform_logits  # the PyTorch transform, for the weights only
+
+    fold(tile, stats, ref, ref_stats, opts)
+    z = transform_logits(tile.logits if tile.bias is None else tile.logits + tile.bias, opts)
+    slope = None if opts.is_identity_transform else slope_at(z, opts)  # before weights (maybe the tile) is written
+    if ref_weights is not None:
+        zr = transform_logits(ref.logits if ref.bias is None else ref.logits + ref.bias, opts)
+        _softmax_weights(zr, ref_stats[RefRow.MAX], ref_weights, slope)
+    _softmax_weights(z, stats[StatRow.MAX], weights, slope)
+
+
+def _softmax_weights(z: torch.Tensor, m: torch.Tensor, out: torch.Tensor, slope: torch.Tensor | None) -> None:
+    """``out = e^{z - m} * slope`` per row, shifting by 0 where ``m`` is still ``-inf``; ``out`` may be ``z``."""
+    shift = torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
+    torch.sub(z, shift.unsqueeze(1), out=out).exp_()
+    if slope is not None:
+        out.mul_(slope)

@@ -57,7 +57,7 @@ from .loop import (
     upstream,
 )
 from .plan import plan_stored_backward
-from .sources import GemmSource, StoredSource
+from .sources import GemmSource, StoredSource, operand_head
 
 # (rows [2B_g] of the batch, token logps [2B_g, T], ref logps or None, kl or None, logged dict or None) -> the loss
 # of those pairs as a part of the batch's loss (already weighted by B_g / B)
@@ -212,10 +212,10 @@ class _GroupResult:
 
 
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
-               group: int, need, dw, db, buffers) -> _GroupResult:
+               group: int, need, dw, db, buffers, operands) -> _GroupResult:
     """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
     ``db`` (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the reference's kept-tile
-    buffers, shared by every group of the call."""
+    buffers, and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group."""
     bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
@@ -227,15 +227,15 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
     rows = KeptTokens(group_labels, opts.ignore_index, offset, count=call.groups.tokens[group])
     sdt = products.out_dtype
-    policy = StoredSource.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0])
+    policy = StoredSource.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0], operands[0])
     keep_ref = ref is not None and call.keep_ref_tiles
     ref_source = None
     if ref is not None:
         ref_head = LinearHead(pick(ref.hidden), ref.weight, ref.bias)
         if keep_ref:
-            ref_source = StoredSource.of(ref_head, rows, ref_products, buffers[1])
+            ref_source = StoredSource.of(ref_head, rows, ref_products, buffers[1], operands[1])
         else:
-            ref_source = GemmSource.of(ref_head, rows, ref_products)
+            ref_source = GemmSource.of(ref_head, rows, ref_products, operands[1])
     dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
     plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
     with no_autocast(device):
@@ -357,8 +357,11 @@ class _EagerPairs(torch.autograd.Function):
             dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
         buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
+        # each head converted to its GEMM operands once for the call, shared by every pass of every group
+        operands = (operand_head(weight, products), None if ref is None else operand_head(ref.weight, ref_products))
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
-                              buffers) for group in range(len(call.groups.bounds))]
+                              buffers, operands) for group in range(len(call.groups.bounds))]
+        del operands
         if hidden.device.type == "cpu" and _CPU_CACHE is not None:
             _CPU_CACHE.give(buffers)
         del buffers

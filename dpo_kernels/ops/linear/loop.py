@@ -38,6 +38,7 @@ import torch
 from ...options import TokenOptions, statistics_dtype
 from ..common import LinearHead, nan_out_of_vocab
 from ..token_stats import TokenStats
+from ..transform import slope_at
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
     LOGGED_OUTPUTS,
@@ -52,7 +53,7 @@ from .contract import (
 from .kept import KeptTokens
 from .plan import TilePlan, plan_tiles
 from .products import Products, product_dtype, report_products
-from .sources import GemmSource
+from .sources import AccumulatingSource, GemmSource, operand_head
 
 
 def no_autocast(device: torch.device):
@@ -90,7 +91,8 @@ def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKer
         for v0, v1 in plan.vocab_chunks(vocab):
             tile = policy.tile(n0, n1, v0, v1, rows.labels)
             ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
-            policy.fold(kernels, tile, stats[:, n0:n1], ref_tile, None if ref is None else ref_stats[:, n0:n1], opts)
+            policy.fold(kernels, (n0, n1, v0, v1), tile, stats[:, n0:n1], ref_tile,
+                        None if ref is None else ref_stats[:, n0:n1], opts)
     return stats, ref_stats
 
 
@@ -218,20 +220,76 @@ class ForwardState:
     products: Products | None = None
     ref_products: Products | None = None
     vocab_slice: VocabSlice | None = None
+    hidden_grads: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (J, K) of a frozen head, see below
 
 
 def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
                    ref_products: Products | None, opts: TokenOptions, kernels: TileKernels, logging: bool = False,
-                   vocab_slice: VocabSlice | None = None, kept_count: int | None = None):
+                   vocab_slice: VocabSlice | None = None, kept_count: int | None = None,
+                   frozen_head: tuple[bool, bool] = (False, False)):
     """Forward of the linear path with the products of :func:`head_products`: ``(token_stats, state)``;
-    ``kept_count`` as for :class:`KeptTokens`."""
+    ``kept_count`` as for :class:`KeptTokens`. ``frozen_head = (on, with_kl)``: the head needs no gradient and the
+    hidden states do: the forward also forms their gradient (:func:`hidden_grads`, for the KL too with ``with_kl``),
+    and the backward is a per-token scale of it."""
     rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start, kept_count)
     with no_autocast(hidden.device):
-        policy = GemmSource.of(LinearHead(hidden, weight, bias), rows, products)
+        head = LinearHead(hidden, weight, bias)
+        if frozen_head[0]:
+            policy = AccumulatingSource.of(head, rows, products, with_q=ref is not None and frozen_head[1])
+        else:
+            policy = GemmSource.of(head, rows, products)
         ref_source = None if ref is None else GemmSource.of(ref, rows, ref_products)
-        stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device)
+        plan = tile_plan(rows, policy, ref_source, opts, hidden.device)
+        if not plan.single_token_block(rows.n):  # token-major: every chunk is used once per token block
+            policy.operand_weight = operand_head(weight, products)
+            if ref_source is not None:
+                ref_source.operand_weight = operand_head(ref.weight, ref_products)
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device, plan)
+        local_max = (stats[StatRow.MAX].clone(), None if ref_stats is None else ref_stats[RefRow.MAX].clone())
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
-    return out, ForwardState(rows, lse, ref_lse, opts, kernels, ref, products, ref_products, vocab_slice)
+    grads = None
+    if frozen_head[0]:
+        with no_autocast(hidden.device):
+            grads = hidden_grads(policy, stats, ref_stats, local_max, rows, opts, vocab_slice)
+    return out, ForwardState(rows, lse, ref_lse, opts, kernels, ref, products, ref_products, vocab_slice, grads)
+
+
+def hidden_grads(policy: AccumulatingSource, stats, ref_stats, local_max, rows: KeptTokens, opts: TokenOptions,
+                 vocab_slice: VocabSlice | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A frozen head's ``(J, K)``, fp32 ``[n, D]`` (MATH.md §1): ``J = d logp / dh = t'(x_y) W_y - P / s`` and
+    ``K = d KL / dh = P / s - Q / s_r`` (``None`` without the reference's accumulator), from the accumulators of
+    ``policy`` and the statistics (combined across a vocabulary-parallel group: each rank's partial sums are first
+    brought to the global maxima, ``local_max`` being the rank's own, then summed over the group with the label's
+    row, which one rank holds). ``P`` (and ``Q``) are overwritten."""
+    shift = _finite_or_zero(stats[StatRow.MAX])
+    p = policy.p
+    if vocab_slice is not None:
+        p.mul_(torch.exp(local_max[0] - shift).unsqueeze(1))
+    held = (rows.labels >= 0) & (rows.labels < policy.vocab)
+    index = rows.labels.clamp(0, policy.vocab - 1)
+    label_rows = (policy.products.operand(policy.weight[index]) if policy.operand_weight is None
+                  else policy.operand_weight[index]).to(p.dtype)
+    slope = torch.where(held, slope_at(stats[StatRow.LABEL_LOGIT], opts), torch.zeros((), dtype=p.dtype,
+                                                                                         device=p.device))
+    j = label_rows.mul_(slope.unsqueeze(1))
+    q = policy.q
+    if q is not None and vocab_slice is not None:
+        q.mul_(torch.exp(local_max[1] - _finite_or_zero(ref_stats[RefRow.MAX])).unsqueeze(1))
+    if vocab_slice is not None:
+        summed = torch.stack([p, j] + ([] if q is None else [q]))
+        torch.distributed.all_reduce(summed, group=vocab_slice.group)
+        p, j = summed[0], summed[1]
+        q = None if q is None else summed[2]
+    p = p.div_(stats[StatRow.SUM].unsqueeze(1))
+    j = j.sub_(p)
+    if q is None:
+        return j, None
+    return j, p.sub_(q.div_(ref_stats[RefRow.SUM].unsqueeze(1)))
+
+
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """The shift of an online log-sum-exp: the running max, or 0 where it is still ``-inf``."""
+    return torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
 
 
 def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_kl, need: tuple[bool, bool, bool],
@@ -241,6 +299,12 @@ def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_k
     ``head_context(weight, bias)``: a context entered around the backward's use of the head (a ZeRO-3 gather)."""
     rows, products = state.rows, state.products
     g, g_kl = upstream(rows, grad_logp, grad_kl, products.out_dtype, hidden.device)
+    if state.hidden_grads is not None and (g_kl is None or state.hidden_grads[1] is not None):
+        j, k = state.hidden_grads  # a frozen head: the forward formed dH / dlogp (and dH / dKL); no GEMM, no head
+        dh = j * g.unsqueeze(1)
+        if g_kl is not None:
+            dh.addcmul_(k, g_kl.unsqueeze(1))
+        return rows.scatter(dh, hidden.shape, hidden.dtype), None, None
     gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
     with no_autocast(hidden.device), gathered:
         policy = GemmSource.of(LinearHead(hidden, weight, bias), rows, products)

@@ -23,6 +23,8 @@ raises saying so instead of failing inside the capture.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -173,30 +175,48 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: Tensor, opt
 # --------------------------------------------------------------------------------------------- eager mode
 
 
+@dataclass(frozen=True)
+class LoopCall:
+    """The non-tensor arguments of one eager-mode call: options, the backend's kernels (tile kernels for a head, row
+    kernels for logits), whether the logged statistics are folded, the vocabulary slice, a head-gathering context,
+    the kept-token count of the caller's host read, and whether the KL may receive a gradient (``kl_grad``: a frozen
+    head then prepares the KL's gradient in the forward too)."""
+
+    opts: TokenOptions
+    kernels: TileKernels | LogitsKernels
+    logging: bool = False
+    vocab_slice: VocabSlice | None = None
+    head_context: object = None
+    kept_count: int | None = None
+    kl_grad: bool = True
+
+
 class _LoopStats(torch.autograd.Function):
-    """The recompute passes in eager mode: ``source`` is ``"linear"`` (``a, b, c`` = hidden, weight, bias; ``kernels``
-    the backend's tile kernels) or ``"logits"`` (``a`` = this rank's slice of the logits, with a vocabulary slice;
-    ``kernels`` the backend's row kernels, :func:`dpo_kernels.ops.logits_path.slice_forward`)."""
+    """The recompute passes in eager mode: ``source`` is ``"linear"`` (``a, b, c`` = hidden, weight, bias) or
+    ``"logits"`` (``a`` = this rank's slice of the logits, :func:`dpo_kernels.ops.logits_path.slice_forward`). A head
+    that needs no gradient while the hidden states do (LoRA, a frozen output layer) takes the frozen-head forward
+    (:func:`.loop.hidden_grads`): its backward is a per-token scale, with no GEMM and no use of the head."""
 
     @staticmethod
-    def forward(ctx, source: str, a, b, c, labels, ref, opts: TokenOptions, kernels, logging: bool,
-                vocab_slice: VocabSlice | None, head_context, kept_count: int | None):
+    def forward(ctx, source: str, a, b, c, labels, ref, call: LoopCall):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
+        opts = call.opts
         if source == "linear":
             products, ref_products = head_products(a, b, ref)
-            out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, kernels, logging,
-                                            vocab_slice, kept_count)
+            need = ctx.needs_input_grad
+            frozen = need[1] and not need[2] and not (c is not None and need[3])
+            out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, call.kernels,
+                                            call.logging, call.vocab_slice, call.kept_count, (frozen, call.kl_grad))
             ctx.save_for_backward(a, b, c)
         else:
             if opts.inplace_backward:
                 refuse_leaf_logits(a)
-            out, lse, ref_lse = slice_forward(a, ref, labels, opts, kernels, vocab_slice)
+            out, lse, ref_lse = slice_forward(a, ref, labels, opts, call.kernels, call.vocab_slice)
             ctx.save_for_backward(a, ref, labels, lse, ref_lse)
-            ctx.state = (opts, kernels, vocab_slice)
-        ctx.source, ctx.head_context, ctx.with_ref = source, head_context, ref is not None
-        frozen = [t for t in (out.ref_logp, *(out.logged or {}).values()) if t is not None]
-        if frozen:
-            ctx.mark_non_differentiable(*frozen)
+        ctx.source, ctx.call, ctx.with_ref = source, call, ref is not None
+        frozen_outputs = [t for t in (out.ref_logp, *(out.logged or {}).values()) if t is not None]
+        if frozen_outputs:
+            ctx.mark_non_differentiable(*frozen_outputs)
         outs = (out.logp, out.ref_logp, out.kl, *(out.logged or {}).values())
         return tuple(t for t in outs if t is not None)
 
@@ -204,28 +224,26 @@ class _LoopStats(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_logp, *grad_rest):
         grad_kl = grad_rest[1] if ctx.with_ref else None
-        nothing = (None,) * 12
+        nothing = (None,) * 7
         if grad_logp is None and grad_kl is None:
             return nothing
+        call = ctx.call
         if ctx.source == "logits":
             logits, ref_logits, labels, lse, ref_lse = ctx.saved_tensors
-            opts, kernels, vocab_slice = ctx.state
-            grad = slice_backward(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, opts, kernels,
-                                  vocab_slice)
-            if opts.inplace_backward:
+            grad = slice_backward(logits, ref_logits, labels, lse, ref_lse, grad_logp, grad_kl, call.opts,
+                                  call.kernels, call.vocab_slice)
+            if call.opts.inplace_backward:
                 mark_logits_overwritten(logits)
             return (None, grad, *nothing[2:])
         a, b, c = ctx.saved_tensors
         need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and c is not None)
         if not any(need):
             return nothing
-        return (None, *linear_backward(a, b, c, ctx.state, grad_logp, grad_kl, need, ctx.head_context),
+        return (None, *linear_backward(a, b, c, ctx.state, grad_logp, grad_kl, need, call.head_context),
                 *nothing[4:])
 
 
-def loop_stats(source: str, tensors: tuple, labels: Tensor, ref, opts: TokenOptions,
-               kernels: TileKernels | LogitsKernels, logging: bool = False, vocab_slice: VocabSlice | None = None,
-               head_context=None, kept_count: int | None = None) -> TokenStats:
+def loop_stats(source: str, tensors: tuple, labels: Tensor, ref, call: LoopCall) -> TokenStats:
     """:class:`_LoopStats` over ``tensors`` (``(hidden, weight, bias)`` with tile kernels, or ``(logits,)`` with row
     kernels; ``ref`` a :class:`LinearHead` or the reference's logits) -> :class:`TokenStats` ``[R, T]``."""
     a, b, c = (*tensors, None, None)[:3]
@@ -233,8 +251,7 @@ def loop_stats(source: str, tensors: tuple, labels: Tensor, ref, opts: TokenOpti
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
     elif ref is not None:
         ref = ref.detach()
-    outs = list(_LoopStats.apply(source, a, b, c, labels, ref, opts, kernels, logging, vocab_slice, head_context,
-                                 kept_count))
+    outs = list(_LoopStats.apply(source, a, b, c, labels, ref, call))
     logp = outs.pop(0)
     ref_logp, kl = (outs.pop(0), outs.pop(0)) if ref is not None else (None, None)
-    return TokenStats(logp, ref_logp, kl, dict(zip(LOGGED_OUTPUTS, outs, strict=True)) if logging else None)
+    return TokenStats(logp, ref_logp, kl, dict(zip(LOGGED_OUTPUTS, outs, strict=True)) if call.logging else None)

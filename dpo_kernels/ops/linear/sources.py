@@ -8,8 +8,9 @@ A source answers:
 - ``tile(n0, n1, v0, v1, labels) -> LogitsTile``: the tile of kept tokens ``n0:n1`` and columns ``v0:v1``, in a
   buffer the source owns (one flat scratch, grown to the largest tile it was asked for and reused: the first tile of
   a pass is the largest);
-- ``fold(kernels, tile, stats, ref_tile, ref_stats, opts)``: fold one of its tiles into the statistics (the backend's
-  ``fold``; a source that keeps more than the statistics, such as running accumulators, folds them here too);
+- ``fold(kernels, block, tile, stats, ref_tile, ref_stats, opts)``: fold its tile of ``block = (n0, n1, v0, v1)``
+  (and the reference's) into the statistics of those tokens (the backend's ``fold``; a source that keeps more than
+  the statistics, such as running accumulators, folds them here too);
 - ``grad(kernels, block, labels, lse, g, ref_tile, ref_lse, g_kl, opts, out)``: ``dZ`` of the tile
   ``block = (n0, n1, v0, v1)``, written into ``out`` (``None``: over the tile itself) and returned, or ``None`` when
   the gradient filter skips the tile (the backend's ``grad`` over :meth:`tile`; a source that keeps something else
@@ -20,7 +21,9 @@ products the backward's ``dH``/``dW`` GEMMs use. The two sources:
 
 - :class:`GemmSource`: each tile is one GEMM of the kept hidden rows and a weight chunk (the recompute schedule);
 - :class:`StoredSource`: the eager schedule's; each tile is computed once into its slot of a :class:`TileStore`,
-  and the source :meth:`~StoredSource.filled` returns reads it back.
+  and the source :meth:`~StoredSource.filled` returns reads it back;
+- :class:`AccumulatingSource`: a frozen head's; each tile is one GEMM, and its fold also accumulates the
+  softmax-weighted head rows from which the forward forms the hidden states' gradient.
 
 (Given logits need no source: their row kernels read each row once, a vocabulary slice of them too,
 :func:`dpo_kernels.ops.logits_path.slice_forward`.)
@@ -35,10 +38,20 @@ import torch
 
 from ...options import TokenOptions
 from ..common import LinearHead
-from .contract import LogitsTile, TileKernels
+from .contract import LogitsTile, RefRow, StatRow, TileKernels, unfused_fold_weights
 from .kept import KeptTokens
 from .plan import kept_tiles_count
 from .products import Products
+
+
+def operand_head(weight: torch.Tensor, products: Products) -> torch.Tensor | None:
+    """The whole head as GEMM operands, converted once for a pass or a call (``None`` when the weight is its own
+    operand already: no conversion to share). Costs ``V x D`` operand-dtype entries while it lives; saves one
+    conversion of every chunk per token block (forward) and per group (eager schedule): an fp32 master head under
+    bf16 autocast is read and rounded once per call instead of many times."""
+    if weight.dtype == products.operand_dtype and weight.dtype == products.compute_dtype:
+        return None
+    return products.operand(weight)
 
 
 class _Scratch:
@@ -56,7 +69,8 @@ class _Scratch:
 class _Folds:
     """The default ``fold`` and ``grad``: the backend's kernels over the source's tiles."""
 
-    def fold(self, kernels: TileKernels, tile: LogitsTile, stats, ref_tile, ref_stats, opts: TokenOptions) -> None:
+    def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
+             ref_stats, opts: TokenOptions) -> None:
         kernels.fold(tile, stats, ref_tile, ref_stats, opts)
 
     def grad(self, kernels: TileKernels, block: tuple[int, int, int, int], labels: torch.Tensor, lse, g, ref_tile,
@@ -75,13 +89,15 @@ class GemmSource(_Folds):
     weight: torch.Tensor
     bias: torch.Tensor | None
     products: Products
+    operand_weight: torch.Tensor | None = None  # the whole head converted once (see operand_head), else None
     _chunk: tuple = field(default=(None, None), repr=False)
     _scratch: _Scratch | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, **extra) -> "GemmSource":
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, operand_weight: torch.Tensor | None = None,
+           **extra) -> "GemmSource":
         return cls(products.operand(rows.gather(head.hidden)), head.weight, products.bias(head.bias), products,
-                   **extra)
+                   operand_weight, **extra)
 
     @property
     def vocab(self) -> int:
@@ -99,6 +115,8 @@ class GemmSource(_Folds):
         return self.out_dtype.itemsize
 
     def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
+        if self.operand_weight is not None:
+            return self.operand_weight[v0:v1]
         if self._chunk[0] != (v0, v1):
             self._chunk = ((v0, v1), self.products.operand(self.weight[v0:v1]))
         return self._chunk[1]
@@ -143,9 +161,9 @@ class StoredSource(GemmSource):
     kept: bool = False
 
     @classmethod
-    def of(cls, head: LinearHead, rows: KeptTokens, products: Products,
-           buffer: torch.Tensor | None = None) -> "StoredSource":
-        source = super().of(head, rows, products)
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, buffer: torch.Tensor | None = None,
+           operand_weight: torch.Tensor | None = None) -> "StoredSource":
+        source = super().of(head, rows, products, operand_weight)
         source.store = TileStore(rows.n, source.vocab, products.out_dtype, source.h.device, buffer)
         return source
 
@@ -160,3 +178,49 @@ class StoredSource(GemmSource):
         if not self.kept:
             return self._gemm_tile(n0, n1, v0, v1, labels, slot)
         return LogitsTile(slot, None if self.bias is None else self.bias[v0:v1], v0, labels[n0:n1])
+
+
+@dataclass
+class AccumulatingSource(GemmSource):
+    """A frozen head (no gradient for the weight or the bias): besides folding each tile, its fold accumulates, per
+    token, ``P = sum_v e^{z_v - m} t'(x_v) W_v`` (``t'`` the logit transform's slope at the raw logit ``x``) and,
+    for a KL gradient, ``Q = sum_v e^{zr_v - m_r} t'(x_v) W_v`` with the reference's weights, each fp32 ``[n, D]``,
+    rescaled when a token's running maximum moves, as flash attention keeps its output. Divided by the final sums,
+    they give the gradient of the log-probs and of the KL with respect to the hidden states without a backward GEMM
+    (:func:`.loop.hidden_grads`). Cost: one more GEMM per tile (``2 n D V`` for ``P``, as many for ``Q``) in place
+    of the backward's recompute and ``dH`` GEMMs (``4 n D V``)."""
+
+    p: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, operand_weight: torch.Tensor | None = None,
+           with_q: bool = False) -> "AccumulatingSource":
+        source = super().of(head, rows, products, operand_weight)
+        shape, sdt, device = (rows.n, source.dim), products.out_dtype, source.h.device
+        source.p = torch.zeros(shape, dtype=sdt, device=device)
+        source.q = torch.zeros(shape, dtype=sdt, device=device) if with_q else None
+        return source
+
+    def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
+             ref_stats, opts: TokenOptions) -> None:
+        n0, n1, v0, v1 = block
+        old = stats[StatRow.MAX].clone()
+        ref_old = None if self.q is None else ref_stats[RefRow.MAX].clone()
+        # the weights overwrite the tiles they come from (each row is read before it is written)
+        weights, ref_weights = tile.logits, None if self.q is None else ref_tile.logits
+        if kernels.fold_weights is not None:
+            kernels.fold_weights(tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
+        else:
+            unfused_fold_weights(kernels.fold, tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
+        self._accumulate(self.p[n0:n1], weights, old, stats[StatRow.MAX], (v0, v1))
+        if self.q is not None:
+            self._accumulate(self.q[n0:n1], ref_weights, ref_old, ref_stats[RefRow.MAX], (v0, v1))
+
+    def _accumulate(self, acc: torch.Tensor, weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                    columns: tuple[int, int]) -> None:
+        """``acc = acc e^{m_old - m_new} + weights W_c``; a maximum still ``-inf`` (every logit so far a probability
+        0) shifts by 0, where ``-inf - -inf`` would be NaN."""
+        shift = torch.where(torch.isneginf(new), torch.zeros((), dtype=new.dtype, device=new.device), new)
+        acc.mul_(torch.exp(old - shift).unsqueeze(1))
+        self.products.accumulate(acc, weights.to(self.products.operand_dtype), self.weight_chunk(*columns))
