@@ -47,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Pointer arguments that carry the row's dtype; every other pointer is fp32 (tiles, statistics) or int64 labels.
 INPUT_POINTERS = {"x_ptr", "ref_ptr", "grad_ptr"}
-TILE_INPUT_POINTERS = {"out_ptr"}
+TILE_INPUT_POINTERS = {"out_ptr", "weights_ptr", "ref_weights_ptr"}
 FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature"}
 # Innermost strides are 1 in practice; Triton specialises an argument equal to 1 into a constant, and so do we.
 UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v"}
@@ -93,9 +93,17 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
         fold = config.tile_row_config(TILE_WIDTH, with_reference=ref)
         for logging in (False, True) if dtype == torch.float32 else ():  # fp32 tiles only: one set of variants
             out.append(Variant("fold_tile", _fold_tile_kernel.fn, dict(
-                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, BLOCK_V=fold.block_v,
-                **tflags, **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref),
+                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, WEIGHTS=False,
+                REF_WEIGHTS=False, BLOCK_V=fold.block_v, **tflags,
+                **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref, weights_ptr=False,
+                          ref_weights_ptr=False),
             ), fold.num_warps, label=tag + (",logging" if logging else "")))
+        # fold_weights (a frozen head): the weights in this dtype (fp32 tiles, bf16 / fp16 GEMM operands)
+        out.append(Variant("fold_tile", _fold_tile_kernel.fn, dict(
+            HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=False, WEIGHTS=True, REF_WEIGHTS=ref,
+            BLOCK_V=fold.block_v, **tflags,
+            **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref, ref_weights_ptr=ref),
+        ), fold.num_warps, label=tag + ",weights"))
         for filtered, block in itertools.product((False, True), config.GRAD_BLOCKS):
             out.append(Variant("grad_tile", _grad_tile_kernel.fn, dict(
                 HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=block,
@@ -119,10 +127,13 @@ def _absent(**present: bool) -> dict:
 
 
 def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict[str, str]:
+    tile_kernel = fn is _fold_tile_kernel.fn or fn is _grad_tile_kernel.fn  # their tiles are fp32 in every variant
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif tile_kernel and name in INPUT_POINTERS:
+            sig[name] = "*fp32"
         elif name in INPUT_POINTERS or name in TILE_INPUT_POINTERS:
             sig[name] = "*" + TRITON_TYPE[dtype]
         elif name == "labels_ptr":

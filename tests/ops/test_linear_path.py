@@ -167,6 +167,28 @@ def test_gpu_policy_half_operands_and_no_fp32_vocab_by_hidden_buffer(gpu_product
     assert_close(logp, expected, dtype, "log-probs through the GPU product policy")
 
 
+@pytest.mark.parametrize("backend", [b for b in backends_under_test() if b in ("torch", "triton")])
+@pytest.mark.parametrize("with_kl", [False, True], ids=["logprobs", "kl"])
+def test_gpu_policy_frozen_head_weights_are_half_operands(gpu_product_policy, backend, with_kl):
+    """Issue 29: a frozen head's softmax weights go to their GEMM as half operands (the fused fold_weights writes
+    them in bf16 on Triton; PyTorch ops round them once elsewhere), against the float64 oracle."""
+    hidden, weight, _, labels = _head(v=1000, d=16, dtype=torch.bfloat16)
+    h = hidden.clone().requires_grad_()
+    ref = LinearHead(hidden.flip(0), weight) if with_kl else None
+    opts = TokenOptions(vocab_chunk_size=256, softcap=20.0)
+    with _Recorder(emulate=True) as rec:
+        out = linear_stats(LinearHead(h, weight), ref, labels, opts, backend)
+        (out.logp.sum() + (out.kl.sum() if with_kl else 0)).backward()
+    assert rec.gemms and all(dtypes == (torch.bfloat16, torch.bfloat16) for _, dtypes, _ in rec.gemms), rec.gemms
+    h64 = hidden.double().requires_grad_()
+    expected = linear_stats(LinearHead(h64, weight.double()),
+                            None if ref is None else LinearHead(ref.hidden.double(), weight.double()), labels, opts,
+                            "reference")
+    (expected.logp.sum() + (expected.kl.sum() if with_kl else 0)).backward()
+    assert_close(out.logp, expected.logp, torch.bfloat16, "log-probs")
+    assert_close(h.grad, h64.grad, torch.bfloat16, "hidden gradient of a frozen head")
+
+
 def test_ignored_tokens_never_reach_a_gemm():
     hidden, weight, _, labels = _head(rows=4, seq=9)
     kept = int((labels != -100).sum())

@@ -23,7 +23,7 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
 
 ``fold_weights(tile, stats, ref, ref_stats, opts, weights, ref_weights) -> None`` (optional)
     ``fold``, and for a frozen head the tile's softmax weights after it: ``weights [n, w]`` (contiguous, the tile's
-    dtype; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this tile and
+    dtype or the GEMM operand dtype; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this tile and
     ``t'`` the transform's slope at the raw (biased) logit, and, with ``ref_weights`` (may be ``ref.logits``),
     ``e^{zr - mr'} t'(x)`` with the reference's max and the policy's slope. A maximum still ``-inf`` shifts by 0.
     A backend without it gets the same values from PyTorch ops after its ``fold`` (:func:`unfused_fold_weights`).
@@ -154,8 +154,13 @@ def unfused_fold_weights(fold: Callable[..., None], tile: LogitsTile, stats: tor
 
 
 def _softmax_weights(z: torch.Tensor, m: torch.Tensor, out: torch.Tensor, slope: torch.Tensor | None) -> None:
-    """``out = e^{z - m} * slope`` per row, shifting by 0 where ``m`` is still ``-inf``; ``out`` may be ``z``."""
+    """``out = e^{z - m} * slope`` per row, shifting by 0 where ``m`` is still ``-inf``; ``out`` may be ``z``, or of
+    a narrower dtype (then computed in ``z``'s and rounded once)."""
     shift = torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
+    if out.dtype != z.dtype:
+        weights = torch.sub(z, shift.unsqueeze(1)).exp_()
+        out.copy_(weights if slope is None else weights.mul_(slope))
+        return
     torch.sub(z, shift.unsqueeze(1), out=out).exp_()
     if slope is not None:
         out.mul_(slope)

@@ -192,6 +192,7 @@ class AccumulatingSource(GemmSource):
 
     p: torch.Tensor | None = None
     q: torch.Tensor | None = None
+    _weights: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, operand_weight: torch.Tensor | None = None,
@@ -202,13 +203,27 @@ class AccumulatingSource(GemmSource):
         source.q = torch.zeros(shape, dtype=sdt, device=device) if with_q else None
         return source
 
+    def scratch_bytes(self, device: torch.device) -> int:
+        """The tile, and its weights in the GEMM operand dtype when that is not the tile's (fp32 weights overwrite
+        the tile they come from)."""
+        operands = 0 if self.products.operand_dtype == self.out_dtype else self.products.operand_bytes
+        return self.out_dtype.itemsize + operands * (1 if self.q is None else 2)
+
+    def _weight_buffers(self, tile: LogitsTile, ref_tile: LogitsTile | None):
+        if self.products.operand_dtype == self.out_dtype:  # each row is read before its weights overwrite it
+            return tile.logits, None if self.q is None else ref_tile.logits
+        if self._weights is None:
+            self._weights = (_Scratch(self.products.operand_dtype, self.h.device),
+                             _Scratch(self.products.operand_dtype, self.h.device))
+        shape = tile.logits.shape
+        return self._weights[0].view(*shape), None if self.q is None else self._weights[1].view(*shape)
+
     def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
              ref_stats, opts: TokenOptions) -> None:
         n0, n1, v0, v1 = block
         old = stats[StatRow.MAX].clone()
         ref_old = None if self.q is None else ref_stats[RefRow.MAX].clone()
-        # the weights overwrite the tiles they come from (each row is read before it is written)
-        weights, ref_weights = tile.logits, None if self.q is None else ref_tile.logits
+        weights, ref_weights = self._weight_buffers(tile, ref_tile)
         if kernels.fold_weights is not None:
             kernels.fold_weights(tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
         else:
@@ -223,4 +238,4 @@ class AccumulatingSource(GemmSource):
         0) shifts by 0, where ``-inf - -inf`` would be NaN."""
         shift = torch.where(torch.isneginf(new), torch.zeros((), dtype=new.dtype, device=new.device), new)
         acc.mul_(torch.exp(old - shift).unsqueeze(1))
-        self.products.accumulate(acc, weights.to(self.products.operand_dtype), self.weight_chunk(*columns))
+        self.products.accumulate(acc, weights, self.weight_chunk(*columns))

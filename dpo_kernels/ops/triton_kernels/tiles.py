@@ -43,12 +43,15 @@ _REF_LABEL_LOGIT, _REF_WEIGHTED = tl.constexpr(RefRow.LABEL_LOGIT.value), tl.con
     "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
     "HAS_REF": lambda a: a["xr_ptr"] is not None,
     "HAS_REF_BIAS": lambda a: a["ref_bias_ptr"] is not None,
+    "WEIGHTS": lambda a: a["weights_ptr"] is not None,
+    "REF_WEIGHTS": lambda a: a["ref_weights_ptr"] is not None,
 })
 @triton.jit
 def _fold_tile_kernel(
     x_ptr, bias_ptr, xr_ptr, ref_bias_ptr, labels_ptr, stats_ptr, stats_stride, ref_stats_ptr, ref_stats_stride,
-    width, v0, logit_scale, softcap, inv_temperature,
+    weights_ptr, ref_weights_ptr, width, v0, logit_scale, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, LOGGING: tl.constexpr,
+    WEIGHTS: tl.constexpr, REF_WEIGHTS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -138,6 +141,22 @@ def _fold_tile_kernel(
             zr_label = transform(xr_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
                                  HAS_TEMPERATURE)
             tl.store(rst + _REF_LABEL_LOGIT * ref_stats_stride, zr_label)
+    if WEIGHTS:  # fold_weights: a second pass over the row (from L2), e^{z - m'} t'(x) at the row's new maxima
+        for start in range(0, width, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inside = cols < width
+            x = tl.load(x_row + cols, mask=inside, other=0.0)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+            z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                           HAS_TEMPERATURE)
+            if REF_WEIGHTS:
+                xr = tl.load(xr_ptr + row * width + cols, mask=inside, other=0.0)
+                if HAS_REF_BIAS:
+                    xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
+                zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+                tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - big_r) * slope, mask=inside)
+            tl.store(weights_ptr + row * width + cols, tl.exp(z - big) * slope, mask=inside)
 
 
 @triton.heuristics({
@@ -185,6 +204,13 @@ def _grad_tile_kernel(
 
 def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
     """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract` (fp32 tiles)."""
+    fold_tile_weights(tile, stats, ref, ref_stats, opts, None, None)
+
+
+def fold_tile_weights(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights,
+                      ref_weights) -> None:
+    """The ``fold_weights`` kernel (``fold`` without ``weights``): the fold, then a second pass over each row writing
+    a frozen head's softmax weights (fp32, or the bf16/fp16 GEMM operands; each may be its tile itself)."""
     n, width = tile.logits.shape
     if n == 0:
         return
@@ -192,8 +218,8 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
     with on_device(tile.logits):
         _fold_tile_kernel[(n,)](
             tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
-            stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), width, tile.v0,
-            **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
+            stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), weights, ref_weights,
+            width, tile.v0, **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
 
