@@ -166,7 +166,7 @@ def test_the_gradient_section_compares_with_the_float64_oracle_and_would_see_a_w
     backends, and checked the forward only. The gradients section's case, run here on the CPU backends."""
     import dataclasses
 
-    for kind in ("logits", "linear", "dpo_eager", "dpo_recompute"):
+    for kind in ("logits", "linear", "linear_frozen", "dpo_eager", "dpo_recompute"):
         row = gpu_check._oracle_case(kind, "torch", torch.float32, device="cpu")
         assert row["masked_nonzero"] == 0 and max(row["errors"].values()) <= gpu_check.GRADIENT_RTOL[torch.float32], \
             (kind, row)

@@ -366,9 +366,10 @@ def _oracle_case(kind: str, backend: str, dtype: torch.dtype, device: str = "cud
     def run(t, be):
         if kind == "logits":
             return token_logprobs_and_kl(t["logits"], t["ref_logits"], labels, backend=be, **opts), ("logits",)
-        if kind == "linear":
+        if kind in ("linear", "linear_frozen"):  # a frozen head: the hidden states' gradient formed in the forward
+            wrt = ("hidden",) if kind == "linear_frozen" else ("hidden", "weight", "bias")
             return linear_token_logprobs_and_kl(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], labels,
-                                                bias=t["bias"], backend=be, **opts), ("hidden", "weight", "bias")
+                                                bias=t["bias"], backend=be, **opts), wrt
         schedule = kind.removeprefix("dpo_") if be != "reference" else "recompute"  # the oracle has no tiles
         out = fused_dpo_loss(labels=labels, policy_hidden=t["hidden"], lm_head_weight=t["weight"],
                              lm_head_bias=t["bias"], ref_hidden=t["ref_hidden"], ref_lm_head_weight=t["ref_weight"],
@@ -377,7 +378,9 @@ def _oracle_case(kind: str, backend: str, dtype: torch.dtype, device: str = "cud
 
     results, upstream = {}, None
     for be, cast in (("reference", torch.float64), (backend, None)):
-        leaves = {k: (v.to(cast) if cast else v).detach().requires_grad_(True) for k, v in x.items()}
+        frozen = kind == "linear_frozen"
+        leaves = {k: (v.to(cast) if cast else v).detach().requires_grad_(not frozen or k == "hidden")
+                  for k, v in x.items()}
         outs, wrt = run(leaves, be)
         if upstream is None:
             gu = torch.Generator(device=device).manual_seed(99)
@@ -420,7 +423,7 @@ def section_gradients(quick: bool) -> dict:
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.bfloat16, torch.float16)
     for backend in _gpu_backends():
         for dtype in dtypes:
-            for kind in ("logits", "linear", "dpo_eager", "dpo_recompute"):
+            for kind in ("logits", "linear", "linear_frozen", "dpo_eager", "dpo_recompute"):
                 record(f"{backend}/{str(dtype).removeprefix('torch.')}/{kind}",
                        lambda k=kind, b=backend, d=dtype: oracle(k, b, d))
         if not quick:  # from logits with N x V > 2^31: int64 indexing
@@ -524,12 +527,16 @@ def section_time(quick: bool, rounds: int, clock: _Clock) -> dict:
         impls["trl_1_16"] = _trl
     else:
         missing["trl_1_16"] = why
-    cases = [(h, dt, ac) for h in HEADS for dt, ac in ((torch.bfloat16, False), (torch.float32, True))]
+    # (head, dtype, autocast, frozen head): bf16, fp32 masters under autocast, and a frozen bf16 head (LoRA: the
+    # hidden states' gradient formed in the forward)
+    cases = [(h, dt, ac, fz) for h in HEADS for dt, ac, fz in ((torch.bfloat16, False, False),
+                                                              (torch.float32, True, False),
+                                                              (torch.bfloat16, False, True))]
     logprobs = []
-    for head, dtype, autocast in (cases[:2] if quick else cases):
-        logprobs.append(_bounded_case(clock, 25, lambda h=head, d=dtype, a=autocast: _time_logprobs(h, d, a, impls,
-                                                                                                     rounds),
-                                      {"head": head.name, "dtype": str(dtype), "autocast": autocast}))
+    for head, dtype, autocast, frozen in (cases[:3] if quick else cases):
+        logprobs.append(_bounded_case(
+            clock, 25, lambda h=head, d=dtype, a=autocast, f=frozen: _time_logprobs(h, d, a, impls, rounds, f),
+            {"head": head.name, "dtype": str(dtype), "autocast": autocast, "frozen_head": frozen}))
     dpo = [_bounded_case(clock, 20, lambda c=c: _time_dpo(c, rounds), {"case": c[0] + "/" + c[1]})
            for c in sorted({(k.loss_type, k.weights) for k in dpo_cases(quick)})]
     failed = [r for r in logprobs + dpo if "error" in r]
@@ -548,8 +555,10 @@ def _bounded_case(clock: _Clock, needs_s: float, run, label: dict) -> dict:
         torch.cuda.empty_cache()
 
 
-def _time_logprobs(head: Head, dtype: torch.dtype, autocast: bool, impls: dict, rounds: int) -> dict:
+def _time_logprobs(head: Head, dtype: torch.dtype, autocast: bool, impls: dict, rounds: int,
+                   frozen: bool = False) -> dict:
     x = _inputs(head, TOKENS, dtype)
+    x["weight"].requires_grad_(not frozen)
     steps = {k: (lambda fn=fn: _fwd_bwd(fn, x, autocast)) for k, fn in impls.items()}
     median, peaks, errors = _interleaved(steps, rounds)
     row = {"tokens": TOKENS, "median_ms": median, "peak_mib": peaks, "errors": errors}

@@ -358,7 +358,13 @@ class _EagerPairs(torch.autograd.Function):
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
         buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
         # each head converted to its GEMM operands once for the call, shared by every pass of every group
-        operands = (operand_head(weight, products), None if ref is None else operand_head(ref.weight, ref_products))
+        # (not counted in eager_budget_mb: V x D operand entries a converted head, fp32 masters under autocast)
+        policy_operand = operand_head(weight, products)
+        same = (ref is not None and ref_products == products and ref.weight.data_ptr() == weight.data_ptr()
+                and ref.weight.shape == weight.shape and ref.weight.stride() == weight.stride()
+                and ref.weight.dtype == weight.dtype)  # one head as both (a PEFT model as its own reference)
+        operands = (policy_operand, policy_operand if same else None if ref is None
+                    else operand_head(ref.weight, ref_products))
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
                               buffers, operands) for group in range(len(call.groups.bounds))]
         del operands
