@@ -222,3 +222,36 @@ def test_every_option_reaches_the_kernels_in_eager_and_compiled_mode(path, monke
     compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(h, w, labels)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     assert seen and all(options == eager_options for options in seen), (eager_options, seen)
+
+
+def test_a_frozen_head_forms_the_hidden_gradient_in_the_compiled_forward_too(monkeypatch):
+    """Issue 29: under compilation a frozen head (decided when traced) takes the same forward as in eager mode: the
+    op returns dH/dlogp and dH/dKL and the backward scales them; values and gradients equal eager mode's."""
+    from dpo_kernels import linear_token_logprobs_and_kl
+    from dpo_kernels.ops.linear import loop
+
+    calls = []
+    original = loop.hidden_grads
+    monkeypatch.setattr(loop, "hidden_grads", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def call(h, w, hr, wr, labels):
+        logp, _, kl = linear_token_logprobs_and_kl(h, w, hr, wr, labels, backend="torch", softcap=3.0,
+                                                   vocab_chunk_size=16)
+        return logp, kl
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 6, D, generator=g), torch.randn(V, D, generator=g)
+    hr, wr = torch.randn(2, 6, D, generator=g), torch.randn(V, D, generator=g)
+    labels = torch.randint(0, V, (2, 6), generator=g)
+    labels[0, :2] = -100
+    up_logp, up_kl = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    results = []
+    torch._dynamo.reset()
+    for fn in (call, torch.compile(call, fullgraph=True, backend="aot_eager")):
+        leaf = h.clone().requires_grad_()
+        logp, kl = fn(leaf, w, hr, wr, labels)
+        (logp * up_logp + kl * up_kl).sum().backward()
+        results.append((logp.detach(), kl.detach(), leaf.grad))
+    assert len(calls) == 2, "the frozen-head forward ran in eager and in compiled mode"
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

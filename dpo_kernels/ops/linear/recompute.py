@@ -13,8 +13,10 @@ roofline model's traces see the GEMMs and tile launches inside this Function, an
 :func:`linear_stats` (``dpo_kernels::linear_stats`` with ``linear_stats_backward``) is the compiled path's: one
 opaque node with static output shapes to the compiler. Outputs: ``logp``, ``ref_logp``, ``kl`` ``[R, T]``, ``lse``
 and ``ref_lse`` ``[R*T]`` (scattered to every token, 0 where ignored, so the backward finds the kept tokens again
-from the labels); what a call without a reference lacks is an empty tensor. The products' dtype is decided before
-the op, under the caller's autocast state (``compute_dtype``), as the loop would decide it.
+from the labels), and for a frozen head (``frozen_head``, decided when traced) ``J`` and ``K`` ``[R*T, D]``, the
+hidden states' gradient formed in the forward (:func:`.loop.hidden_grads`; the backward is then a per-token scale);
+what a call lacks is an empty tensor. The products' dtype is decided before the op, under the caller's autocast
+state (``compute_dtype``), as the loop would decide it.
 
 CUDA graphs (``mode="reduce-overhead"``): the op cannot be captured: it drops the ignored tokens before the first
 GEMM, and without ``kept_count`` how many are kept is read on the host, which a stream capture does not allow; it
@@ -50,10 +52,10 @@ from .kept import KeptTokens
 from .loop import ForwardState, head_products, linear_backward, linear_forward
 from .products import product_dtype
 
-_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 _TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, "
             "Tensor labels")
-_OWN = "ScalarType compute_dtype, ScalarType ref_compute_dtype, str backend"
+_OWN = "ScalarType compute_dtype, ScalarType ref_compute_dtype, str backend, bool frozen_head"
 
 
 def _refuse_graph_capture(device: torch.device) -> None:
@@ -74,15 +76,21 @@ def _op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, compute, 
 
 
 def _forward_impl(*args) -> tuple[Tensor, ...]:
-    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, ref_cdt, backend), opts = split_args(args, 10)
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, ref_cdt, backend,
+     frozen), opts = split_args(args, 11)
     _refuse_graph_capture(hidden.device)
     ref, products, ref_products, kernels = _op_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                                       (cdt, ref_cdt), backend)
-    out, state = linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts, kernels)
+    out, state = linear_forward(hidden, weight, bias, labels, ref, products, ref_products, opts, kernels,
+                                frozen_head=(frozen, True))
     flat, rows = (labels.numel(),), state.rows
     lse = rows.scatter(state.lse, flat, state.lse.dtype)
     ref_lse = None if state.ref_lse is None else rows.scatter(state.ref_lse, flat, state.ref_lse.dtype)
-    return tuple(empty_or(t, out.logp) for t in (out.logp, out.ref_logp, out.kl, lse, ref_lse))
+    j = k = None  # a frozen head's dH/dlogp and dH/dKL, at every token (0 where ignored) for static shapes
+    if state.hidden_grads is not None:
+        wide = (labels.numel(), hidden.shape[-1])
+        j, k = (None if t is None else rows.scatter(t, wide, t.dtype) for t in state.hidden_grads)
+    return tuple(empty_or(t, out.logp) for t in (out.logp, out.ref_logp, out.kl, lse, ref_lse, j, k))
 
 
 _linear_stats = torch.library.custom_op("dpo_kernels::linear_stats", _forward_impl, mutates_args=(),
@@ -91,14 +99,16 @@ _linear_stats = torch.library.custom_op("dpo_kernels::linear_stats", _forward_im
 
 @_linear_stats.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, compute_dtype, ref_compute_dtype, backend,
-      *opts):
+      frozen_head, *opts):
     backend_kernels(backend, "torch.compile", hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     sdt = statistics_dtype(*dtypes(hidden, weight, ref_hidden, ref_weight))
     per_token, flat = tuple(labels.shape), (labels.numel(),)
     ref_token, ref_flat = (per_token, flat) if ref_hidden is not None else (EMPTY, EMPTY)
+    wide = (labels.numel(), hidden.shape[-1])
+    j, k = (wide if frozen_head else EMPTY), (wide if frozen_head and ref_hidden is not None else EMPTY)
     return (labels.new_empty(per_token, dtype=sdt), labels.new_empty(ref_token, dtype=sdt),
             labels.new_empty(ref_token, dtype=sdt), labels.new_empty(flat, dtype=sdt),
-            labels.new_empty(ref_flat, dtype=sdt))
+            labels.new_empty(ref_flat, dtype=sdt), labels.new_empty(j, dtype=sdt), labels.new_empty(k, dtype=sdt))
 
 
 def _backward_impl(*args) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,23 +142,32 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_l
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, rcdt, backend, *opts = inputs
-    logp, ref_logp, kl, lse, ref_lse = output
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cdt, rcdt, backend, frozen, *opts = inputs
+    logp, ref_logp, kl, lse, ref_lse, j, k = output
     ctx.set_materialize_grads(False)  # an unused KL's gradient arrives as None: the reference is then not recomputed
-    ctx.mark_non_differentiable(ref_logp, lse, ref_lse)
-    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse)
+    ctx.mark_non_differentiable(ref_logp, lse, ref_lse, j, k)
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, j, k)
     ctx.args = (cdt, rcdt, backend, *opts)
-    ctx.with_ref = ref_hidden is not None
+    ctx.with_ref, ctx.frozen = ref_hidden is not None, frozen
+    ctx.ignore_index = split_args(tuple(opts), 0)[1].ignore_index
     ctx.num_inputs = len(inputs)
 
 
-def _backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse):
+def _backward(ctx, grad_logp, grad_ref_logp, grad_kl, grad_lse, grad_ref_lse, grad_j, grad_k):
     refuse_double_backward()
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, j, k = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     grad_kl = grad_kl if ctx.with_ref else None
     if (grad_logp is None and grad_kl is None) or not any(need):
         return (None,) * ctx.num_inputs
+    if ctx.frozen:  # the forward formed dH: a per-token scale (0 at ignored tokens, whatever the upstream holds)
+        kept = (labels != ctx.ignore_index).reshape(-1, 1)
+        dh = torch.zeros_like(j)
+        if grad_logp is not None:
+            dh = dh + torch.where(kept, j * grad_logp.reshape(-1, 1).to(j.dtype), 0.0)
+        if grad_kl is not None:
+            dh = dh + torch.where(kept, k * grad_kl.reshape(-1, 1).to(k.dtype), 0.0)
+        return (dh.view(hidden.shape).to(hidden.dtype), *(None,) * (ctx.num_inputs - 1))
     dh, dw, db = _linear_stats_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse,
                                         ref_lse if ctx.with_ref else None, grad_logp, grad_kl, *need, *ctx.args)
     grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] and bias is not None else None)
@@ -167,7 +186,10 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: Tensor, opt
     ref_cdt = cdt if ref is None else product_dtype(ref.hidden, ref.weight)
     ref_args = (None, None, None) if ref is None else (ref.hidden.detach(), ref.weight.detach(),
                                                        None if ref.bias is None else ref.bias.detach())
-    outs = _linear_stats(policy.hidden, policy.weight, policy.bias, *ref_args, labels, cdt, ref_cdt, backend,
+    # a frozen head (decided when traced: requires_grad is static) forms dH in the forward, as in eager mode
+    frozen = (torch.is_grad_enabled() and policy.hidden.requires_grad and not policy.weight.requires_grad
+              and not (policy.bias is not None and policy.bias.requires_grad))
+    outs = _linear_stats(policy.hidden, policy.weight, policy.bias, *ref_args, labels, cdt, ref_cdt, backend, frozen,
                          *options_args(opts))
     return TokenStats(outs[0], present(outs[1]), present(outs[2]))
 
