@@ -27,7 +27,7 @@ TORCH_LIBRARY(dpo_kernels, m) {
       "fold_tile(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, bool logging, Tensor? xr, "
       "Tensor? ref_bias, "
       "Tensor(b!)? ref_stats, float logit_scale, float softcap, float inv_temperature) -> ()");
-  // fold_tile for a frozen head (CPU): also writes the softmax weights e^{z - m'} t'(x) of the tile after the fold
+  // fold_tile for a frozen head: also writes the softmax weights e^{z - m'} t'(x) of the tile after the fold
   // into weights [n, w] (contiguous, x's dtype; may be x itself), and with ref_weights the reference's e^{zr - m_r'}
   // t'(x); the head's rows weighted by them accumulate the hidden states' gradient (ops/linear/sources.py).
   m.def(

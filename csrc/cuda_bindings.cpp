@@ -149,6 +149,30 @@ void fold_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor&
         "fold_tile");
 }
 
+// fold_tile, then a second launch writing a frozen head's softmax weights (the schema's doc in bindings.cpp).
+void fold_tile_weights(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& stats,
+                       const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats,
+                       const Tensor& weights, const OptTensor& ref_weights, double logit_scale, double softcap,
+                       double inv_temperature) {
+  fold_tile(x, bias, v0, labels, stats, false, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature);
+  const bool with_ref_weights = present(ref_weights);
+  TORCH_CHECK(weights.sizes() == x.sizes() && weights.is_contiguous() &&
+                  (!with_ref_weights || (ref_weights->sizes() == x.sizes() && ref_weights->is_contiguous() &&
+                                         ref_weights->scalar_type() == weights.scalar_type() && present(xr))),
+              "dpo_kernels::fold_tile_weights: weights (and ref_weights, with a reference) must be contiguous tiles "
+              "of x's shape");
+  TORCH_CHECK(x.size(0) <= INT32_MAX, "dpo_kernels::fold_tile_weights: a tile holds at most 2^31 - 1 tokens");
+  const DpoTile tile = tile_of(x, bias, v0, labels);
+  check(dpo_fold_weights(dtype_code(weights), tile,
+                         with_ref_weights ? ref_tile_of(xr, ref_bias, tile) : ref_tile_of({}, {}, tile),
+                         stats.data_ptr<float>(), stats.stride(0),
+                         with_ref_weights ? ref_stats->data_ptr<float>() : nullptr,
+                         with_ref_weights ? ref_stats->stride(0) : 0, weights.data_ptr(),
+                         with_ref_weights ? ref_weights->data_ptr() : nullptr,
+                         DpoTransform{logit_scale, softcap, inv_temperature}, stream()),
+        "fold_tile_weights");
+}
+
 int64_t grad_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& lse,
                   const Tensor& g, const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_lse,
                   const OptTensor& g_kl, const Tensor& out, double filter_eps, double logit_scale, double softcap,
@@ -181,6 +205,7 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
   m.impl("logits_fold", &logits_fold);
   m.impl("logits_backward", &logits_backward);
   m.impl("fold_tile", &fold_tile);
+  m.impl("fold_tile_weights", &fold_tile_weights);
   m.impl("grad_tile", &grad_tile);
 }
 

@@ -69,6 +69,13 @@ int dpo_grad_tile(int out_dtype, DpoTile tile, DpoTile ref, const float* lse, co
                   const float* g_kl, void* out, double filter_eps, DpoTransform transform, int* kept,
                   intptr_t stream);
 
+// fold_weights' second pass, after dpo_fold_tile wrote the tile's new maxima into stats (and ref_stats): writes a
+// frozen head's softmax weights e^{z - m'} t'(x) into weights, a contiguous [n, width] tile of dtype weights_dtype
+// (may be tile.x for fp32), and with ref_weights (NULL: none) e^{zr - mr'} t'(x) with the policy's slope.
+int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, const float* stats, int64_t stats_stride,
+                     const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights,
+                     DpoTransform transform, intptr_t stream);
+
 #ifdef __cplusplus
 }
 #endif

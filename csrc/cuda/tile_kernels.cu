@@ -202,6 +202,41 @@ __global__ void grad_tile_kernel(const float* x, const float* __restrict__ bias,
   }
 }
 
+// fold_weights' second pass, after fold_tile_kernel has written the row's new maxima into stats (and ref_stats):
+// w = e^{z - m'} t'(x) of each entry of the tile, and with a reference e^{zr - mr'} t'(x) (the policy's slope), in
+// W (the GEMM operand dtype). A maximum still -inf shifts by 0. x and w may be the same memory (fp32 weights over
+// their tile): no __restrict__ on them; each entry is read before it is written.
+template <typename W, bool WITH_REF, int VEC>
+__global__ void fold_weights_kernel(const float* x, const float* __restrict__ bias, const float* xr,
+                                    const float* __restrict__ ref_bias, W* w, W* ref_w, int64_t width,
+                                    const float* __restrict__ stats, int64_t ss, const float* __restrict__ ref_stats,
+                                    int64_t rss, TransformParams t) {
+  const int64_t row = blockIdx.x;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (col0 >= width) return;
+  const int64_t offset = row * width + col0;
+  const float m = stats[kMax * ss + row], shift = m == -INFINITY ? 0.f : m;
+  const Packet<float, VEC> px = load_packet<VEC>(x, offset), pb = load_bias<VEC>(bias, col0);
+  Packet<float, VEC> pr, prb;
+  float ref_shift = 0.f;
+  if constexpr (WITH_REF) {
+    pr = load_packet<VEC>(xr, offset);
+    prb = load_bias<VEC>(ref_bias, col0);
+    const float mr = ref_stats[kRefMax * rss + row];
+    ref_shift = mr == -INFINITY ? 0.f : mr;
+  }
+  Packet<W, VEC> pw, prw;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float slope;  // dz/dx, from the same tanh as z
+    const float z = t.apply_and_slope<float>(px.v[k] + pb.v[k], slope);
+    pw.v[k] = from_float<W>(__expf(z - shift) * slope);
+    if constexpr (WITH_REF) prw.v[k] = from_float<W>(__expf(t.apply<float>(pr.v[k] + prb.v[k]) - ref_shift) * slope);
+  }
+  *reinterpret_cast<Packet<W, VEC>*>(w + offset) = pw;
+  if constexpr (WITH_REF) *reinterpret_cast<Packet<W, VEC>*>(ref_w + offset) = prw;
+}
+
 bool aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -218,6 +253,20 @@ void launch_grad(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, cons
   } else {
     grad_tile_kernel<OUT, WITH_KL, 1><<<grid_scalar, kGradThreads, 0, s>>>(x, bias, xr, ref_bias, o, width, v0,
                                                                           labels, lse, ref_lse, g, g_kl, t, deviation);
+  }
+}
+
+template <typename W, bool WITH_REF>
+void launch_weights(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, const float* x, const float* bias,
+                    const float* xr, const float* ref_bias, void* w, void* ref_w, int64_t width, const float* stats,
+                    int64_t ss, const float* ref_stats, int64_t rss, TransformParams t) {
+  auto *o = static_cast<W*>(w), *ro = static_cast<W*>(ref_w);
+  if (vec) {
+    fold_weights_kernel<W, WITH_REF, kVec><<<grid_vec, kGradThreads, 0, s>>>(x, bias, xr, ref_bias, o, ro, width,
+                                                                             stats, ss, ref_stats, rss, t);
+  } else {
+    fold_weights_kernel<W, WITH_REF, 1><<<grid_scalar, kGradThreads, 0, s>>>(x, bias, xr, ref_bias, o, ro, width,
+                                                                            stats, ss, ref_stats, rss, t);
   }
 }
 
@@ -313,4 +362,43 @@ extern "C" int dpo_grad_tile(int out_dtype, DpoTile tile, DpoTile ref, const flo
     *kept = worst >= static_cast<float>(filter_eps) ? 1 : 0;
   }
   return 0;
+}
+
+extern "C" int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, const float* stats, int64_t stats_stride,
+                                const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights,
+                                DpoTransform transform, intptr_t stream) {
+  using namespace dpo_kernels::cuda;
+  const float *x = tile.x, *bias = tile.bias, *xr = ref.x, *ref_bias = ref.bias;
+  const int64_t n = tile.n, width = tile.width;
+  if (n == 0 || width == 0) return 0;
+  if (n > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const bool with_ref = ref_weights != nullptr;
+  const int w_bytes = weights_dtype == DPO_FLOAT32 ? 4 : 2;
+  const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(bias, 16) && aligned(weights, kVec * w_bytes) &&
+                   (!with_ref || (aligned(xr, 16) && aligned(ref_bias, 16) && aligned(ref_weights, kVec * w_bytes)));
+  const dim3 grid_vec(static_cast<unsigned>(n),
+                      static_cast<unsigned>((width + kGradThreads * kVec - 1) / (kGradThreads * kVec)));
+  const dim3 grid_scalar(static_cast<unsigned>(n), static_cast<unsigned>((width + kGradThreads - 1) / kGradThreads));
+#define DPO_WEIGHTS(W)                                                                                             \
+  (with_ref ? launch_weights<W, true>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, weights, ref_weights,  \
+                                      width, stats, stats_stride, ref_stats, ref_stats_stride, t)                  \
+            : launch_weights<W, false>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, weights, ref_weights, \
+                                       width, stats, stats_stride, ref_stats, ref_stats_stride, t))
+  switch (weights_dtype) {
+    case DPO_FLOAT32:
+      DPO_WEIGHTS(float);
+      break;
+    case DPO_FLOAT16:
+      DPO_WEIGHTS(__half);
+      break;
+    case DPO_BFLOAT16:
+      DPO_WEIGHTS(__nv_bfloat16);
+      break;
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+#undef DPO_WEIGHTS
+  return static_cast<int>(cudaGetLastError());
 }

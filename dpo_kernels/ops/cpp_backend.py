@@ -17,7 +17,7 @@ import torch
 from ..options import TokenOptions
 from . import extension
 from .backend import BackendKernels
-from .linear.contract import LogitsTile, TileKernels, has_logging_rows, unfused_fold_weights
+from .linear.contract import LogitsTile, TileKernels, has_logging_rows
 from .logits_path import LogitsKernels
 
 
@@ -60,11 +60,8 @@ def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: 
 
 def fold_tile_weights(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights,
                       ref_weights) -> None:
-    """The optional ``fold_weights`` kernel: ``torch.ops.dpo_kernels.fold_tile_weights`` on CPU tensors; the CUDA
-    build has no such kernel yet: there the weights come from PyTorch ops after ``fold_tile``."""
-    if tile.logits.device.type != "cpu":
-        unfused_fold_weights(fold_tile, tile, stats, ref, ref_stats, opts, weights, ref_weights)
-        return
+    """The optional ``fold_weights`` kernel: ``torch.ops.dpo_kernels.fold_tile_weights`` (CPU: written beside the
+    fold; CUDA: a second launch over the tile after it)."""
     _ops().fold_tile_weights(
         tile.logits, tile.bias, tile.v0, tile.labels, stats, None if ref is None else ref.logits,
         None if ref is None else ref.bias, ref_stats, weights, ref_weights, *_transform(opts),
