@@ -21,6 +21,7 @@ from .ops.common import LinearHead
 from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
 from .ops.linear.plan import eager_budget_bytes
+from .ops.linear.products import converted_operand_bytes
 from .ops.registry import require_backend
 from .ops.torch_chunked import log_sum_sq_probs
 from .ops.vocab_parallel import VocabSlice
@@ -542,9 +543,11 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     sdt = statistics_dtype(*(t.dtype for h in heads for t in (h.hidden, h.weight)))
     # every rank of a vocabulary-parallel group must form the same groups (each one's statistics are combined
     # across the group): sized for the widest slice
+    distinct = heads if len(heads) < 2 or heads[1].weight is not heads[0].weight else heads[:1]
     need = EagerNeed(facts.kept_per_row, weight.shape[0] if vs is None else vs.largest, weight.shape[1], sdt,
                      keep_ref_tiles=config.uses_token_kl and inputs.ref_hidden is not None,
-                     half_weight_grad=weight.requires_grad and weight.dtype != sdt)
+                     half_weight_grad=weight.requires_grad and weight.dtype != sdt,
+                     converted_bytes=sum(converted_operand_bytes(h.hidden, h.weight, sdt) for h in distinct))
     groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups

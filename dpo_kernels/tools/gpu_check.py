@@ -135,9 +135,10 @@ class DpoCase:
         from ..ops.linear.eager import EagerNeed
 
         rows, seq, masked = DPO_BATCH
+        converted = 0 if self.weights == "bf16" else 2 * head.vocab * head.dim * 2  # fp32 masters: both heads, bf16
         return EagerNeed([seq - masked] * rows, head.vocab, head.dim, torch.float32,
                          keep_ref_tiles=objective(self.loss_type).uses_token_kl,
-                         half_weight_grad=self.weights == "bf16")
+                         half_weight_grad=self.weights == "bf16", converted_bytes=converted)
 
     def budget_mb(self, head: Head) -> float | None:
         """``eager_budget_mb`` for the case: the whole batch in one group for ``schedule="eager"``, else the

@@ -527,7 +527,8 @@ def test_an_fp32_master_head_under_autocast_is_converted_once_a_call(schedule):
     d = _data(torch.float32)
     hidden = d["policy_hidden"].clone().requires_grad_()
     weight = d["lm_head_weight"].clone().requires_grad_()
-    budget = _mb(PAIR_TOKENS, torch.float32, "tdpo2")  # one pair a group
+    # one pair a group, and room for both heads as the CPU's (fp32) GEMM operands beside the tiles
+    budget = _mb(PAIR_TOKENS, torch.float32, "tdpo2") + 2 * V * D * 4 / 2**20
     options = dict(schedule=schedule, eager_budget_mb=budget if schedule == "eager" else None,
                    token_chunk_size=None if schedule == "eager" else 5, vocab_chunk_size=16)
     with torch.autocast("cpu", dtype=torch.bfloat16), _HeadConversions(
@@ -544,3 +545,18 @@ def test_an_fp32_master_head_under_autocast_is_converted_once_a_call(schedule):
     else:
         assert forward == {"policy": V * D, "reference": V * D}, forward
         assert counted.entries == {"policy": 2 * V * D, "reference": 2 * V * D}, counted.entries
+
+
+def test_the_converted_heads_stay_within_the_eager_budget():
+    """Without room in ``eager_budget_mb`` beside the tiles, the eager schedule converts each chunk where it is used
+    instead of holding converted copies of the heads (more conversions, no memory past the budget)."""
+    d = _data(torch.float32)
+    hidden = d["policy_hidden"].clone().requires_grad_()
+    weight = d["lm_head_weight"].clone().requires_grad_()
+    tight = _mb(PAIR_TOKENS, torch.float32, "tdpo2")  # one pair's tiles and nothing more
+    with torch.autocast("cpu", dtype=torch.bfloat16), _HeadConversions(
+            {"policy": weight, "reference": d["ref_lm_head_weight"]}) as counted:
+        fused_dpo_loss(labels=d["labels"], policy_hidden=hidden, lm_head_weight=weight,
+                       ref_hidden=d["ref_hidden"], ref_lm_head_weight=d["ref_lm_head_weight"], loss_type="tdpo2",
+                       backend="torch", schedule="eager", eager_budget_mb=tight, vocab_chunk_size=16)
+    assert counted.entries["policy"] > V * D and counted.entries["reference"] > V * D, counted.entries

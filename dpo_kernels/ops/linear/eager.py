@@ -68,11 +68,13 @@ GroupLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor | None, to
 @dataclass(frozen=True)
 class PairGroups:
     """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
-    budget; ``tokens``: each group's kept tokens."""
+    budget; ``tokens``: each group's kept tokens; ``spare_bytes``: what the budget leaves beside the largest group's
+    tiles and the weight-gradient accumulator (room for heads converted once for the call)."""
 
     pairs: int
     bounds: tuple[tuple[int, int], ...]
     tokens: tuple[int, ...]  # kept tokens of each group
+    spare_bytes: int = 0
 
     @property
     def largest_group(self) -> int:
@@ -91,12 +93,14 @@ class PairGroups:
 
 
 def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_bytes: int,
-                     weight_accumulator_bytes: int) -> PairGroups | str:
+                     weight_accumulator_bytes: int, converted_bytes: int = 0) -> PairGroups | str:
     """Consecutive pairs, greedily, as many per group as the budget holds; or why the eager schedule cannot run.
 
     ``tokens_per_pair``: kept tokens of each pair (both responses); ``bytes_per_token``: kept-tile bytes per token;
     ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight's gradient is accumulated in until the
-    backward scales it by the loss's upstream and rounds it once (0: none needed), counted against the budget."""
+    backward scales it by the loss's upstream and rounds it once (0: none needed), counted against the budget;
+    ``converted_bytes``: the heads converted to their GEMM operands once for the call, reserved beside the tiles
+    when the largest pair still fits (else the heads are converted chunk by chunk, and the groups use the room)."""
     largest = max(tokens_per_pair, default=0) * bytes_per_token
     if largest > budget_bytes:
         return f"one pair's kept tiles need {_mib(largest)}, more than eager_budget_mb={_mib(budget_bytes)}"
@@ -104,8 +108,13 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
     if largest > room:
         return (f"the fp32 weight-gradient accumulator ({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} "
                 f"of eager_budget_mb={_mib(budget_bytes)} for a pair's {_mib(largest)} of tiles")
+    full_room = room
+    if largest <= room - converted_bytes:
+        room -= converted_bytes
     if sum(tokens_per_pair) * bytes_per_token <= room:
-        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (sum(tokens_per_pair),))
+        total = sum(tokens_per_pair)
+        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (total,),
+                          full_room - total * bytes_per_token)
     bounds, start, used = [], 0, 0
     for b, tokens in enumerate(tokens_per_pair):
         if used and used + tokens * bytes_per_token > room:
@@ -114,14 +123,15 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
         used += tokens * bytes_per_token
     bounds.append((start, len(tokens_per_pair)))
     tokens = tuple(sum(tokens_per_pair[b0:b1]) for b0, b1 in bounds)
-    return PairGroups(len(tokens_per_pair), tuple(bounds), tokens)
+    return PairGroups(len(tokens_per_pair), tuple(bounds), tokens, full_room - max(tokens) * bytes_per_token)
 
 
 @dataclass(frozen=True)
 class EagerNeed:
     """What the eager schedule keeps for a batch: ``kept_per_row`` (``2B`` rows, chosen first), a head of
-    ``vocab x dim``, statistics in ``stats_dtype``, the reference's tiles too (``keep_ref_tiles``, a TDPO loss) and
-    an fp32 ``[V, D]`` accumulator for a trainable half weight (``half_weight_grad``)."""
+    ``vocab x dim``, statistics in ``stats_dtype``, the reference's tiles too (``keep_ref_tiles``, a TDPO loss), an
+    fp32 ``[V, D]`` accumulator for a trainable half weight (``half_weight_grad``), and ``converted_bytes`` of heads
+    converted to their GEMM operands once for the call (reserved when the budget allows, :func:`plan_pair_groups`)."""
 
     kept_per_row: tuple[int, ...] | list[int]
     vocab: int
@@ -129,6 +139,7 @@ class EagerNeed:
     stats_dtype: torch.dtype
     keep_ref_tiles: bool
     half_weight_grad: bool
+    converted_bytes: int = 0
 
     @property
     def bytes_per_token(self) -> int:
@@ -145,11 +156,12 @@ class EagerNeed:
 
     @property
     def one_group_bytes(self) -> int:
-        """The budget in bytes under which the whole batch is one group."""
-        return sum(self.kept_per_row) * self.bytes_per_token + self.accumulator_bytes
+        """The budget in bytes under which the whole batch is one group, its heads converted once."""
+        return sum(self.kept_per_row) * self.bytes_per_token + self.accumulator_bytes + self.converted_bytes
 
     def groups(self, budget_bytes: int) -> PairGroups | str:
-        return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes)
+        return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes,
+                                self.converted_bytes)
 
 
 def _mib(size: int) -> str:
@@ -357,14 +369,7 @@ class _EagerPairs(torch.autograd.Function):
             dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
         buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
-        # each head converted to its GEMM operands once for the call, shared by every pass of every group
-        # (not counted in eager_budget_mb: V x D operand entries a converted head, fp32 masters under autocast)
-        policy_operand = operand_head(weight, products)
-        same = (ref is not None and ref_products == products and ref.weight.data_ptr() == weight.data_ptr()
-                and ref.weight.shape == weight.shape and ref.weight.stride() == weight.stride()
-                and ref.weight.dtype == weight.dtype)  # one head as both (a PEFT model as its own reference)
-        operands = (policy_operand, policy_operand if same else None if ref is None
-                    else operand_head(ref.weight, ref_products))
+        operands = _shared_operands(weight, products, ref, ref_products, call.groups.spare_bytes)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
                               buffers, operands) for group in range(len(call.groups.bounds))]
         del operands
@@ -417,6 +422,29 @@ def _assemble_stats(parts: list[TokenStats], grads: list[_GroupGrads], total_sha
     logged = None if parts[0].logged is None else {
         name: _assemble([p.logged[name] for p in parts], grads, total_shape) for name in LOGGED_OUTPUTS}
     return TokenStats(field(lambda p: p.logp), field(lambda p: p.ref_logp), field(lambda p: p.kl), logged)
+
+
+def _shared_operands(weight, products, ref: LinearHead | None, ref_products, spare_bytes: int):
+    """The heads converted to their GEMM operands once for the call, shared by every pass of every group (fp32
+    master heads under autocast; on the CPU a half head, widened): ``(policy's, reference's)``, each ``None`` where
+    the head is its own operand or where ``eager_budget_mb`` has no room left for the copy beside the tiles (each of
+    its chunks is then converted where it is used). One head as both (a PEFT model as its own reference) is
+    converted once."""
+    def fits(w, p) -> bool:
+        converts = not (w.dtype == p.operand_dtype and w.dtype == p.compute_dtype)
+        return converts and w.numel() * p.operand_bytes <= spare_bytes
+
+    policy = operand_head(weight, products) if fits(weight, products) else None
+    if policy is not None:
+        spare_bytes -= weight.numel() * products.operand_bytes
+    if ref is None:
+        return policy, None
+    same = (ref_products == products and ref.weight.data_ptr() == weight.data_ptr()
+            and ref.weight.shape == weight.shape and ref.weight.stride() == weight.stride()
+            and ref.weight.dtype == weight.dtype)
+    if same:
+        return policy, policy
+    return policy, operand_head(ref.weight, ref_products) if fits(ref.weight, ref_products) else None
 
 
 def _scaled_once(grad: torch.Tensor, grad_loss: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,12 @@ class Products:
             torch.mm(a, b, out_dtype=out.dtype, out=out)
             return True
         return False
+
+
+def converted_operand_bytes(hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> int:
+    """Bytes of ``weight`` converted to the GEMM operands of a call made now (under the caller's autocast state),
+    0 when it is its own operand (:func:`dpo_kernels.ops.linear.sources.operand_head` states the same rule)."""
+    products = Products.in_dtype(product_dtype(hidden, weight), hidden.device.type, out_dtype)
+    if weight.dtype == products.operand_dtype and weight.dtype == products.compute_dtype:
+        return 0
+    return weight.numel() * products.operand_bytes
