@@ -20,7 +20,7 @@ from .ops import dispatch
 from .ops.common import LinearHead
 from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
-from .ops.linear.plan import eager_budget_bytes
+from .ops.linear.plan import eager_budget_bytes, flops_per_byte
 from .ops.linear.products import converted_operand_bytes
 from .ops.registry import require_backend
 from .ops.torch_chunked import log_sum_sq_probs
@@ -551,11 +551,33 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
+    if config.schedule == "auto" and (why := _repeated_conversions_cost_more(need, groups, weight.device)):
+        return why
     coupled = [n for n in config.loss_types if not losses.objective(n).pairwise]
     if coupled and len(groups.bounds) > 1:
         return (f"loss_type {coupled} couples the pairs of a batch, and the batch needs {len(groups.bounds)} groups "
                 f"within eager_budget_mb")
     return groups, kernels
+
+
+def _repeated_conversions_cost_more(need: EagerNeed, groups, device: torch.device) -> str | None:
+    """Why ``auto`` should not run eager: heads converted to their GEMM operands (fp32 masters under autocast) that
+    the budget cannot hold for the call are converted again by every group (the policy's in its fold and gradient
+    passes, the reference's in its fold), against once a pass by the recompute schedule: about ``1.5 (groups - 1)``
+    more conversions of the heads, each moving 3 bytes an operand byte (an fp32 read, a bf16 write); when they cost
+    more than the GEMM work the eager schedule saves (``2 n D V`` FLOPs, 4 for TDPO, at the device's
+    :func:`~dpo_kernels.ops.linear.plan.flops_per_byte`). ``None`` when eager is the cheaper."""
+    count, rate = len(groups.bounds), flops_per_byte(device)
+    if rate is None or not need.converted_bytes or count < 2 or groups.spare_bytes >= need.converted_bytes:
+        return None
+    extra_bytes = 1.5 * (count - 1) * 3 * need.converted_bytes
+    # the recompute schedule's extra pass over the policy's tiles, and for TDPO over the reference's too
+    saved_flops = (4 if need.keep_ref_tiles else 2) * groups.kept * need.dim * need.vocab
+    if saved_flops / rate >= extra_bytes:
+        return None
+    return (f"{count} groups would convert the heads to their GEMM operands {count} times (eager_budget_mb holds no "
+            f"converted copy): about {extra_bytes / 1e9:.2f} GB more traffic than the {saved_flops / 1e12:.2f} TFLOP "
+            "of GEMMs the eager schedule saves are worth here")
 
 
 def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,

@@ -560,3 +560,26 @@ def test_the_converted_heads_stay_within_the_eager_budget():
                        ref_hidden=d["ref_hidden"], ref_lm_head_weight=d["ref_lm_head_weight"], loss_type="tdpo2",
                        backend="torch", schedule="eager", eager_budget_mb=tight, vocab_chunk_size=16)
     assert counted.entries["policy"] > V * D and counted.entries["reference"] > V * D, counted.entries
+
+
+def test_auto_weighs_repeated_head_conversions_against_the_saved_gemm_pass():
+    """Issue 29: fp32 master heads the eager budget cannot hold converted are converted again by every group; auto
+    keeps the eager schedule while its saved GEMM work outweighs them (the roofline model's Llama-3 and Gemma-2
+    DPO shapes, 6144 kept tokens; modelled, not measured) and takes the recompute schedule otherwise."""
+    from dpo_kernels.dpo import _repeated_conversions_cost_more
+    from dpo_kernels.ops.linear.eager import EagerNeed, PairGroups
+
+    cuda = torch.device("cuda")  # only its planning constants are read
+
+    def why(vocab, dim, n_groups, tdpo, spare=0):
+        need = EagerNeed([768] * 8, vocab, dim, torch.float32, keep_ref_tiles=tdpo, half_weight_grad=False,
+                         converted_bytes=2 * vocab * dim * 2)  # policy and reference heads as bf16 operands
+        bounds = tuple((i * 4 // n_groups, (i + 1) * 4 // n_groups) for i in range(n_groups))
+        return _repeated_conversions_cost_more(need, PairGroups(4, bounds, (6144 // n_groups,) * n_groups, spare),
+                                               cuda)
+
+    assert why(128256, 4096, 2, tdpo=False) is None  # Llama-3, sigmoid, 2 groups: eager
+    assert why(128256, 4096, 4, tdpo=True) is None  # Llama-3, TDPO2 (also saves the reference's pass): eager
+    assert "4 groups would convert the heads" in why(256000, 2304, 4, tdpo=False)  # Gemma-2, sigmoid: recompute
+    assert why(256000, 2304, 4, tdpo=False, spare=2 * 256000 * 2304 * 2) is None  # the copies fit: converted once
+    assert why(256000, 2304, 1, tdpo=False) is None  # one group converts as often as recompute does

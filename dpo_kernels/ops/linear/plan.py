@@ -82,6 +82,19 @@ EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELER
                        "accelerators")
 
 
+# The product FLOPs worth one byte of memory traffic on an accelerator, for `auto`'s one cost comparison (the eager
+# schedule's saved GEMM work against the head conversions it repeats per group when the converted heads do not fit
+# its budget): an H100-class accelerator's dense bf16 tensor-core rate over its HBM bandwidth, derated as the
+# roofline model's fit (about 790 TFLOP/s and 3.3 TB/s); an estimate from peak rates, not a measurement. None on the
+# CPU, where the comparison is not made: there the eager schedule was measured faster at every shape tried.
+FLOPS_PER_BYTE = {"cpu": None}
+ACCELERATOR_FLOPS_PER_BYTE = 240.0
+
+
+def flops_per_byte(device: torch.device) -> float | None:
+    return FLOPS_PER_BYTE.get(device.type, ACCELERATOR_FLOPS_PER_BYTE)
+
+
 def eager_budget_bytes(budget_mb: float | None, device: torch.device) -> int:
     """The eager schedule's budget in bytes: ``budget_mb``, else the device's default."""
     return int((budget_mb or DEFAULT_EAGER_BUDGET_MB.get(device.type, ACCELERATOR_EAGER_BUDGET_MB)) * 2**20)
