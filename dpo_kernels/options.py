@@ -107,14 +107,13 @@ def option_keywords(*declarations: type, only: Collection[str] | None = None) ->
                     added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
                                                    annotation=f.type))
                     taken.add(f.name)
-        allowed = frozenset(p.name for p in added)
         positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
         keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             for name in kwargs:
-                if name not in allowed and name not in taken:
+                if name not in taken:  # the function's own parameters and the options
                     raise TypeError(f"{fn.__name__}() got an unexpected keyword argument {name!r}")
             return fn(*args, **kwargs)
 

@@ -8,11 +8,28 @@
 #include <stdint.h>
 
 #include "../transform.h"
+#include "launchers.h"
 
 namespace dpo_kernels {
 namespace cuda {
 
 constexpr int kWarp = 32;
+
+// Calls f with a value of the element type of a dtype code (float, __half or __nv_bfloat16); returns f's result, or
+// cudaErrorInvalidValue for another code.
+template <typename F>
+int with_element_type(int dtype, F&& f) {
+  switch (dtype) {
+    case DPO_FLOAT32:
+      return f(float{});
+    case DPO_FLOAT16:
+      return f(__half{});
+    case DPO_BFLOAT16:
+      return f(__nv_bfloat16{});
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {

@@ -285,21 +285,6 @@ int launch_backward(const T* x, RowLayout xl, const TR* r, RowLayout rl, T* grad
                                    ignore_index, t, stream);
 }
 
-// Calls f with a value of the element type of a dtype code (float, __half or __nv_bfloat16).
-template <typename F>
-int with_element_type(int dtype, F&& f) {
-  switch (dtype) {
-    case DPO_FLOAT32:
-      return f(float{});
-    case DPO_FLOAT16:
-      return f(__half{});
-    case DPO_BFLOAT16:
-      return f(__nv_bfloat16{});
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
-
 }  // namespace
 }  // namespace cuda
 }  // namespace dpo_kernels

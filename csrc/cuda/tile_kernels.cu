@@ -330,25 +330,21 @@ extern "C" int dpo_grad_tile(int out_dtype, DpoTile tile, DpoTile ref, const flo
     if (err != cudaSuccess) return static_cast<int>(err);
     cudaMemsetAsync(deviation, 0, sizeof(unsigned int), s);
   }
-#define DPO_GRAD(OUT)                                                                                               \
-  (g_kl != nullptr ? launch_grad<OUT, true>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, out, width, v0,    \
-                                            labels, lse, ref_lse, g, g_kl, t, deviation)                           \
-                   : launch_grad<OUT, false>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, out, width, v0,   \
-                                             labels, lse, ref_lse, g, g_kl, t, deviation))
-  switch (out_dtype) {
-    case DPO_FLOAT32:
-      DPO_GRAD(float);
-      break;
-    case DPO_FLOAT16:
-      DPO_GRAD(__half);
-      break;
-    case DPO_BFLOAT16:
-      DPO_GRAD(__nv_bfloat16);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
+  const int bad_dtype = with_element_type(out_dtype, [&](auto out_type) {
+    using OUT = decltype(out_type);
+    if (g_kl != nullptr) {
+      launch_grad<OUT, true>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, out, width, v0, labels, lse, ref_lse,
+                             g, g_kl, t, deviation);
+    } else {
+      launch_grad<OUT, false>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, out, width, v0, labels, lse,
+                              ref_lse, g, g_kl, t, deviation);
+    }
+    return 0;
+  });
+  if (bad_dtype != 0) {
+    if (deviation != nullptr) cudaFreeAsync(deviation, s);
+    return bad_dtype;
   }
-#undef DPO_GRAD
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   if (deviation != nullptr) {
@@ -381,24 +377,17 @@ extern "C" int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, co
   const dim3 grid_vec(static_cast<unsigned>(n),
                       static_cast<unsigned>((width + kGradThreads * kVec - 1) / (kGradThreads * kVec)));
   const dim3 grid_scalar(static_cast<unsigned>(n), static_cast<unsigned>((width + kGradThreads - 1) / kGradThreads));
-#define DPO_WEIGHTS(W)                                                                                             \
-  (with_ref ? launch_weights<W, true>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, weights, ref_weights,  \
-                                      width, stats, stats_stride, ref_stats, ref_stats_stride, t)                  \
-            : launch_weights<W, false>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, weights, ref_weights, \
-                                       width, stats, stats_stride, ref_stats, ref_stats_stride, t))
-  switch (weights_dtype) {
-    case DPO_FLOAT32:
-      DPO_WEIGHTS(float);
-      break;
-    case DPO_FLOAT16:
-      DPO_WEIGHTS(__half);
-      break;
-    case DPO_BFLOAT16:
-      DPO_WEIGHTS(__nv_bfloat16);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-#undef DPO_WEIGHTS
+  const int bad_dtype = with_element_type(weights_dtype, [&](auto weights_type) {
+    using W = decltype(weights_type);
+    if (with_ref) {
+      launch_weights<W, true>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, weights, ref_weights, width, stats,
+                              stats_stride, ref_stats, ref_stats_stride, t);
+    } else {
+      launch_weights<W, false>(vec, grid_vec, grid_scalar, s, x, bias, xr, ref_bias, weights, ref_weights, width,
+                               stats, stats_stride, ref_stats, ref_stats_stride, t);
+    }
+    return 0;
+  });
+  if (bad_dtype != 0) return bad_dtype;
   return static_cast<int>(cudaGetLastError());
 }

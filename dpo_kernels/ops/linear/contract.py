@@ -109,6 +109,12 @@ def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(m) | (m == float("inf")), float("nan"), m + torch.log(s))
 
 
+def finite_shift(m: torch.Tensor) -> torch.Tensor:
+    """The shift of an online log-sum-exp step: the running max ``m``, or 0 where it is still ``-inf`` (every logit so
+    far a probability 0), where ``-inf - -inf`` would be NaN (``shift_of`` in ``csrc/cpu/row_kernels.h``)."""
+    return torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
+
+
 def new_stats(n: int, dtype: torch.dtype, device: torch.device, *, logging: bool = False) -> torch.Tensor:
     """A policy's ``[rows, n]`` statistics before any tile (:class:`StatRow`; the logging rows with ``logging``):
     the maxima ``-inf``, everything else 0."""
@@ -156,7 +162,7 @@ def unfused_fold_weights(fold: Callable[..., None], tile: LogitsTile, stats: tor
 def _softmax_weights(z: torch.Tensor, m: torch.Tensor, out: torch.Tensor, slope: torch.Tensor | None) -> None:
     """``out = e^{z - m} * slope`` per row, shifting by 0 where ``m`` is still ``-inf``; ``out`` may be ``z``, or of
     a narrower dtype (then computed in ``z``'s and rounded once)."""
-    shift = torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
+    shift = finite_shift(m)
     if out.dtype != z.dtype:
         weights = torch.sub(z, shift.unsqueeze(1)).exp_()
         out.copy_(weights if slope is None else weights.mul_(slope))

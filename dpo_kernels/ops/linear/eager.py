@@ -431,8 +431,7 @@ def _shared_operands(weight, products, ref: LinearHead | None, ref_products, spa
     its chunks is then converted where it is used). One head as both (a PEFT model as its own reference) is
     converted once."""
     def fits(w, p) -> bool:
-        converts = not (w.dtype == p.operand_dtype and w.dtype == p.compute_dtype)
-        return converts and w.numel() * p.operand_bytes <= spare_bytes
+        return p.converts(w) and w.numel() * p.operand_bytes <= spare_bytes
 
     policy = operand_head(weight, products) if fits(weight, products) else None
     if policy is not None:

@@ -46,6 +46,7 @@ from .contract import (
     StatRow,
     TileKernels,
     finish_lse,
+    finite_shift,
     logging_outputs,
     new_ref_stats,
     new_stats,
@@ -245,7 +246,11 @@ def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, product
             if ref_source is not None:
                 ref_source.operand_weight = operand_head(ref.weight, ref_products)
         stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device, plan)
-        local_max = (stats[StatRow.MAX].clone(), None if ref_stats is None else ref_stats[RefRow.MAX].clone())
+        # a frozen head's partial accumulators over a vocabulary slice are brought to the global maxima: keep the
+        # rank's own before they are combined
+        local_max = None
+        if frozen_head[0] and vocab_slice is not None:
+            local_max = (stats[StatRow.MAX].clone(), None if ref_stats is None else ref_stats[RefRow.MAX].clone())
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
     grads = None
     if frozen_head[0]:
@@ -261,7 +266,7 @@ def hidden_grads(policy: AccumulatingSource, stats, ref_stats, local_max, rows: 
     ``policy`` and the statistics (combined across a vocabulary-parallel group: each rank's partial sums are first
     brought to the global maxima, ``local_max`` being the rank's own, then summed over the group with the label's
     row, which one rank holds). ``P`` (and ``Q``) are overwritten."""
-    shift = _finite_or_zero(stats[StatRow.MAX])
+    shift = finite_shift(stats[StatRow.MAX])
     p = policy.p
     if vocab_slice is not None:
         p.mul_(torch.exp(local_max[0] - shift).unsqueeze(1))
@@ -274,7 +279,7 @@ def hidden_grads(policy: AccumulatingSource, stats, ref_stats, local_max, rows: 
     j = label_rows.mul_(slope.unsqueeze(1))
     q = policy.q
     if q is not None and vocab_slice is not None:
-        q.mul_(torch.exp(local_max[1] - _finite_or_zero(ref_stats[RefRow.MAX])).unsqueeze(1))
+        q.mul_(torch.exp(local_max[1] - finite_shift(ref_stats[RefRow.MAX])).unsqueeze(1))
     if vocab_slice is not None:
         summed = torch.stack([p, j] + ([] if q is None else [q]))
         torch.distributed.all_reduce(summed, group=vocab_slice.group)
@@ -286,10 +291,6 @@ def hidden_grads(policy: AccumulatingSource, stats, ref_stats, local_max, rows: 
         return j, None
     return j, p.sub_(q.div_(ref_stats[RefRow.SUM].unsqueeze(1)))
 
-
-def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
-    """The shift of an online log-sum-exp: the running max, or 0 where it is still ``-inf``."""
-    return torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
 
 
 def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_kl, need: tuple[bool, bool, bool],

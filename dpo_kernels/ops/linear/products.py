@@ -209,6 +209,11 @@ class Products:
     def operand_bytes(self) -> int:
         return torch.empty((), dtype=self.operand_dtype).element_size()
 
+    def converts(self, weight: torch.Tensor) -> bool:
+        """Whether :meth:`operand` copies ``weight`` (it is not already in the compute and the operand dtype): the
+        one rule for a head converted once for a call (``sources.operand_head``, the eager schedule's budget)."""
+        return not (weight.dtype == self.operand_dtype and weight.dtype == self.compute_dtype)
+
     def operand(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as a GEMM operand: rounded to the compute dtype (an fp32 head under bf16 autocast is rounded even on
         the CPU, where it is then widened back), then in the operand dtype. No copy when ``t`` has both already."""
@@ -249,8 +254,6 @@ class Products:
 
 def converted_operand_bytes(hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> int:
     """Bytes of ``weight`` converted to the GEMM operands of a call made now (under the caller's autocast state),
-    0 when it is its own operand (:func:`dpo_kernels.ops.linear.sources.operand_head` states the same rule)."""
+    0 when it is its own operand (:meth:`Products.converts`)."""
     products = Products.in_dtype(product_dtype(hidden, weight), hidden.device.type, out_dtype)
-    if weight.dtype == products.operand_dtype and weight.dtype == products.compute_dtype:
-        return 0
-    return weight.numel() * products.operand_bytes
+    return weight.numel() * products.operand_bytes if products.converts(weight) else 0

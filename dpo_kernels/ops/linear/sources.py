@@ -38,7 +38,7 @@ import torch
 
 from ...options import TokenOptions
 from ..common import LinearHead
-from .contract import LogitsTile, RefRow, StatRow, TileKernels, unfused_fold_weights
+from .contract import LogitsTile, RefRow, StatRow, TileKernels, finite_shift, unfused_fold_weights
 from .kept import KeptTokens
 from .plan import kept_tiles_count
 from .products import Products
@@ -49,9 +49,7 @@ def operand_head(weight: torch.Tensor, products: Products) -> torch.Tensor | Non
     operand already: no conversion to share). Costs ``V x D`` operand-dtype entries while it lives; saves one
     conversion of every chunk per token block (forward) and per group (eager schedule): an fp32 master head under
     bf16 autocast is read and rounded once per call instead of many times."""
-    if weight.dtype == products.operand_dtype and weight.dtype == products.compute_dtype:
-        return None
-    return products.operand(weight)
+    return products.operand(weight) if products.converts(weight) else None
 
 
 class _Scratch:
@@ -234,8 +232,7 @@ class AccumulatingSource(GemmSource):
 
     def _accumulate(self, acc: torch.Tensor, weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
                     columns: tuple[int, int]) -> None:
-        """``acc = acc e^{m_old - m_new} + weights W_c``; a maximum still ``-inf`` (every logit so far a probability
-        0) shifts by 0, where ``-inf - -inf`` would be NaN."""
-        shift = torch.where(torch.isneginf(new), torch.zeros((), dtype=new.dtype, device=new.device), new)
-        acc.mul_(torch.exp(old - shift).unsqueeze(1))
+        """``acc = acc e^{m_old - m_new} + weights W_c`` (:func:`~.contract.finite_shift` for a maximum still
+        ``-inf``)."""
+        acc.mul_(torch.exp(old - finite_shift(new)).unsqueeze(1))
         self.products.accumulate(acc, weights, self.weight_chunk(*columns))

@@ -18,6 +18,15 @@ def tanh(x):
 
 
 @triton.jit
+def load_biased(row_ptr, bias_ptr, cols, inside, HAS_BIAS: tl.constexpr):
+    """A block of a tile's raw logits ``x + bias`` (0 outside the row), in fp32."""
+    x = tl.load(row_ptr + cols, mask=inside, other=0.0)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+    return x
+
+
+@triton.jit
 def transform(x, logit_scale, softcap, inv_temperature,
               HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
     """``z = (softcap * tanh(logit_scale * x / softcap)) / temperature``, each step only when its flag is set."""

@@ -26,7 +26,7 @@ import triton.language as tl
 from ...options import TokenOptions
 from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
 from .config import tile_row_config
-from .jit_helpers import LOWEST, fold_reference_block, transform, transform_and_slope
+from .jit_helpers import LOWEST, fold_reference_block, load_biased, transform, transform_and_slope
 from .launch import on_device, transform_args
 
 
@@ -70,9 +70,7 @@ def _fold_tile_kernel(
     for start in range(0, width, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < width
-        x = tl.load(x_row + cols, mask=inside, other=0.0)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+        x = load_biased(x_row, bias_ptr, cols, inside, HAS_BIAS)
         z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
@@ -87,9 +85,7 @@ def _fold_tile_kernel(
             logit_sum += z_inside
             before = tl.maximum(before, tl.where(inside & (cols < label_col), z, -float("inf")))
         if HAS_REF:
-            xr = tl.load(xr_ptr + row * width + cols, mask=inside, other=0.0)
-            if HAS_REF_BIAS:
-                xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
+            xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
             m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
     s = tl.sum(s, axis=0)
@@ -145,15 +141,11 @@ def _fold_tile_kernel(
         for start in range(0, width, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             inside = cols < width
-            x = tl.load(x_row + cols, mask=inside, other=0.0)
-            if HAS_BIAS:
-                x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+            x = load_biased(x_row, bias_ptr, cols, inside, HAS_BIAS)
             z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
                                            HAS_TEMPERATURE)
             if REF_WEIGHTS:
-                xr = tl.load(xr_ptr + row * width + cols, mask=inside, other=0.0)
-                if HAS_REF_BIAS:
-                    xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
+                xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
                 zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
                 tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - big_r) * slope, mask=inside)
             tl.store(weights_ptr + row * width + cols, tl.exp(z - big) * slope, mask=inside)
@@ -178,9 +170,7 @@ def _grad_tile_kernel(
     offsets = row * width + cols
     label_col = tl.load(labels_ptr + row) - v0
     g = tl.load(g_ptr + row)
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-    if HAS_BIAS:
-        x += tl.load(bias_ptr + cols, mask=inside, other=0.0)
+    x = load_biased(x_ptr + row * width, bias_ptr, cols, inside, HAS_BIAS)
     z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
                                    HAS_TEMPERATURE)
     p = tl.exp(z - tl.load(lse_ptr + row))
@@ -189,9 +179,7 @@ def _grad_tile_kernel(
     if FILTER:
         largest = tl.max(tl.where(inside, tl.abs(p - onehot), 0.0), axis=0)
     if HAS_KL_GRAD:
-        xr = tl.load(xr_ptr + offsets, mask=inside, other=0.0)
-        if HAS_REF_BIAS:
-            xr += tl.load(ref_bias_ptr + cols, mask=inside, other=0.0)
+        xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
         zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         p_minus_q = p - tl.exp(zr - tl.load(ref_lse_ptr + row))
         dz += tl.load(g_kl_ptr + row) * p_minus_q
