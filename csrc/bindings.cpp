@@ -27,9 +27,9 @@ TORCH_LIBRARY(dpo_kernels, m) {
       "fold_tile(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, bool logging, Tensor? xr, "
       "Tensor? ref_bias, "
       "Tensor(b!)? ref_stats, float logit_scale, float softcap, float inv_temperature) -> ()");
-  // fold_tile for a frozen head: also writes the softmax weights e^{z - m'} t'(x) of the tile after the fold
-  // into weights [n, w] (contiguous, x's dtype; may be x itself), and with ref_weights the reference's e^{zr - m_r'}
-  // t'(x); the head's rows weighted by them accumulate the hidden states' gradient (ops/linear/sources.py).
+  // fold_tile for a frozen head or the eager schedule's scaled store: also writes the softmax weights e^{z - m'} t'(x)
+  // of the tile after the fold into weights [n, w] (contiguous; x's dtype, then may be x itself, or a narrower float
+  // dtype, rounded once), and with ref_weights the reference's e^{zr - m_r'} t'(x) (ops/linear/sources.py).
   m.def(
       "fold_tile_weights(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, "
       "Tensor? ref_bias, Tensor(b!)? ref_stats, Tensor(c!) weights, Tensor(d!)? ref_weights, float logit_scale, "

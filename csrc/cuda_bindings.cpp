@@ -154,7 +154,9 @@ void fold_tile_weights(const Tensor& x, const OptTensor& bias, int64_t v0, const
                        const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats,
                        const Tensor& weights, const OptTensor& ref_weights, double logit_scale, double softcap,
                        double inv_temperature) {
-  fold_tile(x, bias, v0, labels, stats, false, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature);
+  // the logging rows, when the statistics were allocated with them (stats_layout.h), are folded as fold_tile's
+  const bool logging = stats.size(0) == dpo_kernels::stat_rows(true);
+  fold_tile(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature);
   const bool with_ref_weights = present(ref_weights);
   TORCH_CHECK(weights.sizes() == x.sizes() && weights.is_contiguous() &&
                   (!with_ref_weights || (ref_weights->sizes() == x.sizes() && ref_weights->is_contiguous() &&

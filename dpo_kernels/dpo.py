@@ -20,8 +20,9 @@ from .ops import dispatch
 from .ops.common import LinearHead
 from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
+from .ops.linear import plan as linear_plan
 from .ops.linear.plan import eager_budget_bytes, flops_per_byte
-from .ops.linear.products import converted_operand_bytes
+from .ops.linear.products import converted_operand_bytes, products_now
 from .ops.registry import require_backend
 from .ops.torch_chunked import log_sum_sq_probs
 from .ops.vocab_parallel import VocabSlice
@@ -547,7 +548,9 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     need = EagerNeed(facts.kept_per_row, weight.shape[0] if vs is None else vs.largest, weight.shape[1], sdt,
                      keep_ref_tiles=config.uses_token_kl and inputs.ref_hidden is not None,
                      half_weight_grad=weight.requires_grad and weight.dtype != sdt,
-                     converted_bytes=sum(converted_operand_bytes(h.hidden, h.weight, sdt) for h in distinct))
+                     converted_bytes=sum(converted_operand_bytes(h.hidden, h.weight, sdt) for h in distinct),
+                     store_dtype=linear_plan.kept_store_dtype(
+                         products_now(inputs.policy_hidden, weight, sdt).operand_dtype, sdt, config.token_options))
     groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups

@@ -289,9 +289,9 @@ const acc_t* optional_data(const c10::optional<Tensor>& t) {
 
 // Linear path, one tile: fold raw logits x [n, w] (columns v0..v0+w) into per-token statistics.
 // stats [3, n]: running max, running sum, label logit. ref_stats [4, n]: the reference's max, sum, label logit
-// and the KL's weighted sum w. With weights [n, w] (contiguous, x's dtype; may be x itself: each row is read before
-// it is written), also the frozen head's softmax weights e^{z - m'} t'(x) after the fold (m' the new running max),
-// and with ref_weights the reference's e^{zr - m_r'} t'(x) (the policy's slope).
+// and the KL's weighted sum w. With weights [n, w] (contiguous; x's dtype, and then may be x itself: each row is read
+// before it is written; or a narrower float dtype, rounded once), also the softmax weights e^{z - m'} t'(x) after the
+// fold (m' the new running max), and with ref_weights the reference's e^{zr - m_r'} t'(x) (the policy's slope).
 void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
                     const Tensor& stats, bool logging, const c10::optional<Tensor>& xr,
                     const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats, double logit_scale,
@@ -310,23 +310,35 @@ void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t 
     const acc_t* xrp = with_ref ? xr->data_ptr<acc_t>() : nullptr;
     const acc_t* bp = optional_data<acc_t>(bias);
     const acc_t* rbp = optional_data<acc_t>(ref_bias);
-    acc_t* wp = const_cast<acc_t*>(optional_data<acc_t>(weights));
-    acc_t* rwp = const_cast<acc_t*>(optional_data<acc_t>(ref_weights));
+    const bool with_weights = weights.has_value() && weights->defined();
+    const bool with_ref_weights = ref_weights.has_value() && ref_weights->defined();
+    // weights in x's dtype are written in place; a narrower dtype goes through a row buffer, rounded once
+    const bool narrow = with_weights && weights->scalar_type() != x.scalar_type();
+    acc_t* wp = with_weights && !narrow ? weights->data_ptr<acc_t>() : nullptr;
+    acc_t* rwp = with_ref_weights && !narrow ? ref_weights->data_ptr<acc_t>() : nullptr;
     const int64_t* y = labels.data_ptr<int64_t>();
     acc_t* st = stats.data_ptr<acc_t>();
     acc_t* rst = with_ref ? ref_stats->data_ptr<acc_t>() : nullptr;
     const int64_t ss = stats.stride(0), rss = with_ref ? ref_stats->stride(0) : 0;
-    // e^{zz - shift} t'(raw) into out: the softmax weights of one row
-    auto write_weights = [&](const acc_t* zz, acc_t shift, const acc_t* raw, acc_t* out) {
+    // e^{zz - shift} t'(raw) of row i into `into` (weights or ref_weights): the softmax weights of one row
+    auto write_weights = [&](const acc_t* zz, acc_t shift, const acc_t* raw, const Tensor& into, acc_t* direct,
+                             int64_t i, acc_t* row) {
+      acc_t* out = direct != nullptr ? direct + i * width : row;
       const Vec vs(shift);
       at::vec::map([vs](Vec v) { return vexp(v - vs); }, out, zz, width);
       transform_grad_chunk(t, raw, out, out, width);
+      if (direct == nullptr) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, into.scalar_type(), "dpo_fold_weights_out", [&] {
+          scalar_t* dst = into.data_ptr<scalar_t>() + i * width;
+          for (int64_t k = 0; k < width; ++k) dst[k] = static_cast<scalar_t>(out[k]);
+        });
+      }
     };
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> raw(width), rraw(width), z(width), zr(width);
+      std::vector<acc_t> raw(width), rraw(width), z(width), zr(width), row(narrow ? width : 0);
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* xraw = biased_row(t, xp + i * x.stride(0), bp, width, raw.data(), z.data());
-        if (wp != nullptr && xraw != raw.data()) {  // the weights may overwrite the tile's row: keep its raw logits
+        if (with_weights && xraw != raw.data()) {  // the weights may overwrite the tile's row: keep its raw logits
           std::copy(xraw, xraw + width, raw.data());
         }
         acc_t* s = st + i;  // row r of token i's statistics at s[r * ss]
@@ -347,9 +359,11 @@ void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t 
           r[kRefSum * rss] = ref.ref.s;
           r[kRefWeighted * rss] = ref.w;
           if (hit) r[kRefLabelLogit * rss] = zr[col];
-          if (rwp != nullptr) write_weights(zr.data(), shift_of(ref.ref.m), raw.data(), rwp + i * width);
+          if (with_ref_weights) {
+            write_weights(zr.data(), shift_of(ref.ref.m), raw.data(), *ref_weights, rwp, i, row.data());
+          }
         }
-        if (wp != nullptr) write_weights(z.data(), shift_of(policy.m), raw.data(), wp + i * width);
+        if (with_weights) write_weights(z.data(), shift_of(policy.m), raw.data(), *weights, wp, i, row.data());
       }
     });
   });
@@ -368,9 +382,15 @@ void fold_tile_weights(const Tensor& x, const c10::optional<Tensor>& bias, int64
                        const c10::optional<Tensor>& ref_stats, const Tensor& weights,
                        const c10::optional<Tensor>& ref_weights, double logit_scale, double softcap,
                        double inv_temperature) {
-  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && weights.scalar_type() == x.scalar_type(),
-              "dpo_kernels::fold_tile_weights: weights must be a contiguous tensor like x");
-  fold_tile_into(x, bias, v0, labels, stats, false, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
+  const bool with_ref_weights = ref_weights.has_value() && ref_weights->defined();
+  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && at::isFloatingType(weights.scalar_type()) &&
+                  (!with_ref_weights || (ref_weights->is_contiguous() && ref_weights->sizes() == x.sizes() &&
+                                         ref_weights->scalar_type() == weights.scalar_type())),
+              "dpo_kernels::fold_tile_weights: weights (and ref_weights) must be contiguous float tiles of x's shape, "
+              "of one dtype");
+  // the logging rows, when the statistics were allocated with them (stats_layout.h), are folded as fold_tile's
+  const bool logging = stats.size(0) == stat_rows(true);
+  fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
                  weights, ref_weights);
 }
 

@@ -292,13 +292,14 @@ def check_kernel_fields(args) -> None:
                          "kernel_schedule='auto'")
 
 
-def check_eager_budget(args, model, dataset, uses_token_kl: bool) -> None:
+def check_eager_budget(args, model, dataset, config) -> None:
     """With ``kernel_schedule='eager'``, refuse at construction a ``kernel_eager_budget_mb`` that cannot hold the
     longest pair of the tokenized training set (its two completions, each at most ``max_length`` tokens), instead
     of failing at the first training step that meets it. A dataset without ``chosen_ids`` / ``rejected_ids``
     columns (an iterable one) is not read."""
     from ..ops.linear.eager import EagerNeed
-    from ..ops.linear.plan import eager_budget_bytes
+    from ..ops.linear.plan import eager_budget_bytes, kept_store_dtype
+    from ..ops.linear.products import Products
     from ..options import statistics_dtype
     from .transformers import unwrap_causal_lm
 
@@ -309,8 +310,13 @@ def check_eager_budget(args, model, dataset, uses_token_kl: bool) -> None:
         return
     weight = unwrap_causal_lm(model).get_output_embeddings().weight
     sdt = statistics_dtype(weight.dtype)
-    need = EagerNeed(longest, weight.shape[0], weight.shape[1], sdt, keep_ref_tiles=uses_token_kl,
-                     half_weight_grad=weight.requires_grad and weight.dtype != sdt)
+    # the products of a training step: in the autocast dtype under bf16 / fp16 mixed precision, else the head's
+    compute = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else \
+        weight.dtype
+    operands = Products.in_dtype(compute, weight.device.type, sdt).operand_dtype
+    need = EagerNeed(longest, weight.shape[0], weight.shape[1], sdt, keep_ref_tiles=config.uses_token_kl,
+                     half_weight_grad=weight.requires_grad and weight.dtype != sdt,
+                     store_dtype=kept_store_dtype(operands, sdt, config.token_options))
     groups = need.groups(eager_budget_bytes(args.kernel_eager_budget_mb, weight.device))
     if isinstance(groups, str):
         why = groups.replace("eager_budget_mb", "kernel_eager_budget_mb")
@@ -483,7 +489,7 @@ def make_fused_dpo_classes():
             with loading:
                 super().__init__(model, ref_model, args, *rest, **kwargs)
             _refuse_aux_loss(self)
-            check_eager_budget(args, self.model, self.train_dataset, self._loss_config.uses_token_kl)
+            check_eager_budget(args, self.model, self.train_dataset, self._loss_config)
             if getattr(self, "padding_free", False):  # TRL 1.14-1.16 turn it off themselves, with a warning
                 raise ValueError("FusedDPOTrainer takes padded batches (one row a sequence); this TRL packed them "
                                  "(padding_free=True). Set padding_free=False.")

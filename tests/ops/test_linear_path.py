@@ -50,15 +50,25 @@ def _head(seed=0, rows=3, seq=7, d=12, v=300, dtype=torch.float32, mask=True):
     return hidden, weight, bias, labels
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["no_gradient", "frozen_head"])
 @pytest.mark.parametrize("tiles", [{}, {"token_chunk_size": 4, "vocab_chunk_size": 37}], ids=["one_tile", "small"])
 @pytest.mark.parametrize("backend", backends_under_test())
-def test_logged_statistics_match_the_oracle(backend, tiles):
+def test_logged_statistics_match_the_oracle(backend, tiles, frozen):
+    """Also with a frozen head whose hidden states need a gradient (TRL's entropy logging under PEFT): its forward
+    folds through ``fold_weights``, which the C++ and CUDA kernels once ran without the logging rows (a refusal)."""
     hidden, weight, bias, labels = _head()
     opts = TokenOptions(softcap=3.0, logit_scale=1.3, temperature=0.7, **tiles)
-    policy = LinearHead(hidden, weight, bias)
-    expected_logp, expected = run_linear_token_stats(policy, None, labels, opts, "reference", logging=True)
-    logp, logged = run_linear_token_stats(policy, None, labels, opts, backend, logging=True)
+    leaf = hidden.clone().requires_grad_(frozen)
+    expected_logp, expected = run_linear_token_stats(LinearHead(leaf, weight, bias), None, labels, opts, "reference",
+                                                     logging=True)
+    mine = hidden.clone().requires_grad_(frozen)
+    logp, logged = run_linear_token_stats(LinearHead(mine, weight, bias), None, labels, opts, backend, logging=True)
     assert_close(logp, expected_logp, torch.float32, "log-probs beside the logged statistics")
+    if frozen:
+        upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(5)) * (labels != -100)
+        (expected_grad,) = torch.autograd.grad((expected_logp * upstream).sum(), leaf)
+        (grad,) = torch.autograd.grad((logp * upstream).sum(), mine)
+        assert_close(grad, expected_grad, torch.float32, "a frozen head's hidden gradient beside the logging")
     assert set(logged) == {"entropy", "log_sum_sq_probs", "mean_logits", "is_top1"}
     for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
         assert_close(logged[name], expected[name], torch.float32, name)

@@ -22,8 +22,9 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     ``out`` is unspecified) when every ``|p - onehot|`` (and ``|p - q|``) of the tile is below it; else ``True``.
 
 ``fold_weights(tile, stats, ref, ref_stats, opts, weights, ref_weights) -> None`` (optional)
-    ``fold``, and for a frozen head the tile's softmax weights after it: ``weights [n, w]`` (contiguous, the tile's
-    dtype or the GEMM operand dtype; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this tile and
+    ``fold`` (the logging rows too, when ``stats`` has them), and the tile's softmax weights after it (a frozen
+    head's, the eager schedule's scaled store): ``weights [n, w]`` (contiguous, the tile's dtype or a narrower float
+    dtype, rounded once; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this tile and
     ``t'`` the transform's slope at the raw (biased) logit, and, with ``ref_weights`` (may be ``ref.logits``),
     ``e^{zr - mr'} t'(x)`` with the reference's max and the policy's slope. A maximum still ``-inf`` shifts by 0.
     A backend without it gets the same values from PyTorch ops after its ``fold`` (:func:`unfused_fold_weights`).
@@ -141,6 +142,16 @@ def logging_outputs(stats: torch.Tensor, lse: torch.Tensor, vocab: int) -> dict[
     entropy, log_sum_sq = lse - weighted / s, torch.log(squares) - 2 * torch.log(s)
     values = (entropy, log_sum_sq, logit_sum / vocab, (label >= m) & (label > before))
     return dict(zip(LOGGED_OUTPUTS, values, strict=True))
+
+
+def fold_with_weights(kernels: TileKernels, tile: LogitsTile, stats: torch.Tensor, ref: LogitsTile | None,
+                      ref_stats: torch.Tensor | None, opts, weights: torch.Tensor,
+                      ref_weights: torch.Tensor | None) -> None:
+    """The ``fold_weights`` contract on ``kernels``: their fused kernel, else :func:`unfused_fold_weights`."""
+    if kernels.fold_weights is not None:
+        kernels.fold_weights(tile, stats, ref, ref_stats, opts, weights, ref_weights)
+    else:
+        unfused_fold_weights(kernels.fold, tile, stats, ref, ref_stats, opts, weights, ref_weights)
 
 
 def unfused_fold_weights(fold: Callable[..., None], tile: LogitsTile, stats: torch.Tensor, ref: LogitsTile | None,

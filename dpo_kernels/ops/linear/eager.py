@@ -16,10 +16,13 @@ tiles from the forward and finishes ``dZ``, ``dH`` and ``dW`` straight away, thr
 
 FLOPs at ``n`` kept tokens, head ``[V, D]``: ``6 n D V`` for the policy (forward, ``dH``, ``dW``; ``4 n D V`` with a
 frozen head) plus ``2 n D V`` for the reference, against ``8 + 2`` for the recompute schedule (``8 + 4`` for TDPO,
-which recomputes the reference in the backward). Memory: the kept tiles are fp32 (the GEMM output, bit-identical to
-what the recompute schedule would recompute): ``4 V`` bytes per kept token of a group, ``8 V`` for TDPO, within
-``eager_budget_mb`` (:mod:`.plan`); from the forward to the backward it holds the fp32 ``dH [n, D]`` and ``dW``
-(which the recompute schedule allocates in the backward, while the same activations are alive).
+which recomputes the reference in the backward). Memory, per kept token of a group within ``eager_budget_mb``
+(:mod:`.plan`): for bf16 GEMM operands (an accelerator under bf16 autocast, a bf16 model) the tiles' softmax weights
+in fp16 and the exact label logit (:class:`~.sources.ScaledSource`, :func:`~.plan.kept_store_dtype`), ``2 V``
+bytes, ``4 V`` for TDPO; otherwise the tiles themselves (the GEMM output, bit-identical to what the recompute
+schedule would recompute), ``4 V`` bytes (``8 V`` for fp64), twice that for TDPO. From the forward to the backward
+it holds the fp32 ``dH [n, D]`` and ``dW`` (which the recompute schedule allocates in the backward, while the same
+activations are alive).
 
 The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
 accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. An
@@ -56,8 +59,9 @@ from .loop import (
     tile_plan,
     upstream,
 )
-from .plan import plan_stored_backward
-from .sources import GemmSource, StoredSource, operand_head
+from . import plan as plans  # the store rule through the module: tests may force it
+from .plan import plan_stored_backward, scaled_store_bytes_per_token
+from .sources import GemmSource, ScaledSource, StoredSource, operand_head
 
 # (rows [2B_g] of the batch, token logps [2B_g, T], ref logps or None, kl or None, logged dict or None) -> the loss
 # of those pairs as a part of the batch's loss (already weighted by B_g / B)
@@ -129,8 +133,8 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
 @dataclass(frozen=True)
 class EagerNeed:
     """What the eager schedule keeps for a batch: ``kept_per_row`` (``2B`` rows, chosen first), a head of
-    ``vocab x dim``, statistics in ``stats_dtype``, the reference's tiles too (``keep_ref_tiles``, a TDPO loss), an
-    fp32 ``[V, D]`` accumulator for a trainable half weight (``half_weight_grad``), and ``converted_bytes`` of heads
+    ``vocab x dim``, statistics in ``stats_dtype``, the kept tiles in ``store_dtype``, the reference's tiles too
+    (``keep_ref_tiles``, a TDPO loss), an fp32 ``[V, D]`` accumulator for a trainable half weight (``half_weight_grad``), and ``converted_bytes`` of heads
     converted to their GEMM operands once for the call (reserved when the budget allows, :func:`plan_pair_groups`)."""
 
     kept_per_row: tuple[int, ...] | list[int]
@@ -140,10 +144,15 @@ class EagerNeed:
     keep_ref_tiles: bool
     half_weight_grad: bool
     converted_bytes: int = 0
+    store_dtype: torch.dtype | None = None  # what is kept of each logit (plan.kept_store_dtype); None: stats_dtype
 
     @property
     def bytes_per_token(self) -> int:
-        return self.vocab * self.stats_dtype.itemsize * (2 if self.keep_ref_tiles else 1)
+        store = self.stats_dtype if self.store_dtype is None else self.store_dtype
+        per_head = self.vocab * store.itemsize
+        if store != self.stats_dtype:  # a scaled store keeps its running maxima beside
+            per_head += scaled_store_bytes_per_token(self.vocab)
+        return per_head * (2 if self.keep_ref_tiles else 1)
 
     @property
     def accumulator_bytes(self) -> int:
@@ -239,12 +248,19 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
     rows = KeptTokens(group_labels, opts.ignore_index, offset, count=call.groups.tokens[group])
     sdt = products.out_dtype
-    policy = StoredSource.of(LinearHead(pick(hidden), weight, bias), rows, products, buffers[0], operands[0])
     keep_ref = ref is not None and call.keep_ref_tiles
+    # a scaled store keeps the reference's weights beside the policy's: the reference is then only a GEMM source
+    scaled = buffers[0].dtype != sdt
+    head = LinearHead(pick(hidden), weight, bias)
+    if scaled:
+        policy = ScaledSource.of(head, rows, products, (buffers[0], buffers[1] if keep_ref else None),
+                                 buffers[0].dtype, operands[0])
+    else:
+        policy = StoredSource.of(head, rows, products, buffers[0], operands[0])
     ref_source = None
     if ref is not None:
         ref_head = LinearHead(pick(ref.hidden), ref.weight, ref.bias)
-        if keep_ref:
+        if keep_ref and not scaled:
             ref_source = StoredSource.of(ref_head, rows, ref_products, buffers[1], operands[1])
         else:
             ref_source = GemmSource.of(ref_head, rows, ref_products, operands[1])
@@ -258,9 +274,14 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     g, g_kl = upstream(rows, g_logp, g_kl, sdt, device)
     with no_autocast(device):
         bw = Backward(lse, ref_lse, g, g_kl, opts, call.kernels)
-        bw_plan = plan_stored_backward(plan, rows.n, dz_bytes, opts, device, dim=weight.shape[1])
-        dh, group_dw, group_db = grad_all(rows, policy.filled(), None if g_kl is None else ref_source.filled(),
-                                          bw, need, bw_plan, dw_into=dw)
+        # a scaled store's dZ is always a new tile (in its fp32 scratch where the operands are fp32)
+        bw_dz_bytes = products.operand_bytes if scaled else dz_bytes
+        bw_plan = plan_stored_backward(plan, rows.n, bw_dz_bytes, opts, device, dim=weight.shape[1])
+        if scaled:
+            filled, ref_filled = policy.filled(stats, ref_stats), None
+        else:
+            filled, ref_filled = policy.filled(), None if g_kl is None else ref_source.filled()
+        dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, need, bw_plan, dw_into=dw)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:
@@ -272,8 +293,8 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
-    """One kept-tile buffer for the policy (and one for the reference with a TDPO loss), sized for the largest group
-    and reused by every group of the call; inside :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
+    """One kept-tile buffer of ``sdt`` (the store's dtype) for the policy (and one for the reference with a TDPO
+    loss), sized for the largest group and reused by every group of the call; inside :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
     entries = call.groups.largest_group * vocab
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
@@ -368,7 +389,8 @@ class _EagerPairs(torch.autograd.Function):
         if need[1] and (several or weight.dtype != sdt):
             dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
-        buffers = _tile_buffers(call, vocab, sdt, ref is not None, hidden.device)
+        store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
+        buffers = _tile_buffers(call, vocab, store_dtype, ref is not None, hidden.device)
         operands = _shared_operands(weight, products, ref, ref_products, call.groups.spare_bytes)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
                               buffers, operands) for group in range(len(call.groups.bounds))]

@@ -156,8 +156,9 @@ def _logits_grad(policy, ref, rows: KeptTokens, block: tuple[int, int, int, int]
     when the gradient filter skips the tile."""
     n0, n1, v0, v1 = block
     ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
+    with_kl = bw.g_kl is not None  # ref is None here when the policy's source keeps the reference's weights
     return policy.grad(bw.kernels, block, rows.labels, bw.lse[n0:n1], bw.g[n0:n1], ref_tile,
-                       None if ref is None else bw.ref_lse[n0:n1], None if bw.g_kl is None else bw.g_kl[n0:n1],
+                       bw.ref_lse[n0:n1] if with_kl else None, bw.g_kl[n0:n1] if with_kl else None,
                        bw.opts, dz_scratch.view(n1 - n0, v1 - v0))
 
 

@@ -252,8 +252,13 @@ class Products:
         return False
 
 
+def products_now(hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> Products:
+    """The :class:`Products` of a call made now (under the caller's autocast state), for planning before it."""
+    return Products.in_dtype(product_dtype(hidden, weight), hidden.device.type, out_dtype)
+
+
 def converted_operand_bytes(hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> int:
-    """Bytes of ``weight`` converted to the GEMM operands of a call made now (under the caller's autocast state),
-    0 when it is its own operand (:meth:`Products.converts`)."""
-    products = Products.in_dtype(product_dtype(hidden, weight), hidden.device.type, out_dtype)
+    """Bytes of ``weight`` converted to the GEMM operands of a call made now, 0 when it is its own operand
+    (:meth:`Products.converts`)."""
+    products = products_now(hidden, weight, out_dtype)
     return weight.numel() * products.operand_bytes if products.converts(weight) else 0

@@ -16,12 +16,14 @@ A source answers:
   the gradient filter skips the tile (the backend's ``grad`` over :meth:`tile`; a source that keeps something else
   than logits, such as scaled exponentials, forms ``dZ`` from what it keeps).
 
-The head sources (:class:`GemmSource`, :class:`StoredSource`) also carry the kept hidden rows, the weight and the
-products the backward's ``dH``/``dW`` GEMMs use. The two sources:
+The head sources also carry the kept hidden rows, the weight and the
+products the backward's ``dH``/``dW`` GEMMs use. The sources:
 
 - :class:`GemmSource`: each tile is one GEMM of the kept hidden rows and a weight chunk (the recompute schedule);
-- :class:`StoredSource`: the eager schedule's; each tile is computed once into its slot of a :class:`TileStore`,
-  and the source :meth:`~StoredSource.filled` returns reads it back;
+- :class:`StoredSource`: the eager schedule's, keeping the tiles themselves; each tile is computed once into its slot of
+  a :class:`TileStore`, and the source :meth:`~StoredSource.filled` returns reads it back;
+- :class:`ScaledSource`: the eager schedule's for bf16 GEMM operands; each tile is kept as its softmax weights in fp16,
+  half the bytes, from which its :meth:`~ScaledSource.grad` forms ``dZ``;
 - :class:`AccumulatingSource`: a frozen head's; each tile is one GEMM, and its fold also accumulates the
   softmax-weighted head rows from which the forward forms the hidden states' gradient.
 
@@ -38,7 +40,8 @@ import torch
 
 from ...options import TokenOptions
 from ..common import LinearHead
-from .contract import LogitsTile, RefRow, StatRow, TileKernels, finite_shift, unfused_fold_weights
+from ..transform import slope_at
+from .contract import LogitsTile, RefRow, StatRow, TileKernels, finite_shift, fold_with_weights
 from .kept import KeptTokens
 from .plan import kept_tiles_count
 from .products import Products
@@ -179,6 +182,101 @@ class StoredSource(GemmSource):
 
 
 @dataclass
+class ScaledSource(GemmSource):
+    """The eager schedule's source for bf16 GEMM operands (:func:`.plan.kept_store_dtype`): each tile is one
+    GEMM into fp32 scratch, folded, and kept as its softmax weights ``a = e^{z - m'} t'(x)`` (``fold_weights``) in
+    a :class:`TileStore` of :data:`.plan.SCALED_STORE_DTYPE`, 2 bytes a logit, with ``m'`` (the running max after
+    the tile) per token and vocabulary chunk; for a TDPO loss the reference's ``e^{zr - m_r'} t'(x)`` beside, in
+    ``ref_store``, so the reference source needs no store. After :meth:`filled`, :meth:`grad` forms ``dZ`` from
+    them without a GEMM or a logit (MATH.md §5):
+
+    ``dZ = -(g - g_kl) e^{m' - lse} a - g_kl e^{m_r' - lse_r} a_r``, and at the label's column the exact
+    ``t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y))`` from the label logits of the statistics.
+
+    Backward traffic per logit: 2 bytes read (4 with the reference), ``dZ`` written in the operand dtype."""
+
+    store: TileStore | None = None
+    ref_store: TileStore | None = None
+    maxes: dict = field(default_factory=dict)  # v0 -> [n] fp32: each token's running max after chunk v0's fold
+    ref_maxes: dict = field(default_factory=dict)
+    label_logits: tuple | None = None  # (z_y [n], zr_y [n] or None) after the forward: see filled
+
+    @classmethod
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, buffers: tuple, store_dtype: torch.dtype,
+           operand_weight: torch.Tensor | None = None) -> "ScaledSource":
+        """``buffers``: flat ``store_dtype`` buffers for the policy's weights and (``None`` without) the
+        reference's, at least ``n * vocab`` entries each."""
+        source = super().of(head, rows, products, operand_weight)
+        device = source.h.device
+        source.store = TileStore(rows.n, source.vocab, store_dtype, device, buffers[0])
+        if buffers[1] is not None:
+            source.ref_store = TileStore(rows.n, source.vocab, store_dtype, device, buffers[1])
+        return source
+
+    def scratch_bytes(self, device: torch.device) -> int:
+        """The fp32 tile, and the kept weights where the tile budget counts kept tiles (the CPU)."""
+        kept = self.store.buffer.element_size() * (1 if self.ref_store is None else 2)
+        return self.out_dtype.itemsize + (kept if kept_tiles_count(device) else 0)
+
+    def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
+             ref_stats, opts: TokenOptions) -> None:
+        n0, n1, v0, v1 = block
+        ref_weights = None if self.ref_store is None else self.ref_store.slot(*block)
+        fold_with_weights(kernels, tile, stats, ref_tile, ref_stats, opts, self.store.slot(*block), ref_weights)
+        self._keep_max(self.maxes, v0, n0, n1, stats[StatRow.MAX])
+        if ref_weights is not None:
+            self._keep_max(self.ref_maxes, v0, n0, n1, ref_stats[RefRow.MAX])
+
+    def _keep_max(self, maxes: dict, v0: int, n0: int, n1: int, m: torch.Tensor) -> None:
+        if v0 not in maxes:
+            maxes[v0] = torch.empty(self.store.n, dtype=m.dtype, device=m.device)
+        maxes[v0][n0:n1].copy_(m)
+
+    def filled(self, stats: torch.Tensor, ref_stats: torch.Tensor | None) -> "ScaledSource":
+        """The source the backward reads, with the label logits of the forward's statistics (after a vocabulary-
+        parallel combine: the rank that holds a label's column has its logit)."""
+        ref_label = None if self.ref_store is None else ref_stats[RefRow.LABEL_LOGIT]
+        return dataclasses.replace(self, label_logits=(stats[StatRow.LABEL_LOGIT], ref_label))
+
+    def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor) -> LogitsTile:
+        if self.label_logits is not None:
+            raise RuntimeError("a filled ScaledSource keeps softmax weights, not logits: its grad reads them")
+        return super().tile(n0, n1, v0, v1, labels)
+
+    def grad(self, kernels: TileKernels, block: tuple[int, int, int, int], labels: torch.Tensor, lse, g, ref_tile,
+             ref_lse, g_kl, opts: TokenOptions, out: torch.Tensor | None) -> torch.Tensor:
+        n0, n1, v0, v1 = block
+        if out is None:  # dZ in the statistics dtype (operands widened, the CPU): the fp32 tile scratch holds it
+            out = self._scratch.view(n1 - n0, v1 - v0)
+        g_p = g if g_kl is None else g - g_kl
+        scale = torch.exp(finite_shift(self.maxes[v0][n0:n1]) - lse).mul_(g_p).neg_().unsqueeze(1)
+        weights = self.store.slot(*block)
+        if g_kl is None:
+            torch.mul(weights, scale, out=out)
+        else:
+            ref_scale = torch.exp(finite_shift(self.ref_maxes[v0][n0:n1]) - ref_lse).mul_(g_kl).neg_()
+            torch.addcmul(torch.mul(self.ref_store.slot(*block), ref_scale.unsqueeze(1)), weights, scale, out=out)
+        self._label_column(out, labels[n0:n1] - v0, (n0, n1), lse, g, ref_lse, g_kl, opts)
+        return out
+
+    def _label_column(self, out: torch.Tensor, col: torch.Tensor, rows: tuple[int, int], lse, g, ref_lse, g_kl,
+                      opts: TokenOptions) -> None:
+        """``out[i, col_i] = t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y))`` where the label's column is in the tile
+        (a gather and a scatter of one entry per token: no host read)."""
+        z_y = self.label_logits[0][rows[0]:rows[1]]
+        p_y = torch.exp(z_y - lse)
+        value = g * (1 - p_y)
+        if g_kl is not None:
+            value = value + g_kl * (p_y - torch.exp(self.label_logits[1][rows[0]:rows[1]] - ref_lse))
+        if not opts.is_identity_transform:
+            value = value * slope_at(z_y, opts)
+        inside = (col >= 0) & (col < out.shape[1])
+        index = col.clamp(0, out.shape[1] - 1).unsqueeze(1)
+        kept = out.gather(1, index).squeeze(1).to(value.dtype)
+        out.scatter_(1, index, torch.where(inside, value, kept).to(out.dtype).unsqueeze(1))
+
+
+@dataclass
 class AccumulatingSource(GemmSource):
     """A frozen head (no gradient for the weight or the bias): besides folding each tile, its fold accumulates, per
     token, ``P = sum_v e^{z_v - m} t'(x_v) W_v`` (``t'`` the logit transform's slope at the raw logit ``x``) and,
@@ -222,10 +320,7 @@ class AccumulatingSource(GemmSource):
         old = stats[StatRow.MAX].clone()
         ref_old = None if self.q is None else ref_stats[RefRow.MAX].clone()
         weights, ref_weights = self._weight_buffers(tile, ref_tile)
-        if kernels.fold_weights is not None:
-            kernels.fold_weights(tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
-        else:
-            unfused_fold_weights(kernels.fold, tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
+        fold_with_weights(kernels, tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
         self._accumulate(self.p[n0:n1], weights, old, stats[StatRow.MAX], (v0, v1))
         if self.q is not None:
             self._accumulate(self.q[n0:n1], ref_weights, ref_old, ref_stats[RefRow.MAX], (v0, v1))
