@@ -40,7 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from ..ops.triton_kernels import config  # noqa: E402
 from ..ops.triton_kernels.logits import _logits_backward_kernel, _logits_forward_kernel  # noqa: E402
-from ..ops.triton_kernels.tiles import _fold_tile_kernel, _grad_tile_kernel  # noqa: E402
+from ..ops.triton_kernels.tiles import _fold_tile_kernel, _grad_tile_kernel, _scaled_grad_kernel  # noqa: E402
 
 VOCAB, TILE_WIDTH = 128256, 8192
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +48,7 @@ TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # Pointer arguments that carry the row's dtype; every other pointer is fp32 (tiles, statistics) or int64 labels.
 INPUT_POINTERS = {"x_ptr", "ref_ptr", "grad_ptr"}
 TILE_INPUT_POINTERS = {"out_ptr", "weights_ptr", "ref_weights_ptr"}
+SCALED_STORE_POINTERS = {"weights_ptr", "ref_weights_ptr"}  # plan.SCALED_STORE_DTYPE, whatever the operands
 FLOAT_SCALARS = {"logit_scale", "softcap", "inv_temperature"}
 # Innermost strides are 1 in practice; Triton specialises an argument equal to 1 into a constant, and so do we.
 UNIT_STRIDES = {"x_stride_v", "ref_stride_v", "grad_stride_v"}
@@ -111,6 +112,15 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                                     g_kl_ptr=ref, deviation_ptr=filtered),
             ), config.tile_row_config(block, elementwise=True).num_warps,
                 label=tag + (",filter" if filtered else "") + f",{block}"))
+    # scaled_grad (the eager schedule's scaled store, kept only for bf16 operands): fp16 weights in, dZ out in bf16
+    for (tname, tflags), ref, block in itertools.product(TRANSFORMS.items(), (False, True), config.GRAD_BLOCKS):
+        if dtype != torch.bfloat16:
+            break
+        out.append(Variant("scaled_grad", _scaled_grad_kernel.fn, dict(
+            HAS_REF=ref, BLOCK_V=block, **tflags,
+            **_absent(ref_weights_ptr=ref, ref_maxes_ptr=ref, ref_label_logits_ptr=ref, ref_lse_ptr=ref, g_kl_ptr=ref),
+        ), config.tile_row_config(block, elementwise=True).num_warps,
+            label=f"{'kl,' if ref else ''}{tname},{block}"))
     return out
 
 
@@ -134,6 +144,8 @@ def _signature(fn, constexprs: dict, dtype: torch.dtype) -> dict[str, str]:
             sig[name] = "constexpr"
         elif tile_kernel and name in INPUT_POINTERS:
             sig[name] = "*fp32"
+        elif fn is _scaled_grad_kernel.fn and name in SCALED_STORE_POINTERS:
+            sig[name] = "*fp16"
         elif name in INPUT_POINTERS or name in TILE_INPUT_POINTERS:
             sig[name] = "*" + TRITON_TYPE[dtype]
         elif name == "labels_ptr":

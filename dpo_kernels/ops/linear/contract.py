@@ -29,8 +29,16 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     ``e^{zr - mr'} t'(x)`` with the reference's max and the policy's slope. A maximum still ``-inf`` shifts by 0.
     A backend without it gets the same values from PyTorch ops after its ``fold`` (:func:`unfused_fold_weights`).
 
-Each kernel reads the tile once and writes only ``O(n)`` values (fold), the one ``dZ`` tile (grad) or the weights
-over the tile (fold_weights).
+``scaled_grad(tile, lse, g, ref, ref_lse, g_kl, opts, out) -> None`` (optional)
+    ``grad`` over a tile kept as its softmax weights (:class:`ScaledTile`, the eager schedule's scaled store), with
+    no gradient filter: writes ``out = -(g - g_kl) e^{m - lse} a - g_kl e^{m_r - lse_r} a_r`` (``m``: the running
+    max the weights were taken at, a shift of 0 where it is ``-inf``; the reference's term only with ``ref``), and at
+    each token's label column, where it falls in the tile, the exact
+    ``t'(z_y) (g (1 - e^{z_y - lse}) + g_kl (e^{z_y - lse} - e^{zr_y - lse_r}))`` from the label logits. A backend
+    without it gets the same values from PyTorch ops (:func:`unfused_scaled_grad`).
+
+Each kernel reads the tile once and writes only ``O(n)`` values (fold), the one ``dZ`` tile (grad, scaled_grad) or
+the weights over the tile (fold_weights).
 """
 
 from __future__ import annotations
@@ -94,13 +102,34 @@ class LogitsTile:
 
 
 @dataclass(frozen=True)
+class ScaledTile:
+    """A tile kept as its softmax weights (the eager schedule's scaled store, :mod:`.plan`).
+
+    Attributes:
+        weights: ``[n, w]`` contiguous fp16: ``e^{z - m} t'(x)`` of the tile's columns ``v0 .. v0 + w``.
+        maxes: ``[n]`` fp32: the running max ``m`` each row's weights were taken at (``-inf``: shifted by 0).
+        v0: the first vocabulary column of the tile.
+        labels: ``[n]`` int64 vocabulary ids (local to the head's slice; a label outside the tile is not written).
+        label_logits: ``[n]`` fp32: each token's transformed logit at its label (the reference's at the policy's
+            label for a reference tile), read only where the label falls in the tile.
+    """
+
+    weights: torch.Tensor
+    maxes: torch.Tensor
+    v0: int
+    labels: torch.Tensor
+    label_logits: torch.Tensor
+
+
+@dataclass(frozen=True)
 class TileKernels:
-    """A backend's fused tile kernels (see the module docstring for their exact contract); ``fold_weights`` is
-    optional."""
+    """A backend's fused tile kernels (see the module docstring for their exact contract); ``fold_weights`` and
+    ``scaled_grad`` are optional."""
 
     fold: Callable[..., None]
     grad: Callable[..., bool]
     fold_weights: Callable[..., None] | None = None
+    scaled_grad: Callable[..., None] | None = None
 
 
 def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -181,3 +210,38 @@ def _softmax_weights(z: torch.Tensor, m: torch.Tensor, out: torch.Tensor, slope:
     torch.sub(z, shift.unsqueeze(1), out=out).exp_()
     if slope is not None:
         out.mul_(slope)
+
+
+def scaled_grad(kernels: TileKernels, tile: ScaledTile, lse: torch.Tensor, g: torch.Tensor, ref: ScaledTile | None,
+                ref_lse: torch.Tensor | None, g_kl: torch.Tensor | None, opts, out: torch.Tensor) -> None:
+    """The ``scaled_grad`` contract on ``kernels``: their fused kernel, else :func:`unfused_scaled_grad`."""
+    if kernels.scaled_grad is not None:
+        kernels.scaled_grad(tile, lse, g, ref, ref_lse, g_kl, opts, out)
+    else:
+        unfused_scaled_grad(tile, lse, g, ref, ref_lse, g_kl, opts, out)
+
+
+def unfused_scaled_grad(tile: ScaledTile, lse: torch.Tensor, g: torch.Tensor, ref: ScaledTile | None,
+                        ref_lse: torch.Tensor | None, g_kl: torch.Tensor | None, opts, out: torch.Tensor) -> None:
+    """The ``scaled_grad`` contract from PyTorch ops: the scaled weights in one pass (two with a reference, through
+    an fp32 temporary), then the label column by a gather and a scatter of one entry per token (no host read)."""
+    from ..transform import slope_at
+
+    g_p = g if g_kl is None else g - g_kl
+    scale = torch.exp(finite_shift(tile.maxes) - lse).mul_(g_p).neg_().unsqueeze(1)
+    if ref is None:
+        torch.mul(tile.weights, scale, out=out)
+    else:
+        ref_scale = torch.exp(finite_shift(ref.maxes) - ref_lse).mul_(g_kl).neg_().unsqueeze(1)
+        torch.addcmul(torch.mul(ref.weights, ref_scale), tile.weights, scale, out=out)
+    p_y = torch.exp(tile.label_logits - lse)
+    value = g * (1 - p_y)
+    if ref is not None:
+        value = value + g_kl * (p_y - torch.exp(ref.label_logits - ref_lse))
+    if not opts.is_identity_transform:
+        value = value * slope_at(tile.label_logits, opts)
+    col = tile.labels - tile.v0
+    inside = (col >= 0) & (col < out.shape[1])
+    index = col.clamp(0, out.shape[1] - 1).unsqueeze(1)
+    kept = out.gather(1, index).squeeze(1).to(value.dtype)
+    out.scatter_(1, index, torch.where(inside, value, kept).to(out.dtype).unsqueeze(1))

@@ -40,8 +40,16 @@ import torch
 
 from ...options import TokenOptions
 from ..common import LinearHead
-from ..transform import slope_at
-from .contract import LogitsTile, RefRow, StatRow, TileKernels, finite_shift, fold_with_weights
+from .contract import (
+    LogitsTile,
+    RefRow,
+    ScaledTile,
+    StatRow,
+    TileKernels,
+    finite_shift,
+    fold_with_weights,
+    scaled_grad,
+)
 from .kept import KeptTokens
 from .plan import kept_tiles_count
 from .products import Products
@@ -248,32 +256,15 @@ class ScaledSource(GemmSource):
         n0, n1, v0, v1 = block
         if out is None:  # dZ in the statistics dtype (operands widened, the CPU): the fp32 tile scratch holds it
             out = self._scratch.view(n1 - n0, v1 - v0)
-        g_p = g if g_kl is None else g - g_kl
-        scale = torch.exp(finite_shift(self.maxes[v0][n0:n1]) - lse).mul_(g_p).neg_().unsqueeze(1)
-        weights = self.store.slot(*block)
-        if g_kl is None:
-            torch.mul(weights, scale, out=out)
-        else:
-            ref_scale = torch.exp(finite_shift(self.ref_maxes[v0][n0:n1]) - ref_lse).mul_(g_kl).neg_()
-            torch.addcmul(torch.mul(self.ref_store.slot(*block), ref_scale.unsqueeze(1)), weights, scale, out=out)
-        self._label_column(out, labels[n0:n1] - v0, (n0, n1), lse, g, ref_lse, g_kl, opts)
-        return out
-
-    def _label_column(self, out: torch.Tensor, col: torch.Tensor, rows: tuple[int, int], lse, g, ref_lse, g_kl,
-                      opts: TokenOptions) -> None:
-        """``out[i, col_i] = t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y))`` where the label's column is in the tile
-        (a gather and a scatter of one entry per token: no host read)."""
-        z_y = self.label_logits[0][rows[0]:rows[1]]
-        p_y = torch.exp(z_y - lse)
-        value = g * (1 - p_y)
+        tile_labels = labels[n0:n1]
+        tile = ScaledTile(self.store.slot(*block), self.maxes[v0][n0:n1], v0, tile_labels,
+                          self.label_logits[0][n0:n1])
+        ref = None
         if g_kl is not None:
-            value = value + g_kl * (p_y - torch.exp(self.label_logits[1][rows[0]:rows[1]] - ref_lse))
-        if not opts.is_identity_transform:
-            value = value * slope_at(z_y, opts)
-        inside = (col >= 0) & (col < out.shape[1])
-        index = col.clamp(0, out.shape[1] - 1).unsqueeze(1)
-        kept = out.gather(1, index).squeeze(1).to(value.dtype)
-        out.scatter_(1, index, torch.where(inside, value, kept).to(out.dtype).unsqueeze(1))
+            ref = ScaledTile(self.ref_store.slot(*block), self.ref_maxes[v0][n0:n1], v0, tile_labels,
+                             self.label_logits[1][n0:n1])
+        scaled_grad(kernels, tile, lse, g, ref, ref_lse, g_kl, opts, out)
+        return out
 
 
 @dataclass

@@ -13,8 +13,9 @@ from ..linear.contract import TileKernels
 from ..logits_path import LogitsKernels
 from .launch import require_supported_dtype
 from .logits import logits_backward, logits_fold, logits_forward
-from .tiles import fold_tile, fold_tile_weights, grad_tile
+from .tiles import fold_tile, fold_tile_weights, grad_tile, scaled_grad
 
 KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
-                         tiles=TileKernels(fold=fold_tile, grad=grad_tile, fold_weights=fold_tile_weights),
+                         tiles=TileKernels(fold=fold_tile, grad=grad_tile, fold_weights=fold_tile_weights,
+                                           scaled_grad=scaled_grad),
                          check=require_supported_dtype)

@@ -7,6 +7,9 @@ operands on the tensor cores, fp32 output); these kernels are the memory-bound p
   logit, one more per reference logit), then merges into the running statistics ``[3, n]`` (``[4, n]`` for the
   reference: max, sum, label logit, and ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``; on request also the rows
   trainers only log). Reads the tile once (4 bytes per logit, 8 with a reference), writes ``O(n)``.
+- ``_scaled_grad_kernel``: the same grid over a tile kept as fp16 softmax weights (the eager schedule's scaled
+  store): ``dZ`` from the weights, each row's shift and the exact label logit, 2 bytes read per logit (4 with the
+  reference), one launch a tile.
 - ``_grad_tile_kernel``: a ``(token, column block)`` grid writes ``dL/dx = transform'(x) (g (onehot - p) +
   g_kl (p - q))`` into ``out`` in the GEMM operand dtype (bf16: 2 bytes per logit), reading 4 (8 with the KL). With
   the gradient filter it also takes the tile's largest ``|p - onehot|`` (and ``|p - q|``) with one atomic max per
@@ -24,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..linear.contract import LogitsTile, RefRow, StatRow, has_logging_rows
+from ..linear.contract import LogitsTile, RefRow, ScaledTile, StatRow, has_logging_rows
 from .config import tile_row_config
 from .jit_helpers import LOWEST, fold_reference_block, load_biased, transform, transform_and_slope
 from .launch import on_device, transform_args
@@ -190,6 +193,49 @@ def _grad_tile_kernel(
         tl.atomic_max(deviation_ptr, largest)
 
 
+@triton.heuristics({"HAS_REF": lambda a: a["ref_weights_ptr"] is not None})
+@triton.jit
+def _scaled_grad_kernel(
+    weights_ptr, maxes_ptr, label_logits_ptr, ref_weights_ptr, ref_maxes_ptr, ref_label_logits_ptr, labels_ptr,
+    lse_ptr, g_ptr, ref_lse_ptr, g_kl_ptr, out_ptr, out_stride, width, v0, logit_scale, softcap, inv_temperature,
+    HAS_REF: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = cols < width
+    offsets = row * width + cols
+    lse, g = tl.load(lse_ptr + row), tl.load(g_ptr + row)
+    m = tl.load(maxes_ptr + row)
+    m = tl.where(m == float("-inf"), 0.0, m)  # weights taken while the max was still -inf were shifted by 0
+    z_y = tl.load(label_logits_ptr + row)
+    p_y = tl.exp(z_y - lse)
+    if HAS_REF:
+        g_kl, ref_lse = tl.load(g_kl_ptr + row), tl.load(ref_lse_ptr + row)
+        m_r = tl.load(ref_maxes_ptr + row)
+        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        dz = -(g - g_kl) * tl.exp(m - lse) * tl.load(weights_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        dz -= g_kl * tl.exp(m_r - ref_lse) * tl.load(ref_weights_ptr + offsets, mask=inside, other=0.0).to(
+            tl.float32)
+        label_dz = g * (1.0 - p_y) + g_kl * (p_y - tl.exp(tl.load(ref_label_logits_ptr + row) - ref_lse))
+    else:
+        dz = -g * tl.exp(m - lse) * tl.load(weights_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        label_dz = g * (1.0 - p_y)
+    # the transform's slope at the label, from its transformed logit: scale / temperature (1 - tanh^2) with a softcap
+    slope = 1.0
+    if HAS_SCALE:
+        slope = logit_scale
+    if HAS_SOFTCAP:
+        t = z_y / softcap
+        if HAS_TEMPERATURE:
+            t = t / inv_temperature
+        slope = slope * (1.0 - t * t)
+    if HAS_TEMPERATURE:
+        slope = slope * inv_temperature
+    dz = tl.where(cols == tl.load(labels_ptr + row) - v0, label_dz * slope, dz)
+    tl.store(out_ptr + row * out_stride + cols, dz.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
     """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract` (fp32 tiles)."""
     fold_tile_weights(tile, stats, ref, ref_stats, opts, None, None)
@@ -228,3 +274,22 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
             BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
     return deviation is None or deviation.item() >= opts.grad_filter_eps
+
+
+def scaled_grad(tile: ScaledTile, lse, g, ref: ScaledTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> None:
+    """The ``scaled_grad`` kernel of :mod:`dpo_kernels.ops.linear.contract`: fp16 weights (and the reference's) in,
+    ``dZ`` out in any float dtype (rows contiguous), 2 bytes a logit read (4 with the reference); one launch a
+    tile."""
+    n, width = tile.weights.shape
+    if n == 0:
+        return
+    if out.stride(1) != 1 or not tile.weights.is_contiguous():
+        raise ValueError("scaled_grad: the weights must be contiguous and out's rows contiguous")
+    cfg = tile_row_config(width, elementwise=True)
+    with on_device(tile.weights):
+        _scaled_grad_kernel[(n, triton.cdiv(width, cfg.block_v))](
+            tile.weights, tile.maxes, tile.label_logits, None if ref is None else ref.weights,
+            None if ref is None else ref.maxes, None if ref is None else ref.label_logits, tile.labels, lse, g,
+            ref_lse, g_kl, out, out.stride(0), width, tile.v0, **transform_args(opts), BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )
