@@ -27,9 +27,13 @@ activations are alive).
 The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
 accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. An
 fp32 weight (fp32 master weights under autocast) accumulates every group straight into its fp32 gradient, scaled in
-place in the backward; a half weight takes an fp32 ``[V, D]`` accumulator counted against the budget (or, when it
-does not fit, the recompute schedule), which the backward scales and rounds in one pass. The ``dZ`` operands are
-rounded to the half operand dtype before the upstream scale is known (the recompute schedule rounds them after).
+place in the backward. A half weight (a bf16 model trained in full) over one group of a scaled store has its
+gradient written by the backward: the group's kept weights stay alive until then, the backward forms ``dZ`` from
+them again with the upstream scale inside its one rounding and writes each chunk's ``dW`` with one GEMM (``2 n D V``
+FLOPs moved, not added; one more pass over the kept weights). Over several groups a half weight takes an
+fp32 ``[V, D]`` accumulator counted against the budget (or, when it does not fit, the recompute schedule), which the
+backward scales and rounds in one pass. The ``dZ`` operands of ``dH`` (and of an accumulated ``dW``) are rounded to
+the half operand dtype before the upstream scale is known (the recompute schedule rounds them after).
 """
 
 from __future__ import annotations
@@ -97,17 +101,26 @@ class PairGroups:
 
 
 def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_bytes: int,
-                     weight_accumulator_bytes: int, converted_bytes: int = 0) -> PairGroups | str:
+                     weight_accumulator_bytes: int, converted_bytes: int = 0,
+                     scaled_store: bool = False) -> PairGroups | str:
     """Consecutive pairs, greedily, as many per group as the budget holds; or why the eager schedule cannot run.
 
     ``tokens_per_pair``: kept tokens of each pair (both responses); ``bytes_per_token``: kept-tile bytes per token;
-    ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight's gradient is accumulated in until the
-    backward scales it by the loss's upstream and rounds it once (0: none needed), counted against the budget;
+    ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight's gradient is accumulated in across
+    several groups until the backward scales it by the loss's upstream and rounds it once (0: none needed), counted
+    against the budget (with ``scaled_store`` one group needs none: its kept weights are read again in the backward);
     ``converted_bytes``: the heads converted to their GEMM operands once for the call, reserved beside the tiles
     when the largest pair still fits (else the heads are converted chunk by chunk, and the groups use the room)."""
     largest = max(tokens_per_pair, default=0) * bytes_per_token
     if largest > budget_bytes:
         return f"one pair's kept tiles need {_mib(largest)}, more than eager_budget_mb={_mib(budget_bytes)}"
+    total = sum(tokens_per_pair)
+    # over a scaled store one group needs no weight-gradient accumulator: a half weight's gradient is written in the
+    # backward from the kept weights (see _EagerPairs; a store of fp32 tiles holds dZ after the forward instead)
+    for room in (budget_bytes - converted_bytes, budget_bytes) if scaled_store else ():
+        if total * bytes_per_token <= room:
+            return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (total,),
+                              budget_bytes - total * bytes_per_token)
     room = budget_bytes - weight_accumulator_bytes
     if largest > room:
         return (f"the fp32 weight-gradient accumulator ({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} "
@@ -115,10 +128,6 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
     full_room = room
     if largest <= room - converted_bytes:
         room -= converted_bytes
-    if sum(tokens_per_pair) * bytes_per_token <= room:
-        total = sum(tokens_per_pair)
-        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (total,),
-                          full_room - total * bytes_per_token)
     bounds, start, used = [], 0, 0
     for b, tokens in enumerate(tokens_per_pair):
         if used and used + tokens * bytes_per_token > room:
@@ -134,7 +143,8 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
 class EagerNeed:
     """What the eager schedule keeps for a batch: ``kept_per_row`` (``2B`` rows, chosen first), a head of
     ``vocab x dim``, statistics in ``stats_dtype``, the kept tiles in ``store_dtype``, the reference's tiles too
-    (``keep_ref_tiles``, a TDPO loss), an fp32 ``[V, D]`` accumulator for a trainable half weight (``half_weight_grad``), and ``converted_bytes`` of heads
+    (``keep_ref_tiles``, a TDPO loss), an fp32 ``[V, D]`` accumulator for a trainable half weight over several groups
+    (``half_weight_grad``), and ``converted_bytes`` of heads
     converted to their GEMM operands once for the call (reserved when the budget allows, :func:`plan_pair_groups`)."""
 
     kept_per_row: tuple[int, ...] | list[int]
@@ -165,12 +175,18 @@ class EagerNeed:
 
     @property
     def one_group_bytes(self) -> int:
-        """The budget in bytes under which the whole batch is one group, its heads converted once."""
-        return sum(self.kept_per_row) * self.bytes_per_token + self.accumulator_bytes + self.converted_bytes
+        """The budget in bytes under which the whole batch is one group, its heads converted once (over a scaled store
+        one group needs no weight-gradient accumulator)."""
+        accumulator = 0 if self.scaled_store else self.accumulator_bytes
+        return sum(self.kept_per_row) * self.bytes_per_token + accumulator + self.converted_bytes
+
+    @property
+    def scaled_store(self) -> bool:
+        return self.store_dtype is not None and self.store_dtype != self.stats_dtype
 
     def groups(self, budget_bytes: int) -> PairGroups | str:
         return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes,
-                                self.converted_bytes)
+                                self.converted_bytes, self.scaled_store)
 
 
 def _mib(size: int) -> str:
@@ -230,13 +246,36 @@ class _GroupResult:
     loss: torch.Tensor
     grads: _GroupGrads
     dw: torch.Tensor | None
+    deferred: "_DeferredWeightGrad | None" = None
+
+
+@dataclass
+class _DeferredWeightGrad:
+    """A half weight's gradient over one group, left to the backward: the kept tiles (their sources, filled), the
+    forward's ``lse`` and per-token upstream, and the tile plan. The backward forms ``dZ`` again with the loss's
+    upstream scale inside it and writes each chunk's ``dW`` with one GEMM and one rounding: no fp32 ``[V, D]``
+    accumulator, at the cost of a second ``dZ`` pass over the kept tiles (2 bytes a logit read, 4 with the KL)."""
+
+    rows: KeptTokens
+    policy: object
+    ref: object
+    bw: Backward
+    plan: object
+
+    def weight_grad(self, grad_loss: torch.Tensor) -> torch.Tensor:
+        bw = self.bw
+        scaled = Backward(bw.lse, bw.ref_lse, bw.g * grad_loss, None if bw.g_kl is None else bw.g_kl * grad_loss,
+                          bw.opts, bw.kernels)
+        with no_autocast(bw.g.device):
+            return grad_all(self.rows, self.policy, self.ref, scaled, (False, True, False), self.plan)[1]
 
 
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
-               group: int, need, dw, db, buffers, operands) -> _GroupResult:
+               group: int, need, dw, db, buffers, operands, defer_dw: bool = False) -> _GroupResult:
     """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
-    ``db`` (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the reference's kept-tile
-    buffers, and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group."""
+    ``db`` (``dw`` ``None``: written here, one group; ``defer_dw``: left to the backward, which reads the kept tiles
+    again, :class:`_DeferredWeightGrad`); ``buffers``: the policy's and the reference's kept-tile buffers, and
+    ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group."""
     bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
@@ -281,7 +320,9 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
             filled, ref_filled = policy.filled(stats, ref_stats), None
         else:
             filled, ref_filled = policy.filled(), None if g_kl is None else ref_source.filled()
-        dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, need, bw_plan, dw_into=dw)
+        forward_need = (need[0], need[1] and not defer_dw, need[2])
+        dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, forward_need, bw_plan, dw_into=dw)
+    deferred = _DeferredWeightGrad(rows, filled, ref_filled, bw, bw_plan) if defer_dw and need[1] else None
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:
@@ -289,7 +330,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     shape = group_labels.shape
     return _GroupResult(out, rows.scatter(lse, shape, sdt),
                         None if ref_lse is None else rows.scatter(ref_lse, shape, sdt),
-                        loss, _GroupGrads(batch_rows, rows, shape, dh), group_dw)
+                        loss, _GroupGrads(batch_rows, rows, shape, dh), group_dw, deferred)
 
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
@@ -384,20 +425,22 @@ class _EagerPairs(torch.autograd.Function):
         vocab, dim, sdt = weight.shape[0], weight.shape[1], products.out_dtype
         several = len(call.groups.bounds) > 1
         dw = None
-        # fp32 until the backward: across groups, and for a half weight, whose gradient is rounded once, after the
-        # loss's upstream scale (a loss scaler's 65536, a gradient-accumulation 1/k) is applied
-        if need[1] and (several or weight.dtype != sdt):
+        # A weight's gradient is rounded once, after the loss's upstream scale (a loss scaler's 65536, a gradient-
+        # accumulation 1/k) is applied: a half weight over one group of a scaled store is written by the backward from
+        # the kept weights (defer_dw), with no fp32 [V, D] buffer; else it is accumulated in fp32 until the backward
+        store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
+        defer_dw = need[1] and not several and weight.dtype != sdt and store_dtype != sdt
+        if need[1] and (several or weight.dtype != sdt) and not defer_dw:
             dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
         db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
-        store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
         buffers = _tile_buffers(call, vocab, store_dtype, ref is not None, hidden.device)
         operands = _shared_operands(weight, products, ref, ref_products, call.groups.spare_bytes)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
-                              buffers, operands) for group in range(len(call.groups.bounds))]
+                              buffers, operands, defer_dw) for group in range(len(call.groups.bounds))]
         del operands
-        if hidden.device.type == "cpu" and _CPU_CACHE is not None:
+        if hidden.device.type == "cpu" and _CPU_CACHE is not None and not defer_dw:
             _CPU_CACHE.give(buffers)
-        del buffers
+        del buffers  # a deferred weight gradient keeps its group's store alive until the backward
         grads = [r.grads for r in results]
         loss = torch.stack([r.loss for r in results]).sum()
         if not several:
@@ -407,6 +450,7 @@ class _EagerPairs(torch.autograd.Function):
         ref_lse = None if ref is None else _assemble([r.ref_lse for r in results], grads, labels.shape)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.grads, ctx.dw, ctx.db, ctx.lse, ctx.ref_lse = grads, dw, db, lse, ref_lse
+        ctx.deferred = results[0].deferred
         ctx.ref, ctx.products, ctx.call = ref, (products, ref_products), call
         frozen = [t for t in (out.ref_logp, *(out.logged or {}).values()) if t is not None]
         if frozen:
@@ -426,8 +470,13 @@ class _EagerPairs(torch.autograd.Function):
                                    "twice (retain_graph=True) needs schedule='recompute'")
             # scaled in place and released: autograd may then keep the buffer as the gradient itself
             grads, dw, db, ctx.grads, ctx.dw, ctx.db = ctx.grads, ctx.dw, ctx.db, None, None, None
+            deferred, ctx.deferred = ctx.deferred, None
             dh = _scaled_hidden_grad(grads, grad_loss, hidden) if need[0] else None
-            dw = None if dw is None or not need[1] else _scaled_once(dw, grad_loss, weight)
+            if deferred is not None and need[1]:
+                dw = deferred.weight_grad(grad_loss)
+            else:
+                dw = None if dw is None or not need[1] else _scaled_once(dw, grad_loss, weight)
+            del deferred
             db = None if db is None or not need[2] else _scaled_once(db, grad_loss, bias)
         grad_kl = grad_rest[1] if ctx.ref is not None else None
         if grad_logp is not None or grad_kl is not None:  # a gradient from outside the loss: recompute that part
