@@ -20,8 +20,9 @@ from .ops import dispatch
 from .ops.common import LinearHead
 from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
+from .ops.linear import cost
 from .ops.linear import plan as linear_plan
-from .ops.linear.plan import eager_budget_bytes, flops_per_byte
+from .ops.linear.plan import eager_budget_bytes
 from .ops.linear.products import converted_operand_bytes, products_now
 from .ops.registry import require_backend
 from .ops.torch_chunked import log_sum_sq_probs
@@ -554,7 +555,7 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
-    if config.schedule == "auto" and (why := _repeated_conversions_cost_more(need, groups, weight.device)):
+    if config.schedule == "auto" and (why := _eager_estimated_slower(need, groups, heads, sdt, config.token_options)):
         return why
     coupled = [n for n in config.loss_types if not losses.objective(n).pairwise]
     if coupled and len(groups.bounds) > 1:
@@ -563,24 +564,33 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     return groups, kernels
 
 
-def _repeated_conversions_cost_more(need: EagerNeed, groups, device: torch.device) -> str | None:
-    """Why ``auto`` should not run eager: heads converted to their GEMM operands (fp32 masters under autocast) that
-    the budget cannot hold for the call are converted again by every group (the policy's in its fold and gradient
-    passes, the reference's in its fold), against once a pass by the recompute schedule: about ``1.5 (groups - 1)``
-    more conversions of the heads, each moving 3 bytes an operand byte (an fp32 read, a bf16 write); when they cost
-    more than the GEMM work the eager schedule saves (``2 n D V`` FLOPs, 4 for TDPO, at the device's
-    :func:`~dpo_kernels.ops.linear.plan.flops_per_byte`). ``None`` when eager is the cheaper."""
-    count, rate = len(groups.bounds), flops_per_byte(device)
-    if rate is None or not need.converted_bytes or count < 2 or groups.spare_bytes >= need.converted_bytes:
+def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], sdt: torch.dtype,
+                            opts: TokenOptions) -> str | None:
+    """Why ``auto`` should not run eager here: on an accelerator, the recompute schedule's estimated cost
+    (:mod:`~dpo_kernels.ops.linear.cost`: GEMMs, traffic outside them, launches, at estimated rates) is lower than the
+    eager schedule's with these groups. ``None`` when eager is estimated the cheaper, or on the CPU (no estimate).
+    Both estimates are logged at debug level."""
+    device = heads[0].weight.device
+    if not linear_plan.estimates_cost(device):
         return None
-    extra_bytes = 1.5 * (count - 1) * 3 * need.converted_bytes
-    # the recompute schedule's extra pass over the policy's tiles, and for TDPO over the reference's too
-    saved_flops = (4 if need.keep_ref_tiles else 2) * groups.kept * need.dim * need.vocab
-    if saved_flops / rate >= extra_bytes:
+    weight = heads[0].weight
+    shared = len(heads) > 1 and heads[1].weight is heads[0].weight
+    policy_converted = converted_operand_bytes(heads[0].hidden, weight, sdt)
+    ref_converted = 0 if len(heads) < 2 else converted_operand_bytes(heads[1].hidden, heads[1].weight, sdt)
+    facts = cost.HeadFacts(
+        n=groups.kept, vocab=need.vocab, dim=need.dim, with_ref=len(heads) > 1, kl_grad=need.keep_ref_tiles,
+        policy_converted=policy_converted, ref_converted=ref_converted,
+        half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
+    store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
+    held = groups.spare_bytes >= need.converted_bytes or (shared and groups.spare_bytes >= policy_converted)
+    eager, recompute = cost.eager(facts, opts, groups.tokens, store_bytes, held), cost.recompute(facts, opts)
+    if not torch.compiler.is_compiling():
+        _log.debug("fused_dpo_loss: estimated on %s: eager (%d group(s)) %s, recompute %s", device,
+                   len(groups.bounds), eager, recompute)
+    if eager.seconds <= recompute.seconds:
         return None
-    return (f"{count} groups would convert the heads to their GEMM operands {count} times (eager_budget_mb holds no "
-            f"converted copy): about {extra_bytes / 1e9:.2f} GB more traffic than the {saved_flops / 1e12:.2f} TFLOP "
-            "of GEMMs the eager schedule saves are worth here")
+    return (f"the eager schedule ({len(groups.bounds)} group(s)) is estimated slower here: {eager} against the "
+            f"recompute schedule's {recompute}")
 
 
 def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,

@@ -562,24 +562,29 @@ def test_the_converted_heads_stay_within_the_eager_budget():
     assert counted.entries["policy"] > V * D and counted.entries["reference"] > V * D, counted.entries
 
 
-def test_auto_weighs_repeated_head_conversions_against_the_saved_gemm_pass():
-    """Issue 29: fp32 master heads the eager budget cannot hold converted are converted again by every group; auto
-    keeps the eager schedule while its saved GEMM work outweighs them (the roofline model's Llama-3 and Gemma-2
-    DPO shapes, 6144 kept tokens; modelled, not measured) and takes the recompute schedule otherwise."""
-    from dpo_kernels.dpo import _repeated_conversions_cost_more
-    from dpo_kernels.ops.linear.eager import EagerNeed, PairGroups
+def test_auto_runs_eager_where_it_is_estimated_faster_on_an_accelerator():
+    """Issue 29: on an accelerator ``auto`` weighs the schedules' estimated costs (``ops/linear/cost.py``: GEMMs,
+    traffic outside them, launches, at estimated rates; not measurements) at the roofline model's DPO shapes, 6144
+    kept tokens: the eager schedule where it saves more than its extra traffic costs, the recompute schedule where
+    every group converts fp32 master heads again; the CPU makes no estimate."""
+    from dpo_kernels.ops.linear import cost
 
-    cuda = torch.device("cuda")  # only its planning constants are read
+    def facts(vocab, dim, converted, tdpo=False, half=False):
+        per_head = vocab * dim * 2 if converted else 0
+        return cost.HeadFacts(6144, vocab, dim, with_ref=True, kl_grad=tdpo, policy_converted=per_head,
+                              ref_converted=per_head, half_weight_grad=half, fp32_weight_grad=converted)
 
-    def why(vocab, dim, n_groups, tdpo, spare=0):
-        need = EagerNeed([768] * 8, vocab, dim, torch.float32, keep_ref_tiles=tdpo, half_weight_grad=False,
-                         converted_bytes=2 * vocab * dim * 2)  # policy and reference heads as bf16 operands
-        bounds = tuple((i * 4 // n_groups, (i + 1) * 4 // n_groups) for i in range(n_groups))
-        return _repeated_conversions_cost_more(need, PairGroups(4, bounds, (6144 // n_groups,) * n_groups, spare),
-                                               cuda)
-
-    assert why(128256, 4096, 2, tdpo=False) is None  # Llama-3, sigmoid, 2 groups: eager
-    assert why(128256, 4096, 4, tdpo=True) is None  # Llama-3, TDPO2 (also saves the reference's pass): eager
-    assert "4 groups would convert the heads" in why(256000, 2304, 4, tdpo=False)  # Gemma-2, sigmoid: recompute
-    assert why(256000, 2304, 4, tdpo=False, spare=2 * 256000 * 2304 * 2) is None  # the copies fit: converted once
-    assert why(256000, 2304, 1, tdpo=False) is None  # one group converts as often as recompute does
+    opts = TokenOptions()
+    llama_bf16 = facts(128256, 4096, converted=False, half=True)
+    one_group = (6144,)
+    assert cost.recompute(llama_bf16, opts).flops == 10 * 6144 * 4096 * 128256
+    assert cost.eager(llama_bf16, opts, one_group, 2, True).flops == 8 * 6144 * 4096 * 128256
+    assert cost.eager(llama_bf16, opts, one_group, 2, True).seconds < cost.recompute(llama_bf16, opts).seconds
+    llama_tdpo = facts(128256, 4096, converted=True, tdpo=True)
+    assert cost.eager(llama_tdpo, opts, (3072, 3072), 2, False).seconds < cost.recompute(llama_tdpo, opts).seconds
+    gemma = facts(256000, 2304, converted=True)
+    two_groups = (3072, 3072)
+    assert cost.eager(gemma, opts, two_groups, 2, False).seconds > cost.recompute(gemma, opts).seconds
+    assert cost.eager(gemma, opts, two_groups, 2, True).seconds < cost.recompute(gemma, opts).seconds  # held once
+    assert "ms (" in str(cost.recompute(gemma, opts))
+    assert not plan.estimates_cost(torch.device("cpu")) and plan.estimates_cost(torch.device("cuda"))

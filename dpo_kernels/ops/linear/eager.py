@@ -39,6 +39,7 @@ the half operand dtype before the upstream scale is known (the recompute schedul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -322,7 +323,13 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
             filled, ref_filled = policy.filled(), None if g_kl is None else ref_source.filled()
         forward_need = (need[0], need[1] and not defer_dw, need[2])
         dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, forward_need, bw_plan, dw_into=dw)
-    deferred = _DeferredWeightGrad(rows, filled, ref_filled, bw, bw_plan) if defer_dw and need[1] else None
+    deferred = None
+    if defer_dw and need[1]:
+        # the backward reads only the head's shape and dtype (a sharded head may be released by then: ZeRO-3, FSDP)
+        # and the kept hidden rows, not the weight
+        like = torch.empty((), dtype=weight.dtype, device="meta").expand(weight.shape)
+        deferred = _DeferredWeightGrad(rows, dataclasses.replace(filled, weight=like, operand_weight=None),
+                                       None if ref_filled is None else ref_filled, bw, bw_plan)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:

@@ -113,17 +113,20 @@ def scaled_store_bytes_per_token(vocab: int) -> int:
     return 4 * -(-vocab // MIN_VOCAB_CHUNK)
 
 
-# The product FLOPs worth one byte of memory traffic on an accelerator, for `auto`'s one cost comparison (the eager
-# schedule's saved GEMM work against the head conversions it repeats per group when the converted heads do not fit
-# its budget): an H100-class accelerator's dense bf16 tensor-core rate over its HBM bandwidth, derated as the
-# roofline model's fit (about 790 TFLOP/s and 3.3 TB/s); an estimate from peak rates, not a measurement. None on the
-# CPU, where the comparison is not made: there the eager schedule was measured faster at every shape tried.
-FLOPS_PER_BYTE = {"cpu": None}
-ACCELERATOR_FLOPS_PER_BYTE = 240.0
+# auto's cost estimate (:mod:`.cost`) on an accelerator: an H100-class accelerator's dense bf16 tensor-core rate and
+# HBM bandwidth at the efficiencies a roofline model fitted to H100 measurements found (about 0.79 and 0.86 of the
+# peaks, 989 TFLOP/s and 3.35 TB/s), and one kernel launch; estimates from peak rates, not measurements. The CPU
+# makes no estimate: there the eager schedule was measured faster at every shape tried, and auto runs it whenever it
+# fits.
+ACCELERATOR_FLOPS = 780e12
+ACCELERATOR_BANDWIDTH = 2.9e12
+LAUNCH_SECONDS = 4e-6
+ESTIMATES_COST = {"cpu": False}
 
 
-def flops_per_byte(device: torch.device) -> float | None:
-    return FLOPS_PER_BYTE.get(device.type, ACCELERATOR_FLOPS_PER_BYTE)
+def estimates_cost(device: torch.device) -> bool:
+    """Whether ``auto`` weighs the schedules' estimated costs on this device (:mod:`.cost`)."""
+    return ESTIMATES_COST.get(device.type, True)
 
 
 def eager_budget_bytes(budget_mb: float | None, device: torch.device) -> int:
