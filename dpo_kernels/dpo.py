@@ -54,6 +54,7 @@ class DPOLossConfig:
     discopop_tau: float = _OBJECTIVE_DEFAULTS.discopop_tau
     f_divergence_type: str = _OBJECTIVE_DEFAULTS.f_divergence_type
     f_alpha_divergence_coef: float = _OBJECTIVE_DEFAULTS.f_alpha_divergence_coef
+    cpo_alpha: float = _OBJECTIVE_DEFAULTS.cpo_alpha
     reference_free: bool = False
     average_log_prob: bool = False
     use_weighting: bool = False
@@ -100,6 +101,9 @@ class DPOLossConfig:
         for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing"):
             if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not (is_finite_number(self.cpo_alpha) and self.cpo_alpha >= 0):
+            raise ValueError(f"cpo_alpha (CPO's weight of the chosen responses' NLL) must be a finite number >= 0, "
+                             f"got {self.cpo_alpha!r}")
         objectives = {name: losses.objective(name) for name in names}
         self._check_label_smoothing(objectives)
         if "tdpo2" in names and not 0 <= self.alpha:
@@ -230,7 +234,8 @@ def fused_dpo_loss(
     (position ``t`` scores ``labels[:, t+1]``). Positions equal to ``ignore_index`` are masked.
 
     Options: ``loss_type`` (a name or a list, see ``losses.OBJECTIVES``) with ``loss_weights``; ``beta`` (> 0);
-    ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo); ``simpo_gamma``;
+    ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo, cpo);
+    ``simpo_gamma``; ``cpo_alpha`` (CPO's weight of the chosen responses' NLL);
     ``discopop_tau``; ``f_divergence_type`` and ``f_alpha_divergence_coef`` (f-DPO); ``reference_free``;
     ``average_log_prob``; ``use_weighting`` (WPO, as TRL: each pair's losses are multiplied by the detached
     ``w_w w_l``, ``w = exp(mean over the sequence's tokens of (logp_t - log sum_v p_v^2))``; the policy's
@@ -239,7 +244,7 @@ def fused_dpo_loss(
     past the first ``min(len_w, len_l)`` of its pair by ``ld_alpha``; precomputed ``[2B]`` ``ref_logps`` are taken as
     already weighted); the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
     and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` computes the policy's gradients
-    in the forward, over groups of whole pairs whose fp32 tiles fit ``eager_budget_mb``; ``"recompute"`` recomputes
+    in the forward, over groups of whole pairs whose kept tiles fit ``eager_budget_mb``; ``"recompute"`` recomputes
     the tiles in the backward; ``"auto"``, the default, takes eager where it can run, see
     :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the
     tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory

@@ -38,6 +38,7 @@ class ObjectiveConfig:
     discopop_tau: float = 0.05
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    cpo_alpha: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,36 @@ def sft_loss(s: PairStatistics, cfg: ObjectiveConfig) -> torch.Tensor:
     return nll.expand(chosen_sum.shape[0])
 
 
+# The largest mean log-prob ORPO's odds take: a mean of 0 or above (every token certain, or a rounding artefact) has
+# infinite odds, whose logσ has a NaN gradient (0 * inf); below -1e-7 nothing changes.
+ORPO_MAX_MEAN_LOGP = -1e-7
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^x)`` for ``x < 0``, without cancellation: ``log(-expm1(x))`` near 0, ``log1p(-e^x)`` below
+    ``-ln 2``."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(s: PairStatistics, cfg: ObjectiveConfig) -> torch.Tensor:
+    """ORPO (Hong et al. 2024), reference-free: the chosen responses' NLL (mean over their kept tokens, as ``sft``)
+    minus ``β logσ(log_odds)``, ``log_odds = (ā_w - ā_l) - (log(1 - e^{ā_w}) - log(1 - e^{ā_l}))`` on the mean
+    per-token log-probs ``ā`` (TRL 1.16's ``ORPOTrainer.odds_ratio_loss``, whose ``β`` is the paper's λ)."""
+    w, l = s.per_token_mean(s.chosen_logps, s.rejected_logps)
+    w, l = w.clamp(max=ORPO_MAX_MEAN_LOGP), l.clamp(max=ORPO_MAX_MEAN_LOGP)
+    log_odds = (w - l) - (log1mexp(w) - log1mexp(l))
+    return sft_loss(s, cfg) - cfg.beta * F.logsigmoid(log_odds)
+
+
+def cpo_loss(s: PairStatistics, cfg: ObjectiveConfig) -> torch.Tensor:
+    """CPO (Xu et al. 2024), reference-free: ``-(1-ε) logσ(β (logp_w - logp_l)) - ε logσ(-β (...))`` plus
+    ``cpo_alpha`` times the chosen responses' NLL (TRL 1.16's ``CPOTrainer`` with ``loss_type="sigmoid"``); its
+    ``hinge``, ``ipo`` and ``simpo`` variants are those reference-free objectives combined with ``sft``
+    (``loss_type=["simpo", "sft"], loss_weights=[1, cpo_alpha], reference_free=True``)."""
+    logits = s.chosen_logps - s.rejected_logps
+    return _smoothed_logistic(cfg.beta * logits, cfg.label_smoothing) + cfg.cpo_alpha * sft_loss(s, cfg)
+
+
 # --------------------------------------------------------------------------------------------- the table
 
 
@@ -269,6 +300,9 @@ OBJECTIVES: dict[str, Objective] = {
     "tdpo1": Objective(tdpo1_loss, uses_token_kl=True),
     "tdpo2": Objective(tdpo2_loss, uses_token_kl=True),
     "sft": Objective(sft_loss, uses_reference=False, f_divergence=True, pairwise=False),
+    # ORPO's and CPO's NLL is a mean over the batch's chosen tokens: they couple the pairs
+    "orpo": Objective(orpo_loss, uses_reference=False, pairwise=False),
+    "cpo": Objective(cpo_loss, uses_reference=False, smoothing=_CONSERVATIVE, pairwise=False),
 }
 
 

@@ -4,6 +4,7 @@ for β from 1e-3 to 10 and log-ratios up to ±1e4, with finite values and gradie
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -84,8 +85,15 @@ def numpy_loss(name: str, s: dict, c: ObjectiveConfig) -> np.ndarray:
         return -log_sigmoid(b * ((rw - rl) - (s["kl_l"] - s["kl_w"])))
     if name == "tdpo2":
         return -log_sigmoid(b * ((rw - rl) - c.alpha * (s["kl_l"] - s["kl_w"])))
+    nll = -s["w"].sum() / lw.sum()
     if name == "sft":
-        return np.full_like(rw, -s["w"].sum() / lw.sum())
+        return np.full_like(rw, nll)
+    if name == "orpo":  # mean log-probs, clamped below 0 (losses.ORPO_MAX_MEAN_LOGP)
+        aw, al = np.minimum(s["w"] / lw, -1e-7), np.minimum(s["l"] / ll, -1e-7)
+        log_odds = (aw - al) - (np.log(-np.expm1(aw)) - np.log(-np.expm1(al)))
+        return nll - b * log_sigmoid(log_odds)
+    if name == "cpo":
+        return smoothed(b * (s["w"] - s["l"]), eps) + c.cpo_alpha * nll
     raise KeyError(name)
 
 
@@ -119,7 +127,7 @@ def _values(rng: np.random.Generator, spread: float, b: int = 6) -> dict[str, np
 
 
 def _config(name: str, beta: float, **kw) -> ObjectiveConfig:
-    eps = {"exo_pair": 1e-3, "robust": 0.1, "sigmoid": 0.1, "aot": 0.05, "simpo": 0.05}.get(name, 0.0)
+    eps = {"exo_pair": 1e-3, "robust": 0.1, "sigmoid": 0.1, "aot": 0.05, "simpo": 0.05, "cpo": 0.1}.get(name, 0.0)
     return ObjectiveConfig(beta=beta, label_smoothing=eps, **kw)
 
 
@@ -248,3 +256,79 @@ def test_rewards_include_the_kl_for_tdpo():
     chosen, rejected = losses.rewards(stats, ObjectiveConfig(beta=0.5))
     np.testing.assert_allclose(chosen.numpy(), 0.5 * (values["w"] - values["rw"] + values["kl_w"]), rtol=1e-12)
     np.testing.assert_allclose(rejected.numpy(), 0.5 * (values["l"] - values["rl"] + values["kl_l"]), rtol=1e-12)
+
+
+def _trl_experimental(name: str):
+    trl = pytest.importorskip("trl")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        module = __import__(f"trl.experimental.{name}.{name}_trainer", fromlist=["x"])
+    except ImportError as err:
+        pytest.skip(f"trl {trl.__version__} has no experimental {name} trainer ({err})")
+    return module
+
+
+def _pairs_with_means(rng):
+    """Sequence log-probs (sums) of realistic size and their token counts; the means ``ā`` lie in (-3, -0.01)."""
+    values = _values(rng, 5.0)
+    values["w"] = -rng.uniform(0.01, 3.0, 6) * values["len_w"]
+    values["l"] = -rng.uniform(0.01, 3.0, 6) * values["len_l"]
+    return values
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_matches_trl_odds_ratio_loss(beta):
+    """TRL 1.16's ``ORPOTrainer``: ``loss = nll - mean(β logσ(log_odds))`` on mean log-probs; the same NLL given to
+    both (TRL's trainer takes it over prompt and response from its own cross-entropy; ours is over the chosen
+    responses' kept tokens)."""
+    import types
+
+    module = _trl_experimental("orpo")
+    values = _pairs_with_means(np.random.default_rng(4))
+    stats, _ = _stats(values, requires_grad=False)
+    cfg = ObjectiveConfig(beta=beta)
+    ours = losses.combined_loss(stats, cfg, ("orpo",), (1.0,))[0]
+    trainer = types.SimpleNamespace(beta=beta, accelerator=types.SimpleNamespace(device="cpu"))
+    trl_losses = module.ORPOTrainer.odds_ratio_loss(trainer, stats.chosen_logps / stats.chosen_lengths,
+                                                    stats.rejected_logps / stats.rejected_lengths)[0]
+    nll = losses.sft_loss(stats, cfg)[0]
+    # TRL computes the odds in fp32 (its .float())
+    torch.testing.assert_close(ours, nll - trl_losses.double().mean(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("cpo_alpha", [0.0, 1.0, 0.5])
+def test_cpo_matches_trl_cpo_loss(cpo_alpha, label_smoothing):
+    """TRL 1.16's ``CPOTrainer`` with ``loss_type="sigmoid"`` (AlphaPO's ``alpha`` 0): ``mean(losses) + cpo_alpha *
+    nll`` on summed log-probs."""
+    import types
+
+    module = _trl_experimental("cpo")
+    values = _pairs_with_means(np.random.default_rng(5))
+    stats, _ = _stats(values, requires_grad=False)
+    cfg = ObjectiveConfig(beta=0.1, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
+    ours = losses.combined_loss(stats, cfg, ("cpo",), (1.0,))[0]
+    trainer = types.SimpleNamespace(beta=0.1, alpha=0.0, loss_type="sigmoid", label_smoothing=label_smoothing,
+                                    simpo_gamma=0.5, accelerator=types.SimpleNamespace(device="cpu"))
+    trl_losses = module.CPOTrainer.cpo_loss(trainer, stats.chosen_logps, stats.rejected_logps)[0]
+    nll = losses.sft_loss(stats, cfg)[0]
+    torch.testing.assert_close(ours, trl_losses.mean() + cpo_alpha * nll, rtol=1e-12, atol=1e-12)
+
+
+def test_cpo_simpo_variant_is_simpo_with_the_nll():
+    """TRL's ``CPOTrainer(loss_type="simpo")``: ``simpo`` and ``sft`` combined, reference-free (``γ / β`` in TRL's
+    logits is ``γ`` outside ``β``)."""
+    import types
+
+    module = _trl_experimental("cpo")
+    values = _pairs_with_means(np.random.default_rng(6))
+    stats, _ = _stats(values, requires_grad=False)
+    stats_mean = PairStatistics(stats.chosen_logps / stats.chosen_lengths, stats.rejected_logps / stats.rejected_lengths,
+                                stats.chosen_ref_logps * 0, stats.rejected_ref_logps * 0, stats.chosen_lengths,
+                                stats.rejected_lengths, average_log_prob=True)
+    cfg = ObjectiveConfig(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.7)
+    ours = losses.combined_loss(stats_mean, cfg, ("simpo", "sft"), (1.0, 0.7))[0]
+    trainer = types.SimpleNamespace(beta=2.0, alpha=0.0, loss_type="simpo", label_smoothing=0.0, simpo_gamma=0.5,
+                                    accelerator=types.SimpleNamespace(device="cpu"))
+    trl_losses = module.CPOTrainer.cpo_loss(trainer, stats_mean.chosen_logps, stats_mean.rejected_logps)[0]
+    torch.testing.assert_close(ours, trl_losses.mean() + 0.7 * losses.sft_loss(stats, cfg)[0], rtol=1e-12, atol=1e-12)

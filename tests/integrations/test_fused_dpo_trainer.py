@@ -68,6 +68,29 @@ def test_tdpo_trainer_equals_full_logits(kind, loss_type):
     assert logged["rewards/accuracies"] == expected.metrics["rewards/accuracies"]
 
 
+@pytest.mark.parametrize(("loss_type", "options"), [("orpo", {}), ("cpo", {"cpo_alpha": 0.6, "label_smoothing": 0.1})])
+def test_orpo_and_cpo_trainers_equal_full_logits(loss_type, options):
+    """Issue 30: ORPO and CPO through ``FusedDPOTrainer`` (reference-free: no reference model is built), the loss and
+    the gradients against the oracle on the policy's full logits. (TRL's own ORPO and CPO trainers take the NLL over
+    prompt and response; here it is over the chosen completions' tokens, the ones the log-probs score.)"""
+    policy = _model("llama")
+    trainer = _trainer(policy, None, loss_type=[loss_type], beta=0.4, **options)
+    assert trainer.ref_model is None
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    expected = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch), loss_type=loss_type,
+                              beta=0.4, shift=True, backend="reference", **options)
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
+    expected.loss.backward()
+    for name, g in grads.items():
+        e = policy.get_parameter(name).grad
+        assert (g - e).abs().max() <= 1e-5 * max(e.abs().max().item(), 1e-12) + 1e-7, name
+
+
 def test_intermediate_layer_trainer_equals_full_logits():
     policy = _model("llama")
     ref = copy.deepcopy(policy)

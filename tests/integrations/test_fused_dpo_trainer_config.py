@@ -135,7 +135,7 @@ def _losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
 
 
-@pytest.mark.parametrize("loss_type", [["simpo"], ["sft"]])
+@pytest.mark.parametrize("loss_type", [["simpo"], ["sft"], ["orpo"], ["cpo"]])
 def test_reference_free_losses_need_no_reference_model(loss_type):
     """Before, they failed at the first step ("uses no reference, but ref_hidden was given") and, with
     ref_model=None, DPOTrainer tried to load the policy again from the hub. Now the reference is never read: the
