@@ -6,13 +6,15 @@ Cases (inputs per preset; ``N`` tokens, ``V`` vocabulary, ``D`` hidden size):
 - ``logprobs_kl``: log-probs, reference log-probs and KL(ref || policy) from two logits tensors;
 - ``linear_logprobs``: per-token log-probs from hidden states ``[N, D]`` and a head ``[V, D]``;
 - ``linear_logprobs_kl``: the same with a reference head, plus the KL;
+- ``linear_nll``: the mean negative log-likelihood (cross-entropy) of the tokens from hidden states and a head;
 - ``dpo``: the sigmoid DPO loss from policy and reference hidden states (``N = 2B x T``);
 - ``tdpo``: the TDPO2 loss from the same.
 
 Implementations: every available dpo_kernels backend for the device (``dpo_kernels[<backend>]``), the ``naive`` path
 (full logits, log_softmax, gather, autograd: what trainers did before fused heads), and the field where installed
 (the ``bench`` extra): TRL 1.16's chunked log-prob and chunked divergence functions, Liger-Kernel's fused linear DPO
-loss, cut-cross-entropy's ``linear_cross_entropy(reduction="none")``. Every implementation's output is checked
+loss, cut-cross-entropy's ``linear_cross_entropy`` (``reduction="none"`` and ``"mean"``), and PyTorch's own
+``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) with its chunked options, the same two reductions. Every implementation's output is checked
 against dpo_kernels' before it is timed, so a fast wrong answer cannot win.
 """
 
@@ -26,8 +28,8 @@ import torch
 
 import dpo_kernels
 
-CASES = ("logprobs", "logprobs_kl", "linear_logprobs", "linear_logprobs_kl", "dpo", "tdpo")
-LINEAR_CASES = ("linear_logprobs", "linear_logprobs_kl", "dpo", "tdpo")
+CASES = ("logprobs", "logprobs_kl", "linear_logprobs", "linear_logprobs_kl", "linear_nll", "dpo", "tdpo")
+LINEAR_CASES = ("linear_logprobs", "linear_logprobs_kl", "linear_nll", "dpo", "tdpo")
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,14 @@ class Impl:
     run: Callable[[dict], torch.Tensor]
     requires: str | None = None  # module that must be importable
     devices: tuple[str, ...] = ("cpu", "cuda")
+    missing: Callable[[], str | None] | None = None  # why it cannot run with what is installed, else None
 
     def unavailable(self, device: str) -> str | None:
         if device not in self.devices:
             return f"{self.name} does not run on {device}"
         if self.requires and importlib.util.find_spec(self.requires) is None:
             return f"{self.requires} is not installed (pip install -e '.[bench]')"
-        return None
+        return None if self.missing is None else self.missing()
 
 
 def _naive_logps(logits, labels):
@@ -113,6 +116,9 @@ def _ours(case: str, backend: str) -> Callable[[dict], torch.Tensor]:
             logp, _, kl = dpo_kernels.linear_token_logprobs_and_kl(x["hidden"], x["weight"], x["ref_hidden"],
                                                                    x["ref_weight"], x["labels"], backend=backend)
             return torch.stack([logp, kl])
+        if case == "linear_nll":
+            logp = dpo_kernels.linear_token_logprobs(x["hidden"], x["weight"], x["labels"], backend=backend)
+            return -logp.sum() / (x["labels"] != -100).sum()
         return dpo_kernels.fused_dpo_loss(
             labels=x["labels"], policy_hidden=x["hidden"], lm_head_weight=x["weight"], ref_hidden=x["ref_hidden"],
             ref_lm_head_weight=x["ref_weight"], loss_type="sigmoid" if case == "dpo" else "tdpo2", backend=backend,
@@ -129,6 +135,8 @@ def _naive(case: str) -> Callable[[dict], torch.Tensor]:
         logits = x["hidden"] @ x["weight"].T
         if case == "linear_logprobs":
             return _naive_logps(logits, x["labels"])
+        if case == "linear_nll":
+            return torch.nn.functional.cross_entropy(logits.float(), x["labels"])
         ref_logits = (x["ref_hidden"] @ x["ref_weight"].T).detach()
         if case == "linear_logprobs_kl":
             return torch.stack([_naive_logps(logits, x["labels"]), _naive_kl(logits, ref_logits)])
@@ -163,6 +171,29 @@ def _cce_logprobs(x):
     return -linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction="none", impl=impl)
 
 
+def _cce_nll(x):
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if x["hidden"].is_cuda else "torch_compile"
+    return linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction="mean", impl=impl)
+
+
+def _torch_lce_missing() -> str | None:
+    if hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None
+    return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (torch >= 2.13)"
+
+
+def _torch_lce(reduction: str):
+    """PyTorch's own fused head: ``LinearCrossEntropyOptions()`` opts in to its chunked path (``options=None`` would
+    build the full logits), with its per-device defaults."""
+    def run(x):
+        loss = torch.nn.functional.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction=reduction,
+                                                        options=torch.nn.LinearCrossEntropyOptions())
+        return -loss if reduction == "none" else loss
+    return run
+
+
 def _liger_dpo(x):
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -178,7 +209,11 @@ def implementations(case: str) -> list[Impl]:
     impls.append(Impl("naive", case, _naive(case)))
     if case == "linear_logprobs":
         impls += [Impl("trl-1.16 chunked_logprob", case, _trl_logprobs, requires="trl"),
-                  Impl("cut-cross-entropy", case, _cce_logprobs, requires="cut_cross_entropy")]
+                  Impl("cut-cross-entropy", case, _cce_logprobs, requires="cut_cross_entropy"),
+                  Impl("torch F.linear_cross_entropy", case, _torch_lce("none"), missing=_torch_lce_missing)]
+    if case == "linear_nll":
+        impls += [Impl("cut-cross-entropy", case, _cce_nll, requires="cut_cross_entropy"),
+                  Impl("torch F.linear_cross_entropy", case, _torch_lce("mean"), missing=_torch_lce_missing)]
     if case == "linear_logprobs_kl":
         impls.append(Impl("trl-1.16 chunked logprob+divergence", case, _trl_logprobs_kl, requires="trl"))
     if case == "dpo":

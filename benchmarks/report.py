@@ -114,8 +114,11 @@ def _plots(rows: list[dict], memory: dict, out: Path, title: str) -> list[Path]:
     written = []
     for metric, fname, ylabel in (("time", "time_vs_tokens.png", "forward+backward, s (median)"),
                                   ("memory", "memory_vs_tokens.png", "peak extra memory, MiB")):
-        fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-        for ax, case in zip(axes.flat, CASES, strict=True):
+        rows_of_panels = -(-len(CASES) // 3)
+        fig, axes = plt.subplots(rows_of_panels, 3, figsize=(15, 4.25 * rows_of_panels))
+        for ax in axes.flat[len(CASES):]:
+            ax.set_visible(False)
+        for ax, case in zip(axes.flat, CASES):
             series = defaultdict(dict)
             for r in rows:
                 if r["case"] == case and r["mode"] == "fwd+bwd":

@@ -6,6 +6,7 @@ Per-token log-probs, per-token KL and the losses are computed without materialis
 
 from .dpo import DPOLossConfig, DPOLossOutput, FusedDPOLoss, PreferenceInputs, compute_dpo_loss, fused_dpo_loss
 from .intermediate import intermediate_dpo_loss
+from .kto import KTOLossOutput, fused_kto_loss
 from .losses import OBJECTIVES
 from .ops.common import LinearHead
 from .ops.linear.eager import keep_cpu_tile_buffers
@@ -22,12 +23,14 @@ __all__ = [
     "DPOLossConfig",
     "DPOLossOutput",
     "FusedDPOLoss",
+    "KTOLossOutput",
     "LinearHead",
     "PreferenceInputs",
     "TokenOptions",
     "available_backends",
     "compute_dpo_loss",
     "fused_dpo_loss",
+    "fused_kto_loss",
     "intermediate_dpo_loss",
     "keep_cpu_tile_buffers",
     "linear_token_logprobs",

@@ -1,6 +1,7 @@
-"""The README's "Coming from Liger-Kernel or cut-cross-entropy" map, checked call for call: each Liger-Kernel or
-cut-cross-entropy call and its dpo_kernels equivalent give the same loss (or per-token values) and gradients.
-Runs where those packages are installed (CI installs them in its second pass)."""
+"""The README's "Coming from Liger-Kernel or cut-cross-entropy" map, checked call for call: each Liger-Kernel,
+cut-cross-entropy or PyTorch ``linear_cross_entropy`` call and its dpo_kernels equivalent give the same loss (or
+per-token values) and gradients. Runs where those packages are installed (CI installs them in its second pass;
+PyTorch's is in torch 2.13 itself)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,28 @@ def test_cut_cross_entropy_linear_cross_entropy(reduction, shift):
     h_in, labels = (h[:, :-1], target[:, 1:]) if shift else (h, target)
     logps = linear_token_logprobs(h_in, w, labels, backend="torch")
     ours = {"none": -logps, "sum": -logps.sum(), "mean": -logps.sum() / (labels != -100).sum()}[reduction]
+    got, grads = _value_and_grads(ours.sum(), h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if reduction == "none":
+        torch.testing.assert_close(ours.detach(), nll.detach().reshape(ours.shape), rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["reference_path", "chunked"])
+def test_torch_linear_cross_entropy(reduction, chunked):
+    """PyTorch's own ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, the version this package
+    installs), with and without its chunked ``LinearCrossEntropyOptions``: the README's row."""
+    F = torch.nn.functional
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+    h, w, _, _, target = _inputs()
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    nll = F.linear_cross_entropy(h.reshape(-1, D), w, target.reshape(-1), reduction=reduction, options=options)
+    expected, expected_grads = _value_and_grads(nll.sum(), h, w)
+    logps = linear_token_logprobs(h, w, target)
+    ours = {"none": -logps, "sum": -logps.sum(), "mean": -logps.sum() / (target != -100).sum()}[reduction]
     got, grads = _value_and_grads(ours.sum(), h, w)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     if reduction == "none":
