@@ -73,6 +73,7 @@ def fused_kto_loss(
     kl_ref_hidden: torch.Tensor | None = None,
     kl_logps: torch.Tensor | None = None,
     kl_ref_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
     loss_type: str = "kto",
     beta: float = 0.1,
     desirable_weight: float = 1.0,
@@ -88,7 +89,8 @@ def fused_kto_loss(
     ``ref_logits``, ``ref_hidden`` with ``ref_lm_head_weight`` (and ``ref_lm_head_bias``), or precomputed
     ``ref_logps [N]``. The KL batch (``loss_type="kto"``): ``kl_labels [M, T']`` with ``kl_policy_logits`` or
     ``kl_policy_hidden`` (through the policy's head) and ``kl_ref_logits`` or ``kl_ref_hidden`` (through the
-    reference's head); or its sequence log-probs ``kl_logps`` and ``kl_ref_logps [M]``. ``shift=True``: position
+    reference's head); or its sequence log-probs ``kl_logps`` and ``kl_ref_logps [M]``; or the estimate itself,
+    ``kl`` (a number or a 0-dim tensor, used as given, without gradient: e.g. one all-reduced over the ranks). ``shift=True``: position
     ``t`` scores ``labels[:, t + 1]`` (Hugging Face labels). Options: ``ignore_index``, ``temperature``, ``softcap``,
     ``logit_scale``, ``token_chunk_size``, ``vocab_chunk_size``, ``tile_budget_mb``, ``check_labels``, as on the
     primitives; ``backend``.
@@ -123,8 +125,15 @@ def fused_kto_loss(
     if ref_logps is not None:
         ref_seq = _precomputed("ref_logps", ref_logps, labels.shape[0], logps)
 
-    kl = torch.zeros((), dtype=logps.dtype, device=logps.device)
-    if loss_type == "kto":
+    if kl is not None:
+        if loss_type != "kto":
+            raise ValueError(f"kl is KTO's estimate; loss_type={loss_type!r} takes none")
+        if not (is_finite_number(kl) or (isinstance(kl, torch.Tensor) and kl.dim() == 0)):
+            raise ValueError(f"kl must be a finite number or a 0-dim tensor, got {kl!r}")
+        kl = torch.as_tensor(kl, dtype=logps.dtype, device=logps.device).detach()
+    elif loss_type != "kto":
+        kl = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    else:
         kl = _kl_estimate(policy, ref, kl_labels, kl_policy_logits, kl_policy_hidden, kl_ref_logits, kl_ref_hidden,
                           kl_logps, kl_ref_logps, opts, backend, shift, logps)
     logratios = logps - ref_seq

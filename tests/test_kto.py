@@ -154,6 +154,8 @@ def test_the_kl_estimate_is_clamped_at_zero_and_carries_no_gradient():
     (dict(kl_labels=None, kl_policy_hidden=None, kl_ref_hidden=None), "estimates its KL term"),
     (dict(ref_hidden=None), "give the reference as exactly one of"),
     (dict(chunk=3), "unexpected keyword"),
+    (dict(kl=float("nan")), "kl must be a finite number"),
+    (dict(kl=0.5, loss_type="apo_zero_unpaired"), "takes none"),
 ])
 def test_bad_input_is_refused_by_name(change, match):
     d = _data(torch.float32)
@@ -172,3 +174,14 @@ def test_apo_zero_unpaired_needs_no_kl_batch():
                          lm_head_weight=d["lm_head_weight"], ref_hidden=d["ref_hidden"],
                          ref_lm_head_weight=d["ref_lm_head_weight"], loss_type="apo_zero_unpaired", backend="torch")
     assert out.kl.item() == 0 and torch.isfinite(out.loss)
+
+
+def test_a_given_kl_estimate_is_used_as_given():
+    d = _data(torch.float32)
+    kwargs = dict(labels=d["labels"], desirable=d["desirable"], policy_hidden=d["policy_hidden"],
+                  lm_head_weight=d["lm_head_weight"], lm_head_bias=d["lm_head_bias"], ref_hidden=d["ref_hidden"],
+                  ref_lm_head_weight=d["ref_lm_head_weight"], backend="torch")
+    full, _ = _ours(d, torch.float32, "torch")
+    given = fused_kto_loss(kl=full.kl, **kwargs)
+    torch.testing.assert_close(given.loss, full.loss, rtol=1e-6, atol=1e-7)
+    assert fused_kto_loss(kl=0.0, **kwargs).kl.item() == 0

@@ -1,5 +1,5 @@
-"""The README's "Coming from Liger-Kernel or cut-cross-entropy" map, checked call for call: each Liger-Kernel,
-cut-cross-entropy or PyTorch ``linear_cross_entropy`` call and its dpo_kernels equivalent give the same loss (or
+"""The README's "Coming from Liger-Kernel, cut-cross-entropy or PyTorch's linear_cross_entropy" map, checked call
+for call: each Liger-Kernel, cut-cross-entropy or PyTorch ``linear_cross_entropy`` call and its dpo_kernels equivalent give the same loss (or
 per-token values) and gradients. Runs where those packages are installed (CI installs them in its second pass;
 PyTorch's is in torch 2.13 itself)."""
 
@@ -93,3 +93,49 @@ def test_torch_linear_cross_entropy(reduction, chunked):
         torch.testing.assert_close(ours.detach(), nll.detach().reshape(ours.shape), rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_liger_fused_linear_orpo_loss():
+    liger = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
+    h, w, _, _, target = _inputs()
+    got_liger = liger.LigerFusedLinearORPOLoss(beta=0.3, compiled=False)(w, h, target)
+    expected, expected_grads = _value_and_grads(got_liger[0] if isinstance(got_liger, tuple) else got_liger, h, w)
+    ours = fused_dpo_loss(policy_hidden=h, lm_head_weight=w, labels=target, loss_type="orpo", beta=0.3,
+                          backend="torch")
+    got, grads = _value_and_grads(ours.loss, h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("alpha", "label_smoothing"), [(1.0, 0.0), (0.5, 0.1)])
+def test_liger_fused_linear_cpo_loss(alpha, label_smoothing):
+    liger = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
+    h, w, _, _, target = _inputs()
+    out = liger.LigerFusedLinearCPOLoss(beta=0.3, alpha=alpha, label_smoothing=label_smoothing, compiled=False)(
+        w, h, target)
+    expected, expected_grads = _value_and_grads(out[0] if isinstance(out, tuple) else out, h, w)
+    ours = fused_dpo_loss(policy_hidden=h, lm_head_weight=w, labels=target, loss_type="cpo", beta=0.3,
+                          cpo_alpha=alpha, label_smoothing=label_smoothing, backend="torch")
+    got, grads = _value_and_grads(ours.loss, h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_liger_fused_linear_kto_loss():
+    liger = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
+    from dpo_kernels import fused_kto_loss
+
+    h, w, ref_h, ref_w, target = _inputs()
+    desirable = torch.tensor([True, False, True, False])
+    kl = torch.tensor(0.7)
+    out = liger.LigerFusedLinearKTOLoss(beta=0.3, use_ref_model=True, compiled=False)(
+        h, w, target, preference_labels=desirable, ref_input=ref_h, ref_weight=ref_w, kl=kl)
+    expected, expected_grads = _value_and_grads(out[0] if isinstance(out, tuple) else out, h, w)
+    ours = fused_kto_loss(labels=target, desirable=desirable, policy_hidden=h, lm_head_weight=w, ref_hidden=ref_h,
+                          ref_lm_head_weight=ref_w, kl=kl, beta=0.3, backend="torch")
+    got, grads = _value_and_grads(ours.loss, h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
