@@ -45,7 +45,9 @@ def logit_transform(config) -> dict:
 @dataclass
 class CausalLMHidden:
     """What the fused head needs. ``final [B, T, D]`` is the backbone's output (final norm applied);
-    ``layers[k] [B, T, D]`` the output of decoder layer ``k`` (1-based), through the final norm when asked."""
+    ``layers[k] [B, T, D]`` the output of decoder layer ``k`` (1-based), through the final norm when asked;
+    ``aux_loss``: a Mixture-of-Experts model's load-balancing loss when the call asked for ``output_router_logits``
+    (unweighted, as the model's own forward returns it), else ``None``."""
 
     final: torch.Tensor
     layers: dict[int, torch.Tensor]
@@ -53,6 +55,7 @@ class CausalLMHidden:
     head_bias: torch.Tensor | None
     softcap: float | None
     logit_scale: float
+    aux_loss: torch.Tensor | None = None
 
     def head_options(self) -> dict:
         return {"softcap": self.softcap, "logit_scale": self.logit_scale}
@@ -86,7 +89,27 @@ def causal_lm_hidden_states(model, *args, layers: Sequence[int] = (), apply_fina
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}: the output head is {type(head).__name__}, not a plain nn.Linear")
-    return CausalLMHidden(out.last_hidden_state, picked, head.weight, head.bias, **logit_transform(model.config))
+    aux = None
+    if kwargs.get("output_router_logits"):
+        aux = router_aux_loss(model, out.router_logits, kwargs.get("attention_mask"))
+    return CausalLMHidden(out.last_hidden_state, picked, head.weight, head.bias, **logit_transform(model.config),
+                          aux_loss=aux)
+
+
+def router_aux_loss(model, router_logits, attention_mask) -> torch.Tensor:
+    """A Mixture-of-Experts model's load-balancing loss from its backbone's router logits, as the model's own forward
+    (and TRL's fused head) computes it: transformers' Mixtral ``load_balancing_loss_func``, which every MoE family
+    shares, with the config's expert counts."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    config = model.config.get_text_config()
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or getattr(
+        model, "num_experts", None)
+    per_token = getattr(config, "num_experts_per_tok", None) or getattr(model, "num_experts_per_tok", None)
+    if experts is None or per_token is None or router_logits is None:
+        raise TypeError(f"{type(model).__name__}: output_router_logits was asked for, but the model names no expert "
+                        "counts (num_experts / num_local_experts, num_experts_per_tok) or returned no router logits")
+    return load_balancing_loss_func(router_logits, experts, per_token, attention_mask)
 
 
 @dataclass

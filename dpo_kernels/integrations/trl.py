@@ -234,7 +234,7 @@ DPO_CONFIG_FIELDS = {
     "ref_model_mixup_alpha": "trl", "ref_model_sync_steps": "trl",
     "loss_type": "loss", "loss_weights": "loss", "beta": "loss", "ld_alpha": "loss", "f_divergence_type": "loss",
     "f_alpha_divergence_coef": "loss", "use_weighting": "loss", "discopop_tau": "loss",
-    "label_smoothing": "checked", "router_aux_loss_coef": "checked", "padding_free": "checked",
+    "router_aux_loss_coef": "loss", "label_smoothing": "checked", "padding_free": "checked",
     "precompute_ref_log_probs": "checked", "sync_ref_model": "checked",
 }
 
@@ -376,16 +376,6 @@ def _refuse_unsupported(args, DPOConfig, config) -> None:
                          "there is none to synchronise; set sync_ref_model=False")
 
 
-def _refuse_aux_loss(trainer) -> None:
-    """A Mixture-of-Experts router loss (``router_aux_loss_coef`` with a model that returns router logits) is added by
-    DPOTrainer's loss from the model's own forward, which the fused path does not run."""
-    if getattr(trainer, "aux_loss_enabled", False):
-        raise ValueError(
-            f"router_aux_loss_coef={trainer.args.router_aux_loss_coef} with a Mixture-of-Experts model: "
-            "FusedDPOTrainer computes the loss from the backbone's hidden states and does not add the router's "
-            "auxiliary loss. Set router_aux_loss_coef=0, or use DPOTrainer with dpo_kernels.integrations.trl.patch()")
-
-
 @contextlib.contextmanager
 def _no_reference_model_loaded(trainer_module, model):
     """For objectives without a reference: DPOTrainer's ``__init__`` would load a reference copy of the policy from its
@@ -491,7 +481,6 @@ def make_fused_dpo_classes():
                        else contextlib.nullcontext())
             with loading:
                 super().__init__(model, ref_model, args, *rest, **kwargs)
-            _refuse_aux_loss(self)
             check_eager_budget(args, self.model, self.train_dataset, self._loss_config)
             if getattr(self, "padding_free", False):  # TRL 1.14-1.16 turn it off themselves, with a warning
                 raise ValueError("FusedDPOTrainer takes padded batches (one row a sequence); this TRL packed them "
@@ -535,6 +524,10 @@ def make_fused_dpo_classes():
                 tensors.update(ref_hidden=reference.final, ref_lm_head_weight=reference.head_weight,
                                ref_lm_head_bias=reference.head_bias)
 
+            # a Mixture-of-Experts policy: its router's load-balancing loss, as DPOTrainer adds it (the reference's
+            # routing is not asked for)
+            policy_kwargs = dict(model_kwargs, output_router_logits=True) if self.aux_loss_enabled else model_kwargs
+
             def loss(policy):
                 config = dataclasses.replace(self._loss_config, **policy.head_options())
                 heads = dict(lm_head_weight=policy.head_weight, lm_head_bias=policy.head_bias)
@@ -548,13 +541,18 @@ def make_fused_dpo_classes():
                                                 ref_layer_hidden=ref_layer_hidden,
                                                 intermediate_weight=args.intermediate_weight, **heads, **tensors,
                                                 **config.options())
-                return out.loss, out
+                total = out.loss
+                if self.aux_loss_enabled:
+                    total = total + self.router_aux_loss_coef * policy.aux_loss
+                return total, (out, policy.aux_loss)
 
             # inside the policy's forward and its head's, through whatever wraps them (DDP, FSDP2, ZeRO-3)
-            loss_value, out = loss_in_forward(model, loss, layers=layers, apply_final_norm=args.apply_final_norm,
-                                              **model_kwargs)
+            loss_value, (out, aux_loss) = loss_in_forward(model, loss, layers=layers,
+                                                          apply_final_norm=args.apply_final_norm, **policy_kwargs)
             for name, value in out.metrics.items():
                 self._metrics[mode][name].append(value)
+            if aux_loss is not None:
+                self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
             if mode == "train":  # TRL's running count of the tokens trained on, over all ranks
                 tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
                 self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)

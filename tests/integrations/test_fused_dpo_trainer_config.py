@@ -104,16 +104,44 @@ def test_sigmoid_label_smoothing_is_refused_at_construction():
         _construct(model, copy.deepcopy(model), label_smoothing=0.1)
 
 
-def test_moe_router_loss_is_refused_at_construction():
+def _tiny_mixtral():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(vocab_size=202, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
-                                     num_experts_per_tok=1, pad_token_id=200, eos_token_id=201,
+    cfg = transformers.MixtralConfig(vocab_size=202, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, pad_token_id=200, eos_token_id=201,
                                      router_aux_loss_coef=0.01)
-    model = transformers.MixtralForCausalLM(cfg)
-    with pytest.raises(ValueError, match="router_aux_loss_coef"):
-        _construct(model, copy.deepcopy(model))
-    _construct(model, copy.deepcopy(model), router_aux_loss_coef=0.0)  # off: nothing to add, accepted
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def test_moe_router_loss_is_added_as_dpo_trainer_adds_it():
+    """Issue 30 (was refused): a Mixture-of-Experts policy's load-balancing loss, weighted by router_aux_loss_coef,
+    is added to the fused loss from the same backbone pass: one fp32 step equals stock DPOTrainer's loss, gradients
+    (the router's included) and logged aux_loss."""
+    from trl import DPOConfig, DPOTrainer
+
+    def step(trainer):
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, trainer._metrics["train"]["aux_loss"][-1]
+
+    model = _tiny_mixtral()
+    stock = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model),
+                       args=DPOConfig(**{**_COMMON, "max_steps": 1}), train_dataset=_dataset(8),
+                       processing_class=_tokenizer())
+    fused = _construct(copy.deepcopy(model), copy.deepcopy(model))
+    assert fused.aux_loss_enabled and fused.router_aux_loss_coef == 0.01
+    (loss, grads, aux), (f_loss, f_grads, f_aux) = step(stock), step(fused)
+    assert aux > 0
+    torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-7)
+    assert f_aux == pytest.approx(aux, rel=1e-6)
+    assert grads.keys() == f_grads.keys() and any("gate" in n for n in grads)
+    for name, g in grads.items():
+        err = (f_grads[name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        assert err <= 1e-5, f"gradient of {name} differs by {err:.2e}"
 
 
 def test_unknown_dpo_config_field_is_refused(monkeypatch):
