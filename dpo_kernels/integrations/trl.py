@@ -38,6 +38,7 @@ import torch
 from ..checks import check_head, check_label_range
 from ..ops import dispatch
 from ..ops.common import LinearHead
+from ..ops.linear.entropy_grad import differentiable_entropy
 from ..ops.registry import require_backend
 from ..options import TokenOptions
 
@@ -154,20 +155,6 @@ def is_patched() -> bool:
     return "original" in _state
 
 
-def _logging_only(value: torch.Tensor) -> torch.Tensor:
-    """A statistic handed to TRL for logging: a leaf that requires grad (as TRL's own output does when the hidden
-    states do) whose gradient hook refuses any backward through it."""
-    def refuse(grad):
-        raise RuntimeError(
-            "dpo_kernels.integrations.trl computes the entropy for logging only; this trainer backpropagates through "
-            "it. Call dpo_kernels.integrations.trl.unpatch() for trainers with an entropy term in their loss."
-        )
-
-    value = value.detach().requires_grad_()
-    value.register_hook(refuse)
-    return value
-
-
 class FusedLogProbs:
     """Drop-in for TRL's ``ChunkedLogProbFunction``: the same ``apply`` arguments, and the result in the installed
     TRL's form (``(log_probs, entropy)`` for TRL 1.14; the 5-tuple of 1.15 and 1.16)."""
@@ -194,8 +181,11 @@ class FusedLogProbs:
         log_probs = out.logp
         logged = {k: v.squeeze(0) for k, v in (out.logged or {}).items() if k in wanted}
         entropy = logged.get("entropy")
-        if entropy is not None and hidden.requires_grad:
-            entropy = _logging_only(entropy)
+        if entropy is not None and (hidden.requires_grad or weight.requires_grad):
+            # differentiable, as TRL's own: a trainer with an entropy term in its loss gets its gradient (one more
+            # pass over the vocabulary in the backward, only then)
+            entropy = differentiable_entropy(out.logged["entropy"], log_probs, LinearHead(hidden, weight, bias),
+                                             targets, opts).squeeze(0)
         if two_outputs:
             return log_probs.squeeze(0), entropy
         return (log_probs.squeeze(0), entropy, logged.get("log_sum_sq_probs"), logged.get("mean_logits"),

@@ -134,12 +134,53 @@ def test_a_later_trl_with_an_unknown_fused_head_is_refused(monkeypatch):
         dk_trl.patch()
 
 
-def test_entropy_gradient_is_refused():
-    hidden = torch.randn(5, 8, requires_grad=True)
-    weight = torch.randn(13, 8)
-    _, entropy, *_ = dk_trl.FusedLogProbs.apply(hidden, weight, None, torch.randint(0, 13, (5,)), 1.0, 4096)
-    with pytest.raises(RuntimeError, match="computes the entropy for logging only"):
-        entropy.sum().backward()
+@pytest.mark.parametrize("transform", [dict(), dict(temperature=0.7, final_logit_softcapping=3.0, logit_scale=1.3)],
+                         ids=["plain", "softcap_temperature_scale"])
+def test_a_gradient_through_the_entropy_is_exact(transform):
+    """Issue 30 (was refused): a loss with an entropy term, as TRL's own function supports it, against float64
+    autograd through full logits and against TRL's ChunkedLogProbFunction: the gradients of the hidden states, the
+    head and its bias."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 11, 8, 37
+    hidden, weight = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.5
+    bias, targets = torch.randn(v, generator=g) * 0.2, torch.randint(0, v, (n,), generator=g)
+    targets[[2, 7]] = -100
+    temperature = transform.get("temperature", 1.0)
+    softcap, scale = transform.get("final_logit_softcapping"), transform.get("logit_scale", 1.0)
+    weights = torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (hidden, weight, bias)]
+        logp, entropy = fn(*leaves)[:2]
+        loss = (logp * weights[0].to(dtype)).sum() + (entropy * weights[1].to(dtype)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def full_logits(h, w, b):
+        z = (h @ w.T + b) * scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logq = torch.log_softmax(z / temperature, -1)
+        mask = targets != -100
+        logp = logq.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) * mask
+        entropy = -(logq.exp() * logq).sum(-1) * mask
+        return logp, entropy
+
+    def ours(h, w, b):
+        return dk_trl.FusedLogProbs.apply(h, w, b, targets, temperature, 4096, softcap, scale)
+
+    def trls(h, w, b):  # TRL leaves ignored targets to its caller's mask: masked here, as dpo_kernels masks them
+        mask = targets != -100
+        out = ChunkedLogProbFunction.apply(h, w, b, targets.clamp(min=0), temperature, 4096, softcap, scale,
+                                           ("entropy",))
+        return out[0] * mask, out[1] * mask
+
+    expected = run(full_logits, torch.float64)
+    for name, fn in (("dpo_kernels", ours), ("TRL", trls)):
+        for got, e, what in zip(run(fn, torch.float32), expected, ("hidden", "weight", "bias"), strict=True):
+            err = ((got.double() - e).abs().max() / e.abs().max()).item()
+            assert err <= 1e-5, f"{name}: d{what} off by {err:.2e}"
 
 
 def _train_with_default_precision(loss_type, loss_weights):
