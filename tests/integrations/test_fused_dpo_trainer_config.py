@@ -269,3 +269,25 @@ def test_a_forced_eager_budget_too_small_for_one_pair_is_refused_at_construction
     ok = dataclasses.replace(args, kernel_eager_budget_mb=64)
     FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=ok, train_dataset=data,
                     processing_class=_tokenizer())
+
+
+@pytest.mark.parametrize("cpo_alpha", [0.0, 1.0])
+def test_cpo_trains_as_trls_cpo_trainer(cpo_alpha):
+    """Issue 30: FusedDPOTrainer with loss_type 'cpo' (no reference model) trains three steps as TRL 1.16's
+    experimental CPOTrainer (sigmoid, its NLL weighted by cpo_alpha) does: the same logged losses. (TRL's ORPOTrainer
+    takes its NLL over prompt and response, where loss_type 'orpo' takes it over the completions the log-probs score,
+    so the two differ by that term.)"""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cpo = pytest.importorskip("trl.experimental.cpo", reason="this TRL has no experimental CPO trainer")
+    options = dict(max_steps=3, logging_steps=1, learning_rate=1e-2, beta=0.1, cpo_alpha=cpo_alpha)
+    model = _model("llama")
+    stock = cpo.CPOTrainer(model=copy.deepcopy(model), args=cpo.CPOConfig(**{**_COMMON, **options}),
+                           train_dataset=_dataset(12), processing_class=_tokenizer())
+    fused = FusedDPOTrainer(model=copy.deepcopy(model), ref_model=None,
+                            args=FusedDPOConfig(**{**_COMMON, **options}, loss_type=["cpo"], kernel_backend="torch"),
+                            train_dataset=_dataset(12), processing_class=_tokenizer())
+    expected, got = _losses(stock), _losses(fused)
+    assert len(expected) == 3 and fused.ref_model is None
+    assert got == pytest.approx(expected, rel=1e-5)
