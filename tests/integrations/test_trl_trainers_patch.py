@@ -1,8 +1,9 @@
 """``patch()`` under TRL 1.16's other trainers that route through the fused LM head it replaces
 (``add_fused_lm_head``): ``SFTTrainer`` (log-probs, entropy and top-1 for its metrics), ``KTOTrainer`` (policy,
 reference and the KL batch), ``GRPOTrainer`` and ``RLOOTrainer`` (generation, untouched by the patch, then the
-policy's log-probs; ``beta=0``, so no reference model is loaded from a hub id), one step each with and without the
-patch on a tiny random Llama, fp32: the same loss, gradients and logged metrics (issue 30)."""
+policy's log-probs; ``beta=0``, so no reference model is loaded from a hub id), with and without the patch on a tiny
+random Llama: one fp32 step gives the same loss, gradients and logged metrics, and three training steps the same
+logged losses, in fp32 and under bf16 autocast to bf16 accuracy (issue 30)."""
 
 from __future__ import annotations
 
@@ -59,14 +60,14 @@ def _step(make_trainer, generates=False):
     return loss.detach(), grads, metrics
 
 
-def _sft():
-    return trl.SFTTrainer(model=tiny_causal_lm("llama"), args=trl.SFTConfig(**COMMON),
+def _sft(**config):
+    return trl.SFTTrainer(model=tiny_causal_lm("llama"), args=trl.SFTConfig(**{**COMMON, **config}),
                           train_dataset=_prompt_completion(), processing_class=tiny_tokenizer())
 
 
-def _kto():
+def _kto(**config):
     model = tiny_causal_lm("llama")
-    return trl.KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.KTOConfig(**COMMON, beta=0.1),
+    return trl.KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.KTOConfig(**{**COMMON, **config}),
                           train_dataset=_unpaired(), processing_class=tiny_tokenizer())
 
 
@@ -76,8 +77,8 @@ def _digits(completions, **kwargs):
 
 
 def _online(config_cls, trainer_cls):
-    def make():
-        args = config_cls(**COMMON, num_generations=2, max_completion_length=6, beta=0.0)
+    def make(**config):
+        args = config_cls(**{**COMMON, **config}, num_generations=2, max_completion_length=6, beta=0.0)
         return trainer_cls(model=tiny_causal_lm("llama"), reward_funcs=_digits, args=args,
                            train_dataset=synthetic_preferences(8).remove_columns(["chosen", "rejected"]),
                            processing_class=tiny_tokenizer())
@@ -108,3 +109,25 @@ def test_patched_trainer_matches_stock(trainer, restore_trl, monkeypatch):
             assert p_metrics[name] == value
         else:  # rewards and KL are differences of sequence log-probs (~30): bounded relative to those
             assert p_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-5), name
+
+
+def _trained(make, precision):
+    """The losses logged over three training steps."""
+    trainer = make(max_steps=3, logging_steps=1, bf16=precision == "bf16")
+    assert trainer.args.bf16 == (precision == "bf16")
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_patched_trainer_trains_three_steps_as_stock(trainer, precision, restore_trl):
+    """Three optimizer steps: the same logged losses as stock, in fp32 to 1e-5 and under bf16 autocast (the trainers'
+    default) to bf16 accuracy."""
+    make = TRAINERS[trainer][0]
+    dk_trl.unpatch()
+    expected = _trained(make, precision)
+    dk_trl.patch(backend="torch")
+    got = _trained(make, precision)
+    assert len(expected) == 3
+    assert got == pytest.approx(expected, rel=1e-5 if precision == "fp32" else 2e-2, abs=1e-6)
