@@ -29,6 +29,15 @@ def _value_and_grads(loss: torch.Tensor, *leaves: torch.Tensor):
     return loss.detach(), grads
 
 
+def _assert_same(ours: torch.Tensor, theirs: torch.Tensor, *leaves: torch.Tensor, atol: float = 1e-6) -> None:
+    """The same value (to 1e-5) and the same gradients with respect to ``leaves`` (to 1e-4)."""
+    expected, expected_grads = _value_and_grads(theirs, *leaves)
+    got, grads = _value_and_grads(ours, *leaves)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=atol)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=atol)
+
+
 @pytest.mark.parametrize("liger_options, options", [
     ({}, {}),
     ({"loss_type": "hinge"}, {"loss_type": "hinge"}),
@@ -60,17 +69,17 @@ def test_cut_cross_entropy_linear_cross_entropy(reduction, shift):
     h, w, _, _, target = _inputs()
     impl = "cce" if h.is_cuda else "torch_compile"
     nll = cce.linear_cross_entropy(h, w, target, reduction=reduction, shift=shift, impl=impl)
-    expected, expected_grads = _value_and_grads(nll.sum(), h, w)
     # CCE's shift=True scores targets[:, 1:] with e[:, :-1]; its "none" is the negative log-prob, 0 where ignored
     h_in, labels = (h[:, :-1], target[:, 1:]) if shift else (h, target)
-    logps = linear_token_logprobs(h_in, w, labels, backend="torch")
+    _assert_same_nll(nll, linear_token_logprobs(h_in, w, labels, backend="torch"), labels, reduction, h, w)
+
+
+def _assert_same_nll(nll, logps, labels, reduction: str, h, w) -> None:
+    """A peer's negative log-likelihood ``nll`` (``reduction`` as given) against the README's reduction of ours."""
     ours = {"none": -logps, "sum": -logps.sum(), "mean": -logps.sum() / (labels != -100).sum()}[reduction]
-    got, grads = _value_and_grads(ours.sum(), h, w)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     if reduction == "none":
         torch.testing.assert_close(ours.detach(), nll.detach().reshape(ours.shape), rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    _assert_same(ours.sum(), nll.sum(), h, w, atol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -84,43 +93,27 @@ def test_torch_linear_cross_entropy(reduction, chunked):
     h, w, _, _, target = _inputs()
     options = torch.nn.LinearCrossEntropyOptions() if chunked else None
     nll = F.linear_cross_entropy(h.reshape(-1, D), w, target.reshape(-1), reduction=reduction, options=options)
-    expected, expected_grads = _value_and_grads(nll.sum(), h, w)
-    logps = linear_token_logprobs(h, w, target)
-    ours = {"none": -logps, "sum": -logps.sum(), "mean": -logps.sum() / (target != -100).sum()}[reduction]
-    got, grads = _value_and_grads(ours.sum(), h, w)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    if reduction == "none":
-        torch.testing.assert_close(ours.detach(), nll.detach().reshape(ours.shape), rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    _assert_same_nll(nll, linear_token_logprobs(h, w, target), target, reduction, h, w)
 
 
 def test_liger_fused_linear_orpo_loss():
     liger = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
     h, w, _, _, target = _inputs()
-    got_liger = liger.LigerFusedLinearORPOLoss(beta=0.3, compiled=False)(w, h, target)
-    expected, expected_grads = _value_and_grads(got_liger[0] if isinstance(got_liger, tuple) else got_liger, h, w)
+    theirs = liger.LigerFusedLinearORPOLoss(beta=0.3, compiled=False)(w, h, target)[0]
     ours = fused_dpo_loss(policy_hidden=h, lm_head_weight=w, labels=target, loss_type="orpo", beta=0.3,
                           backend="torch")
-    got, grads = _value_and_grads(ours.loss, h, w)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    _assert_same(ours.loss, theirs, h, w)
 
 
 @pytest.mark.parametrize(("alpha", "label_smoothing"), [(1.0, 0.0), (0.5, 0.1)])
 def test_liger_fused_linear_cpo_loss(alpha, label_smoothing):
     liger = pytest.importorskip("liger_kernel.chunked_loss", reason="Liger-Kernel is not installed")
     h, w, _, _, target = _inputs()
-    out = liger.LigerFusedLinearCPOLoss(beta=0.3, alpha=alpha, label_smoothing=label_smoothing, compiled=False)(
-        w, h, target)
-    expected, expected_grads = _value_and_grads(out[0] if isinstance(out, tuple) else out, h, w)
+    theirs = liger.LigerFusedLinearCPOLoss(beta=0.3, alpha=alpha, label_smoothing=label_smoothing, compiled=False)(
+        w, h, target)[0]
     ours = fused_dpo_loss(policy_hidden=h, lm_head_weight=w, labels=target, loss_type="cpo", beta=0.3,
                           cpo_alpha=alpha, label_smoothing=label_smoothing, backend="torch")
-    got, grads = _value_and_grads(ours.loss, h, w)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    _assert_same(ours.loss, theirs, h, w)
 
 
 def test_liger_fused_linear_kto_loss():
@@ -130,12 +123,8 @@ def test_liger_fused_linear_kto_loss():
     h, w, ref_h, ref_w, target = _inputs()
     desirable = torch.tensor([True, False, True, False])
     kl = torch.tensor(0.7)
-    out = liger.LigerFusedLinearKTOLoss(beta=0.3, use_ref_model=True, compiled=False)(
-        h, w, target, preference_labels=desirable, ref_input=ref_h, ref_weight=ref_w, kl=kl)
-    expected, expected_grads = _value_and_grads(out[0] if isinstance(out, tuple) else out, h, w)
+    theirs = liger.LigerFusedLinearKTOLoss(beta=0.3, use_ref_model=True, compiled=False)(
+        h, w, target, preference_labels=desirable, ref_input=ref_h, ref_weight=ref_w, kl=kl)[0]
     ours = fused_kto_loss(labels=target, desirable=desirable, policy_hidden=h, lm_head_weight=w, ref_hidden=ref_h,
                           ref_lm_head_weight=ref_w, kl=kl, beta=0.3, backend="torch")
-    got, grads = _value_and_grads(ours.loss, h, w)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    for g, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    _assert_same(ours.loss, theirs, h, w)

@@ -24,6 +24,24 @@ def _trainer(model, ref_model, **config):
                            processing_class=_tokenizer())
 
 
+def _step(trainer, policy):
+    """``(batch, loss, gradients by parameter name)`` of the trainer's first batch; the gradients are then cleared."""
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+    return batch, loss, grads
+
+
+def _assert_grads_match(grads: dict, expected_loss: torch.Tensor, policy) -> None:
+    """``grads`` (the trainer's, by parameter name) equal those of ``expected_loss`` to 1e-5 of each one's largest."""
+    expected_loss.backward()
+    for name, g in grads.items():
+        e = policy.get_parameter(name).grad
+        assert (g - e).abs().max() <= 1e-5 * max(e.abs().max().item(), 1e-12) + 1e-7, name
+
+
 def _batch(trainer):
     trainer.model.train()
     return next(iter(trainer.get_train_dataloader()))
@@ -46,11 +64,7 @@ def test_tdpo_trainer_equals_full_logits(kind, loss_type):
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     trainer = _trainer(policy, ref, loss_type=[loss_type], beta=0.3, alpha=0.7)
-    batch = _batch(trainer)
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad()
+    batch, loss, grads = _step(trainer, policy)
 
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.no_grad():
@@ -59,10 +73,7 @@ def test_tdpo_trainer_equals_full_logits(kind, loss_type):
     expected = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch), ref_logits=ref_logits,
                               loss_type=loss_type, beta=0.3, alpha=0.7, shift=True, backend="reference")
     torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
-    expected.loss.backward()
-    for name, g in grads.items():
-        e = policy.get_parameter(name).grad
-        assert (g - e).abs().max() <= 1e-5 * max(e.abs().max().item(), 1e-12) + 1e-7, name
+    _assert_grads_match(grads, expected.loss, policy)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     assert logged["kl/chosen"] == pytest.approx(expected.metrics["kl/chosen"], rel=1e-5)
     assert logged["rewards/accuracies"] == expected.metrics["rewards/accuracies"]
@@ -71,24 +82,17 @@ def test_tdpo_trainer_equals_full_logits(kind, loss_type):
 @pytest.mark.parametrize(("loss_type", "options"), [("orpo", {}), ("cpo", {"cpo_alpha": 0.6, "label_smoothing": 0.1})])
 def test_orpo_and_cpo_trainers_equal_full_logits(loss_type, options):
     """Issue 30: ORPO and CPO through ``FusedDPOTrainer`` (reference-free: no reference model is built), the loss and
-    the gradients against the oracle on the policy's full logits. (TRL's own ORPO and CPO trainers take the NLL over
-    prompt and response; here it is over the chosen completions' tokens, the ones the log-probs score.)"""
+    the gradients against the oracle on the policy's full logits. (TRL's own ORPO trainer takes its NLL over prompt
+    and response; here it is over the chosen completions' tokens, the ones the log-probs score.)"""
     policy = _model("llama")
     trainer = _trainer(policy, None, loss_type=[loss_type], beta=0.4, **options)
     assert trainer.ref_model is None
-    batch = _batch(trainer)
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad()
+    batch, loss, grads = _step(trainer, policy)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     expected = fused_dpo_loss(labels=labels, policy_logits=_full_logits(policy, batch), loss_type=loss_type,
                               beta=0.4, shift=True, backend="reference", **options)
     torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
-    expected.loss.backward()
-    for name, g in grads.items():
-        e = policy.get_parameter(name).grad
-        assert (g - e).abs().max() <= 1e-5 * max(e.abs().max().item(), 1e-12) + 1e-7, name
+    _assert_grads_match(grads, expected.loss, policy)
 
 
 def test_intermediate_layer_trainer_equals_full_logits():
