@@ -14,8 +14,8 @@ Implementations: every available dpo_kernels backend for the device (``dpo_kerne
 (full logits, log_softmax, gather, autograd: what trainers did before fused heads), and the field where installed
 (the ``bench`` extra): TRL 1.16's chunked log-prob and chunked divergence functions, Liger-Kernel's fused linear DPO
 loss, cut-cross-entropy's ``linear_cross_entropy`` (``reduction="none"`` and ``"mean"``), and PyTorch's own
-``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) with its chunked options, the same two reductions. Every implementation's output is checked
-against dpo_kernels' before it is timed, so a fast wrong answer cannot win.
+``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) with its chunked options, the same two reductions.
+Every implementation's output is checked against dpo_kernels' before it is timed, so a fast wrong answer cannot win.
 """
 
 from __future__ import annotations

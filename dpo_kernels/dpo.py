@@ -55,6 +55,7 @@ class DPOLossConfig:
     f_divergence_type: str = _OBJECTIVE_DEFAULTS.f_divergence_type
     f_alpha_divergence_coef: float = _OBJECTIVE_DEFAULTS.f_alpha_divergence_coef
     cpo_alpha: float = _OBJECTIVE_DEFAULTS.cpo_alpha
+    alphapo_alpha: float = _OBJECTIVE_DEFAULTS.alphapo_alpha
     reference_free: bool = False
     average_log_prob: bool = False
     use_weighting: bool = False
@@ -98,7 +99,7 @@ class DPOLossConfig:
             require_positive("eager_budget_mb", self.eager_budget_mb)
         require_positive("beta", self.beta)
         require_positive("discopop_tau", self.discopop_tau)
-        for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing"):
+        for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing", "alphapo_alpha"):
             if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if not (is_finite_number(self.cpo_alpha) and self.cpo_alpha >= 0):
@@ -235,7 +236,8 @@ def fused_dpo_loss(
 
     Options: ``loss_type`` (a name or a list, see ``losses.OBJECTIVES``) with ``loss_weights``; ``beta`` (> 0);
     ``alpha`` (TDPO2); ``label_smoothing`` (sigmoid/conservative, robust, exo_pair, aot, simpo, cpo);
-    ``simpo_gamma``; ``cpo_alpha`` (CPO's weight of the chosen responses' NLL);
+    ``simpo_gamma``; ``cpo_alpha`` (CPO's weight of the chosen responses' NLL); ``alphapo_alpha`` (CPO with
+    AlphaPO's rewards, TRL's CPO ``alpha``; 0: off);
     ``discopop_tau``; ``f_divergence_type`` and ``f_alpha_divergence_coef`` (f-DPO); ``reference_free``;
     ``average_log_prob``; ``use_weighting`` (WPO, as TRL: each pair's losses are multiplied by the detached
     ``w_w w_l``, ``w = exp(mean over the sequence's tokens of (logp_t - log sum_v p_v^2))``; the policy's

@@ -90,10 +90,10 @@ def fused_kto_loss(
     ``ref_logps [N]``. The KL batch (``loss_type="kto"``): ``kl_labels [M, T']`` with ``kl_policy_logits`` or
     ``kl_policy_hidden`` (through the policy's head) and ``kl_ref_logits`` or ``kl_ref_hidden`` (through the
     reference's head); or its sequence log-probs ``kl_logps`` and ``kl_ref_logps [M]``; or the estimate itself,
-    ``kl`` (a number or a 0-dim tensor, used as given, without gradient: e.g. one all-reduced over the ranks). ``shift=True``: position
-    ``t`` scores ``labels[:, t + 1]`` (Hugging Face labels). Options: ``ignore_index``, ``temperature``, ``softcap``,
-    ``logit_scale``, ``token_chunk_size``, ``vocab_chunk_size``, ``tile_budget_mb``, ``check_labels``, as on the
-    primitives; ``backend``.
+    ``kl`` (a number or a 0-dim tensor, used as given, without gradient: e.g. one all-reduced over the ranks).
+    ``shift=True``: position ``t`` scores ``labels[:, t + 1]`` (Hugging Face labels). Options: ``ignore_index``,
+    ``temperature``, ``softcap``, ``logit_scale``, ``token_chunk_size``, ``vocab_chunk_size``, ``tile_budget_mb``,
+    ``check_labels``, as on the primitives; ``backend``.
     """
     unknown = sorted(set(options) - set(_TOKEN_OPTIONS))
     if unknown:
@@ -109,9 +109,10 @@ def fused_kto_loss(
         raise ValueError(f"labels must be a [N, T] tensor of token ids, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool or desirable.shape != labels.shape[:1]:
+        got = (f"{desirable.dtype} of shape {tuple(desirable.shape)}" if isinstance(desirable, torch.Tensor)
+               else repr(desirable))
         raise ValueError(f"desirable must be a bool tensor of shape [N] = [{labels.shape[0]}] (True: a desirable "
-                         f"completion), got {desirable.dtype if isinstance(desirable, torch.Tensor) else desirable!r}"
-                         f"{'' if not isinstance(desirable, torch.Tensor) else ' of shape ' + str(tuple(desirable.shape))}")
+                         f"completion), got {got}")
     if desirable.device != labels.device:
         raise ValueError(f"desirable must be on labels' device {labels.device}, got {desirable.device}")
 
@@ -169,7 +170,8 @@ class _Side:
         if (self.logits is None) == (self.hidden is None):
             raise ValueError(f"give the {what} as exactly one of {forms}")
         if self.hidden is not None and self.weight is None:
-            raise ValueError(f"{self.name}_hidden needs its head: {'lm_head_weight' if self.name == 'policy' else 'ref_lm_head_weight'}")
+            head = "lm_head_weight" if self.name == "policy" else "ref_lm_head_weight"
+            raise ValueError(f"{self.name}_hidden needs its head: {head}")
 
     def with_inputs(self, logits, hidden) -> "_Side":
         return _Side(self.name, logits, hidden, self.weight, self.bias)

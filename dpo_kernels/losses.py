@@ -39,6 +39,7 @@ class ObjectiveConfig:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     cpo_alpha: float = 1.0
+    alphapo_alpha: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -239,10 +240,16 @@ def orpo_loss(s: PairStatistics, cfg: ObjectiveConfig) -> torch.Tensor:
 
 def cpo_loss(s: PairStatistics, cfg: ObjectiveConfig) -> torch.Tensor:
     """CPO (Xu et al. 2024), reference-free: ``-(1-ε) logσ(β (logp_w - logp_l)) - ε logσ(-β (...))`` plus
-    ``cpo_alpha`` times the chosen responses' NLL (TRL 1.16's ``CPOTrainer`` with ``loss_type="sigmoid"``); its
-    ``hinge``, ``ipo`` and ``simpo`` variants are those reference-free objectives combined with ``sft``
-    (``loss_type=["simpo", "sft"], loss_weights=[1, cpo_alpha], reference_free=True``)."""
-    logits = s.chosen_logps - s.rejected_logps
+    ``cpo_alpha`` times the chosen responses' NLL (TRL 1.16's ``CPOTrainer`` with ``loss_type="sigmoid"``); with
+    ``alphapo_alpha = α != 0`` the log-probs are replaced by AlphaPO's rewards ``(1 - p^{-α}) / α`` (TRL's CPO
+    ``alpha``; Gupta et al. 2025); its ``hinge``, ``ipo`` and ``simpo`` variants are those reference-free
+    objectives combined with ``sft`` (``loss_type=["simpo", "sft"], loss_weights=[1, cpo_alpha],
+    reference_free=True``)."""
+    if cfg.alphapo_alpha == 0:
+        logits = s.chosen_logps - s.rejected_logps
+    else:  # AlphaPO's reward (1 - p^-α) / α of each response's probability p, as e^{-α logp}: never 0^-α
+        a = cfg.alphapo_alpha
+        logits = (torch.expm1(-a * s.rejected_logps) - torch.expm1(-a * s.chosen_logps)) / a
     return _smoothed_logistic(cfg.beta * logits, cfg.label_smoothing) + cfg.cpo_alpha * sft_loss(s, cfg)
 
 

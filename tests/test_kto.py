@@ -82,8 +82,8 @@ def _ours(d, dtype, backend, from_logits=False, **kw):
         out = fused_kto_loss(policy_hidden=leaves["policy_hidden"], lm_head_weight=leaves["lm_head_weight"],
                              lm_head_bias=leaves["lm_head_bias"], ref_hidden=d["ref_hidden"].to(dtype),
                              ref_lm_head_weight=d["ref_lm_head_weight"].to(dtype),
-                             kl_policy_hidden=d["kl_policy_hidden"].to(dtype), kl_ref_hidden=d["kl_ref_hidden"].to(dtype),
-                             **common)
+                             kl_policy_hidden=d["kl_policy_hidden"].to(dtype),
+                             kl_ref_hidden=d["kl_ref_hidden"].to(dtype), **common)
     grads = torch.autograd.grad(out.loss, tuple(leaves.values()))
     return out, grads
 

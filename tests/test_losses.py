@@ -93,6 +93,9 @@ def numpy_loss(name: str, s: dict, c: ObjectiveConfig) -> np.ndarray:
         log_odds = (aw - al) - (np.log(-np.expm1(aw)) - np.log(-np.expm1(al)))
         return nll - b * log_sigmoid(log_odds)
     if name == "cpo":
+        if c.alphapo_alpha:
+            a = c.alphapo_alpha
+            return smoothed(b * (np.expm1(-a * s["l"]) - np.expm1(-a * s["w"])) / a, eps) + c.cpo_alpha * nll
         return smoothed(b * (s["w"] - s["l"]), eps) + c.cpo_alpha * nll
     raise KeyError(name)
 
@@ -296,19 +299,20 @@ def test_orpo_matches_trl_odds_ratio_loss(beta):
     torch.testing.assert_close(ours, nll - trl_losses.double().mean(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("alphapo_alpha", [0.0, 0.05])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("cpo_alpha", [0.0, 1.0, 0.5])
-def test_cpo_matches_trl_cpo_loss(cpo_alpha, label_smoothing):
-    """TRL 1.16's ``CPOTrainer`` with ``loss_type="sigmoid"`` (AlphaPO's ``alpha`` 0): ``mean(losses) + cpo_alpha *
-    nll`` on summed log-probs."""
+def test_cpo_matches_trl_cpo_loss(cpo_alpha, label_smoothing, alphapo_alpha):
+    """TRL 1.16's ``CPOTrainer`` with ``loss_type="sigmoid"``, with and without AlphaPO's rewards (its ``alpha``):
+    ``mean(losses) + cpo_alpha * nll`` on summed log-probs."""
     import types
 
     module = _trl_experimental("cpo")
     values = _pairs_with_means(np.random.default_rng(5))
     stats, _ = _stats(values, requires_grad=False)
-    cfg = ObjectiveConfig(beta=0.1, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
+    cfg = ObjectiveConfig(beta=0.1, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha, alphapo_alpha=alphapo_alpha)
     ours = losses.combined_loss(stats, cfg, ("cpo",), (1.0,))[0]
-    trainer = types.SimpleNamespace(beta=0.1, alpha=0.0, loss_type="sigmoid", label_smoothing=label_smoothing,
+    trainer = types.SimpleNamespace(beta=0.1, alpha=alphapo_alpha, loss_type="sigmoid", label_smoothing=label_smoothing,
                                     simpo_gamma=0.5, accelerator=types.SimpleNamespace(device="cpu"))
     trl_losses = module.CPOTrainer.cpo_loss(trainer, stats.chosen_logps, stats.rejected_logps)[0]
     nll = losses.sft_loss(stats, cfg)[0]
@@ -323,9 +327,10 @@ def test_cpo_simpo_variant_is_simpo_with_the_nll():
     module = _trl_experimental("cpo")
     values = _pairs_with_means(np.random.default_rng(6))
     stats, _ = _stats(values, requires_grad=False)
-    stats_mean = PairStatistics(stats.chosen_logps / stats.chosen_lengths, stats.rejected_logps / stats.rejected_lengths,
-                                stats.chosen_ref_logps * 0, stats.rejected_ref_logps * 0, stats.chosen_lengths,
-                                stats.rejected_lengths, average_log_prob=True)
+    stats_mean = PairStatistics(stats.chosen_logps / stats.chosen_lengths,
+                                stats.rejected_logps / stats.rejected_lengths, stats.chosen_ref_logps * 0,
+                                stats.rejected_ref_logps * 0, stats.chosen_lengths, stats.rejected_lengths,
+                                average_log_prob=True)
     cfg = ObjectiveConfig(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.7)
     ours = losses.combined_loss(stats_mean, cfg, ("simpo", "sft"), (1.0, 0.7))[0]
     trainer = types.SimpleNamespace(beta=2.0, alpha=0.0, loss_type="simpo", label_smoothing=0.0, simpo_gamma=0.5,

@@ -348,7 +348,8 @@ def loss_config(args):
         loss_type=names, loss_weights=args.loss_weights, beta=args.beta, alpha=args.alpha,
         label_smoothing=smoothing if takes_smoothing else 0.0, discopop_tau=args.discopop_tau,
         f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-        use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, cpo_alpha=args.cpo_alpha, shift=True,
+        use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, cpo_alpha=args.cpo_alpha,
+        alphapo_alpha=args.alphapo_alpha, shift=True,
         **{name: getattr(args, field) for field, name in KERNEL_FIELDS.items()})
 
 
@@ -419,16 +420,18 @@ def make_fused_dpo_classes():
         """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``, and the
         reference-free ``orpo`` and ``cpo``, for which no reference model is built), ``alpha`` (TDPO2's, as
         ``fused_dpo_loss``'s; ``tdpo_alpha`` is its old name, still taken with a ``FutureWarning``), ``cpo_alpha``,
-        intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``, ``apply_final_norm``,
-        ``reference_at_intermediate_layers``), and the kernel options ``kernel_<name>`` for ``fused_dpo_loss``'s
-        ``<name>`` (:data:`KERNEL_FIELDS`: ``backend``, ``tile_budget_mb``, ``schedule``, ``eager_budget_mb``, with
-        its defaults), checked under these names when the config is made."""
+        ``alphapo_alpha``, intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``,
+        ``apply_final_norm``, ``reference_at_intermediate_layers``), and the kernel options ``kernel_<name>`` for
+        ``fused_dpo_loss``'s ``<name>`` (:data:`KERNEL_FIELDS`: ``backend``, ``tile_budget_mb``, ``schedule``,
+        ``eager_budget_mb``, with its defaults), checked under these names when the config is made."""
 
         alpha: float = field(default=DPOLossConfig.alpha,
                              metadata={"help": "TDPO2's alpha (weight of the KL difference)."})
         tdpo_alpha: float | None = field(default=None, metadata={"help": "Deprecated: the old name of alpha."})
         cpo_alpha: float = field(default=DPOLossConfig.cpo_alpha,
                                  metadata={"help": "CPO's weight of the chosen responses' NLL (loss_type 'cpo')."})
+        alphapo_alpha: float = field(default=DPOLossConfig.alphapo_alpha,
+                                     metadata={"help": "AlphaPO's alpha for loss_type 'cpo' (TRL CPOConfig.alpha)."})
         intermediate_layers: list[int] | None = field(default=None, metadata={"help": "Layers for intermediate DPO."})
         intermediate_weight: float = field(default=0.5, metadata={"help": "lambda of intermediate-layer DPO."})
         apply_final_norm: bool = field(default=True, metadata={"help": "Final norm on intermediate hidden states."})

@@ -1,7 +1,7 @@
 """The README's "Coming from Liger-Kernel, cut-cross-entropy or PyTorch's linear_cross_entropy" map, checked call
-for call: each Liger-Kernel, cut-cross-entropy or PyTorch ``linear_cross_entropy`` call and its dpo_kernels equivalent give the same loss (or
-per-token values) and gradients. Runs where those packages are installed (CI installs them in its second pass;
-PyTorch's is in torch 2.13 itself)."""
+for call: each Liger-Kernel, cut-cross-entropy or PyTorch ``linear_cross_entropy`` call and its dpo_kernels
+equivalent give the same loss (or per-token values) and gradients. Runs where those packages are installed (CI
+installs them in its second pass; PyTorch's is in torch 2.13 itself)."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
 ``fold_weights(tile, stats, ref, ref_stats, opts, weights, ref_weights) -> None`` (optional)
     ``fold`` (the logging rows too, when ``stats`` has them), and the tile's softmax weights after it (a frozen
     head's, the eager schedule's scaled store): ``weights [n, w]`` (contiguous, the tile's dtype or a narrower float
-    dtype, rounded once; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this tile and
-    ``t'`` the transform's slope at the raw (biased) logit, and, with ``ref_weights`` (may be ``ref.logits``),
+    dtype, rounded once; may be ``tile.logits`` itself) ``= e^{z - m'} t'(x)`` with ``m'`` the running max after this
+    tile and ``t'`` the transform's slope at the raw (biased) logit, and, with ``ref_weights`` (may be ``ref.logits``),
     ``e^{zr - mr'} t'(x)`` with the reference's max and the policy's slope. A maximum still ``-inf`` shifts by 0.
     A backend without it gets the same values from PyTorch ops after its ``fold`` (:func:`unfused_fold_weights`).
 

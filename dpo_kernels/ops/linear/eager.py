@@ -342,7 +342,8 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
     """One kept-tile buffer of ``sdt`` (the store's dtype) for the policy (and one for the reference with a TDPO
-    loss), sized for the largest group and reused by every group of the call; inside :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
+    loss), sized for the largest group and reused by every group of the call; inside
+    :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
     entries = call.groups.largest_group * vocab
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved

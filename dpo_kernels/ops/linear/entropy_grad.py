@@ -5,8 +5,9 @@ With ``H = lse - sum_v p_v z_v`` and ``μ = sum_v p_v z_v = lse - H``, ``dH/dz_v
 transform's slope ``t'(x_v)`` (MATH.md §1). The forward already holds ``H``; ``lse`` follows from the log-prob and
 the label's logit (``lse = z_y - logp``: one gathered row of the head per token). The backward recomputes each tile
 ``x = h W_c^T (+ b_c)`` (the products as the forward's, :mod:`.products`), forms ``dZ = -g p (z - μ) t'(x)`` in the
-statistics dtype and accumulates ``dH``, ``dW`` (fp32, ``dZ`` as GEMM operands) and ``db``: ``2 n D V`` FLOPs to recompute and ``4 n D V`` for the
-two gradients, only when the entropy receives a gradient (logging it costs nothing).
+statistics dtype and accumulates ``dH``, ``dW`` (fp32, ``dZ`` as GEMM operands) and ``db``: ``2 n D V`` FLOPs to
+recompute and ``4 n D V`` for the two gradients, only when the entropy receives a gradient (logging it costs
+nothing).
 """
 
 from __future__ import annotations

@@ -74,8 +74,9 @@ DEFAULTS_TEXT = (f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU; on accelerators
                  f"{ACCELERATOR_TILE_BUDGET_MB:g} to {ACCELERATOR_TILE_BUDGET_CAP_MB:g} MiB")
 
 # The eager schedule's budget (dpo_kernels.ops.linear.eager): the kept tiles of a group of pairs, 2 V bytes per kept
-# token for bf16 operands (kept_store_dtype), 4 V for fp32 (twice that for TDPO), plus the fp32 weight-gradient accumulator of a half weight over several groups. On an
-# accelerator 2 GiB holds about 8k tokens of bf16 operands over a 128k vocabulary (4k of fp32); on the CPU, 1 GiB.
+# token for bf16 operands (kept_store_dtype), 4 V for fp32 (twice that for TDPO), plus the fp32 weight-gradient
+# accumulator of a half weight over several groups. On an accelerator 2 GiB holds about 8k tokens of bf16 operands
+# over a 128k vocabulary (4k of fp32); on the CPU, 1 GiB.
 DEFAULT_EAGER_BUDGET_MB = {"cpu": 1024.0}
 ACCELERATOR_EAGER_BUDGET_MB = 2048.0
 EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_EAGER_BUDGET_MB:g} on "
