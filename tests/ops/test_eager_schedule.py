@@ -103,12 +103,13 @@ def test_every_loss_type_in_both_schedules_matches_the_oracle(loss_type, groupin
     _compare(eager, oracle, RTOL[torch.float64])
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2", "orpo", "cpo"])
 def test_every_tile_backend_runs_the_eager_schedule(backend, loss_type):
+    """ORPO and CPO (issue 30) couple the pairs through their NLL: one group, every pair in it."""
     d = _data(torch.float32)
     skip_if_unsupported(backend, torch.float32)
     opts = dict(loss_type=loss_type, beta=0.2, softcap=4.0)
-    budget = _budget("a group per pair", torch.float32, loss_type)
+    budget = _budget("a group per pair", torch.float32, loss_type) if losses.objective(loss_type).pairwise else None
     oracle = _run(d, backend="reference", **opts)
     _compare(_run(d, backend=backend, schedule="eager", eager_budget_mb=budget, **opts), oracle, RTOL[torch.float32])
 
