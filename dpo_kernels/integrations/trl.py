@@ -41,6 +41,7 @@ from ..ops.common import LinearHead
 from ..ops.linear.entropy_grad import differentiable_entropy
 from ..ops.registry import require_backend
 from ..options import TokenOptions
+from ..primitives import linear_token_logprobs
 
 _log = logging.getLogger("dpo_kernels")
 
@@ -274,6 +275,10 @@ def check_kernel_fields(args) -> None:
         value = getattr(args, name)
         if value is not None and not is_positive_finite(value):
             raise ValueError(f"{name} must be None (the default) or a number of MiB > 0, got {value!r}")
+    names = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if args.orpo_nll_over_prompt and ("orpo" not in names or args.intermediate_layers):
+        raise ValueError("orpo_nll_over_prompt=True changes the NLL of loss_type 'orpo' (at the final layer): "
+                         f"loss_type {names} with intermediate_layers={args.intermediate_layers} has none to change")
     if not (is_finite_number(args.alpha) and args.alpha >= 0):
         raise ValueError(f"alpha (TDPO2's weight of the KL difference) must be a number >= 0, got {args.alpha!r}")
     if args.kernel_schedule == "eager" and args.kernel_backend == "reference":
@@ -420,7 +425,7 @@ def make_fused_dpo_classes():
         """``DPOConfig`` plus: every dpo_kernels ``loss_type`` (including ``tdpo1`` / ``tdpo2``, and the
         reference-free ``orpo`` and ``cpo``, for which no reference model is built), ``alpha`` (TDPO2's, as
         ``fused_dpo_loss``'s; ``tdpo_alpha`` is its old name, still taken with a ``FutureWarning``), ``cpo_alpha``,
-        ``alphapo_alpha``, intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``,
+        ``alphapo_alpha``, ``orpo_nll_over_prompt`` (TRL's ORPOTrainer's NLL), intermediate-layer DPO (``intermediate_layers``, ``intermediate_weight``,
         ``apply_final_norm``, ``reference_at_intermediate_layers``), and the kernel options ``kernel_<name>`` for
         ``fused_dpo_loss``'s ``<name>`` (:data:`KERNEL_FIELDS`: ``backend``, ``tile_budget_mb``, ``schedule``,
         ``eager_budget_mb``, with its defaults), checked under these names when the config is made."""
@@ -432,6 +437,9 @@ def make_fused_dpo_classes():
                                  metadata={"help": "CPO's weight of the chosen responses' NLL (loss_type 'cpo')."})
         alphapo_alpha: float = field(default=DPOLossConfig.alphapo_alpha,
                                      metadata={"help": "AlphaPO's alpha for loss_type 'cpo' (TRL CPOConfig.alpha)."})
+        orpo_nll_over_prompt: bool = field(default=False, metadata={
+            "help": "ORPO's NLL over prompt and completion tokens, as TRL's ORPOTrainer takes it (default: over the "
+                    "completion tokens the log-probs score)."})
         intermediate_layers: list[int] | None = field(default=None, metadata={"help": "Layers for intermediate DPO."})
         intermediate_weight: float = field(default=0.5, metadata={"help": "lambda of intermediate-layer DPO."})
         apply_final_norm: bool = field(default=True, metadata={"help": "Final norm on intermediate hidden states."})
@@ -499,6 +507,21 @@ def make_fused_dpo_classes():
                         return hidden_states_in_forward(model, **options)
                 raise ValueError("FusedDPOTrainer needs a ref_model, a PEFT policy, or precompute_ref_log_probs")
 
+        def _orpo_prompt_nll(self, policy, inputs, labels, out, config):
+            """What turns ORPO's NLL over the chosen completions (``S_c / n_c``, inside ``out.loss``) into TRL's
+            ORPOTrainer's, over their prompt and completion tokens (``(S_c + S_p) / (n_c + n_p)``), weighted as the
+            ``orpo`` loss is: ``S_p`` from one more fused pass over the chosen rows' prompt tokens (the policy only)."""
+            rows = labels.shape[0] // 2
+            prompt = inputs["input_ids"].masked_fill((inputs["attention_mask"] == 0) | (inputs["completion_mask"] == 1),
+                                                     -100)[:rows, 1:]
+            prompt_logps = linear_token_logprobs(policy.final[:rows, :-1], policy.head_weight, prompt,
+                                                 bias=policy.head_bias, backend=config.backend,
+                                                 tile_budget_mb=config.tile_budget_mb, **policy.head_options())
+            s_c, s_p = -out.chosen_logps.sum(), -prompt_logps.sum()
+            n_c, n_p = (labels[:rows, 1:] != -100).sum(), (prompt != -100).sum()
+            weight = config.weights[config.loss_types.index("orpo")]
+            return weight * ((s_c + s_p) / (n_c + n_p).clamp(min=1) - s_c / n_c.clamp(min=1))
+
         def _compute_loss(self, model, inputs, return_outputs=False):
             args = self.args
             mode = "train" if self.model.training else "eval"
@@ -535,6 +558,8 @@ def make_fused_dpo_classes():
                                                 intermediate_weight=args.intermediate_weight, **heads, **tensors,
                                                 **config.options())
                 total = out.loss
+                if args.orpo_nll_over_prompt:
+                    total = total + self._orpo_prompt_nll(policy, inputs, labels, out, config)
                 if self.aux_loss_enabled:
                     total = total + self.router_aux_loss_coef * policy.aux_loss
                 return total, (out, policy.aux_loss)

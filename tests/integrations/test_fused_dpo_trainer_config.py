@@ -291,3 +291,30 @@ def test_cpo_trains_as_trls_cpo_trainer(cpo_alpha):
     expected, got = _losses(stock), _losses(fused)
     assert len(expected) == 3 and fused.ref_model is None
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_orpo_trains_as_trls_orpo_trainer_with_its_nll_over_the_prompt():
+    """Issue 30: TRL's experimental ORPOTrainer takes its NLL over prompt and completion; with
+    orpo_nll_over_prompt=True FusedDPOTrainer does too, and trains three steps as it does. Without it the NLL is over
+    the completions (the tokens the log-probs score), and the losses differ."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    orpo = pytest.importorskip("trl.experimental.orpo", reason="this TRL has no experimental ORPO trainer")
+    options = dict(max_steps=3, logging_steps=1, learning_rate=1e-2, beta=0.1)
+    model = _model("llama")
+    stock = orpo.ORPOTrainer(model=copy.deepcopy(model), args=orpo.ORPOConfig(**{**_COMMON, **options}),
+                             train_dataset=_dataset(12), processing_class=_tokenizer())
+    expected = _losses(stock)
+    got = {}
+    for over_prompt in (True, False):
+        fused = FusedDPOTrainer(model=copy.deepcopy(model), ref_model=None,
+                                args=FusedDPOConfig(**{**_COMMON, **options}, loss_type=["orpo"],
+                                                    orpo_nll_over_prompt=over_prompt, kernel_backend="torch"),
+                                train_dataset=_dataset(12), processing_class=_tokenizer())
+        got[over_prompt] = _losses(fused)
+    assert len(expected) == 3
+    assert got[True] == pytest.approx(expected, rel=1e-5)
+    assert got[False][0] != pytest.approx(expected[0], rel=1e-4)
+    with pytest.raises(ValueError, match="orpo_nll_over_prompt=True changes the NLL of loss_type 'orpo'"):
+        FusedDPOConfig(**_COMMON, loss_type=["sigmoid"], orpo_nll_over_prompt=True)
