@@ -275,3 +275,48 @@ def test_the_store_buffers_are_fp16(_forced, monkeypatch):
     _run(d, backend="torch", schedule="eager", loss_type="tdpo2")
     n = int((d["labels"] != -100).sum())
     assert seen == [(torch.float16, n * V)] * 2, seen
+
+
+_PEAK_CHILD = r"""
+import json, sys
+import torch
+from dpo_kernels import fused_dpo_loss
+from dpo_kernels.ops.linear import plan
+from dpo_kernels.timing import PeakMemory
+
+if sys.argv[1] == "scaled":  # as bf16 operands choose it on a GPU
+    plan.kept_store_dtype = lambda operands, sdt, opts: plan.SCALED_STORE_DTYPE
+g = torch.Generator().manual_seed(0)
+labels = torch.randint(0, 32000, (4, 512), generator=g)
+x = dict(labels=labels, policy_hidden=torch.randn(4, 512, 16, generator=g).requires_grad_(),
+         lm_head_weight=torch.randn(32000, 16, generator=g).requires_grad_(),
+         ref_hidden=torch.randn(4, 512, 16, generator=g), ref_lm_head_weight=torch.randn(32000, 16, generator=g))
+
+def call():  # 2048 kept tokens x 32000: 125 MiB of fp16 weights, 250 MiB of fp32 tiles
+    out = fused_dpo_loss(**x, backend="cpu", schedule="eager", eager_budget_mb=float(sys.argv[2]))
+    out.loss.backward()
+    x["policy_hidden"].grad = x["lm_head_weight"].grad = None
+
+call()  # the first call's one-time allocations (thread pools, caches) out of the way
+with PeakMemory("cpu") as peak:
+    call()
+print(json.dumps({"peak_mib": peak.mib}))
+"""
+
+
+def test_the_scaled_store_halves_the_measured_peak_and_stays_within_the_budget():
+    """Issue 29: the eager schedule's peak memory above its inputs, measured (peak resident set of a subprocess), with
+    the fp32 tiles and with the scaled store forced: 2048 kept tokens, V = 32000, one group. The store's 125 MiB stays
+    within a 140 MiB budget, plus the CPU's 16 MiB tile scratch and the step's gradients."""
+    import json
+    import subprocess
+    import sys
+
+    peaks = {}
+    for store, budget in (("tiles", 300), ("scaled", 140)):
+        run = subprocess.run([sys.executable, "-c", _PEAK_CHILD, store, str(budget)], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        peaks[store] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mib"]
+    assert peaks["scaled"] <= 140 + 16 + 24, peaks  # MiB: the budget, the tile scratch, gradients and statistics
+    assert peaks["scaled"] < 0.65 * peaks["tiles"], peaks
