@@ -23,6 +23,10 @@ def test_vocab_parallel_equals_one_process(world):
     launch.run(vocab_parallel_workers.vocab_parallel_checks, world, backends_for("cpu"))
 
 
+def test_the_scaled_store_over_a_vocabulary_slice_equals_one_process():
+    launch.run(vocab_parallel_workers.scaled_store_checks, 2, backends_for("cpu"))
+
+
 def test_dtensor_head_is_vocab_parallel_and_data_parallel_use_is_refused():
     launch.run(vocab_parallel_workers.dtensor_checks, 2, "torch")
 
