@@ -133,12 +133,16 @@ class DpoCase:
         """What the eager schedule keeps for this case (:class:`~dpo_kernels.ops.linear.eager.EagerNeed`)."""
         from ..losses import objective
         from ..ops.linear.eager import EagerNeed
+        from ..ops.linear.plan import kept_store_dtype
+        from ..options import TokenOptions
 
         rows, seq, masked = DPO_BATCH
         converted = 0 if self.weights == "bf16" else 2 * head.vocab * head.dim * 2  # fp32 masters: both heads, bf16
+        # bf16 GEMM operands in both setups on CUDA: the scaled store (2 bytes a logit)
         return EagerNeed([seq - masked] * rows, head.vocab, head.dim, torch.float32,
                          keep_ref_tiles=objective(self.loss_type).uses_token_kl,
-                         half_weight_grad=self.weights == "bf16", converted_bytes=converted)
+                         half_weight_grad=self.weights == "bf16", converted_bytes=converted,
+                         store_dtype=kept_store_dtype(torch.bfloat16, torch.float32, TokenOptions()))
 
     def budget_mb(self, head: Head) -> float | None:
         """``eager_budget_mb`` for the case: the whole batch in one group for ``schedule="eager"``, else the
