@@ -552,17 +552,19 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     sdt = statistics_dtype(*(t.dtype for h in heads for t in (h.hidden, h.weight)))
     # every rank of a vocabulary-parallel group must form the same groups (each one's statistics are combined
     # across the group): sized for the widest slice
-    distinct = heads if len(heads) < 2 or heads[1].weight is not heads[0].weight else heads[:1]
+    converted = [converted_operand_bytes(h.hidden, h.weight, sdt) for h in heads]  # each head's, as GEMM operands
+    shared = len(heads) > 1 and heads[1].weight is heads[0].weight  # one head converted once for both
     need = EagerNeed(facts.kept_per_row, weight.shape[0] if vs is None else vs.largest, weight.shape[1], sdt,
                      keep_ref_tiles=config.uses_token_kl and inputs.ref_hidden is not None,
                      half_weight_grad=weight.requires_grad and weight.dtype != sdt,
-                     converted_bytes=sum(converted_operand_bytes(h.hidden, h.weight, sdt) for h in distinct),
+                     converted_bytes=sum(converted[:1] if shared else converted),
                      store_dtype=linear_plan.kept_store_dtype(
                          products_now(inputs.policy_hidden, weight, sdt).operand_dtype, sdt, config.token_options))
     groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
-    if config.schedule == "auto" and (why := _eager_estimated_slower(need, groups, heads, sdt, config.token_options)):
+    if config.schedule == "auto" and (why := _eager_estimated_slower(need, groups, heads, converted, sdt,
+                                                                     config.token_options)):
         return why
     coupled = [n for n in config.loss_types if not losses.objective(n).pairwise]
     if coupled and len(groups.bounds) > 1:
@@ -571,25 +573,22 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     return groups, kernels
 
 
-def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], sdt: torch.dtype,
+def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], converted: list[int], sdt: torch.dtype,
                             opts: TokenOptions) -> str | None:
     """Why ``auto`` should not run eager here: on an accelerator, the recompute schedule's estimated cost
     (:mod:`~dpo_kernels.ops.linear.cost`: GEMMs, traffic outside them, launches, at estimated rates) is lower than the
     eager schedule's with these groups. ``None`` when eager is estimated the cheaper, or on the CPU (no estimate).
-    Both estimates are logged at debug level."""
-    device = heads[0].weight.device
+    ``converted``: each head's bytes as GEMM operands. Both estimates are logged at debug level."""
+    weight = heads[0].weight
+    device = weight.device
     if not linear_plan.estimates_cost(device):
         return None
-    weight = heads[0].weight
-    shared = len(heads) > 1 and heads[1].weight is heads[0].weight
-    policy_converted = converted_operand_bytes(heads[0].hidden, weight, sdt)
-    ref_converted = 0 if len(heads) < 2 else converted_operand_bytes(heads[1].hidden, heads[1].weight, sdt)
     facts = cost.HeadFacts(
         n=groups.kept, vocab=need.vocab, dim=need.dim, with_ref=len(heads) > 1, kl_grad=need.keep_ref_tiles,
-        policy_converted=policy_converted, ref_converted=ref_converted,
+        policy_converted=converted[0], ref_converted=0 if len(heads) < 2 else converted[1],
         half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
     store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
-    held = groups.spare_bytes >= need.converted_bytes or (shared and groups.spare_bytes >= policy_converted)
+    held = groups.spare_bytes >= need.converted_bytes  # need.converted_bytes counts a shared head once
     eager, recompute = cost.eager(facts, opts, groups.tokens, store_bytes, held), cost.recompute(facts, opts)
     if not torch.compiler.is_compiling():
         _log.debug("fused_dpo_loss: estimated on %s: eager (%d group(s)) %s, recompute %s", device,

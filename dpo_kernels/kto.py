@@ -219,8 +219,10 @@ def _sequence_logps(policy: _Side, ref: _Side | None, labels: torch.Tensor, opts
     return out.logp.sum(-1), None if out.ref_logp is None else out.ref_logp.sum(-1)
 
 
-def _precomputed(name: str, value: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.shape != (n,):
+def _precomputed(name: str, value: torch.Tensor, n: int | str, like: torch.Tensor) -> torch.Tensor:
+    """``value`` checked to be ``[n]`` sequence log-probs (``n`` a name: any one length), detached in ``like``'s
+    dtype and device."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or (isinstance(n, int) and value.shape[0] != n):
         raise ValueError(f"{name} must be a [{n}] tensor of sequence log-probs (summed over kept tokens), got "
                          f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
     return value.detach().to(device=like.device, dtype=like.dtype)
@@ -232,8 +234,8 @@ def _kl_estimate(policy: _Side, ref: _Side, kl_labels, kl_policy_logits, kl_poli
     if kl_logps is not None or kl_ref_logps is not None:
         if kl_logps is None or kl_ref_logps is None:
             raise ValueError("give both kl_logps and kl_ref_logps, or the KL batch's inputs")
-        m = kl_logps.shape[0] if isinstance(kl_logps, torch.Tensor) and kl_logps.dim() == 1 else -1
-        values = _precomputed("kl_logps", kl_logps, m, like) - _precomputed("kl_ref_logps", kl_ref_logps, m, like)
+        policy_seq = _precomputed("kl_logps", kl_logps, "M", like)
+        values = policy_seq - _precomputed("kl_ref_logps", kl_ref_logps, policy_seq.shape[0], like)
     else:
         if kl_labels is None:
             raise ValueError("loss_type='kto' estimates its KL term from a batch of mismatched (prompt, completion) "

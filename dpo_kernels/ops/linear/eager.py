@@ -118,10 +118,9 @@ def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_by
     total = sum(tokens_per_pair)
     # over a scaled store one group needs no weight-gradient accumulator: a half weight's gradient is written in the
     # backward from the kept weights (see _EagerPairs; a store of fp32 tiles holds dZ after the forward instead)
-    for room in (budget_bytes - converted_bytes, budget_bytes) if scaled_store else ():
-        if total * bytes_per_token <= room:
-            return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (total,),
-                              budget_bytes - total * bytes_per_token)
+    if scaled_store and total * bytes_per_token <= budget_bytes:
+        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (total,),
+                          budget_bytes - total * bytes_per_token)
     room = budget_bytes - weight_accumulator_bytes
     if largest > room:
         return (f"the fp32 weight-gradient accumulator ({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} "
@@ -329,7 +328,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
         # and the kept hidden rows, not the weight
         like = torch.empty((), dtype=weight.dtype, device="meta").expand(weight.shape)
         deferred = _DeferredWeightGrad(rows, dataclasses.replace(filled, weight=like, operand_weight=None),
-                                       None if ref_filled is None else ref_filled, bw, bw_plan)
+                                       ref_filled, bw, bw_plan)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:

@@ -196,7 +196,7 @@ class ScaledSource(GemmSource):
     a :class:`TileStore` of :data:`.plan.SCALED_STORE_DTYPE`, 2 bytes a logit, with ``m'`` (the running max after
     the tile) per token and vocabulary chunk; for a TDPO loss the reference's ``e^{zr - m_r'} t'(x)`` beside, in
     ``ref_store``, so the reference source needs no store. After :meth:`filled`, :meth:`grad` forms ``dZ`` from
-    them without a GEMM or a logit (MATH.md §5):
+    them without a GEMM or a logit (MATH.md §1):
 
     ``dZ = -(g - g_kl) e^{m' - lse} a - g_kl e^{m_r' - lse_r} a_r``, and at the label's column the exact
     ``t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y))`` from the label logits of the statistics.
