@@ -519,7 +519,8 @@ def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.T
         if not torch.compiler.is_compiling():  # Dynamo traces no logging call
             _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
         return None
-    _log.debug("fused_dpo_loss: eager schedule, %d group(s) of pairs %s", len(plan[0].bounds), plan[0].bounds)
+    kept = "" if plan[0].store_vocab is None else f", its store keeping {plan[0].store_vocab} columns"
+    _log.debug("fused_dpo_loss: eager schedule, %d group(s) of pairs %s%s", len(plan[0].bounds), plan[0].bounds, kept)
     return plan
 
 
@@ -589,14 +590,16 @@ def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], co
         half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
     store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
     held = groups.spare_bytes >= need.converted_bytes  # need.converted_bytes counts a shared head once
-    eager, recompute = cost.eager(facts, opts, groups.tokens, store_bytes, held), cost.recompute(facts, opts)
+    kept = 1.0 if groups.store_vocab is None else groups.store_vocab / need.vocab
+    eager = cost.eager(facts, opts, groups.tokens, store_bytes, held, kept)
+    recompute = cost.recompute(facts, opts)
+    what = f"{len(groups.bounds)} group(s)" + ("" if kept == 1.0 else f", {kept:.0%} of the vocabulary kept")
     if not torch.compiler.is_compiling():
-        _log.debug("fused_dpo_loss: estimated on %s: eager (%d group(s)) %s, recompute %s", device,
-                   len(groups.bounds), eager, recompute)
+        _log.debug("fused_dpo_loss: estimated on %s: eager (%s) %s, recompute %s", device, what, eager, recompute)
     if eager.seconds <= recompute.seconds:
         return None
-    return (f"the eager schedule ({len(groups.bounds)} group(s)) is estimated slower here: {eager} against the "
-            f"recompute schedule's {recompute}")
+    return (f"the eager schedule ({what}) is estimated slower here: {eager} against the recompute schedule's "
+            f"{recompute}")
 
 
 def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,

@@ -170,7 +170,8 @@ def plan_dpo_case(case: DpoCase, head: Head = HEADS[0]) -> dict:
         if case.schedule == "eager":
             row["refused"] = groups
     else:
-        row["eager"] = f"{len(groups.bounds)} group(s) of pairs {list(groups.bounds)}"
+        row["eager"] = f"{len(groups.bounds)} group(s) of pairs {list(groups.bounds)}" + (
+            "" if groups.store_vocab is None else f", the store keeping {groups.store_vocab} of {need.vocab} columns")
     return row
 
 

@@ -305,6 +305,31 @@ def test_the_compile_check_covers_every_block_and_both_specialisations(monkeypat
     assert "ignore_index" not in {logits.fn.arg_names[i] for (i,) in compile_check._divisibility(logits.fn, logits.flags)}
 
 
+def test_the_compile_check_fails_a_spill_inside_a_loop_only(monkeypatch):
+    """Spills are judged by where they fall in the machine code: a value kept across the row loop (a store before
+    it, a load after) passes, a local-memory access between a backward branch and its target fails; also the
+    frozen head's shifted fold is compiled in every head variant."""
+    import os
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    from dpo_kernels.tools import compile_check
+
+    sass = """
+        /*0100*/                   STL [R1], R0 ;
+        /*0110*/                   FADD R2, R2, R3 ;
+        /*0120*/               @!P3 BRA 0x110 ;
+        /*0130*/                   LDL.LU R19, [R1] ;
+        /*0140*/                   EXIT ;"""
+    assert compile_check.local_accesses_in_loops(sass) == 0
+    inside = sass.replace("FADD R2, R2, R3", "LDL R4, [R1+0x4]")
+    assert compile_check.local_accesses_in_loops(inside) == 1
+    shifted = [v for v in compile_check._variants(torch.bfloat16) if v.kernel == "fold_tile" and v.flags["SHIFTED"]]
+    assert len(shifted) == 8 and all(v.flags["WEIGHTS"] and v.flags["SUMS"] for v in shifted)
+    store = [v for v in compile_check._variants(torch.float16) if v.kernel == "fold_tile" and v.flags["SHIFTED"]
+             and not v.flags["SUMS"]]
+    assert len(store) == 8
+
+
 _VIEWS = {"view", "slice", "select", "t", "transpose", "as_strided", "reshape", "_unsafe_view", "alias", "expand",
           "unsqueeze", "squeeze", "permute", "detach", "_reshape_alias", "split", "unbind", "chunk", "narrow",
           "numpy_T"}

@@ -29,16 +29,30 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     ``e^{zr - mr'} t'(x)`` with the reference's max and the policy's slope. A maximum still ``-inf`` shifts by 0.
     A backend without it gets the same values from PyTorch ops after its ``fold`` (:func:`unfused_fold_weights`).
 
+``fold_shifted(tile, stats, ref, ref_stats, opts, weights, ref_weights, acc, ref_acc, headroom) -> None`` (optional)
+    ``fold_weights`` for a frozen head's running sums (:class:`Accumulator`), with ``weights`` (``ref_weights``)
+    never the tile itself: the weights are taken at each row's
+    *shift* ``s'`` instead of its running max, ``weights = e^{z - s'} t'(x)`` (with ``ref_acc``:
+    ``ref_weights = e^{zr - s_r'} t'(x)``), and the kernel writes ``s'`` into ``acc.shift`` (``ref_acc.shift``):
+    ``s' = s`` (the shift before this tile) unless the row's running max after it, ``m'``, exceeds ``s + headroom``;
+    then some ``s'`` with ``m' - headroom <= s' <= m'``. Where a row's shift moved from a finite ``s``, the kernel
+    multiplies that row of ``acc.values`` by ``e^{s - s'}`` (a row whose shift was ``-inf`` holds 0). The caller
+    then adds ``weights W_c`` into ``acc.values``, and every row stays a sum at its shift (or, without ``values``,
+    keeps the weights and ``s'``: the eager schedule's scaled store). The shift moves rarely
+    (as a flash-attention output that is rescaled only when its max grows past a threshold), so a tile costs one
+    read of the logits and no pass over the accumulator. A backend without it gets :func:`unfused_fold_shifted`:
+    ``fold_weights`` at ``s' = m'`` and every row rescaled (a pass over ``acc.values`` a tile).
+
 ``scaled_grad(tile, lse, g, ref, ref_lse, g_kl, opts, out) -> None`` (optional)
     ``grad`` over a tile kept as its softmax weights (:class:`ScaledTile`, the eager schedule's scaled store), with
-    no gradient filter: writes ``out = -(g - g_kl) e^{m - lse} a - g_kl e^{m_r - lse_r} a_r`` (``m``: the running
-    max the weights were taken at, a shift of 0 where it is ``-inf``; the reference's term only with ``ref``), and at
+    no gradient filter: writes ``out = -(g - g_kl) e^{m - lse} a - g_kl e^{m_r - lse_r} a_r`` (``m``: the shift
+    the weights were taken at, 0 where it is ``-inf``; the reference's term only with ``ref``), and at
     each token's label column, where it falls in the tile, the exact
     ``t'(z_y) (g (1 - e^{z_y - lse}) + g_kl (e^{z_y - lse} - e^{zr_y - lse_r}))`` from the label logits. A backend
     without it gets the same values from PyTorch ops (:func:`unfused_scaled_grad`).
 
 Each kernel reads the tile once and writes only ``O(n)`` values (fold), the one ``dZ`` tile (grad, scaled_grad) or
-the weights over the tile (fold_weights).
+the weights over the tile (fold_weights, fold_shifted).
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+import math
 
 import torch
 
@@ -107,7 +122,8 @@ class ScaledTile:
 
     Attributes:
         weights: ``[n, w]`` contiguous fp16: ``e^{z - m} t'(x)`` of the tile's columns ``v0 .. v0 + w``.
-        maxes: ``[n]`` fp32: the running max ``m`` each row's weights were taken at (``-inf``: shifted by 0).
+        maxes: ``[n]`` fp32: the shift ``m`` each row's weights were taken at (``-inf``: shifted by 0), at most the
+            running max after the tile (``fold_shifted``).
         v0: the first vocabulary column of the tile.
         labels: ``[n]`` int64 vocabulary ids (local to the head's slice; a label outside the tile is not written).
         label_logits: ``[n]`` fp32: each token's transformed logit at its label (the reference's at the policy's
@@ -122,14 +138,45 @@ class ScaledTile:
 
 
 @dataclass(frozen=True)
+class Accumulator:
+    """A frozen head's running sum of softmax-weighted head rows for ``n`` tokens (MATH.md §1), kept at a shift; or
+    the shift alone (``values`` ``None``: the eager schedule's scaled store keeps the weights themselves).
+
+    Attributes:
+        values: ``[n, D]`` in the statistics dtype: ``sum_v e^{z_v - s} t'(x_v) W_v`` over the columns folded so far;
+            or ``None``.
+        shift: ``[n]`` in the statistics dtype: ``s``, ``-inf`` while every logit so far was ``-inf`` (``values``
+            then 0); never above the running max, never below it by more than the ``headroom`` of the last fold.
+    """
+
+    values: torch.Tensor | None
+    shift: torch.Tensor
+
+
+# A shift trails its row's max by at most this much (fewer where the weights' dtype is narrow: shift_headroom): far
+# below the exponent range of bf16 and fp32 weights and of an fp32 sum of 2^20 of them times head entries of 2^10.
+SHIFT_HEADROOM = 32.0
+
+
+def shift_headroom(weights_dtype: torch.dtype, opts) -> float:
+    """The ``headroom`` of ``fold_shifted`` for weights of ``weights_dtype``: a weight ``e^{z - s} t'(x)`` stays
+    below the dtype's largest finite value by a factor ``e`` with ``t' <= |logit_scale| / temperature`` (fp16: about
+    10; bf16, fp32, fp64: :data:`SHIFT_HEADROOM`)."""
+    slope = max(1.0, abs(opts.logit_scale) / opts.temperature)
+    room = math.log(torch.finfo(weights_dtype).max) - math.log(slope) - 1.0
+    return max(0.0, min(SHIFT_HEADROOM, room))
+
+
+@dataclass(frozen=True)
 class TileKernels:
-    """A backend's fused tile kernels (see the module docstring for their exact contract); ``fold_weights`` and
-    ``scaled_grad`` are optional."""
+    """A backend's fused tile kernels (see the module docstring for their exact contract); ``fold_weights``,
+    ``fold_shifted`` and ``scaled_grad`` are optional."""
 
     fold: Callable[..., None]
     grad: Callable[..., bool]
     fold_weights: Callable[..., None] | None = None
     scaled_grad: Callable[..., None] | None = None
+    fold_shifted: Callable[..., None] | None = None
 
 
 def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -197,6 +244,43 @@ def unfused_fold_weights(fold: Callable[..., None], tile: LogitsTile, stats: tor
         zr = transform_logits(ref.logits if ref.bias is None else ref.logits + ref.bias, opts)
         _softmax_weights(zr, ref_stats[RefRow.MAX], ref_weights, slope)
     _softmax_weights(z, stats[StatRow.MAX], weights, slope)
+
+
+def fold_shifted(kernels: TileKernels, tile: LogitsTile, stats: torch.Tensor, ref: LogitsTile | None,
+                 ref_stats: torch.Tensor | None, opts, weights: torch.Tensor, ref_weights: torch.Tensor | None,
+                 acc: Accumulator, ref_acc: Accumulator | None) -> None:
+    """The ``fold_shifted`` contract on ``kernels`` (the headroom from :func:`shift_headroom`): their fused kernel,
+    else :func:`unfused_fold_shifted`."""
+    if kernels.fold_shifted is not None:
+        kernels.fold_shifted(tile, stats, ref, ref_stats, opts, weights, ref_weights, acc, ref_acc,
+                             shift_headroom(weights.dtype, opts))
+    else:
+        unfused_fold_shifted(kernels, tile, stats, ref, ref_stats, opts, weights, ref_weights, acc, ref_acc)
+
+
+def unfused_fold_shifted(kernels: TileKernels, tile: LogitsTile, stats: torch.Tensor, ref: LogitsTile | None,
+                         ref_stats: torch.Tensor | None, opts, weights: torch.Tensor,
+                         ref_weights: torch.Tensor | None, acc: Accumulator, ref_acc: Accumulator | None) -> None:
+    """The ``fold_shifted`` contract from ``fold_weights``: the weights at the running max after the tile
+    (``s' = m'``), and every row of the accumulators brought to it."""
+    fold_with_weights(kernels, tile, stats, ref, ref_stats, opts, weights, ref_weights)
+    _move_shift(acc, stats[StatRow.MAX])
+    if ref_acc is not None:
+        _move_shift(ref_acc, ref_stats[RefRow.MAX])
+
+
+def _move_shift(acc: Accumulator, new: torch.Tensor) -> None:
+    """``values *= e^{s - s'}``, ``s = s'`` (a row whose shift was ``-inf`` holds 0 and stays 0)."""
+    if acc.values is not None:
+        acc.values.mul_(shift_factor(acc.shift, new).unsqueeze(1))
+    acc.shift.copy_(new)
+
+
+def shift_factor(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``e^{old - new}`` for sums kept at shift ``old`` brought to ``new``; 0 where ``old`` is ``-inf`` (the sum is
+    0 there; ``new`` may be ``-inf`` too)."""
+    return torch.where(torch.isneginf(old), torch.zeros((), dtype=old.dtype, device=old.device),
+                       torch.exp(old - finite_shift(new)))
 
 
 def _softmax_weights(z: torch.Tensor, m: torch.Tensor, out: torch.Tensor, slope: torch.Tensor | None) -> None:

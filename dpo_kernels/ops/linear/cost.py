@@ -7,17 +7,21 @@ rate, plus every byte the schedule moves per logit and per head outside the GEMM
 The terms (``n`` kept tokens, a ``[V, D]`` head, ``s`` bytes a kept logit, :func:`.plan.kept_store_dtype`):
 
 - GEMMs: recompute ``2 n D V`` per pass (policy forward, recompute, ``dH``, ``dW``; the reference's forward, and for
-  a KL gradient its recompute); eager the same without the recompute passes.
+  a KL gradient its recompute); eager the same without the recompute passes, but for the columns a scaled store
+  larger than the budget does not keep.
 - Per logit: an fp32 tile written by its GEMM and read by its fold (8 bytes) in each pass that computes it; ``dZ``
   written in the operand dtype and read by the ``dH`` and ``dW`` GEMMs (6 bytes). The eager schedule's scaled store
-  reads its tile again to write the softmax weights (``4 + s``), reads them to form ``dZ`` (``s``, with the
-  reference's for a KL), and once more in the backward for a half weight's deferred ``dW``.
+  writes the softmax weights in the fold's pass (``s``) and reads them once to form ``dZ`` (``s``, with the
+  reference's for a KL; in the backward over one group, the forward's otherwise).
 - Per head: a head converted to its GEMM operands (fp32 masters under autocast) costs 3 bytes per operand byte each
-  time: once a pass for recompute; once a call for eager when ``eager_budget_mb`` holds the copies, else every
-  group converts the policy's head twice (fold, gradient) and the reference's once. The fp32 ``dH [n, D]`` is read and
-  written by every vocabulary chunk's accumulation; an fp32 weight's gradient is scaled in place by the eager
-  backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and rounded.
-- Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager.
+  time: once a pass for recompute; for eager over one group of a scaled store the policy's twice (forward,
+  backward) and the reference's once; otherwise once a call when ``eager_budget_mb`` holds the copies, else every
+  group converts the policy's head twice (fold, gradient) and the reference's once. The fp32 ``dH [n, D]`` is read
+  and written by every vocabulary chunk's accumulation; an fp32 weight's gradient accumulated by the eager forward
+  is scaled in place by its backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and
+  rounded (over one group of a scaled store the backward writes either once, the scale inside ``dZ``).
+- Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (7 when the
+  backward forms every gradient), 3 more where the heads are converted chunk by chunk.
 """
 
 from __future__ import annotations
@@ -94,31 +98,37 @@ def recompute(facts: HeadFacts, opts: TokenOptions) -> Estimate:
 
 
 def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], store_bytes: int,
-          converted_held: bool) -> Estimate:
+          converted_held: bool, kept: float = 1.0) -> Estimate:
     """``group_tokens``: each group's kept tokens; ``store_bytes``: bytes a kept logit (2 for the scaled store, 4 for
-    fp32 tiles); ``converted_held``: the converted heads fit beside the tiles (converted once for the call)."""
+    fp32 tiles); ``converted_held``: the converted heads fit beside the tiles (converted once for the call);
+    ``kept``: the share of the vocabulary a scaled store keeps (the rest recomputed by the backward, as the
+    recompute schedule does)."""
     n, v, d = facts.n, facts.vocab, facts.dim
     logits, groups = n * v, len(group_tokens)
     scaled = store_bytes < 4
     kept_heads = 2 if facts.kl_grad else 1
-    flops = 2.0 * n * d * v * (3 + (1 if facts.with_ref else 0))
-    per_logit = 8 * (2 if facts.with_ref else 1) + 6 + store_bytes * kept_heads  # tiles, dZ, the kept logits read
+    recomputed = 1.0 - kept  # the policy's tiles (and the reference's for a KL gradient) computed again
+    flops = 2.0 * n * d * v * (3 + (1 if facts.with_ref else 0) + recomputed * kept_heads)
+    per_logit = 8 * (2 if facts.with_ref else 1) + 6  # the forward's tiles, dZ
+    per_logit += kept * store_bytes * kept_heads + recomputed * 8 * kept_heads  # kept logits read, or recomputed
+    deferred = scaled and groups == 1  # the backward forms every gradient from the kept weights
     if scaled:
-        per_logit += (4 + store_bytes) * kept_heads  # the weights' pass over the tile
-        deferred = facts.half_weight_grad and groups == 1
-        if deferred:
-            per_logit += store_bytes * kept_heads + 2 * OPERAND_BYTES
+        per_logit += kept * store_bytes * kept_heads  # the weights written by the fold (the fp32 tiles are the GEMM's)
     conversions = facts.policy_converted + facts.ref_converted
-    if not converted_held:
+    if deferred or not converted_held:
         conversions = groups * (2 * facts.policy_converted + facts.ref_converted)
+    if deferred and facts.kl_grad:
+        conversions += recomputed * facts.ref_converted
     chunks = [_chunks(t, v, d, 4 * (2 if facts.with_ref else 1) + OPERAND_BYTES, opts) for t in group_tokens]
     dh = sum(c * 8 * t * d for c, t in zip(chunks, group_tokens, strict=True))
-    weight_grad = 0
-    if facts.fp32_weight_grad:
+    weight_grad = 0  # deferred: written once by the backward's GEMMs, the scale inside dZ
+    if facts.fp32_weight_grad and not deferred:
         weight_grad = 8 * v * d  # scaled in place by the backward
     elif facts.half_weight_grad and groups > 1:
         weight_grad = (4 + 4 + OPERAND_BYTES) * v * d  # the fp32 accumulator zeroed, then scaled and rounded
     if groups > 1 and (facts.fp32_weight_grad or facts.half_weight_grad):
         weight_grad += groups * 8 * v * d  # each group's dW GEMMs read and write the fp32 accumulator
-    launches = 9 * sum(chunks)
-    return Estimate(flops, logits * per_logit + CONVERSION_BYTES * conversions + dh + weight_grad, launches)
+    per_chunk = ((7 if deferred else 9) + recomputed * (1 + kept_heads)
+                 + (3 if facts.policy_converted and (deferred or not converted_held) else 0))
+    return Estimate(flops, logits * per_logit + CONVERSION_BYTES * conversions + dh + weight_grad,
+                    round(per_chunk * sum(chunks)))

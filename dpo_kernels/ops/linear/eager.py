@@ -25,15 +25,16 @@ it holds the fp32 ``dH [n, D]`` and ``dW`` (which the recompute schedule allocat
 activations are alive).
 
 The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
-accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. An
-fp32 weight (fp32 master weights under autocast) accumulates every group straight into its fp32 gradient, scaled in
-place in the backward. A half weight (a bf16 model trained in full) over one group of a scaled store has its
-gradient written by the backward: the group's kept weights stay alive until then, the backward forms ``dZ`` from
-them again with the upstream scale inside its one rounding and writes each chunk's ``dW`` with one GEMM (``2 n D V``
-FLOPs moved, not added; one more pass over the kept weights). Over several groups a half weight takes an
-fp32 ``[V, D]`` accumulator counted against the budget (or, when it does not fit, the recompute schedule), which the
-backward scales and rounds in one pass. The ``dZ`` operands of ``dH`` (and of an accumulated ``dW``) are rounded to
-the half operand dtype before the upstream scale is known (the recompute schedule rounds them after).
+accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. Over
+one group of a scaled store every gradient is left to the backward (:class:`_DeferredGrads`): the group's kept
+weights stay alive until then, and the backward forms ``dZ`` from them once, with the upstream scale inside its one
+rounding, then ``dH``, each chunk's ``dW`` with one GEMM and one rounding (fp32 or half alike) and ``db``: the
+forward runs no ``dZ`` pass, no ``[V, D]`` buffer is held, and none is scaled afterwards (``4 n D V`` FLOPs moved to
+the backward, not added). Otherwise an fp32 weight (fp32 master weights under autocast) accumulates every group
+straight into its fp32 gradient, scaled in place in the backward; a half weight over several groups takes an fp32
+``[V, D]`` accumulator counted against the budget (or, when it does not fit, the recompute schedule), which the
+backward scales and rounds in one pass. There the ``dZ`` operands of ``dH`` (and of an accumulated ``dW``) are
+rounded to the half operand dtype before the upstream scale is known (the recompute schedule rounds them after).
 """
 
 from __future__ import annotations
@@ -78,12 +79,15 @@ GroupLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor | None, to
 class PairGroups:
     """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
     budget; ``tokens``: each group's kept tokens; ``spare_bytes``: what the budget leaves beside the largest group's
-    tiles and the weight-gradient accumulator (room for heads converted once for the call)."""
+    tiles and the weight-gradient accumulator (room for heads converted once for the call); ``store_vocab``: for a
+    scaled store larger than the budget, the one group keeps the first columns that fit (whole vocabulary chunks,
+    :meth:`.sources.ScaledSource.keep`) and its backward recomputes the others."""
 
     pairs: int
     bounds: tuple[tuple[int, int], ...]
     tokens: tuple[int, ...]  # kept tokens of each group
     spare_bytes: int = 0
+    store_vocab: int | None = None  # a scaled store's columns within the budget (one group), None: every column
 
     @property
     def largest_group(self) -> int:
@@ -102,25 +106,18 @@ class PairGroups:
 
 
 def plan_pair_groups(tokens_per_pair: list[int], bytes_per_token: int, budget_bytes: int,
-                     weight_accumulator_bytes: int, converted_bytes: int = 0,
-                     scaled_store: bool = False) -> PairGroups | str:
+                     weight_accumulator_bytes: int, converted_bytes: int = 0) -> PairGroups | str:
     """Consecutive pairs, greedily, as many per group as the budget holds; or why the eager schedule cannot run.
 
     ``tokens_per_pair``: kept tokens of each pair (both responses); ``bytes_per_token``: kept-tile bytes per token;
     ``weight_accumulator_bytes``: the fp32 ``[V, D]`` buffer a half weight's gradient is accumulated in across
     several groups until the backward scales it by the loss's upstream and rounds it once (0: none needed), counted
-    against the budget (with ``scaled_store`` one group needs none: its kept weights are read again in the backward);
+    against the budget (a scaled store is planned by :meth:`EagerNeed.groups` instead);
     ``converted_bytes``: the heads converted to their GEMM operands once for the call, reserved beside the tiles
     when the largest pair still fits (else the heads are converted chunk by chunk, and the groups use the room)."""
     largest = max(tokens_per_pair, default=0) * bytes_per_token
     if largest > budget_bytes:
         return f"one pair's kept tiles need {_mib(largest)}, more than eager_budget_mb={_mib(budget_bytes)}"
-    total = sum(tokens_per_pair)
-    # over a scaled store one group needs no weight-gradient accumulator: a half weight's gradient is written in the
-    # backward from the kept weights (see _EagerPairs; a store of fp32 tiles holds dZ after the forward instead)
-    if scaled_store and total * bytes_per_token <= budget_bytes:
-        return PairGroups(len(tokens_per_pair), ((0, len(tokens_per_pair)),), (total,),
-                          budget_bytes - total * bytes_per_token)
     room = budget_bytes - weight_accumulator_bytes
     if largest > room:
         return (f"the fp32 weight-gradient accumulator ({_mib(weight_accumulator_bytes)}) leaves {_mib(max(room, 0))} "
@@ -185,8 +182,21 @@ class EagerNeed:
         return self.store_dtype is not None and self.store_dtype != self.stats_dtype
 
     def groups(self, budget_bytes: int) -> PairGroups | str:
-        return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes,
-                                self.converted_bytes, self.scaled_store)
+        """The groups within ``budget_bytes``: a scaled store is always one group, whose gradients the backward
+        forms from it with no accumulator, whole when it fits (the rest of the budget left for converted heads),
+        else the first columns that fit (``store_vocab``; the vocabulary chunks within them are kept); otherwise
+        :func:`plan_pair_groups`."""
+        if not self.scaled_store:
+            return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes,
+                                    self.converted_bytes)
+        pairs, total = len(self.tokens_per_pair), sum(self.kept_per_row)
+        whole = total * self.bytes_per_token
+        if whole <= budget_bytes:
+            return PairGroups(pairs, ((0, pairs),), (total,), budget_bytes - whole)
+        columns = self.vocab * budget_bytes // whole
+        if columns == 0:
+            return f"a scaled store of {_mib(whole)} keeps no column within eager_budget_mb={_mib(budget_bytes)}"
+        return PairGroups(pairs, ((0, pairs),), (total,), 0, store_vocab=columns)
 
 
 def _mib(size: int) -> str:
@@ -246,15 +256,16 @@ class _GroupResult:
     loss: torch.Tensor
     grads: _GroupGrads
     dw: torch.Tensor | None
-    deferred: "_DeferredWeightGrad | None" = None
+    deferred: "_DeferredGrads | None" = None
 
 
 @dataclass
-class _DeferredWeightGrad:
-    """A half weight's gradient over one group, left to the backward: the kept tiles (their sources, filled), the
-    forward's ``lse`` and per-token upstream, and the tile plan. The backward forms ``dZ`` again with the loss's
-    upstream scale inside it and writes each chunk's ``dW`` with one GEMM and one rounding: no fp32 ``[V, D]``
-    accumulator, at the cost of a second ``dZ`` pass over the kept tiles (2 bytes a logit read, 4 with the KL)."""
+class _DeferredGrads:
+    """One group's gradients left to the backward (a scaled store over one group): the kept weights (their sources,
+    filled), the forward's ``lse`` and per-token upstream, and the tile plan. The backward forms ``dZ`` once, with
+    the loss's upstream scale inside it, and from it ``dH`` (fp32 at the kept tokens), each chunk's ``dW`` with one
+    GEMM and one rounding (no ``[V, D]`` accumulator, no pass to scale one) and ``db``: the forward runs no ``dZ``
+    pass at all, and the store is read once (2 bytes a logit, 4 with the KL)."""
 
     rows: KeptTokens
     policy: object
@@ -262,20 +273,22 @@ class _DeferredWeightGrad:
     bw: Backward
     plan: object
 
-    def weight_grad(self, grad_loss: torch.Tensor) -> torch.Tensor:
+    def grads(self, grad_loss: torch.Tensor, need: tuple[bool, bool, bool]):
+        """``(dH [n, D] fp32 at the kept tokens, dW like the weight, db [V] fp32)``, each scaled by ``grad_loss``;
+        ``None`` for a gradient not in ``need``."""
         bw = self.bw
         scaled = Backward(bw.lse, bw.ref_lse, bw.g * grad_loss, None if bw.g_kl is None else bw.g_kl * grad_loss,
                           bw.opts, bw.kernels)
         with no_autocast(bw.g.device):
-            return grad_all(self.rows, self.policy, self.ref, scaled, (False, True, False), self.plan)[1]
+            return grad_all(self.rows, self.policy, self.ref, scaled, need, self.plan)
 
 
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
-               group: int, need, dw, db, buffers, operands, defer_dw: bool = False) -> _GroupResult:
+               group: int, need, dw, db, buffers, operands, defer: bool = False) -> _GroupResult:
     """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
-    ``db`` (``dw`` ``None``: written here, one group; ``defer_dw``: left to the backward, which reads the kept tiles
-    again, :class:`_DeferredWeightGrad`); ``buffers``: the policy's and the reference's kept-tile buffers, and
-    ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group."""
+    ``db`` (``dw`` ``None``: written here, one group; ``defer``: every gradient left to the backward, which reads
+    the kept weights, :class:`_DeferredGrads`); ``buffers``: the policy's and the reference's kept-tile buffers,
+    and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group."""
     bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
@@ -305,6 +318,8 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
             ref_source = GemmSource.of(ref_head, rows, ref_products, operands[1])
     dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
     plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
+    if scaled:
+        policy.keep(list(plan.vocab_chunks(vocab)), ref_source)
     with no_autocast(device):
         stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan)
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
@@ -320,15 +335,15 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
             filled, ref_filled = policy.filled(stats, ref_stats), None
         else:
             filled, ref_filled = policy.filled(), None if g_kl is None else ref_source.filled()
-        forward_need = (need[0], need[1] and not defer_dw, need[2])
-        dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, forward_need, bw_plan, dw_into=dw)
-    deferred = None
-    if defer_dw and need[1]:
-        # the backward reads only the head's shape and dtype (a sharded head may be released by then: ZeRO-3, FSDP)
-        # and the kept hidden rows, not the weight
-        like = torch.empty((), dtype=weight.dtype, device="meta").expand(weight.shape)
-        deferred = _DeferredWeightGrad(rows, dataclasses.replace(filled, weight=like, operand_weight=None),
-                                       ref_filled, bw, bw_plan)
+        dh = group_dw = group_db = deferred = None
+        if defer:  # the backward converts a converted head again, chunk by chunk, rather than keep its copy
+            recomputed_ref = filled.ref_source
+            if recomputed_ref is not None:
+                recomputed_ref = dataclasses.replace(recomputed_ref, operand_weight=None)
+            deferred = _DeferredGrads(rows, dataclasses.replace(filled, operand_weight=None,
+                                                                ref_source=recomputed_ref), ref_filled, bw, bw_plan)
+        else:
+            dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, need, bw_plan, dw_into=dw)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:
@@ -343,7 +358,8 @@ def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool,
     """One kept-tile buffer of ``sdt`` (the store's dtype) for the policy (and one for the reference with a TDPO
     loss), sized for the largest group and reused by every group of the call; inside
     :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
-    entries = call.groups.largest_group * vocab
+    columns = vocab if call.groups.store_vocab is None else call.groups.store_vocab
+    entries = call.groups.largest_group * columns
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
     # ~0.05 s of first-touch faults on a 393 MiB buffer but stalled up to 2.7 s in compaction now and then.
@@ -431,23 +447,25 @@ class _EagerPairs(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         vocab, dim, sdt = weight.shape[0], weight.shape[1], products.out_dtype
         several = len(call.groups.bounds) > 1
-        dw = None
+        dw = db = None
         # A weight's gradient is rounded once, after the loss's upstream scale (a loss scaler's 65536, a gradient-
-        # accumulation 1/k) is applied: a half weight over one group of a scaled store is written by the backward from
-        # the kept weights (defer_dw), with no fp32 [V, D] buffer; else it is accumulated in fp32 until the backward
+        # accumulation 1/k) is applied: over one group of a scaled store every gradient is formed by the backward
+        # from the kept weights with the scale inside dZ (defer), with no [V, D] buffer; else a half weight's is
+        # accumulated in fp32 until the backward
         store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
-        defer_dw = need[1] and not several and weight.dtype != sdt and store_dtype != sdt
-        if need[1] and (several or weight.dtype != sdt) and not defer_dw:
-            dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
-        db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
+        defer = not several and store_dtype != sdt
+        if not defer:
+            if need[1] and (several or weight.dtype != sdt):
+                dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
+            db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
         buffers = _tile_buffers(call, vocab, store_dtype, ref is not None, hidden.device)
         operands = _shared_operands(weight, products, ref, ref_products, call.groups.spare_bytes)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
-                              buffers, operands, defer_dw) for group in range(len(call.groups.bounds))]
+                              buffers, operands, defer) for group in range(len(call.groups.bounds))]
         del operands
-        if hidden.device.type == "cpu" and _CPU_CACHE is not None and not defer_dw:
+        if hidden.device.type == "cpu" and _CPU_CACHE is not None and not defer:
             _CPU_CACHE.give(buffers)
-        del buffers  # a deferred weight gradient keeps its group's store alive until the backward
+        del buffers  # deferred gradients keep their group's store alive until the backward
         grads = [r.grads for r in results]
         loss = torch.stack([r.loss for r in results]).sum()
         if not several:
@@ -478,13 +496,17 @@ class _EagerPairs(torch.autograd.Function):
             # scaled in place and released: autograd may then keep the buffer as the gradient itself
             grads, dw, db, ctx.grads, ctx.dw, ctx.db = ctx.grads, ctx.dw, ctx.db, None, None, None
             deferred, ctx.deferred = ctx.deferred, None
-            dh = _scaled_hidden_grad(grads, grad_loss, hidden) if need[0] else None
-            if deferred is not None and need[1]:
-                dw = deferred.weight_grad(grad_loss)
+            if deferred is not None:
+                grads[0].dh, dw, db = deferred.grads(grad_loss, need)
+                del deferred
+                if grads[0].dh is not None and ctx.call.vocab_slice is not None:
+                    all_reduce_hidden_grad(grads[0].dh, ctx.call.vocab_slice.group)
+                dh = _hidden_grad(grads, hidden) if need[0] else None
+                db = None if db is None else db.to(bias.dtype)
             else:
+                dh = _hidden_grad(grads, hidden, grad_loss) if need[0] else None
                 dw = None if dw is None or not need[1] else _scaled_once(dw, grad_loss, weight)
-            del deferred
-            db = None if db is None or not need[2] else _scaled_once(db, grad_loss, bias)
+                db = None if db is None or not need[2] else _scaled_once(db, grad_loss, bias)
         grad_kl = grad_rest[1] if ctx.ref is not None else None
         if grad_logp is not None or grad_kl is not None:  # a gradient from outside the loss: recompute that part
             extra = _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, need)
@@ -531,9 +553,12 @@ def _scaled_once(grad: torch.Tensor, grad_loss: torch.Tensor, like: torch.Tensor
     return torch.mul(grad, grad_loss, out=torch.empty(like.shape, dtype=like.dtype, device=like.device))
 
 
-def _scaled_hidden_grad(grads: list[_GroupGrads], grad_loss: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """The loss's ``dH`` like ``hidden``, each group's fp32 rows scaled by the upstream and rounded once."""
-    parts = [g.rows.scatter(g.dh.mul_(grad_loss), (*g.shape, hidden.shape[-1]), hidden.dtype) for g in grads]
+def _hidden_grad(grads: list[_GroupGrads], hidden: torch.Tensor, grad_loss: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The loss's ``dH`` like ``hidden``, each group's fp32 rows (scaled by ``grad_loss`` when they are not yet)
+    rounded once."""
+    parts = [g.rows.scatter(g.dh if grad_loss is None else g.dh.mul_(grad_loss), (*g.shape, hidden.shape[-1]),
+                            hidden.dtype) for g in grads]
     return _assemble(parts, grads, hidden.shape[:2])
 
 

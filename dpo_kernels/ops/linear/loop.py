@@ -46,10 +46,10 @@ from .contract import (
     StatRow,
     TileKernels,
     finish_lse,
-    finite_shift,
     logging_outputs,
     new_ref_stats,
     new_stats,
+    shift_factor,
 )
 from .kept import KeptTokens
 from .plan import TilePlan, plan_tiles
@@ -237,7 +237,8 @@ def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, product
     with no_autocast(hidden.device):
         head = LinearHead(hidden, weight, bias)
         if frozen_head[0]:
-            policy = AccumulatingSource.of(head, rows, products, with_q=ref is not None and frozen_head[1])
+            policy = AccumulatingSource.of(head, rows, products, with_q=ref is not None and frozen_head[1],
+                                           kernels=kernels)
         else:
             policy = GemmSource.of(head, rows, products)
         ref_source = None if ref is None else GemmSource.of(ref, rows, ref_products)
@@ -247,30 +248,29 @@ def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, product
             if ref_source is not None:
                 ref_source.operand_weight = operand_head(ref.weight, ref_products)
         stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device, plan)
-        # a frozen head's partial accumulators over a vocabulary slice are brought to the global maxima: keep the
-        # rank's own before they are combined
-        local_max = None
-        if frozen_head[0] and vocab_slice is not None:
-            local_max = (stats[StatRow.MAX].clone(), None if ref_stats is None else ref_stats[RefRow.MAX].clone())
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
     grads = None
     if frozen_head[0]:
         with no_autocast(hidden.device):
-            grads = hidden_grads(policy, stats, ref_stats, local_max, rows, opts, vocab_slice)
+            grads = hidden_grads(policy, stats, ref_stats, rows, opts, vocab_slice)
     return out, ForwardState(rows, lse, ref_lse, opts, kernels, ref, products, ref_products, vocab_slice, grads)
 
 
-def hidden_grads(policy: AccumulatingSource, stats, ref_stats, local_max, rows: KeptTokens, opts: TokenOptions,
+def hidden_grads(policy: AccumulatingSource, stats, ref_stats, rows: KeptTokens, opts: TokenOptions,
                  vocab_slice: VocabSlice | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A frozen head's ``(J, K)``, fp32 ``[n, D]`` (MATH.md §1): ``J = d logp / dh = t'(x_y) W_y - P / s`` and
     ``K = d KL / dh = P / s - Q / s_r`` (``None`` without the reference's accumulator), from the accumulators of
-    ``policy`` and the statistics (combined across a vocabulary-parallel group: each rank's partial sums are first
-    brought to the global maxima, ``local_max`` being the rank's own, then summed over the group with the label's
-    row, which one rank holds). ``P`` (and ``Q``) are overwritten."""
-    shift = finite_shift(stats[StatRow.MAX])
-    p = policy.p
-    if vocab_slice is not None:
-        p.mul_(torch.exp(local_max[0] - shift).unsqueeze(1))
+    ``policy``, each brought from its shift to the final max of the statistics (combined across a vocabulary-
+    parallel group: each rank's partial sums are brought to the global maxima, then summed over the group with the
+    label's row, which one rank holds). The accumulators are overwritten."""
+    p, q = policy.p, policy.q
+    # one pass over each accumulator: to the max, and (without a group to sum over first) by the sum
+    p_scale = shift_factor(p.shift, stats[StatRow.MAX])
+    q_scale = None if q is None else shift_factor(q.shift, ref_stats[RefRow.MAX])
+    if vocab_slice is None:
+        p_scale = p_scale.div_(stats[StatRow.SUM])
+        q_scale = None if q is None else q_scale.div_(ref_stats[RefRow.SUM])
+    p, q = p.values.mul_(p_scale.unsqueeze(1)), None if q is None else q.values.mul_(q_scale.unsqueeze(1))
     held = (rows.labels >= 0) & (rows.labels < policy.vocab)
     index = rows.labels.clamp(0, policy.vocab - 1)
     label_rows = (policy.products.operand(policy.weight[index]) if policy.operand_weight is None
@@ -278,20 +278,15 @@ def hidden_grads(policy: AccumulatingSource, stats, ref_stats, local_max, rows: 
     slope = torch.where(held, slope_at(stats[StatRow.LABEL_LOGIT], opts), torch.zeros((), dtype=p.dtype,
                                                                                          device=p.device))
     j = label_rows.mul_(slope.unsqueeze(1))
-    q = policy.q
-    if q is not None and vocab_slice is not None:
-        q.mul_(torch.exp(local_max[1] - finite_shift(ref_stats[RefRow.MAX])).unsqueeze(1))
     if vocab_slice is not None:
         summed = torch.stack([p, j] + ([] if q is None else [q]))
         torch.distributed.all_reduce(summed, group=vocab_slice.group)
-        p, j = summed[0], summed[1]
-        q = None if q is None else summed[2]
-    p = p.div_(stats[StatRow.SUM].unsqueeze(1))
+        p, j = summed[0].div_(stats[StatRow.SUM].unsqueeze(1)), summed[1]
+        q = None if q is None else summed[2].div_(ref_stats[RefRow.SUM].unsqueeze(1))
     j = j.sub_(p)
     if q is None:
         return j, None
-    return j, p.sub_(q.div_(ref_stats[RefRow.SUM].unsqueeze(1)))
-
+    return j, p.sub_(q)
 
 
 def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_kl, need: tuple[bool, bool, bool],

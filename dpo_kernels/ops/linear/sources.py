@@ -41,13 +41,13 @@ import torch
 from ...options import TokenOptions
 from ..common import LinearHead
 from .contract import (
+    Accumulator,
     LogitsTile,
     RefRow,
     ScaledTile,
     StatRow,
     TileKernels,
-    finite_shift,
-    fold_with_weights,
+    fold_shifted,
     scaled_grad,
 )
 from .kept import KeptTokens
@@ -192,53 +192,86 @@ class StoredSource(GemmSource):
 @dataclass
 class ScaledSource(GemmSource):
     """The eager schedule's source for bf16 GEMM operands (:func:`.plan.kept_store_dtype`): each tile is one
-    GEMM into fp32 scratch, folded, and kept as its softmax weights ``a = e^{z - m'} t'(x)`` (``fold_weights``) in
-    a :class:`TileStore` of :data:`.plan.SCALED_STORE_DTYPE`, 2 bytes a logit, with ``m'`` (the running max after
-    the tile) per token and vocabulary chunk; for a TDPO loss the reference's ``e^{zr - m_r'} t'(x)`` beside, in
-    ``ref_store``, so the reference source needs no store. After :meth:`filled`, :meth:`grad` forms ``dZ`` from
-    them without a GEMM or a logit (MATH.md §1):
+    GEMM into fp32 scratch, folded, and kept as its softmax weights ``a = e^{z - s'} t'(x)`` (``fold_shifted``: in
+    the fold's one pass over the tile) in a :class:`TileStore` of :data:`.plan.SCALED_STORE_DTYPE`, 2 bytes a logit,
+    with ``s'`` (the token's shift after the tile: at most its running max, and below it by at most the fp16
+    headroom, :func:`~.contract.shift_headroom`) per token and vocabulary chunk; for a TDPO loss the reference's
+    ``e^{zr - s_r'} t'(x)`` beside, in ``ref_store``, so the reference source needs no store. After :meth:`filled`,
+    :meth:`grad` forms ``dZ`` from them without a GEMM or a logit (MATH.md §1):
 
-    ``dZ = -(g - g_kl) e^{m' - lse} a - g_kl e^{m_r' - lse_r} a_r``, and at the label's column the exact
+    ``dZ = -(g - g_kl) e^{s' - lse} a - g_kl e^{s_r' - lse_r} a_r``, and at the label's column the exact
     ``t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y))`` from the label logits of the statistics.
 
-    Backward traffic per logit: 2 bytes read (4 with the reference), ``dZ`` written in the operand dtype."""
+    Backward traffic per logit: 2 bytes read (4 with the reference), ``dZ`` written in the operand dtype.
+
+    A store may hold only the first ``kept_vocab`` columns (whole vocabulary chunks, :meth:`keep`: the budget's
+    share): the other chunks are folded without keeping anything and recomputed by the backward (their GEMM and the
+    backend's ``grad``, the reference's tile too for a KL gradient, from ``ref_source``), as the recompute schedule
+    does, so that the GEMMs a store saves scale with the memory it is given."""
 
     store: TileStore | None = None
     ref_store: TileStore | None = None
-    maxes: dict = field(default_factory=dict)  # v0 -> [n] fp32: each token's running max after chunk v0's fold
+    kept_vocab: int = 0  # the store's columns: chunks [v0, v1) with v1 <= kept_vocab are kept, the rest recomputed
+    ref_source: "GemmSource | None" = None  # a KL gradient's reference, for the chunks that are recomputed
+    maxes: dict = field(default_factory=dict)  # v0 -> [n] fp32: each token's shift after chunk v0's fold
     ref_maxes: dict = field(default_factory=dict)
+    shifts: torch.Tensor | None = None  # [1 or 2, n]: the running shifts (fold_shifted) while the forward folds
     label_logits: tuple | None = None  # (z_y [n], zr_y [n] or None) after the forward: see filled
+    _buffers: tuple = field(default=(None, None), repr=False)
+    _store_dtype: torch.dtype | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, buffers: tuple, store_dtype: torch.dtype,
            operand_weight: torch.Tensor | None = None) -> "ScaledSource":
         """``buffers``: flat ``store_dtype`` buffers for the policy's weights and (``None`` without) the
-        reference's, at least ``n * vocab`` entries each."""
+        reference's, of ``n * c`` entries each for the first ``c`` columns kept: every column when they hold them,
+        else those :meth:`keep` sets."""
         source = super().of(head, rows, products, operand_weight)
-        device = source.h.device
-        source.store = TileStore(rows.n, source.vocab, store_dtype, device, buffers[0])
-        if buffers[1] is not None:
-            source.ref_store = TileStore(rows.n, source.vocab, store_dtype, device, buffers[1])
-        return source
+        source._buffers, source._store_dtype = buffers, store_dtype
+        return source.keep(((0, source.vocab),), None)
+
+    def keep(self, chunks, ref_source: "GemmSource | None") -> "ScaledSource":
+        """Keep the longest prefix of the vocabulary ``chunks`` (``[v0, v1)`` pairs, in order) that the buffers
+        hold; ``ref_source``: the reference head, whose tiles a KL gradient recomputes where a chunk is not kept."""
+        n, device = self.h.shape[0], self.h.device
+        room = self._buffers[0].numel() // max(n, 1)
+        self.kept_vocab = max((v1 for _, v1 in chunks if v1 <= room), default=0)
+        self.store = TileStore(n, self.kept_vocab, self._store_dtype, device, self._buffers[0])
+        if self._buffers[1] is not None:
+            self.ref_store = TileStore(n, self.kept_vocab, self._store_dtype, device, self._buffers[1])
+        self.ref_source = ref_source if self._buffers[1] is not None and self.kept_vocab < self.vocab else None
+        return self
 
     def scratch_bytes(self, device: torch.device) -> int:
         """The fp32 tile, and the kept weights where the tile budget counts kept tiles (the CPU)."""
-        kept = self.store.buffer.element_size() * (1 if self.ref_store is None else 2)
+        kept = self._store_dtype.itemsize * (1 if self._buffers[1] is None else 2)
         return self.out_dtype.itemsize + (kept if kept_tiles_count(device) else 0)
+
+    def _kept(self, v1: int) -> bool:
+        return v1 <= self.kept_vocab
 
     def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
              ref_stats, opts: TokenOptions) -> None:
         n0, n1, v0, v1 = block
+        if not self._kept(v1):  # recomputed by the backward: nothing kept
+            kernels.fold(tile, stats, ref_tile, ref_stats, opts)
+            return
+        if self.shifts is None:  # one per token (and the reference's), carried from chunk to chunk
+            self.shifts = torch.full((2 if self.ref_store is not None else 1, self.store.n), float("-inf"),
+                                     dtype=stats.dtype, device=stats.device)
         ref_weights = None if self.ref_store is None else self.ref_store.slot(*block)
-        fold_with_weights(kernels, tile, stats, ref_tile, ref_stats, opts, self.store.slot(*block), ref_weights)
-        self._keep_max(self.maxes, v0, n0, n1, stats[StatRow.MAX])
-        if ref_weights is not None:
-            self._keep_max(self.ref_maxes, v0, n0, n1, ref_stats[RefRow.MAX])
+        shift = Accumulator(None, self.shifts[0, n0:n1])
+        ref_shift = None if ref_weights is None else Accumulator(None, self.shifts[1, n0:n1])
+        fold_shifted(kernels, tile, stats, ref_tile, ref_stats, opts, self.store.slot(*block), ref_weights, shift,
+                     ref_shift)
+        self._keep_shift(self.maxes, v0, n0, n1, shift.shift)
+        if ref_shift is not None:
+            self._keep_shift(self.ref_maxes, v0, n0, n1, ref_shift.shift)
 
-    def _keep_max(self, maxes: dict, v0: int, n0: int, n1: int, m: torch.Tensor) -> None:
+    def _keep_shift(self, maxes: dict, v0: int, n0: int, n1: int, shift: torch.Tensor) -> None:
         if v0 not in maxes:
-            maxes[v0] = torch.empty(self.store.n, dtype=m.dtype, device=m.device)
-        maxes[v0][n0:n1].copy_(m)
+            maxes[v0] = torch.empty(self.store.n, dtype=shift.dtype, device=shift.device)
+        maxes[v0][n0:n1].copy_(shift)
 
     def filled(self, stats: torch.Tensor, ref_stats: torch.Tensor | None) -> "ScaledSource":
         """The source the backward reads, with the label logits of the forward's statistics (after a vocabulary-
@@ -247,13 +280,16 @@ class ScaledSource(GemmSource):
         return dataclasses.replace(self, label_logits=(stats[StatRow.LABEL_LOGIT], ref_label))
 
     def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor) -> LogitsTile:
-        if self.label_logits is not None:
+        if self.label_logits is not None and self._kept(v1):
             raise RuntimeError("a filled ScaledSource keeps softmax weights, not logits: its grad reads them")
         return super().tile(n0, n1, v0, v1, labels)
 
     def grad(self, kernels: TileKernels, block: tuple[int, int, int, int], labels: torch.Tensor, lse, g, ref_tile,
              ref_lse, g_kl, opts: TokenOptions, out: torch.Tensor | None) -> torch.Tensor:
         n0, n1, v0, v1 = block
+        if not self._kept(v1):  # the recompute schedule's tile: its GEMM (and the reference's), the backend's grad
+            ref_tile = None if g_kl is None else self.ref_source.tile(n0, n1, v0, v1, labels)
+            return super().grad(kernels, block, labels, lse, g, ref_tile, ref_lse, g_kl, opts, out)
         if out is None:  # dZ in the statistics dtype (operands widened, the CPU): the fp32 tile scratch holds it
             out = self._scratch.view(n1 - n0, v1 - v0)
         tile_labels = labels[n0:n1]
@@ -270,34 +306,46 @@ class ScaledSource(GemmSource):
 @dataclass
 class AccumulatingSource(GemmSource):
     """A frozen head (no gradient for the weight or the bias): besides folding each tile, its fold accumulates, per
-    token, ``P = sum_v e^{z_v - m} t'(x_v) W_v`` (``t'`` the logit transform's slope at the raw logit ``x``) and,
-    for a KL gradient, ``Q = sum_v e^{zr_v - m_r} t'(x_v) W_v`` with the reference's weights, each fp32 ``[n, D]``,
-    rescaled when a token's running maximum moves, as flash attention keeps its output. Divided by the final sums,
-    they give the gradient of the log-probs and of the KL with respect to the hidden states without a backward GEMM
-    (:func:`.loop.hidden_grads`). Cost: one more GEMM per tile (``2 n D V`` for ``P``, as many for ``Q``) in place
-    of the backward's recompute and ``dH`` GEMMs (``4 n D V``)."""
+    token, ``P = sum_v e^{z_v - s} t'(x_v) W_v`` (``t'`` the logit transform's slope at the raw logit ``x``) and,
+    for a KL gradient, ``Q = sum_v e^{zr_v - s_r} t'(x_v) W_v`` with the reference's weights, each an fp32
+    ``[n, D]`` :class:`~.contract.Accumulator` kept at a per-token shift ``s`` that trails the running max and moves
+    only when the max outgrows it (``fold_shifted``), as flash attention keeps its output. Brought to the final
+    maxima and divided by the final sums, they give the gradient of the log-probs and of the KL with respect to the
+    hidden states without a backward GEMM (:func:`.loop.hidden_grads`). Cost: one more GEMM per tile (``2 n D V``
+    for ``P``, as many for ``Q``) in place of the backward's recompute and ``dH`` GEMMs (``4 n D V``)."""
 
-    p: torch.Tensor | None = None
-    q: torch.Tensor | None = None
+    p: Accumulator | None = None
+    q: Accumulator | None = None
+    over_tile: bool = False  # the weights overwrite their tile (see of)
     _weights: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, operand_weight: torch.Tensor | None = None,
-           with_q: bool = False) -> "AccumulatingSource":
+           with_q: bool = False, kernels: TileKernels | None = None) -> "AccumulatingSource":
+        """``kernels``: the backend's; where it has no fused ``fold_shifted`` and the weights are in the tile's
+        dtype, they overwrite the tile they come from (the fallback reads each row before writing it), else they
+        take a scratch of their own."""
         source = super().of(head, rows, products, operand_weight)
+        source.over_tile = (products.operand_dtype == source.out_dtype
+                            and (kernels is None or kernels.fold_shifted is None))
         shape, sdt, device = (rows.n, source.dim), products.out_dtype, source.h.device
-        source.p = torch.zeros(shape, dtype=sdt, device=device)
-        source.q = torch.zeros(shape, dtype=sdt, device=device) if with_q else None
+
+        def accumulator() -> Accumulator:
+            return Accumulator(torch.zeros(shape, dtype=sdt, device=device),
+                               torch.full((rows.n,), float("-inf"), dtype=sdt, device=device))
+
+        source.p = accumulator()
+        source.q = accumulator() if with_q else None
         return source
 
     def scratch_bytes(self, device: torch.device) -> int:
-        """The tile, and its weights in the GEMM operand dtype when that is not the tile's (fp32 weights overwrite
-        the tile they come from)."""
-        operands = 0 if self.products.operand_dtype == self.out_dtype else self.products.operand_bytes
-        return self.out_dtype.itemsize + operands * (1 if self.q is None else 2)
+        """The tile, and its weights in the GEMM operand dtype unless they overwrite it (a fused ``fold_shifted``
+        may read a tile row again after writing its weights)."""
+        weights = 0 if self.over_tile else self.products.operand_bytes * (1 if self.q is None else 2)
+        return self.out_dtype.itemsize + weights
 
     def _weight_buffers(self, tile: LogitsTile, ref_tile: LogitsTile | None):
-        if self.products.operand_dtype == self.out_dtype:  # each row is read before its weights overwrite it
+        if self.over_tile:
             return tile.logits, None if self.q is None else ref_tile.logits
         if self._weights is None:
             self._weights = (_Scratch(self.products.operand_dtype, self.h.device),
@@ -308,17 +356,15 @@ class AccumulatingSource(GemmSource):
     def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
              ref_stats, opts: TokenOptions) -> None:
         n0, n1, v0, v1 = block
-        old = stats[StatRow.MAX].clone()
-        ref_old = None if self.q is None else ref_stats[RefRow.MAX].clone()
         weights, ref_weights = self._weight_buffers(tile, ref_tile)
-        fold_with_weights(kernels, tile, stats, ref_tile, ref_stats, opts, weights, ref_weights)
-        self._accumulate(self.p[n0:n1], weights, old, stats[StatRow.MAX], (v0, v1))
-        if self.q is not None:
-            self._accumulate(self.q[n0:n1], ref_weights, ref_old, ref_stats[RefRow.MAX], (v0, v1))
+        p = _rows(self.p, n0, n1)
+        q = None if self.q is None else _rows(self.q, n0, n1)
+        fold_shifted(kernels, tile, stats, ref_tile, ref_stats, opts, weights, ref_weights, p, q)
+        chunk = self.weight_chunk(v0, v1)
+        self.products.accumulate(p.values, weights, chunk)
+        if q is not None:
+            self.products.accumulate(q.values, ref_weights, chunk)
 
-    def _accumulate(self, acc: torch.Tensor, weights: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
-                    columns: tuple[int, int]) -> None:
-        """``acc = acc e^{m_old - m_new} + weights W_c`` (:func:`~.contract.finite_shift` for a maximum still
-        ``-inf``)."""
-        acc.mul_(torch.exp(old - finite_shift(new)).unsqueeze(1))
-        self.products.accumulate(acc, weights, self.weight_chunk(*columns))
+
+def _rows(acc: Accumulator, n0: int, n1: int) -> Accumulator:
+    return Accumulator(acc.values[n0:n1], acc.shift[n0:n1])

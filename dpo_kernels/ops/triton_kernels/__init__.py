@@ -13,9 +13,9 @@ from ..linear.contract import TileKernels
 from ..logits_path import LogitsKernels
 from .launch import require_supported_dtype
 from .logits import logits_backward, logits_fold, logits_forward
-from .tiles import fold_tile, fold_tile_weights, grad_tile, scaled_grad
+from .tiles import fold_shifted, fold_tile, fold_tile_weights, grad_tile, scaled_grad
 
 KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
                          tiles=TileKernels(fold=fold_tile, grad=grad_tile, fold_weights=fold_tile_weights,
-                                           scaled_grad=scaled_grad),
+                                           scaled_grad=scaled_grad, fold_shifted=fold_shifted),
                          check=require_supported_dtype)

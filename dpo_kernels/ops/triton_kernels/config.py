@@ -37,12 +37,15 @@ GRAD_BLOCKS = (1024, 512, 256)  # the gradient kernel's column blocks, widest fi
 
 def tile_row_config(width: int, elementwise: bool = False, with_reference: bool = False) -> RowConfig:
     """Tile kernels over fp32 tiles of ``width`` columns: the fold walks a token's row in ``BLOCK_V`` steps, 8 fp32
-    values per thread (two 16-byte loads), 4 per row with a reference; the gradient kernel gives each program one
-    ``BLOCK_V`` column block, 4 values per thread and tensor (one 16-byte load), the widest of :data:`GRAD_BLOCKS`
-    that leaves at most 1/16 of its lanes idle over the row (else the one that leaves fewest): the plan's chunks are
-    multiples of 256 columns, so a 2560-wide tile takes 512-wide blocks instead of three 1024-wide ones with a sixth
-    of the lanes idle. (16 values per thread spilled the fold with a bias on sm_90; under Triton 3.6, 8 per thread
-    spilled the fold with a KL and the filtered gradient on sm_80, where ptxas aims at 40-64 registers.)"""
+    values per thread (two 16-byte loads), 4 per row with a reference or with a frozen head's shifted weights (their
+    loop carries the shifts and writes the weights); the gradient kernel gives each program one ``BLOCK_V`` column
+    block, 4 values per thread and tensor (one 16-byte load), the widest of :data:`GRAD_BLOCKS` that leaves at most
+    1/16 of its lanes idle over the row (else the one that leaves fewest): the plan's chunks are multiples of 256
+    columns, so a 2560-wide tile takes 512-wide blocks instead of three 1024-wide ones with a sixth of the lanes idle.
+    (16 values per thread spilled the fold with a bias on sm_90; under Triton 3.6, 8 per thread spilled the fold with
+    a KL and the filtered gradient on sm_80, where ptxas aims at 40-64 registers. The shifted fold with a KL keeps
+    one value across its row loop in local memory under Triton 3.6 at 1, 2 or 4 values per thread alike: outside
+    the loop, one store and one load per row.)"""
     if not elementwise:
         block_v = max(16, min(triton.next_power_of_2(width), 1024 if with_reference else 2048))
     elif width <= GRAD_BLOCKS[-1]:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ...options import TokenOptions
-from ..linear.contract import LogitsTile, RefRow, ScaledTile, StatRow, has_logging_rows
+from ..linear.contract import Accumulator, LogitsTile, RefRow, ScaledTile, StatRow, has_logging_rows
 from .config import tile_row_config
 from .jit_helpers import LOWEST, fold_reference_block, load_biased, transform, transform_and_slope
 from .launch import on_device, transform_args
@@ -48,18 +48,35 @@ _REF_LABEL_LOGIT, _REF_WEIGHTED = tl.constexpr(RefRow.LABEL_LOGIT.value), tl.con
     "HAS_REF_BIAS": lambda a: a["ref_bias_ptr"] is not None,
     "WEIGHTS": lambda a: a["weights_ptr"] is not None,
     "REF_WEIGHTS": lambda a: a["ref_weights_ptr"] is not None,
+    "SHIFTED": lambda a: a["shift_ptr"] is not None,
+    "SUMS": lambda a: a["acc_ptr"] is not None,
 })
 @triton.jit
 def _fold_tile_kernel(
     x_ptr, bias_ptr, xr_ptr, ref_bias_ptr, labels_ptr, stats_ptr, stats_stride, ref_stats_ptr, ref_stats_stride,
-    weights_ptr, ref_weights_ptr, width, v0, logit_scale, softcap, inv_temperature,
+    weights_ptr, ref_weights_ptr, acc_ptr, shift_ptr, ref_acc_ptr, ref_shift_ptr, acc_stride, dim, headroom,
+    width, v0, logit_scale, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, LOGGING: tl.constexpr,
-    WEIGHTS: tl.constexpr, REF_WEIGHTS: tl.constexpr,
+    WEIGHTS: tl.constexpr, REF_WEIGHTS: tl.constexpr, SHIFTED: tl.constexpr, SUMS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * width
     label_col = tl.load(labels_ptr + row) - v0
+    if SHIFTED:  # fold_shifted: the weights at the accumulators' shifts, written in this one pass
+        hit = (label_col >= 0) & (label_col < width)
+        # the label logits first: the row's weights may overwrite its tile (fp32 operands)
+        _store_label_logit(hit, x_row, bias_ptr, label_col, stats_ptr + row + _LABEL_LOGIT * stats_stride,
+                           logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        if HAS_REF:
+            _store_label_logit(hit, xr_ptr + row * width, ref_bias_ptr, label_col,
+                               ref_stats_ptr + row + _REF_LABEL_LOGIT * ref_stats_stride, logit_scale, softcap,
+                               inv_temperature, HAS_REF_BIAS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        shift = tl.load(shift_ptr + row)  # stored after the row: its slot holds the shift before the tile till then
+        ref_shift = 0.0
+        if REF_WEIGHTS:
+            ref_shift = tl.load(ref_shift_ptr + row)
+        stale = shift != shift  # False (a shift is never NaN)
     # the running maxima are scalars (one cross-warp reduction per block); every sum is kept per lane and reduced once
     m = LOWEST
     s = tl.zeros((BLOCK_V,), dtype=tl.float32)
@@ -74,7 +91,11 @@ def _fold_tile_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < width
         x = load_biased(x_row, bias_ptr, cols, inside, HAS_BIAS)
-        z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        if SHIFTED:
+            z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                           HAS_TEMPERATURE)
+        else:
+            z = transform(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         z_masked = tl.where(inside, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=0))
         rescale = tl.exp(m - m_new)
@@ -91,6 +112,21 @@ def _fold_tile_kernel(
             xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
             m_r, s_r, w = fold_reference_block(z, zr, inside, m_r, s_r, w)
+        if SHIFTED:
+            # a shift moves only when the max outgrows it by the headroom (rare after a row's first block); blocks
+            # already written at a finite shift are then stale, and the row is written again after the loop
+            move = (m > shift + headroom) & (m > LOWEST)
+            stale = stale | (move & (shift > float("-inf")))
+            shift = tl.where(move, m, shift)
+            if REF_WEIGHTS:
+                ref_move = (m_r > ref_shift + headroom) & (m_r > LOWEST)
+                stale = stale | (ref_move & (ref_shift > float("-inf")))
+                ref_shift = tl.where(ref_move, m_r, ref_shift)
+            # a shift still -inf means every logit so far was -inf: shifted by 0, their weights are 0
+            tl.store(weights_ptr + row * width + cols, tl.exp(z - tl.where(shift == float("-inf"), 0.0, shift)) * slope, mask=inside)
+            if REF_WEIGHTS:
+                tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - tl.where(ref_shift == float("-inf"), 0.0, ref_shift)) * slope,
+                         mask=inside)
     s = tl.sum(s, axis=0)
     s_r = tl.sum(s_r, axis=0)
     w = tl.sum(w, axis=0)
@@ -100,7 +136,6 @@ def _fold_tile_kernel(
         logit_sum = tl.sum(logit_sum, axis=0)
         before = tl.max(before, axis=0)
 
-    hit = (label_col >= 0) & (label_col < width)
     st = stats_ptr + row  # row r of this token's statistics at st + r * stats_stride (contract.StatRow)
     old_m = tl.load(st + _MAX * stats_stride)
     old_s = tl.load(st + _SUM * stats_stride)
@@ -117,12 +152,10 @@ def _fold_tile_kernel(
         tl.store(sum_row, tl.load(sum_row) + logit_sum)
         before_row = st + _MAX_BEFORE_LABEL * stats_stride
         tl.store(before_row, tl.maximum(tl.load(before_row), before))
-    if hit:  # the label's logit read once, not picked out of every block by a reduction
-        x_label = tl.load(x_row + label_col)
-        if HAS_BIAS:
-            x_label += tl.load(bias_ptr + label_col)
-        z_label = transform(x_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        tl.store(st + _LABEL_LOGIT * stats_stride, z_label)
+    if not SHIFTED:
+        hit = (label_col >= 0) & (label_col < width)
+        _store_label_logit(hit, x_row, bias_ptr, label_col, st + _LABEL_LOGIT * stats_stride, logit_scale, softcap,
+                           inv_temperature, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
     if HAS_REF:
         rst = ref_stats_ptr + row  # contract.RefRow
         old_m_r = tl.load(rst + _REF_MAX * ref_stats_stride)
@@ -133,25 +166,79 @@ def _fold_tile_kernel(
         tl.store(rst + _REF_MAX * ref_stats_stride, big_r)
         tl.store(rst + _REF_SUM * ref_stats_stride, old_s_r * f_old + s_r * f_new)
         tl.store(rst + _REF_WEIGHTED * ref_stats_stride, old_w * f_old + w * f_new)
-        if hit:
-            xr_label = tl.load(xr_ptr + row * width + label_col)
-            if HAS_REF_BIAS:
-                xr_label += tl.load(ref_bias_ptr + label_col)
-            zr_label = transform(xr_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
-                                 HAS_TEMPERATURE)
-            tl.store(rst + _REF_LABEL_LOGIT * ref_stats_stride, zr_label)
-    if WEIGHTS:  # fold_weights: a second pass over the row (from L2), e^{z - m'} t'(x) at the row's new maxima
-        for start in range(0, width, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            inside = cols < width
-            x = load_biased(x_row, bias_ptr, cols, inside, HAS_BIAS)
-            z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
-                                           HAS_TEMPERATURE)
+        if not SHIFTED:
+            _store_label_logit(hit, xr_ptr + row * width, ref_bias_ptr, label_col,
+                               rst + _REF_LABEL_LOGIT * ref_stats_stride, logit_scale, softcap, inv_temperature,
+                               HAS_REF_BIAS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+    if SHIFTED:
+        if stale:  # the rare row whose shift moved within the tile: written again at its final shifts
+            at = tl.where(shift == float("-inf"), 0.0, shift)
+            ref_at = at
             if REF_WEIGHTS:
-                xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
-                zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-                tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - big_r) * slope, mask=inside)
-            tl.store(weights_ptr + row * width + cols, tl.exp(z - big) * slope, mask=inside)
+                ref_at = tl.where(ref_shift == float("-inf"), 0.0, ref_shift)
+            _write_weights(x_row, bias_ptr, xr_ptr, ref_bias_ptr, weights_ptr, ref_weights_ptr, row, width, at,
+                           ref_at, logit_scale, softcap, inv_temperature,
+                           HAS_BIAS, HAS_REF_BIAS, REF_WEIGHTS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
+        # the accumulator rows whose shift moved from a finite one are brought to it (rows at -inf hold 0)
+        if SUMS:
+            _move_accumulator_row(acc_ptr + row * acc_stride, shift_ptr + row, shift, dim, BLOCK_V)
+        tl.store(shift_ptr + row, shift)
+        if REF_WEIGHTS:
+            if SUMS:
+                _move_accumulator_row(ref_acc_ptr + row * acc_stride, ref_shift_ptr + row, ref_shift, dim, BLOCK_V)
+            tl.store(ref_shift_ptr + row, ref_shift)
+    elif WEIGHTS:  # fold_weights: a second pass over the row (from L2), e^{z - m'} t'(x) at the row's new maxima
+        ref_at = big
+        if REF_WEIGHTS:
+            ref_at = big_r
+        _write_weights(x_row, bias_ptr, xr_ptr, ref_bias_ptr, weights_ptr, ref_weights_ptr, row, width, big, ref_at,
+                       logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_REF_BIAS, REF_WEIGHTS, HAS_SCALE, HAS_SOFTCAP,
+                       HAS_TEMPERATURE, BLOCK_V)
+
+
+@triton.jit
+def _write_weights(x_row, bias_ptr, xr_ptr, ref_bias_ptr, weights_ptr, ref_weights_ptr, row, width, at, ref_at,
+                   logit_scale, softcap, inv_temperature, HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
+                   REF_WEIGHTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A pass over a tile row writing its softmax weights ``e^{z - at} t'(x)`` (and the reference's
+    ``e^{zr - ref_at} t'(x)``) from its logits."""
+    for start in range(0, width, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < width
+        x = load_biased(x_row, bias_ptr, cols, inside, HAS_BIAS)
+        z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        if REF_WEIGHTS:
+            xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
+            zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+            tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - ref_at) * slope, mask=inside)
+        tl.store(weights_ptr + row * width + cols, tl.exp(z - at) * slope, mask=inside)
+
+
+@triton.jit
+def _store_label_logit(hit, x_row, bias_ptr, label_col, slot, logit_scale, softcap, inv_temperature,
+                       HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       HAS_TEMPERATURE: tl.constexpr):
+    """The label's transformed logit of one tile row into its statistics ``slot``, where the label falls in the
+    tile: read once, not picked out of every block by a reduction."""
+    if hit:
+        x_label = tl.load(x_row + label_col)
+        if HAS_BIAS:
+            x_label += tl.load(bias_ptr + label_col)
+        tl.store(slot, transform(x_label, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                 HAS_TEMPERATURE))
+
+
+@triton.jit
+def _move_accumulator_row(acc_row, shift_slot, new, dim, BLOCK: tl.constexpr):
+    """``acc_row *= e^{old - new}`` where the shift moved from a finite ``old`` (the one still in ``shift_slot``)."""
+    old = tl.load(shift_slot)
+    if (new != old) & (old > float("-inf")):
+        factor = tl.exp(old - new)
+        for start in range(0, dim, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < dim
+            tl.store(acc_row + cols, tl.load(acc_row + cols, mask=inside) * factor, mask=inside)
 
 
 @triton.heuristics({
@@ -238,21 +325,50 @@ def _scaled_grad_kernel(
 
 def fold_tile(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions) -> None:
     """The ``fold`` kernel of :mod:`dpo_kernels.ops.linear.contract` (fp32 tiles)."""
-    fold_tile_weights(tile, stats, ref, ref_stats, opts, None, None)
+    _fold(tile, stats, ref, ref_stats, opts, None, None)
 
 
 def fold_tile_weights(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights,
                       ref_weights) -> None:
     """The ``fold_weights`` kernel (``fold`` without ``weights``): the fold, then a second pass over each row writing
-    a frozen head's softmax weights (fp32, or the bf16/fp16 GEMM operands; each may be its tile itself)."""
+    its softmax weights (fp32, or the bf16/fp16 GEMM operands, or the fp16 scaled store; each may be its tile)."""
+    _fold(tile, stats, ref, ref_stats, opts, weights, ref_weights)
+
+
+def fold_shifted(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights,
+                 ref_weights, acc: Accumulator, ref_acc: Accumulator | None, headroom: float) -> None:
+    """The ``fold_shifted`` kernel: the fold and a frozen head's weights at the accumulators' shifts in one pass over
+    each row (a second pass over the rare row whose shift moved after its weights were written), then the
+    accumulator rows whose shift moved rescaled; 4 bytes a logit read (8 with the reference), the weights
+    written."""
+    if tile.logits.numel() and (weights.data_ptr() == tile.logits.data_ptr() or (
+            ref_weights is not None and ref is not None and ref_weights.data_ptr() == ref.logits.data_ptr())):
+        raise ValueError("fold_shifted: the weights may not overwrite their tile (a moved shift rereads it)")
+    sums = acc.values is not None
+    if ref_acc is not None and (ref_acc.values is not None) != sums:
+        raise ValueError("fold_shifted: both accumulators keep sums, or neither")
+    if sums and ((ref_acc is not None and ref_acc.values.stride() != acc.values.stride())
+                 or acc.values.stride(1) != 1):
+        raise ValueError("fold_shifted: the accumulators' rows must be contiguous and share their stride")
+    if not acc.shift.is_contiguous() or (ref_acc is not None and not ref_acc.shift.is_contiguous()):
+        raise ValueError("fold_shifted: the shifts must be contiguous")
+    _fold(tile, stats, ref, ref_stats, opts, weights, ref_weights, acc, ref_acc, headroom)
+
+
+def _fold(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights, ref_weights,
+          acc: Accumulator | None = None, ref_acc: Accumulator | None = None, headroom: float = 0.0) -> None:
     n, width = tile.logits.shape
     if n == 0:
         return
-    cfg = tile_row_config(width, with_reference=ref is not None)
+    cfg = tile_row_config(width, with_reference=ref is not None or acc is not None)
     with on_device(tile.logits):
         _fold_tile_kernel[(n,)](
             tile.logits, tile.bias, None if ref is None else ref.logits, None if ref is None else ref.bias, tile.labels,
             stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), weights, ref_weights,
+            None if acc is None else acc.values, None if acc is None else acc.shift,
+            None if ref_acc is None else ref_acc.values, None if ref_acc is None else ref_acc.shift,
+            0 if acc is None or acc.values is None else acc.values.stride(0),
+            0 if acc is None or acc.values is None else acc.values.shape[1], headroom,
             width, tile.v0, **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
