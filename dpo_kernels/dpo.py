@@ -245,9 +245,12 @@ def fused_dpo_loss(
     ``ld_alpha`` (LD-DPO, as TRL: the sequence log-probs of policy and reference weigh the tokens of each response
     past the first ``min(len_w, len_l)`` of its pair by ``ld_alpha``; precomputed ``[2B]`` ``ref_logps`` are taken as
     already weighted); the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
-    and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` computes the policy's gradients
-    in the forward, over groups of whole pairs whose kept tiles fit ``eager_budget_mb``; ``"recompute"`` recomputes
-    the tiles in the backward; ``"auto"``, the default, takes eager where it can run, see
+    and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` keeps what the policy's
+    gradients need from the forward within ``eager_budget_mb``: bf16 GEMM operands keep each logit's softmax weight
+    in fp16, the vocabulary chunks that fit, and the backward forms every gradient from them in one pass,
+    recomputing the others; otherwise the fp32 tiles of groups of whole pairs, their gradients formed in the
+    forward; ``"recompute"`` recomputes the tiles in the backward; ``"auto"``, the default, takes eager where it can
+    run and, on an accelerator, is estimated faster, see
     :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the
     tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and

@@ -1,28 +1,34 @@
-"""The eager schedule of the fused objectives from hidden states: the policy's gradients computed in the forward.
+"""The eager schedule of the fused objectives from hidden states: what the policy's gradients need kept from the
+forward, so that no tile is recomputed.
 
 Inside :func:`dpo_kernels.fused_dpo_loss` the loss is computed in the same call as the log-probs, so once the forward
 over a group of **whole pairs** (rows ``b`` and ``b + B`` of the ``2B`` rows, with their reference) is done, the
-gradient of the loss with respect to each of their tokens' log-probs and KL is known. This schedule keeps the group's
-tiles from the forward and finishes ``dZ``, ``dH`` and ``dW`` straight away, through the one tile loop of
-:mod:`.loop` (its :class:`~.sources.StoredSource` reads the kept tiles back instead of recomputing them):
+gradient of the loss with respect to each of their tokens' log-probs and KL is known. This schedule keeps the
+group's tiles from the forward and forms ``dZ``, ``dH`` and ``dW`` from them through the one tile loop of
+:mod:`.loop` (its stored sources read the kept tiles back instead of recomputing them):
 
-- per group: one GEMM per tile into the group's :class:`~.sources.TileStore` (the policy's; the reference's too for a
-  TDPO loss, whose KL gradient reads it), ``kernels.fold``, the statistics, the group's loss and its per-token
-  upstream (autograd over the ``[2B_g, T]`` statistics), then ``kernels.grad`` over the kept tiles, ``dH`` (fp32
-  accumulator) and ``dW`` (fp32 accumulation inside the GEMMs);
-- the backward scales what the forward computed by the loss's upstream gradient (gradient accumulation, loss
-  weights, a GradScaler); a gradient that reaches the returned per-token log-probs or KL from outside the loss is
-  exact: it runs the recompute backward of :mod:`.loop` for that part alone.
+- bf16 GEMM operands (an accelerator under bf16 autocast, a bf16 model): every pair in one group, each logit kept as
+  its softmax weight in fp16 with the exact label logit (:class:`~.sources.ScaledSource`,
+  :func:`~.plan.kept_store_dtype`), ``2 V`` bytes a kept token, ``4 V`` for TDPO; the forward folds and computes
+  the loss and its per-token upstream (autograd over the ``[2B, T]`` statistics), and the backward forms ``dZ``
+  once with the loss's upstream scale inside, then ``dH``, ``dW`` and ``db`` (:class:`_DeferredGrads`). A store
+  larger than ``eager_budget_mb`` keeps the vocabulary chunks that fit; the backward recomputes the others as the
+  recompute schedule does;
+- otherwise (fp32 or fp16 operands, the CPU, ``grad_filter_eps``): per group, one GEMM per tile into the group's
+  :class:`~.sources.TileStore` (the GEMM output, bit-identical to what the recompute schedule would recompute,
+  ``4 V`` bytes a token, ``8 V`` for fp64, twice that for TDPO, whose KL gradient reads the reference's),
+  ``kernels.fold``, the statistics, the group's loss and upstream, then ``kernels.grad`` over the kept tiles,
+  ``dH`` (fp32 accumulator) and ``dW`` (fp32 accumulation inside the GEMMs); the backward scales what the forward
+  computed by the loss's upstream gradient (gradient accumulation, loss weights, a GradScaler). From the forward to
+  the backward it holds the fp32 ``dH [n, D]`` and ``dW`` (which the recompute schedule allocates in the backward,
+  while the same activations are alive);
+- a gradient that reaches the returned per-token log-probs or KL from outside the loss is exact: it runs the
+  recompute backward of :mod:`.loop` for that part alone.
 
 FLOPs at ``n`` kept tokens, head ``[V, D]``: ``6 n D V`` for the policy (forward, ``dH``, ``dW``; ``4 n D V`` with a
 frozen head) plus ``2 n D V`` for the reference, against ``8 + 2`` for the recompute schedule (``8 + 4`` for TDPO,
-which recomputes the reference in the backward). Memory, per kept token of a group within ``eager_budget_mb``
-(:mod:`.plan`): for bf16 GEMM operands (an accelerator under bf16 autocast, a bf16 model) the tiles' softmax weights
-in fp16 and the exact label logit (:class:`~.sources.ScaledSource`, :func:`~.plan.kept_store_dtype`), ``2 V``
-bytes, ``4 V`` for TDPO; otherwise the tiles themselves (the GEMM output, bit-identical to what the recompute
-schedule would recompute), ``4 V`` bytes (``8 V`` for fp64), twice that for TDPO. From the forward to the backward
-it holds the fp32 ``dH [n, D]`` and ``dW`` (which the recompute schedule allocates in the backward, while the same
-activations are alive).
+which recomputes the reference in the backward); a partial store adds back the recompute of the chunks it does not
+keep. Memory: the store within ``eager_budget_mb`` (:mod:`.plan`).
 
 The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
 accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. Over
