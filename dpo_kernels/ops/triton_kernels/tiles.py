@@ -6,7 +6,10 @@ operands on the tensor cores, fp32 output); these kernels are the memory-bound p
 - ``_fold_tile_kernel``: one program per token walks its row of the fp32 tile in ``BLOCK_V`` steps (one exp per
   logit, one more per reference logit), then merges into the running statistics ``[3, n]`` (``[4, n]`` for the
   reference: max, sum, label logit, and ``w = sum_v e^{zr_v - mr} (zr_v - z_v)``; on request also the rows
-  trainers only log). Reads the tile once (4 bytes per logit, 8 with a reference), writes ``O(n)``.
+  trainers only log). Reads the tile once (4 bytes per logit, 8 with a reference), writes ``O(n)``. The same kernel
+  is ``fold_weights`` (then a second pass over each row writing its softmax weights at the new maxima) and
+  ``fold_shifted`` (the weights written in the one pass at each token's shift, which moves only when the max
+  outgrows it: a second pass only for such a row, and only then its accumulator row rescaled).
 - ``_scaled_grad_kernel``: the same grid over a tile kept as fp16 softmax weights (the eager schedule's scaled
   store): ``dZ`` from the weights, each row's shift and the exact label logit, 2 bytes read per logit (4 with the
   reference), one launch a tile.
@@ -16,8 +19,8 @@ operands on the tensor cores, fp32 output); these kernels are the memory-bound p
   program, on a single float.
 
 Both are memory bound; what that traffic costs next to the GEMMs at the Llama-3 head is the design target computed
-in :mod:`dpo_kernels.ops.linear.loop`'s docstring (from peak rates, not measured). Absent buffers are ``None`` and their constexpr flags are derived by
-``triton.heuristics``.
+in :mod:`dpo_kernels.ops.linear.loop`'s docstring (from peak rates, not measured). Absent buffers are ``None`` and
+their constexpr flags are derived by ``triton.heuristics``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _fold_tile_kernel(
     label_col = tl.load(labels_ptr + row) - v0
     if SHIFTED:  # fold_shifted: the weights at the accumulators' shifts, written in this one pass
         hit = (label_col >= 0) & (label_col < width)
-        # the label logits first: the row's weights may overwrite its tile (fp32 operands)
+        # the label logits first (read after the row loop, they cost a Triton 3.6 build a spill inside a loop)
         _store_label_logit(hit, x_row, bias_ptr, label_col, stats_ptr + row + _LABEL_LOGIT * stats_stride,
                            logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
         if HAS_REF:
@@ -123,10 +126,11 @@ def _fold_tile_kernel(
                 stale = stale | (ref_move & (ref_shift > float("-inf")))
                 ref_shift = tl.where(ref_move, m_r, ref_shift)
             # a shift still -inf means every logit so far was -inf: shifted by 0, their weights are 0
-            tl.store(weights_ptr + row * width + cols, tl.exp(z - tl.where(shift == float("-inf"), 0.0, shift)) * slope, mask=inside)
+            at = tl.where(shift == float("-inf"), 0.0, shift)
+            tl.store(weights_ptr + row * width + cols, tl.exp(z - at) * slope, mask=inside)
             if REF_WEIGHTS:
-                tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - tl.where(ref_shift == float("-inf"), 0.0, ref_shift)) * slope,
-                         mask=inside)
+                ref_at = tl.where(ref_shift == float("-inf"), 0.0, ref_shift)
+                tl.store(ref_weights_ptr + row * width + cols, tl.exp(zr - ref_at) * slope, mask=inside)
     s = tl.sum(s, axis=0)
     s_r = tl.sum(s_r, axis=0)
     w = tl.sum(w, axis=0)
@@ -192,8 +196,8 @@ def _fold_tile_kernel(
         if REF_WEIGHTS:
             ref_at = big_r
         _write_weights(x_row, bias_ptr, xr_ptr, ref_bias_ptr, weights_ptr, ref_weights_ptr, row, width, big, ref_at,
-                       logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_REF_BIAS, REF_WEIGHTS, HAS_SCALE, HAS_SOFTCAP,
-                       HAS_TEMPERATURE, BLOCK_V)
+                       logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_REF_BIAS, REF_WEIGHTS, HAS_SCALE,
+                       HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
 
 
 @triton.jit
@@ -207,7 +211,8 @@ def _write_weights(x_row, bias_ptr, xr_ptr, ref_bias_ptr, weights_ptr, ref_weigh
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < width
         x = load_biased(x_row, bias_ptr, cols, inside, HAS_BIAS)
-        z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
+        z, slope = transform_and_slope(x, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP,
+                                       HAS_TEMPERATURE)
         if REF_WEIGHTS:
             xr = load_biased(xr_ptr + row * width, ref_bias_ptr, cols, inside, HAS_REF_BIAS)
             zr = transform(xr, logit_scale, softcap, inv_temperature, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
