@@ -325,7 +325,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
     plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
     if scaled:
-        policy.keep(list(plan.vocab_chunks(vocab)), ref_source)
+        policy.keep(list(plan.vocab_chunks(vocab)), ref_source, call.groups.store_vocab)
     with no_autocast(device):
         stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan)
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,

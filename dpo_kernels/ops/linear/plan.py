@@ -73,10 +73,11 @@ def tile_budget_bytes(opts: TokenOptions, device: torch.device, n: int | None = 
 DEFAULTS_TEXT = (f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU; on accelerators derived from the backward's traffic, "
                  f"{ACCELERATOR_TILE_BUDGET_MB:g} to {ACCELERATOR_TILE_BUDGET_CAP_MB:g} MiB")
 
-# The eager schedule's budget (dpo_kernels.ops.linear.eager): the kept tiles of a group of pairs, 2 V bytes per kept
-# token for bf16 operands (kept_store_dtype), 4 V for fp32 (twice that for TDPO), plus the fp32 weight-gradient
-# accumulator of a half weight over several groups. On an accelerator 2 GiB holds about 8k tokens of bf16 operands
-# over a 128k vocabulary (4k of fp32); on the CPU, 1 GiB.
+# The eager schedule's budget (dpo_kernels.ops.linear.eager): the kept tiles, 2 V bytes per kept token for bf16
+# operands (kept_store_dtype; a store larger than the budget keeps the vocabulary chunks that fit and the backward
+# recomputes the others), 4 V for fp32 in groups of pairs (twice that for TDPO), plus the fp32 weight-gradient
+# accumulator of a half weight over several such groups. On an accelerator 2 GiB holds about 8k tokens of bf16
+# operands over a 128k vocabulary whole (4k of fp32); on the CPU, 1 GiB.
 DEFAULT_EAGER_BUDGET_MB = {"cpu": 1024.0}
 ACCELERATOR_EAGER_BUDGET_MB = 2048.0
 EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_EAGER_BUDGET_MB:g} on "
@@ -85,13 +86,13 @@ EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELER
 
 # What the eager schedule keeps of each logit. Where the GEMM operands are bf16 (an accelerator under bf16 autocast,
 # or a bf16 model), ``dZ`` goes to its GEMMs rounded to bf16, so the store keeps the tile's softmax weights
-# ``e^{z - m'} t'(x)`` (``m'`` the token's running max after the tile, ``t'`` the transform's slope) in fp16, 2 bytes a
-# logit, with ``m'`` per token and vocabulary chunk beside (:class:`.sources.ScaledSource`); the backward forms ``dZ``
-# from them and the exact label logit. The weights lie in ``[0, slope]``, where fp16's unit roundoff (``2^-11``) is 8
-# times finer than bf16's (``2^-8``): before its one rounding to bf16 the kept ``dZ`` is off by at most ``2^-11``
-# relative, so it ends at most 1.125 times bf16's rounding error per entry (about 1.01 times its RMS). Entries below
-# fp16's normal range (``6e-5`` of the slope, far below the tile's largest) keep an absolute error under ``3e-8`` of
-# it. Everything else keeps the tiles themselves in the statistics dtype, 4 bytes a logit (8 for fp64): fp32 operands
+# ``e^{z - c} t'(x)`` (``c`` the token's shift after the tile: at most its running max, below it by at most fp16's
+# headroom, contract.shift_headroom; ``t'`` the transform's slope) in fp16, 2 bytes a logit, with ``c`` per token and
+# vocabulary chunk beside (:class:`.sources.ScaledSource`); the backward forms ``dZ`` from them and the exact label
+# logit. The weights stay below fp16's largest value, and fp16's unit roundoff (``2^-11``) is 8 times finer than
+# bf16's (``2^-8``): before its one rounding to bf16 the kept ``dZ`` is off by at most ``2^-11`` relative, so it ends
+# at most 1.125 times bf16's rounding error per entry (about 1.01 times its RMS). Entries below fp16's normal range
+# (``6e-5`` of the slope at the shift, far below the tile's largest) keep an absolute error under ``3e-8`` of it. Everything else keeps the tiles themselves in the statistics dtype, 4 bytes a logit (8 for fp64): fp32 operands
 # (the CPU widens half products to them; its ``dZ`` stays fp32), fp16 operands (an fp16 store would be no finer than
 # their own rounding), a call with ``grad_filter_eps`` (its test reads ``p`` itself), or a slope
 # ``logit_scale / temperature`` outside ``[2^-8, 2^8]`` (the weights would leave fp16's range).

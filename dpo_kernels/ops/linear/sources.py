@@ -230,11 +230,14 @@ class ScaledSource(GemmSource):
         source._buffers, source._store_dtype = buffers, store_dtype
         return source.keep(((0, source.vocab),), None)
 
-    def keep(self, chunks, ref_source: "GemmSource | None") -> "ScaledSource":
-        """Keep the longest prefix of the vocabulary ``chunks`` (``[v0, v1)`` pairs, in order) that the buffers
-        hold; ``ref_source``: the reference head, whose tiles a KL gradient recomputes where a chunk is not kept."""
+    def keep(self, chunks, ref_source: "GemmSource | None", columns: int | None = None) -> "ScaledSource":
+        """Keep the longest prefix of the vocabulary ``chunks`` (``[v0, v1)`` pairs, in order) within ``columns``
+        (``None``: all) that the buffers hold; ``ref_source``: the reference head, whose tiles a KL gradient
+        recomputes where a chunk is not kept."""
         n, device = self.h.shape[0], self.h.device
         room = self._buffers[0].numel() // max(n, 1)
+        if columns is not None:
+            room = min(room, columns)
         self.kept_vocab = max((v1 for _, v1 in chunks if v1 <= room), default=0)
         self.store = TileStore(n, self.kept_vocab, self._store_dtype, device, self._buffers[0])
         if self._buffers[1] is not None:
