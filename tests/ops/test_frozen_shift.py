@@ -174,3 +174,45 @@ def test_frozen_head_gradient_with_spiking_logits_matches_float64(backend, with_
         expected.sum().backward()
     assert torch.isfinite(h.grad).all()
     assert_close(h.grad, h64.grad, torch.float32, "hidden gradient of a frozen head with spiking logits")
+
+
+@pytest.mark.parametrize("with_ref", [False, True], ids=["policy", "with_kl"])
+def test_the_store_shifts_without_sums_match_the_fallback(backend, with_ref):
+    """The eager schedule's scaled store calls ``fold_shifted`` with shifts and no sums (``Accumulator.values`` None):
+    each tile's fp16 weights, brought from the shift they were written at to the running max after the tile, are the
+    fallback's weights at that max (the spikes move shifts late in a tile and in the second tile)."""
+    skip_if_unsupported(backend, torch.float32)
+    kernels = backend_kernels(backend, "test", torch.zeros(1)).tiles
+    if kernels.fold_shifted is None:
+        pytest.skip(f"backend {backend!r} has no fused fold_shifted (it runs the fallback this test compares with)")
+    opts = TokenOptions()
+    tiles, refs = _tiles(2, with_ref)
+    labels = torch.tensor([3, WIDTH + 10, 4999, 0, WIDTH + 4999])
+
+    def sweep(fused: bool):
+        stats = contract.new_stats(N, torch.float32, torch.device("cpu"))
+        ref_stats = None if refs is None else contract.new_ref_stats(N, torch.float32, torch.device("cpu"))
+        shift = Accumulator(None, torch.full((N,), float("-inf")))
+        ref_shift = None if refs is None else Accumulator(None, torch.full((N,), float("-inf")))
+        out = []
+        for i, x in enumerate(tiles):
+            w = torch.empty(N, WIDTH, dtype=torch.float16)
+            wr = None if refs is None else torch.empty(N, WIDTH, dtype=torch.float16)
+            args = (LogitsTile(x.clone(), None, i * WIDTH, labels), stats,
+                    None if refs is None else LogitsTile(refs[i].clone(), None, i * WIDTH, labels), ref_stats, opts,
+                    w, wr, shift, ref_shift)
+            if fused:
+                kernels.fold_shifted(*args, shift_headroom(torch.float16, opts))
+            else:
+                contract.unfused_fold_shifted(kernels, *args)
+            at_max = w.double() * contract.shift_factor(shift.shift, stats[StatRow.MAX]).double().unsqueeze(1)
+            out.append(at_max)
+            if refs is not None:
+                out.append(wr.double() * contract.shift_factor(ref_shift.shift, ref_stats[RefRow.MAX]).double()
+                           .unsqueeze(1))
+            assert w.float().max() <= math.exp(shift_headroom(torch.float16, opts)) * 1.01
+        return out
+
+    for got, want in zip(sweep(True), sweep(False), strict=True):
+        for i in range(N):
+            assert_close(got[i], want[i], torch.float16, f"weights of row {i} at the max")
