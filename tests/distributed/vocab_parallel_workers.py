@@ -129,7 +129,8 @@ def _losses_match(x: dict, mine: slice, group, backend: str, widest_slice: int, 
     labels = x["labels"].clone()
     labels[-1] = labels[0]  # an even number of rows with something to score
     # the eager schedule in one group, in a group per pair (each group's statistics combined across the ranks;
-    # every rank forms the same groups whatever its slice's width), and the recompute schedule
+    # every rank forms the same groups whatever its slice's width; a scaled store is one group at that budget,
+    # keeping the vocabulary chunks that fit), and the recompute schedule
     pair_tokens = int((labels[:, 1:] != -100).sum(dim=1).max()) * 2
     per_pair = pair_tokens * widest_slice * (store_bytes + 4) * 2 / 2**20  # kept logits (and maxima), two heads
     schedules = ({}, {"schedule": "eager", "eager_budget_mb": per_pair}, {"schedule": "recompute"})
