@@ -103,15 +103,20 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                           ref_weights_ptr=False, **_NO_ACCUMULATORS),
             ), fold.num_warps, label=tag + (",logging" if logging else "")))
         # fold_weights and fold_shifted: a frozen head's weights in this dtype (fp32 tiles, bf16 / fp16 GEMM
-        # operands) with its sums, and the eager schedule's scaled store (fp16 weights, shifts without sums)
-        for shifted, sums in ((False, False), (True, True)) + (((True, False),) if dtype == torch.float16 else ()):
+        # operands) with its sums, and the eager schedule's scaled store (fp16 weights, shifts without sums); the
+        # shifted ones also with the rows trainers log (TRL's entropy under PEFT, or beside the store)
+        kinds = ((False, False, False), (True, True, False), (True, True, True))
+        if dtype == torch.float16:
+            kinds += ((True, False, False), (True, False, True))
+        for shifted, sums, logging in kinds:
             block = config.tile_row_config(TILE_WIDTH, with_reference=ref or shifted)
+            kind = (",shifted" + ("" if sums else ",store") if shifted else ",weights") + (",logging" if logging else "")
             out.append(Variant("fold_tile", _fold_tile_kernel.fn, dict(
-                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=False, WEIGHTS=True, REF_WEIGHTS=ref,
-                SHIFTED=shifted, SUMS=sums, BLOCK_V=block.block_v, **tflags,
+                HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, WEIGHTS=True,
+                REF_WEIGHTS=ref, SHIFTED=shifted, SUMS=sums, BLOCK_V=block.block_v, **tflags,
                 **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref, ref_weights_ptr=ref,
                           acc_ptr=sums, shift_ptr=shifted, ref_acc_ptr=sums and ref, ref_shift_ptr=shifted and ref),
-            ), block.num_warps, label=tag + (",shifted" + ("" if sums else ",store") if shifted else ",weights")))
+            ), block.num_warps, label=tag + kind))
         for filtered, block in itertools.product((False, True), config.GRAD_BLOCKS):
             out.append(Variant("grad_tile", _grad_tile_kernel.fn, dict(
                 HAS_BIAS=bias, HAS_KL_GRAD=ref, HAS_REF_BIAS=bias and ref, FILTER=filtered, BLOCK_V=block,

@@ -324,10 +324,11 @@ def test_the_compile_check_fails_a_spill_inside_a_loop_only(monkeypatch):
     inside = sass.replace("FADD R2, R2, R3", "LDL R4, [R1+0x4]")
     assert compile_check.local_accesses_in_loops(inside) == 1
     shifted = [v for v in compile_check._variants(torch.bfloat16) if v.kernel == "fold_tile" and v.flags["SHIFTED"]]
-    assert len(shifted) == 8 and all(v.flags["WEIGHTS"] and v.flags["SUMS"] for v in shifted)
+    assert len(shifted) == 16 and all(v.flags["WEIGHTS"] and v.flags["SUMS"] for v in shifted)
+    assert {v.flags["LOGGING"] for v in shifted} == {False, True}  # the rows trainers log, beside the weights
     store = [v for v in compile_check._variants(torch.float16) if v.kernel == "fold_tile" and v.flags["SHIFTED"]
              and not v.flags["SUMS"]]
-    assert len(store) == 8
+    assert len(store) == 16
 
 
 _VIEWS = {"view", "slice", "select", "t", "transpose", "as_strided", "reshape", "_unsafe_view", "alias", "expand",
