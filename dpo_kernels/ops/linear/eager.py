@@ -275,7 +275,6 @@ class _DeferredGrads:
 
     rows: KeptTokens
     policy: object
-    ref: object
     bw: Backward
     plan: object
 
@@ -286,15 +285,16 @@ class _DeferredGrads:
         scaled = Backward(bw.lse, bw.ref_lse, bw.g * grad_loss, None if bw.g_kl is None else bw.g_kl * grad_loss,
                           bw.opts, bw.kernels)
         with no_autocast(bw.g.device):
-            return grad_all(self.rows, self.policy, self.ref, scaled, need, self.plan)
+            return grad_all(self.rows, self.policy, None, scaled, need, self.plan)
 
 
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
-               group: int, need, dw, db, buffers, operands, defer: bool = False) -> _GroupResult:
+               group: int, need, dw, db, buffers, operands) -> _GroupResult:
     """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
-    ``db`` (``dw`` ``None``: written here, one group; ``defer``: every gradient left to the backward, which reads
-    the kept weights, :class:`_DeferredGrads`); ``buffers``: the policy's and the reference's kept-tile buffers,
-    and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group."""
+    ``db`` (``dw`` ``None``: written here, one group; a scaled store, always one group, leaves every gradient to the
+    backward, which reads the kept weights, :class:`_DeferredGrads`); ``buffers``: the policy's and the reference's
+    kept-tile buffers, and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every
+    group."""
     bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
@@ -337,19 +337,17 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
         # a scaled store's dZ is always a new tile (in its fp32 scratch where the operands are fp32)
         bw_dz_bytes = products.operand_bytes if scaled else dz_bytes
         bw_plan = plan_stored_backward(plan, rows.n, bw_dz_bytes, opts, device, dim=weight.shape[1])
-        if scaled:
-            filled, ref_filled = policy.filled(stats, ref_stats), None
-        else:
-            filled, ref_filled = policy.filled(), None if g_kl is None else ref_source.filled()
         dh = group_dw = group_db = deferred = None
-        if defer:  # the backward converts a converted head again, chunk by chunk, rather than keep its copy
+        if scaled:  # the backward forms every gradient; it converts a converted head again rather than keep a copy
+            filled = policy.filled(stats, ref_stats)  # keeps the reference's weights: no reference source
             recomputed_ref = filled.ref_source
             if recomputed_ref is not None:
                 recomputed_ref = dataclasses.replace(recomputed_ref, operand_weight=None)
             deferred = _DeferredGrads(rows, dataclasses.replace(filled, operand_weight=None,
-                                                                ref_source=recomputed_ref), ref_filled, bw, bw_plan)
+                                                                ref_source=recomputed_ref), bw, bw_plan)
         else:
-            dh, group_dw, group_db = grad_all(rows, filled, ref_filled, bw, need, bw_plan, dw_into=dw)
+            ref_filled = None if g_kl is None else ref_source.filled()
+            dh, group_dw, group_db = grad_all(rows, policy.filled(), ref_filled, bw, need, bw_plan, dw_into=dw)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:
@@ -459,7 +457,7 @@ class _EagerPairs(torch.autograd.Function):
         # from the kept weights with the scale inside dZ (defer), with no [V, D] buffer; else a half weight's is
         # accumulated in fp32 until the backward
         store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
-        defer = not several and store_dtype != sdt
+        defer = store_dtype != sdt  # a scaled store: one group (EagerNeed.groups)
         if not defer:
             if need[1] and (several or weight.dtype != sdt):
                 dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
@@ -467,7 +465,7 @@ class _EagerPairs(torch.autograd.Function):
         buffers = _tile_buffers(call, vocab, store_dtype, ref is not None, hidden.device)
         operands = _shared_operands(weight, products, ref, ref_products, call.groups.spare_bytes)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
-                              buffers, operands, defer) for group in range(len(call.groups.bounds))]
+                              buffers, operands) for group in range(len(call.groups.bounds))]
         del operands
         if hidden.device.type == "cpu" and _CPU_CACHE is not None and not defer:
             _CPU_CACHE.give(buffers)

@@ -257,7 +257,7 @@ class ScaledSource(GemmSource):
              ref_stats, opts: TokenOptions) -> None:
         n0, n1, v0, v1 = block
         if not self._kept(v1):  # recomputed by the backward: nothing kept
-            kernels.fold(tile, stats, ref_tile, ref_stats, opts)
+            super().fold(kernels, block, tile, stats, ref_tile, ref_stats, opts)
             return
         if self.shifts is None:  # one per token (and the reference's), carried from chunk to chunk
             self.shifts = torch.full((2 if self.ref_store is not None else 1, self.store.n), float("-inf"),
