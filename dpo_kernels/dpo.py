@@ -247,8 +247,8 @@ def fused_dpo_loss(
     already weighted); the logit post-processing ``temperature``, ``softcap``, ``logit_scale`` (applied to policy
     and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` keeps what the policy's
     gradients need from the forward within ``eager_budget_mb``: bf16 GEMM operands keep each logit's softmax weight
-    in fp16, the vocabulary chunks that fit, and the backward forms every gradient from them in one pass,
-    recomputing the others; otherwise the fp32 tiles of groups of whole pairs, their gradients formed in the
+    in fp16, in the weight's gradient as far as it goes (the budget bounds the rest), the vocabulary chunks that
+    fit, and the backward forms every gradient from them in one pass, recomputing the others; otherwise the fp32 tiles of groups of whole pairs, their gradients formed in the
     forward; ``"recompute"`` recomputes the tiles in the backward; ``"auto"``, the default, takes eager where it can
     run and, on an accelerator, is estimated faster, see
     :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the
@@ -563,7 +563,9 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
                      half_weight_grad=weight.requires_grad and weight.dtype != sdt,
                      converted_bytes=sum(converted[:1] if shared else converted),
                      store_dtype=linear_plan.kept_store_dtype(
-                         products_now(inputs.policy_hidden, weight, sdt).operand_dtype, sdt, config.token_options))
+                         products_now(inputs.policy_hidden, weight, sdt).operand_dtype, sdt, config.token_options),
+                     grad_itemsize=weight.element_size() if weight.requires_grad else 0,
+                     policy_converted_bytes=converted[0])
     groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
@@ -592,7 +594,8 @@ def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], co
         policy_converted=converted[0], ref_converted=0 if len(heads) < 2 else converted[1],
         half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
     store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
-    held = groups.spare_bytes >= need.converted_bytes  # need.converted_bytes counts a shared head once
+    # a scaled store keeps the policy's converted rows beside it where they fit; else whole converted heads
+    held = groups.operand_rows if need.scaled_store else groups.spare_bytes >= need.converted_bytes
     kept = 1.0 if groups.store_vocab is None else groups.store_vocab / need.vocab
     eager = cost.eager(facts, opts, groups.tokens, store_bytes, held, kept)
     recompute = cost.recompute(facts, opts)

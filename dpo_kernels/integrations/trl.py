@@ -311,7 +311,8 @@ def check_eager_budget(args, model, dataset, config) -> None:
     operands = Products.in_dtype(compute, weight.device.type, sdt).operand_dtype
     need = EagerNeed(longest, weight.shape[0], weight.shape[1], sdt, keep_ref_tiles=config.uses_token_kl,
                      half_weight_grad=weight.requires_grad and weight.dtype != sdt,
-                     store_dtype=kept_store_dtype(operands, sdt, config.token_options))
+                     store_dtype=kept_store_dtype(operands, sdt, config.token_options),
+                     grad_itemsize=weight.element_size() if weight.requires_grad else 0)
     groups = need.groups(eager_budget_bytes(args.kernel_eager_budget_mb, weight.device))
     if isinstance(groups, str):
         why = groups.replace("eager_budget_mb", "kernel_eager_budget_mb")

@@ -142,7 +142,8 @@ class DpoCase:
         return EagerNeed([seq - masked] * rows, head.vocab, head.dim, torch.float32,
                          keep_ref_tiles=objective(self.loss_type).uses_token_kl,
                          half_weight_grad=self.weights == "bf16", converted_bytes=converted,
-                         store_dtype=kept_store_dtype(torch.bfloat16, torch.float32, TokenOptions()))
+                         store_dtype=kept_store_dtype(torch.bfloat16, torch.float32, TokenOptions()),
+                         grad_itemsize=2 if self.weights == "bf16" else 4, policy_converted_bytes=converted // 2)
 
     def budget_mb(self, head: Head) -> float | None:
         """``eager_budget_mb`` for the case: the whole batch in one group for ``schedule="eager"``, else the

@@ -14,6 +14,7 @@ these tests force it where they run the schedule end to end (``_forced``), and c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 
 from dpo_kernels import fused_dpo_loss
 from dpo_kernels.ops.common import LinearHead
-from dpo_kernels.ops.linear import eager, plan, sources
+from dpo_kernels.ops.linear import plan, sources
 from dpo_kernels.ops.linear.contract import ScaledTile, TileKernels, unfused_scaled_grad
 from dpo_kernels.ops.linear.eager import EagerNeed
 from dpo_kernels.ops.linear.kept import KeptTokens
@@ -57,6 +58,15 @@ def _forced(monkeypatch):
 
 def _scaled_mb(tokens: int, heads: int = 1) -> float:
     return tokens * heads * (V * 2 + plan.scaled_store_bytes_per_token(V)) / 2**20
+
+
+def _beside_grad_mb(tokens: int, heads: int, dim: int, grad_itemsize: int) -> float:
+    """MiB of a scaled store that the weight gradient's memory does not hold: its chunks may lie at or after their
+    own columns' rows of the gradient (``dim * grad_itemsize`` bytes a column against the store's ``2 heads
+    tokens``), so the gradient holds ``V * min(1, that ratio)`` of its columns."""
+    column, grad_column = 2 * heads * tokens, dim * grad_itemsize
+    in_grad = V * grad_column // max(column, grad_column)
+    return _scaled_mb(tokens, heads) - in_grad * column / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------- the rule
@@ -99,10 +109,10 @@ def _tiles_dz(backend: str, with_kl: bool, softcap: float | None, out_dtype: tor
     kernels: TileKernels = backend_kernels(backend, "test", h).tiles
     products = Products.in_dtype(torch.float32, "cpu", torch.float32)
     rows = KeptTokens(labels, -100, 0)
-    buffers = (torch.empty(n * v, dtype=torch.float16), torch.empty(n * v, dtype=torch.float16) if with_kl else None)
-    source = sources.ScaledSource.of(LinearHead(h, w, None), rows, products, buffers, torch.float16)
+    source = sources.ScaledSource.of(LinearHead(h, w, None), rows, products, torch.float16, with_kl)
     ref = sources.GemmSource.of(LinearHead(hr, wr, None), rows, products)
     tile_plan = plan.plan_tiles(n, v, 64, opts, torch.device("cpu"))
+    source.keep(list(tile_plan.vocab_chunks(v)), ref)
     stats, ref_stats = fold_all(rows, source, ref, opts, kernels, False, torch.device("cpu"), tile_plan)
     _, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, None, v, False)
     filled = source.filled(stats, ref_stats)
@@ -204,8 +214,9 @@ def test_the_fused_scaled_grad_kernel_matches_the_pytorch_ops(backend_name, with
 @pytest.mark.parametrize("kept", ["whole store", "part of the vocabulary"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2", "wpo"])
 def test_the_scaled_store_matches_the_oracle_on_every_tile_backend(backend, loss_type, kept, _forced, caplog):
-    """Also with a budget for half the store: the one group keeps its first vocabulary chunks (16 columns each) and
-    the backward recomputes the others (the reference's tiles too for TDPO's KL)."""
+    """Also with a budget for half of what the store needs beside the weight gradient's memory: the one group keeps
+    the vocabulary chunks that fit (16 columns each) and the backward recomputes the others (the reference's tiles
+    too for TDPO's KL)."""
     skip_if_unsupported(backend, torch.float32)
     d = _data(torch.float32)
     options = dict(loss_type="sigmoid" if loss_type == "wpo" else loss_type, beta=0.2, softcap=4.0,
@@ -213,11 +224,12 @@ def test_the_scaled_store_matches_the_oracle_on_every_tile_backend(backend, loss
     oracle = _run(d, backend="reference", **options)
     heads = 2 if loss_type == "tdpo2" else 1
     if kept == "part of the vocabulary":
-        options.update(eager_budget_mb=_scaled_mb(int((d["labels"] != -100).sum()), heads) / 2, vocab_chunk_size=16)
+        beside = _beside_grad_mb(int((d["labels"] != -100).sum()), heads, d["lm_head_weight"].shape[1], 4)
+        options.update(eager_budget_mb=beside / 2, vocab_chunk_size=16)
     with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
         got = _run(d, backend=backend, schedule="eager", **options)
     assert _forced["tiles"] > 0, "the scaled store formed no dZ"
-    assert ("its store keeping 33 columns" in caplog.text) == (kept != "whole store"), caplog.text
+    assert ("its store keeping" in caplog.text) == (kept != "whole store"), caplog.text
     # fp16 softmax weights: dZ within 2^-11 relative of the fp32 one
     _compare(got, oracle, 2e-3)
 
@@ -281,20 +293,92 @@ def test_deferred_gradients_are_as_accurate_as_the_recompute_schedule(scale, _fo
         assert got <= baseline * 1.1 + 2e-3, errors
 
 
-def test_the_store_buffers_are_fp16(_forced, monkeypatch):
+def _placed(monkeypatch):
+    """Every :meth:`ScaledSource.keep` of the test: ``(chunks, {v0: data_ptr of each head's chunk})`` after it
+    placed them (pointers only: holding the store would keep the gradient it lies in referenced)."""
     seen = []
-    take = eager._tile_buffers
+    keep = sources.ScaledSource.keep
 
-    def spy(call, vocab, dtype, with_ref, device):
-        buffers = take(call, vocab, dtype, with_ref, device)
-        seen.extend((b.dtype, b.numel()) for b in buffers if b is not None)
-        return buffers
+    def spy(self, chunks, ref_source, room_bytes=None):
+        kept = keep(self, chunks, ref_source, room_bytes)
+        stores = [s for s in (kept.store, kept.ref_store) if s is not None]
+        assert all(t.dtype == torch.float16 for s in stores for t in s.chunks.values())
+        seen.append((list(chunks), {v0: [s.chunks[v0].data_ptr() for s in stores] for v0, _ in chunks
+                                    if v0 in kept.store}))
+        return kept
 
-    monkeypatch.setattr(eager, "_tile_buffers", spy)
+    monkeypatch.setattr(sources.ScaledSource, "keep", spy)
+    return seen
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo2"])
+def test_the_store_lies_in_the_weight_gradient_it_becomes(loss_type, _forced, monkeypatch):
+    """The forward allocates the weight's gradient and keeps the store's fp16 chunks in its memory as far as they go
+    (the rest beside it); the backward writes each chunk's ``dW`` over them after reading them, and autograd takes
+    that very tensor as the weight's ``.grad`` (no copy), exact against the oracle. A backward that wrote ``dW``
+    before reading its chunk's weights would read gradients as softmax weights."""
+    seen = _placed(monkeypatch)
     d = _data(torch.float32)
-    _run(d, backend="torch", schedule="eager", loss_type="tdpo2")
-    n = int((d["labels"] != -100).sum())
-    assert seen == [(torch.float16, n * V)] * 2, seen
+    options = dict(loss_type=loss_type, beta=0.2, vocab_chunk_size=8)
+    got = _run(d, backend="torch", schedule="eager", **options)
+    dw = got[1][1]
+    _compare(got, _run(d, backend="reference", **options), 2e-3)
+    (chunks, placed), = seen
+    base, end = dw.data_ptr(), dw.data_ptr() + dw.numel() * dw.element_size()
+    inside = {v0 for v0, pointers in placed.items() if base <= pointers[0] < end}
+    # 32 kept tokens: a column of the store is 64 bytes (128 with the reference's), of the fp32 gradient 40
+    assert len(inside) >= (4 if loss_type == "sigmoid" else 2), inside
+    assert len(placed) == len(chunks) > len(inside), "every chunk kept, the rest beside the gradient"
+    for v0 in inside:  # at or after its own rows of the gradient: dW[v0:v1] is written after the chunk is read
+        assert all(base + v0 * dw.shape[1] * 4 <= p < end for p in placed[v0]), (v0, placed[v0])
+
+
+def test_store_placement_keeps_chunks_at_or_after_their_gradient_rows_and_within_the_room():
+    """:class:`StorePlacement` on its own: a store wider per column than the gradient (it holds a prefix of the
+    vocabulary) and narrower (every chunk, each at its own rows), with and without the reference's weights, and a
+    room that keeps some chunks nowhere."""
+    chunks = [(0, 100), (100, 200), (200, 300), (300, 350)]
+    align = sources.STORE_ALIGN
+    # 64 tokens: 64 or 128 entries a column against the gradient's 40, which holds a prefix (218 or 109 columns,
+    # whole chunks: 2 or 1); 16 tokens: 16 or 32 a column, every chunk at its own rows
+    for n, heads, stride, in_grad in ((64, 1, 40, 2), (64, 2, 40, 1), (16, 1, 40, 4), (16, 2, 40, 4)):
+        grad_entries = 350 * stride
+        placed = sources.StorePlacement.of(chunks, n, heads, stride, grad_entries, room=None)
+        spans = []
+        for v0, v1 in chunks:
+            size = heads * placed.part[v0]
+            assert placed.part[v0] >= n * (v1 - v0) and placed.part[v0] % align == 0
+            if v0 in placed.in_grad:
+                start = placed.in_grad[v0]
+                assert start >= v0 * stride and start + size <= grad_entries and start % align == 0
+                spans.append((start, start + size))
+            else:
+                assert v0 in placed.own
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "no two chunks overlap"
+        assert sorted(placed.in_grad) == [v0 for v0, _ in chunks[:in_grad]], (n, heads, placed)
+        assert placed.own_entries == sum(heads * placed.part[v0] for v0 in placed.own)
+    # no gradient memory and a room for two of the four chunks
+    placed = sources.StorePlacement.of(chunks, 16, 1, 0, 0, room=2 * 1600)
+    assert placed.in_grad == {} and sorted(placed.own) == [0, 100] and placed.own_entries <= 3200
+
+
+def test_a_budget_counts_only_what_lies_beside_the_weight_gradient(_forced, caplog):
+    """The whole store runs within a budget below its size once the gradient's memory holds part of it; a frozen
+    weight (no gradient to hold it) keeps part of the vocabulary within the same budget."""
+    d = _data(torch.float32)
+    n, dim = int((d["labels"] != -100).sum()), d["lm_head_weight"].shape[1]
+    budget = _beside_grad_mb(n, 1, dim, 4) + 1e-4
+    assert budget < 0.7 * _scaled_mb(n)
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        _run(d, backend="torch", schedule="eager", eager_budget_mb=budget, vocab_chunk_size=8)
+    assert "eager schedule, 1 group(s)" in caplog.text and "its store keeping" not in caplog.text, caplog.text
+    caplog.clear()
+    need = EagerNeed([n], V, dim, torch.float32, keep_ref_tiles=False, half_weight_grad=False,
+                     store_dtype=torch.float16)  # no weight gradient
+    groups = need.groups(int(budget * 2**20))
+    assert groups.store_vocab is not None and groups.store_vocab < V
+    with_grad = dataclasses.replace(need, grad_itemsize=4).groups(int(budget * 2**20))
+    assert with_grad.store_vocab is None and with_grad.store_room >= 0
 
 
 _PEAK_CHILD = r"""
@@ -351,3 +435,41 @@ def test_the_scaled_store_halves_the_measured_peak_and_stays_within_the_budget()
     # under half the store's budget it keeps the vocabulary chunks that fit and the backward recomputes the others:
     # the peak drops with the budget (by 80 MiB less the backward's recompute scratch), below the whole store alone
     assert peaks["scaled", 60] < min(peaks["scaled", 140] - 40, 125), peaks
+
+
+@pytest.mark.parametrize("room", ["rows kept", "no room for the rows"])
+def test_a_converted_policy_head_is_converted_once_for_the_call(room, _forced, monkeypatch):
+    """Issue 29's one conversion a call. On the CPU a bf16 head is widened to fp32 operands (as an fp32 master head
+    is rounded to bf16 on a GPU): over a scaled store each chunk of the policy's head is converted at its first use
+    into rows kept beside the store (in the weight gradient's memory as far as it goes), which the backward's ``dH``
+    reads again. Within a budget for the store alone, once a pass (forward, backward). The gradients match the
+    recompute schedule's either way."""
+    d = {k: (v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v)
+         for k, v in _data(torch.float32, bias=False).items()}
+    weight = d["lm_head_weight"].clone().requires_grad_()
+    start, end = weight.data_ptr(), weight.data_ptr() + weight.numel() * weight.element_size()
+    converted = []
+    for name in ("operand", "operand_into"):
+        original = getattr(Products, name)
+
+        def spy(self, t, *out, _original=original):
+            if start <= t.data_ptr() < end and t.shape[0] < V:  # a chunk of the policy's head
+                converted.append((t.data_ptr() - start) // (t.shape[1] * t.element_size()))
+            return _original(self, t, *out)
+
+        monkeypatch.setattr(Products, name, spy)
+    n, dim = int((d["labels"] != -100).sum()), weight.shape[1]
+    budget = 64.0 if room == "rows kept" else _beside_grad_mb(n, 1, dim, 2) + 1e-4
+    outs = {}
+    for schedule in ("eager", "recompute"):
+        hidden, w = d["policy_hidden"].clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        w = weight if schedule == "eager" else w  # the spy knows the eager call's head
+        out = fused_dpo_loss(labels=d["labels"], policy_hidden=hidden, lm_head_weight=w, ref_hidden=d["ref_hidden"],
+                             ref_lm_head_weight=d["ref_lm_head_weight"], backend="torch", schedule=schedule,
+                             eager_budget_mb=budget, vocab_chunk_size=8)
+        out.loss.backward()
+        outs[schedule] = (out.loss, hidden.grad, w.grad)
+    chunks = list(range(0, V, 8))
+    assert sorted(converted) == (chunks if room == "rows kept" else sorted(chunks * 2)), converted
+    for got, expected in zip(outs["eager"], outs["recompute"]):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3)

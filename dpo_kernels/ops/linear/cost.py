@@ -14,14 +14,16 @@ The terms (``n`` kept tokens, a ``[V, D]`` head, ``s`` bytes a kept logit, :func
   writes the softmax weights in the fold's pass (``s``) and reads them once to form ``dZ`` (``s``, with the
   reference's for a KL; in the backward over one group, the forward's otherwise).
 - Per head: a head converted to its GEMM operands (fp32 masters under autocast) costs 3 bytes per operand byte each
-  time: once a pass for recompute; for eager over one group of a scaled store the policy's twice (forward,
-  backward) and the reference's once; otherwise once a call when ``eager_budget_mb`` holds the copies, else every
-  group converts the policy's head twice (fold, gradient) and the reference's once. The fp32 ``dH [n, D]`` is read
+  time: once a pass for recompute; for eager over one group of a scaled store the reference's once and the
+  policy's once where its converted rows are kept beside the store (``converted_held``), else twice (forward,
+  backward); otherwise once a call when ``eager_budget_mb`` holds the copies, else every group converts the
+  policy's head twice (fold, gradient) and the reference's once. The fp32 ``dH [n, D]`` is read
   and written by every vocabulary chunk's accumulation; an fp32 weight's gradient accumulated by the eager forward
   is scaled in place by its backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and
   rounded (over one group of a scaled store the backward writes either once, the scale inside ``dZ``).
 - Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (7 when the
-  backward forms every gradient), 3 more where the heads are converted chunk by chunk.
+  backward forms every gradient), 3 more where the heads are converted chunk by chunk (2 where a scaled store keeps
+  the policy's converted rows).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def recompute(facts: HeadFacts, opts: TokenOptions) -> Estimate:
 def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], store_bytes: int,
           converted_held: bool, kept: float = 1.0) -> Estimate:
     """``group_tokens``: each group's kept tokens; ``store_bytes``: bytes a kept logit (2 for the scaled store, 4 for
-    fp32 tiles); ``converted_held``: the converted heads fit beside the tiles (converted once for the call);
+    fp32 tiles); ``converted_held``: the converted heads fit beside the tiles (converted once for the call; over
+    one group of a scaled store: the policy's converted rows are kept beside it);
     ``kept``: the share of the vocabulary a scaled store keeps (the rest recomputed by the backward, as the
     recompute schedule does)."""
     n, v, d = facts.n, facts.vocab, facts.dim
@@ -115,10 +118,12 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
     if scaled:
         per_logit += kept * store_bytes * kept_heads  # the weights written by the fold (the fp32 tiles are the GEMM's)
     conversions = facts.policy_converted + facts.ref_converted
-    if deferred or not converted_held:
+    if deferred:
+        conversions = (1 if converted_held else 2) * facts.policy_converted + facts.ref_converted
+        if facts.kl_grad:
+            conversions += recomputed * facts.ref_converted
+    elif not converted_held:
         conversions = groups * (2 * facts.policy_converted + facts.ref_converted)
-    if deferred and facts.kl_grad:
-        conversions += recomputed * facts.ref_converted
     chunks = [_chunks(t, v, d, 4 * (2 if facts.with_ref else 1) + OPERAND_BYTES, opts) for t in group_tokens]
     dh = sum(c * 8 * t * d for c, t in zip(chunks, group_tokens, strict=True))
     weight_grad = 0  # deferred: written once by the backward's GEMMs, the scale inside dZ
@@ -129,6 +134,7 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
     if groups > 1 and (facts.fp32_weight_grad or facts.half_weight_grad):
         weight_grad += groups * 8 * v * d  # each group's dW GEMMs read and write the fp32 accumulator
     per_chunk = ((7 if deferred else 9) + recomputed * (1 + kept_heads)
-                 + (3 if facts.policy_converted and (deferred or not converted_held) else 0))
+                 + (0 if not facts.policy_converted or (converted_held and not deferred)
+                    else 2 if converted_held else 3))
     return Estimate(flops, logits * per_logit + CONVERSION_BYTES * conversions + dh + weight_grad,
                     round(per_chunk * sum(chunks)))

@@ -11,8 +11,11 @@ group's tiles from the forward and forms ``dZ``, ``dH`` and ``dW`` from them thr
   its softmax weight in fp16 with the exact label logit (:class:`~.sources.ScaledSource`,
   :func:`~.plan.kept_store_dtype`), ``2 V`` bytes a kept token, ``4 V`` for TDPO; the forward folds and computes
   the loss and its per-token upstream (autograd over the ``[2B, T]`` statistics), and the backward forms ``dZ``
-  once with the loss's upstream scale inside, then ``dH``, ``dW`` and ``db`` (:class:`_DeferredGrads`). A store
-  larger than ``eager_budget_mb`` keeps the vocabulary chunks that fit; the backward recomputes the others as the
+  once with the loss's upstream scale inside, then ``dH``, ``dW`` and ``db`` (:class:`_DeferredGrads`). The store
+  lies in the weight's gradient, allocated by the forward, as far as it goes (each chunk at or after its own rows,
+  which the backward writes after reading it: :class:`~.sources.StorePlacement`), with the policy's head rows
+  converted once for the call beside it where they fit; ``eager_budget_mb`` bounds what lies beside the gradient,
+  and a store larger than that keeps the vocabulary chunks that fit; the backward recomputes the others as the
   recompute schedule does;
 - otherwise (fp32 or fp16 operands, the CPU, ``grad_filter_eps``): per group, one GEMM per tile into the group's
   :class:`~.sources.TileStore` (the GEMM output, bit-identical to what the recompute schedule would recompute,
@@ -28,7 +31,7 @@ group's tiles from the forward and forms ``dZ``, ``dH`` and ``dW`` from them thr
 FLOPs at ``n`` kept tokens, head ``[V, D]``: ``6 n D V`` for the policy (forward, ``dH``, ``dW``; ``4 n D V`` with a
 frozen head) plus ``2 n D V`` for the reference, against ``8 + 2`` for the recompute schedule (``8 + 4`` for TDPO,
 which recomputes the reference in the backward); a partial store adds back the recompute of the chunks it does not
-keep. Memory: the store within ``eager_budget_mb`` (:mod:`.plan`).
+keep. Memory: the store beside the weight gradient within ``eager_budget_mb`` (:mod:`.plan`).
 
 The weight gradient keeps the recompute schedule's rule: fp32 accumulation inside the GEMMs, never a half-precision
 accumulation across groups, and one rounding to the weight's dtype after the loss's upstream scale is applied. Over
@@ -46,7 +49,6 @@ rounded to the half operand dtype before the upstream scale is known (the recomp
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,15 +87,19 @@ GroupLoss = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor | None, to
 class PairGroups:
     """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
     budget; ``tokens``: each group's kept tokens; ``spare_bytes``: what the budget leaves beside the largest group's
-    tiles and the weight-gradient accumulator (room for heads converted once for the call); ``store_vocab``: for a
-    scaled store larger than the budget, the one group keeps the first columns that fit (whole vocabulary chunks,
-    :meth:`.sources.ScaledSource.keep`) and its backward recomputes the others."""
+    tiles and the weight-gradient accumulator (room for heads converted once for the call). A scaled store (one
+    group) has ``store_room``: the bytes it may allocate beside the weight gradient's memory (less the heads
+    converted for the call, which the forward takes out), and, where it is larger than the budget,
+    ``store_vocab``: about how many columns it keeps (whole vocabulary chunks, :meth:`.sources.ScaledSource.keep`;
+    the backward recomputes the others)."""
 
     pairs: int
     bounds: tuple[tuple[int, int], ...]
     tokens: tuple[int, ...]  # kept tokens of each group
     spare_bytes: int = 0
     store_vocab: int | None = None  # a scaled store's columns within the budget (one group), None: every column
+    store_room: int | None = None  # a scaled store's bytes beside the weight gradient's memory
+    operand_rows: bool = False  # a scaled store: the policy's converted rows fit beside it (converted once a call)
 
     @property
     def largest_group(self) -> int:
@@ -147,8 +153,11 @@ class EagerNeed:
     """What the eager schedule keeps for a batch: ``kept_per_row`` (``2B`` rows, chosen first), a head of
     ``vocab x dim``, statistics in ``stats_dtype``, the kept tiles in ``store_dtype``, the reference's tiles too
     (``keep_ref_tiles``, a TDPO loss), an fp32 ``[V, D]`` accumulator for a trainable half weight over several groups
-    (``half_weight_grad``), and ``converted_bytes`` of heads
-    converted to their GEMM operands once for the call (reserved when the budget allows, :func:`plan_pair_groups`)."""
+    (``half_weight_grad``), ``converted_bytes`` of heads converted to their GEMM operands once for the call
+    (reserved when the budget allows, :func:`plan_pair_groups`), ``grad_itemsize``: the weight gradient's element
+    size where the weight needs one (its memory holds a scaled store's first chunks: :meth:`groups`), else 0, and
+    ``policy_converted_bytes``: the policy's head as GEMM operands where it is converted (a scaled store keeps its
+    rows beside its chunks), else 0."""
 
     kept_per_row: tuple[int, ...] | list[int]
     vocab: int
@@ -158,6 +167,8 @@ class EagerNeed:
     half_weight_grad: bool
     converted_bytes: int = 0
     store_dtype: torch.dtype | None = None  # what is kept of each logit (plan.kept_store_dtype); None: stats_dtype
+    grad_itemsize: int = 0
+    policy_converted_bytes: int = 0
 
     @property
     def bytes_per_token(self) -> int:
@@ -178,31 +189,51 @@ class EagerNeed:
 
     @property
     def one_group_bytes(self) -> int:
-        """The budget in bytes under which the whole batch is one group, its heads converted once (over a scaled store
-        one group needs no weight-gradient accumulator)."""
-        accumulator = 0 if self.scaled_store else self.accumulator_bytes
-        return sum(self.kept_per_row) * self.bytes_per_token + accumulator + self.converted_bytes
+        """The budget in bytes under which the whole batch is one group, its heads converted once (a scaled store:
+        what of it lies beside the weight gradient's memory, and no weight-gradient accumulator)."""
+        if self.scaled_store:
+            return self._scaled_bytes(with_operands=True)[0]
+        return sum(self.kept_per_row) * self.bytes_per_token + self.accumulator_bytes + self.converted_bytes
 
     @property
     def scaled_store(self) -> bool:
         return self.store_dtype is not None and self.store_dtype != self.stats_dtype
 
+    def _scaled_bytes(self, with_operands: bool) -> tuple[int, int, int, int]:
+        """A scaled store's ``(bytes beside the weight gradient, shifts' bytes, bytes a column, columns in the
+        gradient's memory)``: the gradient has ``D * grad_itemsize`` bytes a column, a column of the store
+        ``2 n`` (``4 n`` with the reference's; ``with_operands``: and the policy's converted row), and the store's
+        chunks lie at or after their own columns' rows of it (:class:`~.sources.StorePlacement`), so it holds
+        ``V * min(1, grad / store)`` columns (up to one chunk's alignment less)."""
+        total, heads = sum(self.kept_per_row), 2 if self.keep_ref_tiles else 1
+        column = total * self.store_dtype.itemsize * heads
+        if with_operands:
+            column += -(-self.policy_converted_bytes // self.vocab)
+        shifts = total * scaled_store_bytes_per_token(self.vocab) * heads
+        grad_column = self.dim * self.grad_itemsize
+        in_grad = self.vocab * grad_column // max(column, grad_column) if grad_column else 0
+        return (self.vocab - in_grad) * column + shifts, shifts, column, in_grad
+
     def groups(self, budget_bytes: int) -> PairGroups | str:
         """The groups within ``budget_bytes``: a scaled store is always one group, whose gradients the backward
-        forms from it with no accumulator, whole when it fits (the rest of the budget left for converted heads),
-        else the first columns that fit (``store_vocab``; the vocabulary chunks within them are kept); otherwise
-        :func:`plan_pair_groups`."""
+        forms from it with no accumulator, in the weight gradient's memory as far as it goes and beside it within
+        the budget (with the policy's converted rows, converted once for the call, where they fit too): whole when
+        that fits, else the chunks that fit (``store_vocab`` columns or so); otherwise :func:`plan_pair_groups`."""
         if not self.scaled_store:
             return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes,
                                     self.converted_bytes)
         pairs, total = len(self.tokens_per_pair), sum(self.kept_per_row)
-        whole = total * self.bytes_per_token
-        if whole <= budget_bytes:
-            return PairGroups(pairs, ((0, pairs),), (total,), budget_bytes - whole)
-        columns = self.vocab * budget_bytes // whole
+        for with_operands in (True, False):  # the converted rows too where they fit, else the store alone
+            beside, shifts, column, in_grad = self._scaled_bytes(with_operands)
+            if beside <= budget_bytes:
+                return PairGroups(pairs, ((0, pairs),), (total,), budget_bytes - beside,
+                                  store_room=budget_bytes - shifts,
+                                  operand_rows=with_operands and self.policy_converted_bytes > 0)
+        room = max(budget_bytes - shifts, 0)
+        columns = in_grad + room // column
         if columns == 0:
-            return f"a scaled store of {_mib(whole)} keeps no column within eager_budget_mb={_mib(budget_bytes)}"
-        return PairGroups(pairs, ((0, pairs),), (total,), 0, store_vocab=columns)
+            return f"a scaled store of {_mib(beside)} keeps no column within eager_budget_mb={_mib(budget_bytes)}"
+        return PairGroups(pairs, ((0, pairs),), (total,), 0, store_vocab=columns, store_room=room)
 
 
 def _mib(size: int) -> str:
@@ -271,12 +302,14 @@ class _DeferredGrads:
     filled), the forward's ``lse`` and per-token upstream, and the tile plan. The backward forms ``dZ`` once, with
     the loss's upstream scale inside it, and from it ``dH`` (fp32 at the kept tokens), each chunk's ``dW`` with one
     GEMM and one rounding (no ``[V, D]`` accumulator, no pass to scale one) and ``db``: the forward runs no ``dZ``
-    pass at all, and the store is read once (2 bytes a logit, 4 with the KL)."""
+    pass at all, and the store is read once (2 bytes a logit, 4 with the KL). ``dw``: the weight's gradient,
+    allocated by the forward, whose memory holds part of the store until each chunk's ``dW`` is written over it."""
 
     rows: KeptTokens
     policy: object
     bw: Backward
     plan: object
+    dw: torch.Tensor | None
 
     def grads(self, grad_loss: torch.Tensor, need: tuple[bool, bool, bool]):
         """``(dH [n, D] fp32 at the kept tokens, dW like the weight, db [V] fp32)``, each scaled by ``grad_loss``;
@@ -285,16 +318,19 @@ class _DeferredGrads:
         scaled = Backward(bw.lse, bw.ref_lse, bw.g * grad_loss, None if bw.g_kl is None else bw.g_kl * grad_loss,
                           bw.opts, bw.kernels)
         with no_autocast(bw.g.device):
-            return grad_all(self.rows, self.policy, None, scaled, need, self.plan)
+            return grad_all(self.rows, self.policy, None, scaled, need, self.plan, dw_out=self.dw)
 
 
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
                group: int, need, dw, db, buffers, operands) -> _GroupResult:
     """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
-    ``db`` (``dw`` ``None``: written here, one group; a scaled store, always one group, leaves every gradient to the
-    backward, which reads the kept weights, :class:`_DeferredGrads`); ``buffers``: the policy's and the reference's
-    kept-tile buffers, and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every
-    group."""
+    ``db`` (``dw`` ``None``: written here, one group); ``buffers``: the policy's and the reference's kept-tile
+    buffers, and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group.
+
+    A scaled store (``buffers`` ``None``; always one group) leaves every gradient to the backward, which reads the
+    kept weights (:class:`_DeferredGrads`); its store, and the policy's head rows converted once for the call where
+    the head is converted, lie in ``dw``'s memory (the weight's gradient, allocated by the forward, ``None`` without
+    one) and beside it within the budget's room."""
     bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)
@@ -308,11 +344,10 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     sdt = products.out_dtype
     keep_ref = ref is not None and call.keep_ref_tiles
     # a scaled store keeps the reference's weights beside the policy's: the reference is then only a GEMM source
-    scaled = buffers[0].dtype != sdt
+    scaled = buffers is None
     head = LinearHead(pick(hidden), weight, bias)
     if scaled:
-        policy = ScaledSource.of(head, rows, products, (buffers[0], buffers[1] if keep_ref else None),
-                                 buffers[0].dtype, operands[0])
+        policy = ScaledSource.of(head, rows, products, plans.SCALED_STORE_DTYPE, keep_ref, dw, operands[0])
     else:
         policy = StoredSource.of(head, rows, products, buffers[0], operands[0])
     ref_source = None
@@ -325,7 +360,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
     plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
     if scaled:
-        policy.keep(list(plan.vocab_chunks(vocab)), ref_source, call.groups.store_vocab)
+        policy.keep(list(plan.vocab_chunks(vocab)), ref_source, call.groups.store_room)
     with no_autocast(device):
         stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan)
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
@@ -338,13 +373,9 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
         bw_dz_bytes = products.operand_bytes if scaled else dz_bytes
         bw_plan = plan_stored_backward(plan, rows.n, bw_dz_bytes, opts, device, dim=weight.shape[1])
         dh = group_dw = group_db = deferred = None
-        if scaled:  # the backward forms every gradient; it converts a converted head again rather than keep a copy
+        if scaled:  # the backward forms every gradient, from the kept weights and converted rows
             filled = policy.filled(stats, ref_stats)  # keeps the reference's weights: no reference source
-            recomputed_ref = filled.ref_source
-            if recomputed_ref is not None:
-                recomputed_ref = dataclasses.replace(recomputed_ref, operand_weight=None)
-            deferred = _DeferredGrads(rows, dataclasses.replace(filled, operand_weight=None,
-                                                                ref_source=recomputed_ref), bw, bw_plan)
+            deferred = _DeferredGrads(rows, filled, bw, bw_plan, dw)
         else:
             ref_filled = None if g_kl is None else ref_source.filled()
             dh, group_dw, group_db = grad_all(rows, policy.filled(), ref_filled, bw, need, bw_plan, dw_into=dw)
@@ -359,11 +390,11 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
 
 
 def _tile_buffers(call: EagerCall, vocab: int, sdt: torch.dtype, with_ref: bool, device: torch.device):
-    """One kept-tile buffer of ``sdt`` (the store's dtype) for the policy (and one for the reference with a TDPO
+    """One kept-tile buffer of ``sdt`` (the tiles' dtype) for the policy (and one for the reference with a TDPO
     loss), sized for the largest group and reused by every group of the call; inside
-    :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps."""
-    columns = vocab if call.groups.store_vocab is None else call.groups.store_vocab
-    entries = call.groups.largest_group * columns
+    :func:`keep_cpu_tile_buffers`, taken from the buffers it keeps. (A scaled store places its own chunks:
+    :meth:`.sources.ScaledSource.keep`.)"""
+    entries = call.groups.largest_group * vocab
     count = 2 if with_ref and call.keep_ref_tiles else 1
     # No transparent-huge-page advice: on the development machine (THP in madvise mode, defrag on madvise) it saved
     # ~0.05 s of first-touch faults on a 393 MiB buffer but stalled up to 2.7 s in compaction now and then.
@@ -451,19 +482,24 @@ class _EagerPairs(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         vocab, dim, sdt = weight.shape[0], weight.shape[1], products.out_dtype
         several = len(call.groups.bounds) > 1
-        dw = db = None
+        dw = db = buffers = None
         # A weight's gradient is rounded once, after the loss's upstream scale (a loss scaler's 65536, a gradient-
         # accumulation 1/k) is applied: over one group of a scaled store every gradient is formed by the backward
-        # from the kept weights with the scale inside dZ (defer), with no [V, D] buffer; else a half weight's is
-        # accumulated in fp32 until the backward
+        # from the kept weights with the scale inside dZ (defer), and the weight's gradient, allocated here, holds
+        # the store until then; else a half weight's is accumulated in fp32 until the backward
         store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
         defer = store_dtype != sdt  # a scaled store: one group (EagerNeed.groups)
-        if not defer:
+        if defer:
+            dw = torch.empty((vocab, dim), dtype=weight.dtype, device=hidden.device) if need[1] else None
+        else:
             if need[1] and (several or weight.dtype != sdt):
                 dw = torch.zeros((vocab, dim), dtype=sdt, device=hidden.device)
             db = torch.zeros(vocab, dtype=sdt, device=hidden.device) if need[2] else None
-        buffers = _tile_buffers(call, vocab, store_dtype, ref is not None, hidden.device)
-        operands = _shared_operands(weight, products, ref, ref_products, call.groups.spare_bytes)
+            buffers = _tile_buffers(call, vocab, store_dtype, ref is not None, hidden.device)
+        # a scaled store keeps the policy's converted rows beside its chunks (ScaledSource.keep); the reference's
+        # rows, read by the forward's one sweep, are converted where they are used
+        operands = (None, None) if defer else _shared_operands(weight, products, ref, ref_products,
+                                                               call.groups.spare_bytes)
         results = [_run_group(hidden, weight, bias, labels, ref, products, ref_products, call, group, need, dw, db,
                               buffers, operands) for group in range(len(call.groups.bounds))]
         del operands
@@ -473,7 +509,7 @@ class _EagerPairs(torch.autograd.Function):
         grads = [r.grads for r in results]
         loss = torch.stack([r.loss for r in results]).sum()
         if not several:
-            dw = results[0].dw
+            dw = results[0].dw  # deferred: None, the backward's _DeferredGrads holds it
         out = _assemble_stats([r.out for r in results], grads, labels.shape)
         lse = _assemble([r.lse for r in results], grads, labels.shape)
         ref_lse = None if ref is None else _assemble([r.ref_lse for r in results], grads, labels.shape)

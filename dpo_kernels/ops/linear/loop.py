@@ -163,17 +163,23 @@ def _logits_grad(policy, ref, rows: KeptTokens, block: tuple[int, int, int, int]
 
 
 def grad_all(rows: KeptTokens, policy: GemmSource, ref: GemmSource | None, bw: Backward,
-             need: tuple[bool, bool, bool], plan: TilePlan | None = None, dw_into: torch.Tensor | None = None):
+             need: tuple[bool, bool, bool], plan: TilePlan | None = None, dw_into: torch.Tensor | None = None,
+             dw_out: torch.Tensor | None = None):
     """Backward of the linear path, vocabulary-major: ``(dH [n, D] fp32, dW [V, D] in the weight's dtype, db [V]
     fp32)``, ``None`` for each gradient not in ``need``. ``dw_into``: an fp32 ``[V, D]`` buffer the weight gradient
-    is accumulated into (and returned), for a gradient summed over several calls; ``plan``: the forward's, for
-    stored tiles."""
+    is accumulated into (and returned), for a gradient summed over several calls; ``dw_out``: a ``[V, D]`` tensor of
+    the weight's dtype to write it into instead of a new one (rows ``v0:v1`` are written after every tile of chunks
+    up to ``v1`` was formed: its memory may hold what those tiles read, :class:`.sources.StorePlacement`);
+    ``plan``: the forward's, for stored tiles."""
     need_dh, need_dw, need_db = need
     products, weight = policy.products, policy.weight
     n, (vocab, dim), device, sdt = rows.n, weight.shape, policy.h.device, products.out_dtype
     dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
     accumulate = need_dw and dw_into is not None
-    dw = (dw_into if accumulate else torch.empty((vocab, dim), dtype=weight.dtype, device=device)) if need_dw else None
+    if need_dw and not accumulate:
+        dw = torch.empty((vocab, dim), dtype=weight.dtype, device=device) if dw_out is None else dw_out
+    else:
+        dw = dw_into if need_dw else None
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
     dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
     if plan is None:

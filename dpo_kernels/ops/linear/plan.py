@@ -74,10 +74,11 @@ DEFAULTS_TEXT = (f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU; on accelerators
                  f"{ACCELERATOR_TILE_BUDGET_MB:g} to {ACCELERATOR_TILE_BUDGET_CAP_MB:g} MiB")
 
 # The eager schedule's budget (dpo_kernels.ops.linear.eager): the kept tiles, 2 V bytes per kept token for bf16
-# operands (kept_store_dtype; a store larger than the budget keeps the vocabulary chunks that fit and the backward
-# recomputes the others), 4 V for fp32 in groups of pairs (twice that for TDPO), plus the fp32 weight-gradient
-# accumulator of a half weight over several such groups. On an accelerator 2 GiB holds about 8k tokens of bf16
-# operands over a 128k vocabulary whole (4k of fp32); on the CPU, 1 GiB.
+# operands (kept_store_dtype) less what the weight's gradient holds of them (a trainable head's: D x its element
+# size a column; a store larger than the budget keeps the vocabulary chunks that fit and the backward recomputes
+# the others), 4 V for fp32 in groups of pairs (twice that for TDPO), plus the fp32 weight-gradient accumulator of a
+# half weight over several such groups. On an accelerator 2 GiB holds a 2-byte store of about 8k tokens over a
+# 128k vocabulary beside the gradient (more in it), 4k tokens of fp32 tiles; on the CPU, 1 GiB.
 DEFAULT_EAGER_BUDGET_MB = {"cpu": 1024.0}
 ACCELERATOR_EAGER_BUDGET_MB = 2048.0
 EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_EAGER_BUDGET_MB:g} on "

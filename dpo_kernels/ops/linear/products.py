@@ -219,6 +219,11 @@ class Products:
         the CPU, where it is then widened back), then in the operand dtype. No copy when ``t`` has both already."""
         return t.to(self.compute_dtype).to(self.operand_dtype)
 
+    def operand_into(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`operand` written into ``out`` (of the operand dtype and ``t``'s shape): one pass where the compute
+        and the operand dtypes agree."""
+        return out.copy_(t if self.compute_dtype == self.operand_dtype else t.to(self.compute_dtype))
+
     def bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
         """The bias added to the fp32 logits: rounded to the compute dtype as ``nn.Linear`` would, held in fp32."""
         return None if b is None else b.to(self.compute_dtype).to(self.out_dtype)

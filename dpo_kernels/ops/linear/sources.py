@@ -189,12 +189,104 @@ class StoredSource(GemmSource):
         return LogitsTile(slot, None if self.bias is None else self.bias[v0:v1], v0, labels[n0:n1])
 
 
+# A placed chunk's offset is a multiple of this many store entries (128 bytes of fp16): its rows stay as aligned
+# as the chunk width allows, wherever in the weight gradient's memory the chunk lies
+STORE_ALIGN = 64
+
+
+def _aligned(entries: int) -> int:
+    return -(-entries // STORE_ALIGN) * STORE_ALIGN
+
+
+@dataclass(frozen=True)
+class StorePlacement:
+    """Where each kept vocabulary chunk of a scaled store lives: ``in_grad`` (``v0 -> offset`` in the weight
+    gradient's memory, in store entries) or ``own`` (``v0 -> offset`` in a buffer of ``own_entries`` allocated for
+    the store); a chunk in neither is recomputed by the backward. ``part``: a chunk's entries for one head, aligned
+    (the reference's weights, where kept, follow the policy's). ``operands``: ``v0 -> (in the gradient?, offset)``
+    of the chunks whose converted head rows are kept too (``operand_part`` entries each), converted once for the
+    call and read again by the backward's ``dH``."""
+
+    in_grad: dict
+    own: dict
+    own_entries: int
+    part: dict
+    operands: dict = field(default_factory=dict)
+    operand_part: dict = field(default_factory=dict)
+
+    @property
+    def kept_entries(self) -> int:
+        return sum(self.part[v0] for v0 in (*self.in_grad, *self.own))
+
+    @classmethod
+    def of(cls, chunks, n: int, heads: int, grad_stride: int, grad_entries: int, room: int | None,
+           operand_stride: int = 0) -> "StorePlacement":
+        """``chunks``: the plan's ``[v0, v1)`` in the order the backward visits them; ``n`` kept tokens; ``heads``: 1,
+        or 2 with the reference's weights; ``grad_stride``: the weight gradient's entries per vocabulary column (0:
+        no gradient to hold the store), ``grad_entries`` in all; ``room``: the entries the store may allocate beside
+        it (``None``: unbounded); ``operand_stride``: the converted head's entries per column where the policy's
+        head is converted for its GEMMs (0: it is its own operand).
+
+        The backward writes ``dW``'s rows ``v0:v1`` after it has read chunk ``v0:v1`` (and its operand rows) and
+        every chunk before it, so a chunk may lie in the gradient's memory at or after its own rows' start
+        (``offset >= v0 * grad_stride``): the rows it overlaps are written only after it is read. Chunks are placed
+        there in order while they fit, the others in the store's own buffer within ``room``. The converted rows
+        follow their chunk where they fit; they are kept only where that keeps no fewer columns of the store."""
+        alone = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, 0)
+        if not operand_stride:
+            return alone
+        both = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride)
+        return both if both.kept_entries >= alone.kept_entries else alone
+
+    @classmethod
+    def _greedy(cls, chunks, n, heads, grad_stride, grad_entries, room, operand_stride) -> "StorePlacement":
+        in_grad, own, part, operands, operand_part = {}, {}, {}, {}, {}
+        cursor, used = 0, 0
+
+        def place(v0: int, size: int):
+            nonlocal cursor, used
+            start = _aligned(max(cursor, v0 * grad_stride))
+            if grad_stride and start + size <= grad_entries:
+                cursor = start + size
+                return True, start
+            if room is None or used + size <= room:
+                used += size
+                return False, used - size
+            return None
+
+        for v0, v1 in chunks:
+            part[v0] = _aligned(n * (v1 - v0))
+            where = place(v0, heads * part[v0])
+            if where is None:
+                continue
+            (in_grad if where[0] else own)[v0] = where[1]
+            if operand_stride:
+                operand_part[v0] = _aligned(operand_stride * (v1 - v0))
+                if (rows := place(v0, operand_part[v0])) is not None:
+                    operands[v0] = rows
+        return cls(in_grad, own, used, part, operands, operand_part)
+
+
+class PlacedStore:
+    """A scaled store's kept chunks, each a row-major ``[n, v1 - v0]`` matrix where :class:`StorePlacement` put it;
+    the tile of tokens ``n0:n1`` is its rows ``n0:n1`` (contiguous), as in a :class:`TileStore`."""
+
+    def __init__(self, n: int, chunks: dict) -> None:
+        self.n, self.chunks = n, chunks
+
+    def __contains__(self, v0: int) -> bool:
+        return v0 in self.chunks
+
+    def slot(self, n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
+        return self.chunks[v0][n0:n1]
+
+
 @dataclass
 class ScaledSource(GemmSource):
     """The eager schedule's source for bf16 GEMM operands (:func:`.plan.kept_store_dtype`): each tile is one
     GEMM into fp32 scratch, folded, and kept as its softmax weights ``a = e^{z - s'} t'(x)`` (``fold_shifted``: in
-    the fold's one pass over the tile) in a :class:`TileStore` of :data:`.plan.SCALED_STORE_DTYPE`, 2 bytes a logit,
-    with ``s'`` (the token's shift after the tile: at most its running max, and below it by at most the fp16
+    the fold's one pass over the tile) in a :class:`PlacedStore` of :data:`.plan.SCALED_STORE_DTYPE`, 2 bytes a
+    logit, with ``s'`` (the token's shift after the tile: at most its running max, and below it by at most the fp16
     headroom, :func:`~.contract.shift_headroom`) per token and vocabulary chunk; for a TDPO loss the reference's
     ``e^{zr - s_r'} t'(x)`` beside, in ``ref_store``, so the reference source needs no store. After :meth:`filled`,
     :meth:`grad` forms ``dZ`` from them without a GEMM or a logit (MATH.md §1):
@@ -204,59 +296,93 @@ class ScaledSource(GemmSource):
 
     Backward traffic per logit: 2 bytes read (4 with the reference), ``dZ`` written in the operand dtype.
 
-    A store may hold only the first ``kept_vocab`` columns (whole vocabulary chunks, :meth:`keep`: the budget's
-    share): the other chunks are folded without keeping anything and recomputed by the backward (their GEMM and the
-    backend's ``grad``, the reference's tile too for a KL gradient, from ``ref_source``), as the recompute schedule
-    does, so that the GEMMs a store saves scale with the memory it is given."""
+    Where the weight needs a gradient, the store lives in that gradient's memory as far as it goes
+    (``grad_memory``, allocated by the forward; :class:`StorePlacement` says why the backward can write ``dW`` over
+    it), and beside it within the budget's ``room``. A chunk kept nowhere (:meth:`keep`) is folded without keeping
+    anything and recomputed by the backward (its GEMM and the backend's ``grad``, the reference's tile too for a KL
+    gradient, from ``ref_source``), as the recompute schedule does, so that the GEMMs a store saves scale with the
+    memory it is given."""
 
-    store: TileStore | None = None
-    ref_store: TileStore | None = None
-    kept_vocab: int = 0  # the store's columns: chunks [v0, v1) with v1 <= kept_vocab are kept, the rest recomputed
+    store: PlacedStore | None = None
+    ref_store: PlacedStore | None = None
     ref_source: "GemmSource | None" = None  # a KL gradient's reference, for the chunks that are recomputed
     maxes: dict = field(default_factory=dict)  # v0 -> [n] fp32: each token's shift after chunk v0's fold
     ref_maxes: dict = field(default_factory=dict)
     shifts: torch.Tensor | None = None  # [1 or 2, n]: the running shifts (fold_shifted) while the forward folds
     label_logits: tuple | None = None  # (z_y [n], zr_y [n] or None) after the forward: see filled
-    _buffers: tuple = field(default=(None, None), repr=False)
     _store_dtype: torch.dtype | None = field(default=None, repr=False)
+    _with_ref: bool = field(default=False, repr=False)
+    _grad_memory: torch.Tensor | None = field(default=None, repr=False)
+    _operand_rows: dict = field(default_factory=dict, repr=False)  # v0 -> [v1 - v0, D] converted rows, kept
+    _converted: set = field(default_factory=set, repr=False)  # the v0 of _operand_rows already written
 
     @classmethod
-    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, buffers: tuple, store_dtype: torch.dtype,
-           operand_weight: torch.Tensor | None = None) -> "ScaledSource":
-        """``buffers``: flat ``store_dtype`` buffers for the policy's weights and (``None`` without) the
-        reference's, of ``n * c`` entries each for the first ``c`` columns kept: every column when they hold them,
-        else those :meth:`keep` sets."""
+    def of(cls, head: LinearHead, rows: KeptTokens, products: Products, store_dtype: torch.dtype, with_ref: bool,
+           grad_memory: torch.Tensor | None = None, operand_weight: torch.Tensor | None = None) -> "ScaledSource":
+        """``with_ref``: keep the reference's weights too (a KL gradient); ``grad_memory``: the weight's gradient
+        ``[V, D]`` (contiguous, written only by the backward), whose memory holds the store's first chunks, or
+        ``None``. Nothing is kept until :meth:`keep` places the plan's chunks."""
         source = super().of(head, rows, products, operand_weight)
-        source._buffers, source._store_dtype = buffers, store_dtype
-        return source.keep(((0, source.vocab),), None)
+        source._store_dtype, source._with_ref = store_dtype, with_ref
+        source._grad_memory = None if grad_memory is None else grad_memory.view(-1).view(store_dtype)
+        return source
 
-    def keep(self, chunks, ref_source: "GemmSource | None", columns: int | None = None) -> "ScaledSource":
-        """Keep the longest prefix of the vocabulary ``chunks`` (``[v0, v1)`` pairs, in order) within ``columns``
-        (``None``: all) that the buffers hold; ``ref_source``: the reference head, whose tiles a KL gradient
-        recomputes where a chunk is not kept."""
-        n, device = self.h.shape[0], self.h.device
-        room = self._buffers[0].numel() // max(n, 1)
-        if columns is not None:
-            room = min(room, columns)
-        self.kept_vocab = max((v1 for _, v1 in chunks if v1 <= room), default=0)
-        self.store = TileStore(n, self.kept_vocab, self._store_dtype, device, self._buffers[0])
-        if self._buffers[1] is not None:
-            self.ref_store = TileStore(n, self.kept_vocab, self._store_dtype, device, self._buffers[1])
-        self.ref_source = ref_source if self._buffers[1] is not None and self.kept_vocab < self.vocab else None
+    def keep(self, chunks, ref_source: "GemmSource | None", room_bytes: int | None = None) -> "ScaledSource":
+        """Place the vocabulary ``chunks`` (``[v0, v1)`` pairs, in order): in the weight gradient's memory while they
+        fit, else in the store's own buffer within ``room_bytes`` (``None``: every chunk), else nowhere;
+        ``ref_source``: the reference head, whose tiles a KL gradient recomputes where a chunk is not kept."""
+        n, device, heads = self.h.shape[0], self.h.device, 2 if self._with_ref else 1
+        grad = self._grad_memory
+        stride = 0 if grad is None else grad.numel() // self.vocab
+        room = None if room_bytes is None else max(room_bytes, 0) // self._store_dtype.itemsize
+        operand = self.products.operand_dtype
+        converts = self.operand_weight is None and self.products.converts(self.weight)
+        operand_stride = self.dim * operand.itemsize // self._store_dtype.itemsize if converts else 0
+        placed = StorePlacement.of(chunks, n, heads, stride, 0 if grad is None else grad.numel(), room,
+                                   operand_stride)
+        own = (torch.empty(placed.own_entries, dtype=self._store_dtype, device=device) if placed.own_entries
+               else None)
+        stores, self._operand_rows, self._converted = ({}, {}), {}, set()
+        for v0, v1 in chunks:
+            memory, start = (grad, placed.in_grad[v0]) if v0 in placed.in_grad else (own, placed.own.get(v0))
+            if start is None:
+                continue
+            for k in range(heads):
+                offset = start + k * placed.part[v0]
+                stores[k][v0] = memory[offset : offset + n * (v1 - v0)].view(n, v1 - v0)
+            if v0 in placed.operands:
+                in_grad, offset = placed.operands[v0]
+                rows = (grad if in_grad else own)[offset : offset + operand_stride * (v1 - v0)]
+                self._operand_rows[v0] = rows.view(operand).view(v1 - v0, self.dim)
+        self.store = PlacedStore(n, stores[0])
+        self.ref_store = PlacedStore(n, stores[1]) if self._with_ref else None
+        every = len(stores[0]) == len(chunks)
+        self.ref_source = ref_source if self._with_ref and not every else None
         return self
+
+    def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
+        """Rows ``v0:v1`` as GEMM operands: where :meth:`keep` kept room for them, converted at their first use and
+        kept for the backward's ``dH`` (the head converted once for the call)."""
+        rows = self._operand_rows.get(v0)
+        if rows is None or rows.shape[0] != v1 - v0:
+            return super().weight_chunk(v0, v1)
+        if v0 not in self._converted:
+            self.products.operand_into(self.weight[v0:v1], rows)
+            self._converted.add(v0)
+        return rows
 
     def scratch_bytes(self, device: torch.device) -> int:
         """The fp32 tile, and the kept weights where the tile budget counts kept tiles (the CPU)."""
-        kept = self._store_dtype.itemsize * (1 if self._buffers[1] is None else 2)
+        kept = self._store_dtype.itemsize * (2 if self._with_ref else 1)
         return self.out_dtype.itemsize + (kept if kept_tiles_count(device) else 0)
 
-    def _kept(self, v1: int) -> bool:
-        return v1 <= self.kept_vocab
+    def _kept(self, v0: int) -> bool:
+        return v0 in self.store
 
     def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
              ref_stats, opts: TokenOptions) -> None:
-        n0, n1, v0, v1 = block
-        if not self._kept(v1):  # recomputed by the backward: nothing kept
+        n0, n1, v0, _ = block
+        if not self._kept(v0):  # recomputed by the backward: nothing kept
             super().fold(kernels, block, tile, stats, ref_tile, ref_stats, opts)
             return
         if self.shifts is None:  # one per token (and the reference's), carried from chunk to chunk
@@ -283,14 +409,14 @@ class ScaledSource(GemmSource):
         return dataclasses.replace(self, label_logits=(stats[StatRow.LABEL_LOGIT], ref_label))
 
     def tile(self, n0: int, n1: int, v0: int, v1: int, labels: torch.Tensor) -> LogitsTile:
-        if self.label_logits is not None and self._kept(v1):
+        if self.label_logits is not None and self._kept(v0):
             raise RuntimeError("a filled ScaledSource keeps softmax weights, not logits: its grad reads them")
         return super().tile(n0, n1, v0, v1, labels)
 
     def grad(self, kernels: TileKernels, block: tuple[int, int, int, int], labels: torch.Tensor, lse, g, ref_tile,
              ref_lse, g_kl, opts: TokenOptions, out: torch.Tensor | None) -> torch.Tensor:
         n0, n1, v0, v1 = block
-        if not self._kept(v1):  # the recompute schedule's tile: its GEMM (and the reference's), the backend's grad
+        if not self._kept(v0):  # the recompute schedule's tile: its GEMM (and the reference's), the backend's grad
             ref_tile = None if g_kl is None else self.ref_source.tile(n0, n1, v0, v1, labels)
             return super().grad(kernels, block, labels, lse, g, ref_tile, ref_lse, g_kl, opts, out)
         if out is None:  # dZ in the statistics dtype (operands widened, the CPU): the fp32 tile scratch holds it
