@@ -88,8 +88,8 @@ class PairGroups:
     """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
     budget; ``tokens``: each group's kept tokens; ``spare_bytes``: what the budget leaves beside the largest group's
     tiles and the weight-gradient accumulator (room for heads converted once for the call). A scaled store (one
-    group) has ``store_room``: the bytes it may allocate beside the weight gradient's memory (less the heads
-    converted for the call, which the forward takes out), and, where it is larger than the budget,
+    group) has ``store_room``: the bytes it may allocate beside the weight gradient's memory, for its chunks and the
+    policy's converted rows (``operand_rows``: all of them fit); and, where it is larger than the budget,
     ``store_vocab``: about how many columns it keeps (whole vocabulary chunks, :meth:`.sources.ScaledSource.keep`;
     the backward recomputes the others)."""
 
