@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dpo_kernels.tools import gpu_check
@@ -208,3 +209,26 @@ def test_the_gradient_section_runs_every_case_and_records_a_failing_one(monkeypa
     assert result["failures"] == ["torch/bfloat16/dpo_eager"] and result["ok"] is False
     assert result["torch/float32/dpo_recompute"]["ok"] and result["torch/bfloat16/linear"]["ok"]
     assert result["torch/bfloat16/dpo_eager"]["error"] == "RuntimeError: a kernel failed"
+
+
+def test_the_trl_dpo_peer_computes_the_loss_fused_dpo_loss_computes():
+    """The ``time`` section's TRL 1.16 peer for sigmoid DPO (kept tokens through ``ChunkedLogProbFunction``, the
+    reference under ``no_grad``): on the CPU, the same loss and policy gradients as ``fused_dpo_loss``'s oracle, so
+    that the GPU ratios compare the same computation."""
+    pytest.importorskip("trl.kernels")
+    from dpo_kernels import fused_dpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 300, (4, 24), generator=g)
+    labels[:, :6] = -100
+    labels[1, 20:] = -100
+    x = {"labels": labels, "policy_hidden": torch.randn(4, 24, 32, generator=g).requires_grad_(),
+         "lm_head_weight": (torch.randn(300, 32, generator=g) / 4).requires_grad_(),
+         "ref_hidden": torch.randn(4, 24, 32, generator=g), "ref_lm_head_weight": torch.randn(300, 32, generator=g) / 4}
+    trl = gpu_check._trl_dpo(x)
+    grads = torch.autograd.grad(trl, [x["policy_hidden"], x["lm_head_weight"]])
+    ours = fused_dpo_loss(**x, backend="reference").loss
+    expected = torch.autograd.grad(ours, [x["policy_hidden"], x["lm_head_weight"]])
+    torch.testing.assert_close(trl, ours, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -29,8 +29,9 @@ that fails records its error and the next one runs. Commit what comes back under
 - ``compile``: ``torch.compile(fullgraph=True)`` of a DPO step against eager;
 - ``time``: fused against naive and TRL 1.16's ``ChunkedLogProbFunction`` (where installed), interleaved, CUDA events,
   warm-up excluded, peak allocator bytes, at the Llama-3 and Gemma-2 heads, bf16 and fp32 master under autocast; and
-  DPO / TDPO2 from hidden states, each schedule, against naive, each case in its own error capture, the eager cases
-  with a budget that holds the batch in one group;
+  DPO / TDPO2 from hidden states at the Llama-3 head (then sigmoid DPO at the Gemma-2 head as time allows), each
+  schedule, against naive and, for sigmoid DPO, TRL 1.16's kept-token DPO (``_trl_dpo``), each case in its own
+  error capture, the eager cases with a budget that holds the batch in one group;
 - ``sanitizer``: a small-shape sweep under ``compute-sanitizer``: memcheck with the caching allocator off
   (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``), racecheck on this package's kernels only; each tool with its own timeout,
   its process group killed on a timeout, its output kept;
@@ -77,7 +78,9 @@ class Head:
     vocab: int
 
 
-HEADS = (Head("llama3", 4096, 128256), Head("gemma2", 3584, 256000))
+# Llama-3's head and Gemma-2 2B's, the heads of the issues' roofline model, so that a measurement sits beside its
+# modelled figure
+HEADS = (Head("llama3", 4096, 128256), Head("gemma2", 2304, 256000))
 TOKENS = 8192
 DPO_BATCH = (8, 1024, 256)  # rows (B pairs = rows / 2), tokens per row, masked prompt tokens per row
 DPO_LOSSES = ("sigmoid", "tdpo2")
@@ -544,8 +547,12 @@ def section_time(quick: bool, rounds: int, clock: _Clock) -> dict:
         logprobs.append(_bounded_case(
             clock, 25, lambda h=head, d=dtype, a=autocast, f=frozen: _time_logprobs(h, d, a, impls, rounds, f),
             {"head": head.name, "dtype": str(dtype), "autocast": autocast, "frozen_head": frozen}))
-    dpo = [_bounded_case(clock, 20, lambda c=c: _time_dpo(c, rounds), {"case": c[0] + "/" + c[1]})
-           for c in sorted({(k.loss_type, k.weights) for k in dpo_cases(quick)})]
+    # the Llama-3 head's cases first, then sigmoid DPO at the Gemma-2 head (the issues' goals), as time allows
+    dpo_runs = [(HEADS[0], c) for c in sorted({(k.loss_type, k.weights) for k in dpo_cases(quick)})]
+    dpo_runs += [(HEADS[1], c) for c in sorted({(k.loss_type, k.weights) for k in dpo_cases(quick)})
+                 if c[0] == "sigmoid"]
+    dpo = [_bounded_case(clock, 20, lambda h=h, c=c: _time_dpo(c, rounds, h),
+                         {"head": h.name, "case": c[0] + "/" + c[1]}) for h, c in dpo_runs]
     failed = [r for r in logprobs + dpo if "error" in r]
     return {"logprobs": logprobs, "dpo": dpo, "missing": missing, "ok": not failed}
 
@@ -592,6 +599,29 @@ def _dpo_inputs(head: Head, weights: str, seed: int = 0) -> dict:
             "ref_lm_head_weight": w.detach().clone()}
 
 
+def _trl_dpo(x: dict, beta: float = 0.1) -> torch.Tensor:
+    """Sigmoid DPO as a TRL 1.16 user computes it from hidden states: ``ChunkedLogProbFunction`` over the kept
+    tokens (gathered first), the policy with a gradient and the reference under ``no_grad``, summed per row (as the
+    issues' model traces it); ``beta`` as ``fused_dpo_loss``'s default. Any device."""
+    import torch.nn.functional as F
+    from trl.kernels import ChunkedLogProbFunction
+
+    kept = x["labels"] != -100
+    labels = x["labels"][kept]
+
+    def sequence_logps(hidden, weight):
+        logps = ChunkedLogProbFunction.apply(hidden[kept], weight, None, labels, 1.0, 32768, None, 1.0,
+                                             ("log_probs",))[0]
+        return torch.zeros(kept.shape, dtype=logps.dtype, device=logps.device).masked_scatter(kept, logps).sum(-1)
+
+    policy = sequence_logps(x["policy_hidden"], x["lm_head_weight"])
+    with torch.no_grad():
+        ref = sequence_logps(x["ref_hidden"], x["ref_lm_head_weight"])
+    ratios = policy - ref
+    pairs = ratios.shape[0] // 2
+    return -F.logsigmoid(beta * (ratios[:pairs] - ratios[pairs:])).mean()
+
+
 def _naive_dpo(x: dict, loss_type: str):
     from .. import fused_dpo_loss
 
@@ -601,13 +631,13 @@ def _naive_dpo(x: dict, loss_type: str):
                           backend="reference").loss
 
 
-def _time_dpo(case: tuple[str, str], rounds: int) -> dict:
-    """Every schedule of ``case`` (loss type, weights) against naive, interleaved; each schedule at the budget its
-    :class:`DpoCase` states."""
+def _time_dpo(case: tuple[str, str], rounds: int, head: Head = HEADS[0]) -> dict:
+    """Every schedule of ``case`` (loss type, weights) against naive and, for sigmoid DPO where TRL is installed,
+    TRL 1.16's kept-token DPO (:func:`_trl_dpo`), interleaved; each schedule at the budget its :class:`DpoCase`
+    states."""
     from .. import fused_dpo_loss
 
     loss_type, weights = case
-    head = HEADS[0]
     x = _dpo_inputs(head, weights)
     autocast = weights != "bf16"
     losses = {}
@@ -616,6 +646,8 @@ def _time_dpo(case: tuple[str, str], rounds: int) -> dict:
         losses[f"fused_{schedule}"] = (lambda s=schedule, b=budget: fused_dpo_loss(
             **x, loss_type=loss_type, schedule=s, eager_budget_mb=b).loss)
     losses["naive"] = lambda: _naive_dpo(x, loss_type)
+    if loss_type == "sigmoid" and _peer_missing("trl") is None:
+        losses["trl_1_16"] = lambda: _trl_dpo(x)
 
     def step(loss):
         x["policy_hidden"].grad = x["lm_head_weight"].grad = None
@@ -626,8 +658,9 @@ def _time_dpo(case: tuple[str, str], rounds: int) -> dict:
     median, peaks, errors = _interleaved({k: (lambda loss=loss: step(loss)) for k, loss in losses.items()}, rounds)
     row = {"median_ms": median, "peak_mib": peaks, "errors": errors}
     for k in median:
-        if k.startswith("fused_") and "naive" in median:
-            row[f"{k}_over_naive"] = {"time": median[k] / median["naive"], "peak": peaks[k] / max(peaks["naive"], 1)}
+        for peer in ("naive", "trl_1_16"):
+            if k.startswith("fused_") and peer in median:
+                row[f"{k}_over_{peer}"] = {"time": median[k] / median[peer], "peak": peaks[k] / max(peaks[peer], 1)}
     if any(k.startswith("fused_") for k in errors):
         row["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items() if k.startswith("fused_"))
     return row
