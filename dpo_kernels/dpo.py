@@ -522,7 +522,7 @@ def _eager_plan(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.T
         if not torch.compiler.is_compiling():  # Dynamo traces no logging call
             _log.debug("fused_dpo_loss: recompute schedule (%s)", plan)
         return None
-    kept = "" if plan[0].store_vocab is None else f", its store keeping {plan[0].store_vocab} columns"
+    kept = "" if plan[0].store_vocab is None else f", its store keeping about {plan[0].store_vocab} columns"
     _log.debug("fused_dpo_loss: eager schedule, %d group(s) of pairs %s%s", len(plan[0].bounds), plan[0].bounds, kept)
     return plan
 

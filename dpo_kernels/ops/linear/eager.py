@@ -49,6 +49,7 @@ rounded to the half operand dtype before the upstream scale is known (the recomp
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ from .loop import (
 from . import plan as plans  # the store rule through the module: tests may force it
 from .plan import plan_stored_backward, scaled_store_bytes_per_token
 from .sources import GemmSource, ScaledSource, StoredSource, operand_head
+
+_log = logging.getLogger("dpo_kernels")
 
 # (rows [2B_g] of the batch, token logps [2B_g, T], ref logps or None, kl or None, logged dict or None) -> the loss
 # of those pairs as a part of the batch's loss (already weighted by B_g / B)
@@ -361,6 +364,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
     if scaled:
         policy.keep(list(plan.vocab_chunks(vocab)), ref_source, call.groups.store_room)
+        _log.debug("fused_dpo_loss: the scaled store: %s", policy.placement)
     with no_autocast(device):
         stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan)
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,

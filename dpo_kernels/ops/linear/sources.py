@@ -315,6 +315,7 @@ class ScaledSource(GemmSource):
     _grad_memory: torch.Tensor | None = field(default=None, repr=False)
     _operand_rows: dict = field(default_factory=dict, repr=False)  # v0 -> [v1 - v0, D] converted rows, kept
     _converted: set = field(default_factory=set, repr=False)  # the v0 of _operand_rows already written
+    placement: str = ""  # what keep() placed where, as the debug log says it
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, store_dtype: torch.dtype, with_ref: bool,
@@ -357,6 +358,14 @@ class ScaledSource(GemmSource):
         self.store = PlacedStore(n, stores[0])
         self.ref_store = PlacedStore(n, stores[1]) if self._with_ref else None
         every = len(stores[0]) == len(chunks)
+        in_grad = sum(heads * placed.part[v0] for v0 in placed.in_grad) + sum(
+            placed.operand_part[v0] for v0, (there, _) in placed.operands.items() if there)
+        mib = self._store_dtype.itemsize / 2**20
+        self.placement = (f"{sum(v1 - v0 for v0, v1 in chunks if v0 in stores[0])} of {self.vocab} columns kept, "
+                          f"{in_grad * mib:.1f} MiB in the weight gradient's memory and "
+                          f"{placed.own_entries * mib:.1f} MiB beside it"
+                          + (f", with the converted head rows of {len(placed.operands)} of {len(chunks)} chunks"
+                             if operand_stride else ""))
         self.ref_source = ref_source if self._with_ref and not every else None
         return self
 
