@@ -447,12 +447,13 @@ def test_the_scaled_store_halves_the_measured_peak_and_stays_within_the_budget()
 
 
 @pytest.mark.parametrize("room", ["rows kept", "no room for the rows"])
-def test_a_converted_policy_head_is_converted_once_for_the_call(room, _forced, monkeypatch):
+def test_a_converted_policy_head_is_converted_once_for_the_call(backend, room, _forced, monkeypatch):
     """Issue 29's one conversion a call. On the CPU a bf16 head is widened to fp32 operands (as an fp32 master head
     is rounded to bf16 on a GPU): over a scaled store each chunk of the policy's head is converted at its first use
     into rows kept beside the store (in the weight gradient's memory as far as it goes), which the backward's ``dH``
     reads again. Within a budget for the store alone, once a pass (forward, backward). The gradients match the
-    recompute schedule's either way."""
+    recompute schedule's either way, on every tile backend."""
+    skip_if_unsupported(backend, torch.bfloat16)
     d = {k: (v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v)
          for k, v in _data(torch.float32, bias=False).items()}
     weight = d["lm_head_weight"].clone().requires_grad_()
@@ -474,7 +475,7 @@ def test_a_converted_policy_head_is_converted_once_for_the_call(room, _forced, m
         hidden, w = d["policy_hidden"].clone().requires_grad_(), weight.detach().clone().requires_grad_()
         w = weight if schedule == "eager" else w  # the spy knows the eager call's head
         out = fused_dpo_loss(labels=d["labels"], policy_hidden=hidden, lm_head_weight=w, ref_hidden=d["ref_hidden"],
-                             ref_lm_head_weight=d["ref_lm_head_weight"], backend="torch", schedule=schedule,
+                             ref_lm_head_weight=d["ref_lm_head_weight"], backend=backend, schedule=schedule,
                              eager_budget_mb=budget, vocab_chunk_size=8)
         out.loss.backward()
         outs[schedule] = (out.loss, hidden.grad, w.grad)
