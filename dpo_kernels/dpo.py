@@ -248,10 +248,10 @@ def fused_dpo_loss(
     and reference alike); ``backend``; ``schedule`` (from hidden states: ``"eager"`` keeps what the policy's
     gradients need from the forward within ``eager_budget_mb``: bf16 GEMM operands keep each logit's softmax weight
     in fp16, in the weight's gradient as far as it goes (the budget bounds the rest), the vocabulary chunks that
-    fit, and the backward forms every gradient from them in one pass, recomputing the others; otherwise the fp32 tiles of groups of whole pairs, their gradients formed in the
-    forward; ``"recompute"`` recomputes the tiles in the backward; ``"auto"``, the default, takes eager where it can
-    run and, on an accelerator, is estimated faster, see
-    :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the
+    fit, and the backward forms every gradient from them in one pass, recomputing the others; otherwise the fp32
+    tiles of groups of whole pairs, their gradients formed in the forward; ``"recompute"`` recomputes the tiles in
+    the backward; ``"auto"``, the default, takes eager where it can run and, on an accelerator, is estimated faster,
+    see :mod:`dpo_kernels.ops.linear.eager`, and logs its choice at debug level on the ``dpo_kernels`` logger); the
     tile sizes (``token_chunk_size``, ``vocab_chunk_size``) or their memory
     budget ``tile_budget_mb``; ``inplace_backward`` (policy logits: their gradient overwrites them) and
     ``grad_filter_eps`` (hidden states: skip negligible backward tiles), as on the primitives;

@@ -501,7 +501,8 @@ g = torch.Generator().manual_seed(0)
 labels = torch.randint(0, 32000, (2, 512), generator=g)
 x = dict(labels=labels, policy_hidden=torch.randn(2, 512, 1024, generator=g).requires_grad_(),
          lm_head_weight=(torch.randn(32000, 1024, generator=g) / 32).requires_grad_(),
-         ref_hidden=torch.randn(2, 512, 1024, generator=g), ref_lm_head_weight=torch.randn(32000, 1024, generator=g) / 32)
+         ref_hidden=torch.randn(2, 512, 1024, generator=g),
+         ref_lm_head_weight=torch.randn(32000, 1024, generator=g) / 32)
 
 def call():  # 1024 kept tokens x 32000: a 62.5 MiB fp16 store, a 125 MiB fp32 weight gradient
     out = fused_dpo_loss(**x, backend="cpu", schedule="eager", eager_budget_mb=512)
