@@ -232,3 +232,28 @@ def test_the_trl_dpo_peer_computes_the_loss_fused_dpo_loss_computes():
     torch.testing.assert_close(trl, ours, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_dpo_timing_keeps_what_each_schedule_logged():
+    """The ``time`` section's DPO rows carry ``fused_dpo_loss``'s debug lines per step (the schedule ``auto`` ran and
+    why, where a scaled store went), each once, without printing them; the logger is restored after."""
+    import logging
+
+    from dpo_kernels import fused_dpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 300, (4, 24), generator=g)
+    labels[:, :6] = -100
+    x = {"labels": labels, "policy_hidden": torch.randn(4, 24, 32, generator=g).requires_grad_(),
+         "lm_head_weight": (torch.randn(300, 32, generator=g) / 4).requires_grad_(),
+         "ref_hidden": torch.randn(4, 24, 32, generator=g), "ref_lm_head_weight": torch.randn(300, 32, generator=g) / 4}
+    log = logging.getLogger("dpo_kernels")
+    before = (log.level, log.propagate, list(log.handlers))
+    with gpu_check._schedule_notes() as notes:
+        for name, schedule in (("fused_eager", "eager"), ("fused_recompute", "recompute"), ("fused_eager", "eager")):
+            notes.current = name
+            fused_dpo_loss(**x, backend="torch", schedule=schedule).loss.backward()
+    assert [m for m in notes.notes["fused_eager"] if "eager schedule, 1 group(s)" in m], notes.notes
+    assert notes.notes["fused_recompute"] == ["fused_dpo_loss: recompute schedule (schedule='recompute')"]
+    assert len(notes.notes["fused_eager"]) == len(set(notes.notes["fused_eager"]))
+    assert (log.level, log.propagate, list(log.handlers)) == before

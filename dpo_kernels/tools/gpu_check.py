@@ -45,7 +45,9 @@ budget they pass) and exits 1 when one would be refused; CI runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -631,10 +633,43 @@ def _naive_dpo(x: dict, loss_type: str):
                           backend="reference").loss
 
 
+class _ScheduleNotes(logging.Handler):
+    """``fused_dpo_loss``'s debug lines (the schedule ``auto`` ran and why, both estimates, where a scaled store
+    went), each once, under the name of the step that logged it (``current``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.current: str | None = None
+        self.notes: dict[str, list[str]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.current is not None and message.startswith("fused_dpo_loss:"):
+            seen = self.notes.setdefault(self.current, [])
+            if message not in seen:
+                seen.append(message)
+
+
+@contextlib.contextmanager
+def _schedule_notes():
+    """The ``dpo_kernels`` logger at debug level into a :class:`_ScheduleNotes` (not printed), restored after."""
+    log, notes = logging.getLogger("dpo_kernels"), _ScheduleNotes()
+    level, propagate = log.level, log.propagate
+    log.addHandler(notes)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    try:
+        yield notes
+    finally:
+        log.removeHandler(notes)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 def _time_dpo(case: tuple[str, str], rounds: int, head: Head = HEADS[0]) -> dict:
     """Every schedule of ``case`` (loss type, weights) against naive and, for sigmoid DPO where TRL is installed,
     TRL 1.16's kept-token DPO (:func:`_trl_dpo`), interleaved; each schedule at the budget its :class:`DpoCase`
-    states."""
+    states; ``notes``: what each schedule logged (the schedule ``auto`` ran, where the store went)."""
     from .. import fused_dpo_loss
 
     loss_type, weights = case
@@ -649,14 +684,17 @@ def _time_dpo(case: tuple[str, str], rounds: int, head: Head = HEADS[0]) -> dict
     if loss_type == "sigmoid" and _peer_missing("trl") is None:
         losses["trl_1_16"] = lambda: _trl_dpo(x)
 
-    def step(loss):
+    def step(name, loss):
         x["policy_hidden"].grad = x["lm_head_weight"].grad = None
+        notes.current = name
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             value = loss()
         value.backward()
 
-    median, peaks, errors = _interleaved({k: (lambda loss=loss: step(loss)) for k, loss in losses.items()}, rounds)
-    row = {"median_ms": median, "peak_mib": peaks, "errors": errors}
+    with _schedule_notes() as notes:
+        median, peaks, errors = _interleaved({k: (lambda k=k, loss=loss: step(k, loss)) for k, loss in losses.items()},
+                                             rounds)
+    row = {"median_ms": median, "peak_mib": peaks, "errors": errors, "notes": notes.notes}
     for k in median:
         for peer in ("naive", "trl_1_16"):
             if k.startswith("fused_") and peer in median:
