@@ -155,6 +155,7 @@ def scaled_store_checks(rank: int, world: int, backends: list[str]) -> None:
     """The eager schedule's scaled store (issue 29), forced as bf16 operands choose it on a GPU: every rank's DPO and
     TDPO2 losses and gradients against one process (fp32 loss to 1e-6; gradients to the fp16 weights' 2e-3)."""
     from dpo_kernels.ops.linear import plan, sources
+    from dpo_kernels.ops.linear.products import Products
 
     plan.kept_store_dtype = lambda operands, sdt, opts: plan.SCALED_STORE_DTYPE
     formed, grad = [], sources.ScaledSource.grad
@@ -164,7 +165,16 @@ def scaled_store_checks(rank: int, world: int, backends: list[str]) -> None:
     for backend in backends:
         _losses_match(_inputs(sum(sizes)), slice(start, start + sizes[rank]), dist.group.WORLD, backend, max(sizes),
                       store_bytes=2, tol=2e-3)
-    assert formed, "the scaled store formed no dZ"
+    # bf16 heads, widened to fp32 operands on the CPU: the policy's converted rows kept beside the store (the head
+    # converted once a call, as an fp32 master head is on a GPU), each rank its own slice's; bf16 gradients
+    converted, operand_into = [], Products.operand_into
+    Products.operand_into = lambda self, *a: converted.append(1) or operand_into(self, *a)
+    half = {k: [u.to(torch.bfloat16) for u in v] if isinstance(v, list) else
+            (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _inputs(sum(sizes)).items()}
+    _losses_match(half, slice(start, start + sizes[rank]), dist.group.WORLD, backends[0], max(sizes), store_bytes=2,
+                  tol=5e-3)
+    Products.operand_into = operand_into
+    assert formed and converted, "the scaled store formed no dZ, or kept no converted rows"
 
 
 def dtensor_checks(rank: int, world: int, backend: str) -> None:
