@@ -350,7 +350,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     scaled = buffers is None
     head = LinearHead(pick(hidden), weight, bias)
     if scaled:
-        policy = ScaledSource.of(head, rows, products, plans.SCALED_STORE_DTYPE, keep_ref, dw, operands[0])
+        policy = ScaledSource.of(head, rows, products, plans.SCALED_STORE_DTYPE, keep_ref, dw)
     else:
         policy = StoredSource.of(head, rows, products, buffers[0], operands[0])
     ref_source = None

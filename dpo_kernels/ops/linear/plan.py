@@ -93,9 +93,10 @@ EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELER
 # logit. The weights stay below fp16's largest value, and fp16's unit roundoff (``2^-11``) is 8 times finer than
 # bf16's (``2^-8``): before its one rounding to bf16 the kept ``dZ`` is off by at most ``2^-11`` relative, so it ends
 # at most 1.125 times bf16's rounding error per entry (about 1.01 times its RMS). Entries below fp16's normal range
-# (``6e-5`` of the slope at the shift, far below the tile's largest) keep an absolute error under ``3e-8`` of it. Everything else keeps the tiles themselves in the statistics dtype, 4 bytes a logit (8 for fp64): fp32 operands
-# (the CPU widens half products to them; its ``dZ`` stays fp32), fp16 operands (an fp16 store would be no finer than
-# their own rounding), a call with ``grad_filter_eps`` (its test reads ``p`` itself), or a slope
+# (``6e-5`` of the slope at the shift, far below the tile's largest) keep an absolute error under ``3e-8`` of it.
+# Everything else keeps the tiles themselves in the statistics dtype, 4 bytes a logit (8 for fp64): fp32 operands (the
+# CPU widens half products to them; its ``dZ`` stays fp32), fp16 operands (an fp16 store would be no finer than their
+# own rounding), a call with ``grad_filter_eps`` (its test reads ``p`` itself), or a slope
 # ``logit_scale / temperature`` outside ``[2^-8, 2^8]`` (the weights would leave fp16's range).
 SCALED_STORE_DTYPE = torch.float16
 SCALED_STORE_SLOPES = (2.0**-8, 2.0**8)

@@ -319,11 +319,12 @@ class ScaledSource(GemmSource):
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, store_dtype: torch.dtype, with_ref: bool,
-           grad_memory: torch.Tensor | None = None, operand_weight: torch.Tensor | None = None) -> "ScaledSource":
+           grad_memory: torch.Tensor | None = None) -> "ScaledSource":
         """``with_ref``: keep the reference's weights too (a KL gradient); ``grad_memory``: the weight's gradient
         ``[V, D]`` (contiguous, written only by the backward), whose memory holds the store's first chunks, or
-        ``None``. Nothing is kept until :meth:`keep` places the plan's chunks."""
-        source = super().of(head, rows, products, operand_weight)
+        ``None``. Nothing is kept until :meth:`keep` places the plan's chunks (and, for a converted head, its
+        converted rows: no whole-head copy)."""
+        source = super().of(head, rows, products)
         source._store_dtype, source._with_ref = store_dtype, with_ref
         source._grad_memory = None if grad_memory is None else grad_memory.view(-1).view(store_dtype)
         return source
@@ -337,7 +338,7 @@ class ScaledSource(GemmSource):
         stride = 0 if grad is None else grad.numel() // self.vocab
         room = None if room_bytes is None else max(room_bytes, 0) // self._store_dtype.itemsize
         operand = self.products.operand_dtype
-        converts = self.operand_weight is None and self.products.converts(self.weight)
+        converts = self.products.converts(self.weight)
         operand_stride = self.dim * operand.itemsize // self._store_dtype.itemsize if converts else 0
         placed = StorePlacement.of(chunks, n, heads, stride, 0 if grad is None else grad.numel(), room,
                                    operand_stride)
