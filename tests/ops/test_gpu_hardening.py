@@ -135,27 +135,56 @@ def _widths(p: plan.TilePlan, v: int) -> list[int]:
     return [e - s for s, e in chunks]
 
 
+def _estimated_seconds(widths: list[int], tokens: int, dim: int) -> float:
+    return sum(plan.chunk_seconds(tokens, dim, w, plan.DEFAULT_MULTIPROCESSORS) for w in widths)
+
+
 @pytest.mark.parametrize("n, vocab, dim, per_entry", [(8192, 128256, 4096, 6), (8192, 256000, 3584, 6),
                                                       (8192, 151936, 3584, 4), (500, 32000, 2048, 6),
-                                                      (100000, 128256, 4096, 6), (3, 50, 8, 6)])
-def test_accelerator_plans_have_no_ragged_chunk(n, vocab, dim, per_entry):
+                                                      (100000, 128256, 4096, 6), (3, 50, 8, 6),
+                                                      (6144, 256000, 2304, 8), (6144, 128256, 4096, 14)])
+def test_accelerator_plans_fit_the_gemm_waves(n, vocab, dim, per_entry):
+    """Chunks of one width (a multiple of VOCAB_ALIGN) and a last one of what is left, within the budget's cap, and
+    never estimated slower than the balanced chunks of the budget's own width (what the plan made before)."""
     p = plan.plan_tiles(n, vocab, per_entry, TokenOptions(), torch.device("cuda"), dim=dim)
     widths = _widths(p, vocab)
     assert max(widths) <= p.vocab
     if len(widths) > 1:
-        assert max(widths) - min(widths[:-1]) <= plan.VOCAB_ALIGN
-        assert widths[-1] > max(widths) - 2 * plan.VOCAB_ALIGN, widths  # the last one only trimmed to the vocabulary
-        assert all(w % plan.VOCAB_ALIGN == 0 for w in widths[:-1])
+        assert set(widths[:-1]) == {p.vocab} and p.vocab % plan.VOCAB_ALIGN == 0 and widths[-1] <= p.vocab
+        budget = plan.default_tile_budget_mb(torch.device("cuda"), n, dim, per_entry) * 2**20
+        widest = int(budget // per_entry // p.tokens) // plan.VOCAB_ALIGN * plan.VOCAB_ALIGN
+        balanced = _widths(plan.TilePlan(p.tokens, widest, balanced_vocab=True), vocab)
+        assert _estimated_seconds(widths, p.tokens, dim) <= _estimated_seconds(balanced, p.tokens, dim)
     blocks = [e - s for s, e in p.token_blocks(n)]
     assert sum(blocks) == n and max(blocks) - min(blocks) <= 1 and max(blocks) <= p.tokens
     assert p.tokens * p.vocab * per_entry <= plan.ACCELERATOR_TILE_BUDGET_CAP_MB * 2**20
+
+
+def test_wave_fitting_at_the_gemma2_head():
+    """6144 kept tokens, D = 2304: the budget's 4608 columns make 48 x 18 forward tiles of 128 x 256 (6.5 waves of
+    132) and 36 x 9 weight-gradient tiles (2.5 waves); 5632 (within a quarter above it) makes exactly 8 and 3."""
+    p = plan.plan_tiles(6144, 256000, 6, TokenOptions(), torch.device("cuda"), dim=2304)
+    assert p.vocab == 5632 and not p.balanced_vocab
+    assert plan._waves(6144, 5632, 132) * 132 == 48 * 22 and plan._waves(5632, 2304, 132) * 132 == 44 * 9
+    # a caller's tile budget is a bound: the fitting stays within it
+    mine = plan.plan_tiles(6144, 256000, 6, TokenOptions(tile_budget_mb=162), torch.device("cuda"), dim=2304)
+    assert mine.vocab * 6144 * 6 <= 162 * 2**20
+    # the CPU, and a plan without a head (from logits), keep balanced chunks
+    assert plan.plan_tiles(6144, 256000, 6, TokenOptions(), torch.device("cpu"), dim=2304).balanced_vocab
+    assert plan.plan_tiles(6144, 256000, 6, TokenOptions(), torch.device("cuda")).balanced_vocab
+
+
+def test_a_device_without_a_count_fits_the_default_multiprocessors():
+    assert plan.multiprocessors(torch.device("meta")) == plan.DEFAULT_MULTIPROCESSORS
+    if not torch.cuda.is_available():
+        assert plan.multiprocessors(torch.device("cuda")) == plan.DEFAULT_MULTIPROCESSORS
 
 
 def test_the_accelerator_default_is_derived_from_the_dh_traffic():
     """Llama-3 head, 8192 bf16 tokens: 16 chunks of about 2 D columns (was 51 of 2560 and a last one of 256)."""
     p = plan.plan_tiles(8192, 128256, 6, TokenOptions(), torch.device("cuda"), dim=4096)
     widths = _widths(p, 128256)
-    assert len(widths) == 16 and min(widths) >= 2 * 4096 - plan.VOCAB_ALIGN
+    assert len(widths) == 16 and min(widths[:-1]) == 2 * 4096  # 64 x 32 tiles of 128 x 256: 15.5 waves of 132
     assert plan.default_tile_budget_mb(torch.device("cuda"), 8192, 4096, 6) == plan.ACCELERATOR_TILE_BUDGET_CAP_MB
     # few tokens: the floor; no head width known (from logits): the floor
     assert plan.default_tile_budget_mb(torch.device("cuda"), 256, 4096, 6) == plan.ACCELERATOR_TILE_BUDGET_MB

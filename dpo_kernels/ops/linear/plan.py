@@ -22,7 +22,13 @@ place that states the defaults (the docstrings elsewhere point here):
 
 Tiles are balanced: the tokens are split into blocks that differ by at most one token, the vocabulary into chunks
 whose widths differ by at most one ``VOCAB_ALIGN`` (the last one is trimmed to the vocabulary, by less than
-``VOCAB_ALIGN`` columns), so no ragged tail of a few columns runs a nearly empty GEMM. All tokens go in one block
+``VOCAB_ALIGN`` columns), so no ragged tail of a few columns runs a nearly empty GEMM. On an accelerator, with a head,
+the chunks are instead fitted to the GEMMs' waves (:func:`wave_fitted_width`): a GEMM's output tiles run one per
+multiprocessor at a time, and a last wave that is partly empty takes as long as a full one, so a width whose
+``[tokens, width]`` forward product and ``[width, D]`` weight-gradient product leave few multiprocessors idle in their
+last waves is worth a few more chunks or a shorter last one. At the Gemma-2 head (D = 2304, V = 256000) and 6144
+kept tokens the balanced widths were 4352 and 4608 columns: ``48 x 18`` output tiles of ``128 x 256`` make 6.5 waves
+of 132 (the last one half idle) and the weight gradient's ``36 x 9`` 2.5 waves; 5632 columns make exactly 8 and 3. All tokens go in one block
 whenever a tile of ``MIN_VOCAB_CHUNK`` columns fits the budget (then the backward writes each vocabulary chunk's
 weight gradient with one GEMM). ``token_chunk_size`` / ``vocab_chunk_size`` fix either size exactly (the last block
 or chunk then takes what is left).
@@ -30,6 +36,7 @@ or chunk then takes what is left).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -125,6 +132,15 @@ def scaled_store_bytes_per_token(vocab: int) -> int:
 ACCELERATOR_FLOPS = 780e12
 ACCELERATOR_BANDWIDTH = 2.9e12
 LAUNCH_SECONDS = 4e-6
+
+# Wave fitting of the vocabulary chunks (:func:`wave_fitted_width`): the output tile of a large half-precision GEMM
+# on a Hopper-class accelerator (128 x 256, either orientation: what cuBLAS's large-tile kernels use; a kernel with
+# other tiles quantises differently, and then the fitting is a guess that costs at most the half-budget floor of its
+# search), the multiprocessor count where the device reports none (meta tensors; an H100 SXM's 132), and about how
+# many launches a vocabulary chunk issues (the forward's GEMMs and fold, the backward's gradient kernel and GEMMs).
+GEMM_TILE = (128, 256)
+DEFAULT_MULTIPROCESSORS = 132
+CHUNK_LAUNCHES = 8
 ESTIMATES_COST = {"cpu": False}
 
 
@@ -193,14 +209,65 @@ def plan_tiles(n: int, vocab: int, bytes_per_entry: int, opts: TokenOptions, dev
     else:
         blocks = -(-n // max(1, entries // narrowest))
         tokens = -(-n // blocks)  # balanced blocks: the same count, none larger than the budget allows
+    balanced_vocab = opts.vocab_chunk_size is None
     if opts.vocab_chunk_size is not None:
         width = opts.vocab_chunk_size
     else:
         width = max(1, entries // tokens)
         if width > VOCAB_ALIGN:
             width -= width % VOCAB_ALIGN
+        if dim is not None and not kept_tiles_count(device) and MIN_VOCAB_CHUNK <= width < vocab:
+            widest = width
+            if opts.tile_budget_mb is None:  # the derived default stretches by a quarter, never past its cap
+                cap = int(ACCELERATOR_TILE_BUDGET_CAP_MB * 2**20) // bytes_per_entry // tokens
+                widest = max(width, min(width * 5 // 4, cap) // VOCAB_ALIGN * VOCAB_ALIGN)
+            width = wave_fitted_width(tokens, dim, vocab, widest // 2, widest, multiprocessors(device))
+            balanced_vocab = False
     return TilePlan(tokens=tokens, vocab=max(1, min(vocab, width)), balanced_tokens=opts.token_chunk_size is None,
-                    balanced_vocab=opts.vocab_chunk_size is None)
+                    balanced_vocab=balanced_vocab)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessors a GEMM's waves fill: a CUDA device's own count, else :data:`DEFAULT_MULTIPROCESSORS`."""
+    if device.type == "cuda" and torch.cuda.device_count() > 0:
+        return _cuda_multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
+    return DEFAULT_MULTIPROCESSORS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _waves(rows: int, cols: int, sms: int) -> int:
+    """Waves of a ``rows x cols`` GEMM output in :data:`GEMM_TILE` tiles (the better orientation) over ``sms``."""
+    a, b = GEMM_TILE
+    return min(-(-(-(-rows // a) * -(-cols // b)) // sms), -(-(-(-rows // b) * -(-cols // a)) // sms))
+
+
+def chunk_seconds(tokens: int, dim: int, width: int, sms: int) -> float:
+    """Estimated seconds of one ``width``-column vocabulary chunk over ``tokens`` tokens of a ``dim``-wide head: its
+    forward ``[tokens, width]`` and weight-gradient ``[width, dim]`` products, each last wave counted whole, and what
+    every chunk costs whatever its width (:data:`CHUNK_LAUNCHES` launches, the fp32 ``dH`` accumulator read and
+    written). The ``dH [tokens, dim]`` product itself is left out: its waves do not depend on the width."""
+    per_wave_k = 2.0 * GEMM_TILE[0] * GEMM_TILE[1] * sms / ACCELERATOR_FLOPS  # a full wave, per unit of depth
+    gemms = per_wave_k * (_waves(tokens, width, sms) * dim + _waves(width, dim, sms) * tokens)
+    return gemms + CHUNK_LAUNCHES * LAUNCH_SECONDS + 8.0 * tokens * dim / ACCELERATOR_BANDWIDTH
+
+
+def wave_fitted_width(tokens: int, dim: int, vocab: int, least: int, most: int, sms: int) -> int:
+    """The vocabulary chunk width, a multiple of ``VOCAB_ALIGN`` from ``least`` (at least ``MIN_VOCAB_CHUNK``) to
+    ``most``, whose chunks (all that wide but a shorter last one) take the least estimated time by
+    :func:`chunk_seconds`; the widest of equals."""
+    best_seconds, best = float("inf"), most
+    for u in range(most // VOCAB_ALIGN, max(MIN_VOCAB_CHUNK, least) // VOCAB_ALIGN - 1, -1):
+        width = u * VOCAB_ALIGN
+        full, tail = divmod(vocab, width)
+        seconds = full * chunk_seconds(tokens, dim, width, sms)
+        seconds += chunk_seconds(tokens, dim, tail, sms) if tail else 0.0
+        if seconds < best_seconds * (1 - 1e-9):
+            best_seconds, best = seconds, width
+    return best
 
 
 def plan_stored_backward(plan: TilePlan, n: int, dz_bytes_per_entry: int, opts: TokenOptions,
