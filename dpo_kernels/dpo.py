@@ -22,7 +22,6 @@ from .ops.custom_ops import raise_value_error
 from .ops.linear.eager import EagerCall, EagerNeed
 from .ops.linear import cost
 from .ops.linear import plan as linear_plan
-from .ops.linear.plan import eager_budget_bytes
 from .ops.linear.products import converted_operand_bytes, products_now
 from .ops.registry import require_backend
 from .ops.torch_chunked import log_sum_sq_probs
@@ -566,7 +565,7 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
                          products_now(inputs.policy_hidden, weight, sdt).operand_dtype, sdt, config.token_options),
                      grad_itemsize=weight.element_size() if weight.requires_grad else 0,
                      policy_converted_bytes=converted[0])
-    groups = need.groups(eager_budget_bytes(config.eager_budget_mb, weight.device))
+    groups = need.groups(need.budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
     if config.schedule == "auto" and (why := _eager_estimated_slower(need, groups, heads, converted, sdt,
@@ -595,7 +594,7 @@ def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], co
         half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
     store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
     # a scaled store keeps the policy's converted rows beside it where they fit; else whole converted heads
-    held = groups.operand_rows if need.scaled_store else groups.spare_bytes >= need.converted_bytes
+    held = groups.operand_share if need.scaled_store else float(groups.spare_bytes >= need.converted_bytes)
     kept = 1.0 if groups.store_vocab is None else groups.store_vocab / need.vocab
     eager = cost.eager(facts, opts, groups.tokens, store_bytes, held, kept)
     recompute = cost.recompute(facts, opts)

@@ -293,7 +293,7 @@ def check_eager_budget(args, model, dataset, config) -> None:
     of failing at the first training step that meets it. A dataset without ``chosen_ids`` / ``rejected_ids``
     columns (an iterable one) is not read."""
     from ..ops.linear.eager import EagerNeed
-    from ..ops.linear.plan import eager_budget_bytes, kept_store_dtype
+    from ..ops.linear.plan import kept_store_dtype
     from ..ops.linear.products import Products
     from ..options import statistics_dtype
     from .transformers import unwrap_causal_lm
@@ -313,7 +313,7 @@ def check_eager_budget(args, model, dataset, config) -> None:
                      half_weight_grad=weight.requires_grad and weight.dtype != sdt,
                      store_dtype=kept_store_dtype(operands, sdt, config.token_options),
                      grad_itemsize=weight.element_size() if weight.requires_grad else 0)
-    groups = need.groups(eager_budget_bytes(args.kernel_eager_budget_mb, weight.device))
+    groups = need.groups(need.budget_bytes(args.kernel_eager_budget_mb, weight.device))
     if isinstance(groups, str):
         why = groups.replace("eager_budget_mb", "kernel_eager_budget_mb")
         raise ValueError(f"kernel_schedule='eager' cannot run the longest pair of the training set ({longest[0]} + "

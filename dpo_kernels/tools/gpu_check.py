@@ -163,10 +163,8 @@ def dpo_cases(quick: bool = False) -> list[DpoCase]:
 
 def plan_dpo_case(case: DpoCase, head: Head = HEADS[0]) -> dict:
     """The pair groups the case's call will form at its budget, or why it would be refused (``refused``)."""
-    from ..ops.linear.plan import eager_budget_bytes
-
     need = case.eager_need(head)
-    budget = eager_budget_bytes(case.budget_mb(head), torch.device("cuda"))
+    budget = need.budget_bytes(case.budget_mb(head), torch.device("cuda"))
     groups = need.groups(budget)
     row = {"case": case.name, "eager_budget_mb": budget / 2**20, "one_group_mib": need.one_group_bytes / 2**20}
     if case.schedule == "recompute":

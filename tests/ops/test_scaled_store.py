@@ -390,6 +390,30 @@ def test_a_budget_counts_only_what_lies_beside_the_weight_gradient(_forced, capl
     assert with_grad.store_vocab is None and with_grad.store_room >= 0
 
 
+def test_the_default_budget_lets_nothing_beside_an_fp32_gradient_that_holds_the_store():
+    """fp32 master weights under bf16 autocast (TRL's default) on an accelerator: the fp32 gradient holds the
+    policy's scaled store of up to 2 D kept tokens, and the stock path's peak is little more than that gradient, so
+    by default nothing lies beside it (the backward recomputes the columns it does not hold). A TDPO store, half
+    weights, a caller's budget and the CPU keep theirs. Gemma-2's head, 6144 kept tokens: 75% of the columns kept."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    need = EagerNeed([768] * 8, 256000, 2304, torch.float32, keep_ref_tiles=False, half_weight_grad=False,
+                     store_dtype=torch.float16, grad_itemsize=4, policy_converted_bytes=256000 * 2304 * 2)
+    maxima = 6144 * plan.scaled_store_bytes_per_token(256000)
+    assert need.budget_bytes(None, cuda) == maxima and plan.FP32_GRAD_EAGER_BUDGET_MB == 0
+    groups = need.groups(need.budget_bytes(None, cuda))
+    assert groups.store_vocab == 256000 * 2304 * 4 // (6144 * 2) and groups.store_room == 0
+    assert groups.operand_share == 0.0  # the store fills the gradient: every chunk converted twice
+    assert need.budget_bytes(512.0, cuda) == 512 * 2**20
+    assert need.budget_bytes(None, cpu) == plan.DEFAULT_EAGER_BUDGET_MB["cpu"] * 2**20
+    default = plan.ACCELERATOR_EAGER_BUDGET_MB * 2**20
+    assert dataclasses.replace(need, keep_ref_tiles=True).budget_bytes(None, cuda) == default
+    assert dataclasses.replace(need, grad_itemsize=2, half_weight_grad=True).budget_bytes(None, cuda) == default
+    # Llama-3's head: the store fits the fp32 gradient whole, and about half the converted rows fit after it
+    llama = dataclasses.replace(need, vocab=128256, dim=4096, policy_converted_bytes=128256 * 4096 * 2)
+    groups = llama.groups(llama.budget_bytes(None, cuda))
+    assert groups.store_vocab is None and groups.operand_share == pytest.approx(0.5)
+
+
 _PEAK_CHILD = r"""
 import json, sys
 import torch
@@ -446,16 +470,25 @@ def test_the_scaled_store_halves_the_measured_peak_and_stays_within_the_budget()
     assert peaks["scaled", 60] < min(peaks["scaled", 140] - 40, 125), peaks
 
 
-@pytest.mark.parametrize("room", ["rows kept", "no room for the rows"])
-def test_a_converted_policy_head_is_converted_once_for_the_call(backend, room, _forced, monkeypatch):
+@pytest.mark.parametrize("room", ["rows in the gradient", "no room for the rows"])
+def test_a_converted_policy_head_is_converted_once_where_the_gradient_has_room(backend, room, _forced, monkeypatch):
     """Issue 29's one conversion a call. On the CPU a bf16 head is widened to fp32 operands (as an fp32 master head
-    is rounded to bf16 on a GPU): over a scaled store each chunk of the policy's head is converted at its first use
-    into rows kept beside the store (in the weight gradient's memory as far as it goes), which the backward's ``dH``
-    reads again. Within a budget for the store alone, once a pass (forward, backward). The gradients match the
-    recompute schedule's either way, on every tile backend."""
+    is rounded to bf16 on a GPU): over a scaled store the converted rows of a chunk are kept in the weight
+    gradient's memory the store leaves, right after their chunk, for the first chunks while every store column
+    still fits (StorePlacement), and read again by the backward's ``dH``; never beside the gradient, whatever the
+    budget (64 MiB here). A chunk without them is converted by the forward and again by the backward. Two kept
+    tokens a row over a 64-wide head leave room for the first chunks' rows; the usual batch (about 35 kept tokens,
+    D = 10) leaves none. The gradients match the recompute schedule's either way, on every tile backend."""
     skip_if_unsupported(backend, torch.bfloat16)
     d = {k: (v.to(torch.bfloat16) if v is not None and v.is_floating_point() else v)
          for k, v in _data(torch.float32, bias=False).items()}
+    if room == "rows in the gradient":
+        g = torch.Generator().manual_seed(1)
+        d["labels"][:, 4:] = -100
+        for name in ("policy_hidden", "ref_hidden"):
+            d[name] = torch.randn(*d[name].shape[:2], 64, generator=g).to(torch.bfloat16)
+        for name in ("lm_head_weight", "ref_lm_head_weight"):
+            d[name] = (torch.randn(V, 64, generator=g) * 0.2).to(torch.bfloat16)
     weight = d["lm_head_weight"].clone().requires_grad_()
     start, end = weight.data_ptr(), weight.data_ptr() + weight.numel() * weight.element_size()
     converted = []
@@ -468,21 +501,50 @@ def test_a_converted_policy_head_is_converted_once_for_the_call(backend, room, _
             return _original(self, t, *out)
 
         monkeypatch.setattr(Products, name, spy)
-    n, dim = int((d["labels"] != -100).sum()), weight.shape[1]
-    budget = 64.0 if room == "rows kept" else _beside_grad_mb(n, 1, dim, 2) + 1e-4
     outs = {}
     for schedule in ("eager", "recompute"):
         hidden, w = d["policy_hidden"].clone().requires_grad_(), weight.detach().clone().requires_grad_()
         w = weight if schedule == "eager" else w  # the spy knows the eager call's head
         out = fused_dpo_loss(labels=d["labels"], policy_hidden=hidden, lm_head_weight=w, ref_hidden=d["ref_hidden"],
                              ref_lm_head_weight=d["ref_lm_head_weight"], backend=backend, schedule=schedule,
-                             eager_budget_mb=budget, vocab_chunk_size=8)
+                             eager_budget_mb=64.0, vocab_chunk_size=8)
         out.loss.backward()
         outs[schedule] = (out.loss, hidden.grad, w.grad)
     chunks = list(range(0, V, 8))
-    assert sorted(converted) == (chunks if room == "rows kept" else sorted(chunks * 2)), converted
+    times = [converted.count(v0) for v0 in chunks]
+    assert sorted(converted) == sorted(c for c, k in zip(chunks, times) for _ in range(k))
+    if room == "rows in the gradient":
+        once = times.index(2)  # the first chunks' rows kept, then none
+        assert once >= 2 and times == [1] * once + [2] * (len(chunks) - once), times
+    else:
+        assert times == [2] * len(chunks), times
     for got, expected in zip(outs["eager"], outs["recompute"]):
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_converted_rows_never_cost_a_store_column():
+    """StorePlacement keeps the converted rows of the first chunks in the gradient's memory while the store keeps
+    every column it keeps alone and nothing more lies beside it. Llama-3-like numbers, per 1024-column chunk
+    (entries of 2 bytes): an fp32 gradient 8192 a column, the store 6144 (6144 kept tokens), the rows 4096: the
+    store fits whole and leaves room for the rows of about half the chunks."""
+    chunks = [(v, v + 1024) for v in range(0, 32 * 1024, 1024)]
+    grad = 8192 * 32 * 1024
+    alone = sources.StorePlacement.of(chunks, 6144, 1, 8192, grad, 0)
+    both = sources.StorePlacement.of(chunks, 6144, 1, 8192, grad, 0, operand_stride=4096)
+    assert len(alone.in_grad) == len(both.in_grad) == 32 and not both.own
+    kept_rows = sorted(both.operands)
+    assert kept_rows == [v0 for v0, _ in chunks[: len(kept_rows)]] and 14 <= len(kept_rows) <= 16, kept_rows
+    ends = [(both.in_grad[v0], both.in_grad[v0] + both.part[v0]) for v0 in both.in_grad]
+    ends += [(o, o + both.operand_part[v0]) for v0, o in both.operands.items()]
+    ends.sort()
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:])) and ends[-1][1] <= grad  # disjoint, in the gradient
+    assert all(both.in_grad[v0] >= v0 * 8192 and both.operands.get(v0, v0 * 8192) >= v0 * 8192 for v0, _ in chunks)
+    # a store larger than the gradient (21 chunks of it there, 11 beside): rows only in what the store leaves of
+    # the gradient (here the 4 Mi entries after its 21st chunk hold one chunk's rows), however much room beside
+    alone = sources.StorePlacement.of(chunks, 12288, 1, 8192, grad, 10**12)
+    big = sources.StorePlacement.of(chunks, 12288, 1, 8192, grad, 10**12, operand_stride=4096)
+    assert (len(big.in_grad), big.own_entries) == (len(alone.in_grad), alone.own_entries) == (21, 11 * 12288 * 1024)
+    assert len(big.operands) == 1
 
 
 _GRAD_PEAK_CHILD = r"""

@@ -15,15 +15,15 @@ The terms (``n`` kept tokens, a ``[V, D]`` head, ``s`` bytes a kept logit, :func
   reference's for a KL; in the backward over one group, the forward's otherwise).
 - Per head: a head converted to its GEMM operands (fp32 masters under autocast) costs 3 bytes per operand byte each
   time: once a pass for recompute; for eager over one group of a scaled store the reference's once and the
-  policy's once where its converted rows are kept beside the store (``converted_held``), else twice (forward,
-  backward); otherwise once a call when ``eager_budget_mb`` holds the copies, else every group converts the
-  policy's head twice (fold, gradient) and the reference's once. The fp32 ``dH [n, D]`` is read
+  policy's rows once where they are kept in the weight gradient's memory (``converted_held``: their share), the
+  others twice (forward, backward); otherwise once a call when ``eager_budget_mb`` holds the copies, else every
+  group converts the policy's head twice (fold, gradient) and the reference's once. The fp32 ``dH [n, D]`` is read
   and written by every vocabulary chunk's accumulation; an fp32 weight's gradient accumulated by the eager forward
   is scaled in place by its backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and
   rounded (over one group of a scaled store the backward writes either once, the scale inside ``dZ``).
 - Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (7 when the
-  backward forms every gradient), 3 more where the heads are converted chunk by chunk (2 where a scaled store keeps
-  the policy's converted rows).
+  backward forms every gradient), 3 more where the heads are converted chunk by chunk (2 for the chunks whose
+  converted rows a scaled store keeps).
 """
 
 from __future__ import annotations
@@ -100,10 +100,10 @@ def recompute(facts: HeadFacts, opts: TokenOptions) -> Estimate:
 
 
 def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], store_bytes: int,
-          converted_held: bool, kept: float = 1.0) -> Estimate:
+          converted_held: float, kept: float = 1.0) -> Estimate:
     """``group_tokens``: each group's kept tokens; ``store_bytes``: bytes a kept logit (2 for the scaled store, 4 for
-    fp32 tiles); ``converted_held``: the converted heads fit beside the tiles (converted once for the call; over
-    one group of a scaled store: the policy's converted rows are kept beside it);
+    fp32 tiles); ``converted_held``: 1 where the converted heads fit beside the tiles (converted once for the call),
+    else 0; over one group of a scaled store, the share of the policy's converted rows it keeps;
     ``kept``: the share of the vocabulary a scaled store keeps (the rest recomputed by the backward, as the
     recompute schedule does)."""
     n, v, d = facts.n, facts.vocab, facts.dim
@@ -119,7 +119,7 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
         per_logit += kept * store_bytes * kept_heads  # the weights written by the fold (the fp32 tiles are the GEMM's)
     conversions = facts.policy_converted + facts.ref_converted
     if deferred:
-        conversions = (1 if converted_held else 2) * facts.policy_converted + facts.ref_converted
+        conversions = (2 - converted_held) * facts.policy_converted + facts.ref_converted
         if facts.kl_grad:
             conversions += recomputed * facts.ref_converted
     elif not converted_held:
@@ -135,6 +135,6 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
         weight_grad += groups * 8 * v * d  # each group's dW GEMMs read and write the fp32 accumulator
     per_chunk = ((7 if deferred else 9) + recomputed * (1 + kept_heads)
                  + (0 if not facts.policy_converted or (converted_held and not deferred)
-                    else 2 if converted_held else 3))
+                    else 3 - converted_held))
     return Estimate(flops, logits * per_logit + CONVERSION_BYTES * conversions + dh + weight_grad,
                     round(per_chunk * sum(chunks)))

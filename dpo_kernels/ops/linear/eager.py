@@ -75,7 +75,7 @@ from .loop import (
     upstream,
 )
 from . import plan as plans  # the store rule through the module: tests may force it
-from .plan import plan_stored_backward, scaled_store_bytes_per_token
+from .plan import eager_budget_bytes, plan_stored_backward, scaled_store_bytes_per_token
 from .sources import GemmSource, ScaledSource, StoredSource, operand_head
 
 _log = logging.getLogger("dpo_kernels")
@@ -91,8 +91,10 @@ class PairGroups:
     """Pairs ``[b0, b1)`` of ``pairs`` (rows ``b0:b1`` and ``B + b0:B + b1``), each group's kept tiles within the
     budget; ``tokens``: each group's kept tokens; ``spare_bytes``: what the budget leaves beside the largest group's
     tiles and the weight-gradient accumulator (room for heads converted once for the call). A scaled store (one
-    group) has ``store_room``: the bytes it may allocate beside the weight gradient's memory, for its chunks and the
-    policy's converted rows (``operand_rows``: all of them fit); and, where it is larger than the budget,
+    group) has ``store_room``: the bytes it may allocate beside the weight gradient's memory for its chunks;
+    ``operand_share``: about the share of the policy's converted rows the gradient's memory holds after the store
+    (those are converted once a call, the others by the forward and again by the backward); and, where it is larger
+    than the budget,
     ``store_vocab``: about how many columns it keeps (whole vocabulary chunks, :meth:`.sources.ScaledSource.keep`;
     the backward recomputes the others)."""
 
@@ -102,7 +104,7 @@ class PairGroups:
     spare_bytes: int = 0
     store_vocab: int | None = None  # a scaled store's columns within the budget (one group), None: every column
     store_room: int | None = None  # a scaled store's bytes beside the weight gradient's memory
-    operand_rows: bool = False  # a scaled store: the policy's converted rows fit beside it (converted once a call)
+    operand_share: float = 0.0  # a scaled store: the policy's converted rows kept in the gradient's memory
 
     @property
     def largest_group(self) -> int:
@@ -195,23 +197,27 @@ class EagerNeed:
         """The budget in bytes under which the whole batch is one group, its heads converted once (a scaled store:
         what of it lies beside the weight gradient's memory, and no weight-gradient accumulator)."""
         if self.scaled_store:
-            return self._scaled_bytes(with_operands=True)[0]
+            return self._scaled_bytes()[0]
         return sum(self.kept_per_row) * self.bytes_per_token + self.accumulator_bytes + self.converted_bytes
 
     @property
     def scaled_store(self) -> bool:
         return self.store_dtype is not None and self.store_dtype != self.stats_dtype
 
-    def _scaled_bytes(self, with_operands: bool) -> tuple[int, int, int, int]:
+    def budget_bytes(self, budget_mb: float | None, device: torch.device) -> int:
+        """``eager_budget_mb`` in bytes, or the default for this store on ``device`` (:func:`.plan.eager_budget_bytes`:
+        nothing beside an fp32 weight gradient that holds a scaled store of the policy's weights alone)."""
+        alone_in_fp32 = self.scaled_store and self.grad_itemsize >= 4 and not self.keep_ref_tiles
+        return eager_budget_bytes(budget_mb, device, self._scaled_bytes()[1] if alone_in_fp32 else None)
+
+    def _scaled_bytes(self) -> tuple[int, int, int, int]:
         """A scaled store's ``(bytes beside the weight gradient, shifts' bytes, bytes a column, columns in the
         gradient's memory)``: the gradient has ``D * grad_itemsize`` bytes a column, a column of the store
-        ``2 n`` (``4 n`` with the reference's; ``with_operands``: and the policy's converted row), and the store's
-        chunks lie at or after their own columns' rows of it (:class:`~.sources.StorePlacement`), so it holds
-        ``V * min(1, grad / store)`` columns (up to one chunk's alignment less)."""
+        ``2 n`` (``4 n`` with the reference's), and the store's chunks lie at or after their own columns' rows of it
+        (:class:`~.sources.StorePlacement`), so it holds ``V * min(1, grad / store)`` columns (up to one chunk's
+        alignment less)."""
         total, heads = sum(self.kept_per_row), 2 if self.keep_ref_tiles else 1
         column = total * self.store_dtype.itemsize * heads
-        if with_operands:
-            column += -(-self.policy_converted_bytes // self.vocab)
         shifts = total * scaled_store_bytes_per_token(self.vocab) * heads
         grad_column = self.dim * self.grad_itemsize
         in_grad = self.vocab * grad_column // max(column, grad_column) if grad_column else 0
@@ -220,18 +226,19 @@ class EagerNeed:
     def groups(self, budget_bytes: int) -> PairGroups | str:
         """The groups within ``budget_bytes``: a scaled store is always one group, whose gradients the backward
         forms from it with no accumulator, in the weight gradient's memory as far as it goes and beside it within
-        the budget (with the policy's converted rows, converted once for the call, where they fit too): whole when
-        that fits, else the chunks that fit (``store_vocab`` columns or so); otherwise :func:`plan_pair_groups`."""
+        the budget (with the policy's converted rows, converted once for the call, in what the gradient's memory
+        has left): whole when that fits, else the chunks that fit (``store_vocab`` columns or so); otherwise
+        :func:`plan_pair_groups`."""
         if not self.scaled_store:
             return plan_pair_groups(self.tokens_per_pair, self.bytes_per_token, budget_bytes, self.accumulator_bytes,
                                     self.converted_bytes)
         pairs, total = len(self.tokens_per_pair), sum(self.kept_per_row)
-        for with_operands in (True, False):  # the converted rows too where they fit, else the store alone
-            beside, shifts, column, in_grad = self._scaled_bytes(with_operands)
-            if beside <= budget_bytes:
-                return PairGroups(pairs, ((0, pairs),), (total,), budget_bytes - beside,
-                                  store_room=budget_bytes - shifts,
-                                  operand_rows=with_operands and self.policy_converted_bytes > 0)
+        beside, shifts, column, in_grad = self._scaled_bytes()
+        if beside <= budget_bytes:
+            left = self.vocab * (self.dim * self.grad_itemsize - column)  # the gradient's memory after the store
+            share = min(1.0, max(left, 0) / self.policy_converted_bytes) if self.policy_converted_bytes else 0.0
+            return PairGroups(pairs, ((0, pairs),), (total,), budget_bytes - beside, store_room=budget_bytes - shifts,
+                              operand_share=share)
         room = max(budget_bytes - shifts, 0)
         columns = in_grad + room // column
         if columns == 0:

@@ -86,10 +86,21 @@ DEFAULTS_TEXT = (f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU; on accelerators
 # the others), 4 V for fp32 in groups of pairs (twice that for TDPO), plus the fp32 weight-gradient accumulator of a
 # half weight over several such groups. On an accelerator 2 GiB holds a 2-byte store of about 8k tokens over a
 # 128k vocabulary beside the gradient (more in it), 4k tokens of fp32 tiles; on the CPU, 1 GiB.
+#
+# fp32 master weights under half autocast (TRL's default) are the exception for a store of the policy's weights
+# alone (every loss but TDPO's): their fp32 gradient has 4 D bytes a column, twice a bf16 one's, and holds the whole
+# 2-byte store of up to 2 D kept tokens (Llama-3: 8192); and the stock path's own peak there is little more than
+# that gradient (the modelled TRL 1.16 peak at Gemma-2, 6144 kept tokens: 2920 MiB, of which 2250 the gradient). So
+# by default nothing lies beside it but the running maxima: the store keeps the columns the gradient holds, the
+# backward recomputes the others (modelled at Gemma-2: 0.90x TRL's peak and 0.86x its time, where the 2 GiB default
+# was 1.2x and 0.82x; Llama-3 keeps every column either way). A TDPO store, the reference's weights too, has no
+# stock path to match and keeps the 2 GiB default.
 DEFAULT_EAGER_BUDGET_MB = {"cpu": 1024.0}
 ACCELERATOR_EAGER_BUDGET_MB = 2048.0
+FP32_GRAD_EAGER_BUDGET_MB = 0.0
 EAGER_DEFAULTS_TEXT = (f"{DEFAULT_EAGER_BUDGET_MB['cpu']:g} MiB on CPU, {ACCELERATOR_EAGER_BUDGET_MB:g} on "
-                       "accelerators")
+                       f"accelerators ({FP32_GRAD_EAGER_BUDGET_MB:g} beside an fp32 master weight's gradient, which "
+                       "holds the store)")
 
 
 # What the eager schedule keeps of each logit. Where the GEMM operands are bf16 (an accelerator under bf16 autocast,
@@ -149,9 +160,17 @@ def estimates_cost(device: torch.device) -> bool:
     return ESTIMATES_COST.get(device.type, True)
 
 
-def eager_budget_bytes(budget_mb: float | None, device: torch.device) -> int:
-    """The eager schedule's budget in bytes: ``budget_mb``, else the device's default."""
-    return int((budget_mb or DEFAULT_EAGER_BUDGET_MB.get(device.type, ACCELERATOR_EAGER_BUDGET_MB)) * 2**20)
+def eager_budget_bytes(budget_mb: float | None, device: torch.device, fp32_grad_maxima: int | None = None) -> int:
+    """The eager schedule's budget in bytes: ``budget_mb``, else the device's default; on an accelerator, for a
+    scaled store of the policy's weights in an fp32 weight gradient's memory (``fp32_grad_maxima``: the bytes of its
+    running maxima), :data:`FP32_GRAD_EAGER_BUDGET_MB` beside those maxima."""
+    if budget_mb is not None:
+        return int(budget_mb * 2**20)
+    if device.type in DEFAULT_EAGER_BUDGET_MB:
+        return int(DEFAULT_EAGER_BUDGET_MB[device.type] * 2**20)
+    if fp32_grad_maxima is not None:
+        return int(FP32_GRAD_EAGER_BUDGET_MB * 2**20) + fp32_grad_maxima
+    return int(ACCELERATOR_EAGER_BUDGET_MB * 2**20)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ class GemmSource(_Folds):
         if self.operand_weight is not None:
             return self.operand_weight[v0:v1]
         if self._chunk[0] != (v0, v1):
+            self._chunk = (None, None)  # the previous chunk's operands freed before the next one's are made
             self._chunk = ((v0, v1), self.products.operand(self.weight[v0:v1]))
         return self._chunk[1]
 
@@ -203,9 +204,9 @@ class StorePlacement:
     """Where each kept vocabulary chunk of a scaled store lives: ``in_grad`` (``v0 -> offset`` in the weight
     gradient's memory, in store entries) or ``own`` (``v0 -> offset`` in a buffer of ``own_entries`` allocated for
     the store); a chunk in neither is recomputed by the backward. ``part``: a chunk's entries for one head, aligned
-    (the reference's weights, where kept, follow the policy's). ``operands``: ``v0 -> (in the gradient?, offset)``
-    of the chunks whose converted head rows are kept too (``operand_part`` entries each), converted once for the
-    call and read again by the backward's ``dH``."""
+    (the reference's weights, where kept, follow the policy's). ``operands``: ``v0 -> offset`` in the
+    gradient's memory of the chunks whose converted head rows are kept too (``operand_part`` entries each),
+    converted once for the call and read again by the backward's ``dH``."""
 
     in_grad: dict
     own: dict
@@ -230,40 +231,53 @@ class StorePlacement:
         The backward writes ``dW``'s rows ``v0:v1`` after it has read chunk ``v0:v1`` (and its operand rows) and
         every chunk before it, so a chunk may lie in the gradient's memory at or after its own rows' start
         (``offset >= v0 * grad_stride``): the rows it overlaps are written only after it is read. Chunks are placed
-        there in order while they fit, the others in the store's own buffer within ``room``. The converted rows
-        follow their chunk where they fit; they are kept only where that keeps no fewer columns of the store."""
-        alone = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, 0)
-        if not operand_stride:
+        there in order while they fit, the others in the store's own buffer within ``room``.
+
+        Converted rows are worth far less a byte than the store (a kept column of the store saves ``4 D`` FLOPs of
+        recomputed GEMM and 8 bytes of tile traffic per token, a kept converted row 3 bytes of conversion per
+        operand byte), so they go only into the gradient's memory the store leaves, right after their chunk, chunk
+        by chunk in order while every column the store alone keeps is still kept and nothing more lies beside
+        it."""
+        alone = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride, frozenset())
+        if not operand_stride or not grad_stride:
             return alone
-        both = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride)
-        return both if both.kept_entries >= alone.kept_entries else alone
+        chosen, placed = frozenset(), alone
+        for v0, _ in chunks:
+            trial = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride, chosen | {v0})
+            if (v0 not in trial.operands or trial.kept_entries < alone.kept_entries
+                    or trial.own_entries > alone.own_entries):
+                break
+            chosen, placed = chosen | {v0}, trial
+        return placed
 
     @classmethod
-    def _greedy(cls, chunks, n, heads, grad_stride, grad_entries, room, operand_stride) -> "StorePlacement":
+    def _greedy(cls, chunks, n, heads, grad_stride, grad_entries, room, operand_stride, with_rows) -> "StorePlacement":
+        """Chunks in order, in the gradient's memory while they fit, else beside within ``room``; the converted
+        rows of the chunks in ``with_rows`` right after their chunk, in the gradient's memory only."""
         in_grad, own, part, operands, operand_part = {}, {}, {}, {}, {}
         cursor, used = 0, 0
 
-        def place(v0: int, size: int):
-            nonlocal cursor, used
+        def in_gradient(v0: int, size: int) -> int | None:
+            nonlocal cursor
             start = _aligned(max(cursor, v0 * grad_stride))
             if grad_stride and start + size <= grad_entries:
                 cursor = start + size
-                return True, start
-            if room is None or used + size <= room:
-                used += size
-                return False, used - size
+                return start
             return None
 
         for v0, v1 in chunks:
             part[v0] = _aligned(n * (v1 - v0))
-            where = place(v0, heads * part[v0])
-            if where is None:
+            size = heads * part[v0]
+            if (start := in_gradient(v0, size)) is not None:
+                in_grad[v0] = start
+            elif room is None or used + size <= room:
+                own[v0], used = used, used + size
+            else:
                 continue
-            (in_grad if where[0] else own)[v0] = where[1]
             if operand_stride:
                 operand_part[v0] = _aligned(operand_stride * (v1 - v0))
-                if (rows := place(v0, operand_part[v0])) is not None:
-                    operands[v0] = rows
+                if v0 in with_rows and (start := in_gradient(v0, operand_part[v0])) is not None:
+                    operands[v0] = start
         return cls(in_grad, own, used, part, operands, operand_part)
 
 
@@ -353,14 +367,14 @@ class ScaledSource(GemmSource):
                 offset = start + k * placed.part[v0]
                 stores[k][v0] = memory[offset : offset + n * (v1 - v0)].view(n, v1 - v0)
             if v0 in placed.operands:
-                in_grad, offset = placed.operands[v0]
-                rows = (grad if in_grad else own)[offset : offset + operand_stride * (v1 - v0)]
+                offset = placed.operands[v0]
+                rows = grad[offset : offset + operand_stride * (v1 - v0)]
                 self._operand_rows[v0] = rows.view(operand).view(v1 - v0, self.dim)
         self.store = PlacedStore(n, stores[0])
         self.ref_store = PlacedStore(n, stores[1]) if self._with_ref else None
         every = len(stores[0]) == len(chunks)
         in_grad = sum(heads * placed.part[v0] for v0 in placed.in_grad) + sum(
-            placed.operand_part[v0] for v0, (there, _) in placed.operands.items() if there)
+            placed.operand_part[v0] for v0 in placed.operands)
         mib = self._store_dtype.itemsize / 2**20
         self.placement = (f"{sum(v1 - v0 for v0, v1 in chunks if v0 in stores[0])} of {self.vocab} columns kept, "
                           f"{in_grad * mib:.1f} MiB in the weight gradient's memory and "
