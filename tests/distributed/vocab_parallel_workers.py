@@ -165,16 +165,16 @@ def scaled_store_checks(rank: int, world: int, backends: list[str]) -> None:
     for backend in backends:
         _losses_match(_inputs(sum(sizes)), slice(start, start + sizes[rank]), dist.group.WORLD, backend, max(sizes),
                       store_bytes=2, tol=2e-3)
-    # bf16 heads, widened to fp32 operands on the CPU: the policy's converted rows kept beside the store (the head
-    # converted once a call, as an fp32 master head is on a GPU), each rank its own slice's; bf16 gradients
-    converted, operand_into = [], Products.operand_into
-    Products.operand_into = lambda self, *a: converted.append(1) or operand_into(self, *a)
+    # bf16 heads, widened to fp32 operands on the CPU (as an fp32 master head is rounded to bf16 on a GPU): each
+    # rank converts its own slice's chunks where they are used; bf16 gradients
+    converted, operand = [], Products.operand
+    Products.operand = lambda self, t, *a: converted.append(t.dtype) or operand(self, t, *a)
     half = {k: [u.to(torch.bfloat16) for u in v] if isinstance(v, list) else
             (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _inputs(sum(sizes)).items()}
     _losses_match(half, slice(start, start + sizes[rank]), dist.group.WORLD, backends[0], max(sizes), store_bytes=2,
                   tol=5e-3)
-    Products.operand_into = operand_into
-    assert formed and converted, "the scaled store formed no dZ, or kept no converted rows"
+    Products.operand = operand
+    assert formed and torch.bfloat16 in converted, "the scaled store formed no dZ, or converted no bf16 head"
 
 
 def dtensor_checks(rank: int, world: int, backend: str) -> None:
