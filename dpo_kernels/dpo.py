@@ -699,7 +699,7 @@ def _token_statistics_and_logged(config: DPOLossConfig, inputs: PreferenceInputs
     if policy_head is not None and ref_head is not None:
         # one fused call: the reference tiles beside the policy's, forward only (unless TDPO's KL needs them back)
         out = dispatch.linear_stats(policy_head, ref_head, labels, opts, backend, logging=logging, vocab_slice=vs,
-                                    kept_count=kept, kl_grad=config.uses_token_kl)
+                                    kept_count=kept, kl_grad=config.uses_token_kl, with_kl=config.uses_token_kl)
         return out.logp, out.ref_logp, (out.kl if config.uses_token_kl else None), out.logged
     if policy_logits is not None:
         out = dispatch.logits_stats(policy_logits, None, labels, opts, backend, vs)

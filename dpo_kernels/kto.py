@@ -202,7 +202,7 @@ def _sequence_logps(policy: _Side, ref: _Side | None, labels: torch.Tensor, opts
                            ("ref_lm_head_bias", ref_head.bias), targets)
                 check_agree(policy_hidden=head.hidden, ref_hidden=ref_head.hidden)
             facts = check_label_range(targets, head.weight.shape[0], opts, counts=True)
-            out = dispatch.linear_stats(head, ref_head, targets, opts, backend, kl_grad=False,
+            out = dispatch.linear_stats(head, ref_head, targets, opts, backend, kl_grad=False, with_kl=False,
                                         kept_count=None if facts is None else facts.kept)
         else:
             if ref is not None and ref.logits is None:

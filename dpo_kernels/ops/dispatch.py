@@ -66,13 +66,14 @@ def logits_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: 
 
 def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions, backend: str,
                  *, logging: bool = False, vocab_slice: VocabSlice | None = None, head_context=None,
-                 kept_count: int | None = None, kl_grad: bool = True) -> TokenStats:
+                 kept_count: int | None = None, kl_grad: bool = True, with_kl: bool = True) -> TokenStats:
     """Heads ``hidden [..., T, D]`` x ``weight [V, D]`` (the reference's beside), ``labels [..., T]`` ->
     :class:`TokenStats` like ``labels``; ``logged`` with ``logging``. With ``vocab_slice`` the heads are this rank's
     vocabulary slices; ``head_context(weight, bias)`` gathers a sharded head again in the backward;
     ``kept_count``: the labels' kept tokens from the caller's one host read; ``kl_grad=False``: the caller will not
     differentiate the KL (a frozen head then prepares no KL gradient in the forward; one that arrives anyway is
-    recomputed)."""
+    recomputed); ``with_kl=False``: the caller wants no KL (the loop then folds each reference tile alone, in the
+    policy's scratch, and its ``TokenStats.kl`` is ``None``; the oracle and the compiled op still compute it)."""
     shape = sequences_shape(labels)
     policy_rows = _head_rows(policy, shape)
     ref_rows = None if ref is None else _head_rows(ref, shape)
@@ -84,7 +85,8 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tenso
         return TokenStats(*((main,) if ref is None else main), logged=logged)
 
     def loop(kernels: BackendKernels):
-        call = recompute.LoopCall(opts, kernels.tiles, logging, vocab_slice, head_context, kept_count, kl_grad)
+        call = recompute.LoopCall(opts, kernels.tiles, logging, vocab_slice, head_context, kept_count, kl_grad,
+                                  with_kl or kl_grad)
         return recompute.loop_stats("linear", (policy_rows.hidden, policy_rows.weight, policy_rows.bias), flat_labels,
                                     ref_rows, call)
 

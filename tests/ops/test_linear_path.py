@@ -305,3 +305,41 @@ def test_grad_kernel_agrees_with_the_torch_kernel(backend, with_kl, out_dtype):
         assert kept is True
         outs.append(out)
     assert_close(outs[1].float(), outs[0].float(), out_dtype, f"dZ in {out_dtype}")
+
+
+def test_without_a_kl_the_reference_is_folded_alone_in_the_policys_scratch(backend):
+    """A loss that wants no KL (every one but TDPO's) gets the reference's max, sum and label logit from a fold of
+    each reference tile alone, computed into the policy's scratch before the policy's tile: one fp32 tile fewer (at
+    the Gemma-2 head, 6144 kept tokens, 132 MiB). The statistics equal the joint fold's, on every tile backend; no KL
+    comes out; the tile budget counts one tile, so the chunks are twice as wide within it."""
+    from dpo_kernels.ops.linear.kept import KeptTokens
+    from dpo_kernels.ops.linear.loop import bytes_per_entry, finish_forward, fold_all, tile_plan
+    from dpo_kernels.ops.linear.sources import GemmSource
+
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 40, 16, 700
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::7] = -100
+    heads = [LinearHead(torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * 0.7,
+                        torch.randn(v, generator=g) * 0.1) for _ in range(2)]
+    opts = TokenOptions(softcap=20.0, vocab_chunk_size=128)
+    kernels = registry.backend_kernels(backend, "test", heads[0].hidden).tiles
+    prods = products.Products.in_dtype(torch.float32, "cpu", torch.float32)
+    cpu = torch.device("cpu")
+    results = {}
+    for with_kl in (True, False):
+        rows = KeptTokens(labels, -100, 0)
+        policy, ref = (GemmSource.of(h, rows, prods) for h in heads)
+        stats, ref_stats = fold_all(rows, policy, ref, opts, kernels, False, cpu, with_kl=with_kl)
+        assert (policy._scratch is ref._scratch) is not with_kl
+        out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, None, v, False, with_kl=with_kl)
+        assert (out.kl is None) is not with_kl
+        results[with_kl] = (stats, ref_stats[:3], out.logp, out.ref_logp, lse, ref_lse)
+        assert {w: bytes_per_entry(policy, ref, cpu, shared=not w) for w in (True, False)} == {True: 8, False: 4}
+        budget = TokenOptions(tile_budget_mb=rows.n * 256 * 8 / 2**20)  # one 256-column pair of fp32 tiles
+        joint, alone = (tile_plan(rows, policy, ref, budget, cpu, with_kl=w) for w in (True, False))
+        bound = budget.tile_budget_mb * 2**20
+        assert joint.tokens * joint.vocab * 8 <= bound and alone.tokens * alone.vocab * 4 <= bound
+        assert alone.tokens * alone.vocab > 1.5 * joint.tokens * joint.vocab
+    for joint, alone in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(alone, joint, rtol=1e-6, atol=1e-6, equal_nan=True)

@@ -276,7 +276,8 @@ def eager_pair_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.T
         ref = LinearHead(ref.hidden.detach(), ref.weight.detach(), None if ref.bias is None else ref.bias.detach())
     outs = _EagerPairs.apply(policy.hidden, policy.weight, policy.bias, labels, ref, call)
     loss, logp, rest = outs[0], outs[1], list(outs[2:])
-    ref_logp, kl = (rest.pop(0), rest.pop(0)) if ref is not None else (None, None)
+    ref_logp = rest.pop(0) if ref is not None else None
+    kl = rest.pop(0) if ref is not None and call.keep_ref_tiles else None  # a KL only for a TDPO loss (fold_all)
     logged = dict(zip(LOGGED_OUTPUTS, rest, strict=True)) if call.logging else None
     return loss, TokenStats(logp, ref_logp, kl, logged)
 
@@ -368,14 +369,15 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
         else:
             ref_source = GemmSource.of(ref_head, rows, ref_products, operands[1])
     dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
-    plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes)
+    plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes, with_kl=keep_ref)
     if scaled:
         policy.keep(list(plan.vocab_chunks(vocab)), ref_source, call.groups.store_room)
         _log.debug("fused_dpo_loss: the scaled store: %s", policy.placement)
     with no_autocast(device):
-        stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan)
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan,
+                                    with_kl=keep_ref)
     out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
-                                       call.logging)
+                                       call.logging, with_kl=keep_ref)
     loss, g_logp, g_kl = _group_upstream(out, batch_rows, keep_ref, call)
     g, g_kl = upstream(rows, g_logp, g_kl, sdt, device)
     with no_autocast(device):
@@ -558,7 +560,7 @@ class _EagerPairs(torch.autograd.Function):
                 dh = _hidden_grad(grads, hidden, grad_loss) if need[0] else None
                 dw = None if dw is None or not need[1] else _scaled_once(dw, grad_loss, weight)
                 db = None if db is None or not need[2] else _scaled_once(db, grad_loss, bias)
-        grad_kl = grad_rest[1] if ctx.ref is not None else None
+        grad_kl = grad_rest[1] if ctx.ref is not None and ctx.call.keep_ref_tiles else None
         if grad_logp is not None or grad_kl is not None:  # a gradient from outside the loss: recompute that part
             extra = _recompute_backward(ctx, hidden, weight, bias, labels, grad_logp, grad_kl, need)
             dh, dw, db = (_add(a, b) for a, b in zip((dh, dw, db), extra, strict=True))

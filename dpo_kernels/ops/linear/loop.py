@@ -42,6 +42,7 @@ from ..transform import slope_at
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad, combine
 from .contract import (
     LOGGED_OUTPUTS,
+    STATS_ROWS,
     RefRow,
     StatRow,
     TileKernels,
@@ -66,30 +67,51 @@ def no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def bytes_per_entry(policy, ref, device: torch.device, dz_bytes: int = 0) -> int:
-    """Tile bytes per entry that the tile budget bounds: what the sources allocate (:meth:`scratch_bytes`) and
-    ``dz_bytes`` of ``dZ`` (at least 1)."""
-    return max(1, policy.scratch_bytes(device) + (0 if ref is None else ref.scratch_bytes(device)) + dz_bytes)
+def bytes_per_entry(policy, ref, device: torch.device, dz_bytes: int = 0, shared: bool = False) -> int:
+    """Tile bytes per entry that the tile budget bounds: what the sources allocate (:meth:`scratch_bytes`; the
+    larger of the two where the reference's tiles share the policy's scratch, ``shared``) and ``dz_bytes`` of ``dZ``
+    (at least 1)."""
+    mine, theirs = policy.scratch_bytes(device), 0 if ref is None else ref.scratch_bytes(device)
+    return max(1, (max(mine, theirs) if shared else mine + theirs) + dz_bytes)
 
 
-def tile_plan(rows: KeptTokens, policy, ref, opts: TokenOptions, device: torch.device, dz_bytes: int = 0):
+def shares_scratch(policy, ref, with_kl: bool) -> bool:
+    """Whether the reference's tiles go into the policy's tile scratch: without a KL (:func:`fold_all`), where the
+    policy's tiles are computed into its scratch (not into a store of kept tiles)."""
+    return ref is not None and not with_kl and policy.tiles_in_scratch
+
+
+def tile_plan(rows: KeptTokens, policy, ref, opts: TokenOptions, device: torch.device, dz_bytes: int = 0,
+              with_kl: bool = True):
     """The tiles of a pass over ``policy`` (and ``ref``) within the tile budget; a head source's width gives the
-    ``dH`` term."""
+    ``dH`` term; ``with_kl`` as for :func:`fold_all`."""
     dim = getattr(policy, "dim", None)  # from logits: no head, no dH
-    return plan_tiles(rows.n, policy.vocab, bytes_per_entry(policy, ref, device, dz_bytes), opts, device, dim=dim)
+    per_entry = bytes_per_entry(policy, ref, device, dz_bytes, shares_scratch(policy, ref, with_kl))
+    return plan_tiles(rows.n, policy.vocab, per_entry, opts, device, dim=dim)
 
 
 def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKernels, logging: bool,
-             device: torch.device, plan: TilePlan | None = None):
+             device: torch.device, plan: TilePlan | None = None, with_kl: bool = True):
     """Forward, token-major, over the tiles of ``policy`` (and ``ref``): ``(stats [3, n] (7 with the logging rows),
     ref_stats [4, n] or None)`` after one pass over this rank's vocabulary; ``plan`` fixes the tiles (a stored
-    source's backward reads the same ones back)."""
+    source's backward reads the same ones back). ``with_kl=False``: the caller wants no KL (its row of
+    ``ref_stats`` stays 0), so each reference tile is folded alone (its max, sum and label logit) before the
+    policy's tile is computed, into the same scratch where :func:`shares_scratch`: one fp32 tile fewer."""
     n, vocab, sdt = rows.n, policy.vocab, policy.out_dtype
     stats = new_stats(n, sdt, device, logging=logging)
     ref_stats = None if ref is None else new_ref_stats(n, sdt, device)
-    plan = tile_plan(rows, policy, ref, opts, device) if plan is None else plan
+    plan = tile_plan(rows, policy, ref, opts, device, with_kl=with_kl) if plan is None else plan
+    alone = ref is not None and not with_kl
+    if shares_scratch(policy, ref, with_kl):
+        policy.share_scratch_with(ref)
     for n0, n1 in plan.token_blocks(n):
         for v0, v1 in plan.vocab_chunks(vocab):
+            if alone:
+                ref_tile = ref.tile(n0, n1, v0, v1, rows.labels)
+                kernels.fold(ref_tile, ref_stats[: len(STATS_ROWS), n0:n1], None, None, opts)
+                tile = policy.tile(n0, n1, v0, v1, rows.labels)
+                policy.fold(kernels, (n0, n1, v0, v1), tile, stats[:, n0:n1], None, None, opts)
+                continue
             tile = policy.tile(n0, n1, v0, v1, rows.labels)
             ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
             policy.fold(kernels, (n0, n1, v0, v1), tile, stats[:, n0:n1], ref_tile,
@@ -98,9 +120,11 @@ def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKer
 
 
 def finish_forward(stats, ref_stats, rows: KeptTokens, shape: torch.Size, vocab_slice: VocabSlice | None,
-                   vocab: int, logging: bool) -> tuple[TokenStats, torch.Tensor, torch.Tensor | None]:
+                   vocab: int, logging: bool, with_kl: bool = True) -> tuple[TokenStats, torch.Tensor,
+                                                                        torch.Tensor | None]:
     """Combine across a vocabulary-parallel group, then ``(token_stats, lse, ref_lse)``: the per-token results
-    scattered to ``shape``, and ``lse`` (and ``ref_lse``) ``[n]`` at the kept tokens, what a backward needs."""
+    scattered to ``shape`` (no KL without ``with_kl``, :func:`fold_all`), and ``lse`` (and ``ref_lse``) ``[n]`` at
+    the kept tokens, what a backward needs."""
     if vocab_slice is not None:
         combine(stats, ref_stats, vocab_slice.group)
     sdt = stats.dtype
@@ -112,7 +136,8 @@ def finish_forward(stats, ref_stats, rows: KeptTokens, shape: torch.Size, vocab_
     ref_logp = kl = logged = None
     if ref_stats is not None:
         ref_logp = rows.scatter(nan_out_of_vocab(ref_stats[RefRow.LABEL_LOGIT] - ref_lse, labels, total), shape, sdt)
-        kl = rows.scatter(ref_stats[RefRow.WEIGHTED] / ref_stats[RefRow.SUM] - ref_lse + lse, shape, sdt)
+        if with_kl:
+            kl = rows.scatter(ref_stats[RefRow.WEIGHTED] / ref_stats[RefRow.SUM] - ref_lse + lse, shape, sdt)
     if logging:
         values = logging_outputs(stats, lse, total)
         logged = {name: rows.scatter(values[name], shape, values[name].dtype) for name in LOGGED_OUTPUTS}
@@ -234,11 +259,13 @@ class ForwardState:
 def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
                    ref_products: Products | None, opts: TokenOptions, kernels: TileKernels, logging: bool = False,
                    vocab_slice: VocabSlice | None = None, kept_count: int | None = None,
-                   frozen_head: tuple[bool, bool] = (False, False)):
+                   frozen_head: tuple[bool, bool] = (False, False), with_kl: bool = True):
     """Forward of the linear path with the products of :func:`head_products`: ``(token_stats, state)``;
     ``kept_count`` as for :class:`KeptTokens`. ``frozen_head = (on, with_kl)``: the head needs no gradient and the
     hidden states do: the forward also forms their gradient (:func:`hidden_grads`, for the KL too with ``with_kl``),
-    and the backward is a per-token scale of it."""
+    and the backward is a per-token scale of it. ``with_kl=False``: no KL is computed (:func:`fold_all`; a KL
+    gradient for a frozen head needs it)."""
+    with_kl = with_kl or frozen_head[1]
     rows = KeptTokens(labels, opts.ignore_index, 0 if vocab_slice is None else vocab_slice.start, kept_count)
     with no_autocast(hidden.device):
         head = LinearHead(hidden, weight, bias)
@@ -248,13 +275,14 @@ def linear_forward(hidden, weight, bias, labels, ref: LinearHead | None, product
         else:
             policy = GemmSource.of(head, rows, products)
         ref_source = None if ref is None else GemmSource.of(ref, rows, ref_products)
-        plan = tile_plan(rows, policy, ref_source, opts, hidden.device)
+        plan = tile_plan(rows, policy, ref_source, opts, hidden.device, with_kl=with_kl)
         if not plan.single_token_block(rows.n):  # token-major: every chunk is used once per token block
             policy.operand_weight = operand_head(weight, products)
             if ref_source is not None:
                 ref_source.operand_weight = operand_head(ref.weight, ref_products)
-        stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device, plan)
-    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging)
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, hidden.device, plan, with_kl)
+    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, vocab_slice, weight.shape[0], logging,
+                                       with_kl)
     grads = None
     if frozen_head[0]:
         with no_autocast(hidden.device):

@@ -201,8 +201,9 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: Tensor, opt
 class LoopCall:
     """The non-tensor arguments of one eager-mode call: options, the backend's kernels (tile kernels for a head, row
     kernels for logits), whether the logged statistics are folded, the vocabulary slice, a head-gathering context,
-    the kept-token count of the caller's host read, and whether the KL may receive a gradient (``kl_grad``: a frozen
-    head then prepares the KL's gradient in the forward too)."""
+    the kept-token count of the caller's host read, whether the KL may receive a gradient (``kl_grad``: a frozen
+    head then prepares the KL's gradient in the forward too), and whether the caller wants the KL at all
+    (``with_kl``; without it no KL is computed or returned, :func:`.loop.fold_all`)."""
 
     opts: TokenOptions
     kernels: TileKernels | LogitsKernels
@@ -211,6 +212,7 @@ class LoopCall:
     head_context: object = None
     kept_count: int | None = None
     kl_grad: bool = True
+    with_kl: bool = True
 
 
 class _LoopStats(torch.autograd.Function):
@@ -228,7 +230,8 @@ class _LoopStats(torch.autograd.Function):
             need = ctx.needs_input_grad
             frozen = need[1] and not need[2] and not (c is not None and need[3])
             out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, call.kernels,
-                                            call.logging, call.vocab_slice, call.kept_count, (frozen, call.kl_grad))
+                                            call.logging, call.vocab_slice, call.kept_count, (frozen, call.kl_grad),
+                                            call.with_kl)
             ctx.save_for_backward(a, b, c)
         else:
             if opts.inplace_backward:
@@ -245,7 +248,7 @@ class _LoopStats(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_logp, *grad_rest):
-        grad_kl = grad_rest[1] if ctx.with_ref else None
+        grad_kl = grad_rest[1] if ctx.with_ref and ctx.call.with_kl else None
         nothing = (None,) * 7
         if grad_logp is None and grad_kl is None:
             return nothing
@@ -275,5 +278,6 @@ def loop_stats(source: str, tensors: tuple, labels: Tensor, ref, call: LoopCall)
         ref = ref.detach()
     outs = list(_LoopStats.apply(source, a, b, c, labels, ref, call))
     logp = outs.pop(0)
-    ref_logp, kl = (outs.pop(0), outs.pop(0)) if ref is not None else (None, None)
+    ref_logp = outs.pop(0) if ref is not None else None
+    kl = outs.pop(0) if ref is not None and call.with_kl else None
     return TokenStats(logp, ref_logp, kl, dict(zip(LOGGED_OUTPUTS, outs, strict=True)) if call.logging else None)

@@ -123,6 +123,14 @@ class GemmSource(_Folds):
     def scratch_bytes(self, device: torch.device) -> int:
         return self.out_dtype.itemsize
 
+    tiles_in_scratch = True  # its tiles are computed into its scratch (a store of kept tiles: into the store)
+
+    def share_scratch_with(self, other: "GemmSource") -> None:
+        """``other``'s tiles go into this source's scratch (each folded before the next tile is computed)."""
+        if self._scratch is None:
+            self._scratch = _Scratch(self.out_dtype, self.h.device)
+        other._scratch = self._scratch
+
     def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
         if self.operand_weight is not None:
             return self.operand_weight[v0:v1]
@@ -169,6 +177,7 @@ class StoredSource(GemmSource):
 
     store: TileStore | None = None
     kept: bool = False
+    tiles_in_scratch = False
 
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, buffer: torch.Tensor | None = None,
