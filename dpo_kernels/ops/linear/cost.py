@@ -22,7 +22,7 @@ The terms (``n`` kept tokens, a ``[V, D]`` head, ``s`` bytes a kept logit, :func
   is scaled in place by its backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and
   rounded (over one group of a scaled store the backward writes either once, the scale inside ``dZ``).
 - Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (7 when the
-  backward forms every gradient), 3 more where the heads are converted chunk by chunk (2 for the chunks whose
+  backward forms every gradient), one more where the reference's tiles are folded alone (no KL wanted), 3 more where the heads are converted chunk by chunk (2 for the chunks whose
   converted rows a scaled store keeps).
 """
 
@@ -85,6 +85,16 @@ def _chunks(tokens: int, vocab: int, dim: int, bytes_per_entry: int, opts: Token
     return sum(1 for _ in plan.vocab_chunks(vocab))
 
 
+def _ref_alone(facts: HeadFacts) -> int:
+    """1 where the reference's tiles are folded alone (no KL wanted: :func:`.loop.fold_all`), a launch more a chunk."""
+    return int(facts.with_ref and not facts.kl_grad)
+
+
+def _forward_tile_bytes(facts: HeadFacts) -> int:
+    """The forward's fp32 tile bytes a logit: the policy's and the reference's, one tile where they share it."""
+    return 4 * (2 if facts.with_ref and facts.kl_grad else 1)
+
+
 def recompute(facts: HeadFacts, opts: TokenOptions) -> Estimate:
     n, v, d = facts.n, facts.vocab, facts.dim
     logits = n * v
@@ -92,10 +102,10 @@ def recompute(facts: HeadFacts, opts: TokenOptions) -> Estimate:
     flops = 2.0 * n * d * v * (4 + ref_passes)
     tiles = logits * (8 * (2 + ref_passes) + 6)
     conversions = CONVERSION_BYTES * (2 * facts.policy_converted + ref_passes * facts.ref_converted)
-    forward_chunks = _chunks(n, v, d, 4 * (2 if facts.with_ref else 1), opts)
+    forward_chunks = _chunks(n, v, d, _forward_tile_bytes(facts), opts)
     backward_chunks = _chunks(n, v, d, 4 * (2 if facts.kl_grad else 1) + OPERAND_BYTES, opts)
     dh = backward_chunks * 8 * n * d
-    launches = 3 * forward_chunks + (5 if facts.kl_grad else 4) * backward_chunks
+    launches = (3 + _ref_alone(facts)) * forward_chunks + (5 if facts.kl_grad else 4) * backward_chunks
     return Estimate(flops, tiles + conversions + dh, launches)
 
 
@@ -124,7 +134,7 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
             conversions += recomputed * facts.ref_converted
     elif not converted_held:
         conversions = groups * (2 * facts.policy_converted + facts.ref_converted)
-    chunks = [_chunks(t, v, d, 4 * (2 if facts.with_ref else 1) + OPERAND_BYTES, opts) for t in group_tokens]
+    chunks = [_chunks(t, v, d, _forward_tile_bytes(facts) + OPERAND_BYTES, opts) for t in group_tokens]
     dh = sum(c * 8 * t * d for c, t in zip(chunks, group_tokens, strict=True))
     weight_grad = 0  # deferred: written once by the backward's GEMMs, the scale inside dZ
     if facts.fp32_weight_grad and not deferred:
@@ -133,7 +143,7 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
         weight_grad = (4 + 4 + OPERAND_BYTES) * v * d  # the fp32 accumulator zeroed, then scaled and rounded
     if groups > 1 and (facts.fp32_weight_grad or facts.half_weight_grad):
         weight_grad += groups * 8 * v * d  # each group's dW GEMMs read and write the fp32 accumulator
-    per_chunk = ((7 if deferred else 9) + recomputed * (1 + kept_heads)
+    per_chunk = ((7 if deferred else 9) + _ref_alone(facts) + recomputed * (1 + kept_heads)
                  + (0 if not facts.policy_converted or (converted_held and not deferred)
                     else 3 - converted_held))
     return Estimate(flops, logits * per_logit + CONVERSION_BYTES * conversions + dh + weight_grad,

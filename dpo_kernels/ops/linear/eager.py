@@ -14,7 +14,8 @@ group's tiles from the forward and forms ``dZ``, ``dH`` and ``dW`` from them thr
   once with the loss's upstream scale inside, then ``dH``, ``dW`` and ``db`` (:class:`_DeferredGrads`). The store
   lies in the weight's gradient, allocated by the forward, as far as it goes (each chunk at or after its own rows,
   which the backward writes after reading it: :class:`~.sources.StorePlacement`), with the policy's head rows
-  converted once for the call beside it where they fit; ``eager_budget_mb`` bounds what lies beside the gradient,
+  converted once for the call in what the store leaves of it; ``eager_budget_mb`` bounds what lies beside the
+  gradient (by default nothing beside an fp32 master weight's, :meth:`EagerNeed.budget_bytes`),
   and a store larger than that keeps the vocabulary chunks that fit; the backward recomputes the others as the
   recompute schedule does;
 - otherwise (fp32 or fp16 operands, the CPU, ``grad_filter_eps``): per group, one GEMM per tile into the group's
@@ -339,9 +340,9 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     buffers, and ``operands`` their heads as GEMM operands (``None``: no conversion), shared by every group.
 
     A scaled store (``buffers`` ``None``; always one group) leaves every gradient to the backward, which reads the
-    kept weights (:class:`_DeferredGrads`); its store, and the policy's head rows converted once for the call where
-    the head is converted, lie in ``dw``'s memory (the weight's gradient, allocated by the forward, ``None`` without
-    one) and beside it within the budget's room."""
+    kept weights (:class:`_DeferredGrads`); its store lies in ``dw``'s memory (the weight's gradient, allocated by
+    the forward, ``None`` without one) and beside it within the budget's room, and the policy's head rows converted
+    once for the call, where the head is converted, in what the store leaves of ``dw``'s memory."""
     bounds = call.groups.bounds[group]
     opts, vocab, device = call.opts, weight.shape[0], hidden.device
     batch_rows = call.groups.rows(*bounds, device)

@@ -92,8 +92,8 @@ DEFAULTS_TEXT = (f"{DEFAULT_TILE_BUDGET_MB['cpu']:g} MiB on CPU; on accelerators
 # 2-byte store of up to 2 D kept tokens (Llama-3: 8192); and the stock path's own peak there is little more than
 # that gradient (the modelled TRL 1.16 peak at Gemma-2, 6144 kept tokens: 2920 MiB, of which 2250 the gradient). So
 # by default nothing lies beside it but the running maxima: the store keeps the columns the gradient holds, the
-# backward recomputes the others (modelled at Gemma-2: 0.90x TRL's peak and 0.86x its time, where the 2 GiB default
-# was 1.2x and 0.82x; Llama-3 keeps every column either way). A TDPO store, the reference's weights too, has no
+# backward recomputes the others (modelled at Gemma-2: 0.87x TRL's peak and 0.86x its time, where the 2 GiB default
+# was 1.13x and 0.83x; Llama-3 keeps every column either way). A TDPO store, the reference's weights too, has no
 # stock path to match and keeps the 2 GiB default.
 DEFAULT_EAGER_BUDGET_MB = {"cpu": 1024.0}
 ACCELERATOR_EAGER_BUDGET_MB = 2048.0
