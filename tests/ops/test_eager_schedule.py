@@ -563,6 +563,25 @@ def test_the_converted_heads_stay_within_the_eager_budget():
     assert counted.entries["policy"] > V * D and counted.entries["reference"] > V * D, counted.entries
 
 
+def test_two_heads_share_one_converted_copy_only_when_they_are_one_head():
+    """One head as both (a PEFT model as its own reference) is converted once; two heads are two copies, also on the
+    meta device (the roofline model's traces), where every tensor reports address 0."""
+    from dpo_kernels.ops.common import LinearHead
+    from dpo_kernels.ops.linear.eager import _shared_operands
+    from dpo_kernels.ops.linear.products import Products
+
+    for device in ("cpu", "meta"):
+        p = Products(torch.bfloat16, torch.bfloat16, torch.float32)
+        w, other = (torch.zeros(V, D, device=device) for _ in range(2))
+        hidden = torch.zeros(3, D, device=device)
+        room = 4 * V * D * 2
+        policy, ref = _shared_operands(w, p, LinearHead(hidden, other, None), p, room)
+        assert policy is not None and ref is not None and ref is not policy, device
+        if device == "cpu":  # on meta one tensor cannot be told from another: two copies, as for two heads
+            policy, ref = _shared_operands(w, p, LinearHead(hidden, w, None), p, room)
+            assert ref is policy
+
+
 def test_auto_runs_eager_where_it_is_estimated_faster_on_an_accelerator():
     """Issue 29: on an accelerator ``auto`` weighs the schedules' estimated costs (``ops/linear/cost.py``: GEMMs,
     traffic outside them, launches, at estimated rates; not measurements) at the roofline model's DPO shapes, 6144

@@ -592,7 +592,9 @@ def _shared_operands(weight, products, ref: LinearHead | None, ref_products, spa
         spare_bytes -= weight.numel() * products.operand_bytes
     if ref is None:
         return policy, None
-    same = (ref_products == products and ref.weight.data_ptr() == weight.data_ptr()
+    # the same memory read the same way (a meta tensor has no memory: every one reports address 0)
+    same = (ref_products == products and weight.device.type != "meta"
+            and ref.weight.data_ptr() == weight.data_ptr()
             and ref.weight.shape == weight.shape and ref.weight.stride() == weight.stride()
             and ref.weight.dtype == weight.dtype)
     if same:
