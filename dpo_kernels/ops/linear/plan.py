@@ -274,6 +274,7 @@ def chunk_seconds(tokens: int, dim: int, width: int, sms: int) -> float:
     return gemms + CHUNK_LAUNCHES * LAUNCH_SECONDS + 8.0 * tokens * dim / ACCELERATOR_BANDWIDTH
 
 
+@functools.lru_cache(maxsize=256)
 def wave_fitted_width(tokens: int, dim: int, vocab: int, least: int, most: int, sms: int) -> int:
     """The vocabulary chunk width, a multiple of ``VOCAB_ALIGN`` from ``least`` (at least ``MIN_VOCAB_CHUNK``) to
     ``most``, whose chunks (all that wide but a shorter last one) take the least estimated time by

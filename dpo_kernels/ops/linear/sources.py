@@ -250,14 +250,23 @@ class StorePlacement:
         alone = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride, frozenset())
         if not operand_stride or not grad_stride:
             return alone
-        chosen, placed = frozenset(), alone
-        for v0, _ in chunks:
-            trial = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride, chosen | {v0})
-            if (v0 not in trial.operands or trial.kept_entries < alone.kept_entries
-                    or trial.own_entries > alone.own_entries):
-                break
-            chosen, placed = chosen | {v0}, trial
-        return placed
+
+        def with_rows(count: int) -> "StorePlacement | None":  # the rows of the first count chunks, if they fit
+            placed = cls._greedy(chunks, n, heads, grad_stride, grad_entries, room, operand_stride,
+                                 frozenset(v0 for v0, _ in chunks[:count]))
+            fits = (len(placed.operands) == count and placed.kept_entries >= alone.kept_entries
+                    and placed.own_entries <= alone.own_entries)
+            return placed if fits else None
+
+        # rows placed earlier only push later chunks further: whether the first m fit is monotone in m
+        low, high, best = 0, len(chunks), alone
+        while low < high:
+            mid = (low + high + 1) // 2
+            if (placed := with_rows(mid)) is None:
+                high = mid - 1
+            else:
+                low, best = mid, placed
+        return best
 
     @classmethod
     def _greedy(cls, chunks, n, heads, grad_stride, grad_entries, room, operand_stride, with_rows) -> "StorePlacement":
