@@ -19,8 +19,7 @@ from .metrics import PendingMetrics
 from .ops import dispatch
 from .ops.common import LinearHead
 from .ops.custom_ops import raise_value_error
-from .ops.linear.eager import EagerCall, EagerNeed
-from .ops.linear import cost
+from .ops.linear.eager import EagerCall, EagerNeed, estimated_slower
 from .ops.linear import plan as linear_plan
 from .ops.linear.products import converted_operand_bytes, products_now
 from .ops.registry import require_backend
@@ -568,43 +567,14 @@ def _why_not_eager(config: DPOLossConfig, inputs: PreferenceInputs, labels: torc
     groups = need.groups(need.budget_bytes(config.eager_budget_mb, weight.device))
     if isinstance(groups, str):
         return groups
-    if config.schedule == "auto" and (why := _eager_estimated_slower(need, groups, heads, converted, sdt,
-                                                                     config.token_options)):
+    if config.schedule == "auto" and (why := estimated_slower(need, groups, heads, converted, sdt,
+                                                              config.token_options, "fused_dpo_loss")):
         return why
     coupled = [n for n in config.loss_types if not losses.objective(n).pairwise]
     if coupled and len(groups.bounds) > 1:
         return (f"loss_type {coupled} couples the pairs of a batch, and the batch needs {len(groups.bounds)} groups "
                 f"within eager_budget_mb")
     return groups, kernels
-
-
-def _eager_estimated_slower(need: EagerNeed, groups, heads: list[LinearHead], converted: list[int], sdt: torch.dtype,
-                            opts: TokenOptions) -> str | None:
-    """Why ``auto`` should not run eager here: on an accelerator, the recompute schedule's estimated cost
-    (:mod:`~dpo_kernels.ops.linear.cost`: GEMMs, traffic outside them, launches, at estimated rates) is lower than the
-    eager schedule's with these groups. ``None`` when eager is estimated the cheaper, or on the CPU (no estimate).
-    ``converted``: each head's bytes as GEMM operands. Both estimates are logged at debug level."""
-    weight = heads[0].weight
-    device = weight.device
-    if not linear_plan.estimates_cost(device):
-        return None
-    facts = cost.HeadFacts(
-        n=groups.kept, vocab=need.vocab, dim=need.dim, with_ref=len(heads) > 1, kl_grad=need.keep_ref_tiles,
-        policy_converted=converted[0], ref_converted=0 if len(heads) < 2 else converted[1],
-        half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
-    store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
-    # a scaled store keeps the policy's converted rows beside it where they fit; else whole converted heads
-    held = groups.operand_share if need.scaled_store else float(groups.spare_bytes >= need.converted_bytes)
-    kept = 1.0 if groups.store_vocab is None else groups.store_vocab / need.vocab
-    eager = cost.eager(facts, opts, groups.tokens, store_bytes, held, kept)
-    recompute = cost.recompute(facts, opts)
-    what = f"{len(groups.bounds)} group(s)" + ("" if kept == 1.0 else f", {kept:.0%} of the vocabulary kept")
-    if not torch.compiler.is_compiling():
-        _log.debug("fused_dpo_loss: estimated on %s: eager (%s) %s, recompute %s", device, what, eager, recompute)
-    if eager.seconds <= recompute.seconds:
-        return None
-    return (f"the eager schedule ({what}) is estimated slower here: {eager} against the recompute schedule's "
-            f"{recompute}")
 
 
 def _eager_statistics(config: DPOLossConfig, inputs: PreferenceInputs, labels: torch.Tensor, vs: VocabSlice | None,

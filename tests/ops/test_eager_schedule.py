@@ -603,8 +603,8 @@ def test_auto_runs_eager_where_it_is_estimated_faster_on_an_accelerator():
     llama_tdpo = facts(128256, 4096, converted=True, tdpo=True)
     assert cost.eager(llama_tdpo, opts, (3072, 3072), 2, False).seconds < cost.recompute(llama_tdpo, opts).seconds
     gemma = facts(256000, 2304, converted=True)
-    two_groups = (3072, 3072)
-    assert cost.eager(gemma, opts, two_groups, 2, False).seconds > cost.recompute(gemma, opts).seconds
-    assert cost.eager(gemma, opts, two_groups, 2, True).seconds < cost.recompute(gemma, opts).seconds  # held once
+    four_groups = (1536,) * 4  # where issue 29 found auto 9% slower than recompute
+    assert cost.eager(gemma, opts, four_groups, 2, False).seconds > cost.recompute(gemma, opts).seconds
+    assert cost.eager(gemma, opts, four_groups, 2, True).seconds < cost.recompute(gemma, opts).seconds  # held once
     assert "ms (" in str(cost.recompute(gemma, opts))
     assert not plan.estimates_cost(torch.device("cpu")) and plan.estimates_cost(torch.device("cuda"))

@@ -61,6 +61,7 @@ from ...validation import is_finite_number
 from ..common import LinearHead, first_order_only
 from ..token_stats import TokenStats
 from ..vocab_parallel import VocabSlice, all_reduce_hidden_grad
+from . import cost
 from .contract import LOGGED_OUTPUTS, TileKernels
 from .kept import KeptTokens
 from .loop import (
@@ -245,6 +246,35 @@ class EagerNeed:
         if columns == 0:
             return f"a scaled store of {_mib(beside)} keeps no column within eager_budget_mb={_mib(budget_bytes)}"
         return PairGroups(pairs, ((0, pairs),), (total,), 0, store_vocab=columns, store_room=room)
+
+
+def estimated_slower(need: EagerNeed, groups: PairGroups, heads: list[LinearHead], converted: list[int],
+                     sdt: torch.dtype, opts: TokenOptions, caller: str) -> str | None:
+    """Why ``auto`` should not run eager here: on an accelerator, the recompute schedule's estimated cost
+    (:mod:`~dpo_kernels.ops.linear.cost`: GEMMs, traffic outside them, launches, at estimated rates) is lower than the
+    eager schedule's with these groups. ``None`` when eager is estimated the cheaper, or on the CPU (no estimate).
+    ``converted``: each head's bytes as GEMM operands. Both estimates are logged at debug level, as ``caller``'s."""
+    weight = heads[0].weight
+    device = weight.device
+    if not plans.estimates_cost(device):
+        return None
+    facts = cost.HeadFacts(
+        n=groups.kept, vocab=need.vocab, dim=need.dim, with_ref=len(heads) > 1, kl_grad=need.keep_ref_tiles,
+        policy_converted=converted[0], ref_converted=0 if len(heads) < 2 else converted[1],
+        half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
+    store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
+    # a scaled store keeps the policy's converted rows beside it where they fit; else whole converted heads
+    held = groups.operand_share if need.scaled_store else float(groups.spare_bytes >= need.converted_bytes)
+    kept = 1.0 if groups.store_vocab is None else groups.store_vocab / need.vocab
+    eager = cost.eager(facts, opts, groups.tokens, store_bytes, held, kept)
+    recompute = cost.recompute(facts, opts)
+    what = f"{len(groups.bounds)} group(s)" + ("" if kept == 1.0 else f", {kept:.0%} of the vocabulary kept")
+    if not torch.compiler.is_compiling():
+        _log.debug("%s: estimated on %s: eager (%s) %s, recompute %s", caller, device, what, eager, recompute)
+    if eager.seconds <= recompute.seconds:
+        return None
+    return (f"the eager schedule ({what}) is estimated slower here: {eager} against the recompute schedule's "
+            f"{recompute}")
 
 
 def _mib(size: int) -> str:
