@@ -18,9 +18,21 @@ from .validation import (
     require_float,
     require_labels,
     require_labels_in_vocab,
+    require_positive,
     require_same_device,
     require_shape,
 )
+
+# The linear path's schedules of a trainable head: fused_dpo_loss's (ops/linear/eager.py) and the per-token
+# functions' (ops/linear/stored.py)
+SCHEDULES = ("auto", "eager", "recompute")
+
+
+def check_schedule(schedule: object, eager_budget_mb: object) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if eager_budget_mb is not None:
+        require_positive("eager_budget_mb", eager_budget_mb)
 
 
 def check_logits(name: str, logits: object, labels: object) -> None:

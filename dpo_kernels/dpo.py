@@ -29,7 +29,7 @@ from .options import TOKEN_OPTION_FIELDS, TokenOptions, option_keywords, statist
 from .validation import is_finite_number, require_float, require_labels, require_positive, require_same_device
 
 _OBJECTIVE_DEFAULTS = losses.ObjectiveConfig()
-SCHEDULES = ("auto", "eager", "recompute")
+SCHEDULES = checks.SCHEDULES
 _log = logging.getLogger("dpo_kernels")
 _TOKEN_DEFAULTS = TokenOptions()
 
@@ -91,10 +91,7 @@ class DPOLossConfig:
                 f"got {self.loss_weights!r}"
             )
         require_backend(self.backend)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.eager_budget_mb is not None:
-            require_positive("eager_budget_mb", self.eager_budget_mb)
+        checks.check_schedule(self.schedule, self.eager_budget_mb)
         require_positive("beta", self.beta)
         require_positive("discopop_tau", self.discopop_tau)
         for name in ("alpha", "simpo_gamma", "f_alpha_divergence_coef", "label_smoothing", "alphapo_alpha"):

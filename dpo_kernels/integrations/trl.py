@@ -35,7 +35,7 @@ import warnings
 
 import torch
 
-from ..checks import check_head, check_label_range
+from ..checks import check_head, check_label_range, check_schedule
 from ..ops import dispatch
 from ..ops.common import LinearHead
 from ..ops.linear.entropy_grad import differentiable_entropy
@@ -107,15 +107,20 @@ class PatchReport:
     backend: str
     tile_budget_mb: float | None
     modules: tuple[str, ...]
+    schedule: str = "auto"
+    eager_budget_mb: float | None = None
 
 
-def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> PatchReport:
-    """Make TRL's fused LM head use dpo_kernels with ``backend`` (and the linear path's ``tile_budget_mb``).
+def patch(*, backend: str = "auto", tile_budget_mb: float | None = None, schedule: str = "auto",
+          eager_budget_mb: float | None = None) -> PatchReport:
+    """Make TRL's fused LM head use dpo_kernels with ``backend`` (and the linear path's ``tile_budget_mb``; a
+    trainable head's ``schedule`` and ``eager_budget_mb``, as for :func:`dpo_kernels.linear_token_logprobs`).
     Idempotent; call before creating the trainer. Returns a :class:`PatchReport` and logs it at INFO level on the
     ``dpo_kernels`` logger."""
     utils, interface = _trl_utils()
     require_backend(backend, available=True)  # validated now, not at the first training step
     TokenOptions(tile_budget_mb=tile_budget_mb)
+    check_schedule(schedule, eager_budget_mb)
     if "original" not in _state:
         original = utils._ChunkedLogProbFunction
         _state["interface"] = interface
@@ -126,14 +131,15 @@ def patch(*, backend: str = "auto", tile_budget_mb: float | None = None) -> Patc
                              and "_ChunkedLogProbFunction" in vars(m) and m._ChunkedLogProbFunction is original]
     FusedLogProbs.backend = backend
     FusedLogProbs.tile_budget_mb = tile_budget_mb
+    FusedLogProbs.schedule, FusedLogProbs.eager_budget_mb = schedule, eager_budget_mb
     FusedLogProbs.interface = _state["interface"]
     for module in _state["modules"]:
         module._ChunkedLogProbFunction = FusedLogProbs
     report = PatchReport(_trl_version(), FusedLogProbs.interface, backend, tile_budget_mb,
-                         tuple(m.__name__ for m in _state["modules"]))
-    _log.info("dpo_kernels: TRL %s's fused LM head (%s) now runs dpo_kernels, backend=%r, tile_budget_mb=%s, in %s",
-              report.trl_version, report.interface, backend, tile_budget_mb, ", ".join(report.modules) or
-              "trl.trainer.utils")
+                         tuple(m.__name__ for m in _state["modules"]), schedule, eager_budget_mb)
+    _log.info("dpo_kernels: TRL %s's fused LM head (%s) now runs dpo_kernels, backend=%r, tile_budget_mb=%s, "
+              "schedule=%r, eager_budget_mb=%s, in %s", report.trl_version, report.interface, backend, tile_budget_mb,
+              schedule, eager_budget_mb, ", ".join(report.modules) or "trl.trainer.utils")
     if FusedLogProbs.interface == "two_outputs" and not _state.get("warned_1_14"):
         _state["warned_1_14"] = True
         warnings.warn(
@@ -162,6 +168,8 @@ class FusedLogProbs:
 
     backend = "auto"
     tile_budget_mb: float | None = None
+    schedule = "auto"
+    eager_budget_mb: float | None = None
     interface = "five_outputs"
 
     @staticmethod
@@ -178,7 +186,8 @@ class FusedLogProbs:
         wanted = set(outputs) - {"log_probs"}
         out = dispatch.linear_stats(LinearHead(hidden, weight, bias), None, targets, opts, FusedLogProbs.backend,
                                     logging=bool(wanted), head_context=_gather_lm_head_context(),
-                                    kept_count=None if facts is None else facts.kept)
+                                    kept_count=None if facts is None else facts.kept,
+                                    schedule=FusedLogProbs.schedule, eager_budget_mb=FusedLogProbs.eager_budget_mb)
         log_probs = out.logp
         logged = {k: v.squeeze(0) for k, v in (out.logged or {}).items() if k in wanted}
         entropy = logged.get("entropy")

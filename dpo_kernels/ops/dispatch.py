@@ -29,7 +29,7 @@ from ..options import TokenOptions
 from . import logits_path, reference
 from .backend import BackendKernels
 from .common import LinearHead
-from .custom_ops import refuse_under_compile
+from .custom_ops import raise_value_error, refuse_under_compile
 from .inplace import refuse_leaf_logits
 from .linear import eager, recompute
 from .linear.contract import TileKernels
@@ -66,27 +66,33 @@ def logits_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, labels: 
 
 def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tensor, opts: TokenOptions, backend: str,
                  *, logging: bool = False, vocab_slice: VocabSlice | None = None, head_context=None,
-                 kept_count: int | None = None, kl_grad: bool = True, with_kl: bool = True) -> TokenStats:
+                 kept_count: int | None = None, kl_grad: bool = True, with_kl: bool = True,
+                 schedule: str = "recompute", eager_budget_mb: float | None = None) -> TokenStats:
     """Heads ``hidden [..., T, D]`` x ``weight [V, D]`` (the reference's beside), ``labels [..., T]`` ->
     :class:`TokenStats` like ``labels``; ``logged`` with ``logging``. With ``vocab_slice`` the heads are this rank's
     vocabulary slices; ``head_context(weight, bias)`` gathers a sharded head again in the backward;
     ``kept_count``: the labels' kept tokens from the caller's one host read; ``kl_grad=False``: the caller will not
     differentiate the KL (a frozen head then prepares no KL gradient in the forward; one that arrives anyway is
     recomputed); ``with_kl=False``: the caller wants no KL (the loop then folds each reference tile alone, in the
-    policy's scratch, and its ``TokenStats.kl`` is ``None``; the oracle and the compiled op still compute it)."""
+    policy's scratch, and its ``TokenStats.kl`` is ``None``; the oracle and the compiled op still compute it);
+    ``schedule`` / ``eager_budget_mb``: a trainable head's schedule (:mod:`.linear.stored`; the tile loop's only:
+    ``"eager"`` is refused under ``torch.compile``, and the oracle, whose backward is autograd's, ignores it)."""
     shape = sequences_shape(labels)
     policy_rows = _head_rows(policy, shape)
     ref_rows = None if ref is None else _head_rows(ref, shape)
     flat_labels = labels.reshape(shape)
 
     def oracle():
+        if schedule == "eager":  # asked for by name: never run another schedule in its place
+            raise_value_error(f"schedule='eager' cannot run here: backend={backend!r} has no tile kernels (the "
+                              "single-process oracle); use schedule='auto' or 'recompute'", labels)
         out = reference.linear_token_stats(policy_rows, ref_rows, flat_labels, opts, logging)
         main, logged = out if logging else (out, None)
         return TokenStats(*((main,) if ref is None else main), logged=logged)
 
     def loop(kernels: BackendKernels):
         call = recompute.LoopCall(opts, kernels.tiles, logging, vocab_slice, head_context, kept_count, kl_grad,
-                                  with_kl or kl_grad)
+                                  with_kl or kl_grad, schedule, eager_budget_mb)
         return recompute.loop_stats("linear", (policy_rows.hidden, policy_rows.weight, policy_rows.bias), flat_labels,
                                     ref_rows, call)
 
@@ -96,7 +102,7 @@ def linear_stats(policy: LinearHead, ref: LinearHead | None, labels: torch.Tenso
     tensors = tuple(t for head in (policy, ref) if head is not None for t in (head.hidden, head.weight, head.bias))
     out = _route(backend, tensors, labels, opts, oracle, loop, op,
                  {"vocab_parallel_group": vocab_slice is not None, "head_context": head_context is not None,
-                  "logging": logging}, eager_loop=True)
+                  "logging": logging, "schedule='eager'": schedule == "eager"}, eager_loop=True)
     return out.map(lambda t: t.view(labels.shape))
 
 

@@ -92,6 +92,29 @@ def test_patched_dpo_trainer_matches_stock(kind, loss_type, restore_trl, monkeyp
             assert p_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_the_eager_schedule_under_a_stock_dpo_trainer_matches_stock(kind, restore_trl, monkeypatch):
+    """``patch(schedule="eager")``: the policy's trainable head keeps its tiles from the forward (fp32 tiles on the
+    CPU) and the backward recomputes none; one step gives stock TRL's loss and gradients."""
+    from dpo_kernels.ops.linear import stored
+
+    dk_trl.unpatch()
+    loss, grads, _ = _one_step(kind, "sigmoid")
+    report = dk_trl.patch(backend="torch", schedule="eager")
+    assert report.schedule == "eager"
+    runs, forward = [], stored.forward
+    monkeypatch.setattr(stored, "forward", lambda *a: runs.append(1) or forward(*a))
+    p_loss, p_grads, _ = _one_step(kind, "sigmoid")
+    assert runs, "the eager schedule never ran"
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
+    assert grads.keys() == p_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        err = (p_grads[name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        assert err <= 1e-5, f"{kind}: gradient of {name} differs by {err:.2e}"
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        dk_trl.patch(schedule="sometimes")
+
+
 def test_patch_uses_dpo_kernels_and_unpatch_restores(restore_trl):
     import trl.trainer.utils as utils
 

@@ -25,6 +25,7 @@ raises saying so instead of failing inside the capture.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from ...options import TokenOptions, statistics_dtype
 from ..common import LinearHead, first_order_only
 from ..custom_ops import (
     EMPTY,
+    raise_value_error,
     dtypes,
     empty_or,
     options_args,
@@ -47,10 +49,13 @@ from ..logits_path import LogitsKernels, slice_backward, slice_forward
 from ..registry import backend_kernels
 from ..token_stats import TokenStats
 from ..vocab_parallel import VocabSlice
+from . import stored
 from .contract import LOGGED_OUTPUTS, TileKernels
 from .kept import KeptTokens
 from .loop import ForwardState, head_products, linear_backward, linear_forward
 from .products import product_dtype
+
+_log = logging.getLogger("dpo_kernels")
 
 _OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 _TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, "
@@ -203,7 +208,8 @@ class LoopCall:
     kernels for logits), whether the logged statistics are folded, the vocabulary slice, a head-gathering context,
     the kept-token count of the caller's host read, whether the KL may receive a gradient (``kl_grad``: a frozen
     head then prepares the KL's gradient in the forward too), and whether the caller wants the KL at all
-    (``with_kl``; without it no KL is computed or returned, :func:`.loop.fold_all`)."""
+    (``with_kl``; without it no KL is computed or returned, :func:`.loop.fold_all`), and the schedule of a
+    trainable head with its budget (:mod:`.stored`)."""
 
     opts: TokenOptions
     kernels: TileKernels | LogitsKernels
@@ -213,6 +219,8 @@ class LoopCall:
     kept_count: int | None = None
     kl_grad: bool = True
     with_kl: bool = True
+    schedule: str = "recompute"  # or "eager" / "auto": a trainable head's store kept for the backward (.stored)
+    eager_budget_mb: float | None = None
 
 
 class _LoopStats(torch.autograd.Function):
@@ -225,13 +233,29 @@ class _LoopStats(torch.autograd.Function):
     def forward(ctx, source: str, a, b, c, labels, ref, call: LoopCall):
         ctx.set_materialize_grads(False)  # an unused output (the KL) then arrives as None in the backward
         opts = call.opts
+        ctx.stored, ctx.was_stored = None, False
         if source == "linear":
             products, ref_products = head_products(a, b, ref)
             need = ctx.needs_input_grad
             frozen = need[1] and not need[2] and not (c is not None and need[3])
-            out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, call.kernels,
-                                            call.logging, call.vocab_slice, call.kept_count, (frozen, call.kl_grad),
-                                            call.with_kl)
+            grads = (need[1], need[2], need[3] and c is not None)
+            kept_count = call.kept_count
+            if call.schedule != "recompute" and any(grads) and not frozen:
+                groups, rows = stored.plan(call, a, b, c, labels, ref, products, grads)
+                kept_count = kept_count if rows is None else rows.n  # one host read, whichever schedule runs
+                if isinstance(groups, str):
+                    if call.schedule == "eager":
+                        raise_value_error(f"schedule='eager' cannot run here: {groups}; use schedule='auto' or "
+                                          "'recompute'", labels)
+                    _log.debug("dpo_kernels: per-token recompute schedule (%s)", groups)
+                else:
+                    out, ctx.stored = stored.forward(a, b, c, labels, ref, products, ref_products, call, rows,
+                                                     groups, grads)
+                    ctx.was_stored = True
+            if not ctx.was_stored:
+                out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, call.kernels,
+                                                call.logging, call.vocab_slice, kept_count,
+                                                (frozen, call.kl_grad), call.with_kl)
             ctx.save_for_backward(a, b, c)
         else:
             if opts.inplace_backward:
@@ -264,6 +288,15 @@ class _LoopStats(torch.autograd.Function):
         need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and c is not None)
         if not any(need):
             return nothing
+        if ctx.was_stored:
+            if ctx.stored is None:
+                raise RuntimeError("the eager schedule of dpo_kernels' per-token functions hands its gradients out "
+                                   "once (the backward writes the weight's gradient over the store): "
+                                   "backpropagating through the same log-probs twice (retain_graph=True) needs "
+                                   "schedule='recompute'")
+            kept, ctx.stored = ctx.stored, None
+            return (None, *stored.backward(a, b, c, kept, grad_logp, grad_kl, need, call.head_context),
+                    *nothing[4:])
         return (None, *linear_backward(a, b, c, ctx.state, grad_logp, grad_kl, need, call.head_context),
                 *nothing[4:])
 

@@ -1,0 +1,184 @@
+"""The eager schedule of the per-token functions from hidden states: ``schedule="eager"`` (or ``"auto"``, where it
+is estimated faster) on :func:`dpo_kernels.linear_token_logprobs` and :func:`dpo_kernels.linear_token_logprobs_and_kl`,
+and ``patch(schedule=...)`` under TRL's trainers.
+
+A per-token function learns its upstream gradient only in the backward, so the recompute schedule runs a trainable
+head's GEMM twice: in the forward, and again in the backward before ``dH`` and ``dW`` (``8 n D V`` FLOPs). This
+schedule keeps what ``dZ`` needs of each tile in the forward, as ``fused_dpo_loss``'s eager schedule does over one
+group (:mod:`.eager`): with bf16 GEMM operands each tile's softmax weights in fp16, 2 bytes a logit (4 with the
+reference's, where the KL may receive a gradient), in the weight gradient's memory as far as it goes (allocated by
+the forward; :class:`~.sources.StorePlacement`) and beside it within ``eager_budget_mb``, the vocabulary chunks that
+do not fit recomputed; otherwise (fp32 or fp16 operands, the CPU) the fp32 tiles themselves, 4 bytes a logit, which
+must fit the budget whole. The backward forms ``dZ`` from them with the upstream gradient, then ``dH``, ``dW`` and
+``db``: ``6 n D V`` FLOPs for the policy (one GEMM a pass fewer).
+
+What it holds: the store, from the forward until the backward (a second backward through the same outputs,
+``retain_graph=True``, is refused: the backward writes ``dW`` over the store). ``auto`` runs it only on an
+accelerator, for a trainable head, with bf16 operands (the scaled store), outside ``torch.compile``, where
+:func:`.eager.estimated_slower` finds it faster (a ZeRO-3 head is gathered again around the backward's reads of it,
+as for the recompute schedule); elsewhere the recompute schedule (for a frozen head that one forms the hidden states' gradient in its
+forward, with no backward GEMM at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ...options import statistics_dtype
+from ..common import LinearHead
+from ..token_stats import TokenStats
+from ..vocab_parallel import all_reduce_hidden_grad
+from . import plan as plans  # the store rule through the module: tests may force it
+from .eager import EagerNeed, PairGroups, estimated_slower
+from .kept import KeptTokens
+from .loop import Backward, ForwardState, finish_forward, fold_all, grad_all, linear_backward, no_autocast, \
+    tile_plan, upstream
+from .plan import plan_stored_backward
+from .products import Products
+from .sources import GemmSource, ScaledSource, StoredSource
+
+_log = logging.getLogger("dpo_kernels")
+
+
+@dataclass
+class StoredPass:
+    """What the forward keeps for the backward: the kept tokens, the policy's source over its store (filled), the
+    reference's stored tiles (fp32 tiles with a KL gradient) or ``None``, the backward's tile plan, the weight's
+    gradient that holds part of a scaled store (``None`` otherwise), whether the store holds the reference's side of
+    the KL gradient, and the forward's state (``lse``, options, kernels, heads: a KL gradient the store does not
+    hold is recomputed from it)."""
+
+    rows: KeptTokens
+    policy: object
+    ref: object | None
+    plan: object
+    dw: torch.Tensor | None
+    kl_kept: bool
+    state: ForwardState
+
+
+def plan(call, hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
+         need: tuple[bool, bool, bool]) -> tuple[PairGroups | str, KeptTokens | None]:
+    """``(the store's one group, the kept tokens)`` for this call, or ``(why the eager schedule cannot, or under
+    ``auto`` should not, run here, the kept tokens if they were found)``."""
+    why = _declined(call, hidden, weight, ref, products, need)
+    if why:
+        return why, None
+    offset = 0 if call.vocab_slice is None else call.vocab_slice.start
+    rows = KeptTokens(labels, call.opts.ignore_index, offset, call.kept_count)
+    return _groups(call, hidden, weight, bias, ref, products, rows, need), rows
+
+
+def _declined(call, hidden, weight, ref: LinearHead | None, products: Products, need) -> str | None:
+    """Why not, from the call alone (before the kept tokens are counted)."""
+    if call.schedule == "recompute":
+        return "schedule='recompute'"
+    if not (need[1] or need[2]):
+        return "the head is frozen: the recompute schedule forms the hidden states' gradient in its forward"
+    device = hidden.device
+    heads = [(hidden, weight)] + ([] if ref is None else [(ref.hidden, ref.weight)])
+    sdt = statistics_dtype(*(t.dtype for pair in heads for t in pair))
+    store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
+    if call.schedule == "auto" and not plans.estimates_cost(device):
+        return "on the CPU auto keeps the per-token functions' recompute schedule"
+    if call.schedule == "auto" and store_dtype == sdt:
+        return (f"the store would keep the {str(sdt).removeprefix('torch.')} tiles themselves (GEMM operands "
+                f"{str(products.operand_dtype).removeprefix('torch.')}): auto keeps one only for bf16 operands")
+    return None
+
+
+def _groups(call, hidden, weight, bias, ref: LinearHead | None, products: Products, rows: KeptTokens,
+            need) -> PairGroups | str:
+    """The store's one group within the budget, or why not (or, under ``auto``, why it is estimated slower)."""
+    device = hidden.device
+    heads = [(hidden, weight)] + ([] if ref is None else [(ref.hidden, ref.weight)])
+    sdt = statistics_dtype(*(t.dtype for pair in heads for t in pair))
+    store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
+    converted = [_converted_bytes(h, w, products) for h, w in heads]
+    vocab = weight.shape[0] if call.vocab_slice is None else call.vocab_slice.largest
+    eager_need = EagerNeed([rows.n, 0], vocab, weight.shape[1], sdt,
+                           keep_ref_tiles=ref is not None and call.kl_grad, half_weight_grad=False,
+                           converted_bytes=sum(converted), store_dtype=store_dtype,
+                           grad_itemsize=weight.element_size() if need[1] else 0,
+                           policy_converted_bytes=converted[0])
+    groups = eager_need.groups(eager_need.budget_bytes(call.eager_budget_mb, device))
+    if isinstance(groups, str):
+        return groups
+    if call.schedule == "auto":
+        linear_heads = [LinearHead(hidden, weight, bias)] + ([] if ref is None else [ref])
+        why = estimated_slower(eager_need, groups, linear_heads, converted, sdt, call.opts, "dpo_kernels")
+        if why:
+            return why
+    return groups
+
+
+def _converted_bytes(hidden, weight, products: Products) -> int:
+    return weight.numel() * products.operand_bytes if products.converts(weight) else 0
+
+
+def forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products, ref_products, call,
+            rows: KeptTokens, groups: PairGroups, need: tuple[bool, bool, bool]) -> tuple[TokenStats, StoredPass]:
+    """The forward over ``groups``' store: ``(token_stats, stored)``; ``stored`` is what :func:`backward` reads."""
+    opts, device, vocab = call.opts, hidden.device, weight.shape[0]
+    sdt = products.out_dtype
+    store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, opts)
+    scaled = store_dtype != sdt
+    kl_kept = ref is not None and call.kl_grad
+    with_kl = call.with_kl or kl_kept
+    dw = None
+    with no_autocast(device):
+        head = LinearHead(hidden, weight, bias)
+        if scaled:
+            if need[1]:  # the weight's gradient, allocated now: its memory holds the store's first chunks
+                dw = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+            policy = ScaledSource.of(head, rows, products, store_dtype, kl_kept, dw)
+            ref_source = None if ref is None else GemmSource.of(ref, rows, ref_products)
+        else:
+            policy = StoredSource.of(head, rows, products)
+            ref_source = None if ref is None else (StoredSource.of(ref, rows, ref_products) if kl_kept
+                                                   else GemmSource.of(ref, rows, ref_products))
+        dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
+        tiles = tile_plan(rows, policy, ref_source, opts, device, dz_bytes, with_kl=with_kl)
+        if scaled:
+            policy.keep(list(tiles.vocab_chunks(vocab)), ref_source, groups.store_room)
+            _log.debug("dpo_kernels: the per-token eager schedule's scaled store: %s", policy.placement)
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, tiles,
+                                    with_kl)
+    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, call.vocab_slice, vocab, call.logging,
+                                       with_kl)
+    backward_tiles = plan_stored_backward(tiles, rows.n, products.operand_bytes if scaled else dz_bytes, opts,
+                                          device, dim=weight.shape[1])
+    if scaled:  # the store keeps the reference's weights itself (a KL gradient)
+        filled, ref_filled = policy.filled(stats, ref_stats), None
+    else:
+        filled, ref_filled = policy.filled(), (ref_source.filled() if kl_kept else None)
+    state = ForwardState(rows, lse, ref_lse, opts, call.kernels, ref, products, ref_products, call.vocab_slice)
+    return out, StoredPass(rows, filled, ref_filled, backward_tiles, dw, kl_kept, state)
+
+
+def backward(hidden, weight, bias, stored: StoredPass, grad_logp, grad_kl, need: tuple[bool, bool, bool],
+             head_context=None):
+    """``(dhidden like hidden, dweight like weight, dbias like bias)`` from the store, ``None`` for a gradient not in
+    ``need``; a KL gradient the store does not hold (the caller said the KL would get none) is added by the
+    recompute schedule's backward. ``head_context(weight, bias)``: entered around the backward's reads of the head
+    (``dH``'s GEMMs, the chunks not kept), as the recompute schedule's backward does (a ZeRO-3 gather)."""
+    state, rows = stored.state, stored.rows
+    device, sdt = hidden.device, state.products.out_dtype
+    g, g_kl = upstream(rows, grad_logp, grad_kl if stored.kl_kept else None, sdt, device)
+    gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
+    with no_autocast(device), gathered:
+        bw = Backward(state.lse, state.ref_lse, g, g_kl, state.opts, state.kernels)
+        dh, dw, db = grad_all(rows, stored.policy, stored.ref if g_kl is not None else None, bw, need, stored.plan,
+                              dw_out=stored.dw)
+    if dh is not None and state.vocab_slice is not None:
+        all_reduce_hidden_grad(dh, state.vocab_slice.group)
+    dh = None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    if grad_kl is not None and not stored.kl_kept:
+        extra = linear_backward(hidden, weight, bias, state, None, grad_kl, need, head_context)
+        dh, dw, db = (b if a is None else a if b is None else a + b for a, b in zip((dh, dw, db), extra))
+    return dh, dw, db

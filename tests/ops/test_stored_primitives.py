@@ -1,0 +1,152 @@
+"""The per-token functions' eager schedule (``ops/linear/stored.py``): a trainable head keeps what its backward needs
+from the forward, so the backward recomputes no tile.
+
+- The outputs and every gradient equal the recompute schedule's, on every tile backend, with a bias, a softcap,
+  masked tokens, and with the KL (through the log-probs alone, and through the KL too).
+- The scaled store (forced as bf16 operands choose it on a GPU) within bf16's accuracy, in the weight gradient's
+  memory as far as it goes, the chunks beyond the budget recomputed.
+- GEMM work: 6 n D V forward + backward (8 for the recompute schedule), 8 with the KL's gradient (12).
+- One backward only; forced where it cannot run, a clear error; ``auto`` on the CPU recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dpo_kernels import linear_token_logprobs, linear_token_logprobs_and_kl
+from dpo_kernels.ops.linear import plan, stored
+
+from ..conftest import skip_if_unsupported
+from .test_eager_schedule import _GemmCounter
+from .test_scaled_store import _placed
+
+V, D = 67, 12
+
+
+def _data(dtype, seed=0, rows=3, T=9):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (rows, T), generator=g)
+    labels[:, :2] = -100
+    labels[1, 6:] = -100
+    return dict(
+        hidden=torch.randn(rows, T, D, generator=g, dtype=dtype),
+        weight=torch.randn(V, D, generator=g, dtype=dtype) * 0.5,
+        bias=torch.randn(V, generator=g, dtype=dtype) * 0.1,
+        ref_hidden=torch.randn(rows, T, D, generator=g, dtype=dtype),
+        ref_weight=torch.randn(V, D, generator=g, dtype=dtype) * 0.5,
+        labels=labels,
+        up=torch.randn(rows, T, generator=g, dtype=dtype),
+        up_kl=torch.randn(rows, T, generator=g, dtype=dtype),
+    )
+
+
+def _run(d, schedule, *, kl: str | None = None, backend="torch", **options):
+    """``(outputs, grads of hidden, weight, bias)``; ``kl``: None (log-probs only), "logp" (the KL function, a
+    gradient through the log-probs alone) or "both"."""
+    hidden, weight, bias = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    if kl is None:
+        outs = (linear_token_logprobs(hidden, weight, d["labels"], bias=bias, backend=backend, schedule=schedule,
+                                      **options),)
+        total = (outs[0] * d["up"]).sum()
+    else:
+        outs = linear_token_logprobs_and_kl(hidden, weight, d["ref_hidden"], d["ref_weight"], d["labels"], bias=bias,
+                                            backend=backend, schedule=schedule, **options)
+        total = (outs[0] * d["up"]).sum() + ((outs[2] * d["up_kl"]).sum() if kl == "both" else 0)
+    total.backward()
+    return [o.detach() for o in outs], [hidden.grad, weight.grad, bias.grad]
+
+
+@pytest.mark.parametrize("kl", [None, "logp", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_eager_schedule_equals_the_recompute_schedule(backend, dtype, kl):
+    skip_if_unsupported(backend, dtype)
+    d = _data(dtype)
+    options = dict(softcap=3.0, vocab_chunk_size=16, token_chunk_size=8)
+    got = _run(d, "eager", kl=kl, backend=backend, **options)
+    expected = _run(d, "recompute", kl=kl, backend=backend, **options)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for a, e in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        torch.testing.assert_close(a, e, **tol)
+
+
+@pytest.fixture
+def _scaled(monkeypatch):
+    """The scaled store, as bf16 operands choose it on a GPU (the CPU's are fp32)."""
+    monkeypatch.setattr(plan, "kept_store_dtype", lambda operands, sdt, opts: plan.SCALED_STORE_DTYPE)
+
+
+@pytest.mark.parametrize("kl", [None, "both"])
+@pytest.mark.parametrize("budget", [64.0, 1e-3], ids=["whole", "partial"])
+def test_the_scaled_store_lies_in_the_weight_gradient_and_matches(backend, kl, budget, _scaled, caplog,
+                                                                   monkeypatch):
+    """The fp16 softmax weights (and the reference's, for the KL's gradient) in the weight gradient's memory as far
+    as it goes, beside it within the budget; under a budget too small for the rest the chunks that do not fit are
+    recomputed. About 50 kept tokens: 100 bytes a column of the store (200 with the reference's) against the fp32
+    gradient's 48. Gradients within the fp16 weights' rounding of the recompute schedule's."""
+    skip_if_unsupported(backend, torch.float32)
+    d = _data(torch.float32, seed=1, rows=4, T=16)
+    seen = _placed(monkeypatch)
+    grads = []
+    original_backward = stored.backward
+    monkeypatch.setattr(stored, "backward", lambda *a: grads.append(a[3].dw.data_ptr()) or original_backward(*a))
+    with caplog.at_level(logging.DEBUG, logger="dpo_kernels"):
+        got = _run(d, "eager", kl=kl, backend=backend, vocab_chunk_size=8, eager_budget_mb=budget)
+    expected = _run(d, "recompute", kl=kl, backend=backend, vocab_chunk_size=8)
+    assert "the per-token eager schedule's scaled store" in caplog.text
+    (chunks, placed), = seen
+    gradient = range(grads[0], grads[0] + V * D * 4)
+    in_gradient = [v0 for v0, pointers in placed.items() if all(p in gradient for p in pointers)]
+    assert in_gradient and (len(placed) == len(chunks)) == (budget == 64.0), (placed, chunks)
+    for a, e in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        torch.testing.assert_close(a, e, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(("kl", "schedule", "multiple"), [
+    (None, "eager", 6), (None, "recompute", 8), (None, "auto", 8),
+    ("both", "eager", 8), ("both", "recompute", 12), ("logp", "eager", 8), ("logp", "recompute", 10),
+])
+def test_gemm_flops_counted(kl, schedule, multiple):
+    """``k n D V`` FLOPs forward + backward, ``n`` the kept tokens: the eager schedule's backward recomputes no tile
+    (the KL function keeps the reference's side of its gradient too, so it never reads the reference again); on
+    the CPU ``auto`` recomputes."""
+    d = _data(torch.float32)
+    n = int((d["labels"] != -100).sum())
+    with _GemmCounter() as counter:
+        _run(d, schedule, kl=kl)
+    assert counter.flops == multiple * n * D * V
+
+
+def test_one_backward_only_and_clear_errors(_scaled):
+    d = _data(torch.float32)
+    hidden, weight = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
+    logp = linear_token_logprobs(hidden, weight, d["labels"], backend="torch", schedule="eager")
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="schedule='recompute'"):
+        logp.sum().backward()
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        linear_token_logprobs(hidden, weight, d["labels"], schedule="fast")
+    with pytest.raises(ValueError, match="eager_budget_mb must be a finite number > 0"):
+        linear_token_logprobs(hidden, weight, d["labels"], schedule="eager", eager_budget_mb=0)
+    with pytest.raises(ValueError, match="schedule='eager' cannot run here: backend='reference'"):
+        linear_token_logprobs(hidden, weight, d["labels"], backend="reference", schedule="eager")
+
+
+def test_fp32_tiles_must_fit_the_budget():
+    """Without the scaled store the fp32 tiles are kept whole: a budget too small for them is refused by name."""
+    d = _data(torch.float32)
+    hidden, weight = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="schedule='eager' cannot run here: .*eager_budget_mb"):
+        linear_token_logprobs(hidden, weight, d["labels"], backend="torch", schedule="eager", eager_budget_mb=1e-4)
+
+
+def test_a_frozen_head_forms_its_gradient_in_the_forward_under_every_schedule():
+    d = _data(torch.float32)
+    n = int((d["labels"] != -100).sum())
+    for schedule in ("eager", "auto", "recompute"):
+        hidden = d["hidden"].clone().requires_grad_()
+        with _GemmCounter() as counter:
+            linear_token_logprobs(hidden, d["weight"], d["labels"], backend="torch", schedule=schedule).sum().backward()
+        assert counter.flops == 4 * n * D * V, schedule
