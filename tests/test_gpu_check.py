@@ -226,13 +226,14 @@ def test_the_trl_dpo_peer_computes_the_loss_fused_dpo_loss_computes():
     x = {"labels": labels, "policy_hidden": torch.randn(4, 24, 32, generator=g).requires_grad_(),
          "lm_head_weight": (torch.randn(300, 32, generator=g) / 4).requires_grad_(),
          "ref_hidden": torch.randn(4, 24, 32, generator=g), "ref_lm_head_weight": torch.randn(300, 32, generator=g) / 4}
-    trl = gpu_check._trl_dpo(x)
-    grads = torch.autograd.grad(trl, [x["policy_hidden"], x["lm_head_weight"]])
     ours = fused_dpo_loss(**x, backend="reference").loss
     expected = torch.autograd.grad(ours, [x["policy_hidden"], x["lm_head_weight"]])
-    torch.testing.assert_close(trl, ours, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for patched in (False, True):  # TRL's function, and dpo_kernels' in its place (the "patched" row)
+        trl = gpu_check._trl_dpo(x, patched=patched)
+        grads = torch.autograd.grad(trl, [x["policy_hidden"], x["lm_head_weight"]])
+        torch.testing.assert_close(trl, ours, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_the_dpo_timing_keeps_what_each_schedule_logged():

@@ -206,6 +206,12 @@ def _ours(x: dict, backend: str = "auto"):
     return linear_token_logprobs(x["hidden"], x["weight"], x["labels"], backend=backend)
 
 
+def _ours_recompute(x: dict):
+    from .. import linear_token_logprobs
+
+    return linear_token_logprobs(x["hidden"], x["weight"], x["labels"], schedule="recompute")
+
+
 def _naive(x: dict):
     logits = (x["hidden"] @ x["weight"].T).float()
     return torch.log_softmax(logits, -1).gather(-1, x["labels"].unsqueeze(-1)).squeeze(-1)
@@ -571,12 +577,16 @@ def _bounded_case(clock: _Clock, needs_s: float, run, label: dict) -> dict:
 
 def _time_logprobs(head: Head, dtype: torch.dtype, autocast: bool, impls: dict, rounds: int,
                    frozen: bool = False) -> dict:
+    """``fused`` is the default (``schedule="auto"``: for a trainable bf16-operand head the per-token eager
+    schedule where estimated faster); ``fused_recompute`` the recompute schedule beside it, for a trainable head."""
     x = _inputs(head, TOKENS, dtype)
     x["weight"].requires_grad_(not frozen)
+    if not frozen:
+        impls = {**impls, "fused_recompute": _ours_recompute}
     steps = {k: (lambda fn=fn: _fwd_bwd(fn, x, autocast)) for k, fn in impls.items()}
     median, peaks, errors = _interleaved(steps, rounds)
     row = {"tokens": TOKENS, "median_ms": median, "peak_mib": peaks, "errors": errors}
-    for peer in ("trl_1_16", "naive"):
+    for peer in ("trl_1_16", "naive", "fused_recompute"):
         if peer in median and "fused" in median:
             row[f"fused_over_{peer}"] = {"time": median["fused"] / median[peer],
                                         "peak": peaks["fused"] / max(peaks[peer], 1e-9)}
@@ -599,19 +609,26 @@ def _dpo_inputs(head: Head, weights: str, seed: int = 0) -> dict:
             "ref_lm_head_weight": w.detach().clone()}
 
 
-def _trl_dpo(x: dict, beta: float = 0.1) -> torch.Tensor:
+def _trl_dpo(x: dict, beta: float = 0.1, patched: bool = False) -> torch.Tensor:
     """Sigmoid DPO as a TRL 1.16 user computes it from hidden states: ``ChunkedLogProbFunction`` over the kept
     tokens (gathered first), the policy with a gradient and the reference under ``no_grad``, summed per row (as the
-    issues' model traces it); ``beta`` as ``fused_dpo_loss``'s default. Any device."""
+    issues' model traces it); ``beta`` as ``fused_dpo_loss``'s default; ``patched``: the same with dpo_kernels'
+    per-token log-probs in TRL's function's place, as ``patch()`` runs it (``schedule="auto"``). Any device."""
     import torch.nn.functional as F
-    from trl.kernels import ChunkedLogProbFunction
 
     kept = x["labels"] != -100
     labels = x["labels"][kept]
 
     def sequence_logps(hidden, weight):
-        logps = ChunkedLogProbFunction.apply(hidden[kept], weight, None, labels, 1.0, 32768, None, 1.0,
-                                             ("log_probs",))[0]
+        if patched:
+            from .. import linear_token_logprobs
+
+            logps = linear_token_logprobs(hidden[kept], weight, labels)
+        else:
+            from trl.kernels import ChunkedLogProbFunction
+
+            logps = ChunkedLogProbFunction.apply(hidden[kept], weight, None, labels, 1.0, 32768, None, 1.0,
+                                                 ("log_probs",))[0]
         return torch.zeros(kept.shape, dtype=logps.dtype, device=logps.device).masked_scatter(kept, logps).sum(-1)
 
     policy = sequence_logps(x["policy_hidden"], x["lm_head_weight"])
@@ -679,8 +696,10 @@ def _time_dpo(case: tuple[str, str], rounds: int, head: Head = HEADS[0]) -> dict
         losses[f"fused_{schedule}"] = (lambda s=schedule, b=budget: fused_dpo_loss(
             **x, loss_type=loss_type, schedule=s, eager_budget_mb=b).loss)
     losses["naive"] = lambda: _naive_dpo(x, loss_type)
-    if loss_type == "sigmoid" and _peer_missing("trl") is None:
-        losses["trl_1_16"] = lambda: _trl_dpo(x)
+    if loss_type == "sigmoid":
+        losses["patched"] = lambda: _trl_dpo(x, patched=True)  # TRL's DPO under patch(): the per-token schedule
+        if _peer_missing("trl") is None:
+            losses["trl_1_16"] = lambda: _trl_dpo(x)
 
     def step(name, loss):
         x["policy_hidden"].grad = x["lm_head_weight"].grad = None
@@ -695,7 +714,7 @@ def _time_dpo(case: tuple[str, str], rounds: int, head: Head = HEADS[0]) -> dict
     row = {"median_ms": median, "peak_mib": peaks, "errors": errors, "notes": notes.notes}
     for k in median:
         for peer in ("naive", "trl_1_16"):
-            if k.startswith("fused_") and peer in median:
+            if (k.startswith("fused_") or k == "patched") and peer in median:
                 row[f"{k}_over_{peer}"] = {"time": median[k] / median[peer], "peak": peaks[k] / max(peaks[peer], 1)}
     if any(k.startswith("fused_") for k in errors):
         row["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items() if k.startswith("fused_"))
