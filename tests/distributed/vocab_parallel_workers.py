@@ -60,17 +60,18 @@ def vocab_parallel_checks(rank: int, world: int, backends: list[str]) -> None:
         full = dpo_kernels.linear_token_logprobs_and_kl(h, w_full, x["ref_hidden"], x["ref_weight"], x["labels"],
                                                         bias=b_full, backend=backend, vocab_chunk_size=16, **opts)
         full_grads = _grads(full, [h, w_full, b_full], x["upstream"])
-        h2 = x["hidden"].clone().requires_grad_()
-        w, b = x["weight"][mine].clone().requires_grad_(), x["bias"][mine].clone().requires_grad_()
-        vp = dpo_kernels.linear_token_logprobs_and_kl(h2, w, x["ref_hidden"], x["ref_weight"][mine], x["labels"],
-                                                      bias=b, backend=backend, vocab_chunk_size=16,
-                                                      vocab_parallel_group=group, **opts)
-        grads = _grads(vp, [h2, w, b], x["upstream"])
-        for name, a, e in zip(("logp", "ref_logp", "kl"), vp, full, strict=True):
-            _check(a, e, f"{backend} linear {name}")
-        _check(grads[0], full_grads[0], f"{backend} dH (summed over the group)")
-        _check(grads[1], full_grads[1][mine], f"{backend} dW slice")
-        _check(grads[2], full_grads[2][mine], f"{backend} db slice")
+        for schedule in ("recompute", "eager"):  # eager: each rank's slice keeps its tiles for its backward
+            h2 = x["hidden"].clone().requires_grad_()
+            w, b = x["weight"][mine].clone().requires_grad_(), x["bias"][mine].clone().requires_grad_()
+            vp = dpo_kernels.linear_token_logprobs_and_kl(h2, w, x["ref_hidden"], x["ref_weight"][mine], x["labels"],
+                                                          bias=b, backend=backend, vocab_chunk_size=16,
+                                                          vocab_parallel_group=group, schedule=schedule, **opts)
+            grads = _grads(vp, [h2, w, b], x["upstream"])
+            for name, a, e in zip(("logp", "ref_logp", "kl"), vp, full, strict=True):
+                _check(a, e, f"{backend} {schedule} linear {name}")
+            _check(grads[0], full_grads[0], f"{backend} {schedule} dH (summed over the group)")
+            _check(grads[1], full_grads[1][mine], f"{backend} {schedule} dW slice")
+            _check(grads[2], full_grads[2][mine], f"{backend} {schedule} db slice")
 
         # a frozen head (issue 29): the hidden states' gradient formed in the forward from partial accumulators,
         # brought to the global maxima and summed over the group, the label's row from the rank holding it
