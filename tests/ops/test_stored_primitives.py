@@ -150,3 +150,13 @@ def test_a_frozen_head_forms_its_gradient_in_the_forward_under_every_schedule():
         with _GemmCounter() as counter:
             linear_token_logprobs(hidden, d["weight"], d["labels"], backend="torch", schedule=schedule).sum().backward()
         assert counter.flops == 4 * n * D * V, schedule
+
+
+def test_under_compile_a_forced_eager_schedule_says_why(monkeypatch):
+    """The compiled op runs the recompute schedule; ``schedule="eager"`` there is refused by name (``auto`` takes
+    the op)."""
+    d = _data(torch.float32)
+    hidden, weight = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match="schedule='eager' cannot be used under torch.compile"):
+        linear_token_logprobs(hidden, weight, d["labels"], backend="torch", schedule="eager")
