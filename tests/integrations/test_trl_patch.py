@@ -60,6 +60,16 @@ def _count_calls(monkeypatch) -> list:
     return calls
 
 
+def _assert_same_step(kind: str, stock, patched) -> None:
+    """The patched step's loss and every gradient against stock TRL's, to 1e-5 (relative to each gradient's size)."""
+    (loss, grads), (p_loss, p_grads) = stock, patched
+    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
+    assert grads.keys() == p_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        err = (p_grads[name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        assert err <= 1e-5, f"{kind}: gradient of {name} differs by {err:.2e}"
+
+
 @pytest.fixture
 def restore_trl():
     yield
@@ -76,11 +86,7 @@ def test_patched_dpo_trainer_matches_stock(kind, loss_type, restore_trl, monkeyp
     calls = _count_calls(monkeypatch)
     p_loss, p_grads, p_metrics = _one_step(kind, loss_type)
     assert calls, "the patched trainer never called dpo_kernels"
-    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
-    assert grads.keys() == p_grads.keys() and len(grads) > 0
-    for name, g in grads.items():
-        err = (p_grads[name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
-        assert err <= 1e-5, f"{kind}: gradient of {name} differs by {err:.2e}"
+    _assert_same_step(kind, (loss, grads), (p_loss, p_grads))
     assert metrics.keys() == p_metrics.keys()
     # Rewards are beta times a difference of two sequence log-probs (~30 in size) that nearly cancel; their error is
     # bounded relative to the log-probs they come from, not to their own (tiny) value.
@@ -106,11 +112,7 @@ def test_the_eager_schedule_under_a_stock_dpo_trainer_matches_stock(kind, restor
     monkeypatch.setattr(stored, "forward", lambda *a: runs.append(1) or forward(*a))
     p_loss, p_grads, _ = _one_step(kind, "sigmoid")
     assert runs, "the eager schedule never ran"
-    torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
-    assert grads.keys() == p_grads.keys() and len(grads) > 0
-    for name, g in grads.items():
-        err = (p_grads[name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
-        assert err <= 1e-5, f"{kind}: gradient of {name} differs by {err:.2e}"
+    _assert_same_step(kind, (loss, grads), (p_loss, p_grads))
     with pytest.raises(ValueError, match="schedule must be one of"):
         dk_trl.patch(schedule="sometimes")
 
