@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import check_agree, check_head, check_label_range, check_logits
+from .checks import check_agree, check_head, check_label_range, check_logits, check_schedule
 from .ops import dispatch
 from .ops.common import LinearHead
 from .options import TokenOptions
@@ -80,6 +80,8 @@ def fused_kto_loss(
     undesirable_weight: float = 1.0,
     shift: bool = False,
     backend: str = "auto",
+    schedule: str = "auto",
+    eager_budget_mb: float | None = None,
     **options,
 ) -> KTOLossOutput:
     """The KTO loss of ``N`` unpaired completions (this module's docstring).
@@ -93,12 +95,15 @@ def fused_kto_loss(
     ``kl`` (a number or a 0-dim tensor, used as given, without gradient: e.g. one all-reduced over the ranks).
     ``shift=True``: position ``t`` scores ``labels[:, t + 1]`` (Hugging Face labels). Options: ``ignore_index``,
     ``temperature``, ``softcap``, ``logit_scale``, ``token_chunk_size``, ``vocab_chunk_size``, ``tile_budget_mb``,
-    ``check_labels``, as on the primitives; ``backend``.
+    ``check_labels``, as on the primitives; ``backend``; ``schedule`` and ``eager_budget_mb`` for a trainable head
+    from hidden states, as on :func:`dpo_kernels.linear_token_logprobs` (``"auto"``: the per-token eager schedule
+    where it is estimated faster on an accelerator).
     """
     unknown = sorted(set(options) - set(_TOKEN_OPTIONS))
     if unknown:
         raise TypeError(f"fused_kto_loss got unexpected keyword argument(s) {unknown}; options: {_TOKEN_OPTIONS}")
     opts = TokenOptions(**options)
+    check_schedule(schedule, eager_budget_mb)
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     require_positive("beta", beta)
@@ -122,7 +127,8 @@ def fused_kto_loss(
     if ref.given == (ref_logps is not None):
         raise ValueError("give the reference as exactly one of ref_logits, ref_hidden with ref_lm_head_weight, or "
                          "ref_logps [N]")
-    logps, ref_seq = _sequence_logps(policy, ref if ref.given else None, labels, opts, backend, shift, grad=True)
+    logps, ref_seq = _sequence_logps(policy, ref if ref.given else None, labels, opts, backend, shift, grad=True,
+                                     schedule=(schedule, eager_budget_mb))
     if ref_logps is not None:
         ref_seq = _precomputed("ref_logps", ref_logps, labels.shape[0], logps)
 
@@ -182,10 +188,11 @@ def _shifted(x: torch.Tensor | None, shift: bool) -> torch.Tensor | None:
 
 
 def _sequence_logps(policy: _Side, ref: _Side | None, labels: torch.Tensor, opts: TokenOptions, backend: str,
-                    shift: bool, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    shift: bool, grad: bool, schedule: tuple[str, float | None] = ("recompute", None)
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logps [N], ref_logps [N] or None)``: sums over the kept tokens; the policy and the reference in one pass
-    (from hidden states: one fused pass of the linear path; the KL output is never differentiated, so the reference
-    is not read in the backward)."""
+    (from hidden states: one fused pass of the linear path, ``schedule = (schedule, eager_budget_mb)`` for a trainable
+    head; no KL is computed, so the reference is not read in the backward)."""
     targets = labels[:, 1:] if shift else labels
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         if policy.hidden is not None:
@@ -203,7 +210,8 @@ def _sequence_logps(policy: _Side, ref: _Side | None, labels: torch.Tensor, opts
                 check_agree(policy_hidden=head.hidden, ref_hidden=ref_head.hidden)
             facts = check_label_range(targets, head.weight.shape[0], opts, counts=True)
             out = dispatch.linear_stats(head, ref_head, targets, opts, backend, kl_grad=False, with_kl=False,
-                                        kept_count=None if facts is None else facts.kept)
+                                        kept_count=None if facts is None else facts.kept, schedule=schedule[0],
+                                        eager_budget_mb=schedule[1])
         else:
             if ref is not None and ref.logits is None:
                 raise ValueError("the reference must come in the policy's form: ref_logits beside policy_logits (or "

@@ -123,6 +123,31 @@ def test_matches_float64_autograd_through_full_logits(backend, loss_type, shift,
         (out.metrics["rewards/chosen"] - out.metrics["rewards/rejected"]).item())
 
 
+def test_the_eager_schedule_of_a_trainable_head_matches_and_recomputes_nothing(backend):
+    """``schedule="eager"`` (the per-token functions' eager schedule for the policy's trainable head): the same loss
+    and gradients as the oracle, and GEMM work ``6 n D V`` for the policy plus ``2 n D V`` for its reference in the
+    same pass and ``4 m D V`` for the KL batch's two heads without gradient (the recompute schedule: 2 more for the
+    policy's tiles recomputed in the backward)."""
+    from .ops.test_eager_schedule import _GemmCounter
+
+    dtype = torch.float64 if registry._BACKENDS[backend].takes((torch.float64,)) else torch.float32
+    rtol = 1e-10 if dtype == torch.float64 else 5e-5
+    d = {k: (v.to(dtype).double() if v.is_floating_point() else v) for k, v in _data().items()}
+    loss, _, _, grads = _expected(d, "kto", 0.3, 1.0, 1.0, False)
+    flops = {}
+    for schedule in ("eager", "recompute"):
+        with _GemmCounter() as counter:
+            out, got = _ours(d, dtype, backend, beta=0.3, schedule=schedule)
+        flops[schedule] = counter.flops
+        _close(out.loss, loss, rtol, f"{schedule} loss")
+        for g, e in zip(got, grads, strict=True):
+            _close(g, e, rtol, f"{schedule} gradient")
+    n, m = int((d["labels"] != -100).sum()), int((d["kl_labels"] != -100).sum())
+    assert flops == {"eager": (8 * n + 4 * m) * D * V, "recompute": (10 * n + 4 * m) * D * V}, flops
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        _ours(d, dtype, backend, schedule="often")
+
+
 def test_precomputed_reference_and_kl_log_probs_give_the_same_loss():
     d = _data(torch.float32)
     full, _ = _ours(d, torch.float32, "torch")
