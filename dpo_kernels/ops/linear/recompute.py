@@ -241,7 +241,7 @@ class _LoopStats(torch.autograd.Function):
             grads = (need[1], need[2], need[3] and c is not None)
             kept_count = call.kept_count
             if call.schedule != "recompute" and any(grads) and not frozen:
-                groups, rows = stored.plan(call, a, b, c, labels, ref, products, grads)
+                groups, rows = stored.plan(call, a, b, c, labels, ref, products, ref_products, grads)
                 kept_count = kept_count if rows is None else rows.n  # one host read, whichever schedule runs
                 if isinstance(groups, str):
                     if call.schedule == "eager":

@@ -62,7 +62,7 @@ class StoredPass:
 
 
 def plan(call, hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
-         need: tuple[bool, bool, bool]) -> tuple[PairGroups | str, KeptTokens | None]:
+         ref_products: Products | None, need: tuple[bool, bool, bool]) -> tuple[PairGroups | str, KeptTokens | None]:
     """``(the store's one group, the kept tokens)`` for this call, or ``(why the eager schedule cannot, or under
     ``auto`` should not, run here, the kept tokens if they were found)``."""
     why = _declined(call, hidden, weight, ref, products, need)
@@ -70,7 +70,7 @@ def plan(call, hidden, weight, bias, labels, ref: LinearHead | None, products: P
         return why, None
     offset = 0 if call.vocab_slice is None else call.vocab_slice.start
     rows = KeptTokens(labels, call.opts.ignore_index, offset, call.kept_count)
-    return _groups(call, hidden, weight, bias, ref, products, rows, need), rows
+    return _groups(call, hidden, weight, bias, ref, products, ref_products, rows, need), rows
 
 
 def _declined(call, hidden, weight, ref: LinearHead | None, products: Products, need) -> str | None:
@@ -91,14 +91,15 @@ def _declined(call, hidden, weight, ref: LinearHead | None, products: Products, 
     return None
 
 
-def _groups(call, hidden, weight, bias, ref: LinearHead | None, products: Products, rows: KeptTokens,
-            need) -> PairGroups | str:
+def _groups(call, hidden, weight, bias, ref: LinearHead | None, products: Products, ref_products: Products | None,
+            rows: KeptTokens, need) -> PairGroups | str:
     """The store's one group within the budget, or why not (or, under ``auto``, why it is estimated slower)."""
     device = hidden.device
     heads = [(hidden, weight)] + ([] if ref is None else [(ref.hidden, ref.weight)])
     sdt = statistics_dtype(*(t.dtype for pair in heads for t in pair))
     store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
-    converted = [_converted_bytes(h, w, products) for h, w in heads]
+    converted = [_converted_bytes(weight, products)] + ([] if ref is None else [_converted_bytes(ref.weight,
+                                                                                                 ref_products)])
     vocab = weight.shape[0] if call.vocab_slice is None else call.vocab_slice.largest
     eager_need = EagerNeed([rows.n, 0], vocab, weight.shape[1], sdt,
                            keep_ref_tiles=ref is not None and call.kl_grad, half_weight_grad=False,
@@ -116,7 +117,7 @@ def _groups(call, hidden, weight, bias, ref: LinearHead | None, products: Produc
     return groups
 
 
-def _converted_bytes(hidden, weight, products: Products) -> int:
+def _converted_bytes(weight, products: Products) -> int:
     return weight.numel() * products.operand_bytes if products.converts(weight) else 0
 
 
