@@ -3,6 +3,7 @@
     python benchmarks/interleaved.py                      # N=4096, D=512, V=32000, fp32, 7 rounds
     python benchmarks/interleaved.py --case kl --rounds 5 --json /tmp/linear_kl.json
     python benchmarks/interleaved.py --head frozen        # the hidden states' gradient only (LoRA)
+    python benchmarks/interleaved.py --impls naive,cpu,cpu:eager   # a backend:schedule, the per-token eager one
 
 Each round runs every implementation once, forward + backward, in a fresh order (a shared, noisy machine slows
 whole stretches of time, which then hit every implementation of a round alike); the report gives each one's median
@@ -57,12 +58,16 @@ def _naive(case: str, x: dict, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return logp.sum() + 0.1 * kl.sum()
 
 
-def _ours(case: str, backend: str):
+def _ours(case: str, impl: str):
+    """``impl``: a backend, or ``backend:schedule`` (e.g. ``cpu:eager``: the per-token eager schedule, forced)."""
+    backend, _, schedule = impl.partition(":")
+    schedule = schedule or "auto"
+
     def run(x: dict, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if case == "logprobs":
-            return dpo_kernels.linear_token_logprobs(h, w, x["labels"], backend=backend).sum()
+            return dpo_kernels.linear_token_logprobs(h, w, x["labels"], backend=backend, schedule=schedule).sum()
         logp, _, kl = dpo_kernels.linear_token_logprobs_and_kl(h, w, x["ref_hidden"], x["ref_weight"], x["labels"],
-                                                               backend=backend)
+                                                               backend=backend, schedule=schedule)
         return logp.sum() + 0.1 * kl.sum()
     return run
 
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", choices=("trainable", "frozen"), default="trainable")
     add_shape_arguments(parser, tokens=4096, hidden=512, vocab=32000, dtype="float32")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--impls", default=None, help="comma-separated; default: naive and every CPU backend")
+    parser.add_argument("--impls", default=None, help="comma-separated backends, or backend:schedule (cpu:eager); "
+                        "default: naive and every CPU backend")
     parser.add_argument("--json", default=None, help="write the measurements here (nothing is written otherwise)")
     args = parser.parse_args(argv)
     impls = args.impls.split(",") if args.impls else ["naive", *(b for b in backends_for("cpu") if b != "triton")]
