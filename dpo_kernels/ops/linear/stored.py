@@ -35,8 +35,17 @@ from ..vocab_parallel import all_reduce_hidden_grad
 from . import plan as plans  # the store rule through the module: tests may force it
 from .eager import EagerNeed, PairGroups, estimated_slower
 from .kept import KeptTokens
-from .loop import Backward, ForwardState, finish_forward, fold_all, grad_all, linear_backward, no_autocast, \
-    tile_plan, upstream
+from .loop import (
+    Backward,
+    ForwardState,
+    finish_forward,
+    fold_all,
+    grad_all,
+    linear_backward,
+    no_autocast,
+    tile_plan,
+    upstream,
+)
 from .plan import plan_stored_backward
 from .products import Products
 from .sources import GemmSource, ScaledSource, StoredSource
