@@ -227,7 +227,9 @@ class _LoopStats(torch.autograd.Function):
     """The recompute passes in eager mode: ``source`` is ``"linear"`` (``a, b, c`` = hidden, weight, bias) or
     ``"logits"`` (``a`` = this rank's slice of the logits, :func:`dpo_kernels.ops.logits_path.slice_forward`). A head
     that needs no gradient while the hidden states do (LoRA, a frozen output layer) takes the frozen-head forward
-    (:func:`.loop.hidden_grads`): its backward is a per-token scale, with no GEMM and no use of the head."""
+    (:func:`.loop.hidden_grads`): its backward is a per-token scale, with no GEMM and no use of the head. A trainable
+    head under ``call.schedule`` ``"eager"`` (or ``"auto"`` where :func:`.stored.plan` takes it) keeps its tiles for
+    the backward instead of recomputing them (:mod:`.stored`)."""
 
     @staticmethod
     def forward(ctx, source: str, a, b, c, labels, ref, call: LoopCall):
