@@ -61,13 +61,23 @@ def _count_calls(monkeypatch) -> list:
 
 
 def _assert_same_step(kind: str, stock, patched) -> None:
-    """The patched step's loss and every gradient against stock TRL's, to 1e-5 (relative to each gradient's size)."""
-    (loss, grads), (p_loss, p_grads) = stock, patched
+    """The patched step's ``(loss, gradients, logged metrics)`` against stock TRL's: the loss and every gradient to
+    1e-5 (relative to each gradient's size), every metric TRL logs to 1e-5."""
+    (loss, grads, metrics), (p_loss, p_grads, p_metrics) = stock, patched
     torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
     assert grads.keys() == p_grads.keys() and len(grads) > 0
     for name, g in grads.items():
         err = (p_grads[name] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
         assert err <= 1e-5, f"{kind}: gradient of {name} differs by {err:.2e}"
+    assert metrics.keys() == p_metrics.keys()
+    # Rewards are beta times a difference of two sequence log-probs (~30 in size) that nearly cancel; their error is
+    # bounded relative to the log-probs they come from, not to their own (tiny) value.
+    logp_scale = max(abs(metrics["logps/chosen"]), abs(metrics["logps/rejected"]), 1.0)
+    for name, value in metrics.items():
+        if name.startswith("rewards/") and name != "rewards/accuracies":
+            assert p_metrics[name] == pytest.approx(value, abs=1e-5 * 0.1 * logp_scale), name
+        else:
+            assert p_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 @pytest.fixture
@@ -80,39 +90,30 @@ def restore_trl():
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma2"])
 def test_patched_dpo_trainer_matches_stock(kind, loss_type, restore_trl, monkeypatch):
     dk_trl.unpatch()
-    loss, grads, metrics = _one_step(kind, loss_type)
+    stock = _one_step(kind, loss_type)
     dk_trl.patch(backend="torch")
     assert dk_trl.is_patched()
     calls = _count_calls(monkeypatch)
-    p_loss, p_grads, p_metrics = _one_step(kind, loss_type)
+    patched = _one_step(kind, loss_type)
     assert calls, "the patched trainer never called dpo_kernels"
-    _assert_same_step(kind, (loss, grads), (p_loss, p_grads))
-    assert metrics.keys() == p_metrics.keys()
-    # Rewards are beta times a difference of two sequence log-probs (~30 in size) that nearly cancel; their error is
-    # bounded relative to the log-probs they come from, not to their own (tiny) value.
-    logp_scale = max(abs(metrics["logps/chosen"]), abs(metrics["logps/rejected"]), 1.0)
-    for name, value in metrics.items():
-        if name.startswith("rewards/") and name != "rewards/accuracies":
-            assert p_metrics[name] == pytest.approx(value, abs=1e-5 * 0.1 * logp_scale), name
-        else:
-            assert p_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    _assert_same_step(kind, stock, patched)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 def test_the_eager_schedule_under_a_stock_dpo_trainer_matches_stock(kind, restore_trl, monkeypatch):
     """``patch(schedule="eager")``: the policy's trainable head keeps its tiles from the forward (fp32 tiles on the
-    CPU) and the backward recomputes none; one step gives stock TRL's loss and gradients."""
+    CPU) and the backward recomputes none; one step gives stock TRL's loss, gradients and logged metrics."""
     from dpo_kernels.ops.linear import stored
 
     dk_trl.unpatch()
-    loss, grads, _ = _one_step(kind, "sigmoid")
+    stock = _one_step(kind, "sigmoid")
     report = dk_trl.patch(backend="torch", schedule="eager")
     assert report.schedule == "eager"
     runs, forward = [], stored.forward
     monkeypatch.setattr(stored, "forward", lambda *a: runs.append(1) or forward(*a))
-    p_loss, p_grads, _ = _one_step(kind, "sigmoid")
+    patched = _one_step(kind, "sigmoid")
     assert runs, "the eager schedule never ran"
-    _assert_same_step(kind, (loss, grads), (p_loss, p_grads))
+    _assert_same_step(kind, stock, patched)
     with pytest.raises(ValueError, match="schedule must be one of"):
         dk_trl.patch(schedule="sometimes")
 
