@@ -19,6 +19,7 @@ if not trl.__version__.startswith("1.16."):
 
 from dpo_kernels.integrations import trl as dk_trl  # noqa: E402
 from dpo_kernels.integrations.synthetic import synthetic_preferences, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from dpo_kernels.ops.linear import stored  # noqa: E402
 
 from .test_trl_patch import _count_calls  # noqa: E402
 
@@ -89,15 +90,21 @@ TRAINERS = {"sft": (_sft, False), "kto": (_kto, False), "grpo": (_online(trl.GRP
             "rloo": (_online(trl.RLOOConfig, trl.RLOOTrainer), True)}
 
 
+@pytest.mark.parametrize("schedule", ["auto", "eager"])
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
-def test_patched_trainer_matches_stock(trainer, restore_trl, monkeypatch):
+def test_patched_trainer_matches_stock(trainer, schedule, restore_trl, monkeypatch):
+    """One step of each trainer, patched, against stock TRL; ``schedule="eager"``: the trainable head's tiles kept
+    from the forward (the per-token eager schedule; on the CPU ``auto`` recomputes them)."""
     make, generates = TRAINERS[trainer]
     dk_trl.unpatch()
     loss, grads, metrics = _step(make, generates)
-    dk_trl.patch(backend="torch")
+    dk_trl.patch(backend="torch", schedule=schedule)
     calls = _count_calls(monkeypatch)
+    runs, forward = [], stored.forward
+    monkeypatch.setattr(stored, "forward", lambda *a: runs.append(1) or forward(*a))
     p_loss, p_grads, p_metrics = _step(make, generates)
     assert calls, f"the patched {trainer} trainer never called dpo_kernels"
+    assert bool(runs) == (schedule == "eager"), runs
     torch.testing.assert_close(p_loss, loss, rtol=1e-5, atol=1e-7)
     assert grads.keys() == p_grads.keys() and any(g.abs().max() > 0 for g in grads.values())
     for name, g in grads.items():
