@@ -10,7 +10,8 @@ and reports ``VmHWM - baseline``: the extra peak resident memory of the computat
 Cases: ``linear`` (``linear_token_logprobs`` from hidden states and a head) and ``logits`` (``token_logprobs``; the
 logits are the non-leaf output of an op whose backward passes the gradient through, as an LM head's would be,
 and the fused backends use ``inplace_backward=True``). Implementations: ``naive`` (matmul, fp32 log_softmax,
-gather, autograd) and any registered backend by name (``torch``, ``cpu``, ...). ``--check R`` exits 1 if a fused
+gather, autograd) and any registered backend by name (``torch``, ``cpu``, ...), for ``linear`` also as
+``backend:schedule`` (``cpu:eager``). ``--check R`` exits 1 if a fused
 implementation's extra peak exceeds ``R`` times the naive one. Results go to
 ``benchmarks/results/cpu/peak_memory_<case>.json``.
 """
@@ -47,8 +48,9 @@ def _child(case: str, impl: str, n: int, d: int, v: int, dtype_name: str) -> dic
         def run(h, w, y):
             if impl == "naive":
                 logp = torch.log_softmax((h @ w.T).float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            else:
-                logp = dpo_kernels.linear_token_logprobs(h, w, y, backend=impl)
+            else:  # "backend" or "backend:schedule" (cpu:eager: the per-token eager schedule, forced)
+                backend, _, schedule = impl.partition(":")
+                logp = dpo_kernels.linear_token_logprobs(h, w, y, backend=backend, schedule=schedule or "auto")
             logp.sum().backward()
             return logp.detach()
 
