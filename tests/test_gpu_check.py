@@ -176,7 +176,7 @@ def test_an_fp32_product_is_seen_by_its_operands_not_its_kernel_name():
 def test_the_gradient_section_compares_with_the_float64_oracle_and_would_see_a_wrong_gradient(monkeypatch):
     """Issue 27: the sweep compared against the torch backend, which shares the driver and the products with the GPU
     backends, and checked the forward only. The gradients section's case, run here on the CPU backends."""
-    for kind in ("logits", "linear", "linear_frozen", "dpo_eager", "dpo_recompute"):
+    for kind in ("logits", "linear", "linear_frozen", "linear_eager", "dpo_eager", "dpo_recompute"):
         row = gpu_check._oracle_case(kind, "torch", torch.float32, device="cpu")
         assert row["masked_nonzero"] == 0 and max(row["errors"].values()) <= gpu_check.GRADIENT_RTOL[torch.float32], \
             (kind, row)

@@ -382,10 +382,13 @@ def _oracle_case(kind: str, backend: str, dtype: torch.dtype, device: str = "cud
     def run(t, be):
         if kind == "logits":
             return token_logprobs_and_kl(t["logits"], t["ref_logits"], labels, backend=be, **opts), ("logits",)
-        if kind in ("linear", "linear_frozen"):  # a frozen head: the hidden states' gradient formed in the forward
+        if kind in ("linear", "linear_frozen", "linear_eager"):
+            # a frozen head: the hidden states' gradient formed in the forward; linear_eager: a trainable head's
+            # tiles kept for the backward (the per-token eager schedule, forced; the oracle has no tiles)
             wrt = ("hidden",) if kind == "linear_frozen" else ("hidden", "weight", "bias")
+            schedule = "eager" if kind == "linear_eager" and be != "reference" else "auto"
             return linear_token_logprobs_and_kl(t["hidden"], t["weight"], t["ref_hidden"], t["ref_weight"], labels,
-                                                bias=t["bias"], backend=be, **opts), wrt
+                                                bias=t["bias"], backend=be, schedule=schedule, **opts), wrt
         schedule = kind.removeprefix("dpo_") if be != "reference" else "recompute"  # the oracle has no tiles
         out = fused_dpo_loss(labels=labels, policy_hidden=t["hidden"], lm_head_weight=t["weight"],
                              lm_head_bias=t["bias"], ref_hidden=t["ref_hidden"], ref_lm_head_weight=t["ref_weight"],
@@ -439,7 +442,7 @@ def section_gradients(quick: bool) -> dict:
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float32, torch.bfloat16, torch.float16)
     for backend in _gpu_backends():
         for dtype in dtypes:
-            for kind in ("logits", "linear", "linear_frozen", "dpo_eager", "dpo_recompute"):
+            for kind in ("logits", "linear", "linear_frozen", "linear_eager", "dpo_eager", "dpo_recompute"):
                 record(f"{backend}/{str(dtype).removeprefix('torch.')}/{kind}",
                        lambda k=kind, b=backend, d=dtype: oracle(k, b, d))
         if not quick:  # from logits with N x V > 2^31: int64 indexing
