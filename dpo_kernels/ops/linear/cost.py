@@ -22,8 +22,8 @@ The terms (``n`` kept tokens, a ``[V, D]`` head, ``s`` bytes a kept logit, :func
   is scaled in place by its backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and
   rounded (over one group of a scaled store the backward writes either once, the scale inside ``dZ``).
 - Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (7 when the
-  backward forms every gradient), one more where the reference's tiles are folded alone (no KL wanted), 3 more where the heads are converted chunk by chunk (2 for the chunks whose
-  converted rows a scaled store keeps).
+  backward forms every gradient), one more where the reference's tiles are folded alone (no KL wanted), 3 more
+  where the heads are converted chunk by chunk (2 for the chunks whose converted rows a scaled store keeps).
 """
 
 from __future__ import annotations

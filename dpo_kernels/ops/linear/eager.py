@@ -96,9 +96,8 @@ class PairGroups:
     group) has ``store_room``: the bytes it may allocate beside the weight gradient's memory for its chunks;
     ``operand_share``: about the share of the policy's converted rows the gradient's memory holds after the store
     (those are converted once a call, the others by the forward and again by the backward); and, where it is larger
-    than the budget,
-    ``store_vocab``: about how many columns it keeps (whole vocabulary chunks, :meth:`.sources.ScaledSource.keep`;
-    the backward recomputes the others)."""
+    than the budget, ``store_vocab``: about how many columns it keeps (whole vocabulary chunks,
+    :meth:`.sources.ScaledSource.keep`; the backward recomputes the others)."""
 
     pairs: int
     bounds: tuple[tuple[int, int], ...]
@@ -164,7 +163,7 @@ class EagerNeed:
     (reserved when the budget allows, :func:`plan_pair_groups`), ``grad_itemsize``: the weight gradient's element
     size where the weight needs one (its memory holds a scaled store's first chunks: :meth:`groups`), else 0, and
     ``policy_converted_bytes``: the policy's head as GEMM operands where it is converted (a scaled store keeps its
-    rows beside its chunks), else 0."""
+    rows in what it leaves of the weight gradient's memory), else 0."""
 
     kept_per_row: tuple[int, ...] | list[int]
     vocab: int
@@ -263,7 +262,8 @@ def estimated_slower(need: EagerNeed, groups: PairGroups, heads: list[LinearHead
         policy_converted=converted[0], ref_converted=0 if len(heads) < 2 else converted[1],
         half_weight_grad=need.half_weight_grad, fp32_weight_grad=weight.requires_grad and weight.dtype == sdt)
     store_bytes = (need.stats_dtype if need.store_dtype is None else need.store_dtype).itemsize
-    # a scaled store keeps the policy's converted rows beside it where they fit; else whole converted heads
+    # a scaled store keeps a share of the policy's converted rows in the gradient's memory; else whole converted
+    # heads where the budget leaves room for them
     held = groups.operand_share if need.scaled_store else float(groups.spare_bytes >= need.converted_bytes)
     kept = 1.0 if groups.store_vocab is None else groups.store_vocab / need.vocab
     eager = cost.eager(facts, opts, groups.tokens, store_bytes, held, kept)
@@ -363,6 +363,65 @@ class _DeferredGrads:
             return grad_all(self.rows, self.policy, None, scaled, need, self.plan, dw_out=self.dw)
 
 
+@dataclass
+class KeptForward:
+    """A forward that kept what its backward needs of each tile (:func:`kept_forward`): the per-token results and
+    ``lse`` (and ``ref_lse``) ``[n]``, the statistics, the sources as the forward left them (``ref``: the
+    reference's, a :class:`~.sources.StoredSource` where its tiles are kept) and the backward's tile plan."""
+
+    out: TokenStats
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    stats: torch.Tensor
+    ref_stats: torch.Tensor | None
+    policy: GemmSource
+    ref: GemmSource | None
+    backward_plan: object
+    scaled: bool
+
+    def filled_policy(self):
+        """The policy's source as the backward reads it (a scaled store with the label logits of the statistics,
+        and the reference's weights where it keeps them)."""
+        return self.policy.filled(self.stats, self.ref_stats) if self.scaled else self.policy.filled()
+
+
+def kept_forward(head: LinearHead, ref_head: LinearHead | None, rows: KeptTokens, shape: torch.Size,
+                 products, ref_products, opts: TokenOptions, kernels: TileKernels, logging: bool,
+                 vocab_slice: VocabSlice | None, *, scaled: bool, keep_ref: bool, with_kl: bool,
+                 dw: torch.Tensor | None, store_room: int | None, buffers: tuple = (None, None),
+                 operands: tuple = (None, None), log_as: str) -> KeptForward:
+    """The one forward of both eager schedules (``fused_dpo_loss``'s groups here, the per-token functions' in
+    :mod:`.stored`) over ``rows`` of ``head`` (and ``ref_head``): ``scaled``: the policy's softmax weights in a
+    :class:`~.sources.ScaledSource` placed in ``dw``'s memory (the weight's gradient, or ``None``) and beside it
+    within ``store_room`` bytes, the reference's too with ``keep_ref`` (its debug line prefixed ``log_as``); else
+    :class:`~.sources.StoredSource` fp32 tiles in ``buffers`` (``None``: their own), the reference's only with
+    ``keep_ref``; ``operands``: each head converted once for the call (``None``: chunk by chunk); ``with_kl``: the
+    KL is wanted (:func:`.loop.fold_all`); ``shape``: the per-token results'."""
+    device, vocab, sdt = head.hidden.device, head.weight.shape[0], products.out_dtype
+    if scaled:
+        policy = ScaledSource.of(head, rows, products, plans.SCALED_STORE_DTYPE, keep_ref, dw)
+    else:
+        policy = StoredSource.of(head, rows, products, buffers[0], operands[0])
+    ref_source = None
+    if ref_head is not None:
+        if keep_ref and not scaled:
+            ref_source = StoredSource.of(ref_head, rows, ref_products, buffers[1], operands[1])
+        else:
+            ref_source = GemmSource.of(ref_head, rows, ref_products, operands[1])
+    dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
+    plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes, with_kl=with_kl)
+    if scaled:
+        policy.keep(list(plan.vocab_chunks(vocab)), ref_source, store_room)
+        _log.debug("%s: %s", log_as, policy.placement)
+    with no_autocast(device):
+        stats, ref_stats = fold_all(rows, policy, ref_source, opts, kernels, logging, device, plan, with_kl=with_kl)
+    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, shape, vocab_slice, vocab, logging, with_kl=with_kl)
+    # a scaled store's dZ is always a new tile (in its fp32 scratch where the operands are fp32)
+    backward_plan = plan_stored_backward(plan, rows.n, products.operand_bytes if scaled else dz_bytes, opts, device,
+                                         dim=head.weight.shape[1])
+    return KeptForward(out, lse, ref_lse, stats, ref_stats, policy, ref_source, backward_plan, scaled)
+
+
 def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, ref_products, call: EagerCall,
                group: int, need, dw, db, buffers, operands) -> _GroupResult:
     """Forward and loss gradient of group ``group`` of pairs; ``dW`` and ``db`` are accumulated into ``dw`` /
@@ -374,7 +433,7 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     the forward, ``None`` without one) and beside it within the budget's room, and the policy's head rows converted
     once for the call, where the head is converted, in what the store leaves of ``dw``'s memory."""
     bounds = call.groups.bounds[group]
-    opts, vocab, device = call.opts, weight.shape[0], hidden.device
+    opts, device = call.opts, hidden.device
     batch_rows = call.groups.rows(*bounds, device)
 
     def pick(x):
@@ -388,41 +447,23 @@ def _run_group(hidden, weight, bias, labels, ref: LinearHead | None, products, r
     # a scaled store keeps the reference's weights beside the policy's: the reference is then only a GEMM source
     scaled = buffers is None
     head = LinearHead(pick(hidden), weight, bias)
-    if scaled:
-        policy = ScaledSource.of(head, rows, products, plans.SCALED_STORE_DTYPE, keep_ref, dw)
-    else:
-        policy = StoredSource.of(head, rows, products, buffers[0], operands[0])
-    ref_source = None
-    if ref is not None:
-        ref_head = LinearHead(pick(ref.hidden), ref.weight, ref.bias)
-        if keep_ref and not scaled:
-            ref_source = StoredSource.of(ref_head, rows, ref_products, buffers[1], operands[1])
-        else:
-            ref_source = GemmSource.of(ref_head, rows, ref_products, operands[1])
-    dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
-    plan = tile_plan(rows, policy, ref_source, opts, device, dz_bytes, with_kl=keep_ref)
-    if scaled:
-        policy.keep(list(plan.vocab_chunks(vocab)), ref_source, call.groups.store_room)
-        _log.debug("fused_dpo_loss: the scaled store: %s", policy.placement)
-    with no_autocast(device):
-        stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, plan,
-                                    with_kl=keep_ref)
-    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, group_labels.shape, call.vocab_slice, vocab,
-                                       call.logging, with_kl=keep_ref)
+    ref_head = None if ref is None else LinearHead(pick(ref.hidden), ref.weight, ref.bias)
+    kept = kept_forward(head, ref_head, rows, group_labels.shape, products, ref_products, opts, call.kernels,
+                        call.logging, call.vocab_slice, scaled=scaled, keep_ref=keep_ref, with_kl=keep_ref,
+                        dw=dw if scaled else None, store_room=call.groups.store_room, buffers=buffers or (None, None),
+                        operands=operands, log_as="fused_dpo_loss: the scaled store")
+    out, lse, ref_lse = kept.out, kept.lse, kept.ref_lse
     loss, g_logp, g_kl = _group_upstream(out, batch_rows, keep_ref, call)
     g, g_kl = upstream(rows, g_logp, g_kl, sdt, device)
     with no_autocast(device):
         bw = Backward(lse, ref_lse, g, g_kl, opts, call.kernels)
-        # a scaled store's dZ is always a new tile (in its fp32 scratch where the operands are fp32)
-        bw_dz_bytes = products.operand_bytes if scaled else dz_bytes
-        bw_plan = plan_stored_backward(plan, rows.n, bw_dz_bytes, opts, device, dim=weight.shape[1])
         dh = group_dw = group_db = deferred = None
         if scaled:  # the backward forms every gradient, from the kept weights and converted rows
-            filled = policy.filled(stats, ref_stats)  # keeps the reference's weights: no reference source
-            deferred = _DeferredGrads(rows, filled, bw, bw_plan, dw)
+            deferred = _DeferredGrads(rows, kept.filled_policy(), bw, kept.backward_plan, dw)
         else:
-            ref_filled = None if g_kl is None else ref_source.filled()
-            dh, group_dw, group_db = grad_all(rows, policy.filled(), ref_filled, bw, need, bw_plan, dw_into=dw)
+            ref_filled = None if g_kl is None else kept.ref.filled()
+            dh, group_dw, group_db = grad_all(rows, kept.filled_policy(), ref_filled, bw, need, kept.backward_plan,
+                                              dw_into=dw)
     if db is not None and group_db is not None:
         db += group_db
     if dh is not None and call.vocab_slice is not None:

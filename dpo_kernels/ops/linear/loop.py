@@ -106,16 +106,13 @@ def fold_all(rows: KeptTokens, policy, ref, opts: TokenOptions, kernels: TileKer
         policy.share_scratch_with(ref)
     for n0, n1 in plan.token_blocks(n):
         for v0, v1 in plan.vocab_chunks(vocab):
-            if alone:
-                ref_tile = ref.tile(n0, n1, v0, v1, rows.labels)
-                kernels.fold(ref_tile, ref_stats[: len(STATS_ROWS), n0:n1], None, None, opts)
-                tile = policy.tile(n0, n1, v0, v1, rows.labels)
-                policy.fold(kernels, (n0, n1, v0, v1), tile, stats[:, n0:n1], None, None, opts)
-                continue
-            tile = policy.tile(n0, n1, v0, v1, rows.labels)
             ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
+            if alone:  # folded now: the policy's tile may be computed over it
+                kernels.fold(ref_tile, ref_stats[: len(STATS_ROWS), n0:n1], None, None, opts)
+                ref_tile = None
+            tile = policy.tile(n0, n1, v0, v1, rows.labels)
             policy.fold(kernels, (n0, n1, v0, v1), tile, stats[:, n0:n1], ref_tile,
-                        None if ref is None else ref_stats[:, n0:n1], opts)
+                        None if ref_tile is None else ref_stats[:, n0:n1], opts)
     return stats, ref_stats
 
 

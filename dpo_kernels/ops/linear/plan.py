@@ -28,9 +28,9 @@ multiprocessor at a time, and a last wave that is partly empty takes as long as 
 ``[tokens, width]`` forward product and ``[width, D]`` weight-gradient product leave few multiprocessors idle in their
 last waves is worth a few more chunks or a shorter last one. At the Gemma-2 head (D = 2304, V = 256000) and 6144
 kept tokens the balanced widths were 4352 and 4608 columns: ``48 x 18`` output tiles of ``128 x 256`` make 6.5 waves
-of 132 (the last one half idle) and the weight gradient's ``36 x 9`` 2.5 waves; 5632 columns make exactly 8 and 3. All tokens go in one block
-whenever a tile of ``MIN_VOCAB_CHUNK`` columns fits the budget (then the backward writes each vocabulary chunk's
-weight gradient with one GEMM). ``token_chunk_size`` / ``vocab_chunk_size`` fix either size exactly (the last block
+of 132 (the last one half idle) and the weight gradient's ``36 x 9`` 2.5 waves; 5632 columns make exactly 8 and 3.
+All tokens go in one block whenever a tile of ``MIN_VOCAB_CHUNK`` columns fits the budget (then the backward writes
+each vocabulary chunk's weight gradient with one GEMM). ``token_chunk_size`` / ``vocab_chunk_size`` fix either size exactly (the last block
 or chunk then takes what is left).
 """
 
@@ -260,8 +260,13 @@ def _cuda_multiprocessors(index: int) -> int:
 
 def _waves(rows: int, cols: int, sms: int) -> int:
     """Waves of a ``rows x cols`` GEMM output in :data:`GEMM_TILE` tiles (the better orientation) over ``sms``."""
-    a, b = GEMM_TILE
-    return min(-(-(-(-rows // a) * -(-cols // b)) // sms), -(-(-(-rows // b) * -(-cols // a)) // sms))
+    def ceil(a: int, b: int) -> int:
+        return -(-a // b)
+
+    def waves(tile_rows: int, tile_cols: int) -> int:
+        return ceil(ceil(rows, tile_rows) * ceil(cols, tile_cols), sms)
+
+    return min(waves(*GEMM_TILE), waves(*reversed(GEMM_TILE)))
 
 
 def chunk_seconds(tokens: int, dim: int, width: int, sms: int) -> float:

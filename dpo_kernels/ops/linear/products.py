@@ -219,6 +219,10 @@ class Products:
         the CPU, where it is then widened back), then in the operand dtype. No copy when ``t`` has both already."""
         return t.to(self.compute_dtype).to(self.operand_dtype)
 
+    def converted_bytes(self, weight: torch.Tensor) -> int:
+        """Bytes of ``weight`` as GEMM operands where it is converted for them (:meth:`converts`), else 0."""
+        return weight.numel() * self.operand_bytes if self.converts(weight) else 0
+
     def operand_into(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """:meth:`operand` written into ``out`` (of the operand dtype and ``t``'s shape): one pass where the compute
         and the operand dtypes agree."""
@@ -265,5 +269,4 @@ def products_now(hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dt
 def converted_operand_bytes(hidden: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> int:
     """Bytes of ``weight`` converted to the GEMM operands of a call made now, 0 when it is its own operand
     (:meth:`Products.converts`)."""
-    products = products_now(hidden, weight, out_dtype)
-    return weight.numel() * products.operand_bytes if products.converts(weight) else 0
+    return products_now(hidden, weight, out_dtype).converted_bytes(weight)

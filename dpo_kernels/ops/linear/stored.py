@@ -16,8 +16,8 @@ What it holds: the store, from the forward until the backward (a second backward
 ``retain_graph=True``, is refused: the backward writes ``dW`` over the store). ``auto`` runs it only on an
 accelerator, for a trainable head, with bf16 operands (the scaled store), outside ``torch.compile``, where
 :func:`.eager.estimated_slower` finds it faster (a ZeRO-3 head is gathered again around the backward's reads of it,
-as for the recompute schedule); elsewhere the recompute schedule (for a frozen head that one forms the hidden states' gradient in its
-forward, with no backward GEMM at all).
+as for the recompute schedule); elsewhere the recompute schedule (for a frozen head that one forms the hidden
+states' gradient in its forward, with no backward GEMM at all).
 """
 
 from __future__ import annotations
@@ -33,22 +33,10 @@ from ..common import LinearHead
 from ..token_stats import TokenStats
 from ..vocab_parallel import all_reduce_hidden_grad
 from . import plan as plans  # the store rule through the module: tests may force it
-from .eager import EagerNeed, PairGroups, estimated_slower
+from .eager import EagerNeed, PairGroups, estimated_slower, kept_forward
 from .kept import KeptTokens
-from .loop import (
-    Backward,
-    ForwardState,
-    finish_forward,
-    fold_all,
-    grad_all,
-    linear_backward,
-    no_autocast,
-    tile_plan,
-    upstream,
-)
-from .plan import plan_stored_backward
+from .loop import Backward, ForwardState, grad_all, linear_backward, no_autocast, upstream
 from .products import Products
-from .sources import GemmSource, ScaledSource, StoredSource
 
 _log = logging.getLogger("dpo_kernels")
 
@@ -107,8 +95,7 @@ def _groups(call, hidden, weight, bias, ref: LinearHead | None, products: Produc
     heads = [(hidden, weight)] + ([] if ref is None else [(ref.hidden, ref.weight)])
     sdt = statistics_dtype(*(t.dtype for pair in heads for t in pair))
     store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts)
-    converted = [_converted_bytes(weight, products)] + ([] if ref is None else [_converted_bytes(ref.weight,
-                                                                                                 ref_products)])
+    converted = [products.converted_bytes(weight)] + ([] if ref is None else [ref_products.converted_bytes(ref.weight)])
     vocab = weight.shape[0] if call.vocab_slice is None else call.vocab_slice.largest
     eager_need = EagerNeed([rows.n, 0], vocab, weight.shape[1], sdt,
                            keep_ref_tiles=ref is not None and call.kl_grad, half_weight_grad=False,
@@ -126,48 +113,24 @@ def _groups(call, hidden, weight, bias, ref: LinearHead | None, products: Produc
     return groups
 
 
-def _converted_bytes(weight, products: Products) -> int:
-    return weight.numel() * products.operand_bytes if products.converts(weight) else 0
-
-
 def forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Products, ref_products, call,
             rows: KeptTokens, groups: PairGroups, need: tuple[bool, bool, bool]) -> tuple[TokenStats, StoredPass]:
     """The forward over ``groups``' store: ``(token_stats, stored)``; ``stored`` is what :func:`backward` reads."""
-    opts, device, vocab = call.opts, hidden.device, weight.shape[0]
     sdt = products.out_dtype
-    store_dtype = plans.kept_store_dtype(products.operand_dtype, sdt, opts)
-    scaled = store_dtype != sdt
+    scaled = plans.kept_store_dtype(products.operand_dtype, sdt, call.opts) != sdt
     kl_kept = ref is not None and call.kl_grad
-    with_kl = call.with_kl or kl_kept
     dw = None
-    with no_autocast(device):
-        head = LinearHead(hidden, weight, bias)
-        if scaled:
-            if need[1]:  # the weight's gradient, allocated now: its memory holds the store's first chunks
-                dw = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-            policy = ScaledSource.of(head, rows, products, store_dtype, kl_kept, dw)
-            ref_source = None if ref is None else GemmSource.of(ref, rows, ref_products)
-        else:
-            policy = StoredSource.of(head, rows, products)
-            ref_source = None if ref is None else (StoredSource.of(ref, rows, ref_products) if kl_kept
-                                                   else GemmSource.of(ref, rows, ref_products))
-        dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
-        tiles = tile_plan(rows, policy, ref_source, opts, device, dz_bytes, with_kl=with_kl)
-        if scaled:
-            policy.keep(list(tiles.vocab_chunks(vocab)), ref_source, groups.store_room)
-            _log.debug("dpo_kernels: the per-token eager schedule's scaled store: %s", policy.placement)
-        stats, ref_stats = fold_all(rows, policy, ref_source, opts, call.kernels, call.logging, device, tiles,
-                                    with_kl)
-    out, lse, ref_lse = finish_forward(stats, ref_stats, rows, labels.shape, call.vocab_slice, vocab, call.logging,
-                                       with_kl)
-    backward_tiles = plan_stored_backward(tiles, rows.n, products.operand_bytes if scaled else dz_bytes, opts,
-                                          device, dim=weight.shape[1])
-    if scaled:  # the store keeps the reference's weights itself (a KL gradient)
-        filled, ref_filled = policy.filled(stats, ref_stats), None
-    else:
-        filled, ref_filled = policy.filled(), (ref_source.filled() if kl_kept else None)
-    state = ForwardState(rows, lse, ref_lse, opts, call.kernels, ref, products, ref_products, call.vocab_slice)
-    return out, StoredPass(rows, filled, ref_filled, backward_tiles, dw, kl_kept, state)
+    if scaled and need[1]:  # the weight's gradient, allocated now: its memory holds the store's first chunks
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=hidden.device)
+    kept = kept_forward(LinearHead(hidden, weight, bias), ref, rows, labels.shape, products, ref_products, call.opts,
+                        call.kernels, call.logging, call.vocab_slice, scaled=scaled, keep_ref=kl_kept,
+                        with_kl=call.with_kl or kl_kept, dw=dw, store_room=groups.store_room,
+                        log_as="dpo_kernels: the per-token eager schedule's scaled store")
+    # a scaled store keeps the reference's weights itself (a KL gradient); fp32 tiles keep the reference's beside
+    ref_filled = kept.ref.filled() if kl_kept and not scaled else None
+    state = ForwardState(rows, kept.lse, kept.ref_lse, call.opts, call.kernels, ref, products, ref_products,
+                         call.vocab_slice)
+    return kept.out, StoredPass(rows, kept.filled_policy(), ref_filled, kept.backward_plan, dw, kl_kept, state)
 
 
 def backward(hidden, weight, bias, stored: StoredPass, grad_logp, grad_kl, need: tuple[bool, bool, bool],
