@@ -160,3 +160,23 @@ def test_under_compile_a_forced_eager_schedule_says_why(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(ValueError, match="schedule='eager' cannot be used under torch.compile"):
         linear_token_logprobs(hidden, weight, d["labels"], backend="torch", schedule="eager")
+
+
+@pytest.mark.parametrize("store", ["fp32 tiles", "scaled"])
+def test_fp32_master_weights_under_bf16_autocast(backend, store, monkeypatch):
+    """What training hands the head (TRL's default config): fp32 weights and hidden states under bf16 autocast.
+    The eager schedule (fp32 tiles, or the scaled store forced as a GPU's bf16 operands choose it) gives the
+    recompute schedule's log-probs, KL and fp32 gradients (to the scaled store's fp16 rounding)."""
+    skip_if_unsupported(backend, torch.bfloat16)
+    if store == "scaled":
+        monkeypatch.setattr(plan, "kept_store_dtype", lambda operands, sdt, opts: plan.SCALED_STORE_DTYPE)
+    d = _data(torch.float32, seed=2)
+    results = {}
+    for schedule in ("eager", "recompute"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[schedule] = _run(d, schedule, kl="both", backend=backend, vocab_chunk_size=16)
+    got, expected = results["eager"], results["recompute"]
+    assert all(g.dtype == torch.float32 for g in got[1])
+    tol = dict(rtol=1e-5, atol=1e-6) if store == "fp32 tiles" else dict(rtol=2e-3, atol=2e-3)
+    for a, e in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        torch.testing.assert_close(a, e, **tol)
