@@ -34,6 +34,22 @@ TORCH_LIBRARY(dpo_kernels, m) {
       "fold_tile_weights(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, "
       "Tensor? ref_bias, Tensor(b!)? ref_stats, Tensor(c!) weights, Tensor(d!)? ref_weights, float logit_scale, "
       "float softcap, float inv_temperature) -> ()");
+  // fold_tile_weights at shifts (dpo_kernels/ops/linear/contract.py's fold_shifted): each row's weights are taken at
+  // its shift s' (shift [n], contiguous; the reference's in ref_shift) instead of its max: s' = s unless the row's
+  // max after the tile m' > s + headroom, then s' = m'; where s' moved from a finite s, the row of acc [n, D] (rows
+  // contiguous; none for a scaled store) is scaled by e^{s - s'}. weights (ref_weights) never alias x (xr).
+  m.def(
+      "fold_tile_shifted(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, "
+      "Tensor? ref_bias, Tensor(b!)? ref_stats, Tensor(c!) weights, Tensor(d!)? ref_weights, Tensor(e!)? acc, "
+      "Tensor(f!) shift, Tensor(g!)? ref_acc, Tensor(h!)? ref_shift, float headroom, float logit_scale, "
+      "float softcap, float inv_temperature) -> ()");
+  // dZ of a tile kept as its fp16 softmax weights (contract.py's scaled_grad and ScaledTile): weights [n, w]
+  // contiguous, maxes / label_logits / lse / g [n] in the statistics dtype, the reference's beside with g_kl; out
+  // [n, w] (rows contiguous, any row stride, any float dtype).
+  m.def(
+      "scaled_grad_tile(Tensor weights, Tensor maxes, Tensor label_logits, int v0, Tensor labels, Tensor lse, "
+      "Tensor g, Tensor? ref_weights, Tensor? ref_maxes, Tensor? ref_label_logits, Tensor? ref_lse, Tensor? g_kl, "
+      "Tensor(a!) out, float logit_scale, float softcap, float inv_temperature) -> ()");
   // Writes dL/dx into out [n, w] (any float dtype; may be x itself). Returns 0 when filter_eps >= 0 and every
   // |p - onehot| (and |p - q|) of the tile is below it (out is then unspecified), else 1.
   m.def(

@@ -175,6 +175,82 @@ void fold_tile_weights(const Tensor& x, const OptTensor& bias, int64_t v0, const
         "fold_tile_weights");
 }
 
+// fold_tile, then a second launch taking the weights at each row's shift (the schema's doc in bindings.cpp).
+void fold_tile_shifted(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& stats,
+                       const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats,
+                       const Tensor& weights, const OptTensor& ref_weights, const OptTensor& acc, const Tensor& shift,
+                       const OptTensor& ref_acc, const OptTensor& ref_shift, double headroom, double logit_scale,
+                       double softcap, double inv_temperature) {
+  const bool with_ref_weights = present(ref_weights), sums = present(acc);
+  const int64_t n = x.size(0);
+  auto shift_ok = [&](const Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous();
+  };
+  auto sums_ok = [&](const OptTensor& a) {
+    return !sums || (present(a) && a->scalar_type() == at::kFloat && a->dim() == 2 && a->size(0) == n &&
+                     a->stride(1) == 1 && a->stride(0) == acc->stride(0) && a->size(1) == acc->size(1));
+  };
+  TORCH_CHECK(shift_ok(shift) && sums_ok(acc) &&
+                  (!with_ref_weights || (present(ref_shift) && shift_ok(*ref_shift) && sums_ok(ref_acc) &&
+                                         present(xr))) &&
+                  (with_ref_weights || !present(ref_acc)),
+              "dpo_kernels::fold_tile_shifted: each shift must be a contiguous fp32 [n] tensor and the sums fp32 "
+              "[n, D] with contiguous rows of one stride (the reference's with its weights and its tile)");
+  TORCH_CHECK(weights.sizes() == x.sizes() && weights.is_contiguous() &&
+                  (!with_ref_weights || (ref_weights->sizes() == x.sizes() && ref_weights->is_contiguous() &&
+                                         ref_weights->scalar_type() == weights.scalar_type())),
+              "dpo_kernels::fold_tile_shifted: weights (and ref_weights) must be contiguous tiles of x's shape, of "
+              "one dtype");
+  TORCH_CHECK(n <= INT32_MAX, "dpo_kernels::fold_tile_shifted: a tile holds at most 2^31 - 1 tokens");
+  const bool logging = stats.size(0) == dpo_kernels::stat_rows(true);
+  fold_tile(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DpoTile tile = tile_of(x, bias, v0, labels);
+  check(dpo_fold_shifted(dtype_code(weights), tile,
+                         with_ref_weights ? ref_tile_of(xr, ref_bias, tile) : ref_tile_of({}, {}, tile),
+                         stats.data_ptr<float>(), stats.stride(0),
+                         with_ref_weights ? ref_stats->data_ptr<float>() : nullptr,
+                         with_ref_weights ? ref_stats->stride(0) : 0, weights.data_ptr(),
+                         with_ref_weights ? ref_weights->data_ptr() : nullptr,
+                         sums ? acc->data_ptr<float>() : nullptr, shift.data_ptr<float>(),
+                         sums && with_ref_weights ? ref_acc->data_ptr<float>() : nullptr,
+                         with_ref_weights ? ref_shift->data_ptr<float>() : nullptr, sums ? acc->stride(0) : 0,
+                         sums ? acc->size(1) : 0, headroom, DpoTransform{logit_scale, softcap, inv_temperature},
+                         stream()),
+        "fold_tile_shifted");
+}
+
+void scaled_grad_tile(const Tensor& weights, const Tensor& maxes, const Tensor& label_logits, int64_t v0,
+                      const Tensor& labels, const Tensor& lse, const Tensor& g, const OptTensor& ref_weights,
+                      const OptTensor& ref_maxes, const OptTensor& ref_label_logits, const OptTensor& ref_lse,
+                      const OptTensor& g_kl, const Tensor& out, double logit_scale, double softcap,
+                      double inv_temperature) {
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const bool with_ref = present(ref_weights);
+  TORCH_CHECK(weights.scalar_type() == at::kHalf && weights.dim() == 2 && weights.is_contiguous() &&
+                  (!with_ref || (ref_weights->scalar_type() == at::kHalf && ref_weights->sizes() == weights.sizes() &&
+                                 ref_weights->is_contiguous() && present(ref_maxes) && present(ref_label_logits) &&
+                                 present(ref_lse) && present(g_kl))),
+              "dpo_kernels::scaled_grad_tile: the CUDA kernel takes contiguous fp16 weights [n, w] (and the "
+              "reference's, with every reference argument)");
+  TORCH_CHECK(out.sizes() == weights.sizes() && out.stride(1) == 1, "dpo_kernels::scaled_grad_tile: out must be "
+              "[n, w] with contiguous rows");
+  TORCH_CHECK(weights.size(0) <= INT32_MAX, "dpo_kernels::scaled_grad_tile: a tile holds at most 2^31 - 1 tokens");
+  const Tensor m_c = maxes.contiguous(), zy_c = label_logits.contiguous(), lse_c = lse.contiguous(),
+               g_c = g.contiguous(), y_c = labels.contiguous();
+  const Tensor mr_c = with_ref ? ref_maxes->contiguous() : Tensor();
+  const Tensor zry_c = with_ref ? ref_label_logits->contiguous() : Tensor();
+  const Tensor rlse_c = with_ref ? ref_lse->contiguous() : Tensor();
+  const Tensor gkl_c = with_ref ? g_kl->contiguous() : Tensor();
+  check(dpo_scaled_grad(dtype_code(out), weights.data_ptr(), with_ref ? ref_weights->data_ptr() : nullptr,
+                        m_c.data_ptr<float>(), with_ref ? mr_c.data_ptr<float>() : nullptr, zy_c.data_ptr<float>(),
+                        with_ref ? zry_c.data_ptr<float>() : nullptr, y_c.data_ptr<int64_t>(), weights.size(0),
+                        weights.size(1), v0, lse_c.data_ptr<float>(), with_ref ? rlse_c.data_ptr<float>() : nullptr,
+                        g_c.data_ptr<float>(), with_ref ? gkl_c.data_ptr<float>() : nullptr, out.data_ptr(),
+                        out.stride(0), DpoTransform{logit_scale, softcap, inv_temperature}, stream()),
+        "scaled_grad_tile");
+}
+
 int64_t grad_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& lse,
                   const Tensor& g, const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_lse,
                   const OptTensor& g_kl, const Tensor& out, double filter_eps, double logit_scale, double softcap,
@@ -208,6 +284,8 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
   m.impl("logits_backward", &logits_backward);
   m.impl("fold_tile", &fold_tile);
   m.impl("fold_tile_weights", &fold_tile_weights);
+  m.impl("fold_tile_shifted", &fold_tile_shifted);
+  m.impl("scaled_grad_tile", &scaled_grad_tile);
   m.impl("grad_tile", &grad_tile);
 }
 

@@ -53,6 +53,19 @@ struct TransformParams {
     return z * V(static_cast<S>(inv_temperature));
   }
 
+  // dz/dx from the transformed logit z itself (a scaled store's label column): logit_scale / temperature, times
+  // 1 - tanh^2 with a softcap, where tanh = z temperature / softcap (dpo_kernels/ops/transform.py's slope_at).
+  template <typename V>
+  DPO_HOST_DEVICE V slope_at(V z) const {
+    using S = typename TransformMath<V>::scalar;
+    V slope = V(static_cast<S>(logit_scale) * static_cast<S>(inv_temperature));
+    if (has_softcap()) {
+      const V th = z / V(static_cast<S>(softcap) * static_cast<S>(inv_temperature));
+      slope = slope * (V(S(1)) - th * th);
+    }
+    return slope;
+  }
+
   // dL/dx from dL/dz at raw logit x: d/dx [c tanh(s x / c)] = s (1 - tanh^2), then the temperature.
   template <typename V>
   DPO_HOST_DEVICE V grad(V x, V grad_z) const {

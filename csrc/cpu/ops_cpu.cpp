@@ -287,16 +287,27 @@ const acc_t* optional_data(const c10::optional<Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<acc_t>() : nullptr;
 }
 
+// A running sum kept at a shift (fold_shifted; dpo_kernels/ops/linear/contract.py's Accumulator): the shift [n]
+// (contiguous), and the sums [n, D] (rows contiguous) or none.
+struct Shifted {
+  c10::optional<Tensor> values;
+  Tensor shift;
+};
+
 // Linear path, one tile: fold raw logits x [n, w] (columns v0..v0+w) into per-token statistics.
 // stats [3, n]: running max, running sum, label logit. ref_stats [4, n]: the reference's max, sum, label logit
 // and the KL's weighted sum w. With weights [n, w] (contiguous; x's dtype, and then may be x itself: each row is read
 // before it is written; or a narrower float dtype, rounded once), also the softmax weights e^{z - m'} t'(x) after the
 // fold (m' the new running max), and with ref_weights the reference's e^{zr - m_r'} t'(x) (the policy's slope).
+// With `acc` (fold_shifted), the weights are taken at each row's shift instead: s' = s unless m' > s + headroom,
+// then s' = m'; a row whose shift moved from a finite s has its sums scaled by e^{s - s'}; s' is written back
+// (and the same for the reference with ref_acc, at its own max).
 void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
                     const Tensor& stats, bool logging, const c10::optional<Tensor>& xr,
                     const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats, double logit_scale,
                     double softcap, double inv_temperature, const c10::optional<Tensor>& weights,
-                    const c10::optional<Tensor>& ref_weights) {
+                    const c10::optional<Tensor>& ref_weights, const Shifted* acc = nullptr,
+                    const Shifted* ref_acc = nullptr, double headroom = 0) {
   const bool with_ref = xr.has_value() && xr->defined();
   // with logging, the statistics trainers only log follow the three of the contract (stats_layout.h)
   TORCH_CHECK(stats.size(0) == stat_rows(logging), "dpo_kernels::fold_tile: stats must have ", stat_rows(logging),
@@ -321,6 +332,20 @@ void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t 
     acc_t* rst = with_ref ? ref_stats->data_ptr<acc_t>() : nullptr;
     const int64_t ss = stats.stride(0), rss = with_ref ? ref_stats->stride(0) : 0;
     // e^{zz - shift} t'(raw) of row i into `into` (weights or ref_weights): the softmax weights of one row
+    // the shift of row i's weights, moved as the contract says; its sums rescaled where it moved from a finite one
+    auto move_shift = [&](const Shifted* a, acc_t m, int64_t i) -> acc_t {
+      acc_t* slot = a->shift.data_ptr<acc_t>() + i;
+      const acc_t old = *slot, lowest = std::numeric_limits<acc_t>::lowest();
+      const acc_t now = (m > old + static_cast<acc_t>(headroom) && m > lowest) ? m : old;
+      if (a->values.has_value() && a->values->defined() && now != old &&
+          old > -std::numeric_limits<acc_t>::infinity()) {
+        acc_t* sums = a->values->data_ptr<acc_t>() + i * a->values->stride(0);
+        const acc_t factor = std::exp(old - now);
+        for (int64_t k = 0; k < a->values->size(1); ++k) sums[k] *= factor;
+      }
+      *slot = now;
+      return shift_of(now);
+    };
     auto write_weights = [&](const acc_t* zz, acc_t shift, const acc_t* raw, const Tensor& into, acc_t* direct,
                              int64_t i, acc_t* row) {
       acc_t* out = direct != nullptr ? direct + i * width : row;
@@ -360,10 +385,14 @@ void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t 
           r[kRefWeighted * rss] = ref.w;
           if (hit) r[kRefLabelLogit * rss] = zr[col];
           if (with_ref_weights) {
-            write_weights(zr.data(), shift_of(ref.ref.m), raw.data(), *ref_weights, rwp, i, row.data());
+            const acc_t at = ref_acc != nullptr ? move_shift(ref_acc, ref.ref.m, i) : shift_of(ref.ref.m);
+            write_weights(zr.data(), at, raw.data(), *ref_weights, rwp, i, row.data());
           }
         }
-        if (with_weights) write_weights(z.data(), shift_of(policy.m), raw.data(), *weights, wp, i, row.data());
+        if (with_weights) {
+          const acc_t at = acc != nullptr ? move_shift(acc, policy.m, i) : shift_of(policy.m);
+          write_weights(z.data(), at, raw.data(), *weights, wp, i, row.data());
+        }
       }
     });
   });
@@ -392,6 +421,99 @@ void fold_tile_weights(const Tensor& x, const c10::optional<Tensor>& bias, int64
   const bool logging = stats.size(0) == stat_rows(true);
   fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
                  weights, ref_weights);
+}
+
+// fold_tile_weights at the shifts of a frozen head's sums or a scaled store (the schema's doc in bindings.cpp).
+void fold_tile_shifted(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
+                       const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
+                       const c10::optional<Tensor>& ref_stats, const Tensor& weights,
+                       const c10::optional<Tensor>& ref_weights, const c10::optional<Tensor>& acc, const Tensor& shift,
+                       const c10::optional<Tensor>& ref_acc, const c10::optional<Tensor>& ref_shift, double headroom,
+                       double logit_scale, double softcap, double inv_temperature) {
+  const bool with_ref_weights = ref_weights.has_value() && ref_weights->defined();
+  const bool sums = acc.has_value() && acc->defined();
+  const int64_t n = x.size(0);
+  auto shift_ok = [&](const Tensor& s) {
+    return s.dim() == 1 && s.size(0) == n && s.is_contiguous() && s.scalar_type() == stats.scalar_type();
+  };
+  auto sums_ok = [&](const c10::optional<Tensor>& a) {
+    return !sums || (a.has_value() && a->defined() && a->dim() == 2 && a->size(0) == n && a->stride(1) == 1 &&
+                     a->scalar_type() == stats.scalar_type());
+  };
+  TORCH_CHECK(shift_ok(shift) && sums_ok(acc) &&
+                  (!with_ref_weights || (ref_shift.has_value() && shift_ok(*ref_shift) && sums_ok(ref_acc))),
+              "dpo_kernels::fold_tile_shifted: each shift must be a contiguous [n] tensor and each set of sums "
+              "[n, D] with contiguous rows, in the statistics' dtype (the reference's with its weights)");
+  const Shifted policy{acc, shift};
+  const Shifted reference{ref_acc, with_ref_weights ? *ref_shift : shift};
+  const bool logging = stats.size(0) == stat_rows(true);
+  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && at::isFloatingType(weights.scalar_type()) &&
+                  (!with_ref_weights || (ref_weights->is_contiguous() && ref_weights->sizes() == x.sizes() &&
+                                         ref_weights->scalar_type() == weights.scalar_type())),
+              "dpo_kernels::fold_tile_shifted: weights (and ref_weights) must be contiguous float tiles of x's "
+              "shape, of one dtype");
+  fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
+                 weights, ref_weights, &policy, with_ref_weights ? &reference : nullptr, headroom);
+}
+
+// Linear path, one tile kept as its softmax weights a [n, w] (fp16, contiguous; dpo_kernels/ops/linear/contract.py's
+// ScaledTile): out [n, w] (rows contiguous, any row stride, any float dtype) = -(g - g_kl) e^{m - lse} a
+// - g_kl e^{m_r - lse_r} a_r, and at the label's column t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y)).
+void scaled_grad_tile(const Tensor& weights, const Tensor& maxes, const Tensor& label_logits, int64_t v0,
+                      const Tensor& labels, const Tensor& lse, const Tensor& g, const c10::optional<Tensor>& ref_weights,
+                      const c10::optional<Tensor>& ref_maxes, const c10::optional<Tensor>& ref_label_logits,
+                      const c10::optional<Tensor>& ref_lse, const c10::optional<Tensor>& g_kl, const Tensor& out,
+                      double logit_scale, double softcap, double inv_temperature) {
+  const bool with_ref = ref_weights.has_value() && ref_weights->defined();
+  TORCH_CHECK(weights.dim() == 2 && weights.is_contiguous() && out.sizes() == weights.sizes() && out.stride(1) == 1 &&
+                  (!with_ref || (ref_weights->sizes() == weights.sizes() && ref_weights->is_contiguous() &&
+                                 ref_weights->scalar_type() == weights.scalar_type() && ref_maxes.has_value() &&
+                                 ref_label_logits.has_value() && ref_lse.has_value() && g_kl.has_value())),
+              "dpo_kernels::scaled_grad_tile: weights (and ref_weights, with every reference argument) must be "
+              "contiguous [n, w] tiles of one dtype, out [n, w] with contiguous rows");
+  const int64_t rows = weights.size(0), width = weights.size(1);
+  const TransformParams t = make_transform(logit_scale, softcap, inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "dpo_scaled_grad_tile", [&] {
+    using acc_t = scalar_t;
+    const Tensor m_c = maxes.contiguous(), zy_c = label_logits.contiguous(), lse_c = lse.contiguous(),
+                 g_c = g.contiguous();
+    const Tensor mr_c = with_ref ? ref_maxes->contiguous() : m_c, zry_c = with_ref ? ref_label_logits->contiguous() : zy_c,
+                 rlse_c = with_ref ? ref_lse->contiguous() : lse_c, gkl_c = with_ref ? g_kl->contiguous() : g_c;
+    const acc_t *m = m_c.data_ptr<acc_t>(), *zy = zy_c.data_ptr<acc_t>(), *lse_p = lse_c.data_ptr<acc_t>(),
+                *g_p = g_c.data_ptr<acc_t>(), *mr = mr_c.data_ptr<acc_t>(), *zry = zry_c.data_ptr<acc_t>(),
+                *rlse = rlse_c.data_ptr<acc_t>(), *gkl = gkl_c.data_ptr<acc_t>();
+    const int64_t* y = labels.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weights.scalar_type(), "dpo_scaled_grad_in", [&] {
+      using w_t = scalar_t;
+      const w_t* a = weights.data_ptr<w_t>();
+      const w_t* ar = with_ref ? ref_weights->data_ptr<w_t>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dpo_scaled_grad_out", [&] {
+        using out_t = scalar_t;
+        out_t* op = out.data_ptr<out_t>();
+        at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const acc_t g_kl_i = with_ref ? gkl[i] : acc_t(0);
+            const acc_t scale = -(g_p[i] - g_kl_i) * std::exp(shift_of(m[i]) - lse_p[i]);
+            const acc_t ref_scale = with_ref ? -g_kl_i * std::exp(shift_of(mr[i]) - rlse[i]) : acc_t(0);
+            const w_t* ai = a + i * width;
+            out_t* oi = op + i * out.stride(0);
+            for (int64_t k = 0; k < width; ++k) {
+              acc_t dz = scale * static_cast<acc_t>(ai[k]);
+              if (with_ref) dz += ref_scale * static_cast<acc_t>(ar[i * width + k]);
+              oi[k] = static_cast<out_t>(dz);
+            }
+            const int64_t col = y[i] - v0;
+            if (col >= 0 && col < width) {
+              const acc_t p_y = std::exp(zy[i] - lse_p[i]);
+              acc_t value = g_p[i] * (acc_t(1) - p_y);
+              if (with_ref) value += g_kl_i * (p_y - std::exp(zry[i] - rlse[i]));
+              oi[col] = static_cast<out_t>(value * t.slope_at(zy[i]));
+            }
+          }
+        });
+      });
+    });
+  });
 }
 
 // Linear path, one tile: write dL/dx of raw logits x [n, w] into out [n, w] (any float dtype; may be x itself:
@@ -456,6 +578,8 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("logits_backward", &logits_backward);
   m.impl("fold_tile", &fold_tile);
   m.impl("fold_tile_weights", &fold_tile_weights);
+  m.impl("fold_tile_shifted", &fold_tile_shifted);
+  m.impl("scaled_grad_tile", &scaled_grad_tile);
   m.impl("grad_tile", &grad_tile);
 }
 

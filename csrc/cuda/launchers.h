@@ -76,6 +76,27 @@ int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, const float* 
                      const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights,
                      DpoTransform transform, intptr_t stream);
 
+// fold_shifted's second pass (dpo_kernels/ops/linear/contract.py), after dpo_fold_tile wrote the tile's new maxima
+// into stats (and ref_stats): each row's shift (shift [n]) moves to its max m' where m' > shift + headroom; the
+// weights e^{z - s'} t'(x) are written as dpo_fold_weights writes them (may be tile.x for fp32), and with
+// ref_weights (NULL: none) e^{zr - s_r'} t'(x) at the reference's shift (ref_shift); where a shift moved from a
+// finite value, the row of acc [n, dim] (row stride acc_stride; NULL: no sums, a scaled store) is scaled by
+// e^{s - s'} (ref_acc likewise, NULL exactly when acc is); s' is stored.
+int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, const float* stats, int64_t stats_stride,
+                     const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights, float* acc,
+                     float* shift, float* ref_acc, float* ref_shift, int64_t acc_stride, int64_t dim,
+                     double headroom, DpoTransform transform, intptr_t stream);
+
+// dZ of a tile kept as fp16 softmax weights (the eager schedule's scaled store): weights (and ref_weights, NULL: no
+// KL gradient) contiguous [n, width] fp16, their shifts maxes (ref_maxes) [n], the label logits, labels [n] (columns
+// v0..v0+width of theirs are written exactly), lse, g (ref_lse, g_kl) [n]; out [n, width] of out_dtype with row
+// stride out_stride.
+int dpo_scaled_grad(int out_dtype, const void* weights, const void* ref_weights, const float* maxes,
+                    const float* ref_maxes, const float* label_logits, const float* ref_label_logits,
+                    const int64_t* labels, int64_t n, int64_t width, int64_t v0, const float* lse,
+                    const float* ref_lse, const float* g, const float* g_kl, void* out, int64_t out_stride,
+                    DpoTransform transform, intptr_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,7 @@
 #include "launchers.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 
 namespace dpo_kernels {
@@ -237,6 +238,114 @@ __global__ void fold_weights_kernel(const float* x, const float* __restrict__ bi
   if constexpr (WITH_REF) *reinterpret_cast<Packet<W, VEC>*>(ref_w + offset) = prw;
 }
 
+// fold_shifted's shift rule (dpo_kernels/ops/linear/contract.py): a row's shift s stays unless its max after the
+// tile m' exceeds s + headroom, then it moves to m' (a max still -inf, or the lowest float, never moves it).
+__device__ __forceinline__ float moved_shift(float s, float m, float headroom) {
+  return (m > s + headroom && m > -FLT_MAX) ? m : s;
+}
+
+// fold_shifted's second pass, after fold_tile_kernel has written the row's new maxima into stats (and ref_stats):
+// one block a row takes the row's shift from `shift` (moved by the rule above), writes w = e^{z - s'} t'(x) (and
+// e^{zr - s_r'} t'(x) with the policy's slope), rescales the row of the sums `acc` [n, dim] (row stride
+// acc_stride) by e^{s - s'} where the shift moved from a finite s (SUMS), and stores s'. x and w may be the same
+// memory (fp32 weights over their tile): each entry is read before it is written, by the thread that writes it.
+template <typename W, bool WITH_REF, bool SUMS, int VEC>
+__global__ void fold_shifted_kernel(const float* x, const float* __restrict__ bias, const float* xr,
+                                    const float* __restrict__ ref_bias, W* w, W* ref_w, int64_t width,
+                                    const float* __restrict__ stats, int64_t ss, const float* __restrict__ ref_stats,
+                                    int64_t rss, float* __restrict__ acc, float* __restrict__ shift,
+                                    float* __restrict__ ref_acc, float* __restrict__ ref_shift, int64_t acc_stride,
+                                    int64_t dim, float headroom, TransformParams t) {
+  const int64_t row = blockIdx.x;
+  const float old = shift[row], now = moved_shift(old, stats[kMax * ss + row], headroom);
+  const float at = now == -INFINITY ? 0.f : now;  // a shift still -inf: every logit so far -inf, weights 0
+  float ref_old = 0.f, ref_now = 0.f, ref_at = 0.f;
+  if constexpr (WITH_REF) {
+    ref_old = ref_shift[row];
+    ref_now = moved_shift(ref_old, ref_stats[kRefMax * rss + row], headroom);
+    ref_at = ref_now == -INFINITY ? 0.f : ref_now;
+  }
+  for (int64_t col0 = static_cast<int64_t>(threadIdx.x) * VEC; col0 < width; col0 += int64_t{blockDim.x} * VEC) {
+    const int64_t offset = row * width + col0;
+    const Packet<float, VEC> px = load_packet<VEC>(x, offset), pb = load_bias<VEC>(bias, col0);
+    Packet<float, VEC> pr, prb;
+    if constexpr (WITH_REF) {
+      pr = load_packet<VEC>(xr, offset);
+      prb = load_bias<VEC>(ref_bias, col0);
+    }
+    Packet<W, VEC> pw, prw;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float slope;  // dz/dx, from the same tanh as z
+      const float z = t.apply_and_slope<float>(px.v[k] + pb.v[k], slope);
+      pw.v[k] = from_float<W>(__expf(z - at) * slope);
+      if constexpr (WITH_REF) prw.v[k] = from_float<W>(__expf(t.apply<float>(pr.v[k] + prb.v[k]) - ref_at) * slope);
+    }
+    *reinterpret_cast<Packet<W, VEC>*>(w + offset) = pw;
+    if constexpr (WITH_REF) *reinterpret_cast<Packet<W, VEC>*>(ref_w + offset) = prw;
+  }
+  if constexpr (SUMS) {
+    if (now != old && old != -INFINITY) {
+      const float factor = __expf(old - now);
+      for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) acc[row * acc_stride + k] *= factor;
+    }
+    if constexpr (WITH_REF) {
+      if (ref_now != ref_old && ref_old != -INFINITY) {
+        const float factor = __expf(ref_old - ref_now);
+        for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) ref_acc[row * acc_stride + k] *= factor;
+      }
+    }
+  }
+  __syncthreads();  // every thread has read the shifts
+  if (threadIdx.x == 0) {
+    shift[row] = now;
+    if constexpr (WITH_REF) ref_shift[row] = ref_now;
+  }
+}
+
+// dZ of a tile kept as its fp16 softmax weights a (the eager schedule's scaled store; contract.py's scaled_grad):
+// out = -(g - g_kl) e^{m - lse} a - g_kl e^{m_r - lse_r} a_r, and at the label's column the exact
+// t'(z_y) (g (1 - p_y) + g_kl (p_y - q_y)) from the label logits; a (token, column block) grid as grad_tile's, out
+// rows at any stride.
+template <typename OUT, bool WITH_REF, int VEC>
+__global__ void scaled_grad_kernel(const __half* __restrict__ a, const __half* __restrict__ ar,
+                                   const float* __restrict__ maxes, const float* __restrict__ ref_maxes,
+                                   const float* __restrict__ label_logits, const float* __restrict__ ref_label_logits,
+                                   const int64_t* __restrict__ labels, const float* __restrict__ lse,
+                                   const float* __restrict__ ref_lse, const float* __restrict__ g_in,
+                                   const float* __restrict__ g_kl_in, OUT* __restrict__ out, int64_t out_stride,
+                                   int64_t width, int64_t v0, TransformParams t) {
+  const int64_t row = blockIdx.x;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (col0 >= width) return;
+  const float row_lse = lse[row], g = g_in[row], g_kl = WITH_REF ? g_kl_in[row] : 0.f;
+  const float m = maxes[row];
+  const float scale = -(g - g_kl) * __expf((m == -INFINITY ? 0.f : m) - row_lse);
+  float ref_scale = 0.f;
+  if constexpr (WITH_REF) {
+    const float mr = ref_maxes[row];
+    ref_scale = -g_kl * __expf((mr == -INFINITY ? 0.f : mr) - ref_lse[row]);
+  }
+  const Packet<__half, VEC> pa = *reinterpret_cast<const Packet<__half, VEC>*>(a + row * width + col0);
+  Packet<__half, VEC> pr;
+  if constexpr (WITH_REF) pr = *reinterpret_cast<const Packet<__half, VEC>*>(ar + row * width + col0);
+  const int64_t label_col = labels[row] - v0;
+  Packet<OUT, VEC> po;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float dz = scale * to_float(pa.v[k]);
+    if constexpr (WITH_REF) dz += ref_scale * to_float(pr.v[k]);
+    if (col0 + k == label_col) {
+      const float z_y = label_logits[row], p_y = __expf(z_y - row_lse);
+      float value = g * (1.f - p_y);
+      if constexpr (WITH_REF) value += g_kl * (p_y - __expf(ref_label_logits[row] - ref_lse[row]));
+      dz = value * t.slope_at<float>(z_y);
+    }
+    po.v[k] = from_float<OUT>(dz);
+  }
+  *reinterpret_cast<Packet<OUT, VEC>*>(out + row * out_stride + col0) = po;
+}
+
 bool aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -267,6 +376,41 @@ void launch_weights(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, c
   } else {
     fold_weights_kernel<W, WITH_REF, 1><<<grid_scalar, kGradThreads, 0, s>>>(x, bias, xr, ref_bias, o, ro, width,
                                                                             stats, ss, ref_stats, rss, t);
+  }
+}
+
+template <typename W, bool WITH_REF, bool SUMS>
+void launch_shifted(bool vec, unsigned rows, cudaStream_t s, const float* x, const float* bias, const float* xr,
+                    const float* ref_bias, void* w, void* ref_w, int64_t width, const float* stats, int64_t ss,
+                    const float* ref_stats, int64_t rss, float* acc, float* shift, float* ref_acc, float* ref_shift,
+                    int64_t acc_stride, int64_t dim, float headroom, TransformParams t) {
+  auto *o = static_cast<W*>(w), *ro = static_cast<W*>(ref_w);
+  if (vec) {
+    fold_shifted_kernel<W, WITH_REF, SUMS, kVec><<<rows, kGradThreads, 0, s>>>(
+        x, bias, xr, ref_bias, o, ro, width, stats, ss, ref_stats, rss, acc, shift, ref_acc, ref_shift, acc_stride, dim,
+        headroom, t);
+  } else {
+    fold_shifted_kernel<W, WITH_REF, SUMS, 1><<<rows, kGradThreads, 0, s>>>(
+        x, bias, xr, ref_bias, o, ro, width, stats, ss, ref_stats, rss, acc, shift, ref_acc, ref_shift, acc_stride, dim,
+        headroom, t);
+  }
+}
+
+template <typename OUT, bool WITH_REF>
+void launch_scaled_grad(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, const __half* a, const __half* ar,
+                        const float* maxes, const float* ref_maxes, const float* label_logits,
+                        const float* ref_label_logits, const int64_t* labels, const float* lse, const float* ref_lse,
+                        const float* g, const float* g_kl, void* out, int64_t out_stride, int64_t width, int64_t v0,
+                        TransformParams t) {
+  auto* o = static_cast<OUT*>(out);
+  if (vec) {
+    scaled_grad_kernel<OUT, WITH_REF, kVec><<<grid_vec, kGradThreads, 0, s>>>(
+        a, ar, maxes, ref_maxes, label_logits, ref_label_logits, labels, lse, ref_lse, g, g_kl, o, out_stride, width, v0,
+        t);
+  } else {
+    scaled_grad_kernel<OUT, WITH_REF, 1><<<grid_scalar, kGradThreads, 0, s>>>(
+        a, ar, maxes, ref_maxes, label_logits, ref_label_logits, labels, lse, ref_lse, g, g_kl, o, out_stride, width, v0,
+        t);
   }
 }
 
@@ -390,4 +534,73 @@ extern "C" int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, co
   });
   if (bad_dtype != 0) return bad_dtype;
   return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, const float* stats, int64_t stats_stride,
+                                const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights,
+                                float* acc, float* shift, float* ref_acc, float* ref_shift, int64_t acc_stride,
+                                int64_t dim, double headroom, DpoTransform transform, intptr_t stream) {
+  using namespace dpo_kernels::cuda;
+  const float *x = tile.x, *bias = tile.bias, *xr = ref.x, *ref_bias = ref.bias;
+  const int64_t n = tile.n, width = tile.width;
+  if (n == 0 || width == 0) return 0;
+  if (n > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const bool with_ref = ref_weights != nullptr, sums = acc != nullptr;
+  if (with_ref && ((ref_acc != nullptr) != sums || ref_shift == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  const int w_bytes = weights_dtype == DPO_FLOAT32 ? 4 : 2;
+  const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(bias, 16) && aligned(weights, kVec * w_bytes) &&
+                   (!with_ref || (aligned(xr, 16) && aligned(ref_bias, 16) && aligned(ref_weights, kVec * w_bytes)));
+  const auto rows = static_cast<unsigned>(n);
+  const float room = static_cast<float>(headroom);
+  return with_element_type(weights_dtype, [&](auto weights_type) {
+    using W = decltype(weights_type);
+#define DPO_SHIFTED(REF, SUMS)                                                                                      \
+  launch_shifted<W, REF, SUMS>(vec, rows, s, x, bias, xr, ref_bias, weights, ref_weights, width, stats, stats_stride, \
+                               ref_stats, ref_stats_stride, acc, shift, ref_acc, ref_shift, acc_stride, dim, room, t)
+    if (with_ref && sums) {
+      DPO_SHIFTED(true, true);
+    } else if (with_ref) {
+      DPO_SHIFTED(true, false);
+    } else if (sums) {
+      DPO_SHIFTED(false, true);
+    } else {
+      DPO_SHIFTED(false, false);
+    }
+#undef DPO_SHIFTED
+    return static_cast<int>(cudaGetLastError());
+  });
+}
+
+extern "C" int dpo_scaled_grad(int out_dtype, const void* weights, const void* ref_weights, const float* maxes,
+                               const float* ref_maxes, const float* label_logits, const float* ref_label_logits,
+                               const int64_t* labels, int64_t n, int64_t width, int64_t v0, const float* lse,
+                               const float* ref_lse, const float* g, const float* g_kl, void* out,
+                               int64_t out_stride, DpoTransform transform, intptr_t stream) {
+  using namespace dpo_kernels::cuda;
+  if (n == 0 || width == 0) return 0;
+  if (n > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
+  const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const bool with_ref = ref_weights != nullptr;
+  const auto* a = static_cast<const __half*>(weights);
+  const auto* ar = static_cast<const __half*>(ref_weights);
+  const int out_bytes = out_dtype == DPO_FLOAT32 ? 4 : 2;
+  const bool vec = width % kVec == 0 && out_stride % kVec == 0 && aligned(a, kVec * 2) && aligned(ar, kVec * 2) &&
+                   aligned(out, kVec * out_bytes);
+  const dim3 grid_vec(static_cast<unsigned>(n),
+                      static_cast<unsigned>((width + kGradThreads * kVec - 1) / (kGradThreads * kVec)));
+  const dim3 grid_scalar(static_cast<unsigned>(n), static_cast<unsigned>((width + kGradThreads - 1) / kGradThreads));
+  return with_element_type(out_dtype, [&](auto out_type) {
+    using OUT = decltype(out_type);
+    if (with_ref) {
+      launch_scaled_grad<OUT, true>(vec, grid_vec, grid_scalar, s, a, ar, maxes, ref_maxes, label_logits,
+                                    ref_label_logits, labels, lse, ref_lse, g, g_kl, out, out_stride, width, v0, t);
+    } else {
+      launch_scaled_grad<OUT, false>(vec, grid_vec, grid_scalar, s, a, ar, maxes, ref_maxes, label_logits,
+                                     ref_label_logits, labels, lse, ref_lse, g, g_kl, out, out_stride, width, v0, t);
+    }
+    return static_cast<int>(cudaGetLastError());
+  });
 }

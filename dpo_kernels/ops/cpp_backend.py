@@ -17,7 +17,7 @@ import torch
 from ..options import TokenOptions
 from . import extension
 from .backend import BackendKernels
-from .linear.contract import LogitsTile, TileKernels, has_logging_rows
+from .linear.contract import Accumulator, LogitsTile, ScaledTile, TileKernels, has_logging_rows
 from .logits_path import LogitsKernels
 
 
@@ -68,6 +68,32 @@ def fold_tile_weights(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats
     )
 
 
+def fold_tile_shifted(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: TokenOptions, weights,
+                      ref_weights, acc: Accumulator, ref_acc: Accumulator | None, headroom: float) -> None:
+    """The optional ``fold_shifted`` kernel: ``torch.ops.dpo_kernels.fold_tile_shifted`` (CPU: written beside the
+    fold, a row's weights after its whole row is read, so they may overwrite the tile; CUDA: a second launch over the
+    tile after the fold, each entry read before it is written, a block a row moving its shift)."""
+    if ref_acc is not None and (ref_acc.values is None) != (acc.values is None):
+        raise ValueError("fold_shifted: both accumulators keep sums, or neither")
+    _ops().fold_tile_shifted(
+        tile.logits, tile.bias, tile.v0, tile.labels, stats, None if ref is None else ref.logits,
+        None if ref is None else ref.bias, ref_stats, weights, ref_weights, acc.values, acc.shift,
+        None if ref_acc is None else ref_acc.values, None if ref_acc is None else ref_acc.shift, float(headroom),
+        *_transform(opts),
+    )
+
+
+def scaled_grad_tile(tile: ScaledTile, lse, g, ref: ScaledTile | None, ref_lse, g_kl, opts: TokenOptions,
+                     out) -> None:
+    """The optional ``scaled_grad`` kernel: ``torch.ops.dpo_kernels.scaled_grad_tile``."""
+    _ops().scaled_grad_tile(
+        tile.weights, tile.maxes, tile.label_logits, tile.v0, tile.labels, lse, g,
+        None if ref is None else ref.weights, None if ref is None else ref.maxes,
+        None if ref is None else ref.label_logits, ref_lse if ref is not None else None,
+        g_kl if ref is not None else None, out, *_transform(opts),
+    )
+
+
 def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, opts: TokenOptions, out) -> bool:
     """The ``grad`` kernel of :mod:`dpo_kernels.ops.linear.contract`: ``torch.ops.dpo_kernels.grad_tile``."""
     eps = -1.0 if opts.grad_filter_eps is None else float(opts.grad_filter_eps)
@@ -78,4 +104,6 @@ def grad_tile(tile: LogitsTile, lse, g, ref: LogitsTile | None, ref_lse, g_kl, o
 
 
 KERNELS = BackendKernels(logits=LogitsKernels(forward=logits_forward, backward=logits_backward, fold=logits_fold),
-                         tiles=TileKernels(fold=fold_tile, grad=grad_tile, fold_weights=fold_tile_weights))
+                         tiles=TileKernels(fold=fold_tile, grad=grad_tile, fold_weights=fold_tile_weights,
+                                           fold_shifted=fold_tile_shifted, scaled_grad=scaled_grad_tile,
+                                           fold_shifted_in_place=True))

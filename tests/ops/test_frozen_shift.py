@@ -47,26 +47,28 @@ def _tiles(seed: int, with_ref: bool):
     return tiles, refs
 
 
-def _sweep(kernels, tiles, refs, bias, opts, weights_dtype, fused: bool):
+def _sweep(kernels, tiles, refs, bias, opts, weights_dtype, fused: bool, device="cpu"):
     """Fold both tiles into fresh statistics and accumulators (``fused``: the backend's ``fold_shifted``, else the
     fallback), adding ``weights @ W_c`` after each as the frozen head's source does; returns the statistics, the
     accumulators, the weights of each tile, and the accumulator rows before the second tile's kernel."""
-    labels = torch.tensor([3, WIDTH + 10, 4999, 0, WIDTH + 4999])
-    stats = contract.new_stats(N, torch.float32, torch.device("cpu"))
-    ref_stats = None if refs is None else contract.new_ref_stats(N, torch.float32, torch.device("cpu"))
+    device = torch.device(device)
+    labels = torch.tensor([3, WIDTH + 10, 4999, 0, WIDTH + 4999], device=device)
+    stats = contract.new_stats(N, torch.float32, device)
+    ref_stats = None if refs is None else contract.new_ref_stats(N, torch.float32, device)
     g = torch.Generator().manual_seed(7)
-    heads = [torch.randn(WIDTH, D, generator=g) for _ in tiles]
+    heads = [torch.randn(WIDTH, D, generator=g).to(device) for _ in tiles]
+    bias = None if bias is None else bias.to(device)
 
     def accumulator():
-        return Accumulator(torch.zeros(N, D), torch.full((N,), float("-inf")))
+        return Accumulator(torch.zeros(N, D, device=device), torch.full((N,), float("-inf"), device=device))
 
     acc, ref_acc = accumulator(), None if refs is None else accumulator()
     kept, before = [], None
     for i, x in enumerate(tiles):
-        tile = LogitsTile(x.clone(), bias, i * WIDTH, labels)
-        ref = None if refs is None else LogitsTile(refs[i].clone(), bias, i * WIDTH, labels)
-        w = torch.empty(N, WIDTH, dtype=weights_dtype)
-        wr = None if refs is None else torch.empty(N, WIDTH, dtype=weights_dtype)
+        tile = LogitsTile(x.to(device, copy=True), bias, i * WIDTH, labels)
+        ref = None if refs is None else LogitsTile(refs[i].to(device, copy=True), bias, i * WIDTH, labels)
+        w = torch.empty(N, WIDTH, dtype=weights_dtype, device=device)
+        wr = None if refs is None else torch.empty(N, WIDTH, dtype=weights_dtype, device=device)
         if i == 1:
             before = acc.values.clone()
         if fused:
@@ -90,15 +92,20 @@ def _at_max(acc: Accumulator, m: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_fused_fold_shifted_matches_the_fallback(backend, with_ref, weights_dtype, softcap):
     skip_if_unsupported(backend, torch.float32)
-    kernels = backend_kernels(backend, "test", torch.zeros(1)).tiles
+    check_fold_shifted(backend, with_ref, weights_dtype, softcap, "cpu")
+
+
+def check_fold_shifted(backend: str, with_ref: bool, weights_dtype, softcap, device: str) -> None:
+    """A backend's fused ``fold_shifted`` against the fallback on ``device`` (``test_gpu_backends.py``: CUDA)."""
+    kernels = backend_kernels(backend, "test", torch.zeros(1, device=device)).tiles
     if kernels.fold_shifted is None:
         pytest.skip(f"backend {backend!r} has no fused fold_shifted (it runs the fallback this test compares with)")
     opts = TokenOptions(softcap=softcap)
     bias = torch.zeros(WIDTH)
     bias[:3000] = float("-inf")  # the first block of every row is -inf: its shift stays -inf through it
     tiles, refs = _tiles(0, with_ref)
-    got = _sweep(kernels, tiles, refs, bias, opts, weights_dtype, fused=True)
-    want = _sweep(kernels, tiles, refs, bias, opts, weights_dtype, fused=False)
+    got = _sweep(kernels, tiles, refs, bias, opts, weights_dtype, fused=True, device=device)
+    want = _sweep(kernels, tiles, refs, bias, opts, weights_dtype, fused=False, device=device)
     for a, b, what in ((got[0], want[0], "statistics"), (got[1], want[1], "reference statistics")):
         if a is not None:
             assert torch.equal(a.isfinite(), b.isfinite()), what
@@ -119,12 +126,13 @@ def test_fused_fold_shifted_matches_the_fallback(backend, with_ref, weights_dtyp
     assert (shift <= m).all() and (m - shift <= headroom + 1e-4).all()
 
 
-def test_rows_whose_shift_stays_are_not_touched():
+@pytest.mark.parametrize("backend_name", ["triton", "cpu"])
+def test_rows_whose_shift_stays_are_not_touched(backend_name):
     """The rescale is the point of the lazy shift: a row whose max stays within the headroom keeps its accumulator
     row bit-identical through the kernel (rows 0, 2 and 3 in the second tile), a row that moves is rescaled."""
-    if "triton" not in backends_under_test():
-        pytest.skip("the Triton backend is not available")
-    kernels = backend_kernels("triton", "test", torch.zeros(1)).tiles
+    if backend_name not in backends_under_test():
+        pytest.skip(f"the {backend_name} backend is not available")
+    kernels = backend_kernels(backend_name, "test", torch.zeros(1)).tiles
     tiles, _ = _tiles(1, False)
     opts = TokenOptions()
     labels = torch.tensor([3, WIDTH + 10, 4999, 0, WIDTH + 4999])

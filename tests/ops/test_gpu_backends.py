@@ -131,3 +131,23 @@ def test_token_blocks_and_logged_statistics_on_cuda(backend, dtype):
     _, logged = run_linear_token_stats(head, None, x["labels"], opts, backend, logging=True)
     for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
         assert_close(logged[name], expected[name], dtype, name)
+
+
+@pytest.mark.parametrize("with_ref", [False, True], ids=["policy", "with_kl"])
+@pytest.mark.parametrize("weights_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_fused_fold_shifted_matches_the_fallback_on_cuda(backend, weights_dtype, with_ref):
+    """The frozen head's and the scaled store's fold at lazily moved shifts (``test_frozen_shift.py``'s case: spikes
+    that move a shift late in a tile and in a later one, a masked first block) on CUDA tensors."""
+    from .test_frozen_shift import check_fold_shifted
+
+    check_fold_shifted(backend, with_ref, weights_dtype, 30.0, "cuda")
+
+
+@pytest.mark.parametrize("with_ref", [False, True], ids=["logprobs", "kl"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_fused_scaled_grad_matches_the_pytorch_ops_on_cuda(backend, with_ref):
+    """``dZ`` from a scaled store's fp16 weights (``test_scaled_store.py``'s case) on CUDA tensors."""
+    from .test_scaled_store import check_scaled_grad
+
+    check_scaled_grad(backend, with_ref, {"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.3}, "cuda")

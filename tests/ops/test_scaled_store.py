@@ -174,12 +174,17 @@ def test_the_triton_store_at_its_lazy_shifts_gives_the_dz_of_the_pytorch_ops(wit
 @pytest.mark.parametrize("transform", [{}, {"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.3}],
                          ids=["identity", "scale_softcap_temperature"])
 @pytest.mark.parametrize("with_ref", [False, True], ids=["logprobs", "kl"])
-@pytest.mark.parametrize("backend_name", ["triton"])
+@pytest.mark.parametrize("backend_name", ["triton", "cpu"])
 def test_the_fused_scaled_grad_kernel_matches_the_pytorch_ops(backend_name, with_ref, transform):
     """A backend's ``scaled_grad`` against ``unfused_scaled_grad`` (the contract in PyTorch ops): labels inside and
     outside the tile, a row whose weights were taken at a ``-inf`` max, a bf16 ``out``."""
     skip_if_unsupported(backend_name, torch.float32)
-    kernels = backend_kernels(backend_name, "test", torch.zeros(1)).tiles
+    check_scaled_grad(backend_name, with_ref, transform, "cpu")
+
+
+def check_scaled_grad(backend_name: str, with_ref: bool, transform: dict, device: str) -> None:
+    """A backend's fused ``scaled_grad`` against the PyTorch ops on ``device`` (``test_gpu_backends.py``: CUDA)."""
+    kernels = backend_kernels(backend_name, "test", torch.zeros(1, device=device)).tiles
     assert kernels.scaled_grad is not None
     g = torch.Generator().manual_seed(7)
     n, w, v0 = 9, 300, 256
@@ -197,11 +202,16 @@ def test_the_fused_scaled_grad_kernel_matches_the_pytorch_ops(backend_name, with
     ref_weights, ref_maxes, ref_label_logits = tile(0.5)
     lse, ref_lse = maxes.nan_to_num(neginf=0.0) + 2.0, ref_maxes.nan_to_num(neginf=0.0) + 1.5
     up, up_kl = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    to = dict(device=device)
+    weights, maxes, label_logits, ref_weights, ref_maxes, ref_label_logits, labels, lse, ref_lse, up, up_kl = (
+        t.to(device) for t in (weights, maxes, label_logits, ref_weights, ref_maxes, ref_label_logits, labels, lse,
+                               ref_lse, up, up_kl))
     policy = ScaledTile(weights, maxes, v0, labels, label_logits)
     ref = ScaledTile(ref_weights, ref_maxes, v0, labels, ref_label_logits) if with_ref else None
     args = (lse, up, ref, ref_lse if with_ref else None, up_kl if with_ref else None, opts)
     for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):  # bf16: the interpreter truncates
-        expected, got = torch.empty(n, w, dtype=dtype), torch.full((n, 2 * w), float("nan"), dtype=dtype)[:, :w]
+        expected = torch.empty(n, w, dtype=dtype, **to)
+        got = torch.full((n, 2 * w), float("nan"), dtype=dtype, **to)[:, :w]
         unfused_scaled_grad(policy, *args, expected)
         kernels.scaled_grad(policy, *args, got)  # into a strided view: rows contiguous, a row stride of 2 w
         torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=1e-7)

@@ -31,7 +31,8 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
 
 ``fold_shifted(tile, stats, ref, ref_stats, opts, weights, ref_weights, acc, ref_acc, headroom) -> None`` (optional)
     ``fold_weights`` for a frozen head's running sums (:class:`Accumulator`), with ``weights`` (``ref_weights``)
-    never the tile itself: the weights are taken at each row's
+    never the tile itself unless the backend's ``fold_shifted_in_place`` says it may be (weights of the tile's
+    dtype over their tile): the weights are taken at each row's
     *shift* ``s'`` instead of its running max, ``weights = e^{z - s'} t'(x)`` (with ``ref_acc``:
     ``ref_weights = e^{zr - s_r'} t'(x)``), and the kernel writes ``s'`` into ``acc.shift`` (``ref_acc.shift``):
     ``s' = s`` (the shift before this tile) unless the row's running max after it, ``m'``, exceeds ``s + headroom``;
@@ -177,6 +178,7 @@ class TileKernels:
     fold_weights: Callable[..., None] | None = None
     scaled_grad: Callable[..., None] | None = None
     fold_shifted: Callable[..., None] | None = None
+    fold_shifted_in_place: bool = False  # its fold_shifted may write weights of the tile's dtype over the tile
 
 
 def finish_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

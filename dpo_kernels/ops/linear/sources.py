@@ -493,12 +493,12 @@ class AccumulatingSource(GemmSource):
     @classmethod
     def of(cls, head: LinearHead, rows: KeptTokens, products: Products, operand_weight: torch.Tensor | None = None,
            with_q: bool = False, kernels: TileKernels | None = None) -> "AccumulatingSource":
-        """``kernels``: the backend's; where it has no fused ``fold_shifted`` and the weights are in the tile's
-        dtype, they overwrite the tile they come from (the fallback reads each row before writing it), else they
-        take a scratch of their own."""
+        """``kernels``: the backend's; where the weights are in the tile's dtype and its ``fold_shifted`` may
+        write them over the tile (none fused: the fallback reads each row before writing it; or one that says
+        ``fold_shifted_in_place``), they overwrite the tile they come from, else they take a scratch of their own."""
         source = super().of(head, rows, products, operand_weight)
         source.over_tile = (products.operand_dtype == source.out_dtype
-                            and (kernels is None or kernels.fold_shifted is None))
+                            and (kernels is None or kernels.fold_shifted is None or kernels.fold_shifted_in_place))
         shape, sdt, device = (rows.n, source.dim), products.out_dtype, source.h.device
 
         def accumulator() -> Accumulator:
