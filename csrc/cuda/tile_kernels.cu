@@ -1,4 +1,4 @@
-// CUDA kernels for the tiles of the linear path. The tile loop (dpo_kernels/ops/linear/driver.py) writes each tile's
+// CUDA kernels for the tiles of the linear path. The tile loop (dpo_kernels/ops/linear/loop.py) writes each tile's
 // raw fp32 logits with one cuBLAS GEMM (half operands on the tensor cores, fp32 output), then:
 //
 // - fold_tile merges a [n, width] tile into per-token online statistics: a warp per token, each lane reading
@@ -10,8 +10,13 @@
 //   dtype (bf16 / fp16 / fp32; out may be x itself for fp32): a 2-D grid of (token, column block), 4 columns per
 //   thread, the token's scalars read once per thread. Memory bound: reads 4 bytes per logit (8 with the KL) and writes
 //   2 (bf16). Optionally measures the tile's largest |p - onehot| (and |p - q|) for the gradient filter.
+// - fold_weights / fold_shifted: after fold_tile, a second launch writing the tile's softmax weights e^{z - c} t'(x)
+//   (a frozen head's GEMM operands, the eager schedule's fp16 store) at each row's new max (fold_weights) or at its
+//   lazily moved shift (fold_shifted: a block a row, which also rescales the row's sums where the shift moved).
+// - scaled_grad writes dZ from a tile kept as fp16 softmax weights (the scaled store): grad_tile's grid, 2 bytes
+//   read per logit (4 with the reference's weights).
 //
-// What that traffic costs next to the GEMMs is the design target computed in dpo_kernels/ops/linear/driver.py's
+// What that traffic costs next to the GEMMs is the design target computed in dpo_kernels/ops/linear/loop.py's
 // docstring (from peak rates, not measured).
 // No torch headers.
 #include "../stats_layout.h"

@@ -7,7 +7,8 @@ From logits: one fused pass over each row in the forward (online log-sum-exp, an
 ``O(N)`` statistics saved; the backward recomputes the softmax per row and writes the gradient, into the logits'
 own storage with ``inplace_backward`` (the row kernels of :mod:`dpo_kernels.ops.logits_path`). From hidden
 states: the linear path of :mod:`dpo_kernels.ops.linear` with the ``fold_tile`` / ``grad_tile`` ops as its tile
-kernels. :data:`KERNELS` holds both.
+kernels, and every optional one: ``fold_tile_weights``, ``fold_tile_shifted`` (a frozen head's sums and the scaled
+store at lazily moved shifts) and ``scaled_grad_tile`` (``dZ`` from the scaled store). :data:`KERNELS` holds both.
 """
 
 from __future__ import annotations

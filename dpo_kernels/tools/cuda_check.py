@@ -1,7 +1,8 @@
 """The CUDA half of ``python -m dpo_kernels.tools.compile_check --cuda``: every ``csrc/**/*.cu`` compiled with
 ``nvcc`` for sm_80 and sm_90 with ``ptxas -v``, one row per kernel with registers, spill bytes and shared memory.
 The ``.cu`` files hold no torch headers, so this runs wherever ``nvcc`` is, with or without a CUDA build of torch.
-It also links them into one shared library, which proves the ``extern "C"`` launchers resolve."""
+It also links them into one shared library, which proves the ``extern "C"`` launchers resolve, and parses
+``csrc/cuda_bindings.cpp`` against this torch's headers (:func:`_check_bindings`)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,44 @@ def _parse(log: str) -> list[dict]:
     return rows
 
 
+def _toolkit_includes(nvcc: Path, tmp: Path) -> list[str]:
+    """The CUDA toolkit's include directories, as ``nvcc`` itself passes them (``--dryrun``: ``INCLUDES`` and
+    ``SYSTEM_INCLUDES``; ``nvcc`` may be a wrapper script elsewhere)."""
+    probe = tmp / "probe.cu"
+    probe.write_text("")
+    out = subprocess.run([str(nvcc), "--dryrun", "-c", str(probe), "-o", str(tmp / "probe.o")], capture_output=True,
+                         text=True)
+    dirs = []
+    for line in (out.stdout + out.stderr).splitlines():
+        if "INCLUDES=" in line:
+            dirs += re.findall(r'(?:-I|"-isystem" ")([^" ]+)', line)
+    return list(dict.fromkeys(dirs))
+
+
+def _check_bindings(root: Path, nvcc: Path, tmp: Path) -> str | None:
+    """``csrc/cuda_bindings.cpp`` (the torch-facing CUDA ops, built only into a CUDA build of the extension) parsed
+    with ``-DDPO_KERNELS_WITH_CUDA`` against this torch's headers and the CUDA toolkit's: the compiler's errors ("" when
+    it parses), or ``None`` when no host compiler is found. A CPU build of torch ships c10's CUDA headers but not the
+    one its CMake generates; an empty stand-in takes its place."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        print("no host C++ compiler: cuda_bindings.cpp not checked")
+        return None
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    stand_in = tmp / "stand_in" / "c10" / "cuda" / "impl"
+    stand_in.mkdir(parents=True, exist_ok=True)
+    (stand_in / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    includes = [*cpp_extension.include_paths(), *_toolkit_includes(nvcc, tmp), sysconfig.get_paths()["include"],
+                str(tmp / "stand_in")]  # the stand-in last: a real one wins
+    result = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-w", "-DDPO_KERNELS_WITH_CUDA",
+                             *(f"-I{d}" for d in includes), str(root / "cuda_bindings.cpp")],
+                            capture_output=True, text=True)
+    return "" if result.returncode == 0 else result.stderr
+
+
 def check() -> int:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -97,5 +136,11 @@ def check() -> int:
                 print(f"linking the CUDA objects FAILED:\n{link.stderr[-2000:]}")
             else:
                 print(f"linked {len(objects)} object(s) into a shared library: the extern \"C\" launchers resolve")
+        errors = _check_bindings(root, Path(nvcc), Path(tmp))
+        if errors:
+            failures += 1
+            print(f"cuda_bindings.cpp FAILED to parse:\n{errors[-3000:]}")
+        elif errors is not None:
+            print("cuda_bindings.cpp parsed with this torch's headers: the torch-facing CUDA ops compile")
     print(f"\n{failures} failure(s)" if failures else "\nall CUDA kernels compiled for sm_80 and sm_90 without spills")
     return 1 if failures else 0
