@@ -224,3 +224,35 @@ def test_the_store_shifts_without_sums_match_the_fallback(backend, with_ref):
     for got, want in zip(sweep(True), sweep(False), strict=True):
         for i in range(N):
             assert_close(got[i], want[i], torch.float16, f"weights of row {i} at the max")
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_backends_with_fused_kernels_never_run_the_pytorch_ops_forms(backend_name, monkeypatch):
+    """A backend that has ``fold_shifted`` and ``scaled_grad`` runs them: a frozen head (with the KL) and a forced
+    scaled store (TDPO2: the reference's weights too) never reach ``unfused_fold_shifted`` / ``unfused_scaled_grad``
+    (the PyTorch-ops forms a backend without the slots gets)."""
+    skip_if_unsupported(backend_name, torch.float32)
+    from dpo_kernels import fused_dpo_loss
+    from dpo_kernels.ops.linear import plan
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PyTorch-ops form ran on a backend with the fused kernel")
+
+    monkeypatch.setattr(contract, "unfused_fold_shifted", refuse)
+    monkeypatch.setattr(contract, "unfused_scaled_grad", refuse)
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 24, 16, 300
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    weight, ref_weight = torch.randn(v, d, generator=g), torch.randn(v, d, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    logps, _, kl = linear_token_logprobs_and_kl(hidden, weight, hidden.detach(), ref_weight, labels,
+                                                backend=backend_name, tile_budget_mb=0.01)
+    (logps.sum() + kl.sum()).backward()
+    monkeypatch.setattr(plan, "kept_store_dtype", lambda operands, sdt, opts: plan.SCALED_STORE_DTYPE)
+    pair_labels = labels.view(4, 6).clone()
+    pair_labels[:, 0] = -100  # a prompt position
+    out = fused_dpo_loss(labels=pair_labels, policy_hidden=hidden.detach().view(4, 6, d).requires_grad_(),
+                         lm_head_weight=weight.clone().requires_grad_(), ref_hidden=hidden.detach().view(4, 6, d),
+                         ref_lm_head_weight=ref_weight, loss_type="tdpo2", backend=backend_name, schedule="eager")
+    out.loss.backward()
+    assert torch.isfinite(hidden.grad).all()

@@ -16,7 +16,6 @@ from dpo_kernels import (
     token_logprobs,
     token_logprobs_and_kl,
 )
-
 from dpo_kernels.ops import backends_for
 
 from ..conftest import assert_close, compare_with_reference
@@ -114,8 +113,8 @@ def test_half_products_stay_half_on_cuda(dtype):
 def test_token_blocks_and_logged_statistics_on_cuda(backend, dtype):
     """Several token blocks (fp32 weight-gradient buffers per chunk) and the logged statistics, against the oracle."""
     from dpo_kernels.ops.common import LinearHead
-    from dpo_kernels.options import TokenOptions
     from dpo_kernels.ops.dispatch import linear_stats
+    from dpo_kernels.options import TokenOptions
 
     def run_linear_token_stats(*args, **kwargs):
         out = linear_stats(*args, **kwargs)

@@ -37,7 +37,7 @@ from dpo_kernels.ops.registry import backend_kernels
 from dpo_kernels.options import TokenOptions
 
 from ..conftest import skip_if_unsupported
-from .test_eager_schedule import PAIR_TOKENS, SMOOTHING, V, _compare, _data, _GemmCounter, _run
+from .test_eager_schedule import SMOOTHING, V, _compare, _data, _GemmCounter, _run
 
 
 @pytest.fixture
