@@ -37,12 +37,13 @@ TORCH_LIBRARY(dpo_kernels, m) {
   // fold_tile_weights at shifts (dpo_kernels/ops/linear/contract.py's fold_shifted): each row's weights are taken at
   // its shift s' (shift [n], contiguous; the reference's in ref_shift) instead of its max: s' = s unless the row's
   // max after the tile m' > s + headroom, then s' = m'; where s' moved from a finite s, the row of acc [n, D] (rows
-  // contiguous; none for a scaled store) is scaled by e^{s - s'}. weights (ref_weights) never alias x (xr).
+  // contiguous; none for a scaled store) is scaled by e^{s - s'}; s' is written to shift_out ([n], contiguous; none:
+  // over shift; the reference's to ref_shift_out). weights (ref_weights) may be x (xr) itself in x's dtype.
   m.def(
       "fold_tile_shifted(Tensor x, Tensor? bias, int v0, Tensor labels, Tensor(a!) stats, Tensor? xr, "
       "Tensor? ref_bias, Tensor(b!)? ref_stats, Tensor(c!) weights, Tensor(d!)? ref_weights, Tensor(e!)? acc, "
-      "Tensor(f!) shift, Tensor(g!)? ref_acc, Tensor(h!)? ref_shift, float headroom, float logit_scale, "
-      "float softcap, float inv_temperature) -> ()");
+      "Tensor(f!) shift, Tensor(g!)? ref_acc, Tensor(h!)? ref_shift, Tensor(i!)? shift_out, "
+      "Tensor(j!)? ref_shift_out, float headroom, float logit_scale, float softcap, float inv_temperature) -> ()");
   // dZ of a tile kept as its fp16 softmax weights (contract.py's scaled_grad and ScaledTile): weights [n, w]
   // contiguous, maxes / label_logits / lse / g [n] in the statistics dtype, the reference's beside with g_kl; out
   // [n, w] (rows contiguous, any row stride, any float dtype).

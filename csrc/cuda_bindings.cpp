@@ -179,9 +179,11 @@ void fold_tile_weights(const Tensor& x, const OptTensor& bias, int64_t v0, const
 void fold_tile_shifted(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& stats,
                        const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats,
                        const Tensor& weights, const OptTensor& ref_weights, const OptTensor& acc, const Tensor& shift,
-                       const OptTensor& ref_acc, const OptTensor& ref_shift, double headroom, double logit_scale,
-                       double softcap, double inv_temperature) {
+                       const OptTensor& ref_acc, const OptTensor& ref_shift, const OptTensor& shift_out,
+                       const OptTensor& ref_shift_out, double headroom, double logit_scale, double softcap,
+                       double inv_temperature) {
   const bool with_ref_weights = present(ref_weights), sums = present(acc);
+  const Tensor& out = present(shift_out) ? *shift_out : shift;
   const int64_t n = x.size(0);
   auto shift_ok = [&](const Tensor& t) {
     return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous();
@@ -190,9 +192,9 @@ void fold_tile_shifted(const Tensor& x, const OptTensor& bias, int64_t v0, const
     return !sums || (present(a) && a->scalar_type() == at::kFloat && a->dim() == 2 && a->size(0) == n &&
                      a->stride(1) == 1 && a->stride(0) == acc->stride(0) && a->size(1) == acc->size(1));
   };
-  TORCH_CHECK(shift_ok(shift) && sums_ok(acc) &&
+  TORCH_CHECK(shift_ok(shift) && shift_ok(out) && sums_ok(acc) &&
                   (!with_ref_weights || (present(ref_shift) && shift_ok(*ref_shift) && sums_ok(ref_acc) &&
-                                         present(xr))) &&
+                                         present(xr) && (!present(ref_shift_out) || shift_ok(*ref_shift_out)))) &&
                   (with_ref_weights || !present(ref_acc)),
               "dpo_kernels::fold_tile_shifted: each shift must be a contiguous fp32 [n] tensor and the sums fp32 "
               "[n, D] with contiguous rows of one stride (the reference's with its weights and its tile)");
@@ -214,7 +216,11 @@ void fold_tile_shifted(const Tensor& x, const OptTensor& bias, int64_t v0, const
                          with_ref_weights ? ref_weights->data_ptr() : nullptr,
                          sums ? acc->data_ptr<float>() : nullptr, shift.data_ptr<float>(),
                          sums && with_ref_weights ? ref_acc->data_ptr<float>() : nullptr,
-                         with_ref_weights ? ref_shift->data_ptr<float>() : nullptr, sums ? acc->stride(0) : 0,
+                         with_ref_weights ? ref_shift->data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                         !with_ref_weights           ? nullptr
+                         : present(ref_shift_out) ? ref_shift_out->data_ptr<float>()
+                                                  : ref_shift->data_ptr<float>(),
+                         sums ? acc->stride(0) : 0,
                          sums ? acc->size(1) : 0, headroom, DpoTransform{logit_scale, softcap, inv_temperature},
                          stream()),
         "fold_tile_shifted");

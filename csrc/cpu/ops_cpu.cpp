@@ -288,10 +288,12 @@ const acc_t* optional_data(const c10::optional<Tensor>& t) {
 }
 
 // A running sum kept at a shift (fold_shifted; dpo_kernels/ops/linear/contract.py's Accumulator): the shift [n]
-// (contiguous), and the sums [n, D] (rows contiguous) or none.
+// (contiguous), the sums [n, D] (rows contiguous) or none, and where the new shift goes ([n], contiguous; may be
+// `shift`).
 struct Shifted {
   c10::optional<Tensor> values;
   Tensor shift;
+  Tensor shift_out;
 };
 
 // Linear path, one tile: fold raw logits x [n, w] (columns v0..v0+w) into per-token statistics.
@@ -334,8 +336,7 @@ void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t 
     // e^{zz - shift} t'(raw) of row i into `into` (weights or ref_weights): the softmax weights of one row
     // the shift of row i's weights, moved as the contract says; its sums rescaled where it moved from a finite one
     auto move_shift = [&](const Shifted* a, acc_t m, int64_t i) -> acc_t {
-      acc_t* slot = a->shift.data_ptr<acc_t>() + i;
-      const acc_t old = *slot, lowest = std::numeric_limits<acc_t>::lowest();
+      const acc_t old = a->shift.data_ptr<acc_t>()[i], lowest = std::numeric_limits<acc_t>::lowest();
       const acc_t now = (m > old + static_cast<acc_t>(headroom) && m > lowest) ? m : old;
       if (a->values.has_value() && a->values->defined() && now != old &&
           old > -std::numeric_limits<acc_t>::infinity()) {
@@ -343,7 +344,7 @@ void fold_tile_into(const Tensor& x, const c10::optional<Tensor>& bias, int64_t 
         const acc_t factor = std::exp(old - now);
         for (int64_t k = 0; k < a->values->size(1); ++k) sums[k] *= factor;
       }
-      *slot = now;
+      a->shift_out.data_ptr<acc_t>()[i] = now;
       return shift_of(now);
     };
     auto write_weights = [&](const acc_t* zz, acc_t shift, const acc_t* raw, const Tensor& into, acc_t* direct,
@@ -428,9 +429,13 @@ void fold_tile_shifted(const Tensor& x, const c10::optional<Tensor>& bias, int64
                        const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
                        const c10::optional<Tensor>& ref_stats, const Tensor& weights,
                        const c10::optional<Tensor>& ref_weights, const c10::optional<Tensor>& acc, const Tensor& shift,
-                       const c10::optional<Tensor>& ref_acc, const c10::optional<Tensor>& ref_shift, double headroom,
-                       double logit_scale, double softcap, double inv_temperature) {
+                       const c10::optional<Tensor>& ref_acc, const c10::optional<Tensor>& ref_shift,
+                       const c10::optional<Tensor>& shift_out, const c10::optional<Tensor>& ref_shift_out,
+                       double headroom, double logit_scale, double softcap, double inv_temperature) {
   const bool with_ref_weights = ref_weights.has_value() && ref_weights->defined();
+  auto out_or = [](const c10::optional<Tensor>& out, const Tensor& in) {
+    return out.has_value() && out->defined() ? *out : in;
+  };
   const bool sums = acc.has_value() && acc->defined();
   const int64_t n = x.size(0);
   auto shift_ok = [&](const Tensor& s) {
@@ -440,12 +445,14 @@ void fold_tile_shifted(const Tensor& x, const c10::optional<Tensor>& bias, int64
     return !sums || (a.has_value() && a->defined() && a->dim() == 2 && a->size(0) == n && a->stride(1) == 1 &&
                      a->scalar_type() == stats.scalar_type());
   };
-  TORCH_CHECK(shift_ok(shift) && sums_ok(acc) &&
-                  (!with_ref_weights || (ref_shift.has_value() && shift_ok(*ref_shift) && sums_ok(ref_acc))),
+  TORCH_CHECK(shift_ok(shift) && shift_ok(out_or(shift_out, shift)) && sums_ok(acc) &&
+                  (!with_ref_weights || (ref_shift.has_value() && shift_ok(*ref_shift) &&
+                                         shift_ok(out_or(ref_shift_out, *ref_shift)) && sums_ok(ref_acc))),
               "dpo_kernels::fold_tile_shifted: each shift must be a contiguous [n] tensor and each set of sums "
               "[n, D] with contiguous rows, in the statistics' dtype (the reference's with its weights)");
-  const Shifted policy{acc, shift};
-  const Shifted reference{ref_acc, with_ref_weights ? *ref_shift : shift};
+  const Shifted policy{acc, shift, out_or(shift_out, shift)};
+  const Tensor& ref_in = with_ref_weights ? *ref_shift : shift;
+  const Shifted reference{ref_acc, ref_in, out_or(ref_shift_out, ref_in)};
   const bool logging = stats.size(0) == stat_rows(true);
   TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && at::isFloatingType(weights.scalar_type()) &&
                   (!with_ref_weights || (ref_weights->is_contiguous() && ref_weights->sizes() == x.sizes() &&

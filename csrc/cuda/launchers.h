@@ -81,11 +81,13 @@ int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, const float* 
 // weights e^{z - s'} t'(x) are written as dpo_fold_weights writes them (may be tile.x for fp32), and with
 // ref_weights (NULL: none) e^{zr - s_r'} t'(x) at the reference's shift (ref_shift); where a shift moved from a
 // finite value, the row of acc [n, dim] (row stride acc_stride; NULL: no sums, a scaled store) is scaled by
-// e^{s - s'} (ref_acc likewise, NULL exactly when acc is); s' is stored.
+// e^{s - s'} (ref_acc likewise, NULL exactly when acc is); s' is stored in shift_out (ref_shift_out), which may be
+// shift (ref_shift) itself.
 int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, const float* stats, int64_t stats_stride,
                      const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights, float* acc,
-                     float* shift, float* ref_acc, float* ref_shift, int64_t acc_stride, int64_t dim,
-                     double headroom, DpoTransform transform, intptr_t stream);
+                     const float* shift, float* ref_acc, const float* ref_shift, float* shift_out,
+                     float* ref_shift_out, int64_t acc_stride, int64_t dim, double headroom, DpoTransform transform,
+                     intptr_t stream);
 
 // dZ of a tile kept as fp16 softmax weights (the eager schedule's scaled store): weights (and ref_weights, NULL: no
 // KL gradient) contiguous [n, width] fp16, their shifts maxes (ref_maxes) [n], the label logits, labels [n] (columns

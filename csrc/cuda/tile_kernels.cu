@@ -252,15 +252,17 @@ __device__ __forceinline__ float moved_shift(float s, float m, float headroom) {
 // fold_shifted's second pass, after fold_tile_kernel has written the row's new maxima into stats (and ref_stats):
 // one block a row takes the row's shift from `shift` (moved by the rule above), writes w = e^{z - s'} t'(x) (and
 // e^{zr - s_r'} t'(x) with the policy's slope), rescales the row of the sums `acc` [n, dim] (row stride
-// acc_stride) by e^{s - s'} where the shift moved from a finite s (SUMS), and stores s'. x and w may be the same
+// acc_stride) by e^{s - s'} where the shift moved from a finite s (SUMS), and stores s' in shift_out (which may be
+// `shift`: every thread reads the old value before it is written). x and w may be the same
 // memory (fp32 weights over their tile): each entry is read before it is written, by the thread that writes it.
 template <typename W, bool WITH_REF, bool SUMS, int VEC>
 __global__ void fold_shifted_kernel(const float* x, const float* __restrict__ bias, const float* xr,
                                     const float* __restrict__ ref_bias, W* w, W* ref_w, int64_t width,
                                     const float* __restrict__ stats, int64_t ss, const float* __restrict__ ref_stats,
-                                    int64_t rss, float* __restrict__ acc, float* __restrict__ shift,
-                                    float* __restrict__ ref_acc, float* __restrict__ ref_shift, int64_t acc_stride,
-                                    int64_t dim, float headroom, TransformParams t) {
+                                    int64_t rss, float* __restrict__ acc, const float* shift,
+                                    float* __restrict__ ref_acc, const float* ref_shift, float* shift_out,
+                                    float* ref_shift_out, int64_t acc_stride, int64_t dim, float headroom,
+                                    TransformParams t) {
   const int64_t row = blockIdx.x;
   const float old = shift[row], now = moved_shift(old, stats[kMax * ss + row], headroom);
   const float at = now == -INFINITY ? 0.f : now;  // a shift still -inf: every logit so far -inf, weights 0
@@ -303,8 +305,8 @@ __global__ void fold_shifted_kernel(const float* x, const float* __restrict__ bi
   }
   __syncthreads();  // every thread has read the shifts
   if (threadIdx.x == 0) {
-    shift[row] = now;
-    if constexpr (WITH_REF) ref_shift[row] = ref_now;
+    shift_out[row] = now;
+    if constexpr (WITH_REF) ref_shift_out[row] = ref_now;
   }
 }
 
@@ -387,17 +389,18 @@ void launch_weights(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, c
 template <typename W, bool WITH_REF, bool SUMS>
 void launch_shifted(bool vec, unsigned rows, cudaStream_t s, const float* x, const float* bias, const float* xr,
                     const float* ref_bias, void* w, void* ref_w, int64_t width, const float* stats, int64_t ss,
-                    const float* ref_stats, int64_t rss, float* acc, float* shift, float* ref_acc, float* ref_shift,
-                    int64_t acc_stride, int64_t dim, float headroom, TransformParams t) {
+                    const float* ref_stats, int64_t rss, float* acc, const float* shift, float* ref_acc,
+                    const float* ref_shift, float* shift_out, float* ref_shift_out, int64_t acc_stride, int64_t dim,
+                    float headroom, TransformParams t) {
   auto *o = static_cast<W*>(w), *ro = static_cast<W*>(ref_w);
   if (vec) {
     fold_shifted_kernel<W, WITH_REF, SUMS, kVec><<<rows, kGradThreads, 0, s>>>(
-        x, bias, xr, ref_bias, o, ro, width, stats, ss, ref_stats, rss, acc, shift, ref_acc, ref_shift, acc_stride, dim,
-        headroom, t);
+        x, bias, xr, ref_bias, o, ro, width, stats, ss, ref_stats, rss, acc, shift, ref_acc, ref_shift, shift_out,
+        ref_shift_out, acc_stride, dim, headroom, t);
   } else {
     fold_shifted_kernel<W, WITH_REF, SUMS, 1><<<rows, kGradThreads, 0, s>>>(
-        x, bias, xr, ref_bias, o, ro, width, stats, ss, ref_stats, rss, acc, shift, ref_acc, ref_shift, acc_stride, dim,
-        headroom, t);
+        x, bias, xr, ref_bias, o, ro, width, stats, ss, ref_stats, rss, acc, shift, ref_acc, ref_shift, shift_out,
+        ref_shift_out, acc_stride, dim, headroom, t);
   }
 }
 
@@ -543,8 +546,9 @@ extern "C" int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, co
 
 extern "C" int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, const float* stats, int64_t stats_stride,
                                 const float* ref_stats, int64_t ref_stats_stride, void* weights, void* ref_weights,
-                                float* acc, float* shift, float* ref_acc, float* ref_shift, int64_t acc_stride,
-                                int64_t dim, double headroom, DpoTransform transform, intptr_t stream) {
+                                float* acc, const float* shift, float* ref_acc, const float* ref_shift,
+                                float* shift_out, float* ref_shift_out, int64_t acc_stride, int64_t dim,
+                                double headroom, DpoTransform transform, intptr_t stream) {
   using namespace dpo_kernels::cuda;
   const float *x = tile.x, *bias = tile.bias, *xr = ref.x, *ref_bias = ref.bias;
   const int64_t n = tile.n, width = tile.width;
@@ -553,7 +557,10 @@ extern "C" int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, co
   const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool with_ref = ref_weights != nullptr, sums = acc != nullptr;
-  if (with_ref && ((ref_acc != nullptr) != sums || ref_shift == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  if (shift_out == nullptr ||
+      (with_ref && ((ref_acc != nullptr) != sums || ref_shift == nullptr || ref_shift_out == nullptr))) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const int w_bytes = weights_dtype == DPO_FLOAT32 ? 4 : 2;
   const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(bias, 16) && aligned(weights, kVec * w_bytes) &&
                    (!with_ref || (aligned(xr, 16) && aligned(ref_bias, 16) && aligned(ref_weights, kVec * w_bytes)));
@@ -563,7 +570,8 @@ extern "C" int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, co
     using W = decltype(weights_type);
 #define DPO_SHIFTED(REF, SUMS)                                                                                      \
   launch_shifted<W, REF, SUMS>(vec, rows, s, x, bias, xr, ref_bias, weights, ref_weights, width, stats, stats_stride, \
-                               ref_stats, ref_stats_stride, acc, shift, ref_acc, ref_shift, acc_stride, dim, room, t)
+                               ref_stats, ref_stats_stride, acc, shift, ref_acc, ref_shift, shift_out, ref_shift_out, \
+                               acc_stride, dim, room, t)
     if (with_ref && sums) {
       DPO_SHIFTED(true, true);
     } else if (with_ref) {

@@ -79,8 +79,8 @@ def fold_tile_shifted(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats
     _ops().fold_tile_shifted(
         tile.logits, tile.bias, tile.v0, tile.labels, stats, None if ref is None else ref.logits,
         None if ref is None else ref.bias, ref_stats, weights, ref_weights, acc.values, acc.shift,
-        None if ref_acc is None else ref_acc.values, None if ref_acc is None else ref_acc.shift, float(headroom),
-        *_transform(opts),
+        None if ref_acc is None else ref_acc.values, None if ref_acc is None else ref_acc.shift, acc.shift_out,
+        None if ref_acc is None else ref_acc.shift_out, float(headroom), *_transform(opts),
     )
 
 

@@ -115,7 +115,8 @@ def _variants(dtype: torch.dtype) -> list[Variant]:
                 HAS_BIAS=bias, HAS_REF=ref, HAS_REF_BIAS=bias and ref, LOGGING=logging, WEIGHTS=True,
                 REF_WEIGHTS=ref, SHIFTED=shifted, SUMS=sums, BLOCK_V=block.block_v, **tflags,
                 **_absent(bias_ptr=bias, xr_ptr=ref, ref_bias_ptr=bias and ref, ref_stats_ptr=ref, ref_weights_ptr=ref,
-                          acc_ptr=sums, shift_ptr=shifted, ref_acc_ptr=sums and ref, ref_shift_ptr=shifted and ref),
+                          acc_ptr=sums, shift_ptr=shifted, ref_acc_ptr=sums and ref, ref_shift_ptr=shifted and ref,
+                          shift_out_ptr=shifted, ref_shift_out_ptr=shifted and ref),
             ), block.num_warps, label=tag + kind))
         for filtered, block in itertools.product((False, True), config.GRAD_BLOCKS):
             out.append(Variant("grad_tile", _grad_tile_kernel.fn, dict(
@@ -143,7 +144,8 @@ def _divisibility(fn, constexprs: dict) -> dict:
             if name not in constexprs and name not in FLOAT_SCALARS and name not in NEVER_ALIGNED}
 
 
-_NO_ACCUMULATORS = dict(acc_ptr=False, shift_ptr=False, ref_acc_ptr=False, ref_shift_ptr=False)
+_NO_ACCUMULATORS = dict(acc_ptr=False, shift_ptr=False, ref_acc_ptr=False, ref_shift_ptr=False, shift_out_ptr=False,
+                        ref_shift_out_ptr=False)
 
 
 def _absent(**present: bool) -> dict:

@@ -186,9 +186,10 @@ def test_frozen_head_gradient_with_spiking_logits_matches_float64(backend, with_
 
 @pytest.mark.parametrize("with_ref", [False, True], ids=["policy", "with_kl"])
 def test_the_store_shifts_without_sums_match_the_fallback(backend, with_ref):
-    """The eager schedule's scaled store calls ``fold_shifted`` with shifts and no sums (``Accumulator.values`` None):
-    each tile's fp16 weights, brought from the shift they were written at to the running max after the tile, are the
-    fallback's weights at that max (the spikes move shifts late in a tile and in the second tile)."""
+    """The eager schedule's scaled store calls ``fold_shifted`` with shifts and no sums (``Accumulator.values`` None),
+    each tile's new shifts written to rows of their own: each tile's fp16 weights, brought from the shift they were
+    written at to the running max after the tile, are the fallback's weights at that max (the spikes move shifts
+    late in a tile and in the second tile)."""
     skip_if_unsupported(backend, torch.float32)
     kernels = backend_kernels(backend, "test", torch.zeros(1)).tiles
     if kernels.fold_shifted is None:
@@ -198,14 +199,18 @@ def test_the_store_shifts_without_sums_match_the_fallback(backend, with_ref):
     labels = torch.tensor([3, WIDTH + 10, 4999, 0, WIDTH + 4999])
 
     def sweep(fused: bool):
+        """Each tile's shifts written to rows of their own (``shift_out``), read from the previous tile's, as the
+        scaled store keeps them; the rows read are left as they were."""
         stats = contract.new_stats(N, torch.float32, torch.device("cpu"))
         ref_stats = None if refs is None else contract.new_ref_stats(N, torch.float32, torch.device("cpu"))
-        shift = Accumulator(None, torch.full((N,), float("-inf")))
-        ref_shift = None if refs is None else Accumulator(None, torch.full((N,), float("-inf")))
+        last = [torch.full((N,), float("-inf")) for _ in range(1 if refs is None else 2)]
         out = []
         for i, x in enumerate(tiles):
             w = torch.empty(N, WIDTH, dtype=torch.float16)
             wr = None if refs is None else torch.empty(N, WIDTH, dtype=torch.float16)
+            shift = Accumulator(None, last[0], torch.full((N,), float("nan")))
+            ref_shift = None if refs is None else Accumulator(None, last[1], torch.full((N,), float("nan")))
+            read = [t.clone() for t in last]
             args = (LogitsTile(x.clone(), None, i * WIDTH, labels), stats,
                     None if refs is None else LogitsTile(refs[i].clone(), None, i * WIDTH, labels), ref_stats, opts,
                     w, wr, shift, ref_shift)
@@ -213,10 +218,13 @@ def test_the_store_shifts_without_sums_match_the_fallback(backend, with_ref):
                 kernels.fold_shifted(*args, shift_headroom(torch.float16, opts))
             else:
                 contract.unfused_fold_shifted(kernels, *args)
-            at_max = w.double() * contract.shift_factor(shift.shift, stats[StatRow.MAX]).double().unsqueeze(1)
+            assert all(torch.equal(a, b) for a, b in zip(last, read, strict=True)), "the shifts read were written"
+            last = [a.shift_out for a in (shift, ref_shift) if a is not None]
+            assert not any(t.isnan().any() for t in last), "a shift was not written"
+            at_max = w.double() * contract.shift_factor(shift.new_shift, stats[StatRow.MAX]).double().unsqueeze(1)
             out.append(at_max)
             if refs is not None:
-                out.append(wr.double() * contract.shift_factor(ref_shift.shift, ref_stats[RefRow.MAX]).double()
+                out.append(wr.double() * contract.shift_factor(ref_shift.new_shift, ref_stats[RefRow.MAX]).double()
                            .unsqueeze(1))
             assert w.float().max() <= math.exp(shift_headroom(torch.float16, opts)) * 1.01
         return out

@@ -34,7 +34,7 @@ tokens that are not ignored (every label of a tile is a valid vocabulary id). A 
     never the tile itself unless the backend's ``fold_shifted_in_place`` says it may be (weights of the tile's
     dtype over their tile): the weights are taken at each row's
     *shift* ``s'`` instead of its running max, ``weights = e^{z - s'} t'(x)`` (with ``ref_acc``:
-    ``ref_weights = e^{zr - s_r'} t'(x)``), and the kernel writes ``s'`` into ``acc.shift`` (``ref_acc.shift``):
+    ``ref_weights = e^{zr - s_r'} t'(x)``), and the kernel writes ``s'`` into ``acc.new_shift`` (``ref_acc``'s):
     ``s' = s`` (the shift before this tile) unless the row's running max after it, ``m'``, exceeds ``s + headroom``;
     then some ``s'`` with ``m' - headroom <= s' <= m'``. Where a row's shift moved from a finite ``s``, the kernel
     multiplies that row of ``acc.values`` by ``e^{s - s'}`` (a row whose shift was ``-inf`` holds 0). The caller
@@ -148,10 +148,18 @@ class Accumulator:
             or ``None``.
         shift: ``[n]`` in the statistics dtype: ``s``, ``-inf`` while every logit so far was ``-inf`` (``values``
             then 0); never above the running max, never below it by more than the ``headroom`` of the last fold.
+        shift_out: ``[n]`` where ``fold_shifted`` writes the new shift ``s'``, ``shift`` itself when ``None`` (the
+            scaled store keeps each chunk's shifts: it reads the previous chunk's row and writes this chunk's).
     """
 
     values: torch.Tensor | None
     shift: torch.Tensor
+    shift_out: torch.Tensor | None = None
+
+    @property
+    def new_shift(self) -> torch.Tensor:
+        """Where ``s'`` is written."""
+        return self.shift if self.shift_out is None else self.shift_out
 
 
 # A shift trails its row's max by at most this much (fewer where the weights' dtype is narrow: shift_headroom): far
@@ -272,10 +280,11 @@ def unfused_fold_shifted(kernels: TileKernels, tile: LogitsTile, stats: torch.Te
 
 
 def _move_shift(acc: Accumulator, new: torch.Tensor) -> None:
-    """``values *= e^{s - s'}``, ``s = s'`` (a row whose shift was ``-inf`` holds 0 and stays 0)."""
+    """``values *= e^{s - s'}``, ``s'`` written to ``acc.new_shift`` (a row whose shift was ``-inf`` holds 0 and
+    stays 0)."""
     if acc.values is not None:
         acc.values.mul_(shift_factor(acc.shift, new).unsqueeze(1))
-    acc.shift.copy_(new)
+    acc.new_shift.copy_(new)
 
 
 def shift_factor(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

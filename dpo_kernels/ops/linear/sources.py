@@ -340,7 +340,7 @@ class ScaledSource(GemmSource):
     ref_source: "GemmSource | None" = None  # a KL gradient's reference, for the chunks that are recomputed
     maxes: dict = field(default_factory=dict)  # v0 -> [n] fp32: each token's shift after chunk v0's fold
     ref_maxes: dict = field(default_factory=dict)
-    shifts: torch.Tensor | None = None  # [1 or 2, n]: the running shifts (fold_shifted) while the forward folds
+    _last_shifts: dict = field(default_factory=dict, repr=False)  # n0 -> the last kept chunk's maxes rows n0:n1
     label_logits: tuple | None = None  # (z_y [n], zr_y [n] or None) after the forward: see filled
     _store_dtype: torch.dtype | None = field(default=None, repr=False)
     _with_ref: bool = field(default=False, repr=False)
@@ -427,22 +427,25 @@ class ScaledSource(GemmSource):
         if not self._kept(v0):  # recomputed by the backward: nothing kept
             super().fold(kernels, block, tile, stats, ref_tile, ref_stats, opts)
             return
-        if self.shifts is None:  # one per token (and the reference's), carried from chunk to chunk
-            self.shifts = torch.full((2 if self.ref_store is not None else 1, self.store.n), float("-inf"),
-                                     dtype=stats.dtype, device=stats.device)
+        # each kept chunk's shifts are its own rows of maxes, which the kernel writes from the last kept chunk's
+        # (-inf before the first): no running copy to keep
+        heads = 1 if self.ref_store is None else 2
+        if n0 not in self._last_shifts:
+            self._last_shifts[n0] = torch.full((heads, n1 - n0), float("-inf"), dtype=stats.dtype,
+                                               device=stats.device).unbind(0)
+        last = self._last_shifts[n0]
         ref_weights = None if self.ref_store is None else self.ref_store.slot(*block)
-        shift = Accumulator(None, self.shifts[0, n0:n1])
-        ref_shift = None if ref_weights is None else Accumulator(None, self.shifts[1, n0:n1])
+        shift = Accumulator(None, last[0], self._chunk_shifts(self.maxes, v0, stats)[n0:n1])
+        ref_shift = None if ref_weights is None else Accumulator(
+            None, last[1], self._chunk_shifts(self.ref_maxes, v0, stats)[n0:n1])
         fold_shifted(kernels, tile, stats, ref_tile, ref_stats, opts, self.store.slot(*block), ref_weights, shift,
                      ref_shift)
-        self._keep_shift(self.maxes, v0, n0, n1, shift.shift)
-        if ref_shift is not None:
-            self._keep_shift(self.ref_maxes, v0, n0, n1, ref_shift.shift)
+        self._last_shifts[n0] = tuple(a.new_shift for a in (shift, ref_shift) if a is not None)
 
-    def _keep_shift(self, maxes: dict, v0: int, n0: int, n1: int, shift: torch.Tensor) -> None:
+    def _chunk_shifts(self, maxes: dict, v0: int, stats: torch.Tensor) -> torch.Tensor:
         if v0 not in maxes:
-            maxes[v0] = torch.empty(self.store.n, dtype=shift.dtype, device=shift.device)
-        maxes[v0][n0:n1].copy_(shift)
+            maxes[v0] = torch.empty(self.store.n, dtype=stats.dtype, device=stats.device)
+        return maxes[v0]
 
     def filled(self, stats: torch.Tensor, ref_stats: torch.Tensor | None) -> "ScaledSource":
         """The source the backward reads, with the label logits of the forward's statistics (after a vocabulary-

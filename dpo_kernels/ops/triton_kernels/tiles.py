@@ -57,7 +57,8 @@ _REF_LABEL_LOGIT, _REF_WEIGHTED = tl.constexpr(RefRow.LABEL_LOGIT.value), tl.con
 @triton.jit
 def _fold_tile_kernel(
     x_ptr, bias_ptr, xr_ptr, ref_bias_ptr, labels_ptr, stats_ptr, stats_stride, ref_stats_ptr, ref_stats_stride,
-    weights_ptr, ref_weights_ptr, acc_ptr, shift_ptr, ref_acc_ptr, ref_shift_ptr, acc_stride, dim, headroom,
+    weights_ptr, ref_weights_ptr, acc_ptr, shift_ptr, ref_acc_ptr, ref_shift_ptr, shift_out_ptr, ref_shift_out_ptr,
+    acc_stride, dim, headroom,
     width, v0, logit_scale, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, LOGGING: tl.constexpr,
     WEIGHTS: tl.constexpr, REF_WEIGHTS: tl.constexpr, SHIFTED: tl.constexpr, SUMS: tl.constexpr,
@@ -75,7 +76,7 @@ def _fold_tile_kernel(
             _store_label_logit(hit, xr_ptr + row * width, ref_bias_ptr, label_col,
                                ref_stats_ptr + row + _REF_LABEL_LOGIT * ref_stats_stride, logit_scale, softcap,
                                inv_temperature, HAS_REF_BIAS, HAS_SCALE, HAS_SOFTCAP, HAS_TEMPERATURE)
-        shift = tl.load(shift_ptr + row)  # stored after the row: its slot holds the shift before the tile till then
+        shift = tl.load(shift_ptr + row)  # the shift before the tile (shift_out_ptr may be the same slot)
         ref_shift = 0.0
         if REF_WEIGHTS:
             ref_shift = tl.load(ref_shift_ptr + row)
@@ -186,11 +187,11 @@ def _fold_tile_kernel(
         # the accumulator rows whose shift moved from a finite one are brought to it (rows at -inf hold 0)
         if SUMS:
             _move_accumulator_row(acc_ptr + row * acc_stride, shift_ptr + row, shift, dim, BLOCK_V)
-        tl.store(shift_ptr + row, shift)
+        tl.store(shift_out_ptr + row, shift)
         if REF_WEIGHTS:
             if SUMS:
                 _move_accumulator_row(ref_acc_ptr + row * acc_stride, ref_shift_ptr + row, ref_shift, dim, BLOCK_V)
-            tl.store(ref_shift_ptr + row, ref_shift)
+            tl.store(ref_shift_out_ptr + row, ref_shift)
     elif WEIGHTS:  # fold_weights: a second pass over the row (from L2), e^{z - m'} t'(x) at the row's new maxima
         ref_at = big
         if REF_WEIGHTS:
@@ -355,7 +356,7 @@ def fold_shifted(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opt
     if sums and ((ref_acc is not None and ref_acc.values.stride() != acc.values.stride())
                  or acc.values.stride(1) != 1):
         raise ValueError("fold_shifted: the accumulators' rows must be contiguous and share their stride")
-    if not acc.shift.is_contiguous() or (ref_acc is not None and not ref_acc.shift.is_contiguous()):
+    if not all(a.shift.is_contiguous() and a.new_shift.is_contiguous() for a in (acc, ref_acc) if a is not None):
         raise ValueError("fold_shifted: the shifts must be contiguous")
     _fold(tile, stats, ref, ref_stats, opts, weights, ref_weights, acc, ref_acc, headroom)
 
@@ -372,6 +373,7 @@ def _fold(tile: LogitsTile, stats, ref: LogitsTile | None, ref_stats, opts: Toke
             stats, stats.stride(0), ref_stats, 0 if ref_stats is None else ref_stats.stride(0), weights, ref_weights,
             None if acc is None else acc.values, None if acc is None else acc.shift,
             None if ref_acc is None else ref_acc.values, None if ref_acc is None else ref_acc.shift,
+            None if acc is None else acc.new_shift, None if ref_acc is None else ref_acc.new_shift,
             0 if acc is None or acc.values is None else acc.values.stride(0),
             0 if acc is None or acc.values is None else acc.values.shape[1], headroom,
             width, tile.v0, **transform_args(opts), LOGGING=has_logging_rows(stats), BLOCK_V=cfg.block_v,
