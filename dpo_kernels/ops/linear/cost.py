@@ -21,8 +21,8 @@ The terms (``n`` kept tokens, a ``[V, D]`` head, ``s`` bytes a kept logit, :func
   and written by every vocabulary chunk's accumulation; an fp32 weight's gradient accumulated by the eager forward
   is scaled in place by its backward, and a half weight's fp32 accumulator over several groups is zeroed, scaled and
   rounded (over one group of a scaled store the backward writes either once, the scale inside ``dZ``).
-- Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (7 when the
-  backward forms every gradient), one more where the reference's tiles are folded alone (no KL wanted), 3 more
+- Launches: about 7 a vocabulary chunk for recompute (two passes), 9 a chunk and group for eager (6 when the
+  backward forms every gradient: the policy's GEMM and fold at shifts, the reference's GEMM, then dZ, dW, dH), one more where the reference's tiles are folded alone (no KL wanted), 3 more
   where the heads are converted chunk by chunk (2 for the chunks whose converted rows a scaled store keeps).
 """
 
@@ -143,7 +143,7 @@ def eager(facts: HeadFacts, opts: TokenOptions, group_tokens: tuple[int, ...], s
         weight_grad = (4 + 4 + OPERAND_BYTES) * v * d  # the fp32 accumulator zeroed, then scaled and rounded
     if groups > 1 and (facts.fp32_weight_grad or facts.half_weight_grad):
         weight_grad += groups * 8 * v * d  # each group's dW GEMMs read and write the fp32 accumulator
-    per_chunk = ((7 if deferred else 9) + _ref_alone(facts) + recomputed * (1 + kept_heads)
+    per_chunk = ((6 if deferred else 9) + _ref_alone(facts) + recomputed * (1 + kept_heads)
                  + (0 if not facts.policy_converted or (converted_held and not deferred)
                     else 3 - converted_held))
     return Estimate(flops, logits * per_logit + CONVERSION_BYTES * conversions + dh + weight_grad,
