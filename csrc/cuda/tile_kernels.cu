@@ -208,10 +208,35 @@ __global__ void grad_tile_kernel(const float* x, const float* __restrict__ bias,
   }
 }
 
+// VEC entries of a tile row from column col0 (offset = row * width + col0) as softmax weights: w = e^{z - at} t'(x),
+// and with a reference e^{zr - ref_at} t'(x) (the policy's slope), in W. x and w may be the same memory (fp32
+// weights over their tile): each entry is read before it is written, by the thread that writes it.
+template <typename W, bool WITH_REF, int VEC>
+__device__ __forceinline__ void write_weights(const float* x, const float* bias, const float* xr, const float* ref_bias,
+                                              W* w, W* ref_w, int64_t offset, int64_t col0, float at, float ref_at,
+                                              const TransformParams& t) {
+  const Packet<float, VEC> px = load_packet<VEC>(x, offset), pb = load_bias<VEC>(bias, col0);
+  Packet<float, VEC> pr, prb;
+  if constexpr (WITH_REF) {
+    pr = load_packet<VEC>(xr, offset);
+    prb = load_bias<VEC>(ref_bias, col0);
+  }
+  Packet<W, VEC> pw, prw;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float slope;  // dz/dx, from the same tanh as z
+    const float z = t.apply_and_slope<float>(px.v[k] + pb.v[k], slope);
+    pw.v[k] = from_float<W>(__expf(z - at) * slope);
+    if constexpr (WITH_REF) prw.v[k] = from_float<W>(__expf(t.apply<float>(pr.v[k] + prb.v[k]) - ref_at) * slope);
+  }
+  *reinterpret_cast<Packet<W, VEC>*>(w + offset) = pw;
+  if constexpr (WITH_REF) *reinterpret_cast<Packet<W, VEC>*>(ref_w + offset) = prw;
+}
+
 // fold_weights' second pass, after fold_tile_kernel has written the row's new maxima into stats (and ref_stats):
 // w = e^{z - m'} t'(x) of each entry of the tile, and with a reference e^{zr - mr'} t'(x) (the policy's slope), in
-// W (the GEMM operand dtype). A maximum still -inf shifts by 0. x and w may be the same memory (fp32 weights over
-// their tile): no __restrict__ on them; each entry is read before it is written.
+// W (the GEMM operand dtype). A maximum still -inf shifts by 0. x and w may be the same memory (write_weights): no
+// __restrict__ on them.
 template <typename W, bool WITH_REF, int VEC>
 __global__ void fold_weights_kernel(const float* x, const float* __restrict__ bias, const float* xr,
                                     const float* __restrict__ ref_bias, W* w, W* ref_w, int64_t width,
@@ -220,27 +245,14 @@ __global__ void fold_weights_kernel(const float* x, const float* __restrict__ bi
   const int64_t row = blockIdx.x;
   const int64_t col0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
   if (col0 >= width) return;
-  const int64_t offset = row * width + col0;
-  const float m = stats[kMax * ss + row], shift = m == -INFINITY ? 0.f : m;
-  const Packet<float, VEC> px = load_packet<VEC>(x, offset), pb = load_bias<VEC>(bias, col0);
-  Packet<float, VEC> pr, prb;
-  float ref_shift = 0.f;
+  const float m = stats[kMax * ss + row];
+  float ref_at = 0.f;
   if constexpr (WITH_REF) {
-    pr = load_packet<VEC>(xr, offset);
-    prb = load_bias<VEC>(ref_bias, col0);
     const float mr = ref_stats[kRefMax * rss + row];
-    ref_shift = mr == -INFINITY ? 0.f : mr;
+    ref_at = mr == -INFINITY ? 0.f : mr;
   }
-  Packet<W, VEC> pw, prw;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    float slope;  // dz/dx, from the same tanh as z
-    const float z = t.apply_and_slope<float>(px.v[k] + pb.v[k], slope);
-    pw.v[k] = from_float<W>(__expf(z - shift) * slope);
-    if constexpr (WITH_REF) prw.v[k] = from_float<W>(__expf(t.apply<float>(pr.v[k] + prb.v[k]) - ref_shift) * slope);
-  }
-  *reinterpret_cast<Packet<W, VEC>*>(w + offset) = pw;
-  if constexpr (WITH_REF) *reinterpret_cast<Packet<W, VEC>*>(ref_w + offset) = prw;
+  write_weights<W, WITH_REF, VEC>(x, bias, xr, ref_bias, w, ref_w, row * width + col0, col0,
+                                  m == -INFINITY ? 0.f : m, ref_at, t);
 }
 
 // fold_shifted's shift rule (dpo_kernels/ops/linear/contract.py): a row's shift s stays unless its max after the
@@ -249,12 +261,19 @@ __device__ __forceinline__ float moved_shift(float s, float m, float headroom) {
   return (m > s + headroom && m > -FLT_MAX) ? m : s;
 }
 
+// A row of sums [dim] brought from shift s to s' by the block's threads: scaled by e^{s - s'} where the shift moved
+// from a finite s (a row at -inf holds 0).
+__device__ __forceinline__ void move_sums(float* sums, float s, float moved, int64_t dim) {
+  if (moved == s || s == -INFINITY) return;
+  const float factor = __expf(s - moved);
+  for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) sums[k] *= factor;
+}
+
 // fold_shifted's second pass, after fold_tile_kernel has written the row's new maxima into stats (and ref_stats):
 // one block a row takes the row's shift from `shift` (moved by the rule above), writes w = e^{z - s'} t'(x) (and
 // e^{zr - s_r'} t'(x) with the policy's slope), rescales the row of the sums `acc` [n, dim] (row stride
 // acc_stride) by e^{s - s'} where the shift moved from a finite s (SUMS), and stores s' in shift_out (which may be
-// `shift`: every thread reads the old value before it is written). x and w may be the same
-// memory (fp32 weights over their tile): each entry is read before it is written, by the thread that writes it.
+// `shift`: every thread reads the old value before it is written). x and w may be the same memory (write_weights).
 template <typename W, bool WITH_REF, bool SUMS, int VEC>
 __global__ void fold_shifted_kernel(const float* x, const float* __restrict__ bias, const float* xr,
                                     const float* __restrict__ ref_bias, W* w, W* ref_w, int64_t width,
@@ -273,35 +292,11 @@ __global__ void fold_shifted_kernel(const float* x, const float* __restrict__ bi
     ref_at = ref_now == -INFINITY ? 0.f : ref_now;
   }
   for (int64_t col0 = static_cast<int64_t>(threadIdx.x) * VEC; col0 < width; col0 += int64_t{blockDim.x} * VEC) {
-    const int64_t offset = row * width + col0;
-    const Packet<float, VEC> px = load_packet<VEC>(x, offset), pb = load_bias<VEC>(bias, col0);
-    Packet<float, VEC> pr, prb;
-    if constexpr (WITH_REF) {
-      pr = load_packet<VEC>(xr, offset);
-      prb = load_bias<VEC>(ref_bias, col0);
-    }
-    Packet<W, VEC> pw, prw;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      float slope;  // dz/dx, from the same tanh as z
-      const float z = t.apply_and_slope<float>(px.v[k] + pb.v[k], slope);
-      pw.v[k] = from_float<W>(__expf(z - at) * slope);
-      if constexpr (WITH_REF) prw.v[k] = from_float<W>(__expf(t.apply<float>(pr.v[k] + prb.v[k]) - ref_at) * slope);
-    }
-    *reinterpret_cast<Packet<W, VEC>*>(w + offset) = pw;
-    if constexpr (WITH_REF) *reinterpret_cast<Packet<W, VEC>*>(ref_w + offset) = prw;
+    write_weights<W, WITH_REF, VEC>(x, bias, xr, ref_bias, w, ref_w, row * width + col0, col0, at, ref_at, t);
   }
   if constexpr (SUMS) {
-    if (now != old && old != -INFINITY) {
-      const float factor = __expf(old - now);
-      for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) acc[row * acc_stride + k] *= factor;
-    }
-    if constexpr (WITH_REF) {
-      if (ref_now != ref_old && ref_old != -INFINITY) {
-        const float factor = __expf(ref_old - ref_now);
-        for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) ref_acc[row * acc_stride + k] *= factor;
-      }
-    }
+    move_sums(acc + row * acc_stride, old, now, dim);
+    if constexpr (WITH_REF) move_sums(ref_acc + row * acc_stride, ref_old, ref_now, dim);
   }
   __syncthreads();  // every thread has read the shifts
   if (threadIdx.x == 0) {
