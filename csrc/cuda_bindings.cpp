@@ -149,6 +149,19 @@ void fold_tile(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor&
         "fold_tile");
 }
 
+// The weights a second launch writes after fold_tile (fold_tile_weights, fold_tile_shifted; the op `what`): tiles of
+// x's shape, contiguous, the reference's of the same dtype and beside its tile; at most 2^31 - 1 tokens (a grid
+// dimension).
+void check_weights(const char* what, const Tensor& x, const OptTensor& xr, const Tensor& weights,
+                   const OptTensor& ref_weights) {
+  TORCH_CHECK(weights.sizes() == x.sizes() && weights.is_contiguous() &&
+                  (!present(ref_weights) || (ref_weights->sizes() == x.sizes() && ref_weights->is_contiguous() &&
+                                             ref_weights->scalar_type() == weights.scalar_type() && present(xr))),
+              "dpo_kernels::", what, ": weights (and ref_weights, with a reference) must be contiguous tiles of x's "
+              "shape, of one dtype");
+  TORCH_CHECK(x.size(0) <= INT32_MAX, "dpo_kernels::", what, ": a tile holds at most 2^31 - 1 tokens");
+}
+
 // fold_tile, then a second launch writing a frozen head's softmax weights (the schema's doc in bindings.cpp).
 void fold_tile_weights(const Tensor& x, const OptTensor& bias, int64_t v0, const Tensor& labels, const Tensor& stats,
                        const OptTensor& xr, const OptTensor& ref_bias, const OptTensor& ref_stats,
@@ -158,12 +171,7 @@ void fold_tile_weights(const Tensor& x, const OptTensor& bias, int64_t v0, const
   const bool logging = stats.size(0) == dpo_kernels::stat_rows(true);
   fold_tile(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature);
   const bool with_ref_weights = present(ref_weights);
-  TORCH_CHECK(weights.sizes() == x.sizes() && weights.is_contiguous() &&
-                  (!with_ref_weights || (ref_weights->sizes() == x.sizes() && ref_weights->is_contiguous() &&
-                                         ref_weights->scalar_type() == weights.scalar_type() && present(xr))),
-              "dpo_kernels::fold_tile_weights: weights (and ref_weights, with a reference) must be contiguous tiles "
-              "of x's shape");
-  TORCH_CHECK(x.size(0) <= INT32_MAX, "dpo_kernels::fold_tile_weights: a tile holds at most 2^31 - 1 tokens");
+  check_weights("fold_tile_weights", x, xr, weights, ref_weights);
   const DpoTile tile = tile_of(x, bias, v0, labels);
   check(dpo_fold_weights(dtype_code(weights), tile,
                          with_ref_weights ? ref_tile_of(xr, ref_bias, tile) : ref_tile_of({}, {}, tile),
@@ -194,16 +202,11 @@ void fold_tile_shifted(const Tensor& x, const OptTensor& bias, int64_t v0, const
   };
   TORCH_CHECK(shift_ok(shift) && shift_ok(out) && sums_ok(acc) &&
                   (!with_ref_weights || (present(ref_shift) && shift_ok(*ref_shift) && sums_ok(ref_acc) &&
-                                         present(xr) && (!present(ref_shift_out) || shift_ok(*ref_shift_out)))) &&
+                                         (!present(ref_shift_out) || shift_ok(*ref_shift_out)))) &&
                   (with_ref_weights || !present(ref_acc)),
               "dpo_kernels::fold_tile_shifted: each shift must be a contiguous fp32 [n] tensor and the sums fp32 "
-              "[n, D] with contiguous rows of one stride (the reference's with its weights and its tile)");
-  TORCH_CHECK(weights.sizes() == x.sizes() && weights.is_contiguous() &&
-                  (!with_ref_weights || (ref_weights->sizes() == x.sizes() && ref_weights->is_contiguous() &&
-                                         ref_weights->scalar_type() == weights.scalar_type())),
-              "dpo_kernels::fold_tile_shifted: weights (and ref_weights) must be contiguous tiles of x's shape, of "
-              "one dtype");
-  TORCH_CHECK(n <= INT32_MAX, "dpo_kernels::fold_tile_shifted: a tile holds at most 2^31 - 1 tokens");
+              "[n, D] with contiguous rows of one stride (the reference's with its weights)");
+  check_weights("fold_tile_shifted", x, xr, weights, ref_weights);
   const bool logging = stats.size(0) == dpo_kernels::stat_rows(true);
   fold_tile(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature);
   const c10::cuda::CUDAGuard guard(x.device());

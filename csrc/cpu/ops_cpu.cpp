@@ -407,21 +407,33 @@ void fold_tile(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, c
                  c10::nullopt, c10::nullopt);
 }
 
+// fold_tile_into with weights (fold_tile_weights, and fold_tile_shifted's with its shifts), after checking them for
+// the op `what`; the logging rows, when the statistics were allocated with them (stats_layout.h), are folded as
+// fold_tile's.
+void fold_with_weights(const char* what, const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0,
+                       const Tensor& labels, const Tensor& stats, const c10::optional<Tensor>& xr,
+                       const c10::optional<Tensor>& ref_bias, const c10::optional<Tensor>& ref_stats,
+                       double logit_scale, double softcap, double inv_temperature, const Tensor& weights,
+                       const c10::optional<Tensor>& ref_weights, const Shifted* acc = nullptr,
+                       const Shifted* ref_acc = nullptr, double headroom = 0) {
+  const bool with_ref_weights = ref_weights.has_value() && ref_weights->defined();
+  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && at::isFloatingType(weights.scalar_type()) &&
+                  (!with_ref_weights || (ref_weights->is_contiguous() && ref_weights->sizes() == x.sizes() &&
+                                         ref_weights->scalar_type() == weights.scalar_type())),
+              "dpo_kernels::", what, ": weights (and ref_weights) must be contiguous float tiles of x's shape, of one "
+              "dtype");
+  const bool logging = stats.size(0) == stat_rows(true);
+  fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
+                 weights, ref_weights, acc, ref_acc, headroom);
+}
+
 void fold_tile_weights(const Tensor& x, const c10::optional<Tensor>& bias, int64_t v0, const Tensor& labels,
                        const Tensor& stats, const c10::optional<Tensor>& xr, const c10::optional<Tensor>& ref_bias,
                        const c10::optional<Tensor>& ref_stats, const Tensor& weights,
                        const c10::optional<Tensor>& ref_weights, double logit_scale, double softcap,
                        double inv_temperature) {
-  const bool with_ref_weights = ref_weights.has_value() && ref_weights->defined();
-  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && at::isFloatingType(weights.scalar_type()) &&
-                  (!with_ref_weights || (ref_weights->is_contiguous() && ref_weights->sizes() == x.sizes() &&
-                                         ref_weights->scalar_type() == weights.scalar_type())),
-              "dpo_kernels::fold_tile_weights: weights (and ref_weights) must be contiguous float tiles of x's shape, "
-              "of one dtype");
-  // the logging rows, when the statistics were allocated with them (stats_layout.h), are folded as fold_tile's
-  const bool logging = stats.size(0) == stat_rows(true);
-  fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
-                 weights, ref_weights);
+  fold_with_weights("fold_tile_weights", x, bias, v0, labels, stats, xr, ref_bias, ref_stats, logit_scale, softcap,
+                    inv_temperature, weights, ref_weights);
 }
 
 // fold_tile_weights at the shifts of a frozen head's sums or a scaled store (the schema's doc in bindings.cpp).
@@ -453,14 +465,9 @@ void fold_tile_shifted(const Tensor& x, const c10::optional<Tensor>& bias, int64
   const Shifted policy{acc, shift, out_or(shift_out, shift)};
   const Tensor& ref_in = with_ref_weights ? *ref_shift : shift;
   const Shifted reference{ref_acc, ref_in, out_or(ref_shift_out, ref_in)};
-  const bool logging = stats.size(0) == stat_rows(true);
-  TORCH_CHECK(weights.is_contiguous() && weights.sizes() == x.sizes() && at::isFloatingType(weights.scalar_type()) &&
-                  (!with_ref_weights || (ref_weights->is_contiguous() && ref_weights->sizes() == x.sizes() &&
-                                         ref_weights->scalar_type() == weights.scalar_type())),
-              "dpo_kernels::fold_tile_shifted: weights (and ref_weights) must be contiguous float tiles of x's "
-              "shape, of one dtype");
-  fold_tile_into(x, bias, v0, labels, stats, logging, xr, ref_bias, ref_stats, logit_scale, softcap, inv_temperature,
-                 weights, ref_weights, &policy, with_ref_weights ? &reference : nullptr, headroom);
+  fold_with_weights("fold_tile_shifted", x, bias, v0, labels, stats, xr, ref_bias, ref_stats, logit_scale, softcap,
+                    inv_temperature, weights, ref_weights, &policy, with_ref_weights ? &reference : nullptr,
+                    headroom);
 }
 
 // Linear path, one tile kept as its softmax weights a [n, w] (fp16, contiguous; dpo_kernels/ops/linear/contract.py's
