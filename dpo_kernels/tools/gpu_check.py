@@ -331,7 +331,8 @@ def section_policy() -> dict:
     out = {}
     for dt in (torch.bfloat16, torch.float16):
         out[str(dt)] = {"half_into_float": products.half_into_float("cuda", dt),
-                        "accumulates_into_float": products.accumulates_into_float("cuda", dt)}
+                        "accumulates_into_float": products.accumulates_into_float("cuda", dt),
+                        "batches_into_float": products.batches_into_float("cuda", dt)}
     h = torch.zeros(2, 8, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         compute = products.product_dtype(h, h)

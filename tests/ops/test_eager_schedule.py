@@ -183,7 +183,7 @@ def test_mixed_precision_is_no_worse_than_the_recompute_schedule(loss_type, weig
 class _GemmCounter(TorchDispatchMode):
     """Sums ``2 m n k`` over every matrix product the call issues."""
 
-    PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"}
+    PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "matmul"}
 
     def __init__(self):
         super().__init__()

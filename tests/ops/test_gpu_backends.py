@@ -150,3 +150,38 @@ def test_fused_scaled_grad_matches_the_pytorch_ops_on_cuda(backend, with_ref):
     from .test_scaled_store import check_scaled_grad
 
     check_scaled_grad(backend, with_ref, {"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.3}, "cuda")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_batched_hidden_gradient_runs_on_cuda(backend, monkeypatch):
+    """Issue 29's batched ``dH`` products on the device: ``torch.baddbmm`` with an fp32 output over bf16 operands
+    (probed: ``batches_into_float``), the first run writing the partials, each run's ``dZ`` in the fp32 tile
+    scratch. Forced to runs of 2 at a small shape (the plan takes them only where a batch fills the waves better),
+    against one chunk at a time: the same bf16 operands, only the order of ``dH``'s fp32 sum differs."""
+    from dpo_kernels.ops.linear import plan, products
+
+    assert products.batches_into_float("cuda", torch.bfloat16), "baddbmm(out_dtype=float32) is unavailable here"
+    x = _inputs(4, 64, 32000, 256, torch.bfloat16)
+    calls = []
+    original = products.Products.accumulate_batched
+
+    def spy(self, acc, a, b, fresh=False):
+        calls.append((tuple(a.shape), fresh))
+        return original(self, acc, a, b, fresh=fresh)
+
+    def run():
+        hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+        out = fused_dpo_loss(labels=x["labels"], policy_hidden=hidden, lm_head_weight=weight,
+                             ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"], backend=backend,
+                             schedule="eager", vocab_chunk_size=4096)
+        out.loss.backward()
+        return out.loss.detach(), hidden.grad, weight.grad
+
+    alone = run()
+    monkeypatch.setattr(products.Products, "accumulate_batched", spy)
+    monkeypatch.setattr(plan, "hidden_grad_batch", lambda tokens, dim, device: 2)
+    batched = run()
+    n = int((x["labels"] != -100).sum())
+    assert calls and calls[0] == ((2, n, 4096), True), calls
+    for got, expected in zip(batched, alone):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-3)

@@ -5,7 +5,8 @@
   reference's, folded by the backend's ``fold`` into ``O(n)`` statistics. :func:`finish_forward` turns them into the
   per-token results and ``lse`` (and ``ref_lse``), all a backward needs.
 - Backward, vocabulary-major (:func:`grad_all`): for each vocabulary chunk ``c``, the tiles again, ``kernels.grad``
-  forms ``dZ`` in the GEMM operand dtype, ``dH += dZ W_c`` goes into one fp32 ``[n, D]`` accumulator, and
+  forms ``dZ`` in the GEMM operand dtype, ``dH += dZ W_c`` goes into one fp32 ``[n, D]`` accumulator (or, for runs
+  of kept chunks where the plan says a batch fills the GEMM's waves better, one batched GEMM into as many), and
   ``dW_c = dZ^T H`` is written once with fp32 accumulation inside the GEMM and one rounding to the weight's dtype
   (through an fp32 ``[vc, D]`` buffer only when the tokens are split into several blocks). There is no ``[V, D]``
   fp32 buffer and no atomic over the vocabulary. The reference is read only when the KL received a gradient.
@@ -31,6 +32,7 @@ which GPU figures exist).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,26 +164,49 @@ class Backward:
 
 
 class _DzScratch:
-    """``dZ`` tiles in the GEMM operand dtype (``dtype`` ``None``: none, ``dZ`` overwrites the fp32 tile)."""
+    """``dZ`` tiles in the GEMM operand dtype (``dtype`` ``None``: none, ``dZ`` overwrites the fp32 tile), allocated
+    at the first tile that needs one (a backward whose chunks all go in batched runs never does)."""
 
     def __init__(self, plan: TilePlan, n: int, vocab: int, dtype: torch.dtype | None, device: torch.device) -> None:
-        size = min(n, plan.tokens) * min(vocab, plan.vocab)
-        self.buffer = None if dtype is None else torch.empty(size, dtype=dtype, device=device)
+        self.size = min(n, plan.tokens) * min(vocab, plan.vocab)
+        self.dtype, self.device, self.buffer = dtype, device, None
 
     def view(self, rows: int, cols: int) -> torch.Tensor | None:
-        return None if self.buffer is None else self.buffer[: rows * cols].view(rows, cols)
+        if self.dtype is None:
+            return None
+        if self.buffer is None:
+            self.buffer = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        return self.buffer[: rows * cols].view(rows, cols)
 
 
 def _logits_grad(policy, ref, rows: KeptTokens, block: tuple[int, int, int, int], bw: Backward,
-                 dz_scratch: _DzScratch) -> torch.Tensor | None:
-    """``dZ [n1 - n0, v1 - v0]`` of the tile ``block = (n0, n1, v0, v1)``, formed by the policy's source; ``None``
-    when the gradient filter skips the tile."""
+                 out: torch.Tensor | None) -> torch.Tensor | None:
+    """``dZ [n1 - n0, v1 - v0]`` of the tile ``block = (n0, n1, v0, v1)``, formed by the policy's source into ``out``
+    (``None``: over its fp32 tile); ``None`` when the gradient filter skips the tile."""
     n0, n1, v0, v1 = block
     ref_tile = None if ref is None else ref.tile(n0, n1, v0, v1, rows.labels)
     with_kl = bw.g_kl is not None  # ref is None here when the policy's source keeps the reference's weights
     return policy.grad(bw.kernels, block, rows.labels, bw.lse[n0:n1], bw.g[n0:n1], ref_tile,
-                       bw.ref_lse[n0:n1] if with_kl else None, bw.g_kl[n0:n1] if with_kl else None,
-                       bw.opts, dz_scratch.view(n1 - n0, v1 - v0))
+                       bw.ref_lse[n0:n1] if with_kl else None, bw.g_kl[n0:n1] if with_kl else None, bw.opts, out)
+
+
+def chunk_runs(chunks, batch: int, policy) -> Iterator[list[tuple[int, int]]]:
+    """The vocabulary ``chunks`` in order, as runs of ``batch`` consecutive chunks of one width that the source
+    lets a backward batch (``policy.batchable(v0)``), every other chunk alone."""
+    run: list[tuple[int, int]] = []
+    for v0, v1 in chunks:
+        joins = batch > 1 and policy.batchable(v0)
+        if run and (not joins or v1 - v0 != run[0][1] - run[0][0]):
+            yield from ([chunk] for chunk in run)
+            run = []
+        if not joins:
+            yield [(v0, v1)]
+            continue
+        run.append((v0, v1))
+        if len(run) == batch:
+            yield run
+            run = []
+    yield from ([chunk] for chunk in run)
 
 
 def grad_all(rows: KeptTokens, policy: GemmSource, ref: GemmSource | None, bw: Backward,
@@ -192,11 +217,26 @@ def grad_all(rows: KeptTokens, policy: GemmSource, ref: GemmSource | None, bw: B
     is accumulated into (and returned), for a gradient summed over several calls; ``dw_out``: a ``[V, D]`` tensor of
     the weight's dtype to write it into instead of a new one (rows ``v0:v1`` are written after every tile of chunks
     up to ``v1`` was formed: its memory may hold what those tiles read, :class:`.sources.StorePlacement`);
-    ``plan``: the forward's, for stored tiles."""
+    ``plan``: the forward's, for stored tiles.
+
+    Where the plan says so (``hidden_grad_batch``, :func:`.plan.hidden_grad_batch`: a ``dH`` output that fills its
+    GEMM's last wave badly) and the source allows it (:func:`chunk_runs`), the ``dH`` products of consecutive chunks
+    run as one batched GEMM into as many fp32 ``[n, D]`` partials, summed at the end; each chunk's ``dZ`` goes into
+    the run's buffer (``policy.run_scratch``) and its ``dW`` and ``db`` are formed as alone."""
     need_dh, need_dw, need_db = need
     products, weight = policy.products, policy.weight
     n, (vocab, dim), device, sdt = rows.n, weight.shape, policy.h.device, products.out_dtype
-    dh = torch.zeros((n, policy.h.shape[1]), dtype=sdt, device=device) if need_dh else None
+    if plan is None:
+        dz_bytes = 0 if products.operand_dtype == sdt else products.operand_bytes
+        plan = tile_plan(rows, policy, ref, bw.opts, device, dz_bytes)
+    one_block = plan.single_token_block(n)
+    batch = plan.hidden_grad_batch
+    batch = batch if batch > 1 and need_dh and one_block and products.batches(device.type) else 1
+    runs = list(chunk_runs(plan.vocab_chunks(vocab), batch, policy))
+    # a first run writes every partial (no zeros to fill and read)
+    fresh = need_dh and len(runs[0]) > 1
+    dh_parts = (torch.empty if fresh else torch.zeros)((batch, n, dim), dtype=sdt, device=device) if need_dh else None
+    dh = None if dh_parts is None else dh_parts[0]
     accumulate = need_dw and dw_into is not None
     if need_dw and not accumulate:
         dw = torch.empty((vocab, dim), dtype=weight.dtype, device=device) if dw_out is None else dw_out
@@ -204,31 +244,50 @@ def grad_all(rows: KeptTokens, policy: GemmSource, ref: GemmSource | None, bw: B
         dw = dw_into if need_dw else None
     db = torch.zeros(vocab, dtype=sdt, device=device) if need_db else None
     dz_dtype = None if products.operand_dtype == sdt else products.operand_dtype
-    if plan is None:
-        plan = tile_plan(rows, policy, ref, bw.opts, device, 0 if dz_dtype is None else products.operand_bytes)
-    one_block = plan.single_token_block(n)
     dz_scratch = _DzScratch(plan, n, vocab, dz_dtype, device)
-    for v0, v1 in plan.vocab_chunks(vocab):
-        dw_acc, dw_written = None, False
+
+    def weight_grads(dz: torch.Tensor, n0: int, n1: int, v0: int, v1: int, acc: torch.Tensor | None):
+        """``db`` and ``dW`` of one tile: into the chunk's rows of ``dw`` with one GEMM where it can, else summed into
+        ``acc`` (an fp32 ``[v1 - v0, D]`` buffer, made at the first tile that needs it), which is returned."""
+        if need_db:
+            db[v0:v1] += dz.sum(dim=0, dtype=sdt)
+        if accumulate:
+            products.accumulate(dw[v0:v1], dz.T, policy.h[n0:n1])
+        elif need_dw and not (acc is None and one_block and products.write(dw[v0:v1], dz.T, policy.h[n0:n1])):
+            acc = torch.zeros((v1 - v0, dim), dtype=sdt, device=device) if acc is None else acc
+            products.accumulate(acc, dz.T, policy.h[n0:n1])
+        return acc
+
+    def finish_chunk(v0: int, v1: int, acc: torch.Tensor | None, formed: bool) -> None:
+        """The chunk's rows of ``dw`` from ``acc``, or zeros where no tile formed a ``dZ`` (the gradient filter)."""
+        if need_dw and not accumulate and (acc is not None or not formed):
+            dw[v0:v1].copy_(acc) if acc is not None else dw[v0:v1].zero_()
+
+    for run in runs:
+        if len(run) > 1:  # one token block: each chunk's dZ in the run's buffer, one GEMM for their dH products
+            (v0, width), count = (run[0][0], run[0][1] - run[0][0]), len(run)
+            dzs = policy.run_scratch(count, n, width, products.operand_dtype)
+            for k, (c0, c1) in enumerate(run):
+                _logits_grad(policy, ref, rows, (0, n, c0, c1), bw, dzs[k])
+            products.accumulate_batched(dh_parts, dzs, policy.weight_chunk(v0, run[-1][1]).view(count, width, dim),
+                                        fresh=fresh)
+            fresh = False
+            for k, (c0, c1) in enumerate(run):
+                finish_chunk(c0, c1, weight_grads(dzs[k], 0, n, c0, c1, None), True)
+            continue
+        (v0, v1), acc, formed = run[0], None, False
+        if need_dh:  # the chunk's operands made (and kept by the source) first: a run's are freed before dZ's scratch
+            policy.weight_chunk(v0, v1)
         for n0, n1 in plan.token_blocks(n):
-            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, dz_scratch)
+            dz = _logits_grad(policy, ref, rows, (n0, n1, v0, v1), bw, dz_scratch.view(n1 - n0, v1 - v0))
             if dz is None:  # grad_filter_eps: every |p - onehot| (and |p - q|) of the tile is negligible
                 continue
             if need_dh:
                 products.accumulate(dh[n0:n1], dz, policy.weight_chunk(v0, v1))
-            if accumulate:
-                products.accumulate(dw[v0:v1], dz.T, policy.h[n0:n1])
-            elif need_dw:
-                if one_block and products.write(dw[v0:v1], dz.T, policy.h[n0:n1]):
-                    dw_written = True
-                else:
-                    if dw_acc is None:
-                        dw_acc = torch.zeros((v1 - v0, dim), dtype=sdt, device=device)
-                    products.accumulate(dw_acc, dz.T, policy.h[n0:n1])
-            if need_db:
-                db[v0:v1] += dz.sum(dim=0, dtype=sdt)
-        if need_dw and not accumulate and not dw_written:
-            dw[v0:v1].copy_(dw_acc) if dw_acc is not None else dw[v0:v1].zero_()
+            acc, formed = weight_grads(dz, n0, n1, v0, v1, acc), True
+        finish_chunk(v0, v1, acc, formed)
+    for k in range(1, batch):
+        dh.add_(dh_parts[k])
     return dh, dw, db
 
 

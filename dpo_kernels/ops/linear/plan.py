@@ -36,6 +36,7 @@ or chunk then takes what is left).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ class TilePlan:
     vocab: int
     balanced_tokens: bool = False
     balanced_vocab: bool = False
+    hidden_grad_batch: int = 1  # chunks whose dH products a backward may run as one GEMM (hidden_grad_batch())
 
     def token_blocks(self, n: int) -> Iterator[tuple[int, int]]:
         return _pieces(n, self.tokens, 1, self.balanced_tokens)
@@ -258,13 +260,14 @@ def _cuda_multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _waves(rows: int, cols: int, sms: int) -> int:
-    """Waves of a ``rows x cols`` GEMM output in :data:`GEMM_TILE` tiles (the better orientation) over ``sms``."""
+def _waves(rows: int, cols: int, sms: int, batch: int = 1) -> int:
+    """Waves of ``batch`` ``rows x cols`` GEMM outputs of one launch in :data:`GEMM_TILE` tiles (the better
+    orientation) over ``sms``."""
     def ceil(a: int, b: int) -> int:
         return -(-a // b)
 
     def waves(tile_rows: int, tile_cols: int) -> int:
-        return ceil(ceil(rows, tile_rows) * ceil(cols, tile_cols), sms)
+        return ceil(batch * ceil(rows, tile_rows) * ceil(cols, tile_cols), sms)
 
     return min(waves(*GEMM_TILE), waves(*reversed(GEMM_TILE)))
 
@@ -295,6 +298,32 @@ def wave_fitted_width(tokens: int, dim: int, vocab: int, least: int, most: int, 
     return best
 
 
+# The backward's dH products (:func:`.loop.grad_all`): every vocabulary chunk's output is the same ``[tokens, D]``,
+# whatever the width, so a D whose output tiles leave much of a last wave idle keeps that idle share on every chunk:
+# at the Gemma-2 head (D = 2304) and 6144 kept tokens, 48 x 9 tiles of 128 x 256 are 3.3 waves of 132, run as 4 (82%
+# busy). Two chunks' products as one batched GEMM into two fp32 partials are 6.5 waves of 7 (94%), for one more fp32
+# ``[tokens, D]`` partial; at the Llama-3 head (D = 4096) one chunk's are 5.8 waves of 6 already. Taken where the
+# batch fills its waves by at least HIDDEN_GRAD_BATCH_GAIN more; a geometric estimate, not a measurement.
+HIDDEN_GRAD_BATCH = 2
+HIDDEN_GRAD_BATCH_GAIN = 0.05
+
+
+def wave_fill(rows: int, cols: int, sms: int, batch: int = 1) -> float:
+    """The busy share of the waves of ``batch`` ``rows x cols`` GEMM outputs in one launch (:func:`_waves`)."""
+    return batch * rows * cols / (_waves(rows, cols, sms, batch) * sms * GEMM_TILE[0] * GEMM_TILE[1])
+
+
+def hidden_grad_batch(tokens: int, dim: int, device: torch.device) -> int:
+    """How many vocabulary chunks' ``dH [tokens, dim]`` products a backward over ``tokens`` kept tokens runs as one
+    batched GEMM (this module's comment above): 1 on the CPU (no waves), else :data:`HIDDEN_GRAD_BATCH` where that
+    fills the device's waves better by :data:`HIDDEN_GRAD_BATCH_GAIN`."""
+    if kept_tiles_count(device):
+        return 1
+    sms = multiprocessors(device)
+    batched = wave_fill(tokens, dim, sms, HIDDEN_GRAD_BATCH)
+    return HIDDEN_GRAD_BATCH if batched >= wave_fill(tokens, dim, sms) + HIDDEN_GRAD_BATCH_GAIN else 1
+
+
 def plan_stored_backward(plan: TilePlan, n: int, dz_bytes_per_entry: int, opts: TokenOptions,
                          device: torch.device, dim: int | None = None) -> TilePlan:
     """The backward's tiles over a store of kept tiles (the eager schedule, :class:`.sources.TileStore`): the
@@ -307,9 +336,10 @@ def plan_stored_backward(plan: TilePlan, n: int, dz_bytes_per_entry: int, opts: 
     V = 32000, fp32): the forward's 1536-token blocks (policy and reference tiles within the 16 MiB budget) ran the
     backward's GEMMs at about 19 ms per ``1536 x 1280`` tile pair, 1.9 s in all, where full-height tiles ran the same
     FLOPs in about 1.6 s."""
-    if not plan.balanced_tokens or n <= plan.tokens:
-        return plan
-    if n * plan.vocab * dz_bytes_per_entry > tile_budget_bytes(opts, device, n, dim, max(1, dz_bytes_per_entry)):
-        return plan
-    return TilePlan(tokens=n, vocab=plan.vocab, balanced_tokens=True, balanced_vocab=plan.balanced_vocab)
+    if plan.balanced_tokens and n > plan.tokens and (
+            n * plan.vocab * dz_bytes_per_entry <= tile_budget_bytes(opts, device, n, dim, max(1, dz_bytes_per_entry))):
+        plan = TilePlan(tokens=n, vocab=plan.vocab, balanced_tokens=True, balanced_vocab=plan.balanced_vocab)
+    if dim is not None and plan.single_token_block(n):
+        plan = dataclasses.replace(plan, hidden_grad_batch=hidden_grad_batch(n, dim, device))
+    return plan
 

@@ -121,6 +121,26 @@ def accumulates_into_float(device_type: str, dtype: torch.dtype) -> bool:
     return ok
 
 
+@functools.cache
+def batches_into_float(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.baddbmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates ``dtype`` operands into an fp32
+    ``acc`` of several matrices (:meth:`Products.accumulate_batched`), checked on its value. A "no" (older torch
+    releases; the ``meta`` device of torch 2.13, whose decomposition of the overload fails) only means the
+    backward's ``dH`` products run one chunk at a time, as they did before, so it is only logged."""
+    def probe():
+        a = torch.ones((1, 1, 1), dtype=dtype, device=device_type)
+        acc = torch.ones((1, 1, 1), dtype=torch.float32, device=device_type)
+        torch.baddbmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        if device_type != "meta" and acc.item() != 2.0:
+            raise RuntimeError(f"baddbmm with out_dtype gave {acc.item()} for 1 + 1 x 1: not supported as expected")
+
+    ok, why = _capability(probe)
+    if not ok:
+        _log.debug("dpo_kernels: batched fp32 accumulation is unavailable for %s on %s (%s): the backward's dH "
+                   "products run one vocabulary chunk at a time", dtype, device_type, why)
+    return ok
+
+
 # Devices whose GEMMs take the statistics dtype anyway (no half operands with an fp32 output, by design): the CPU,
 # whose products are computed exactly by widening the rounded operands.
 _WIDENING_DEVICES = ("cpu",)
@@ -246,6 +266,19 @@ class Products:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
         else:
             acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+
+    def batches(self, device_type: str) -> bool:
+        """Whether :meth:`accumulate_batched` is one GEMM launch here (fp32 / fp64 operands, or half operands where
+        :func:`batches_into_float` holds)."""
+        return self.operand_dtype == self.out_dtype or batches_into_float(device_type, self.operand_dtype)
+
+    def accumulate_batched(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fresh: bool = False) -> None:
+        """``acc[k] += a[k] @ b[k]`` for an fp32 (fp64) ``acc [B, m, n]``, one batched GEMM accumulating in fp32
+        (where :meth:`batches`); ``fresh``: ``acc = a @ b`` instead (what ``acc`` held is never read)."""
+        if a.dtype == acc.dtype:
+            torch.bmm(a, b, out=acc) if fresh else acc.baddbmm_(a, b)
+        else:
+            torch.baddbmm(acc, a, b, out_dtype=acc.dtype, beta=0 if fresh else 1, out=acc)
 
     def write(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
         """``out = a @ b`` with fp32 accumulation inside the GEMM and one rounding to ``out``'s dtype (a half ``out``

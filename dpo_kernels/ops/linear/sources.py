@@ -74,6 +74,16 @@ class _Scratch:
             self.buffer = torch.empty(rows * cols, dtype=self.dtype, device=self.device)
         return self.buffer[: rows * cols].view(rows, cols)
 
+    def entries(self, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The buffer's memory as ``count`` entries of ``dtype`` (grown when it holds fewer), e.g. half-dtype
+        ``dZ`` tiles in an fp32 tile's bytes."""
+        size = self.dtype.itemsize
+        if self.buffer is None or self.buffer.numel() * size < count * dtype.itemsize or (
+                self.buffer.numel() * size % dtype.itemsize):
+            whole = -(-count * dtype.itemsize // size)
+            self.buffer = torch.empty(whole + whole % 2, dtype=self.dtype, device=self.device)
+        return self.buffer.view(dtype)[:count]
+
 
 class _Folds:
     """The default ``fold`` and ``grad``: the backend's kernels over the source's tiles."""
@@ -124,6 +134,11 @@ class GemmSource(_Folds):
         return self.out_dtype.itemsize
 
     tiles_in_scratch = True  # its tiles are computed into its scratch (a store of kept tiles: into the store)
+
+    def batchable(self, v0: int) -> bool:
+        """Whether the backward may form chunk ``v0``'s ``dZ`` in a batched run (:func:`.loop.chunk_runs`): not
+        where each tile is a GEMM into the one scratch."""
+        return False
 
     def share_scratch_with(self, other: "GemmSource") -> None:
         """``other``'s tiles go into this source's scratch (each folded before the next tile is computed)."""
@@ -420,6 +435,18 @@ class ScaledSource(GemmSource):
 
     def _kept(self, v0: int) -> bool:
         return v0 in self.store
+
+    def batchable(self, v0: int) -> bool:
+        """A kept chunk (its ``dZ`` needs no fp32 tile) whose converted rows are not kept apart, so that a run's
+        rows are one slice of the head as operands, ``[count, width, D]`` (:func:`.loop.grad_all`)."""
+        return self._kept(v0) and v0 not in self._operand_rows
+
+    def run_scratch(self, count: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[count, rows, cols]`` of ``dtype`` for the ``dZ`` of a run of kept chunks, in the fp32 tile scratch
+        that kept chunks leave unused: two chunks' half-dtype ``dZ`` fill one fp32 tile's bytes."""
+        if self._scratch is None:
+            self._scratch = _Scratch(self.out_dtype, self.h.device)
+        return self._scratch.entries(dtype, count * rows * cols).view(count, rows, cols)
 
     def fold(self, kernels: TileKernels, block: tuple[int, int, int, int], tile: LogitsTile, stats, ref_tile,
              ref_stats, opts: TokenOptions) -> None:
