@@ -329,7 +329,8 @@ def plan_stored_backward(plan: TilePlan, n: int, dz_bytes_per_entry: int, opts: 
     """The backward's tiles over a store of kept tiles (the eager schedule, :class:`.sources.TileStore`): the
     forward's vocabulary chunks, at the full height of the ``n`` kept tokens when the one scratch left, ``dZ`` in the
     GEMM operand dtype (``dz_bytes_per_entry``, 0 when ``dZ`` overwrites the kept fp32 tile), fits the tile budget at
-    that height and the caller did not fix ``token_chunk_size``; else the forward's own plan.
+    that height and the caller did not fix ``token_chunk_size``; else the forward's own plan. With one token block
+    (and a head's ``dim``) it carries :func:`hidden_grad_batch`, the chunks whose ``dH`` products may share a GEMM.
 
     One token block turns each chunk's ``dH`` and ``dW`` into one GEMM each, ``dW`` written once with no fp32
     ``[vc, D]`` accumulator. Measured on the 2-core development machine (sigmoid DPO, 3072 kept tokens, D = 512,

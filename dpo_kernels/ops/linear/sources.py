@@ -14,7 +14,10 @@ A source answers:
 - ``grad(kernels, block, labels, lse, g, ref_tile, ref_lse, g_kl, opts, out)``: ``dZ`` of the tile
   ``block = (n0, n1, v0, v1)``, written into ``out`` (``None``: over the tile itself) and returned, or ``None`` when
   the gradient filter skips the tile (the backend's ``grad`` over :meth:`tile`; a source that keeps something else
-  than logits, such as scaled exponentials, forms ``dZ`` from what it keeps).
+  than logits, such as scaled exponentials, forms ``dZ`` from what it keeps);
+- ``batchable(v0)``: whether a backward may form chunk ``v0``'s ``dZ`` in a batched run with its neighbours
+  (:func:`.loop.chunk_runs`), and then ``run_scratch(count, rows, cols, dtype)``: the ``[count, rows, cols]`` buffer
+  the run's ``dZ`` goes into.
 
 The head sources also carry the kept hidden rows, the weight and the
 products the backward's ``dH``/``dW`` GEMMs use. The sources:
