@@ -122,9 +122,9 @@ def vocab_parallel_checks(rank: int, world: int, backends: list[str]) -> None:
 
 
 def _losses_match(x: dict, mine: slice, group, backend: str, widest_slice: int, store_bytes: int = 4,
-                  tol: float = TOL) -> None:
+                  tol: float = TOL, **options) -> None:
     """``store_bytes``: what the eager schedule keeps a logit in (4: fp32 tiles; 2: the scaled store, whose fp16
-    weights round differently on each rank's maxima, hence ``tol``)."""
+    weights round differently on each rank's maxima, hence ``tol``); ``options``: more for every call."""
     import dpo_kernels
 
     labels = x["labels"].clone()
@@ -141,7 +141,8 @@ def _losses_match(x: dict, mine: slice, group, backend: str, widest_slice: int, 
             h, w = x["hidden"].clone().requires_grad_(), x["weight"][cols].clone().requires_grad_()
             out = dpo_kernels.fused_dpo_loss(labels=labels, policy_hidden=h, lm_head_weight=w,
                                              ref_hidden=x["ref_hidden"], ref_lm_head_weight=x["ref_weight"][cols],
-                                             loss_type=loss_type, beta=0.5, shift=True, backend=backend, **kw)
+                                             loss_type=loss_type, beta=0.5, shift=True, backend=backend, **kw,
+                                             **options)
             out.loss.backward()
             results.append((out, h.grad, w.grad))
         (full, dh_full, dw_full), (vp, dh, dw) = results
@@ -176,6 +177,14 @@ def scaled_store_checks(rank: int, world: int, backends: list[str]) -> None:
                   tol=5e-3)
     Products.operand = operand
     assert formed and torch.bfloat16 in converted, "the scaled store formed no dZ, or converted no bf16 head"
+    # the backward's dH products two chunks a GEMM (plan.hidden_grad_batch, forced: the CPU has no waves to fill),
+    # each rank over its own slice's chunks before dH is summed across the group
+    batched, accumulate_batched = [], Products.accumulate_batched
+    Products.accumulate_batched = lambda self, *a, **k: batched.append(1) or accumulate_batched(self, *a, **k)
+    plan.hidden_grad_batch = lambda tokens, dim, device: 2
+    _losses_match(_inputs(sum(sizes)), slice(start, start + sizes[rank]), dist.group.WORLD, backends[0], max(sizes),
+                  store_bytes=2, tol=2e-3, vocab_chunk_size=8)
+    assert batched, "no dH products were batched"
 
 
 def dtensor_checks(rank: int, world: int, backend: str) -> None:
