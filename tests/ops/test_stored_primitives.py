@@ -180,3 +180,43 @@ def test_fp32_master_weights_under_bf16_autocast(backend, store, monkeypatch):
     tol = dict(rtol=1e-5, atol=1e-6) if store == "fp32 tiles" else dict(rtol=2e-3, atol=2e-3)
     for a, e in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
         torch.testing.assert_close(a, e, **tol)
+
+
+@pytest.mark.parametrize("kl", [None, "both"])
+def test_hidden_states_made_for_the_call_are_not_held_until_the_backward(kl, _scaled):
+    """A caller that gathers the kept tokens' hidden states for the call (TRL's flow under ``patch()``: fp32 under
+    autocast, 54 MiB at the Gemma-2 head) does not find them held by the per-token eager schedule, whose backward
+    reads its own converted copy of the kept rows (the autograd node saves no hidden states); the recompute schedule
+    saves them, as does the eager one where its copy is the caller's memory. Gradients as the recompute
+    schedule's."""
+    d = _data(torch.float32, seed=1, rows=4, T=16)
+    results = {}
+    for schedule in ("eager", "recompute"):
+        full = d["hidden"].clone().requires_grad_()
+        weight = d["weight"].clone().requires_grad_()
+        gathered = full[:, 2:].clone()  # the caller's copy; the call copies the kept rows again (some are -100)
+        args = (gathered, weight) if kl is None else (gathered, weight, d["ref_hidden"][:, 2:], d["ref_weight"])
+        fn = linear_token_logprobs if kl is None else linear_token_logprobs_and_kl
+        outs = fn(*args, d["labels"][:, 2:], schedule=schedule, backend="torch", vocab_chunk_size=8)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        assert (_saved_hidden(outs[0]) is None) == (schedule == "eager"), schedule
+        total = (outs[0] * d["up"][:, 2:]).sum() + (0 if kl is None else (outs[2] * d["up_kl"][:, 2:]).sum())
+        total.backward()
+        results[schedule] = (full.grad, weight.grad)
+    for got, expected in zip(results["eager"], results["recompute"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+    # nothing dropped or converted: the kept rows are the caller's memory, saved (no cost) for autograd's checks
+    labels = d["labels"].clone()
+    labels[labels == -100] = 0
+    hidden = d["hidden"].clone().requires_grad_()
+    out = linear_token_logprobs(hidden, d["weight"].clone().requires_grad_(), labels, schedule="eager",
+                                backend="torch")
+    assert _saved_hidden(out).data_ptr() == hidden.data_ptr()
+
+
+def _saved_hidden(out: torch.Tensor):
+    """The hidden states the per-token function's autograd node saved (``None``: none)."""
+    node = out.grad_fn
+    while type(node).__name__ != "_LoopStatsBackward":
+        node = node.next_functions[0][0]
+    return node.saved_tensors[0]

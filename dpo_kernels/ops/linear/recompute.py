@@ -258,7 +258,7 @@ class _LoopStats(torch.autograd.Function):
                 out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, call.kernels,
                                                 call.logging, call.vocab_slice, kept_count,
                                                 (frozen, call.kl_grad), call.with_kl)
-            ctx.save_for_backward(a, b, c)
+            ctx.save_for_backward(ctx.stored.saved_hidden(a) if ctx.was_stored else a, b, c)
         else:
             if opts.inplace_backward:
                 refuse_leaf_logits(a)

@@ -479,7 +479,13 @@ class ScaledSource(GemmSource):
 
     def filled(self, stats: torch.Tensor, ref_stats: torch.Tensor | None) -> "ScaledSource":
         """The source the backward reads, with the label logits of the forward's statistics (after a vocabulary-
-        parallel combine: the rank that holds a label's column has its logit)."""
+        parallel combine: the rank that holds a label's column has its logit). The forward's fp32 tile scratch (its
+        own, shared with the reference's tiles, and the KL reference's) is let go: whatever runs between the forward
+        and the backward (a reference model's forward, the rest of the network) does not find it held; the backward
+        makes one where it needs it (a recomputed chunk, a run's ``dZ``)."""
+        for scratch in (self._scratch, None if self.ref_source is None else self.ref_source._scratch):
+            if scratch is not None:
+                scratch.buffer = None
         ref_label = None if self.ref_store is None else ref_stats[RefRow.LABEL_LOGIT]
         return dataclasses.replace(self, label_logits=(stats[StatRow.LABEL_LOGIT], ref_label))
 

@@ -56,6 +56,18 @@ class StoredPass:
     dw: torch.Tensor | None
     kl_kept: bool
     state: ForwardState
+    hidden_like: tuple  # (shape, dtype) of the hidden states the gradient is returned as
+    reads_hidden: bool  # the backward may recompute a KL gradient from the hidden states (see saved_hidden)
+
+    def saved_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """What the autograd Function saves of ``hidden`` for :func:`backward`: ``hidden`` where the backward may read
+        it, or where the store's kept rows are its own memory (held anyway: saved, autograd checks that nothing
+        modified it in place); else ``None``, so that hidden states made for this call (a caller's gather of the
+        kept tokens, fp32 under autocast) are not held until the backward, which reads its own converted copy."""
+        def root(t: torch.Tensor) -> torch.Tensor:
+            return t if t._base is None else t._base
+
+        return hidden if self.reads_hidden or root(self.policy.h) is root(hidden) else None
 
 
 def plan(call, hidden, weight, bias, labels, ref: LinearHead | None, products: Products,
@@ -130,17 +142,20 @@ def forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Prod
     ref_filled = kept.ref.filled() if kl_kept and not scaled else None
     state = ForwardState(rows, kept.lse, kept.ref_lse, call.opts, call.kernels, ref, products, ref_products,
                          call.vocab_slice)
-    return kept.out, StoredPass(rows, kept.filled_policy(), ref_filled, kept.backward_plan, dw, kl_kept, state)
+    reads_hidden = ref is not None and call.with_kl and not kl_kept
+    return kept.out, StoredPass(rows, kept.filled_policy(), ref_filled, kept.backward_plan, dw, kl_kept, state,
+                                (hidden.shape, hidden.dtype), reads_hidden)
 
 
 def backward(hidden, weight, bias, stored: StoredPass, grad_logp, grad_kl, need: tuple[bool, bool, bool],
              head_context=None):
-    """``(dhidden like hidden, dweight like weight, dbias like bias)`` from the store, ``None`` for a gradient not in
-    ``need``; a KL gradient the store does not hold (the caller said the KL would get none) is added by the
-    recompute schedule's backward. ``head_context(weight, bias)``: entered around the backward's reads of the head
+    """``(dhidden like the hidden states, dweight like weight, dbias like bias)`` from the store, ``None`` for a
+    gradient not in ``need``; a KL gradient the store does not hold (the caller said the KL would get none) is added
+    by the recompute schedule's backward, from ``hidden`` (what :meth:`StoredPass.saved_hidden` kept; ``None`` where
+    the backward never reads it). ``head_context(weight, bias)``: entered around the backward's reads of the head
     (``dH``'s GEMMs, the chunks not kept), as the recompute schedule's backward does (a ZeRO-3 gather)."""
     state, rows = stored.state, stored.rows
-    device, sdt = hidden.device, state.products.out_dtype
+    device, sdt = state.lse.device, state.products.out_dtype
     g, g_kl = upstream(rows, grad_logp, grad_kl if stored.kl_kept else None, sdt, device)
     gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
     with no_autocast(device), gathered:
@@ -149,7 +164,7 @@ def backward(hidden, weight, bias, stored: StoredPass, grad_logp, grad_kl, need:
                               dw_out=stored.dw)
     if dh is not None and state.vocab_slice is not None:
         all_reduce_hidden_grad(dh, state.vocab_slice.group)
-    dh = None if dh is None else rows.scatter(dh, hidden.shape, hidden.dtype)
+    dh = None if dh is None else rows.scatter(dh, *stored.hidden_like)
     db = None if db is None else db.to(bias.dtype)
     if grad_kl is not None and not stored.kl_kept:
         extra = linear_backward(hidden, weight, bias, state, None, grad_kl, need, head_context)
