@@ -214,6 +214,28 @@ def test_hidden_states_made_for_the_call_are_not_held_until_the_backward(kl, _sc
     assert _saved_hidden(out).data_ptr() == hidden.data_ptr()
 
 
+@pytest.mark.parametrize("kl", [None, "both"])
+def test_a_frozen_head_saves_no_hidden_states(kl):
+    """A frozen head (LoRA) forms the hidden states' gradient in its forward, so its backward reads neither the
+    hidden states nor the head: the autograd node saves no hidden states (a caller's gathered copy, or a model's
+    last activation nothing else keeps, is freed after the forward). Gradients as the reference's."""
+    d = _data(torch.float32, seed=1, rows=4, T=16)
+    grads = []
+    for backend in ("torch", "reference"):
+        hidden = d["hidden"].clone().requires_grad_()
+        if kl is None:
+            outs = (linear_token_logprobs(hidden, d["weight"], d["labels"], bias=d["bias"], backend=backend),)
+        else:
+            outs = linear_token_logprobs_and_kl(hidden, d["weight"], d["ref_hidden"], d["ref_weight"], d["labels"],
+                                                bias=d["bias"], backend=backend)
+        if backend == "torch":
+            assert _saved_hidden(outs[0]) is None
+        total = (outs[0] * d["up"]).sum() + (0 if kl is None else (outs[2] * d["up_kl"]).sum())
+        total.backward()
+        grads.append(hidden.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
 def _saved_hidden(out: torch.Tensor):
     """The hidden states the per-token function's autograd node saved (``None``: none)."""
     node = out.grad_fn

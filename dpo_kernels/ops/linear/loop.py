@@ -379,19 +379,33 @@ def hidden_grads(policy: AccumulatingSource, stats, ref_stats, rows: KeptTokens,
     return j, p.sub_(q)
 
 
+def formed_hidden_grads(state: ForwardState, with_kl: bool) -> bool:
+    """Whether a frozen head's forward formed every gradient its backward can be asked for (``J``, and ``K`` where
+    the KL is an output): the backward then reads neither the hidden states nor the head."""
+    return state.hidden_grads is not None and (state.hidden_grads[1] is not None or not with_kl)
+
+
+def frozen_head_backward(state: ForwardState, grad_logp, grad_kl, like: tuple) -> torch.Tensor:
+    """A frozen head's ``dhidden`` (``like``: the hidden states' ``(shape, dtype)``) from the ``J`` (and ``K``) its
+    forward formed: a per-token scale, no GEMM, no head."""
+    rows = state.rows
+    g, g_kl = upstream(rows, grad_logp, grad_kl, state.products.out_dtype, state.lse.device)
+    j, k = state.hidden_grads
+    dh = j * g.unsqueeze(1)
+    if g_kl is not None:
+        dh.addcmul_(k, g_kl.unsqueeze(1))
+    return rows.scatter(dh, *like)
+
+
 def linear_backward(hidden, weight, bias, state: ForwardState, grad_logp, grad_kl, need: tuple[bool, bool, bool],
                     head_context=None):
     """Backward of the linear path from its forward's ``state``: ``(dhidden like hidden, dweight like weight, dbias
     like bias)``, ``None`` for a gradient not in ``need``; the reference is read only when ``grad_kl`` is given.
     ``head_context(weight, bias)``: a context entered around the backward's use of the head (a ZeRO-3 gather)."""
+    if formed_hidden_grads(state, grad_kl is not None):
+        return frozen_head_backward(state, grad_logp, grad_kl, (hidden.shape, hidden.dtype)), None, None
     rows, products = state.rows, state.products
     g, g_kl = upstream(rows, grad_logp, grad_kl, products.out_dtype, hidden.device)
-    if state.hidden_grads is not None and (g_kl is None or state.hidden_grads[1] is not None):
-        j, k = state.hidden_grads  # a frozen head: the forward formed dH / dlogp (and dH / dKL); no GEMM, no head
-        dh = j * g.unsqueeze(1)
-        if g_kl is not None:
-            dh.addcmul_(k, g_kl.unsqueeze(1))
-        return rows.scatter(dh, hidden.shape, hidden.dtype), None, None
     gathered = contextlib.nullcontext() if head_context is None else head_context(weight, bias)
     with no_autocast(hidden.device), gathered:
         policy = GemmSource.of(LinearHead(hidden, weight, bias), rows, products)

@@ -52,7 +52,14 @@ from ..vocab_parallel import VocabSlice
 from . import stored
 from .contract import LOGGED_OUTPUTS, TileKernels
 from .kept import KeptTokens
-from .loop import ForwardState, head_products, linear_backward, linear_forward
+from .loop import (
+    ForwardState,
+    formed_hidden_grads,
+    frozen_head_backward,
+    head_products,
+    linear_backward,
+    linear_forward,
+)
 from .products import product_dtype
 
 _log = logging.getLogger("dpo_kernels")
@@ -258,7 +265,13 @@ class _LoopStats(torch.autograd.Function):
                 out, ctx.state = linear_forward(a, b, c, labels, ref, products, ref_products, opts, call.kernels,
                                                 call.logging, call.vocab_slice, kept_count,
                                                 (frozen, call.kl_grad), call.with_kl)
-            ctx.save_for_backward(ctx.stored.saved_hidden(a) if ctx.was_stored else a, b, c)
+            # saved only where the backward reads them: a caller's gather of the kept tokens is not held until then
+            if ctx.was_stored:
+                saved = ctx.stored.saved_hidden(a)
+            else:
+                saved = None if formed_hidden_grads(ctx.state, ref is not None and call.with_kl) else a
+            ctx.hidden_like = (a.shape, a.dtype)
+            ctx.save_for_backward(saved, b, c)
         else:
             if opts.inplace_backward:
                 refuse_leaf_logits(a)
@@ -299,6 +312,8 @@ class _LoopStats(torch.autograd.Function):
             kept, ctx.stored = ctx.stored, None
             return (None, *stored.backward(a, b, c, kept, grad_logp, grad_kl, need, call.head_context),
                     *nothing[4:])
+        if a is None:  # a frozen head's forward formed every gradient (formed_hidden_grads)
+            return (None, frozen_head_backward(ctx.state, grad_logp, grad_kl, ctx.hidden_like), *nothing[2:])
         return (None, *linear_backward(a, b, c, ctx.state, grad_logp, grad_kl, need, call.head_context),
                 *nothing[4:])
 
