@@ -158,3 +158,24 @@ def test_the_per_token_functions_batch_their_hidden_gradients_too(backend, kl, s
     assert calls == [((2, n, 8), True)] + [((2, n, 8), False)] * 3, calls
     for a, e in zip(got[0] + got[1], one_at_a_time[0] + one_at_a_time[1], strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_batched_fp32_accumulation_each_chunk_goes_alone(scaled_store, monkeypatch):
+    """Where the device has no ``baddbmm(out_dtype=float32)`` for the operands (older torch), the probe only logs,
+    and the backward runs one chunk at a time with the same gradients."""
+    products.batches_into_float.cache_clear()
+    try:
+        def unsupported(*args, **kwargs):
+            raise NotImplementedError("Could not run 'aten::baddbmm.dtype_out' with arguments from the 'Meta' backend")
+
+        monkeypatch.setattr(torch, "baddbmm", unsupported)
+        assert not products.batches_into_float("meta", torch.bfloat16)
+    finally:
+        products.batches_into_float.cache_clear()
+    d = _data(torch.float32, bias=False)
+    expected = _run(d, schedule="eager", backend="torch", vocab_chunk_size=16)
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(plan, "hidden_grad_batch", lambda tokens, dim, device: 2)
+    monkeypatch.setattr(Products, "batches", lambda self, device_type: False)
+    _compare(_run(d, schedule="eager", backend="torch", vocab_chunk_size=16), expected, 1e-6)
+    assert calls == []

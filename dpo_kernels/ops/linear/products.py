@@ -124,15 +124,13 @@ def accumulates_into_float(device_type: str, dtype: torch.dtype) -> bool:
 @functools.cache
 def batches_into_float(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.baddbmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates ``dtype`` operands into an fp32
-    ``acc`` of several matrices (:meth:`Products.accumulate_batched`), checked on its value. A "no" (older torch
-    releases; the ``meta`` device of torch 2.13, whose decomposition of the overload fails) only means the
-    backward's ``dH`` products run one chunk at a time, as they did before, so it is only logged."""
+    ``acc`` of several matrices (:meth:`Products.accumulate_batched`). A "no" (older torch releases; the ``meta``
+    device of torch 2.13, whose decomposition of the overload fails) only means the backward's ``dH`` products run
+    one chunk at a time, as they did before, so it is only logged. (No value is read back: no host sync.)"""
     def probe():
-        a = torch.ones((1, 1, 1), dtype=dtype, device=device_type)
-        acc = torch.ones((1, 1, 1), dtype=torch.float32, device=device_type)
+        a = torch.zeros((1, 1, 1), dtype=dtype, device=device_type)
+        acc = torch.zeros((1, 1, 1), dtype=torch.float32, device=device_type)
         torch.baddbmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        if device_type != "meta" and acc.item() != 2.0:
-            raise RuntimeError(f"baddbmm with out_dtype gave {acc.item()} for 1 + 1 x 1: not supported as expected")
 
     ok, why = _capability(probe)
     if not ok:
