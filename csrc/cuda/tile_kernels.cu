@@ -352,6 +352,16 @@ bool aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// Whether write_weights may move kVec entries at a time: whole packets across the width, and every tile, bias and
+// weights pointer (the reference's too, with its weights) aligned to a packet.
+bool weights_vectorized(int weights_dtype, int64_t width, const float* x, const float* bias, const float* xr,
+                        const float* ref_bias, const void* weights, const void* ref_weights) {
+  const int w_bytes = weights_dtype == DPO_FLOAT32 ? 4 : 2;
+  return width % kVec == 0 && aligned(x, 16) && aligned(bias, 16) && aligned(weights, kVec * w_bytes) &&
+         (ref_weights == nullptr ||
+          (aligned(xr, 16) && aligned(ref_bias, 16) && aligned(ref_weights, kVec * w_bytes)));
+}
+
 template <typename OUT, bool WITH_KL>
 void launch_grad(bool vec, dim3 grid_vec, dim3 grid_scalar, cudaStream_t s, const float* x, const float* bias,
                  const float* xr, const float* ref_bias, void* out, int64_t width, int64_t v0, const int64_t* labels,
@@ -518,9 +528,7 @@ extern "C" int dpo_fold_weights(int weights_dtype, DpoTile tile, DpoTile ref, co
   const TransformParams t{transform.logit_scale, transform.softcap, transform.inv_temperature};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool with_ref = ref_weights != nullptr;
-  const int w_bytes = weights_dtype == DPO_FLOAT32 ? 4 : 2;
-  const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(bias, 16) && aligned(weights, kVec * w_bytes) &&
-                   (!with_ref || (aligned(xr, 16) && aligned(ref_bias, 16) && aligned(ref_weights, kVec * w_bytes)));
+  const bool vec = weights_vectorized(weights_dtype, width, x, bias, xr, ref_bias, weights, ref_weights);
   const dim3 grid_vec(static_cast<unsigned>(n),
                       static_cast<unsigned>((width + kGradThreads * kVec - 1) / (kGradThreads * kVec)));
   const dim3 grid_scalar(static_cast<unsigned>(n), static_cast<unsigned>((width + kGradThreads - 1) / kGradThreads));
@@ -556,9 +564,7 @@ extern "C" int dpo_fold_shifted(int weights_dtype, DpoTile tile, DpoTile ref, co
       (with_ref && ((ref_acc != nullptr) != sums || ref_shift == nullptr || ref_shift_out == nullptr))) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const int w_bytes = weights_dtype == DPO_FLOAT32 ? 4 : 2;
-  const bool vec = width % kVec == 0 && aligned(x, 16) && aligned(bias, 16) && aligned(weights, kVec * w_bytes) &&
-                   (!with_ref || (aligned(xr, 16) && aligned(ref_bias, 16) && aligned(ref_weights, kVec * w_bytes)));
+  const bool vec = weights_vectorized(weights_dtype, width, x, bias, xr, ref_bias, weights, ref_weights);
   const auto rows = static_cast<unsigned>(n);
   const float room = static_cast<float>(headroom);
   return with_element_type(weights_dtype, [&](auto weights_type) {
