@@ -310,8 +310,8 @@ class _LoopStats(torch.autograd.Function):
                                    "backpropagating through the same log-probs twice (retain_graph=True) needs "
                                    "schedule='recompute'")
             kept, ctx.stored = ctx.stored, None
-            return (None, *stored.backward(a, b, c, kept, grad_logp, grad_kl, need, call.head_context),
-                    *nothing[4:])
+            return (None, *stored.backward(a, b, c, kept, grad_logp, grad_kl, need, ctx.hidden_like,
+                                           call.head_context), *nothing[4:])
         if a is None:  # a frozen head's forward formed every gradient (formed_hidden_grads)
             return (None, frozen_head_backward(ctx.state, grad_logp, grad_kl, ctx.hidden_like), *nothing[2:])
         return (None, *linear_backward(a, b, c, ctx.state, grad_logp, grad_kl, need, call.head_context),

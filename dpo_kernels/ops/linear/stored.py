@@ -56,7 +56,6 @@ class StoredPass:
     dw: torch.Tensor | None
     kl_kept: bool
     state: ForwardState
-    hidden_like: tuple  # (shape, dtype) of the hidden states the gradient is returned as
     reads_hidden: bool  # the backward may recompute a KL gradient from the hidden states (see saved_hidden)
 
     def saved_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -144,15 +143,15 @@ def forward(hidden, weight, bias, labels, ref: LinearHead | None, products: Prod
                          call.vocab_slice)
     reads_hidden = ref is not None and call.with_kl and not kl_kept
     return kept.out, StoredPass(rows, kept.filled_policy(), ref_filled, kept.backward_plan, dw, kl_kept, state,
-                                (hidden.shape, hidden.dtype), reads_hidden)
+                                reads_hidden)
 
 
 def backward(hidden, weight, bias, stored: StoredPass, grad_logp, grad_kl, need: tuple[bool, bool, bool],
-             head_context=None):
-    """``(dhidden like the hidden states, dweight like weight, dbias like bias)`` from the store, ``None`` for a
-    gradient not in ``need``; a KL gradient the store does not hold (the caller said the KL would get none) is added
-    by the recompute schedule's backward, from ``hidden`` (what :meth:`StoredPass.saved_hidden` kept; ``None`` where
-    the backward never reads it). ``head_context(weight, bias)``: entered around the backward's reads of the head
+             like: tuple, head_context=None):
+    """``(dhidden of ``like``, the hidden states' ``(shape, dtype)``, dweight like weight, dbias like bias)`` from
+    the store, ``None`` for a gradient not in ``need``; a KL gradient the store does not hold (the caller said the KL
+    would get none) is added by the recompute schedule's backward, from ``hidden`` (what
+    :meth:`StoredPass.saved_hidden` kept; ``None`` where the backward never reads it). ``head_context(weight, bias)``: entered around the backward's reads of the head
     (``dH``'s GEMMs, the chunks not kept), as the recompute schedule's backward does (a ZeRO-3 gather)."""
     state, rows = stored.state, stored.rows
     device, sdt = state.lse.device, state.products.out_dtype
@@ -164,7 +163,7 @@ def backward(hidden, weight, bias, stored: StoredPass, grad_logp, grad_kl, need:
                               dw_out=stored.dw)
     if dh is not None and state.vocab_slice is not None:
         all_reduce_hidden_grad(dh, state.vocab_slice.group)
-    dh = None if dh is None else rows.scatter(dh, *stored.hidden_like)
+    dh = None if dh is None else rows.scatter(dh, *like)
     db = None if db is None else db.to(bias.dtype)
     if grad_kl is not None and not stored.kl_kept:
         extra = linear_backward(hidden, weight, bias, state, None, grad_kl, need, head_context)
