@@ -73,9 +73,7 @@ class _Scratch:
         self.dtype, self.device, self.buffer = dtype, device, None
 
     def view(self, rows: int, cols: int) -> torch.Tensor:
-        if self.buffer is None or self.buffer.numel() < rows * cols:
-            self.buffer = torch.empty(rows * cols, dtype=self.dtype, device=self.device)
-        return self.buffer[: rows * cols].view(rows, cols)
+        return self.entries(self.dtype, rows * cols).view(rows, cols)
 
     def entries(self, dtype: torch.dtype, count: int) -> torch.Tensor:
         """The buffer's memory as ``count`` entries of ``dtype`` (grown when it holds fewer), e.g. half-dtype
@@ -84,6 +82,7 @@ class _Scratch:
         if self.buffer is None or self.buffer.numel() * size < count * dtype.itemsize or (
                 self.buffer.numel() * size % dtype.itemsize):
             whole = -(-count * dtype.itemsize // size)
+            # an even count: the memory is whole entries of a dtype twice as wide too
             self.buffer = torch.empty(whole + whole % 2, dtype=self.dtype, device=self.device)
         return self.buffer.view(dtype)[:count]
 
