@@ -179,3 +179,31 @@ def test_without_a_batched_fp32_accumulation_each_chunk_goes_alone(scaled_store,
     monkeypatch.setattr(Products, "batches", lambda self, device_type: False)
     _compare(_run(d, schedule="eager", backend="torch", vocab_chunk_size=16), expected, 1e-6)
     assert calls == []
+
+
+def test_fp32_master_weights_under_bf16_autocast(backend, scaled_store, monkeypatch):
+    """TRL's default: fp32 master weights under bf16 autocast, each run's head rows rounded to bf16 in one conversion
+    (on the CPU then widened back, as its GEMMs take fp32). Batched against one chunk at a time (the same rounded
+    operands: only dH's sum order differs) and against the recompute schedule under the same autocast."""
+    skip_if_unsupported(backend, torch.float32)
+    d = _data(torch.float32, bias=False)
+    options = dict(backend=backend, vocab_chunk_size=16)
+    converted = []
+    original = Products.operand
+
+    def spy(self, t):
+        converted.append(tuple(t.shape))
+        return original(self, t)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recompute = _run(d, schedule="recompute", **options)
+        one_at_a_time = _run(d, schedule="eager", **options)
+        calls = _spy(monkeypatch)
+        monkeypatch.setattr(plan, "hidden_grad_batch", lambda tokens, dim, device: 2)
+        monkeypatch.setattr(Products, "operand", spy)
+        got = _run(d, schedule="eager", **options)
+    n, dim = int((d["labels"] != -100).sum()), d["lm_head_weight"].shape[1]
+    assert calls == [((2, n, 16), True), ((2, n, 16), False)], calls
+    assert (32, dim) in converted, "a run's rows were not converted in one piece"
+    _compare((got[0], list(got[1])), one_at_a_time, 1e-5)  # (_compare consumes the gradient lists)
+    _compare(got, recompute, 2e-2)
